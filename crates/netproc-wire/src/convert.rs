@@ -486,9 +486,7 @@ mod tests {
             tags: vec!["a".into()],
         };
         let v = to_value(&p).unwrap();
-        let Value::Map(m) = &v else {
-            panic!("{v:?}")
-        };
+        let Value::Map(m) = &v else { panic!("{v:?}") };
         assert_eq!(m["x"], Value::Int(-3));
         assert_eq!(m["label"], Value::Null);
         assert_eq!(from_value::<Point>(v).unwrap(), p);

@@ -163,7 +163,10 @@ mod tests {
     fn names_are_unique_snake_case() {
         let mut names: Vec<&str> = ErrorCode::ALL.iter().map(ErrorCode::as_str).collect();
         for n in &names {
-            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{n}");
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{n}"
+            );
         }
         names.sort_unstable();
         names.dedup();

@@ -466,7 +466,11 @@ impl postcard::ser_flavors::Flavor for BytesMutFlavor<'_> {
 }
 
 /// Appends `msg` as one frame to `dst`. On error `dst` is left as it was.
-fn encode_frame_of<T: Serialize>(msg: &T, dst: &mut BytesMut, limit: u32) -> Result<(), EncodeError> {
+fn encode_frame_of<T: Serialize>(
+    msg: &T,
+    dst: &mut BytesMut,
+    limit: u32,
+) -> Result<(), EncodeError> {
     let start = dst.len();
     dst.put_u32(0);
     if let Err(e) = postcard::serialize_with_flavor(msg, BytesMutFlavor(dst)) {
@@ -825,7 +829,9 @@ mod tests {
         ));
         // Request 5, ListFunctions, no deadline, then a trailing byte.
         let err = ClientMessage::decode(&[1, 5, 7, 0, 0]).unwrap_err();
-        assert!(matches!(&err, DecodeError::InvalidRequest { id: 5, reason } if reason.contains("trailing")));
+        assert!(
+            matches!(&err, DecodeError::InvalidRequest { id: 5, reason } if reason.contains("trailing"))
+        );
         // Ping with a trailing byte.
         assert!(matches!(
             ClientMessage::decode(&[3, 1, 0]),
@@ -845,7 +851,10 @@ mod tests {
         body.extend(std::iter::repeat_n([6u8, 1], 100).flatten());
         body.extend([0, 0]);
         let err = ClientMessage::decode(&body).unwrap_err();
-        assert!(matches!(&err, DecodeError::InvalidRequest { id: 1, reason } if reason.contains("nested too deeply")), "{err:?}");
+        assert!(
+            matches!(&err, DecodeError::InvalidRequest { id: 1, reason } if reason.contains("nested too deeply")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -139,9 +139,7 @@ impl Value {
         .map_err(|e| {
             ValueDecodeError(take_value_error().map_or_else(|| e.to_string(), str::to_owned))
         })?;
-        let rest = de
-            .finalize()
-            .map_err(|e| ValueDecodeError(e.to_string()))?;
+        let rest = de.finalize().map_err(|e| ValueDecodeError(e.to_string()))?;
         if !rest.is_empty() {
             return Err(ValueDecodeError(format!("{} trailing bytes", rest.len())));
         }
@@ -439,7 +437,10 @@ mod tests {
         assert_eq!(Value::Bool(true).encode(), [1, 1]);
         assert_eq!(Value::Int(-1).encode(), [2, 1]);
         assert_eq!(Value::Int(300).encode(), [2, 0xd8, 0x04]);
-        assert_eq!(Value::Float(1.0).encode(), [3, 0, 0, 0, 0, 0, 0, 0xf0, 0x3f]);
+        assert_eq!(
+            Value::Float(1.0).encode(),
+            [3, 0, 0, 0, 0, 0, 0, 0xf0, 0x3f]
+        );
         assert_eq!(Value::from("hi").encode(), [4, 2, b'h', b'i']);
         assert_eq!(Value::Bytes(vec![9]).encode(), [5, 1, 9]);
         assert_eq!(Value::List(vec![Value::Null]).encode(), [6, 1, 0]);
