@@ -1,1 +1,99 @@
-fn main() {}
+//! `cargo xtask`: development tasks for netproc.
+//!
+//! - `cargo xtask pki [--out DIR] [--force]`: write the dev PKI, with its
+//!   negative fixtures, to `fixtures/pki` (or DIR).
+//! - `cargo xtask fuzz <target> <seconds>`: run one cargo-fuzz target
+//!   (installs cargo-fuzz if missing; sets `RUSTC_BOOTSTRAP=1` so its nightly
+//!   flags work on the stable toolchain).
+
+mod dev_pki;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage:
+  cargo xtask pki [--out DIR] [--force]   write the dev PKI (default DIR: fixtures/pki)
+  cargo xtask fuzz <target> <seconds>     run a fuzz target (targets: frame_decoder, message_decode)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("pki") => pki(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn pki(args: &[String]) -> Result<(), String> {
+    let mut out = workspace_root().join("fixtures/pki");
+    let mut force = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
+            "--force" => force = true,
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let written = dev_pki::write(&out, force).map_err(|e| e.to_string())?;
+    println!("dev PKI written to {}\n", out.display());
+    println!("{}", dev_pki::table(&written));
+    Ok(())
+}
+
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let [target, seconds] = args else {
+        return Err(USAGE.to_owned());
+    };
+    let seconds: u64 = seconds
+        .parse()
+        .map_err(|_| format!("seconds must be a number, got {seconds:?}"))?;
+    let have_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_cargo_fuzz {
+        eprintln!("cargo-fuzz not found; installing it (cargo install cargo-fuzz --locked)");
+        let status = Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .status()
+            .map_err(|e| format!("running cargo install: {e}"))?;
+        if !status.success() {
+            return Err("cargo install cargo-fuzz failed".into());
+        }
+    }
+    let status = Command::new("cargo")
+        .current_dir(workspace_root().join("fuzz"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "fuzz",
+            "run",
+            target,
+            "--",
+            &format!("-max_total_time={seconds}"),
+        ])
+        .status()
+        .map_err(|e| format!("running cargo fuzz: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("fuzz target {target} failed ({status})"))
+    }
+}

@@ -1,0 +1,29 @@
+//! Tests of the `netproc` command.
+
+use std::process::Command;
+
+#[test]
+fn demo_exits_zero_and_shows_each_step() {
+    let out = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("got Pong"), "{stdout}");
+    assert!(stdout.contains("refused as expected"), "{stdout}");
+}
+
+#[test]
+fn unknown_command_exits_2_with_usage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}
