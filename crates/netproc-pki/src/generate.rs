@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::error::PkiError;
-use crate::pem::{parse_certs, read_private_file, write_file};
+use crate::pem::{parse_certs, read_secret_file, write_file};
 use crate::{CertIdentity, Crl, Identity, KeyPurpose, SubjectAltName, TrustAnchors};
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -245,7 +245,7 @@ impl CertificateAuthority {
             path: cert_path.to_owned(),
             source,
         })?;
-        let key_pem = read_private_file(key_path)?;
+        let key_pem = read_secret_file(key_path)?;
         let origin = cert_path.display().to_string();
         let bad_utf8 = |origin: &str| PkiError::BadPem {
             origin: origin.to_owned(),

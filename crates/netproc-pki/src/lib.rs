@@ -67,7 +67,8 @@ pub use tls::{
     server_config, server_config_with,
 };
 
-pub(crate) use tls::random_bytes;
+pub use pem::{read_secret_file, write_secret_file};
+pub use tls::random_bytes;
 
 /// Re-exports of the rustls types that appear in this crate's API.
 pub mod rustls {

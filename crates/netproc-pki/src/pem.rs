@@ -29,9 +29,9 @@ fn origin_of(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Reads a file holding a private key, refusing one that group or others
-/// may access.
-pub(crate) fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, PkiError> {
+/// Reads a file holding a secret (a private key, a key store), refusing one
+/// that group or others may access, with an error naming the file and its mode.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, PkiError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -47,6 +47,11 @@ pub(crate) fn read_private_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, PkiEr
         }
     }
     fs::read(path).map(Zeroizing::new).map_err(io_err(path))
+}
+
+/// Writes a secret file atomically with mode 0600 (see [`write_file`]).
+pub fn write_secret_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), PkiError> {
+    write_file(path, contents, true, overwrite)
 }
 
 /// Writes `contents` to `path` atomically (a temporary file in the same
@@ -153,7 +158,7 @@ impl Identity {
     ) -> Result<Identity, PkiError> {
         let (cert_path, key_path) = (cert_path.as_ref(), key_path.as_ref());
         let cert_pem = fs::read(cert_path).map_err(io_err(cert_path))?;
-        let key_pem = read_private_file(key_path)?;
+        let key_pem = read_secret_file(key_path)?;
         let chain = parse_certs(&cert_pem, &origin_of(cert_path))?;
         let key = parse_key(&key_pem, &origin_of(key_path))?;
         Self::from_parts(chain, key, &origin_of(key_path))

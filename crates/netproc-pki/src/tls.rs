@@ -23,8 +23,8 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
 }
 
-/// Fills `buf` from the crypto provider's CSPRNG.
-pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), PkiError> {
+/// Fills `buf` from the crypto provider's CSPRNG (ring's system RNG).
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), PkiError> {
     crypto_provider()
         .secure_random
         .fill(buf)

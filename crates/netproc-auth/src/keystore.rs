@@ -1,0 +1,598 @@
+//! The built-in API-key store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use netproc_pki::{CertIdentity, Fingerprint, SubjectAltName};
+use netproc_wire::SecretString;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::authenticator::BoxFuture;
+use crate::{AuthRejected, AuthRequest, Authenticator, Credential, Principal, PrivilegeSet};
+
+/// Characters of a key id: `[a-z0-9]`.
+const ID_LEN: usize = 12;
+/// Characters of a secret: base62, ≈ 190 bits.
+const SECRET_LEN: usize = 32;
+const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+const SECRET_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Errors of the key store (not of authentication, which only ever says
+/// [`AuthRejected`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyStoreError {
+    /// No key with this id.
+    #[error("no API key with id {0:?}")]
+    UnknownKey(String),
+    /// Reading or writing the store file failed.
+    #[error(transparent)]
+    File(#[from] netproc_pki::PkiError),
+    /// The store file is not a valid key store.
+    #[error("{path}: invalid key store: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A binding string is not `sha256:<hex>` or a SAN (`dns:`, `uri:`, `ip:`, `email:`).
+    #[error(
+        "invalid certificate binding {0:?}: expected sha256:<fingerprint>, dns:…, uri:…, ip:… or email:…"
+    )]
+    InvalidBinding(String),
+    /// The system random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+}
+
+/// Ties a key to a client certificate: presented over any other certificate,
+/// the key fails as `authentication_failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CertBinding {
+    /// The certificate's SHA-256 fingerprint (`sha256:…`).
+    Fingerprint(Fingerprint),
+    /// A subject alternative name the certificate must carry (`dns:…`, `uri:…`, …).
+    San(SubjectAltName),
+}
+
+impl CertBinding {
+    /// Whether `cert` satisfies the binding.
+    pub fn matches(&self, cert: &CertIdentity) -> bool {
+        match self {
+            CertBinding::Fingerprint(fp) => {
+                bool::from(fp.as_bytes().ct_eq(cert.fingerprint.as_bytes()))
+            }
+            CertBinding::San(san) => cert.sans.contains(san),
+        }
+    }
+}
+
+impl fmt::Display for CertBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertBinding::Fingerprint(fp) => write!(f, "sha256:{fp}"),
+            CertBinding::San(san) => write!(f, "{san}"),
+        }
+    }
+}
+
+impl FromStr for CertBinding {
+    type Err = KeyStoreError;
+    fn from_str(s: &str) -> Result<Self, KeyStoreError> {
+        let invalid = || KeyStoreError::InvalidBinding(s.chars().take(80).collect());
+        if s.get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("sha256:"))
+        {
+            return s
+                .parse()
+                .map(CertBinding::Fingerprint)
+                .map_err(|_| invalid());
+        }
+        s.parse().map(CertBinding::San).map_err(|_| invalid())
+    }
+}
+
+impl Serialize for CertBinding {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CertBinding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a new key may do.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct KeySpec {
+    /// Its privileges.
+    pub privileges: PrivilegeSet,
+    /// If set, the only functions it may call.
+    pub functions: Option<BTreeSet<String>>,
+    /// If set, the certificate it must be presented over.
+    pub binding: Option<CertBinding>,
+    /// If set, when it stops working.
+    pub expires_at: Option<SystemTime>,
+    /// A label for listings.
+    pub label: Option<String>,
+}
+
+impl KeySpec {
+    /// A key with these privileges.
+    pub fn new(privileges: PrivilegeSet) -> KeySpec {
+        KeySpec {
+            privileges,
+            ..KeySpec::default()
+        }
+    }
+
+    /// Restricts the functions it may call.
+    pub fn functions<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        functions: I,
+    ) -> KeySpec {
+        self.functions = Some(functions.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Binds it to a certificate.
+    pub fn binding(mut self, binding: CertBinding) -> KeySpec {
+        self.binding = Some(binding);
+        self
+    }
+
+    /// Makes it expire.
+    pub fn expires_at(mut self, at: SystemTime) -> KeySpec {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Labels it.
+    pub fn label(mut self, label: impl Into<String>) -> KeySpec {
+        self.label = Some(label.into());
+        self
+    }
+}
+
+/// A key's public facts, as listed. Never the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct KeyInfo {
+    /// The key id.
+    pub id: String,
+    /// Incremented by each rotation.
+    pub generation: u64,
+    /// Its privileges.
+    pub privileges: PrivilegeSet,
+    /// Its function allow-list.
+    pub functions: Option<BTreeSet<String>>,
+    /// Its certificate binding.
+    pub binding: Option<CertBinding>,
+    /// Its expiry, in unix seconds.
+    pub expires_at: Option<u64>,
+    /// Its creation time, in unix seconds.
+    pub created_at: u64,
+    /// Its label.
+    pub label: Option<String>,
+}
+
+/// A whole API key, `npk_<id>_<secret>`, as handed out once at creation or
+/// rotation. Redacted in `Debug`; zeroized on drop.
+#[derive(Clone)]
+pub struct ApiKey(SecretString);
+
+impl ApiKey {
+    /// The key text. Show it once; never log it.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// As a credential for a client.
+    pub fn to_secret(&self) -> SecretString {
+        self.0.clone()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    id: String,
+    /// SHA-256 of the secret, hex.
+    secret_sha256: String,
+    generation: u64,
+    privileges: PrivilegeSet,
+    functions: Option<BTreeSet<String>>,
+    binding: Option<CertBinding>,
+    expires_at: Option<u64>,
+    created_at: u64,
+    label: Option<String>,
+    #[serde(skip)]
+    hash: [u8; 32],
+}
+
+impl Record {
+    fn info(&self) -> KeyInfo {
+        KeyInfo {
+            id: self.id.clone(),
+            generation: self.generation,
+            privileges: self.privileges,
+            functions: self.functions.clone(),
+            binding: self.binding.clone(),
+            expires_at: self.expires_at,
+            created_at: self.created_at,
+            label: self.label.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    version: u32,
+    keys: Vec<Record>,
+}
+
+/// API keys, hashed at rest: the built-in [`Authenticator`].
+///
+/// Keys look like `npk_<id>_<secret>` (12 characters of `[a-z0-9]`, then 32
+/// of base62 from a CSPRNG). The store keeps the id and the SHA-256 of the
+/// secret, compares hashes in constant time, and does the same work for an
+/// unknown id as for a wrong secret, so neither timing nor the answer tells
+/// them apart. A key may be bound to a certificate, expire, and carry a
+/// function allow-list. With a file, every change is saved (JSON, mode 0600,
+/// written atomically); secrets are never stored.
+///
+/// ```
+/// use netproc_auth::{ApiKeyStore, KeySpec};
+///
+/// let store = ApiKeyStore::in_memory();
+/// let (info, key) = store.create(KeySpec::new("invoke_functions".parse().unwrap())).unwrap();
+/// assert!(key.expose().starts_with(&format!("npk_{}_", info.id)));
+/// assert_eq!(store.list().len(), 1);
+/// let new_key = store.rotate(&info.id).unwrap();
+/// assert_ne!(new_key.expose(), key.expose());
+/// store.revoke(&info.id).unwrap();
+/// assert!(store.list().is_empty());
+/// ```
+pub struct ApiKeyStore {
+    keys: RwLock<BTreeMap<String, Record>>,
+    path: Option<PathBuf>,
+}
+
+impl fmt::Debug for ApiKeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKeyStore")
+            .field("keys", &self.read().len())
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn random_string(alphabet: &[u8], len: usize) -> Result<String, KeyStoreError> {
+    // Rejection sampling keeps every character equally likely.
+    let limit = 256 - (256 % alphabet.len());
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 64];
+    while out.len() < len {
+        netproc_pki::random_bytes(&mut buf).map_err(|_| KeyStoreError::Random)?;
+        for b in buf {
+            if usize::from(b) < limit && out.len() < len {
+                out.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Splits `npk_<id>_<secret>`.
+fn parse_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("npk_")?;
+    let (id, secret) = rest.split_once('_')?;
+    let id_ok = id.len() == ID_LEN && id.bytes().all(|b| ID_ALPHABET.contains(&b));
+    let secret_ok = secret.len() >= SECRET_LEN && secret.bytes().all(|b| b.is_ascii_alphanumeric());
+    (id_ok && secret_ok).then_some((id, secret))
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex32(s: &str) -> Option<[u8; 32]> {
+    s.parse::<Fingerprint>().ok().map(|f| *f.as_bytes())
+}
+
+impl ApiKeyStore {
+    /// A store kept in memory only.
+    pub fn in_memory() -> ApiKeyStore {
+        ApiKeyStore {
+            keys: RwLock::new(BTreeMap::new()),
+            path: None,
+        }
+    }
+
+    /// A store backed by `path`: loaded if it exists (it must not be
+    /// readable by group or others), created on the first change otherwise.
+    pub fn open(path: impl AsRef<Path>) -> Result<ApiKeyStore, KeyStoreError> {
+        let path = path.as_ref().to_owned();
+        let keys = if path.exists() {
+            Self::load_file(&path)?
+        } else {
+            BTreeMap::new()
+        };
+        Ok(ApiKeyStore {
+            keys: RwLock::new(keys),
+            path: Some(path),
+        })
+    }
+
+    fn load_file(path: &Path) -> Result<BTreeMap<String, Record>, KeyStoreError> {
+        let bytes = netproc_pki::read_secret_file(path)?;
+        let invalid = |reason: String| KeyStoreError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let file: StoreFile = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        if file.version != 1 {
+            return Err(invalid(format!("unsupported version {}", file.version)));
+        }
+        let mut keys = BTreeMap::new();
+        for mut record in file.keys {
+            if parse_key(&format!("npk_{}_{}", record.id, "A".repeat(SECRET_LEN))).is_none() {
+                return Err(invalid(format!("invalid key id {:?}", record.id)));
+            }
+            record.hash = from_hex32(&record.secret_sha256)
+                .ok_or_else(|| invalid(format!("key {}: invalid secret_sha256", record.id)))?;
+            if keys.insert(record.id.clone(), record).is_some() {
+                return Err(invalid("duplicate key id".into()));
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Re-reads the backing file (e.g. after another process changed it).
+    pub fn reload(&self) -> Result<(), KeyStoreError> {
+        if let Some(path) = &self.path {
+            let keys = Self::load_file(path)?;
+            *self.write() = keys;
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Record>> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Record>> {
+        self.keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Saves `keys` if the store has a file. Called with the write lock held,
+    /// so saves are ordered like the changes.
+    fn persist(&self, keys: &BTreeMap<String, Record>) -> Result<(), KeyStoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file = StoreFile {
+            version: 1,
+            keys: keys.values().cloned().collect(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| KeyStoreError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        netproc_pki::write_secret_file(path, &json, true)?;
+        Ok(())
+    }
+
+    /// Creates a key. The returned [`ApiKey`] is the only copy of the secret.
+    pub fn create(&self, spec: KeySpec) -> Result<(KeyInfo, ApiKey), KeyStoreError> {
+        let mut keys = self.write();
+        let id = loop {
+            let id = random_string(ID_ALPHABET, ID_LEN)?;
+            if !keys.contains_key(&id) {
+                break id;
+            }
+        };
+        let secret = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
+        let hash = sha256(secret.as_bytes());
+        let record = Record {
+            id: id.clone(),
+            secret_sha256: to_hex(&hash),
+            generation: 1,
+            privileges: spec.privileges,
+            functions: spec.functions,
+            binding: spec.binding,
+            expires_at: spec.expires_at.map(unix_secs),
+            created_at: unix_secs(SystemTime::now()),
+            label: spec.label,
+            hash,
+        };
+        let info = record.info();
+        keys.insert(id.clone(), record);
+        if let Err(e) = self.persist(&keys) {
+            keys.remove(&id);
+            return Err(e);
+        }
+        Ok((
+            info,
+            ApiKey(SecretString::new(format!("npk_{id}_{}", &*secret))),
+        ))
+    }
+
+    /// Replaces a key's secret (same id, generation + 1). The old secret
+    /// stops working at once.
+    pub fn rotate(&self, id: &str) -> Result<ApiKey, KeyStoreError> {
+        let mut keys = self.write();
+        let secret = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
+        let record = keys
+            .get_mut(id)
+            .ok_or_else(|| KeyStoreError::UnknownKey(id.chars().take(64).collect()))?;
+        let previous = record.clone();
+        record.hash = sha256(secret.as_bytes());
+        record.secret_sha256 = to_hex(&record.hash);
+        record.generation += 1;
+        if let Err(e) = self.persist(&keys) {
+            keys.insert(id.to_owned(), previous);
+            return Err(e);
+        }
+        Ok(ApiKey(SecretString::new(format!("npk_{id}_{}", &*secret))))
+    }
+
+    /// Deletes a key; it stops working at once. Returns what it was.
+    pub fn revoke(&self, id: &str) -> Result<KeyInfo, KeyStoreError> {
+        let mut keys = self.write();
+        let record = keys
+            .remove(id)
+            .ok_or_else(|| KeyStoreError::UnknownKey(id.chars().take(64).collect()))?;
+        if let Err(e) = self.persist(&keys) {
+            keys.insert(id.to_owned(), record);
+            return Err(e);
+        }
+        Ok(record.info())
+    }
+
+    /// Every key's public facts.
+    pub fn list(&self) -> Vec<KeyInfo> {
+        self.read().values().map(Record::info).collect()
+    }
+
+    /// One key's public facts.
+    pub fn get(&self, id: &str) -> Option<KeyInfo> {
+        self.read().get(id).map(Record::info)
+    }
+
+    /// Checks a presented key against the store, over certificate `cert`, at `now`.
+    pub fn verify(
+        &self,
+        key: &str,
+        cert: &CertIdentity,
+        now: SystemTime,
+    ) -> Result<Principal, AuthRejected> {
+        // Equal work on every path: parse, look up (or use a dummy record),
+        // hash the secret, compare in constant time.
+        const DUMMY_HASH: [u8; 32] = [0x5a; 32];
+        let parsed = parse_key(key);
+        let (id, secret) = parsed.unwrap_or(("", key));
+        let keys = self.read();
+        let record = keys.get(id);
+        let presented = sha256(secret.as_bytes());
+        let stored = record.map_or(&DUMMY_HASH, |r| &r.hash);
+        let hash_ok = bool::from(presented.ct_eq(stored));
+        let Some(record) = record.filter(|_| hash_ok && parsed.is_some()) else {
+            return Err(AuthRejected::new(if parsed.is_none() {
+                "malformed API key"
+            } else if keys.contains_key(id) {
+                "wrong secret for API key"
+            } else {
+                "unknown API key id"
+            }));
+        };
+        if let Some(expiry) = record.expires_at {
+            if unix_secs(now) >= expiry {
+                return Err(AuthRejected::new(format!("API key {id} expired")));
+            }
+        }
+        if let Some(binding) = &record.binding {
+            if !binding.matches(cert) {
+                return Err(AuthRejected::new(format!(
+                    "API key {id} is bound to {binding}, presented over certificate {}",
+                    cert.fingerprint
+                )));
+            }
+        }
+        let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
+        principal.functions = record.functions.clone();
+        principal.expires_at = record
+            .expires_at
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        Ok(principal)
+    }
+}
+
+impl Authenticator for ApiKeyStore {
+    fn authenticate<'a>(
+        &'a self,
+        request: AuthRequest,
+    ) -> BoxFuture<'a, Result<Principal, AuthRejected>> {
+        Box::pin(async move {
+            match &request.credential {
+                Credential::ApiKey(key) => {
+                    self.verify(key.expose(), &request.cert, SystemTime::now())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_have_the_documented_shape() {
+        let store = ApiKeyStore::in_memory();
+        let (info, key) = store.create(KeySpec::default()).unwrap();
+        let (id, secret) = parse_key(key.expose()).unwrap();
+        assert_eq!(id, info.id);
+        assert_eq!(id.len(), 12);
+        assert_eq!(secret.len(), 32);
+        assert!(!secret.contains('_'));
+        assert!(!format!("{key:?}").contains(secret));
+    }
+
+    #[test]
+    fn malformed_keys_do_not_parse() {
+        for bad in [
+            "",
+            "npk_",
+            "npk_short_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "xyz_abcdefghijkl_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "npk_abcdefghijkl_short",
+            "npk_ABCDEFGHIJKL_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(parse_key(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bindings_parse_and_print() {
+        let fp = Fingerprint::of(b"x");
+        let b: CertBinding = format!("sha256:{}", fp.to_colon_hex()).parse().unwrap();
+        assert_eq!(b, CertBinding::Fingerprint(fp));
+        assert_eq!(b.to_string(), format!("sha256:{fp}"));
+        let b: CertBinding = "uri:spiffe://x/y".parse().unwrap();
+        assert_eq!(b.to_string(), "uri:spiffe://x/y");
+        assert!("sha256:nothex".parse::<CertBinding>().is_err());
+        assert!("bogus".parse::<CertBinding>().is_err());
+    }
+}
