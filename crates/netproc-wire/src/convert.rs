@@ -8,6 +8,13 @@ use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
 use serde::ser::{self, Serialize};
 
 use crate::Value;
+use crate::value::{VALUE_ENUM, VARIANTS};
+
+/// Whether serde is (de)serializing netproc's own `Value` enum, which passes
+/// through conversions unchanged.
+fn is_value_enum(name: &str) -> bool {
+    name == VALUE_ENUM
+}
 
 /// A conversion between [`Value`] and a Rust type failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,10 +154,13 @@ impl ser::Serializer for ValueSerializer {
     }
     fn serialize_unit_variant(
         self,
-        _name: &'static str,
+        name: &'static str,
         _index: u32,
         variant: &'static str,
     ) -> Result<Value, ValueError> {
+        if is_value_enum(name) {
+            return Ok(Value::Null);
+        }
         Ok(Value::String(variant.to_owned()))
     }
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
@@ -162,12 +172,16 @@ impl ser::Serializer for ValueSerializer {
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
-        _name: &'static str,
+        name: &'static str,
         _index: u32,
         variant: &'static str,
         value: &T,
     ) -> Result<Value, ValueError> {
-        Ok(variant_map(variant, value.serialize(self)?))
+        let inner = value.serialize(self)?;
+        if is_value_enum(name) {
+            return Ok(inner);
+        }
+        Ok(variant_map(variant, inner))
     }
     fn serialize_seq(self, len: Option<usize>) -> Result<SerializeList, ValueError> {
         Ok(SerializeList {
@@ -433,10 +447,13 @@ impl<'de> de::Deserializer<'de> for Value {
 
     fn deserialize_enum<V: Visitor<'de>>(
         self,
-        _name: &'static str,
-        _variants: &'static [&'static str],
+        name: &'static str,
+        variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, ValueError> {
+        if is_value_enum(name) && variants == VARIANTS {
+            return visitor.visit_enum(ValueAsEnum(self));
+        }
         match self {
             Value::String(variant) => visitor.visit_enum(variant.into_deserializer()),
             Value::Map(entries) if entries.len() == 1 => {
@@ -454,6 +471,60 @@ impl<'de> de::Deserializer<'de> for Value {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
         bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
         identifier ignored_any
+    }
+}
+
+/// Presents a `Value` to `Value`'s own deserializer as its tagged form.
+struct ValueAsEnum(Value);
+
+impl<'de> de::EnumAccess<'de> for ValueAsEnum {
+    type Error = ValueError;
+    type Variant = Value;
+
+    fn variant_seed<S: de::DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<(S::Value, Value), ValueError> {
+        let tag: u32 = match &self.0 {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Int(_) => 2,
+            Value::Float(_) => 3,
+            Value::String(_) => 4,
+            Value::Bytes(_) => 5,
+            Value::List(_) => 6,
+            Value::Map(_) => 7,
+        };
+        let tag = seed.deserialize(IntoDeserializer::<ValueError>::into_deserializer(tag))?;
+        Ok((tag, self.0))
+    }
+}
+
+impl<'de> de::VariantAccess<'de> for Value {
+    type Error = ValueError;
+
+    fn unit_variant(self) -> Result<(), ValueError> {
+        Ok(())
+    }
+    fn newtype_variant_seed<S: de::DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<S::Value, ValueError> {
+        seed.deserialize(self)
+    }
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, ValueError> {
+        de::Deserializer::deserialize_any(self, visitor)
+    }
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, ValueError> {
+        de::Deserializer::deserialize_any(self, visitor)
     }
 }
 
@@ -528,6 +599,23 @@ mod tests {
     fn non_string_map_keys_are_refused() {
         let m: BTreeMap<i32, i32> = [(1, 2)].into();
         assert!(to_value(&m).is_err());
+    }
+
+    #[test]
+    fn values_pass_through_unchanged() {
+        let v = Value::Map(BTreeMap::from([
+            ("b".to_owned(), Value::Bytes(vec![1])),
+            (
+                "l".to_owned(),
+                Value::List(vec![Value::Null, Value::Float(0.5), Value::Bool(false)]),
+            ),
+            ("n".to_owned(), Value::Int(-7)),
+            ("s".to_owned(), Value::from("x")),
+        ]));
+        assert_eq!(to_value(&v).unwrap(), v);
+        assert_eq!(from_value::<Value>(v.clone()).unwrap(), v);
+        let args: Vec<Value> = from_value(Value::List(vec![v.clone(), Value::Null])).unwrap();
+        assert_eq!(args, [v, Value::Null]);
     }
 
     #[test]

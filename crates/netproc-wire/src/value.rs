@@ -67,7 +67,8 @@ const TAG_STRING: u32 = 4;
 const TAG_BYTES: u32 = 5;
 const TAG_LIST: u32 = 6;
 const TAG_MAP: u32 = 7;
-const VARIANTS: &[&str] = &[
+pub(crate) const VALUE_ENUM: &str = "Value";
+pub(crate) const VARIANTS: &[&str] = &[
     "Null", "Bool", "Int", "Float", "String", "Bytes", "List", "Map",
 ];
 

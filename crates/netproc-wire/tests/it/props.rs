@@ -230,6 +230,12 @@ proptest! {
     }
 
     #[test]
+    fn to_value_and_from_value_are_identities_on_values(v in arb_value()) {
+        prop_assert_eq!(to_value(&v).unwrap().encode(), v.encode());
+        prop_assert_eq!(from_value::<Value>(v.clone()).unwrap().encode(), v.encode());
+    }
+
+    #[test]
     fn client_messages_round_trip(msg in arb_client_message()) {
         let mut wire = BytesMut::new();
         msg.encode(&mut wire, u32::MAX).unwrap();

@@ -1,0 +1,440 @@
+//! The server: builder, accept loop, handle, shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use netproc_auth::Authenticator;
+use netproc_pki::{Crl, Identity, PkiError, TlsOptions, TrustAnchors};
+use netproc_wire::{ErrorBody, ErrorCode, Operation, Privilege, Value, to_value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::function::{
+    CallContext, CallError, Extension, ExtensionHandler, NativeFunction, Registry, SessionFacts,
+    TypedFunction, valid_name,
+};
+use crate::options::{InvalidOption, ServerOptions};
+use crate::session::run_connection;
+use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A setting is impossible.
+    #[error(transparent)]
+    Config(#[from] InvalidOption),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] PkiError),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A function, constant or extension name is invalid or repeated.
+    #[error("invalid registration: {0}")]
+    Registration(String),
+}
+
+/// State shared by the accept loop and every session.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) options: ServerOptions,
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    pub(crate) registry: Registry,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) sessions: SessionTable,
+    pub(crate) started: Instant,
+    next_session_id: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl Shared {
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The admission check before the TLS handshake. Every connection is
+    /// admitted today; the abuse controls (blocklist, socket and handshake
+    /// caps, connection windows) plug in here.
+    fn admit(&self, _peer: SocketAddr) -> Result<(), ErrorCode> {
+        Ok(())
+    }
+
+    /// The per-request check after authorisation and before dispatch. Every
+    /// request passes today; the request rate limits plug in here.
+    pub(crate) fn check_request(
+        &self,
+        _facts: &SessionFacts,
+        _op: &Operation,
+    ) -> Result<(), ErrorBody> {
+        Ok(())
+    }
+
+    pub(crate) fn close_sessions_inner(
+        &self,
+        selector: &SessionSelector,
+        reason: ErrorCode,
+    ) -> usize {
+        let message = match reason {
+            ErrorCode::DisconnectedByAdmin => "disconnected by an administrator".to_owned(),
+            ErrorCode::CredentialRevoked => "the credential was revoked".to_owned(),
+            ref other => format!("session closed: {other}"),
+        };
+        self.sessions
+            .signal(Some(selector), &Control::Close { reason, message })
+    }
+}
+
+/// Entry point: [`Server::builder`].
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// A server named `name` (announced in `AuthOk`), presenting `identity`,
+    /// accepting client certificates issued by `client_roots`, and
+    /// authenticating clients with `authenticator`.
+    ///
+    /// Everything a secure server needs is a parameter here, so an
+    /// incomplete server cannot be built.
+    pub fn builder(
+        name: impl Into<String>,
+        identity: Identity,
+        client_roots: TrustAnchors,
+        authenticator: impl Authenticator,
+    ) -> ServerBuilder {
+        ServerBuilder {
+            name: name.into(),
+            identity,
+            client_roots,
+            crls: Vec::new(),
+            tls_options: TlsOptions::default(),
+            authenticator: Arc::new(authenticator),
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            options: ServerOptions::default(),
+            functions: HashMap::new(),
+            constants: BTreeMap::new(),
+            extensions: HashMap::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// Configures a server; [`start`](ServerBuilder::start) runs it.
+pub struct ServerBuilder {
+    name: String,
+    identity: Identity,
+    client_roots: TrustAnchors,
+    crls: Vec<Crl>,
+    tls_options: TlsOptions,
+    authenticator: Arc<dyn Authenticator>,
+    bind: SocketAddr,
+    options: ServerOptions,
+    functions: HashMap<String, Arc<dyn NativeFunction>>,
+    constants: BTreeMap<String, Value>,
+    extensions: HashMap<String, Extension>,
+    errors: Vec<String>,
+}
+
+impl fmt::Debug for ServerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field("name", &self.name)
+            .field("bind", &self.bind)
+            .field("functions", &self.functions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerBuilder {
+    /// The address to listen on. Default `127.0.0.1:0` (any free port; see
+    /// [`ServerHandle::local_addr`]).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// CRLs for client certificates.
+    pub fn crls(mut self, crls: Vec<Crl>) -> Self {
+        self.crls = crls;
+        self
+    }
+
+    /// TLS options (e.g. allowing TLS 1.2).
+    pub fn tls_options(mut self, options: TlsOptions) -> Self {
+        self.tls_options = options;
+        self
+    }
+
+    /// All tunable limits (defaults otherwise).
+    pub fn options(mut self, options: ServerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    fn register(&mut self, name: &str) -> bool {
+        if !valid_name(name) {
+            self.errors
+                .push(format!("\"{name}\" is not a valid function name"));
+            return false;
+        }
+        if self.functions.contains_key(name) {
+            self.errors
+                .push(format!("function \"{name}\" is registered twice"));
+            return false;
+        }
+        true
+    }
+
+    /// Registers a typed async function. Arguments arrive as a list and are
+    /// converted to `A` (a tuple for positional arguments); a wrong shape is
+    /// answered `invalid_argument` naming the expected type. The result is
+    /// converted from `R`.
+    ///
+    /// ```no_run
+    /// # use netproc_server::{CallContext, CallError, ServerBuilder};
+    /// # fn f(b: ServerBuilder) -> ServerBuilder {
+    /// b.function("add", |_ctx: CallContext, (a, b): (i64, i64)| async move {
+    ///     a.checked_add(b).ok_or(CallError::invalid_argument("overflow"))
+    /// })
+    /// # }
+    /// ```
+    pub fn function<F, A, R, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        F: Fn(CallContext, A) -> Fut + Send + Sync + 'static,
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        Fut: Future<Output = Result<R, CallError>> + Send + 'static,
+    {
+        if self.register(name) {
+            self.functions
+                .insert(name.to_owned(), Arc::new(TypedFunction::new(name, f)));
+        }
+        self
+    }
+
+    /// Registers a function implementing [`NativeFunction`] directly.
+    pub fn native_function(mut self, name: &str, f: Arc<dyn NativeFunction>) -> Self {
+        if self.register(name) {
+            self.functions.insert(name.to_owned(), f);
+        }
+        self
+    }
+
+    /// Defines a constant, readable by callers and (later) scripts.
+    pub fn constant(mut self, name: &str, value: impl Serialize) -> Self {
+        if !valid_name(name) {
+            self.errors
+                .push(format!("\"{name}\" is not a valid constant name"));
+            return self;
+        }
+        match to_value(&value) {
+            Ok(v) => {
+                self.constants.insert(name.to_owned(), v);
+            }
+            Err(e) => self.errors.push(format!("constant \"{name}\": {e}")),
+        }
+        self
+    }
+
+    /// Adds an extension operation (for higher layers such as credential
+    /// propagation): requests `Extension { name, payload }` from principals
+    /// holding `privilege` go to `handler`.
+    pub fn extension(
+        mut self,
+        name: &str,
+        privilege: Privilege,
+        handler: Arc<dyn ExtensionHandler>,
+    ) -> Self {
+        if self.extensions.contains_key(name) {
+            self.errors
+                .push(format!("extension \"{name}\" is registered twice"));
+        } else {
+            self.extensions
+                .insert(name.to_owned(), Extension { privilege, handler });
+        }
+        self
+    }
+
+    /// Binds the listener and starts accepting connections.
+    pub async fn start(self) -> Result<ServerHandle, ServerError> {
+        if let Some(e) = self.errors.into_iter().next() {
+            return Err(ServerError::Registration(e));
+        }
+        self.options.validate()?;
+        let tls = netproc_pki::server_config_with(
+            &self.identity,
+            &self.client_roots,
+            &self.crls,
+            &self.tls_options,
+        )?;
+        let listener = TcpListener::bind(self.bind)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: self.bind,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: self.bind,
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            name: self.name,
+            options: self.options,
+            tls: Arc::new(tls),
+            registry: Registry::new(self.functions, self.extensions, self.constants),
+            authenticator: self.authenticator,
+            sessions: SessionTable::default(),
+            started: Instant::now(),
+            next_session_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener));
+        tracing::info!(server = %shared.name, addr = %local_addr, "listening");
+        Ok(ServerHandle {
+            inner: Arc::new(HandleInner {
+                shared,
+                local_addr,
+                accept: Mutex::new(Some(accept)),
+            }),
+        })
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                if let Err(code) = shared.admit(peer) {
+                    tracing::debug!(%peer, %code, "connection refused at admission");
+                    continue;
+                }
+                shared
+                    .tracker
+                    .spawn(run_connection(Arc::clone(&shared), tcp, peer));
+            }
+            Err(e) => {
+                // Out of descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+struct HandleInner {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for HandleInner {
+    /// Dropping the last handle stops the server at once (no grace).
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.shared.sessions.signal(
+            None,
+            &Control::Close {
+                reason: ErrorCode::ShuttingDown,
+                message: "the server stopped".into(),
+            },
+        );
+    }
+}
+
+/// A running server. Cloning gives another handle to the same server;
+/// dropping the last handle stops it at once — call
+/// [`shutdown`](Self::shutdown) for a graceful stop.
+#[derive(Clone)]
+pub struct ServerHandle {
+    inner: Arc<HandleInner>,
+}
+
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("name", &self.inner.shared.name)
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+impl ServerHandle {
+    /// The address the server listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The server's name.
+    pub fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    /// The live sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.inner.shared.sessions.list()
+    }
+
+    /// Closes the selected sessions: each gets `GoAway` with `reason`, and
+    /// its in-flight calls are answered with `reason`. Returns how many
+    /// sessions were selected.
+    pub fn close_sessions(&self, selector: &SessionSelector, reason: ErrorCode) -> usize {
+        self.inner.shared.close_sessions_inner(selector, reason)
+    }
+
+    /// Graceful shutdown: stop accepting, send `GoAway(shutting_down)` to
+    /// every session, let in-flight calls finish for up to `grace`, then
+    /// close everything. Returns when every connection task has ended.
+    pub async fn shutdown(&self, grace: Duration) {
+        let shared = &self.inner.shared;
+        shared.shutdown.cancel();
+        let accept = self
+            .inner
+            .accept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(accept) = accept {
+            let _ = accept.await;
+        }
+        let deadline = Instant::now() + grace;
+        shared
+            .sessions
+            .signal(None, &Control::Shutdown { deadline });
+        shared.tracker.close();
+        // Sessions end by the deadline; the margin covers their farewell writes.
+        let margin = Duration::from_millis(
+            shared
+                .options
+                .session_controls
+                .write_stall_timeout_ms
+                .min(2_000),
+        );
+        if tokio::time::timeout(grace + margin, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(server = %shared.name, "connections still open after the grace period");
+        }
+        tracing::info!(server = %shared.name, "stopped");
+    }
+}

@@ -1,0 +1,843 @@
+//! One connection, from TCP accept to close.
+//!
+//! | state | waits for | on success | on failure |
+//! | --- | --- | --- | --- |
+//! | `Handshaking` | TLS 1.3 handshake, `tls_handshake_timeout_ms` | ALPN checked → `AwaitingAuth` | closed, nothing sent |
+//! | `AwaitingAuth` | one `Auth` frame ≤ `max_pre_auth_frame_bytes`, `auth_message_timeout_ms` | `AuthOk` → `Authenticated` | `Error` frame (`authentication_failed`, `not_authenticated`, `timeout`, …), closed |
+//! | `Authenticated` | requests, cancels, pings; control messages | responses | fatal input: `Error` frame, closed |
+//! | `Draining` | in-flight calls (after `GoAway(shutting_down)`) | closed when none are left | closed at the grace deadline |
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use netproc_auth::{AuthRequest, BoxFuture, Credential, authorize, authorize_privilege};
+use netproc_limits::TokenBucket;
+use netproc_pki::CertIdentity;
+use netproc_wire::{
+    ALPN_PROTOCOL, AnnouncedLimits, AuthMethod, AuthOk, ClientMessage, DecodeError, ErrorBody,
+    ErrorCode, FrameDecoder, FrameError, GoAway, Operation, Outcome, PROTOCOL_VERSION, Request,
+    Response, ServerMessage, Value, to_value,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{self, sanitize};
+use crate::function::{CallContext, CallError, SessionFacts, valid_name};
+use crate::outbox::Outbox;
+use crate::server::Shared;
+use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
+
+/// Read chunk: enough for many small requests per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How long a best-effort error frame may take to send before closing.
+const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
+
+enum ReadError {
+    Frame(FrameError),
+    Closed,
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    dec: &mut FrameDecoder,
+) -> Result<Bytes, ReadError> {
+    loop {
+        if let Some(frame) = dec.next_frame().map_err(ReadError::Frame)? {
+            return Ok(frame);
+        }
+        let buf = dec.buffer_mut();
+        buf.reserve(READ_CHUNK);
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Sends one message and closes, best effort: used before the session's
+/// writer exists, and for errors that end the connection.
+async fn farewell<W: AsyncWrite + Unpin>(wr: &mut W, msg: ServerMessage, limit: u32) {
+    let mut buf = BytesMut::new();
+    if msg.encode(&mut buf, limit).is_ok() {
+        let send = async {
+            wr.write_all(&buf).await?;
+            wr.flush().await?;
+            wr.shutdown().await
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, send).await;
+    }
+}
+
+fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error(ErrorBody::new(code, message))
+}
+
+/// Runs one accepted TCP connection to its end.
+pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let cc = &shared.options.connection_controls;
+    let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls));
+    let handshake = tokio::time::timeout(
+        Duration::from_millis(cc.tls_handshake_timeout_ms),
+        acceptor.accept(tcp),
+    );
+    let tls = tokio::select! {
+        r = handshake => r,
+        () = shared.shutdown.cancelled() => return,
+    };
+    let tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_PROTOCOL) {
+        audit::refused_connection(peer, "the client did not negotiate ALPN netproc/1");
+        return;
+    }
+    // The verifier requires a client certificate, so one is present.
+    let Some(cert) = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|der| CertIdentity::from_der(der).ok())
+    else {
+        audit::refused_connection(peer, "no parsable client certificate");
+        return;
+    };
+    let cert = Arc::new(cert);
+    let (mut rd, mut wr) = tokio::io::split(tls);
+
+    // AwaitingAuth.
+    let started = Instant::now();
+    let auth_deadline =
+        tokio::time::Instant::now() + Duration::from_millis(cc.auth_message_timeout_ms);
+    let pre_limit = cc.max_pre_auth_frame_bytes;
+    let mut decoder = FrameDecoder::new(pre_limit);
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(auth_deadline, read_frame(&mut rd, &mut decoder)) => r,
+        () = shared.shutdown.cancelled() => return,
+    };
+    let body = match first {
+        Err(_) => {
+            audit::auth_refused(
+                peer,
+                &cert,
+                None,
+                ErrorCode::Timeout,
+                "no Auth message in time",
+                started,
+            );
+            let msg = format!("no Auth message within {} ms", cc.auth_message_timeout_ms);
+            farewell(&mut wr, error_msg(ErrorCode::Timeout, msg), pre_limit).await;
+            return;
+        }
+        Ok(Err(ReadError::Closed)) => return,
+        Ok(Err(ReadError::Frame(e))) => {
+            audit::auth_refused(peer, &cert, None, e.code(), &e.to_string(), started);
+            farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
+            return;
+        }
+        Ok(Ok(body)) => body,
+    };
+    let auth = match ClientMessage::decode(&body) {
+        Ok(ClientMessage::Auth(auth)) => auth,
+        Ok(_)
+        | Err(
+            DecodeError::UnsupportedMessageType { .. }
+            | DecodeError::InvalidOperation { .. }
+            | DecodeError::InvalidRequest { .. },
+        ) => {
+            audit::auth_refused(
+                peer,
+                &cert,
+                None,
+                ErrorCode::NotAuthenticated,
+                "first message was not Auth",
+                started,
+            );
+            let msg = "the first message must be Auth";
+            farewell(
+                &mut wr,
+                error_msg(ErrorCode::NotAuthenticated, msg),
+                pre_limit,
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            audit::auth_refused(peer, &cert, None, e.code(), &e.to_string(), started);
+            farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
+            return;
+        }
+    };
+    let client_name = auth.client_name.as_deref().map(sanitize);
+    let credential = match auth.method {
+        AuthMethod::ApiKey(key) => Credential::ApiKey(key),
+        _ => {
+            audit::auth_refused(
+                peer,
+                &cert,
+                None,
+                ErrorCode::AuthenticationFailed,
+                "authentication method not enabled",
+                started,
+            );
+            farewell(
+                &mut wr,
+                error_msg(ErrorCode::AuthenticationFailed, "authentication failed"),
+                pre_limit,
+            )
+            .await;
+            return;
+        }
+    };
+    let claimed_key = match &credential {
+        Credential::ApiKey(k) => audit::claimed_key_id(k.expose()),
+        _ => None,
+    };
+    let request = AuthRequest::new(credential, peer, Arc::clone(&cert));
+    let authenticated = AssertUnwindSafe(shared.authenticator.authenticate(request)).catch_unwind();
+    let principal = match tokio::time::timeout_at(auth_deadline, authenticated).await {
+        Ok(Ok(Ok(p))) if p.expires_at.is_none_or(|t| t > SystemTime::now()) => p,
+        outcome => {
+            let reason = match outcome {
+                Ok(Ok(Err(rejected))) => rejected.reason,
+                Ok(Ok(Ok(_))) => "credential expired".to_owned(),
+                Ok(Err(_)) => "the authenticator panicked".to_owned(),
+                Err(_) => "the authenticator did not answer in time".to_owned(),
+            };
+            audit::auth_refused(
+                peer,
+                &cert,
+                claimed_key.as_deref(),
+                ErrorCode::AuthenticationFailed,
+                &reason,
+                started,
+            );
+            farewell(
+                &mut wr,
+                error_msg(ErrorCode::AuthenticationFailed, "authentication failed"),
+                pre_limit,
+            )
+            .await;
+            return;
+        }
+    };
+
+    // Authenticated.
+    let session_id = shared.next_session_id();
+    let facts = Arc::new(SessionFacts {
+        session_id,
+        principal,
+        peer,
+        cert,
+    });
+    audit::auth_ok(&facts, client_name.as_deref(), started);
+    let post_limit = cc.max_post_auth_frame_bytes;
+    decoder.set_limit(post_limit);
+    let (control_tx, control_rx) = mpsc::channel(4);
+    shared.sessions.insert(Entry {
+        facts: Arc::clone(&facts),
+        info: SessionInfo {
+            session_id,
+            principal: facts.principal.id.clone(),
+            key_id: facts.principal.key_id.clone(),
+            peer: peer.to_string(),
+            cert_fingerprint: facts.cert.fingerprint.to_string(),
+            since_unix_ms: unix_ms(SystemTime::now()),
+            client_name,
+        },
+        control: control_tx,
+    });
+    // A shutdown that began while this session authenticated must reach it.
+    if shared.shutdown.is_cancelled() {
+        shared.sessions.signal(
+            Some(&SessionSelector::Session(session_id)),
+            &Control::Shutdown {
+                deadline: Instant::now(),
+            },
+        );
+    }
+
+    let outbox = Arc::new(Outbox::new(post_limit));
+    outbox.push(&ServerMessage::AuthOk(AuthOk {
+        version: PROTOCOL_VERSION,
+        server_name: shared.name.clone(),
+        session_id,
+        privileges: facts.principal.privileges.names(),
+        limits: AnnouncedLimits {
+            max_in_flight_requests: shared
+                .options
+                .request_controls
+                .max_in_flight_requests_per_connection,
+            max_pre_auth_frame_bytes: pre_limit,
+            max_post_auth_frame_bytes: post_limit,
+        },
+        idle_timeout_ms: shared.options.session_controls.idle_timeout_ms,
+    }));
+    let stall = Duration::from_millis(shared.options.session_controls.write_stall_timeout_ms);
+    let writer = {
+        let outbox = Arc::clone(&outbox);
+        tokio::spawn(async move { outbox.run_writer(wr, stall).await })
+    };
+
+    let mut session = Session::new(Arc::clone(&shared), facts, Arc::clone(&outbox));
+    session.run(&mut rd, &mut decoder, control_rx).await;
+    shared.sessions.remove(session_id);
+    outbox.close();
+    // The writer ends after sending what is queued, or at its stall timeout.
+    let _ = writer.await;
+    tracing::debug!(session_id, "session closed");
+}
+
+type CallFuture = BoxFuture<'static, (u64, Outcome)>;
+
+struct Session {
+    shared: Arc<Shared>,
+    facts: Arc<SessionFacts>,
+    outbox: Arc<Outbox>,
+    calls: FuturesUnordered<CallFuture>,
+    cancels: HashMap<u64, CancellationToken>,
+    last_id: Option<u64>,
+    pings: TokenBucket,
+    last_activity: Instant,
+}
+
+/// How the session loop ends.
+enum End {
+    /// Close now (after the farewell, if any).
+    Now,
+    /// Stop reading; finish in-flight calls until the deadline.
+    Drain(Instant),
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, facts: Arc<SessionFacts>, outbox: Arc<Outbox>) -> Session {
+        let sc = &shared.options.session_controls;
+        let pings = TokenBucket::new(
+            sc.max_pings_per_second,
+            Duration::from_secs(1),
+            sc.ping_burst,
+            Instant::now(),
+        );
+        Session {
+            shared,
+            facts,
+            outbox,
+            calls: FuturesUnordered::new(),
+            cancels: HashMap::new(),
+            last_id: None,
+            pings,
+            last_activity: Instant::now(),
+        }
+    }
+
+    fn respond(&self, id: u64, outcome: Outcome) {
+        self.outbox
+            .push(&ServerMessage::Response(Response { id, outcome }));
+    }
+
+    fn respond_err(&self, id: u64, code: ErrorCode, message: impl Into<String>) {
+        self.respond(id, Outcome::Err(ErrorBody::new(code, message)));
+    }
+
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        decoder: &mut FrameDecoder,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        let budget = self
+            .shared
+            .options
+            .session_controls
+            .max_outbound_bytes_per_connection as usize;
+        let idle = Duration::from_millis(self.shared.options.session_controls.idle_timeout_ms);
+        let mut idle_timer = pin!(tokio::time::sleep(if idle.is_zero() {
+            Duration::MAX / 4
+        } else {
+            idle
+        }));
+        let dead = self.outbox.dead().clone();
+        let end = loop {
+            let out_full = self.outbox.pending() > budget;
+            let buf = decoder.buffer_mut();
+            buf.reserve(READ_CHUNK);
+            tokio::select! {
+                biased;
+                () = dead.cancelled() => break End::Now,
+                Some(ctrl) = control.recv() => match ctrl {
+                    Control::Close { reason, message } => {
+                        self.close_with(reason, message);
+                        break End::Now;
+                    }
+                    Control::Shutdown { deadline } => {
+                        self.go_away(ErrorCode::ShuttingDown, "the server is shutting down");
+                        break End::Drain(deadline);
+                    }
+                },
+                Some((id, outcome)) = self.calls.next(), if !self.calls.is_empty() => {
+                    self.cancels.remove(&id);
+                    self.respond(id, outcome);
+                }
+                read = rd.read_buf(buf), if !out_full => {
+                    match read {
+                        Ok(0) | Err(_) => break End::Now,
+                        Ok(_) => {
+                            self.last_activity = Instant::now();
+                            if let Some(end) = self.drain_frames(decoder) {
+                                break end;
+                            }
+                        }
+                    }
+                }
+                () = self.outbox.space(), if out_full => {}
+                () = &mut idle_timer => {
+                    let quiet = self.last_activity.elapsed();
+                    if !idle.is_zero() && quiet >= idle && self.calls.is_empty() {
+                        audit::session_closed(&self.facts, ErrorCode::IdleTimeout);
+                        self.close_with(ErrorCode::IdleTimeout, format!("no activity for {} ms", idle.as_millis()));
+                        break End::Now;
+                    }
+                    let next = if quiet >= idle { idle } else { idle - quiet };
+                    idle_timer.as_mut().reset(tokio::time::Instant::now() + next);
+                }
+            }
+        };
+        if let End::Drain(deadline) = end {
+            let deadline = tokio::time::Instant::from_std(deadline);
+            while !self.calls.is_empty() {
+                tokio::select! {
+                    Some((id, outcome)) = self.calls.next() => {
+                        self.cancels.remove(&id);
+                        self.respond(id, outcome);
+                    }
+                    () = tokio::time::sleep_until(deadline) => {
+                        self.answer_in_flight(ErrorCode::ShuttingDown, "the server shut down before the call finished");
+                        break;
+                    }
+                    () = dead.cancelled() => break,
+                }
+            }
+        }
+    }
+
+    /// Handles every complete frame in the decoder. `Some` ends the session.
+    fn drain_frames(&mut self, decoder: &mut FrameDecoder) -> Option<End> {
+        loop {
+            let body = match decoder.next_frame() {
+                Ok(Some(body)) => body,
+                Ok(None) => return None,
+                Err(e) => {
+                    audit::session_closed(&self.facts, e.code());
+                    self.fatal(e.code(), e.to_string());
+                    return Some(End::Now);
+                }
+            };
+            match ClientMessage::decode(&body) {
+                Ok(ClientMessage::Request(req)) => self.handle_request(req),
+                Ok(ClientMessage::Cancel { id }) => {
+                    if let Some(token) = self.cancels.get(&id) {
+                        token.cancel();
+                    }
+                }
+                Ok(ClientMessage::Ping { nonce }) => {
+                    if let Err(retry) = self.pings.try_acquire(Instant::now()) {
+                        audit::session_closed(&self.facts, ErrorCode::RateLimited);
+                        let msg = format!("too many pings; retry after {} ms", retry.as_millis());
+                        self.fatal(ErrorCode::RateLimited, msg);
+                        return Some(End::Now);
+                    }
+                    self.outbox.push(&ServerMessage::Pong { nonce });
+                }
+                Ok(ClientMessage::Auth(_)) => {
+                    audit::session_closed(&self.facts, ErrorCode::AuthenticationFailed);
+                    self.fatal(
+                        ErrorCode::AuthenticationFailed,
+                        "the session is already authenticated",
+                    );
+                    return Some(End::Now);
+                }
+                Ok(_) => self.outbox.push(&error_msg(
+                    ErrorCode::UnsupportedMessageType,
+                    "unsupported message type",
+                )),
+                Err(DecodeError::UnsupportedMessageType { kind }) => self.outbox.push(&error_msg(
+                    ErrorCode::UnsupportedMessageType,
+                    format!("unsupported message type {kind}"),
+                )),
+                Err(
+                    e @ (DecodeError::InvalidOperation { id, .. }
+                    | DecodeError::InvalidRequest { id, .. }),
+                ) => {
+                    if self.accept_id(id) {
+                        audit::request_refused(&self.facts, "unknown", None, e.code());
+                        self.respond_err(id, e.code(), e.to_string());
+                    }
+                }
+                Err(e) => {
+                    audit::session_closed(&self.facts, e.code());
+                    self.fatal(e.code(), e.to_string());
+                    return Some(End::Now);
+                }
+            }
+        }
+    }
+
+    /// Checks that `id` is above the session's previous ids, answering
+    /// `invalid_request` if not.
+    fn accept_id(&mut self, id: u64) -> bool {
+        if let Some(last) = self.last_id {
+            if id <= last {
+                self.respond_err(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    format!("request id {id} is not above the previous id {last}"),
+                );
+                return false;
+            }
+        }
+        self.last_id = Some(id);
+        true
+    }
+
+    /// An error that ends the connection.
+    fn fatal(&mut self, code: ErrorCode, message: impl Into<String>) {
+        let message = message.into();
+        self.answer_in_flight(code.clone(), &message);
+        self.outbox.push(&error_msg(code, message));
+    }
+
+    /// Answers every in-flight call with `code` and drops its future.
+    fn answer_in_flight(&mut self, code: ErrorCode, message: &str) {
+        for (id, token) in self.cancels.drain() {
+            token.cancel();
+            self.outbox.push(&ServerMessage::Response(Response {
+                id,
+                outcome: Outcome::Err(ErrorBody::new(code.clone(), message)),
+            }));
+        }
+        self.calls = FuturesUnordered::new();
+    }
+
+    fn go_away(&self, reason: ErrorCode, message: &str) {
+        self.outbox.push(&ServerMessage::GoAway(GoAway {
+            reason,
+            last_id: self.last_id.unwrap_or(0),
+            message: message.to_owned(),
+        }));
+    }
+
+    /// Ends the session for `reason`: in-flight calls are answered with it,
+    /// then `GoAway`.
+    fn close_with(&mut self, reason: ErrorCode, message: impl Into<String>) {
+        let message = message.into();
+        self.answer_in_flight(reason.clone(), &message);
+        self.go_away(reason, &message);
+    }
+
+    fn handle_request(&mut self, req: Request) {
+        let Request {
+            id,
+            op,
+            deadline_ms,
+        } = req;
+        if !self.accept_id(id) {
+            return;
+        }
+        if let Err(denied) = authorize(&self.facts.principal, &op) {
+            audit::request_refused(
+                &self.facts,
+                op.name(),
+                function_of(&op),
+                ErrorCode::InsufficientPrivileges,
+            );
+            self.respond_err(id, ErrorCode::InsufficientPrivileges, denied.to_string());
+            return;
+        }
+        if let Err(refusal) = self.shared.check_request(&self.facts, &op) {
+            audit::request_refused(
+                &self.facts,
+                op.name(),
+                function_of(&op),
+                refusal.code.clone(),
+            );
+            self.respond(id, Outcome::Err(refusal));
+            return;
+        }
+        let rc = &self.shared.options.request_controls;
+        if self.calls.len() >= rc.max_in_flight_requests_per_connection as usize {
+            audit::request_refused(
+                &self.facts,
+                op.name(),
+                function_of(&op),
+                ErrorCode::RateLimited,
+            );
+            let details = to_value(&InFlightDetails {
+                retry_after_ms: 50,
+                scope: "in_flight_per_connection",
+            })
+            .unwrap_or_default();
+            let msg = "too many in-flight requests on this connection";
+            self.respond(
+                id,
+                Outcome::Err(ErrorBody::new(ErrorCode::RateLimited, msg).with_details(details)),
+            );
+            return;
+        }
+        let server_limit = Duration::from_millis(rc.request_timeout_ms);
+        let limit = deadline_ms.map_or(server_limit, |ms| {
+            server_limit.min(Duration::from_millis(ms.into()))
+        });
+        match op {
+            Operation::Invoke { function, args } => {
+                let Some(f) = self.shared.registry.functions.get(&function) else {
+                    audit::request_refused(
+                        &self.facts,
+                        "invoke",
+                        Some(&function),
+                        ErrorCode::FunctionNotFound,
+                    );
+                    let msg = format!("no function named \"{}\"", sanitize(&function));
+                    self.respond_err(id, ErrorCode::FunctionNotFound, msg);
+                    return;
+                };
+                let (ctx, token, deadline) = self.context(limit);
+                let fut = f.call(ctx, args);
+                self.spawn_call(id, fut, token, deadline, limit);
+            }
+            Operation::Extension { name, payload } => {
+                let Some(ext) = self.shared.registry.extensions.get(&name) else {
+                    audit::request_refused(
+                        &self.facts,
+                        "extension",
+                        Some(&name),
+                        ErrorCode::InvalidOperation,
+                    );
+                    self.respond_err(
+                        id,
+                        ErrorCode::InvalidOperation,
+                        format!("no extension named \"{}\"", sanitize(&name)),
+                    );
+                    return;
+                };
+                if let Err(denied) =
+                    authorize_privilege(&self.facts.principal, ext.privilege, "extension")
+                {
+                    audit::request_refused(
+                        &self.facts,
+                        "extension",
+                        Some(&name),
+                        ErrorCode::InsufficientPrivileges,
+                    );
+                    self.respond_err(id, ErrorCode::InsufficientPrivileges, denied.to_string());
+                    return;
+                }
+                let (ctx, token, deadline) = self.context(limit);
+                let handler = Arc::clone(&ext.handler);
+                let fut: BoxFuture<'static, Result<Value, CallError>> =
+                    Box::pin(async move { handler.handle(ctx, payload).await.map(Value::Bytes) });
+                self.spawn_call(id, fut, token, deadline, limit);
+            }
+            op => {
+                let outcome = self.run_inline(op);
+                self.respond(id, outcome);
+            }
+        }
+    }
+
+    fn context(&self, limit: Duration) -> (CallContext, CancellationToken, Instant) {
+        let token = CancellationToken::new();
+        let deadline = Instant::now() + limit;
+        let ctx = CallContext::new(Arc::clone(&self.facts), token.clone(), deadline);
+        (ctx, token, deadline)
+    }
+
+    /// Adds a call to the session's in-flight set. It is polled by this
+    /// session's task (no task per call), bounded by its deadline, stopped
+    /// by `Cancel`, and a panic in it answers `internal` for this request only.
+    fn spawn_call(
+        &mut self,
+        id: u64,
+        fut: BoxFuture<'static, Result<Value, CallError>>,
+        token: CancellationToken,
+        deadline: Instant,
+        limit: Duration,
+    ) {
+        self.cancels.insert(id, token.clone());
+        let facts = Arc::clone(&self.facts);
+        self.calls.push(Box::pin(async move {
+            let guarded = AssertUnwindSafe(fut).catch_unwind();
+            let outcome = tokio::select! {
+                biased;
+                () = token.cancelled() => Outcome::Err(ErrorBody::new(ErrorCode::Cancelled, "the call was cancelled")),
+                r = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), guarded) => match r {
+                    Ok(Ok(Ok(v))) => Outcome::Ok(v),
+                    Ok(Ok(Err(e))) => Outcome::Err(e.into_body()),
+                    Ok(Err(panic)) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(session_id = facts.session_id, request_id = id, panic = %what, "a function panicked");
+                        Outcome::Err(ErrorBody::new(ErrorCode::Internal, "internal error"))
+                    }
+                    Err(_) => {
+                        token.cancel();
+                        Outcome::Err(ErrorBody::new(
+                            ErrorCode::Timeout,
+                            format!("the call did not finish within {} ms", limit.as_millis()),
+                        ))
+                    }
+                },
+            };
+            (id, outcome)
+        }));
+    }
+
+    /// Operations answered at once, without running user code.
+    fn run_inline(&self, op: Operation) -> Outcome {
+        let shared = &self.shared;
+        let principal = &self.facts.principal;
+        let err = |code, msg: String| Outcome::Err(ErrorBody::new(code, msg));
+        match op {
+            Operation::DefineConstant { name, value } => {
+                if !valid_name(&name) {
+                    return err(
+                        ErrorCode::InvalidArgument,
+                        format!("\"{}\" is not a valid constant name", sanitize(&name)),
+                    );
+                }
+                audit::admin_action(&self.facts, "define_constant", &name);
+                shared.registry.define_constant(name, value);
+                Outcome::Ok(Value::Null)
+            }
+            Operation::UndefineConstant { name } => {
+                audit::admin_action(&self.facts, "undefine_constant", &name);
+                shared.registry.undefine_constant(&name);
+                Outcome::Ok(Value::Null)
+            }
+            Operation::ListFunctions => {
+                let may_invoke = principal
+                    .privileges
+                    .satisfies(netproc_wire::Privilege::InvokeFunctions);
+                let mut names: Vec<&String> = shared
+                    .registry
+                    .functions
+                    .keys()
+                    .filter(|n| may_invoke && principal.may_call(n))
+                    .collect();
+                names.sort();
+                let list = names
+                    .into_iter()
+                    .map(|n| {
+                        Value::Map(
+                            [
+                                ("kind".to_owned(), Value::from("native")),
+                                ("name".to_owned(), Value::from(n.as_str())),
+                            ]
+                            .into(),
+                        )
+                    })
+                    .collect();
+                Outcome::Ok(Value::List(list))
+            }
+            Operation::ListConstants => {
+                Outcome::Ok(Value::Map((*shared.registry.constants()).clone()))
+            }
+            Operation::ListDependencies => Outcome::Ok(Value::List(Vec::new())),
+            Operation::DefineFunction(_)
+            | Operation::UndefineFunction { .. }
+            | Operation::DefineDependency { .. }
+            | Operation::UndefineDependency { .. } => err(
+                ErrorCode::InvalidOperation,
+                "script functions are not enabled on this server".into(),
+            ),
+            Operation::ServerInfo => {
+                audit::admin_action(&self.facts, "server_info", "");
+                let info = ServerInfoReply {
+                    name: &shared.name,
+                    version: env!("CARGO_PKG_VERSION"),
+                    protocol_version: PROTOCOL_VERSION,
+                    uptime_ms: u64::try_from(shared.started.elapsed().as_millis())
+                        .unwrap_or(u64::MAX),
+                    sessions: shared.sessions.len(),
+                };
+                Outcome::Ok(to_value(&info).unwrap_or_default())
+            }
+            Operation::ListSessions => {
+                audit::admin_action(&self.facts, "list_sessions", "");
+                Outcome::Ok(to_value(&shared.sessions.list()).unwrap_or_default())
+            }
+            Operation::DisconnectSession { session_id } => {
+                audit::admin_action(&self.facts, "disconnect_session", &session_id.to_string());
+                let n = shared.close_sessions_inner(
+                    &SessionSelector::Session(session_id),
+                    ErrorCode::DisconnectedByAdmin,
+                );
+                Outcome::Ok(Value::Int(n as i64))
+            }
+            Operation::DisconnectPrincipal { principal: target } => {
+                audit::admin_action(&self.facts, "disconnect_principal", &target);
+                let n = shared.close_sessions_inner(
+                    &SessionSelector::Principal(target),
+                    ErrorCode::DisconnectedByAdmin,
+                );
+                Outcome::Ok(Value::Int(n as i64))
+            }
+            Operation::AbuseMetrics
+            | Operation::ListBlocked
+            | Operation::Unblock { .. }
+            | Operation::GetLimits
+            | Operation::SetLimits { .. } => err(
+                ErrorCode::InvalidOperation,
+                "abuse controls are not available on this server version".into(),
+            ),
+            other => err(
+                ErrorCode::InvalidOperation,
+                format!("operation {} is not supported by this server", other.name()),
+            ),
+        }
+    }
+}
+
+fn function_of(op: &Operation) -> Option<&str> {
+    match op {
+        Operation::Invoke { function, .. } => Some(function),
+        Operation::Extension { name, .. } => Some(name),
+        _ => None,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct InFlightDetails {
+    retry_after_ms: u64,
+    scope: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct ServerInfoReply<'a> {
+    name: &'a str,
+    version: &'static str,
+    protocol_version: u32,
+    uptime_ms: u64,
+    sessions: usize,
+}

@@ -1,0 +1,133 @@
+//! The table of live sessions, for listing and for closing them by selector.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use netproc_pki::Fingerprint;
+use netproc_wire::ErrorCode;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::function::SessionFacts;
+
+/// Which sessions to close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionSelector {
+    /// One session, by the id from `AuthOk` or the listing.
+    Session(u64),
+    /// Every session of a principal.
+    Principal(String),
+    /// Every session over a client certificate (e.g. a revoked one).
+    CertFingerprint(Fingerprint),
+    /// Every session authenticated with an API key; with a generation, only
+    /// those on that generation of its secret (so a rotation closes only the
+    /// sessions on the old secret).
+    Key {
+        /// The key id.
+        key_id: String,
+        /// The secret generation, or every generation.
+        generation: Option<u64>,
+    },
+}
+
+impl SessionSelector {
+    pub(crate) fn matches(&self, facts: &SessionFacts) -> bool {
+        match self {
+            SessionSelector::Session(id) => facts.session_id == *id,
+            SessionSelector::Principal(p) => facts.principal.id == *p,
+            SessionSelector::CertFingerprint(fp) => facts.cert.fingerprint == *fp,
+            SessionSelector::Key { key_id, generation } => {
+                facts.principal.key_id.as_deref() == Some(key_id.as_str())
+                    && generation.is_none_or(|g| facts.principal.key_generation == Some(g))
+            }
+        }
+    }
+}
+
+/// A live session, as listed to administrators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// The session id.
+    pub session_id: u64,
+    /// The principal's id.
+    pub principal: String,
+    /// The API key it authenticated with.
+    pub key_id: Option<String>,
+    /// The peer address.
+    pub peer: String,
+    /// The client certificate's fingerprint.
+    pub cert_fingerprint: String,
+    /// Unix milliseconds when it authenticated.
+    pub since_unix_ms: u64,
+    /// The client's self-reported name (capped and escaped).
+    pub client_name: Option<String>,
+}
+
+/// What the server tells a session's task.
+#[derive(Debug, Clone)]
+pub(crate) enum Control {
+    /// End now: in-flight calls are answered with `reason`, then `GoAway`.
+    Close { reason: ErrorCode, message: String },
+    /// `GoAway(shutting_down)`, stop reading, let in-flight calls finish
+    /// until `deadline`, then close.
+    Shutdown { deadline: Instant },
+}
+
+pub(crate) struct Entry {
+    pub(crate) facts: Arc<SessionFacts>,
+    pub(crate) info: SessionInfo,
+    pub(crate) control: mpsc::Sender<Control>,
+}
+
+/// Live sessions. Locked only when a session starts or ends and for admin
+/// operations, never per call.
+#[derive(Default)]
+pub(crate) struct SessionTable {
+    entries: Mutex<HashMap<u64, Entry>>,
+}
+
+impl SessionTable {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn insert(&self, entry: Entry) {
+        self.lock().insert(entry.facts.session_id, entry);
+    }
+
+    pub(crate) fn remove(&self, session_id: u64) {
+        self.lock().remove(&session_id);
+    }
+
+    pub(crate) fn list(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = self.lock().values().map(|e| e.info.clone()).collect();
+        out.sort_by_key(|i| i.session_id);
+        out
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Sends `control` to every matching session; returns how many.
+    pub(crate) fn signal(&self, selector: Option<&SessionSelector>, control: &Control) -> usize {
+        let entries = self.lock();
+        let mut n = 0;
+        for e in entries.values() {
+            if selector.is_none_or(|s| s.matches(&e.facts)) {
+                // A full channel means a close is already pending.
+                let _ = e.control.try_send(control.clone());
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
