@@ -1,9 +1,58 @@
-//! The netproc client: named servers, lazy single-flight connections, typed calls, fan-out to all servers and typed errors.
+//! The netproc client: call functions on named servers over mutual TLS.
 //!
-//! It will own named server endpoints, the reserved name `all_servers`, lazy connection with single-flight, reconnection with backoff, `flush_server`, typed calls with deadlines and cancellation, fan-out with a per-server result map, and the typed `ClientError`.
+//! Configure each server with a [`ServerEndpoint`] (address, certificate
+//! name, this client's certificate, the CA that signs the server's, and an
+//! API key). A [`Client`] connects lazily on first use — concurrent first
+//! calls share one attempt — authenticates, and multiplexes calls over one
+//! connection per server, respecting the in-flight limit the server
+//! announces by queuing locally. Each call has a deadline; dropping a call's
+//! future sends `Cancel`.
 //!
-//! This crate is part of [netproc](https://github.com/netproc/netproc). It is
-//! a placeholder in this release: its API arrives with a later version, and
-//! nothing here is stable yet.
+//! [`Client::all_servers`] runs an operation on every server at once and
+//! returns one result per server, never failing fast. Errors are typed
+//! ([`ClientError`]) and serialize to the reference's `{code, message,
+//! details}` shape; [`ServerOutcome`] gives the `{state: ok|error}` form.
+//!
+//! # Example
+//!
+//! ```
+//! use netproc_auth::{ApiKeyStore, KeySpec};
+//! use netproc_client::{Client, ServerEndpoint};
+//! use netproc_pki::{CaParams, CertificateAuthority, LeafParams};
+//! use netproc_server::{CallContext, CallError, Server};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ca = CertificateAuthority::generate(&CaParams::new("my CA"))?;
+//! let server_cert = ca.issue(&LeafParams::server("api", ["localhost"]))?;
+//! let client_cert = ca.issue(&LeafParams::client("alice"))?;
+//! let keys = ApiKeyStore::in_memory();
+//! let (_, key) = keys.create(KeySpec::new("invoke_functions".parse()?))?;
+//!
+//! let server = Server::builder("api", server_cert.identity()?, ca.trust_anchors(), keys)
+//!     .function("add", |_: CallContext, (a, b): (i64, i64)| async move { Ok::<_, CallError>(a + b) })
+//!     .start()
+//!     .await?;
+//!
+//! let client = Client::builder()
+//!     .server("api", ServerEndpoint::new(
+//!         server.local_addr(), "localhost", client_cert.identity()?, ca.trust_anchors(), key.to_secret(),
+//!     ))
+//!     .build()?;
+//! let sum: i64 = client.server("api")?.call("add", (2, 3)).await?;
+//! assert_eq!(sum, 5);
+//! # server.shutdown(std::time::Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod client;
+mod connection;
+mod error;
+
+// The public interface.
+pub use client::{
+    ALL_SERVERS, AllServers, Client, ClientBuilder, FanOut, ServerEndpoint, ServerRef,
+};
+pub use error::{ClientError, ServerOutcome, TlsFailure};

@@ -1,0 +1,628 @@
+//! The client: named servers, lazy single-flight connections, typed calls,
+//! fan-out to every server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use netproc_pki::{Identity, Pin, TlsOptions, TrustAnchors};
+use netproc_wire::{
+    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, Operation, SecretString, Value, from_value, to_value,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use crate::connection::{Connection, connect};
+use crate::error::ClientError;
+
+/// The reserved name that means "every configured server".
+pub const ALL_SERVERS: &str = "all_servers";
+
+/// How to reach and authenticate to one server.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ServerEndpoint {
+    /// The server's address.
+    pub addr: SocketAddr,
+    /// The name its certificate must be valid for (SNI).
+    pub server_name: String,
+    pub(crate) identity: Identity,
+    pub(crate) roots: TrustAnchors,
+    pub(crate) pins: Vec<Pin>,
+    pub(crate) tls_options: TlsOptions,
+    pub(crate) credential: SecretString,
+    /// A local address to connect from (e.g. `127.0.0.2` in tests, or an
+    /// interface in deployments).
+    pub bind: Option<IpAddr>,
+    /// Connect + TLS + authentication limit. Default 10 s.
+    pub connect_timeout: Duration,
+    /// A call's default deadline. Default 30 s.
+    pub request_timeout: Duration,
+    /// Largest frame accepted from the server. Default 1 MiB.
+    pub max_frame_bytes: u32,
+    /// Calls that may wait locally for an in-flight slot; past it calls fail
+    /// `overloaded` at once. Default 10 000.
+    pub max_queued_calls: usize,
+    /// A name sent in `Auth`, for the server's logs.
+    pub client_name: Option<String>,
+}
+
+impl fmt::Debug for ServerEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerEndpoint")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .field("identity", &self.identity)
+            .field("credential", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerEndpoint {
+    /// An endpoint: the server's address and certificate name, this
+    /// client's certificate identity, the CA(s) that must have signed the
+    /// server's certificate, and the API key.
+    ///
+    /// Trust anchors are required: a client never dials without one.
+    pub fn new(
+        addr: SocketAddr,
+        server_name: impl Into<String>,
+        identity: Identity,
+        server_roots: TrustAnchors,
+        api_key: SecretString,
+    ) -> ServerEndpoint {
+        ServerEndpoint {
+            addr,
+            server_name: server_name.into(),
+            identity,
+            roots: server_roots,
+            pins: Vec::new(),
+            tls_options: TlsOptions::default(),
+            credential: api_key,
+            bind: None,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_frame_bytes: DEFAULT_MAX_POST_AUTH_FRAME_BYTES,
+            max_queued_calls: 10_000,
+            client_name: None,
+        }
+    }
+
+    /// Also requires the server's certificate to match one of `pins`.
+    pub fn pins(mut self, pins: Vec<Pin>) -> Self {
+        self.pins = pins;
+        self
+    }
+
+    /// TLS options (e.g. allowing TLS 1.2).
+    pub fn tls_options(mut self, options: TlsOptions) -> Self {
+        self.tls_options = options;
+        self
+    }
+
+    /// Connects from this local address.
+    pub fn bind(mut self, ip: IpAddr) -> Self {
+        self.bind = Some(ip);
+        self
+    }
+
+    /// Sets the connect + TLS + authentication limit.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    /// Sets the default call deadline.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// Sets the local queue bound.
+    pub fn max_queued_calls(mut self, n: usize) -> Self {
+        self.max_queued_calls = n;
+        self
+    }
+
+    /// Sets the name sent in `Auth`.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = Some(name.into());
+        self
+    }
+}
+
+/// Reconnection backoff: 100 ms doubling to 5 s, with jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<ClientError>,
+}
+
+struct Slot {
+    name: String,
+    endpoint: ServerEndpoint,
+    tls: TlsConnector,
+    current: ArcSwapOption<Connection>,
+    /// Held while connecting: concurrent first calls share one attempt.
+    connecting: tokio::sync::Mutex<Backoff>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(conn) = self.current.swap(None) {
+            conn.close();
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    // Spread reconnections over [d/2, d] without a random-number crate: the
+    // clock's low bits differ between processes and attempts.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+impl Slot {
+    async fn connection(&self, deadline: Instant) -> Result<Arc<Connection>, ClientError> {
+        if let Some(conn) = self.current.load_full() {
+            if conn.usable() {
+                return Ok(conn);
+            }
+        }
+        let mut backoff = self.connecting.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(conn) = self.current.load_full() {
+            if conn.usable() {
+                return Ok(conn);
+            }
+        }
+        if let Some(at) = backoff.retry_at {
+            if at > deadline {
+                return Err(backoff.last_error.clone().unwrap_or(ClientError::Timeout {
+                    server: self.name.clone(),
+                    message: "waiting to reconnect".into(),
+                }));
+            }
+            tokio::time::sleep_until(at).await;
+        }
+        match connect(&self.name, &self.endpoint, &self.tls, deadline).await {
+            Ok(conn) => {
+                *backoff = Backoff {
+                    failures: 0,
+                    retry_at: None,
+                    last_error: None,
+                };
+                self.current.store(Some(Arc::clone(&conn)));
+                Ok(conn)
+            }
+            Err(e) => {
+                backoff.failures = backoff.failures.saturating_add(1);
+                let exp = BACKOFF_BASE.saturating_mul(1 << backoff.failures.min(6));
+                backoff.retry_at = Some(Instant::now() + jitter(exp.min(BACKOFF_MAX)));
+                backoff.last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&self) {
+        if let Some(conn) = self.current.swap(None) {
+            conn.close();
+        }
+    }
+}
+
+struct Inner {
+    slots: BTreeMap<String, Arc<Slot>>,
+    nonce: AtomicU64,
+}
+
+/// A netproc client for a set of named servers.
+///
+/// Connections are made lazily on first use (concurrent first calls share
+/// one attempt), reconnected on the next use after a loss (with exponential
+/// backoff and jitter), and replaced by [`flush_server`](Client::flush_server).
+/// Cloning is cheap and shares the connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("servers", &self.inner.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Default)]
+pub struct ClientBuilder {
+    servers: Vec<(String, ServerEndpoint)>,
+}
+
+impl ClientBuilder {
+    /// Adds a named server.
+    pub fn server(mut self, name: impl Into<String>, endpoint: ServerEndpoint) -> Self {
+        self.servers.push((name.into(), endpoint));
+        self
+    }
+
+    /// Checks the configuration and builds the TLS settings of every server.
+    /// Fails on an empty, repeated or reserved (`all_servers`) name.
+    pub fn build(self) -> Result<Client, ClientError> {
+        let mut slots = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for (name, endpoint) in self.servers {
+            let config_err = |message: String| ClientError::Config { message };
+            if name.is_empty() {
+                return Err(config_err("a server name is empty".into()));
+            }
+            if name == ALL_SERVERS {
+                return Err(config_err(format!(
+                    "\"{ALL_SERVERS}\" is reserved and cannot name a server"
+                )));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(config_err(format!("server \"{name}\" is configured twice")));
+            }
+            let tls = netproc_pki::client_config_with(
+                &endpoint.identity,
+                &endpoint.roots,
+                &endpoint.pins,
+                &endpoint.tls_options,
+            )
+            .map_err(|e| config_err(format!("server \"{name}\": {e}")))?;
+            slots.insert(
+                name.clone(),
+                Arc::new(Slot {
+                    name,
+                    endpoint,
+                    tls: TlsConnector::from(Arc::new(tls)),
+                    current: ArcSwapOption::empty(),
+                    connecting: tokio::sync::Mutex::new(Backoff {
+                        failures: 0,
+                        retry_at: None,
+                        last_error: None,
+                    }),
+                }),
+            );
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                slots,
+                nonce: AtomicU64::new(1),
+            }),
+        })
+    }
+}
+
+/// Converts call arguments: a tuple or list gives positional arguments,
+/// `()` none, anything else one argument.
+fn args_of(server: &str, args: &impl Serialize) -> Result<Vec<Value>, ClientError> {
+    match to_value(args) {
+        Ok(Value::List(items)) => Ok(items),
+        Ok(Value::Null) => Ok(Vec::new()),
+        Ok(other) => Ok(vec![other]),
+        Err(e) => Err(ClientError::InvalidArgument {
+            server: server.to_owned(),
+            message: format!("arguments cannot be encoded: {e}"),
+        }),
+    }
+}
+
+fn decode_result<R: DeserializeOwned>(server: &str, v: Value) -> Result<R, ClientError> {
+    from_value(v).map_err(|e| ClientError::InvalidResponse {
+        server: server.to_owned(),
+        message: format!("unexpected result: {e}"),
+    })
+}
+
+impl Client {
+    /// A builder.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The configured server names.
+    pub fn server_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.slots.keys().map(String::as_str)
+    }
+
+    /// One server by name.
+    pub fn server(&self, name: &str) -> Result<ServerRef, ClientError> {
+        self.inner
+            .slots
+            .get(name)
+            .map(|slot| ServerRef {
+                slot: Arc::clone(slot),
+                inner: Arc::clone(&self.inner),
+            })
+            .ok_or_else(|| ClientError::UnknownServer {
+                server: name.chars().take(64).collect(),
+            })
+    }
+
+    /// Every configured server at once: see [`AllServers`].
+    pub fn all_servers(&self) -> AllServers {
+        AllServers {
+            client: self.clone(),
+        }
+    }
+
+    /// Closes the connection to `name`; the next call dials afresh (use
+    /// after rotating certificates or keys). Calls in flight on the old
+    /// connection fail with `unavailable`.
+    pub fn flush_server(&self, name: &str) -> Result<(), ClientError> {
+        self.server(name)?.slot.flush();
+        Ok(())
+    }
+
+    /// [`flush_server`](Client::flush_server) for every server.
+    pub fn flush_all(&self) {
+        for slot in self.inner.slots.values() {
+            slot.flush();
+        }
+    }
+}
+
+/// One configured server.
+#[derive(Clone)]
+pub struct ServerRef {
+    slot: Arc<Slot>,
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for ServerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerRef")
+            .field("name", &self.slot.name)
+            .finish()
+    }
+}
+
+impl ServerRef {
+    /// The server's configured name.
+    pub fn name(&self) -> &str {
+        &self.slot.name
+    }
+
+    /// Runs an operation with a deadline `timeout` from now.
+    pub async fn execute_with_timeout(
+        &self,
+        op: Operation,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let conn = self.slot.connection(deadline).await?;
+        conn.request(op, deadline).await
+    }
+
+    /// Runs an operation with the endpoint's default deadline.
+    pub async fn execute(&self, op: Operation) -> Result<Value, ClientError> {
+        self.execute_with_timeout(op, self.slot.endpoint.request_timeout)
+            .await
+    }
+
+    /// Calls `function`. `args` is a tuple of positional arguments (`()` for
+    /// none, `(x,)` for one); the result converts to `R`.
+    pub async fn call<R: DeserializeOwned>(
+        &self,
+        function: &str,
+        args: impl Serialize,
+    ) -> Result<R, ClientError> {
+        self.call_with_timeout(function, args, self.slot.endpoint.request_timeout)
+            .await
+    }
+
+    /// [`call`](ServerRef::call) with its own deadline.
+    pub async fn call_with_timeout<R: DeserializeOwned>(
+        &self,
+        function: &str,
+        args: impl Serialize,
+        timeout: Duration,
+    ) -> Result<R, ClientError> {
+        let args = args_of(&self.slot.name, &args)?;
+        let op = Operation::Invoke {
+            function: function.to_owned(),
+            args,
+        };
+        let v = self.execute_with_timeout(op, timeout).await?;
+        decode_result(&self.slot.name, v)
+    }
+
+    /// Defines (or replaces) a constant.
+    pub async fn define_constant(
+        &self,
+        name: &str,
+        value: impl Serialize,
+    ) -> Result<(), ClientError> {
+        let value = to_value(&value).map_err(|e| ClientError::InvalidArgument {
+            server: self.slot.name.clone(),
+            message: format!("the value cannot be encoded: {e}"),
+        })?;
+        self.execute(Operation::DefineConstant {
+            name: name.to_owned(),
+            value,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a constant (an unknown name succeeds).
+    pub async fn undefine_constant(&self, name: &str) -> Result<(), ClientError> {
+        self.execute(Operation::UndefineConstant {
+            name: name.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The constants.
+    pub async fn list_constants(&self) -> Result<BTreeMap<String, Value>, ClientError> {
+        let v = self.execute(Operation::ListConstants).await?;
+        decode_result(&self.slot.name, v)
+    }
+
+    /// The functions this caller may call, as `{name, kind}` maps.
+    pub async fn list_functions(&self) -> Result<Vec<Value>, ClientError> {
+        let v = self.execute(Operation::ListFunctions).await?;
+        decode_result(&self.slot.name, v)
+    }
+
+    /// Admin: the server's name, version, uptime and session count.
+    pub async fn server_info(&self) -> Result<Value, ClientError> {
+        self.execute(Operation::ServerInfo).await
+    }
+
+    /// Admin: the live sessions.
+    pub async fn list_sessions(&self) -> Result<Value, ClientError> {
+        self.execute(Operation::ListSessions).await
+    }
+
+    /// Admin: closes a session; returns how many were closed (0 or 1).
+    pub async fn disconnect_session(&self, session_id: u64) -> Result<u64, ClientError> {
+        let v = self
+            .execute(Operation::DisconnectSession { session_id })
+            .await?;
+        decode_result(&self.slot.name, v)
+    }
+
+    /// Admin: closes every session of a principal; returns how many.
+    pub async fn disconnect_principal(&self, principal: &str) -> Result<u64, ClientError> {
+        let v = self
+            .execute(Operation::DisconnectPrincipal {
+                principal: principal.to_owned(),
+            })
+            .await?;
+        decode_result(&self.slot.name, v)
+    }
+
+    /// Sends a `Ping` and returns the round-trip time.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let deadline = Instant::now() + self.slot.endpoint.request_timeout;
+        let conn = self.slot.connection(deadline).await?;
+        let started = Instant::now();
+        let nonce = self.inner.nonce.fetch_add(1, Ordering::Relaxed);
+        conn.ping(nonce, deadline).await?;
+        Ok(started.elapsed())
+    }
+
+    /// The session id and privileges the server granted (connecting if needed).
+    pub async fn session(&self) -> Result<(u64, Vec<String>), ClientError> {
+        let deadline = Instant::now() + self.slot.endpoint.connect_timeout;
+        let conn = self.slot.connection(deadline).await?;
+        Ok((conn.auth().session_id, conn.auth().privileges.clone()))
+    }
+}
+
+/// Every configured server at once. Each method runs on all servers
+/// concurrently, never fails fast, and returns one entry per server.
+#[derive(Debug, Clone)]
+pub struct AllServers {
+    client: Client,
+}
+
+/// One result per server name.
+pub type FanOut<T> = BTreeMap<String, Result<T, ClientError>>;
+
+impl AllServers {
+    async fn each<T, F, Fut>(&self, f: F) -> FanOut<T>
+    where
+        F: Fn(ServerRef) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let refs: Vec<ServerRef> = self
+            .client
+            .inner
+            .slots
+            .values()
+            .map(|slot| ServerRef {
+                slot: Arc::clone(slot),
+                inner: Arc::clone(&self.client.inner),
+            })
+            .collect();
+        let names: Vec<String> = refs.iter().map(|r| r.slot.name.clone()).collect();
+        let results = futures_util::future::join_all(refs.into_iter().map(f)).await;
+        names.into_iter().zip(results).collect()
+    }
+
+    /// Calls `function` on every server.
+    pub async fn call<R: DeserializeOwned>(
+        &self,
+        function: &str,
+        args: impl Serialize,
+    ) -> FanOut<R> {
+        let args = to_value(&args);
+        self.each(|s| {
+            let args = args.clone();
+            async move {
+                let args = match args {
+                    Ok(Value::List(items)) => items,
+                    Ok(Value::Null) => Vec::new(),
+                    Ok(other) => vec![other],
+                    Err(e) => {
+                        return Err(ClientError::InvalidArgument {
+                            server: s.name().to_owned(),
+                            message: format!("arguments cannot be encoded: {e}"),
+                        });
+                    }
+                };
+                let v = s
+                    .execute(Operation::Invoke {
+                        function: function.to_owned(),
+                        args,
+                    })
+                    .await?;
+                decode_result(s.name(), v)
+            }
+        })
+        .await
+    }
+
+    /// Defines a constant on every server.
+    pub async fn define_constant(&self, name: &str, value: impl Serialize + Clone) -> FanOut<()> {
+        self.each(|s| {
+            let value = value.clone();
+            async move { s.define_constant(name, value).await }
+        })
+        .await
+    }
+
+    /// Removes a constant on every server.
+    pub async fn undefine_constant(&self, name: &str) -> FanOut<()> {
+        self.each(|s| async move { s.undefine_constant(name).await })
+            .await
+    }
+
+    /// Lists functions on every server.
+    pub async fn list_functions(&self) -> FanOut<Vec<Value>> {
+        self.each(|s| async move { s.list_functions().await }).await
+    }
+
+    /// Pings every server.
+    pub async fn ping(&self) -> FanOut<Duration> {
+        self.each(|s| async move { s.ping().await }).await
+    }
+
+    /// Runs a raw operation on every server.
+    pub async fn execute(&self, op: Operation) -> FanOut<Value> {
+        self.each(|s| {
+            let op = op.clone();
+            async move { s.execute(op).await }
+        })
+        .await
+    }
+}

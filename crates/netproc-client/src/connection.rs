@@ -1,0 +1,489 @@
+//! One authenticated connection to one server: requests are multiplexed,
+//! ids allocated and encoded under one lock so they reach the server in
+//! increasing order, and a reader task routes responses back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use netproc_wire::{
+    Auth, AuthMethod, AuthOk, ClientMessage, ErrorBody, ErrorCode, FrameDecoder, GoAway, Operation,
+    Outcome, PROTOCOL_VERSION, Request, ServerMessage, Value,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::ServerEndpoint;
+use crate::error::{ClientError, classify_tls};
+
+type Reply = oneshot::Sender<Result<Value, ErrorBody>>;
+
+struct State {
+    buf: BytesMut,
+    next_id: u64,
+    pending: HashMap<u64, Reply>,
+    pings: HashMap<u64, oneshot::Sender<()>>,
+    /// Set when no new request may be sent: why.
+    closed: Option<ErrorBody>,
+}
+
+pub(crate) struct Connection {
+    server: String,
+    state: Mutex<State>,
+    wake_writer: Notify,
+    permits: Semaphore,
+    queued: AtomicUsize,
+    max_queued: usize,
+    frame_limit: u32,
+    dead: CancellationToken,
+    auth: AuthOk,
+}
+
+fn io_error(server: &str, e: &std::io::Error, during: &str) -> ClientError {
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return ClientError::Tls {
+            server: server.to_owned(),
+            reason: classify_tls(tls),
+            message: tls.to_string(),
+        };
+    }
+    ClientError::Connect {
+        server: server.to_owned(),
+        kind: e.kind(),
+        message: format!("{during}: {e}"),
+    }
+}
+
+fn timeout_error(server: &str, what: &str) -> ClientError {
+    ClientError::Timeout {
+        server: server.to_owned(),
+        message: what.to_owned(),
+    }
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    dec: &mut FrameDecoder,
+) -> std::io::Result<Option<Bytes>> {
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+        let buf = dec.buffer_mut();
+        buf.reserve(16 * 1024);
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// Dials, handshakes, authenticates. Success is declared only after the
+/// server's first answer: in TLS 1.3 a refused client certificate shows only
+/// on the client's first read.
+pub(crate) async fn connect(
+    name: &str,
+    ep: &ServerEndpoint,
+    tls: &TlsConnector,
+    deadline: Instant,
+) -> Result<Arc<Connection>, ClientError> {
+    let limit = deadline.min(Instant::now() + ep.connect_timeout);
+    let socket = if ep.addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| io_error(name, &e, "socket"))?;
+    if let Some(ip) = ep.bind {
+        socket
+            .bind((ip, 0).into())
+            .map_err(|e| io_error(name, &e, "binding the local address"))?;
+    }
+    let tcp: TcpStream = tokio::time::timeout_at(limit, socket.connect(ep.addr))
+        .await
+        .map_err(|_| timeout_error(name, "connecting"))?
+        .map_err(|e| io_error(name, &e, "connecting"))?;
+    let _ = tcp.set_nodelay(true);
+    let server_name =
+        rustls_pki_types::ServerName::try_from(ep.server_name.clone()).map_err(|_| {
+            ClientError::Config {
+                message: format!("{name}: invalid server name {:?}", ep.server_name),
+            }
+        })?;
+    let mut stream = tokio::time::timeout_at(limit, tls.connect(server_name, tcp))
+        .await
+        .map_err(|_| timeout_error(name, "TLS handshake"))?
+        .map_err(|e| io_error(name, &e, "TLS handshake"))?;
+
+    let mut out = BytesMut::new();
+    let auth = ClientMessage::Auth(Auth {
+        version: PROTOCOL_VERSION,
+        method: AuthMethod::ApiKey(ep.credential.clone()),
+        client_name: ep.client_name.clone(),
+    });
+    auth.encode(&mut out, ep.max_frame_bytes)
+        .map_err(|e| ClientError::Config {
+            message: format!("{name}: cannot encode Auth: {e}"),
+        })?;
+    let exchange = async {
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        let mut decoder = FrameDecoder::new(ep.max_frame_bytes);
+        let first = read_frame(&mut stream, &mut decoder).await?;
+        Ok::<_, std::io::Error>((first, decoder))
+    };
+    let (first, decoder) = tokio::time::timeout_at(limit, exchange)
+        .await
+        .map_err(|_| timeout_error(name, "authentication"))?
+        .map_err(|e| io_error(name, &e, "authentication"))?;
+    let Some(first) = first else {
+        return Err(ClientError::Connect {
+            server: name.to_owned(),
+            kind: std::io::ErrorKind::UnexpectedEof,
+            message: "the server closed the connection during authentication".into(),
+        });
+    };
+    let invalid = |message: String| ClientError::InvalidResponse {
+        server: name.to_owned(),
+        message,
+    };
+    let auth_ok = match ServerMessage::decode(&first).map_err(|e| invalid(e.to_string()))? {
+        ServerMessage::AuthOk(ok) => ok,
+        ServerMessage::Error(body) => return Err(ClientError::from_remote(name, body)),
+        other => return Err(invalid(format!("expected AuthOk, got {other:?}"))),
+    };
+    if auth_ok.version != PROTOCOL_VERSION {
+        return Err(invalid(format!(
+            "server speaks protocol version {}",
+            auth_ok.version
+        )));
+    }
+    let in_flight = auth_ok.limits.max_in_flight_requests.max(1) as usize;
+    let frame_limit = auth_ok.limits.max_post_auth_frame_bytes;
+    let conn = Arc::new(Connection {
+        server: name.to_owned(),
+        state: Mutex::new(State {
+            buf: BytesMut::new(),
+            next_id: 1,
+            pending: HashMap::new(),
+            pings: HashMap::new(),
+            closed: None,
+        }),
+        wake_writer: Notify::new(),
+        permits: Semaphore::new(in_flight),
+        queued: AtomicUsize::new(0),
+        max_queued: ep.max_queued_calls,
+        frame_limit,
+        dead: CancellationToken::new(),
+        auth: auth_ok,
+    });
+    let (rd, wr) = tokio::io::split(stream);
+    tokio::spawn(reader(Arc::clone(&conn), rd, decoder));
+    tokio::spawn(writer(Arc::clone(&conn), wr));
+    Ok(conn)
+}
+
+async fn writer(conn: Arc<Connection>, mut wr: WriteHalf<TlsStream<TcpStream>>) {
+    let mut spare = BytesMut::new();
+    loop {
+        {
+            let mut st = conn.lock();
+            std::mem::swap(&mut st.buf, &mut spare);
+        }
+        if spare.is_empty() {
+            tokio::select! {
+                () = conn.wake_writer.notified() => continue,
+                () = conn.dead.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), wr.shutdown()).await;
+                    return;
+                }
+            }
+        }
+        let write = async {
+            wr.write_all(&spare).await?;
+            wr.flush().await
+        };
+        let result = tokio::select! {
+            r = write => r,
+            () = conn.dead.cancelled() => return,
+        };
+        if let Err(e) = result {
+            conn.fail(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("write failed: {e}"),
+            ));
+            return;
+        }
+        spare.clear();
+        if spare.capacity() > 1024 * 1024 {
+            spare = BytesMut::new();
+        }
+    }
+}
+
+async fn reader(
+    conn: Arc<Connection>,
+    mut rd: ReadHalf<TlsStream<TcpStream>>,
+    mut decoder: FrameDecoder,
+) {
+    let why = loop {
+        let frame = tokio::select! {
+            r = read_frame(&mut rd, &mut decoder) => r,
+            () = conn.dead.cancelled() => return,
+        };
+        let body = match frame {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                break ErrorBody::new(ErrorCode::Unavailable, "the server closed the connection");
+            }
+            Err(e) => {
+                break ErrorBody::new(ErrorCode::Unavailable, format!("connection lost: {e}"));
+            }
+        };
+        match ServerMessage::decode(&body) {
+            Ok(ServerMessage::Response(r)) => {
+                let reply = conn.lock().pending.remove(&r.id);
+                if let Some(reply) = reply {
+                    let _ = reply.send(match r.outcome {
+                        Outcome::Ok(v) => Ok(v),
+                        Outcome::Err(e) => Err(e),
+                    });
+                }
+            }
+            Ok(ServerMessage::Pong { nonce }) => {
+                if let Some(w) = conn.lock().pings.remove(&nonce) {
+                    let _ = w.send(());
+                }
+            }
+            Ok(ServerMessage::GoAway(g)) => conn.go_away(g),
+            Ok(ServerMessage::Error(e)) if e.code == ErrorCode::UnsupportedMessageType => {
+                tracing::debug!(server = %conn.server, "server did not understand a message");
+            }
+            Ok(ServerMessage::Error(e)) => break e,
+            Ok(other) => {
+                break ErrorBody::new(
+                    ErrorCode::ProtocolError,
+                    format!("unexpected message {other:?}"),
+                );
+            }
+            Err(netproc_wire::DecodeError::UnsupportedMessageType { .. }) => {}
+            Err(e) => break ErrorBody::new(ErrorCode::ProtocolError, e.to_string()),
+        }
+    };
+    conn.fail(why);
+}
+
+impl Connection {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether new calls may use this connection.
+    pub(crate) fn usable(&self) -> bool {
+        !self.dead.is_cancelled() && self.lock().closed.is_none()
+    }
+
+    pub(crate) fn auth(&self) -> &AuthOk {
+        &self.auth
+    }
+
+    /// The connection is over: every waiting call gets `why`.
+    fn fail(&self, why: ErrorBody) {
+        let (pending, pings) = {
+            let mut st = self.lock();
+            // A GoAway already said why; keep its reason.
+            let why = st.closed.clone().unwrap_or(why);
+            st.closed = Some(why.clone());
+            let pending: Vec<Reply> = st.pending.drain().map(|(_, r)| r).collect();
+            let pings = std::mem::take(&mut st.pings);
+            (
+                pending
+                    .into_iter()
+                    .map(|r| (r, why.clone()))
+                    .collect::<Vec<_>>(),
+                pings,
+            )
+        };
+        for (reply, why) in pending {
+            let _ = reply.send(Err(why));
+        }
+        drop(pings);
+        self.dead.cancel();
+    }
+
+    fn go_away(&self, g: GoAway) {
+        let body = ErrorBody::new(g.reason.clone(), g.message);
+        let mut st = self.lock();
+        st.closed = Some(body.clone());
+        // Requests above last_id will not be answered.
+        let unanswered: Vec<u64> = st
+            .pending
+            .keys()
+            .copied()
+            .filter(|id| *id > g.last_id)
+            .collect();
+        let replies: Vec<Reply> = unanswered
+            .iter()
+            .filter_map(|id| st.pending.remove(id))
+            .collect();
+        drop(st);
+        for r in replies {
+            let _ = r.send(Err(body.clone()));
+        }
+    }
+
+    /// Closes now (used by `flush_server`).
+    pub(crate) fn close(&self) {
+        self.fail(ErrorBody::new(
+            ErrorCode::Unavailable,
+            "the connection was flushed",
+        ));
+    }
+
+    fn closed_error(&self, body: ErrorBody) -> ClientError {
+        match body.code {
+            ErrorCode::Unavailable => ClientError::Connect {
+                server: self.server.clone(),
+                kind: std::io::ErrorKind::ConnectionAborted,
+                message: body.message,
+            },
+            _ => ClientError::from_remote(&self.server, body),
+        }
+    }
+
+    /// Runs one request, respecting the server's in-flight limit by queuing
+    /// locally. Dropping the future sends `Cancel`.
+    pub(crate) async fn request(
+        self: &Arc<Self>,
+        op: Operation,
+        deadline: Instant,
+    ) -> Result<Value, ClientError> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ClientError::Overloaded {
+                server: self.server.clone(),
+                message: format!("{} calls already queued", self.max_queued),
+            });
+        }
+        let permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        let _permit = match permit {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => unreachable!("the semaphore is never closed"),
+            Err(_) => return Err(timeout_error(&self.server, "waiting for an in-flight slot")),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let deadline_ms = u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX);
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut st = self.lock();
+            if let Some(why) = st.closed.clone() {
+                drop(st);
+                return Err(self.closed_error(why));
+            }
+            let id = st.next_id;
+            let msg = ClientMessage::Request(Request {
+                id,
+                op,
+                deadline_ms: Some(deadline_ms),
+            });
+            let was_empty = st.buf.is_empty();
+            if let Err(e) = msg.encode(&mut st.buf, self.frame_limit) {
+                return Err(ClientError::InvalidArgument {
+                    server: self.server.clone(),
+                    message: format!("the request cannot be sent: {e}"),
+                });
+            }
+            st.next_id += 1;
+            st.pending.insert(id, tx);
+            drop(st);
+            if was_empty {
+                self.wake_writer.notify_one();
+            }
+            id
+        };
+        let mut guard = CancelOnDrop {
+            conn: self,
+            id,
+            armed: true,
+        };
+        let result = tokio::time::timeout_at(deadline, rx).await;
+        match result {
+            Err(_) => Err(timeout_error(&self.server, "the call's deadline passed")),
+            Ok(Err(_)) => Err(self.closed_error(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the connection closed",
+            ))),
+            Ok(Ok(answer)) => {
+                guard.armed = false;
+                answer.map_err(|body| ClientError::from_remote(&self.server, body))
+            }
+        }
+    }
+
+    /// A `Ping`; resolves at the `Pong`.
+    pub(crate) async fn ping(&self, nonce: u64, deadline: Instant) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.lock();
+            if let Some(why) = st.closed.clone() {
+                drop(st);
+                return Err(self.closed_error(why));
+            }
+            let was_empty = st.buf.is_empty();
+            let _ = ClientMessage::Ping { nonce }.encode(&mut st.buf, self.frame_limit);
+            st.pings.insert(nonce, tx);
+            drop(st);
+            if was_empty {
+                self.wake_writer.notify_one();
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.closed_error(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the connection closed",
+            ))),
+            Err(_) => {
+                self.lock().pings.remove(&nonce);
+                Err(timeout_error(&self.server, "ping"))
+            }
+        }
+    }
+}
+
+/// Sends `Cancel{id}` if the call is abandoned before its answer.
+struct CancelOnDrop<'a> {
+    conn: &'a Connection,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut st = self.conn.lock();
+        if st.pending.remove(&self.id).is_some() && st.closed.is_none() {
+            let was_empty = st.buf.is_empty();
+            let _ =
+                ClientMessage::Cancel { id: self.id }.encode(&mut st.buf, self.conn.frame_limit);
+            drop(st);
+            if was_empty {
+                self.conn.wake_writer.notify_one();
+            }
+        }
+    }
+}
