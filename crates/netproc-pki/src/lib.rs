@@ -73,5 +73,7 @@ pub use tls::random_bytes;
 /// Re-exports of the rustls types that appear in this crate's API.
 pub mod rustls {
     pub use rustls::{ClientConfig, ServerConfig};
-    pub use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+    pub use rustls_pki_types::{
+        CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName,
+    };
 }

@@ -445,6 +445,26 @@ impl<'de> de::Deserializer<'de> for Value {
         visitor.visit_newtype_struct(self)
     }
 
+    /// Null, and an empty list (no positional arguments), are `()`.
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ValueError> {
+        match self {
+            Value::Null => visitor.visit_unit(),
+            Value::List(items) if items.is_empty() => visitor.visit_unit(),
+            other => Err(de::Error::invalid_type(
+                other.unexpected(),
+                &"nothing (null or no arguments)",
+            )),
+        }
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, ValueError> {
+        self.deserialize_unit(visitor)
+    }
+
     fn deserialize_enum<V: Visitor<'de>>(
         self,
         name: &'static str,
@@ -469,7 +489,7 @@ impl<'de> de::Deserializer<'de> for Value {
 
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct seq tuple tuple_struct map struct
+        bytes byte_buf seq tuple tuple_struct map struct
         identifier ignored_any
     }
 }
@@ -593,6 +613,13 @@ mod tests {
         assert!(err.to_string().contains('2'), "{err}");
         let err = from_value::<(i64, i64)>(Value::List(vec![Value::Int(1); 3])).unwrap_err();
         assert!(err.to_string().contains('3'), "{err}");
+    }
+
+    #[test]
+    fn no_arguments_are_unit() {
+        from_value::<()>(Value::List(vec![])).unwrap();
+        from_value::<()>(Value::Null).unwrap();
+        assert!(from_value::<()>(Value::List(vec![Value::Null])).is_err());
     }
 
     #[test]

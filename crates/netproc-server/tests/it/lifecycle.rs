@@ -1,0 +1,182 @@
+//! Shutdown, session closing, admin operations, constants.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use netproc_auth::ApiKeyStore;
+use netproc_client::ClientError;
+use netproc_server::SessionSelector;
+use netproc_wire::{ErrorCode, Value};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_calls_then_refuses() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.session().await.unwrap();
+    let in_flight = {
+        let s = s.clone();
+        tokio::spawn(async move { s.call::<u64>("sleep_ms", (300,)).await })
+    };
+    // Let the call reach the server.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    server.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited for the grace period"
+    );
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        300,
+        "the in-flight call finished"
+    );
+    let err = s.call::<i64>("add", (1, 1)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::ShuttingDown { .. } | ClientError::Connect { .. }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn close_sessions_by_key_answers_in_flight_calls_with_the_reason() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (info, key) = keys
+        .create(netproc_auth::KeySpec::new(
+            "invoke_functions".parse().unwrap(),
+        ))
+        .unwrap();
+    let server = start(&pki, "s1", Arc::clone(&keys)).await;
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.session().await.unwrap();
+    let in_flight = {
+        let s = s.clone();
+        tokio::spawn(async move { s.call::<u64>("sleep_ms", (5_000,)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another generation of the key selects nothing.
+    let other_generation = SessionSelector::Key {
+        key_id: info.id.clone(),
+        generation: Some(2),
+    };
+    assert_eq!(
+        server.close_sessions(&other_generation, ErrorCode::CredentialRevoked),
+        0
+    );
+    let this_key = SessionSelector::Key {
+        key_id: info.id.clone(),
+        generation: Some(1),
+    };
+    assert_eq!(
+        server.close_sessions(&this_key, ErrorCode::CredentialRevoked),
+        1
+    );
+    let err = tokio::time::timeout(Duration::from_secs(2), in_flight)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    let ClientError::Remote { code, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*code, ErrorCode::CredentialRevoked);
+}
+
+#[tokio::test]
+async fn admin_operations_list_and_disconnect_sessions() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let admin_key = key(&keys, "admin_privileges");
+    let user_key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", Arc::clone(&keys)).await;
+    let admin = client(&pki, &server, &admin_key).server("s1").unwrap();
+    let user = client(&pki, &server, &user_key).server("s1").unwrap();
+    let (user_session, _) = user.session().await.unwrap();
+
+    let info = admin.server_info().await.unwrap();
+    let Value::Map(info) = info else { panic!() };
+    assert_eq!(info["name"], Value::from("s1"));
+    assert_eq!(info["sessions"], Value::Int(2));
+
+    let sessions = admin.list_sessions().await.unwrap();
+    let Value::List(sessions) = sessions else {
+        panic!()
+    };
+    assert_eq!(sessions.len(), 2);
+
+    assert_eq!(admin.disconnect_session(user_session).await.unwrap(), 1);
+    assert_eq!(admin.disconnect_session(999_999).await.unwrap(), 0);
+    // The user's next session is a new one.
+    let mut reconnected = None;
+    for _ in 0..20 {
+        if let Ok((id, _)) = user.session().await {
+            if id != user_session {
+                reconnected = Some(id);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reconnected.is_some(),
+        "the disconnected client did not get a new session"
+    );
+
+    // Abuse-control admin operations are not silently successful.
+    let err = admin
+        .execute(netproc_wire::Operation::AbuseMetrics)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ClientError::Remote {
+                code: ErrorCode::InvalidOperation,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn constants_are_defined_listed_and_undefined() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "define_constants,undefine_constants");
+    let server = crate::support::builder(&pki, "s1", keys)
+        .constant("built_in", 7)
+        .start()
+        .await
+        .unwrap();
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.define_constant("limit", vec![1, 2]).await.unwrap();
+    let c = s.list_constants().await.unwrap();
+    assert_eq!(c["built_in"], Value::Int(7));
+    assert_eq!(c["limit"], Value::List(vec![Value::Int(1), Value::Int(2)]));
+    s.undefine_constant("limit").await.unwrap();
+    s.undefine_constant("never_defined").await.unwrap();
+    assert!(!s.list_constants().await.unwrap().contains_key("limit"));
+    let err = s.define_constant("not-an-identifier", 1).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::InvalidArgument { .. }),
+        "{err:?}"
+    );
+    // Script operations are reserved, and say so.
+    let err = s
+        .execute(netproc_wire::Operation::UndefineFunction { name: "f".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::InsufficientPrivileges { .. }),
+        "{err:?}"
+    );
+}

@@ -1,0 +1,264 @@
+//! The protocol's answers to bad and unusual input, at the wire level.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use netproc_auth::ApiKeyStore;
+use netproc_server::ServerOptions;
+use netproc_wire::*;
+
+use crate::support::*;
+
+fn expect_error(msg: Option<ServerMessage>, code: ErrorCode) {
+    match msg {
+        Some(ServerMessage::Error(e)) => assert_eq!(e.code, code, "{e:?}"),
+        other => panic!("expected Error({code}), got {other:?}"),
+    }
+}
+
+fn expect_response_error(msg: Option<ServerMessage>, id: u64, code: ErrorCode) -> ErrorBody {
+    match msg {
+        Some(ServerMessage::Response(Response {
+            id: got,
+            outcome: Outcome::Err(e),
+        })) => {
+            assert_eq!(got, id);
+            assert_eq!(e.code, code, "{e:?}");
+            e
+        }
+        other => panic!("expected Response({id}, {code}), got {other:?}"),
+    }
+}
+
+fn invoke(id: u64, function: &str, args: Vec<Value>) -> ClientMessage {
+    ClientMessage::Request(Request {
+        id,
+        op: Operation::Invoke {
+            function: function.into(),
+            args,
+        },
+        deadline_ms: None,
+    })
+}
+
+async fn setup(
+    options: ServerOptions,
+) -> (Pki, netproc_server::ServerHandle, netproc_auth::ApiKey) {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start_with(&pki, keys, options).await;
+    (pki, server, key)
+}
+
+#[tokio::test]
+async fn a_first_message_that_is_not_auth_gets_not_authenticated_and_a_close() {
+    let (pki, server, _) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.send(&ClientMessage::Ping { nonce: 1 }).await;
+    expect_error(raw.recv().await, ErrorCode::NotAuthenticated);
+    assert!(raw.recv().await.is_none(), "connection should close");
+}
+
+#[tokio::test]
+async fn no_auth_in_time_gets_timeout_and_a_close() {
+    let mut options = ServerOptions::default();
+    options.connection_controls.auth_message_timeout_ms = 200;
+    let (pki, server, _) = setup(options).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    expect_error(raw.recv().await, ErrorCode::Timeout);
+    assert!(raw.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn an_oversized_pre_auth_frame_is_refused_from_its_header() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    // Declare 100 000 bytes (limit 65 536) and send none of them.
+    raw.send_bytes(&100_000u32.to_be_bytes()).await;
+    expect_error(raw.recv().await, ErrorCode::FrameTooLarge);
+    assert!(raw.recv().await.is_none());
+
+    // After auth the larger post-auth limit applies.
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    raw.send(&invoke(1, "echo", vec![Value::Bytes(vec![7; 100_000])]))
+        .await;
+    match raw.recv().await {
+        Some(ServerMessage::Response(Response {
+            id: 1,
+            outcome: Outcome::Ok(Value::Bytes(b)),
+        })) => {
+            assert_eq!(b.len(), 100_000)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unsupported_version_is_refused() {
+    let (pki, server, _) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.send_body(&[0, 7]).await; // Auth, version 7
+    expect_error(raw.recv().await, ErrorCode::UnsupportedVersion);
+}
+
+#[tokio::test]
+async fn bad_requests_after_auth_get_their_codes_and_the_session_stays_open() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    let ok = raw.auth(&key).await;
+    assert_eq!(ok.privileges, ["invoke_functions"]);
+    assert_eq!(ok.limits.max_in_flight_requests, 128);
+
+    // Unknown operation tag 99 on request 5.
+    raw.send_body(&[1, 5, 99]).await;
+    expect_response_error(raw.recv().await, 5, ErrorCode::InvalidOperation);
+    // Undecodable Invoke payload on request 6.
+    raw.send_body(&[1, 6, 0, 200]).await;
+    expect_response_error(raw.recv().await, 6, ErrorCode::InvalidRequest);
+    // An id that does not increase.
+    raw.send(&invoke(6, "add", vec![1.into(), 2.into()])).await;
+    let e = expect_response_error(raw.recv().await, 6, ErrorCode::InvalidRequest);
+    assert!(e.message.contains("not above"), "{e:?}");
+    // Unknown message kind: answered, session stays.
+    raw.send_body(&[42]).await;
+    expect_error(raw.recv().await, ErrorCode::UnsupportedMessageType);
+    // Still usable.
+    raw.send(&invoke(7, "add", vec![1.into(), 2.into()])).await;
+    assert_eq!(
+        raw.recv().await,
+        Some(ServerMessage::Response(Response {
+            id: 7,
+            outcome: Outcome::Ok(Value::Int(3))
+        }))
+    );
+    raw.send(&ClientMessage::Ping { nonce: 9 }).await;
+    assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 9 }));
+}
+
+#[tokio::test]
+async fn a_malformed_envelope_or_second_auth_ends_the_session() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    raw.send_body(&[3]).await; // Ping without its nonce
+    expect_error(raw.recv().await, ErrorCode::ProtocolError);
+    assert!(raw.recv().await.is_none());
+
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    raw.send(&ClientMessage::Auth(Auth {
+        version: PROTOCOL_VERSION,
+        method: AuthMethod::ApiKey(key.to_secret()),
+        client_name: None,
+    }))
+    .await;
+    expect_error(raw.recv().await, ErrorCode::AuthenticationFailed);
+    assert!(raw.recv().await.is_none());
+
+    // A zero-length frame is a protocol error too.
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    raw.send_bytes(&[0, 0, 0, 0]).await;
+    expect_error(raw.recv().await, ErrorCode::ProtocolError);
+}
+
+#[tokio::test]
+async fn the_in_flight_cap_answers_rate_limited_with_its_scope() {
+    let mut options = ServerOptions::default();
+    options
+        .request_controls
+        .max_in_flight_requests_per_connection = 2;
+    let (pki, server, key) = setup(options).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    assert_eq!(raw.auth(&key).await.limits.max_in_flight_requests, 2);
+    for id in 1..=3 {
+        raw.send(&invoke(id, "sleep_ms", vec![200.into()])).await;
+    }
+    let e = expect_response_error(raw.recv().await, 3, ErrorCode::RateLimited);
+    let Value::Map(d) = e.details else { panic!() };
+    assert_eq!(d["scope"], Value::from("in_flight_per_connection"));
+    assert_eq!(d["retry_after_ms"], Value::Int(50));
+    for _ in 0..2 {
+        assert!(matches!(
+            raw.recv().await,
+            Some(ServerMessage::Response(Response {
+                outcome: Outcome::Ok(_),
+                ..
+            }))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_ping_flood_closes_the_connection_with_rate_limited() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    let mut burst = bytes::BytesMut::new();
+    for nonce in 0..25 {
+        ClientMessage::Ping { nonce }
+            .encode(&mut burst, 1024)
+            .unwrap();
+    }
+    raw.send_bytes(&burst).await;
+    let mut pongs = 0;
+    loop {
+        match raw.recv().await {
+            Some(ServerMessage::Pong { .. }) => pongs += 1,
+            Some(ServerMessage::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::RateLimited);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pongs, 20, "the burst is 20");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off_and_others_keep_being_served() {
+    let mut options = ServerOptions::default();
+    options.session_controls.max_outbound_bytes_per_connection = 1024 * 1024;
+    options.session_controls.write_stall_timeout_ms = 300;
+    let (pki, server, key) = setup(options).await;
+    let good = client(&pki, &server, &key).server("s1").unwrap();
+    good.session().await.unwrap();
+
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    // Ask for ~25 MiB of responses and never read them.
+    let big = vec![Value::Bytes(vec![1; 256 * 1024])];
+    let writer = tokio::spawn(async move {
+        for id in 1..=100u64 {
+            let msg = invoke(id, "echo", big.clone());
+            match tokio::time::timeout(Duration::from_secs(2), raw.try_send(&msg)).await {
+                Ok(Ok(())) => {}
+                // The server stopped reading us (backpressure), or cut us off.
+                Err(_) | Ok(Err(_)) => break,
+            }
+        }
+        raw
+    });
+    // Meanwhile the well-behaved client is served.
+    for i in 0..50 {
+        assert_eq!(good.call::<i64>("add", (i, 1)).await.unwrap(), i + 1);
+    }
+    let _raw = writer.await.unwrap();
+    // The stalled connection is closed within the stall timeout (plus slack).
+    let mut closed = false;
+    for _ in 0..100 {
+        if server.sessions().len() == 1 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        closed,
+        "the non-reading session was not closed: {:?}",
+        server.sessions()
+    );
+    assert_eq!(good.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+}
