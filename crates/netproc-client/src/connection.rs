@@ -196,10 +196,18 @@ pub(crate) async fn connect(
 
 async fn writer(conn: Arc<Connection>, mut wr: WriteHalf<TlsStream<TcpStream>>) {
     let mut spare = BytesMut::new();
+    let mut busy = false;
     loop {
+        // Under load (several calls outstanding), let callers that are about
+        // to queue requests do so first, so requests issued together share
+        // one write. A connection with one call writes at once.
+        if busy {
+            tokio::task::yield_now().await;
+        }
         {
             let mut st = conn.lock();
             std::mem::swap(&mut st.buf, &mut spare);
+            busy = st.pending.len() > 1;
         }
         if spare.is_empty() {
             tokio::select! {

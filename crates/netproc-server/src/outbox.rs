@@ -54,14 +54,15 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a message. A response too large for a frame is replaced by an
+    /// Queues a message without waking the writer: the session calls
+    /// [`flush`](Self::flush) once per batch, so responses ready together
+    /// share one write. A response too large for a frame is replaced by an
     /// error response for the same request.
     pub(crate) fn push(&self, msg: &ServerMessage) {
         let mut st = self.lock();
         if st.closed {
             return;
         }
-        let was_empty = st.buf.is_empty();
         if let Err(EncodeError::Frame(e)) = msg.encode(&mut st.buf, self.frame_limit) {
             if let ServerMessage::Response(r) = msg {
                 let replacement = ServerMessage::Response(Response {
@@ -75,8 +76,11 @@ impl Outbox {
                 let _ = replacement.encode(&mut st.buf, self.frame_limit);
             }
         }
-        drop(st);
-        if was_empty {
+    }
+
+    /// Wakes the writer if anything is queued.
+    pub(crate) fn flush(&self) {
+        if !self.lock().buf.is_empty() {
             self.wake_writer.notify_one();
         }
     }

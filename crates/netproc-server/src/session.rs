@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -292,6 +293,7 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
         },
         idle_timeout_ms: shared.options.session_controls.idle_timeout_ms,
     }));
+    outbox.flush();
     let stall = Duration::from_millis(shared.options.session_controls.write_stall_timeout_ms);
     let writer = {
         let outbox = Arc::clone(&outbox);
@@ -396,6 +398,7 @@ impl Session {
                 Some((id, outcome)) = self.calls.next(), if !self.calls.is_empty() => {
                     self.cancels.remove(&id);
                     self.respond(id, outcome);
+                    self.drain_ready_calls().await;
                 }
                 read = rd.read_buf(buf), if !out_full => {
                     match read {
@@ -420,7 +423,10 @@ impl Session {
                     idle_timer.as_mut().reset(tokio::time::Instant::now() + next);
                 }
             }
+            // One wake of the writer per batch of work.
+            self.outbox.flush();
         };
+        self.outbox.flush();
         if let End::Drain(deadline) = end {
             let deadline = tokio::time::Instant::from_std(deadline);
             while !self.calls.is_empty() {
@@ -428,6 +434,7 @@ impl Session {
                     Some((id, outcome)) = self.calls.next() => {
                         self.cancels.remove(&id);
                         self.respond(id, outcome);
+                        self.outbox.flush();
                     }
                     () = tokio::time::sleep_until(deadline) => {
                         self.answer_in_flight(ErrorCode::ShuttingDown, "the server shut down before the call finished");
@@ -435,6 +442,22 @@ impl Session {
                     }
                     () = dead.cancelled() => break,
                 }
+            }
+        }
+    }
+
+    /// Answers every call that is already complete, without waiting, so
+    /// their responses share one write.
+    async fn drain_ready_calls(&mut self) {
+        loop {
+            let ready =
+                std::future::poll_fn(|cx| Poll::Ready(self.calls.poll_next_unpin(cx))).await;
+            match ready {
+                Poll::Ready(Some((id, outcome))) => {
+                    self.cancels.remove(&id);
+                    self.respond(id, outcome);
+                }
+                Poll::Ready(None) | Poll::Pending => return,
             }
         }
     }
@@ -684,22 +707,29 @@ impl Session {
         self.cancels.insert(id, token.clone());
         let facts = Arc::clone(&self.facts);
         self.calls.push(Box::pin(async move {
-            let guarded = AssertUnwindSafe(fut).catch_unwind();
+            let finished = |r: std::thread::Result<Result<Value, CallError>>| match r {
+                Ok(Ok(v)) => Outcome::Ok(v),
+                Ok(Err(e)) => Outcome::Err(e.into_body()),
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(session_id = facts.session_id, request_id = id, panic = %what, "a function panicked");
+                    Outcome::Err(ErrorBody::new(ErrorCode::Internal, "internal error"))
+                }
+            };
+            let mut guarded = AssertUnwindSafe(fut).catch_unwind();
+            // Most functions finish on their first poll: they need no timer.
+            if let Poll::Ready(r) = futures_util::poll!(&mut guarded) {
+                return (id, finished(r));
+            }
             let outcome = tokio::select! {
                 biased;
                 () = token.cancelled() => Outcome::Err(ErrorBody::new(ErrorCode::Cancelled, "the call was cancelled")),
                 r = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), guarded) => match r {
-                    Ok(Ok(Ok(v))) => Outcome::Ok(v),
-                    Ok(Ok(Err(e))) => Outcome::Err(e.into_body()),
-                    Ok(Err(panic)) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        tracing::error!(session_id = facts.session_id, request_id = id, panic = %what, "a function panicked");
-                        Outcome::Err(ErrorBody::new(ErrorCode::Internal, "internal error"))
-                    }
+                    Ok(r) => finished(r),
                     Err(_) => {
                         token.cancel();
                         Outcome::Err(ErrorBody::new(

@@ -1,0 +1,407 @@
+//! netproc native calls against a raw tokio-rustls length-prefixed echo,
+//! in one process and one runtime, alternated, medians of several rounds.
+//!
+//! `cargo bench -p netproc-server --bench rpc`
+//! Environment: `NETPROC_BENCH_SECS` (default 5), `NETPROC_BENCH_ROUNDS` (default 3).
+//!
+//! Both systems use the same PKI, TLS 1.3 with client certificates, 64-byte
+//! payloads. The raw echo does no dispatch at all: it is the floor.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, BytesMut};
+use netproc_auth::{ApiKeyStore, KeySpec, PrivilegeSet};
+use netproc_client::{Client, ServerEndpoint};
+use netproc_pki::{CaParams, CertificateAuthority, IssuedCert, LeafParams};
+use netproc_server::{CallContext, CallError, Server, ServerHandle};
+use netproc_wire::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PAYLOAD: usize = 64;
+
+struct Pki {
+    ca: CertificateAuthority,
+    server: IssuedCert,
+    client: IssuedCert,
+}
+
+/// Process CPU time (user + system), from /proc/self/stat, in microseconds.
+fn cpu_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here; 100 ticks/s.
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    calls: u64,
+    secs: f64,
+    cpu_us: u64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.secs
+    }
+    fn cpu_per_call(&self) -> f64 {
+        self.cpu_us as f64 / self.calls.max(1) as f64
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+// ---------------------------------------------------------------- raw echo
+
+async fn raw_server(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            let mut out = BytesMut::with_capacity(64 * 1024);
+            loop {
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                while buf.len() >= 4 {
+                    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if buf.len() < 4 + len {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..4 + len]);
+                    buf.advance(4 + len);
+                }
+                if !out.is_empty() {
+                    if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            }
+        });
+    }
+}
+
+/// One raw connection keeping `k` requests in flight until `stop`.
+async fn raw_client_conn(
+    addr: std::net::SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    k: usize,
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    latencies: Option<Arc<std::sync::Mutex<Vec<u64>>>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let frame = |out: &mut BytesMut, id: u64| {
+        out.put_u32((8 + PAYLOAD) as u32);
+        out.put_u64(id);
+        out.put_slice(&[7u8; PAYLOAD]);
+    };
+    let mut sent_at = std::collections::HashMap::new();
+    let mut out = BytesMut::new();
+    let mut next_id = 0u64;
+    for _ in 0..k {
+        sent_at.insert(next_id, Instant::now());
+        frame(&mut out, next_id);
+        next_id += 1;
+    }
+    wr.write_all(&out).await.unwrap();
+    out.clear();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut local_lat = Vec::new();
+    loop {
+        if rd.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            break;
+        }
+        let mut done = 0;
+        while buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if buf.len() < 4 + len {
+                break;
+            }
+            let id = u64::from_be_bytes(buf[4..12].try_into().unwrap());
+            if let Some(t) = sent_at.remove(&id) {
+                if latencies.is_some() {
+                    local_lat.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            buf.advance(4 + len);
+            done += 1;
+        }
+        calls.fetch_add(done, Ordering::Relaxed);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        for _ in 0..done {
+            sent_at.insert(next_id, Instant::now());
+            frame(&mut out, next_id);
+            next_id += 1;
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+    if let Some(l) = latencies {
+        l.lock().unwrap().extend(local_lat);
+    }
+}
+
+async fn run_raw(pki: &Pki, c: usize, k: usize, secs: f64) -> Run {
+    let server_cfg = netproc_pki::server_config(
+        &pki.server.identity().unwrap(),
+        &pki.ca.trust_anchors(),
+        &[],
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(raw_server(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
+    ));
+    let client_cfg = netproc_pki::client_config(
+        &pki.client.identity().unwrap(),
+        &pki.ca.trust_anchors(),
+        &[],
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let lat = (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    // Warm up the connections before measuring: start, then reset the count.
+    let tasks: Vec<_> = (0..c)
+        .map(|_| {
+            tokio::spawn(raw_client_conn(
+                addr,
+                connector.clone(),
+                k,
+                stop.clone(),
+                calls.clone(),
+                lat.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Some(l) = &lat {
+        l.lock().unwrap().clear();
+    }
+    let (start_calls, start_cpu, start) =
+        (calls.load(Ordering::Relaxed), cpu_micros(), Instant::now());
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let (end_calls, end_cpu, elapsed) =
+        (calls.load(Ordering::Relaxed), cpu_micros(), start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    server.abort();
+    let mut sorted = lat
+        .map(|l| std::mem::take(&mut *l.lock().unwrap()))
+        .unwrap_or_default();
+    sorted.sort_unstable();
+    Run {
+        calls: end_calls - start_calls,
+        secs: elapsed.as_secs_f64(),
+        cpu_us: end_cpu - start_cpu,
+        p50_us: percentile(&sorted, 0.5),
+        p99_us: percentile(&sorted, 0.99),
+    }
+}
+
+// ---------------------------------------------------------------- netproc
+
+async fn start_netproc(pki: &Pki) -> (ServerHandle, netproc_auth::ApiKey) {
+    let keys = ApiKeyStore::in_memory();
+    let (_, key) = keys.create(KeySpec::new(PrivilegeSet::all())).unwrap();
+    let server = Server::builder(
+        "bench",
+        pki.server.identity().unwrap(),
+        pki.ca.trust_anchors(),
+        keys,
+    )
+    .function("echo", |_: CallContext, (v,): (Value,)| async move {
+        Ok::<_, CallError>(v)
+    })
+    .start()
+    .await
+    .unwrap();
+    (server, key)
+}
+
+async fn run_netproc(
+    pki: &Pki,
+    server: &ServerHandle,
+    key: &netproc_auth::ApiKey,
+    c: usize,
+    k: usize,
+    secs: f64,
+) -> Run {
+    // One server name per connection: the client keeps one connection per name.
+    let mut builder = Client::builder();
+    for i in 0..c {
+        builder = builder.server(
+            format!("c{i}"),
+            ServerEndpoint::new(
+                server.local_addr(),
+                "localhost",
+                pki.client.identity().unwrap(),
+                pki.ca.trust_anchors(),
+                key.to_secret(),
+            ),
+        );
+    }
+    let client = builder.build().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let lat = (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let payload = Value::Bytes(vec![7u8; PAYLOAD]);
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let s = client.server(&format!("c{i}")).unwrap();
+        s.session().await.unwrap();
+        for _ in 0..k {
+            let (s, stop, calls, lat, payload) = (
+                s.clone(),
+                stop.clone(),
+                calls.clone(),
+                lat.clone(),
+                payload.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut local = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let _: Value = s.call("echo", (&payload,)).await.unwrap();
+                    if lat.is_some() {
+                        local.push(t.elapsed().as_nanos() as u64);
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(l) = lat {
+                    l.lock().unwrap().extend(local);
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Some(l) = &lat {
+        l.lock().unwrap().clear();
+    }
+    let (start_calls, start_cpu, start) =
+        (calls.load(Ordering::Relaxed), cpu_micros(), Instant::now());
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let (end_calls, end_cpu, elapsed) =
+        (calls.load(Ordering::Relaxed), cpu_micros(), start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut sorted = lat
+        .map(|l| std::mem::take(&mut *l.lock().unwrap()))
+        .unwrap_or_default();
+    sorted.sort_unstable();
+    Run {
+        calls: end_calls - start_calls,
+        secs: elapsed.as_secs_f64(),
+        cpu_us: end_cpu - start_cpu,
+        p50_us: percentile(&sorted, 0.5),
+        p99_us: percentile(&sorted, 0.99),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo test --all-targets` runs benches as tests with `--bench` absent: do nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs: f64 = std::env::var("NETPROC_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let rounds: usize = std::env::var("NETPROC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ca = CertificateAuthority::generate(&CaParams::new("bench CA")).unwrap();
+        let pki = Pki {
+            server: ca.issue(&LeafParams::server("bench", ["localhost"])).unwrap(),
+            client: ca.issue(&LeafParams::client("bench")).unwrap(),
+            ca,
+        };
+        let (server, key) = start_netproc(&pki).await;
+        for (c, k) in [(4usize, 32usize), (1, 1)] {
+            let mut raw_runs = Vec::new();
+            let mut np_runs = Vec::new();
+            let only_netproc = std::env::var_os("NETPROC_BENCH_ONLY_NETPROC").is_some();
+            for round in 0..rounds {
+                let r = if only_netproc {
+                    Run { calls: 1, secs: 1.0, cpu_us: 1, p50_us: 1.0, p99_us: 1.0 }
+                } else {
+                    run_raw(&pki, c, k, secs).await
+                };
+                let n = run_netproc(&pki, &server, &key, c, k, secs).await;
+                println!(
+                    "C={c} K={k} round {round}: raw {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs | netproc {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs",
+                    r.rate(), r.cpu_per_call(), r.p50_us, n.rate(), n.cpu_per_call(), n.p50_us
+                );
+                raw_runs.push(r);
+                np_runs.push(n);
+            }
+            let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+            let (rr, nr) = (m(&raw_runs, Run::rate), m(&np_runs, Run::rate));
+            let (rc, nc) = (m(&raw_runs, Run::cpu_per_call), m(&np_runs, Run::cpu_per_call));
+            println!("C={c} K={k} median: raw {rr:.0} calls/s, {rc:.1} µs CPU/call | netproc {nr:.0} calls/s, {nc:.1} µs CPU/call | throughput ratio {:.2}x, CPU/call ratio {:.2}x", nr / rr, nc / rc);
+            if k == 1 {
+                let (rp, np) = (m(&raw_runs, |r| r.p50_us), m(&np_runs, |r| r.p50_us));
+                let (rp99, np99) = (m(&raw_runs, |r| r.p99_us), m(&np_runs, |r| r.p99_us));
+                println!("C={c} K={k} latency: raw p50 {rp:.1} µs p99 {rp99:.1} µs | netproc p50 {np:.1} µs p99 {np99:.1} µs | p50 ratio {:.2}x", np / rp);
+            }
+        }
+        server.shutdown(Duration::from_secs(1)).await;
+    });
+}
