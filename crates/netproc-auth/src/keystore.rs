@@ -517,18 +517,18 @@ impl ApiKeyStore {
                 "unknown API key id"
             }));
         };
-        if let Some(expiry) = record.expires_at {
-            if unix_secs(now) >= expiry {
-                return Err(AuthRejected::new(format!("API key {id} expired")));
-            }
+        if let Some(expiry) = record.expires_at
+            && unix_secs(now) >= expiry
+        {
+            return Err(AuthRejected::new(format!("API key {id} expired")));
         }
-        if let Some(binding) = &record.binding {
-            if !binding.matches(cert) {
-                return Err(AuthRejected::new(format!(
-                    "API key {id} is bound to {binding}, presented over certificate {}",
-                    cert.fingerprint
-                )));
-            }
+        if let Some(binding) = &record.binding
+            && !binding.matches(cert)
+        {
+            return Err(AuthRejected::new(format!(
+                "API key {id} is bound to {binding}, presented over certificate {}",
+                cert.fingerprint
+            )));
         }
         let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
         principal.functions = record.functions.clone();

@@ -175,17 +175,17 @@ fn jitter(d: Duration) -> Duration {
 
 impl Slot {
     async fn connection(&self, deadline: Instant) -> Result<Arc<Connection>, ClientError> {
-        if let Some(conn) = self.current.load_full() {
-            if conn.usable() {
-                return Ok(conn);
-            }
+        if let Some(conn) = self.current.load_full()
+            && conn.usable()
+        {
+            return Ok(conn);
         }
         let mut backoff = self.connecting.lock().await;
         // Someone else may have connected while we waited.
-        if let Some(conn) = self.current.load_full() {
-            if conn.usable() {
-                return Ok(conn);
-            }
+        if let Some(conn) = self.current.load_full()
+            && conn.usable()
+        {
+            return Ok(conn);
         }
         if let Some(at) = backoff.retry_at {
             if at > deadline {

@@ -49,7 +49,9 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, PkiError> {
     fs::read(path).map(Zeroizing::new).map_err(io_err(path))
 }
 
-/// Writes a secret file atomically with mode 0600 (see [`write_file`]).
+/// Writes a secret file atomically (a temporary file in the same directory,
+/// then a rename), created with mode 0600 from the start; fails if the file
+/// exists and `overwrite` is false.
 pub fn write_secret_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), PkiError> {
     write_file(path, contents, true, overwrite)
 }

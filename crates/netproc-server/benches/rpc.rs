@@ -152,10 +152,10 @@ async fn raw_client_conn(
                 break;
             }
             let id = u64::from_be_bytes(buf[4..12].try_into().unwrap());
-            if let Some(t) = sent_at.remove(&id) {
-                if latencies.is_some() {
-                    local_lat.push(t.elapsed().as_nanos() as u64);
-                }
+            if let Some(t) = sent_at.remove(&id)
+                && latencies.is_some()
+            {
+                local_lat.push(t.elapsed().as_nanos() as u64);
             }
             buf.advance(4 + len);
             done += 1;

@@ -63,18 +63,18 @@ impl Outbox {
         if st.closed {
             return;
         }
-        if let Err(EncodeError::Frame(e)) = msg.encode(&mut st.buf, self.frame_limit) {
-            if let ServerMessage::Response(r) = msg {
-                let replacement = ServerMessage::Response(Response {
-                    id: r.id,
-                    outcome: Outcome::Err(ErrorBody::new(
-                        ErrorCode::OperationFailed,
-                        format!("the result is too large to send: {e}"),
-                    )),
-                });
-                // A short error always fits.
-                let _ = replacement.encode(&mut st.buf, self.frame_limit);
-            }
+        if let Err(EncodeError::Frame(e)) = msg.encode(&mut st.buf, self.frame_limit)
+            && let ServerMessage::Response(r) = msg
+        {
+            let replacement = ServerMessage::Response(Response {
+                id: r.id,
+                outcome: Outcome::Err(ErrorBody::new(
+                    ErrorCode::OperationFailed,
+                    format!("the result is too large to send: {e}"),
+                )),
+            });
+            // A short error always fits.
+            let _ = replacement.encode(&mut st.buf, self.frame_limit);
         }
     }
 

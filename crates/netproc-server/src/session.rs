@@ -527,15 +527,15 @@ impl Session {
     /// Checks that `id` is above the session's previous ids, answering
     /// `invalid_request` if not.
     fn accept_id(&mut self, id: u64) -> bool {
-        if let Some(last) = self.last_id {
-            if id <= last {
-                self.respond_err(
-                    id,
-                    ErrorCode::InvalidRequest,
-                    format!("request id {id} is not above the previous id {last}"),
-                );
-                return false;
-            }
+        if let Some(last) = self.last_id
+            && id <= last
+        {
+            self.respond_err(
+                id,
+                ErrorCode::InvalidRequest,
+                format!("request id {id} is not above the previous id {last}"),
+            );
+            return false;
         }
         self.last_id = Some(id);
         true

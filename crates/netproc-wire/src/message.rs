@@ -326,7 +326,8 @@ pub enum ServerMessage {
     AuthOk(AuthOk),
     /// Kind 1: the answer to a request.
     Response(Response),
-    /// Kind 2: a connection-level error; the server closes after sending it.
+    /// Kind 2: an error not tied to a request. The server closes the
+    /// connection after it, except for `unsupported_message_type`.
     Error(ErrorBody),
     /// Kind 3: the answer to a `Ping`.
     Pong {

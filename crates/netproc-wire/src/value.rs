@@ -401,14 +401,14 @@ impl<'de> Visitor<'de> for MapSeed<'_> {
         while let Some(key) = map.next_key::<String>()? {
             // Keys must arrive strictly increasing: sorted and unique, so a
             // value has one encoding only.
-            if let Some((last, _)) = out.last_key_value() {
-                if key.as_str() <= last.as_str() {
-                    return Err(fail(if key == *last {
-                        "duplicate map key"
-                    } else {
-                        "map keys out of order"
-                    }));
-                }
+            if let Some((last, _)) = out.last_key_value()
+                && key.as_str() <= last.as_str()
+            {
+                return Err(fail(if key == *last {
+                    "duplicate map key"
+                } else {
+                    "map keys out of order"
+                }));
             }
             let v = map.next_value_seed(ValueSeed {
                 depth_left: self.depth_left,

@@ -1,28 +1,25 @@
 //! The `netproc` command.
 //!
-//! `netproc demo` runs, in-process and with no setup, what netproc can do so
-//! far. The full command set (serve, call, pki, keys, metrics, bench) arrives
-//! with the CLI issue.
+//! `netproc demo` runs, in-process and with no setup, what netproc does: a
+//! throwaway PKI, two servers, an API key, calls on one server and on
+//! `all_servers`, refused clients, and a graceful shutdown. The rest of the
+//! command set (serve, call, pki, keys, metrics, bench) arrives with the CLI
+//! issue.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use netproc::pki::{
-    CaParams, CertificateAuthority, LeafParams, PkiError, client_config, server_config,
-};
-use netproc::wire::{
-    ClientMessage, DEFAULT_MAX_POST_AUTH_FRAME_BYTES, FrameDecoder, ServerMessage,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use netproc::auth::{ApiKeyStore, KeySpec};
+use netproc::client::{Client, ClientError, ServerEndpoint, ServerOutcome};
+use netproc::pki::{CaParams, CertificateAuthority, IssuedCert, LeafParams, TrustAnchors};
+use netproc::server::{CallContext, CallError, Server, ServerHandle};
+use netproc::wire::SecretString;
 
 const USAGE: &str = "usage: netproc demo
 
-netproc demo   make a throwaway PKI, then run a mutual-TLS netproc/1 exchange
-               on 127.0.0.1 and show a rogue certificate being refused";
+netproc demo   start two servers in-process on 127.0.0.1 with a throwaway PKI,
+               call functions on one and on all_servers, show refused clients";
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -59,133 +56,204 @@ fn main() -> ExitCode {
     }
 }
 
-fn step(n: u32, text: &str) {
-    println!("[{n}] {text}");
+struct Out {
+    color: bool,
+    step: u32,
+}
+
+impl Out {
+    fn step(&mut self, text: &str) {
+        self.step += 1;
+        if self.color {
+            println!("\x1b[1m[{}]\x1b[0m {text}", self.step);
+        } else {
+            println!("[{}] {text}", self.step);
+        }
+    }
+
+    fn ok(&self, text: &str) {
+        let mark = if self.color {
+            "\x1b[32m✓\x1b[0m"
+        } else {
+            "ok"
+        };
+        println!("    {mark} {text}");
+    }
+}
+
+async fn start_server(
+    name: &str,
+    ca: &CertificateAuthority,
+    keys: std::sync::Arc<ApiKeyStore>,
+) -> Result<ServerHandle, Error> {
+    let cert = ca.issue(&LeafParams::server(name, ["localhost", "127.0.0.1"]))?;
+    let server = Server::builder(name, cert.identity()?, ca.trust_anchors(), keys)
+        .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
+            a.checked_add(b)
+                .ok_or(CallError::invalid_argument("the sum overflows"))
+        })
+        .function("whoami", |ctx: CallContext, (): ()| async move {
+            Ok::<_, CallError>(format!(
+                "key {} over certificate CN={}",
+                ctx.principal().id,
+                ctx.cert().common_name.as_deref().unwrap_or("?")
+            ))
+        })
+        .start()
+        .await?;
+    Ok(server)
+}
+
+fn endpoint(
+    server: &ServerHandle,
+    cert: &IssuedCert,
+    roots: &TrustAnchors,
+    key: SecretString,
+) -> Result<ServerEndpoint, Error> {
+    Ok(ServerEndpoint::new(
+        server.local_addr(),
+        "localhost",
+        cert.identity()?,
+        roots.clone(),
+        key,
+    )
+    .connect_timeout(Duration::from_secs(5))
+    .request_timeout(Duration::from_secs(5)))
+}
+
+fn expect<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<T, ClientError>,
+    code: &str,
+) -> Result<ClientError, Error> {
+    match r {
+        Err(e) if e.code().as_str() == code => Ok(e),
+        other => Err(format!("{what}: expected {code}, got {other:?}").into()),
+    }
 }
 
 async fn demo() -> Result<(), Error> {
-    println!("netproc demo (foundation release: PKI and wire protocol)\n");
+    let mut out = Out {
+        color: std::io::stdout().is_terminal(),
+        step: 0,
+    };
+    println!("netproc demo: secure remote procedure calls over mutual TLS\n");
 
-    step(
-        1,
-        "generating a throwaway private CA, a server and a client certificate",
-    );
+    out.step("a throwaway private CA, and a client certificate for alice");
     let ca = CertificateAuthority::generate(&CaParams::new("netproc demo CA"))?;
-    let server = ca.issue(&LeafParams::server(
-        "demo server",
-        ["localhost", "127.0.0.1"],
-    ))?;
-    let client = ca.issue(&LeafParams::client("demo client"))?;
-    println!(
-        "    client certificate fingerprint {}",
-        client.cert_identity().fingerprint
-    );
+    let alice = ca.issue(&LeafParams::client("alice"))?;
+    out.ok(&format!(
+        "alice's certificate: sha256 {}",
+        alice.cert_identity().fingerprint
+    ));
 
-    let server_tls = Arc::new(server_config(
-        &server.identity()?,
-        &ca.trust_anchors(),
-        &[],
-    )?);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    step(
-        2,
-        &format!("mutual-TLS listener on {addr} (TLS 1.3, client certificate required)"),
-    );
-    let acceptor = TlsAcceptor::from(server_tls);
-    let server_task = tokio::spawn(async move {
-        // Two connections: the good client, then the rogue one.
-        for _ in 0..2 {
-            let (tcp, _) = listener.accept().await?;
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                continue;
-            };
-            let mut decoder = FrameDecoder::new(DEFAULT_MAX_POST_AUTH_FRAME_BYTES);
-            loop {
-                if tls.read_buf(decoder.buffer_mut()).await? == 0 {
-                    break;
-                }
-                if let Some(body) = decoder.next_frame()? {
-                    if let ClientMessage::Ping { nonce } = ClientMessage::decode(&body)? {
-                        let mut out = BytesMut::new();
-                        ServerMessage::Pong { nonce }
-                            .encode(&mut out, DEFAULT_MAX_POST_AUTH_FRAME_BYTES)?;
-                        tls.write_all(&out).await?;
-                        tls.flush().await?;
-                    }
-                    break;
-                }
-            }
-        }
-        Ok::<_, Error>(())
-    });
+    out.step("two servers on 127.0.0.1, sharing an API-key store");
+    let keys = std::sync::Arc::new(ApiKeyStore::in_memory());
+    let (_, key) =
+        keys.create(KeySpec::new("invoke_functions,define_constants".parse()?).label("alice"))?;
+    let (_, weak_key) =
+        keys.create(KeySpec::new("invoke_functions".parse()?).label("read-only"))?;
+    let s1 = start_server("server_1", &ca, std::sync::Arc::clone(&keys)).await?;
+    let s2 = start_server("server_2", &ca, std::sync::Arc::clone(&keys)).await?;
+    out.ok(&format!(
+        "server_1 on {}, server_2 on {}",
+        s1.local_addr(),
+        s2.local_addr()
+    ));
+    out.ok("an API key with invoke_functions + define_constants (the store keeps only its hash)");
 
-    step(
-        3,
-        "client connects with its certificate and sends a netproc/1 Ping",
-    );
-    let good = client_config(&client.identity()?, &ca.trust_anchors(), &[])?;
-    let nonce = 0x6e65_7470;
-    let pong = ping(good, addr, nonce).await?;
-    if pong != nonce {
-        return Err(format!("pong carried nonce {pong}, expected {nonce}").into());
+    out.step("alice calls add(2, 3) on server_1: TLS 1.3 with her certificate, then her API key");
+    let roots = ca.trust_anchors();
+    let client = Client::builder()
+        .server("server_1", endpoint(&s1, &alice, &roots, key.to_secret())?)
+        .server("server_2", endpoint(&s2, &alice, &roots, key.to_secret())?)
+        .build()?;
+    let sum: i64 = client.server("server_1")?.call("add", (2, 3)).await?;
+    if sum != 5 {
+        return Err(format!("add(2, 3) returned {sum}").into());
     }
-    println!("    got Pong {{ nonce: {pong:#x} }}: authenticated both ways");
+    out.ok(&format!("add(2, 3) = {sum}"));
+    let who: String = client.server("server_1")?.call("whoami", ()).await?;
+    out.ok(&format!("whoami: {who}"));
 
-    step(
-        4,
-        "a client whose certificate comes from a rogue CA tries the same",
+    out.step(
+        "alice defines a constant and calls whoami on all_servers (concurrently, no fail-fast)",
     );
+    let defined = client
+        .all_servers()
+        .define_constant("greeting", "hello")
+        .await;
+    if defined.values().any(Result::is_err) {
+        return Err(format!("define_constant on all_servers: {defined:?}").into());
+    }
+    out.ok("define_constant(\"greeting\") ok on both servers");
+    let all = client.all_servers().call::<String>("whoami", ()).await;
+    let json: std::collections::BTreeMap<_, _> = all
+        .into_iter()
+        .map(|(k, v)| (k, ServerOutcome::from(v)))
+        .collect();
+    println!("    {}", serde_json::to_string(&json)?);
+
+    out.step("refused: a client whose certificate comes from a rogue CA");
     let rogue_ca = CertificateAuthority::generate(&CaParams::new("rogue CA"))?;
-    let rogue = rogue_ca.issue(&LeafParams::client("mallory"))?;
-    let rogue_cfg = client_config(&rogue.identity()?, &ca.trust_anchors(), &[])?;
-    match ping(rogue_cfg, addr, 1).await {
-        Ok(_) => return Err("the rogue client was accepted".into()),
-        Err(e) => println!("    refused as expected: {e}"),
+    let mallory = rogue_ca.issue(&LeafParams::client("mallory"))?;
+    let rogue = Client::builder()
+        .server(
+            "server_1",
+            endpoint(&s1, &mallory, &roots, key.to_secret())?,
+        )
+        .build()?;
+    let e = expect(
+        "rogue certificate",
+        rogue.server("server_1")?.call::<i64>("add", (1, 1)).await,
+        "tls_error",
+    )?;
+    out.ok(&format!("{} — {e}", e.code()));
+
+    out.step("refused: a valid certificate with a wrong API key, then a key without the privilege");
+    let wrong = Client::builder()
+        .server(
+            "server_1",
+            endpoint(
+                &s1,
+                &alice,
+                &roots,
+                SecretString::new("npk_aaaaaaaaaaaa_wrongwrongwrongwrongwrongwrongwr"),
+            )?,
+        )
+        .build()?;
+    let e = expect(
+        "wrong key",
+        wrong.server("server_1")?.call::<i64>("add", (1, 1)).await,
+        "authentication_failed",
+    )?;
+    out.ok(&format!("{} — {e}", e.code()));
+    let weak = Client::builder()
+        .server(
+            "server_1",
+            endpoint(&s1, &alice, &roots, weak_key.to_secret())?,
+        )
+        .build()?;
+    let e = expect(
+        "missing privilege",
+        weak.server("server_1")?.define_constant("x", 1).await,
+        "insufficient_privileges",
+    )?;
+    out.ok(&format!("{} — {e}", e.code()));
+
+    out.step("graceful shutdown: GoAway to every session, in-flight calls finish");
+    s1.shutdown(Duration::from_secs(2)).await;
+    s2.shutdown(Duration::from_secs(2)).await;
+    let after = client.all_servers().call::<i64>("add", (1, 1)).await;
+    if after.values().any(Result::is_ok) {
+        return Err("a server still answered after shutdown".into());
     }
-    tokio::time::timeout(Duration::from_secs(5), server_task).await???;
+    out.ok("both servers stopped; later calls fail with unavailable / shutting_down");
 
     println!("\nall steps behaved as expected.");
-    println!("next: cargo test --workspace   |   cargo xtask pki   (dev PKI in fixtures/pki)");
-    println!("the RPC server, client and `netproc serve|call` arrive with the next releases.");
+    println!("next: cargo test --workspace        the test suite");
+    println!("      cargo xtask pki               a dev PKI in fixtures/pki");
+    println!("      cargo doc --workspace --open  the API, with runnable examples");
+    println!("coming next: abuse controls and metrics, script functions, `netproc serve|call`.");
     Ok(())
 }
-
-async fn ping(
-    config: netproc::pki::rustls::ClientConfig,
-    addr: std::net::SocketAddr,
-    nonce: u64,
-) -> Result<u64, Error> {
-    let connector = TlsConnector::from(Arc::new(config));
-    let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let exchange = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let mut tls = connector.connect(name, tcp).await?;
-        let mut out = BytesMut::new();
-        ClientMessage::Ping { nonce }.encode(&mut out, DEFAULT_MAX_POST_AUTH_FRAME_BYTES)?;
-        tls.write_all(&out).await?;
-        tls.flush().await?;
-        let mut decoder = FrameDecoder::new(DEFAULT_MAX_POST_AUTH_FRAME_BYTES);
-        loop {
-            // In TLS 1.3 a refused client certificate shows on this first read.
-            if tls.read_buf(decoder.buffer_mut()).await? == 0 {
-                return Err::<u64, Error>("connection closed".into());
-            }
-            if let Some(body) = decoder.next_frame()? {
-                return match ServerMessage::decode(&body)? {
-                    ServerMessage::Pong { nonce } => Ok(nonce),
-                    other => Err(format!("unexpected answer {other:?}").into()),
-                };
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| -> Error { "timed out".into() })?
-}
-
-// PkiError must stay Send + Sync for `?` into Error.
-const _: fn() = || {
-    fn assert_send_sync<T: Send + Sync + 'static>() {}
-    assert_send_sync::<PkiError>();
-};

@@ -117,11 +117,11 @@ async fn admin_operations_list_and_disconnect_sessions() {
     // The user's next session is a new one.
     let mut reconnected = None;
     for _ in 0..20 {
-        if let Ok((id, _)) = user.session().await {
-            if id != user_session {
-                reconnected = Some(id);
-                break;
-            }
+        if let Ok((id, _)) = user.session().await
+            && id != user_session
+        {
+            reconnected = Some(id);
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

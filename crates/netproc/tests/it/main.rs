@@ -14,8 +14,16 @@ fn demo_exits_zero_and_shows_each_step() {
         "stdout: {stdout}\nstderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("got Pong"), "{stdout}");
-    assert!(stdout.contains("refused as expected"), "{stdout}");
+    assert!(stdout.contains("add(2, 3) = 5"), "{stdout}");
+    assert!(stdout.contains("\"state\":\"ok\""), "{stdout}");
+    for code in [
+        "tls_error",
+        "authentication_failed",
+        "insufficient_privileges",
+    ] {
+        assert!(stdout.contains(code), "{code} missing: {stdout}");
+    }
+    assert!(stdout.contains("all steps behaved as expected"), "{stdout}");
 }
 
 #[test]
