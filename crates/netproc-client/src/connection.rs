@@ -377,19 +377,31 @@ impl Connection {
         op: Operation,
         deadline: Instant,
     ) -> Result<Value, ClientError> {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(ClientError::Overloaded {
-                server: self.server.clone(),
-                message: format!("{} calls already queued", self.max_queued),
-            });
-        }
-        let permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await;
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        let _permit = match permit {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => unreachable!("the semaphore is never closed"),
-            Err(_) => return Err(timeout_error(&self.server, "waiting for an in-flight slot")),
+        // A free in-flight slot is taken at once; otherwise the call waits in
+        // a bounded local queue, so bursts never exceed the server's limit.
+        let _permit = match self.permits.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    return Err(ClientError::Overloaded {
+                        server: self.server.clone(),
+                        message: format!(
+                            "{} calls already waiting for an in-flight slot",
+                            self.max_queued
+                        ),
+                    });
+                }
+                let permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await;
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                match permit {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => unreachable!("the semaphore is never closed"),
+                    Err(_) => {
+                        return Err(timeout_error(&self.server, "waiting for an in-flight slot"));
+                    }
+                }
+            }
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let deadline_ms = u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX);

@@ -180,3 +180,143 @@ async fn constants_are_defined_listed_and_undefined() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn an_idle_session_is_closed_with_idle_timeout() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let mut options = netproc_server::ServerOptions::default();
+    options.session_controls.idle_timeout_ms = 200;
+    let server = start_with(&pki, keys, options).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    assert_eq!(raw.auth(&key).await.idle_timeout_ms, 200);
+    let started = std::time::Instant::now();
+    match raw.recv().await {
+        Some(netproc_wire::ServerMessage::GoAway(g)) => {
+            assert_eq!(g.reason, ErrorCode::IdleTimeout)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(190));
+    assert!(raw.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn extensions_are_dispatched_by_name_and_gated_by_their_privilege() {
+    use netproc_auth::BoxFuture;
+    use netproc_server::{CallContext, CallError, ExtensionHandler};
+    use netproc_wire::{Operation, Privilege};
+    struct Reverse;
+    impl ExtensionHandler for Reverse {
+        fn handle(
+            &self,
+            _ctx: CallContext,
+            mut payload: Vec<u8>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, CallError>> {
+            payload.reverse();
+            Box::pin(async move { Ok(payload) })
+        }
+    }
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let receiver = key(&keys, "receive_credentials");
+    let other = key(&keys, "invoke_functions");
+    let server = crate::support::builder(&pki, "s1", keys)
+        .extension(
+            "test.reverse",
+            Privilege::ReceiveCredentials,
+            Arc::new(Reverse),
+        )
+        .start()
+        .await
+        .unwrap();
+    let op = |name: &str| Operation::Extension {
+        name: name.into(),
+        payload: vec![1, 2, 3],
+    };
+    let s = client(&pki, &server, &receiver).server("s1").unwrap();
+    assert_eq!(
+        s.execute(op("test.reverse")).await.unwrap(),
+        Value::Bytes(vec![3, 2, 1])
+    );
+    let err = s.execute(op("test.unknown")).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ClientError::Remote {
+                code: ErrorCode::InvalidOperation,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = client(&pki, &server, &other)
+        .server("s1")
+        .unwrap()
+        .execute(op("test.reverse"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::InsufficientPrivileges { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn script_operations_are_reserved_and_say_so() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "all_privileges");
+    let server = start(&pki, "s1", keys).await;
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    for op in [
+        netproc_wire::Operation::UndefineFunction { name: "f".into() },
+        netproc_wire::Operation::UndefineDependency {
+            alias: "m".into(),
+            force: false,
+        },
+    ] {
+        let err = s.execute(op).await.unwrap_err();
+        let ClientError::Remote { code, message, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*code, ErrorCode::InvalidOperation);
+        assert!(message.contains("not enabled"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_queues_under_the_announced_limit_and_refuses_past_its_queue() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let mut options = netproc_server::ServerOptions::default();
+    options
+        .request_controls
+        .max_in_flight_requests_per_connection = 2;
+    let server = start_with(&pki, keys, options).await;
+    let client = netproc_client::Client::builder()
+        .server("s1", endpoint(&pki, &server, &key).max_queued_calls(3))
+        .build()
+        .unwrap();
+    let s = client.server("s1").unwrap();
+    s.session().await.unwrap();
+    // 2 run, 3 wait locally, the 6th is refused at once: never `rate_limited`.
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.call::<u64>("sleep_ms", (200,)).await })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut overloaded = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(ClientError::Overloaded { .. }) => overloaded += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!((ok, overloaded), (5, 1));
+}
