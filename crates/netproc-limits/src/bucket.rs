@@ -2,6 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+/// Absorbs float rounding in token counts.
+const EPSILON: f64 = 1e-9;
+
 /// A token bucket: starts full with `burst` tokens, refills continuously at
 /// `tokens_per_interval` per `interval` up to `burst`; each check takes one.
 ///
@@ -51,8 +54,10 @@ impl TokenBucket {
     /// 1 ms; `Duration::MAX` if the bucket never refills).
     pub fn try_acquire(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        // The epsilon absorbs float rounding, so waiting exactly the
+        // advertised retry time always admits.
+        if self.tokens >= 1.0 - EPSILON {
+            self.tokens = (self.tokens - 1.0).max(0.0);
             return Ok(());
         }
         if self.rate_per_ns <= 0.0 {
@@ -63,10 +68,43 @@ impl TokenBucket {
         Err(Duration::from_millis(ms as u64))
     }
 
+    /// Changes rate and burst, keeping the tokens (capped at the new burst).
+    pub fn reconfigure(
+        &mut self,
+        tokens_per_interval: u32,
+        interval: Duration,
+        burst: u32,
+        now: Instant,
+    ) {
+        self.refill(now);
+        let fresh = TokenBucket::new(tokens_per_interval, interval, burst, now);
+        self.rate_per_ns = fresh.rate_per_ns;
+        self.burst = fresh.burst;
+        self.tokens = self.tokens.min(self.burst);
+    }
+
+    /// Whether the bucket is full at `now`: forgetting it changes nothing.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst - EPSILON
+    }
+
     /// Tokens available at `now` (after refill), rounded down.
     pub fn available(&mut self, now: Instant) -> u32 {
         self.refill(now);
         self.tokens as u32
+    }
+}
+
+impl crate::Idle for TokenBucket {
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.is_full(now)
+    }
+}
+
+impl crate::Idle for crate::SlidingWindow {
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.is_empty_at(now)
     }
 }
 

@@ -2,9 +2,25 @@
 //! bounded keyed limiters, admission permits and a failed-auth blocklist.
 //!
 //! Nothing here knows about TLS or netproc's messages, and nothing reads a
-//! clock: every check takes `now`, so limiters are tested deterministically.
-//! Today the crate holds the [`TokenBucket`]; the keyed limiters, windows,
-//! admission permits and the blocklist arrive with the abuse-control issue.
+//! clock: every check takes `now` (from a [`Clock`]; [`ManualClock`] in
+//! tests), so limiters are tested deterministically.
+//!
+//! - [`TokenBucket`]: rate per interval with a burst, continuous refill.
+//! - [`SlidingWindow`] (exact, memory ≤ its limit) and [`FixedWindow`] (O(1)).
+//! - [`KeyedTable`]: per-key states (per IP, per key, per function) with a
+//!   hard bound on keys; only idle entries are evicted, and a table full of
+//!   active entries refuses new keys (fail closed).
+//! - [`ip_key`]: IPv6 peers keyed by /64 (configurable), IPv4-mapped
+//!   addresses as IPv4.
+//! - [`Gate`]: at most N sockets / handshakes / sessions at once, with RAII
+//!   permits.
+//! - [`Blocklist`]: failed authentications per address and per key id, with
+//!   blocks that expire on their own and a shared overflow window.
+//!
+//! The token bucket is written here rather than taken from `governor`:
+//! governor's keyed store has no capacity bound and its own clock type, so
+//! the bounded, fail-closed table and the clock adapter would be ours anyway,
+//! and a plain bucket is a few lines.
 //!
 //! # Example
 //!
@@ -25,7 +41,19 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod blocklist;
 mod bucket;
+mod clock;
+mod gate;
+mod ip;
+mod table;
+mod window;
 
 // The public interface.
+pub use blocklist::{BlockedEntry, Blocklist, BlocklistConfig};
 pub use bucket::TokenBucket;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use gate::{Gate, GatePermit};
+pub use ip::ip_key;
+pub use table::{Idle, KeyedTable, TableFull};
+pub use window::{FixedWindow, SlidingWindow};

@@ -1,0 +1,366 @@
+//! The failed-authentication blocklist.
+
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::{Idle, KeyedTable, SlidingWindow, ip_key};
+
+/// Settings of a [`Blocklist`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BlocklistConfig {
+    /// Window in which failures are counted.
+    pub failed_auth_window: Duration,
+    /// Failures (≥) in the window that block an address.
+    pub max_failed_per_ip: u32,
+    /// Failures (≥) in the window that block an API key id.
+    pub max_failed_per_key: u32,
+    /// How long a block lasts.
+    pub block_duration: Duration,
+    /// When false, failures are counted but nothing is ever blocked.
+    pub enabled: bool,
+    /// Addresses tracked at most.
+    pub max_tracked_ips: usize,
+    /// Key ids tracked at most.
+    pub max_tracked_keys: usize,
+    /// IPv6 addresses are keyed by this prefix.
+    pub v6_prefix_len: u8,
+}
+
+impl Default for BlocklistConfig {
+    /// The reference's defaults: 20 failures per 60 s block for 60 s.
+    fn default() -> Self {
+        BlocklistConfig {
+            failed_auth_window: Duration::from_secs(60),
+            max_failed_per_ip: 20,
+            max_failed_per_key: 20,
+            block_duration: Duration::from_secs(60),
+            enabled: true,
+            max_tracked_ips: 16_384,
+            max_tracked_keys: 16_384,
+            v6_prefix_len: 64,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Failures {
+    window: SlidingWindow,
+    blocked_until: Option<Instant>,
+}
+
+impl Failures {
+    fn new(window: Duration, max: u32) -> Failures {
+        Failures {
+            window: SlidingWindow::new(window, max.max(1)),
+            blocked_until: None,
+        }
+    }
+
+    fn blocked_for(&self, now: Instant) -> Option<Duration> {
+        self.blocked_until
+            .filter(|until| *until > now)
+            .map(|until| (until - now).max(Duration::from_millis(1)))
+    }
+
+    fn fail(&mut self, now: Instant, max: u32, cfg: &BlocklistConfig) {
+        let count = self.window.record(now);
+        if cfg.enabled && count >= max {
+            self.blocked_until = Some(now + cfg.block_duration);
+        }
+    }
+}
+
+impl Idle for Failures {
+    /// Blocked entries are never idle, so never evicted.
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.blocked_for(now).is_none() && self.window.is_empty_at(now)
+    }
+}
+
+/// What is blocked, as listed to administrators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BlockedEntry {
+    /// `"ip"`, `"api_key"`, or `"ip_overflow"` / `"api_key_overflow"` for
+    /// the shared window of untracked addresses or keys.
+    pub kind: &'static str,
+    /// The address (or prefix), the key id, or `"*"` for an overflow window.
+    pub entry: String,
+    /// How long the block still lasts.
+    pub retry_after: Duration,
+}
+
+/// Counts failed authentications per address and per claimed API key id,
+/// and blocks those over the threshold for a while.
+///
+/// Memory is bounded: blocked entries are never evicted, and when a table is
+/// full of active entries, failures from untracked addresses (or keys) are
+/// counted in one shared overflow window that blocks them as a whole —
+/// failing closed rather than letting a spray of addresses go uncounted.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use netproc_limits::{Blocklist, BlocklistConfig};
+///
+/// let mut cfg = BlocklistConfig::default();
+/// cfg.max_failed_per_ip = 2;
+/// let list = Blocklist::new(cfg);
+/// let (ip, now) = ("10.0.0.1".parse().unwrap(), Instant::now());
+/// list.record_failure(ip, None, now);
+/// assert!(list.ip_blocked(ip, now).is_none());
+/// list.record_failure(ip, None, now);
+/// assert_eq!(list.ip_blocked(ip, now), Some(Duration::from_secs(60)));
+/// assert!(list.ip_blocked(ip, now + Duration::from_secs(60)).is_none());
+/// ```
+#[derive(Debug)]
+pub struct Blocklist {
+    config: RwLock<BlocklistConfig>,
+    ips: KeyedTable<IpAddr, Failures>,
+    keys: KeyedTable<String, Failures>,
+    ip_overflow: Mutex<Failures>,
+    key_overflow: Mutex<Failures>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Blocklist {
+    /// A blocklist with these settings.
+    pub fn new(config: BlocklistConfig) -> Blocklist {
+        Blocklist {
+            ips: KeyedTable::new(config.max_tracked_ips),
+            keys: KeyedTable::new(config.max_tracked_keys),
+            ip_overflow: Mutex::new(Failures::new(
+                config.failed_auth_window,
+                config.max_failed_per_ip,
+            )),
+            key_overflow: Mutex::new(Failures::new(
+                config.failed_auth_window,
+                config.max_failed_per_key,
+            )),
+            config: RwLock::new(config),
+        }
+    }
+
+    fn config(&self) -> BlocklistConfig {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Changes the settings at run time (table sizes stay as created).
+    pub fn reconfigure(&self, config: BlocklistConfig) {
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
+    }
+
+    fn key_of(&self, ip: IpAddr) -> IpAddr {
+        ip_key(
+            ip,
+            self.config
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .v6_prefix_len,
+        )
+    }
+
+    /// If `ip` is blocked at `now`, for how much longer.
+    pub fn ip_blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let key = self.key_of(ip);
+        match self.ips.get(&key, |f| f.blocked_for(now)) {
+            Some(blocked) => blocked,
+            None => lock(&self.ip_overflow).blocked_for(now),
+        }
+    }
+
+    /// If API key `key_id` is blocked at `now`, for how much longer.
+    pub fn key_blocked(&self, key_id: &str, now: Instant) -> Option<Duration> {
+        match self.keys.get(&key_id.to_owned(), |f| f.blocked_for(now)) {
+            Some(blocked) => blocked,
+            None => lock(&self.key_overflow).blocked_for(now),
+        }
+    }
+
+    /// Records a failed authentication from `ip`, claiming `key_id` if the
+    /// failure counts against that key (for a key bound to a certificate,
+    /// only failures over that certificate should).
+    pub fn record_failure(&self, ip: IpAddr, key_id: Option<&str>, now: Instant) {
+        let cfg = self.config();
+        let key = ip_key(ip, cfg.v6_prefix_len);
+        let (window, max_ip, max_key) = (
+            cfg.failed_auth_window,
+            cfg.max_failed_per_ip,
+            cfg.max_failed_per_key,
+        );
+        let tracked = self.ips.with(
+            &key,
+            now,
+            || Failures::new(window, max_ip),
+            |f| f.fail(now, max_ip, &cfg),
+        );
+        if tracked.is_err() {
+            lock(&self.ip_overflow).fail(now, max_ip, &cfg);
+        }
+        if let Some(id) = key_id {
+            let tracked = self.keys.with(
+                &id.to_owned(),
+                now,
+                || Failures::new(window, max_key),
+                |f| f.fail(now, max_key, &cfg),
+            );
+            if tracked.is_err() {
+                lock(&self.key_overflow).fail(now, max_key, &cfg);
+            }
+        }
+    }
+
+    /// Everything blocked at `now`.
+    pub fn blocked(&self, now: Instant) -> Vec<BlockedEntry> {
+        let mut out = Vec::new();
+        self.ips.for_each(|ip, f| {
+            if let Some(retry_after) = f.blocked_for(now) {
+                out.push(BlockedEntry {
+                    kind: "ip",
+                    entry: ip.to_string(),
+                    retry_after,
+                });
+            }
+        });
+        self.keys.for_each(|id, f| {
+            if let Some(retry_after) = f.blocked_for(now) {
+                out.push(BlockedEntry {
+                    kind: "api_key",
+                    entry: id.clone(),
+                    retry_after,
+                });
+            }
+        });
+        for (kind, overflow) in [
+            ("ip_overflow", &self.ip_overflow),
+            ("api_key_overflow", &self.key_overflow),
+        ] {
+            if let Some(retry_after) = lock(overflow).blocked_for(now) {
+                out.push(BlockedEntry {
+                    kind,
+                    entry: "*".into(),
+                    retry_after,
+                });
+            }
+        }
+        out
+    }
+
+    /// Lifts a block: `entry` is an address, a key id, or `"*"` for both
+    /// overflow windows. Returns whether anything was lifted.
+    pub fn unblock(&self, entry: &str) -> bool {
+        if entry == "*" {
+            let cfg = self.config();
+            *lock(&self.ip_overflow) = Failures::new(cfg.failed_auth_window, cfg.max_failed_per_ip);
+            *lock(&self.key_overflow) =
+                Failures::new(cfg.failed_auth_window, cfg.max_failed_per_key);
+            return true;
+        }
+        match entry.parse::<IpAddr>() {
+            Ok(ip) => self.ips.remove(&self.key_of(ip)),
+            Err(_) => self.keys.remove(&entry.to_owned()),
+        }
+    }
+
+    /// (blocked addresses, blocked keys) at `now`, for metrics.
+    pub fn blocked_counts(&self, now: Instant) -> (usize, usize) {
+        let mut ips = 0;
+        let mut keys = 0;
+        self.ips
+            .for_each(|_, f| ips += usize::from(f.blocked_for(now).is_some()));
+        self.keys
+            .for_each(|_, f| keys += usize::from(f.blocked_for(now).is_some()));
+        (ips, keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(max: u32) -> BlocklistConfig {
+        BlocklistConfig {
+            max_failed_per_ip: max,
+            max_failed_per_key: max,
+            max_tracked_ips: 16,
+            max_tracked_keys: 16,
+            ..BlocklistConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_key_brute_forced_from_many_ips_is_blocked() {
+        let list = Blocklist::new(cfg(3));
+        let now = Instant::now();
+        for i in 0..3u8 {
+            list.record_failure(IpAddr::from([10, 0, 0, i]), Some("victimkey123"), now);
+        }
+        assert!(list.key_blocked("victimkey123", now).is_some());
+        assert!(list.ip_blocked(IpAddr::from([10, 0, 0, 0]), now).is_none());
+    }
+
+    #[test]
+    fn disabled_blocklist_counts_but_never_blocks() {
+        let list = Blocklist::new(BlocklistConfig {
+            enabled: false,
+            ..cfg(1)
+        });
+        let ip = IpAddr::from([1, 2, 3, 4]);
+        let now = Instant::now();
+        for _ in 0..10 {
+            list.record_failure(ip, Some("k"), now);
+        }
+        assert!(list.ip_blocked(ip, now).is_none());
+        assert!(list.key_blocked("k", now).is_none());
+    }
+
+    #[test]
+    fn a_spray_of_addresses_fills_the_table_then_the_overflow_window_throttles() {
+        let list = Blocklist::new(cfg(1));
+        let now = Instant::now();
+        // Each address fails once: blocked at once (max 1), so never evictable.
+        for i in 0..200u32 {
+            list.record_failure(IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()), None, now);
+        }
+        let blocked = list.blocked(now);
+        assert!(blocked.iter().filter(|b| b.kind == "ip").count() <= 16);
+        assert!(blocked.iter().any(|b| b.kind == "ip_overflow"));
+        // A fresh address, never seen, is refused as part of the overflow.
+        assert!(
+            list.ip_blocked(IpAddr::from([192, 168, 1, 1]), now)
+                .is_some()
+        );
+        // Blocks expire on their own.
+        let later = now + Duration::from_secs(61);
+        assert!(
+            list.ip_blocked(IpAddr::from([192, 168, 1, 1]), later)
+                .is_none()
+        );
+        assert!(list.blocked(later).is_empty());
+    }
+
+    #[test]
+    fn unblock_lifts_a_block() {
+        let list = Blocklist::new(cfg(1));
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let now = Instant::now();
+        list.record_failure(ip, Some("k1"), now);
+        // The /64 is blocked: a neighbour address too.
+        assert!(
+            list.ip_blocked("2001:db8::ffff".parse().unwrap(), now)
+                .is_some()
+        );
+        assert!(list.unblock("2001:db8::1"));
+        assert!(list.ip_blocked(ip, now).is_none());
+        assert!(list.unblock("k1"));
+        assert!(list.key_blocked("k1", now).is_none());
+        assert!(!list.unblock("k1"));
+    }
+}
