@@ -110,17 +110,30 @@ impl Principal {
 /// `reason` goes to the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("authentication refused: {reason}")]
+#[non_exhaustive]
 pub struct AuthRejected {
     /// Why, for the audit log only. Never contains a secret.
     pub reason: String,
+    /// Whether the failure counts against the API key id it claimed (for
+    /// the failed-auth blocklist). False when the key is bound to another
+    /// certificate: holders of other certificates must not be able to lock
+    /// a bound key out.
+    pub counts_against_key: bool,
 }
 
 impl AuthRejected {
-    /// A refusal with an audit reason.
+    /// A refusal with an audit reason, counting against the claimed key.
     pub fn new(reason: impl Into<String>) -> AuthRejected {
         AuthRejected {
             reason: reason.into(),
+            counts_against_key: true,
         }
+    }
+
+    /// Marks the failure as not counting against the claimed key.
+    pub fn not_against_key(mut self) -> AuthRejected {
+        self.counts_against_key = false;
+        self
     }
 }
 

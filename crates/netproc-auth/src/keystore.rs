@@ -508,14 +508,23 @@ impl ApiKeyStore {
         let presented = sha256(secret.as_bytes());
         let stored = record.map_or(&DUMMY_HASH, |r| &r.hash);
         let hash_ok = bool::from(presented.ct_eq(stored));
+        // A key bound to another certificate: failures over this one must
+        // not count against it, or anyone could lock it out.
+        let bound_elsewhere =
+            record.is_some_and(|r| r.binding.as_ref().is_some_and(|b| !b.matches(cert)));
         let Some(record) = record.filter(|_| hash_ok && parsed.is_some()) else {
-            return Err(AuthRejected::new(if parsed.is_none() {
+            let rejected = AuthRejected::new(if parsed.is_none() {
                 "malformed API key"
             } else if keys.contains_key(id) {
                 "wrong secret for API key"
             } else {
                 "unknown API key id"
-            }));
+            });
+            return Err(if bound_elsewhere {
+                rejected.not_against_key()
+            } else {
+                rejected
+            });
         };
         if let Some(expiry) = record.expires_at
             && unix_secs(now) >= expiry
@@ -528,7 +537,8 @@ impl ApiKeyStore {
             return Err(AuthRejected::new(format!(
                 "API key {id} is bound to {binding}, presented over certificate {}",
                 cert.fingerprint
-            )));
+            ))
+            .not_against_key());
         }
         let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
         principal.functions = record.functions.clone();

@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use netproc_auth::{BoxFuture, Principal};
+use netproc_limits::{Gate, GatePermit, TokenBucket};
 use netproc_pki::CertIdentity;
-use netproc_wire::{ErrorBody, ErrorCode, Privilege, Value, from_value, to_value};
+use netproc_wire::{ErrorBody, ErrorCode, FunctionLimits, Privilege, Value, from_value, to_value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -242,10 +243,56 @@ pub(crate) struct Extension {
     pub(crate) handler: Arc<dyn ExtensionHandler>,
 }
 
+/// A function's own limits: a bucket shared by all its callers and a cap
+/// on concurrent calls.
+pub(crate) struct FunctionGuard {
+    bucket: Option<std::sync::Mutex<TokenBucket>>,
+    gate: Option<Gate>,
+}
+
+impl FunctionGuard {
+    pub(crate) fn new(limits: &FunctionLimits, now: Instant) -> FunctionGuard {
+        FunctionGuard {
+            bucket: limits.rate.as_ref().map(|r| {
+                std::sync::Mutex::new(TokenBucket::new(
+                    r.tokens_per_interval,
+                    std::time::Duration::from_millis(r.interval_ms.into()),
+                    r.burst_tokens,
+                    now,
+                ))
+            }),
+            gate: limits.max_concurrency.map(|n| Gate::new(n as usize)),
+        }
+    }
+
+    /// Takes a token and a concurrency slot, or names the limit that refused.
+    pub(crate) fn admit(
+        &self,
+        now: Instant,
+    ) -> Result<Option<GatePermit>, (&'static str, std::time::Duration)> {
+        let permit = match &self.gate {
+            Some(gate) => Some(
+                gate.try_enter()
+                    .ok_or(("function_concurrency", std::time::Duration::from_millis(50)))?,
+            ),
+            None => None,
+        };
+        if let Some(bucket) = &self.bucket {
+            bucket
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .try_acquire(now)
+                .map_err(|retry| ("per_function", retry))?;
+        }
+        Ok(permit)
+    }
+}
+
 /// The functions, constants and extensions a server offers. Read on every
 /// call without locking (an `ArcSwap` snapshot); changed by copy and swap.
 pub(crate) struct Registry {
     pub(crate) functions: HashMap<String, Arc<dyn NativeFunction>>,
+    pub(crate) guards: HashMap<String, FunctionGuard>,
     pub(crate) extensions: HashMap<String, Extension>,
     constants: ArcSwap<BTreeMap<String, Value>>,
 }
@@ -253,11 +300,13 @@ pub(crate) struct Registry {
 impl Registry {
     pub(crate) fn new(
         functions: HashMap<String, Arc<dyn NativeFunction>>,
+        guards: HashMap<String, FunctionGuard>,
         extensions: HashMap<String, Extension>,
         constants: BTreeMap<String, Value>,
     ) -> Self {
         Registry {
             functions,
+            guards,
             extensions,
             constants: ArcSwap::from_pointee(constants),
         }

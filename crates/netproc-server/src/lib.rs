@@ -47,6 +47,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod abuse;
 mod audit;
 mod function;
 mod options;
@@ -56,10 +57,12 @@ mod session;
 mod sessions;
 
 // The public interface.
+pub use abuse::AbuseMetrics;
 pub use audit::AUDIT_TARGET;
 pub use function::{CallContext, CallError, ExtensionHandler, NativeFunction};
 pub use options::{
-    ConnectionControls, InvalidOption, RequestControls, ServerOptions, SessionControls,
+    AuthControls, BucketControls, ConnectionControls, InvalidOption, RequestControls,
+    ServerOptions, SessionControls,
 };
 pub use server::{Server, ServerBuilder, ServerError, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use netproc_auth::Authenticator;
+use netproc_limits::{Clock, SystemClock};
 use netproc_pki::{Crl, Identity, PkiError, TlsOptions, TrustAnchors};
-use netproc_wire::{ErrorBody, ErrorCode, Operation, Privilege, Value, to_value};
+use netproc_wire::{ErrorCode, FunctionLimits, Privilege, Value, to_value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
@@ -18,8 +19,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::abuse::{Abuse, AbuseMetrics};
 use crate::function::{
-    CallContext, CallError, Extension, ExtensionHandler, NativeFunction, Registry, SessionFacts,
+    CallContext, CallError, Extension, ExtensionHandler, FunctionGuard, NativeFunction, Registry,
     TypedFunction, valid_name,
 };
 use crate::options::{InvalidOption, ServerOptions};
@@ -52,7 +54,7 @@ pub enum ServerError {
 /// State shared by the accept loop and every session.
 pub(crate) struct Shared {
     pub(crate) name: String,
-    pub(crate) options: ServerOptions,
+    pub(crate) abuse: Abuse,
     pub(crate) tls: Arc<rustls::ServerConfig>,
     pub(crate) registry: Registry,
     pub(crate) authenticator: Arc<dyn Authenticator>,
@@ -68,20 +70,15 @@ impl Shared {
         self.next_session_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The admission check before the TLS handshake. Every connection is
-    /// admitted today; the abuse controls (blocklist, socket and handshake
-    /// caps, connection windows) plug in here.
-    fn admit(&self, _peer: SocketAddr) -> Result<(), ErrorCode> {
-        Ok(())
+    /// The settings in force (they can change at run time).
+    pub(crate) fn options(&self) -> Arc<ServerOptions> {
+        self.abuse.options()
     }
 
-    /// The per-request check after authorisation and before dispatch. Every
-    /// request passes today; the request rate limits plug in here.
-    pub(crate) fn check_request(
-        &self,
-        _facts: &SessionFacts,
-        _op: &Operation,
-    ) -> Result<(), ErrorBody> {
+    /// Validates and applies new settings.
+    pub(crate) fn set_options(&self, options: ServerOptions) -> Result<(), InvalidOption> {
+        options.validate()?;
+        self.abuse.set_options(options);
         Ok(())
     }
 
@@ -127,8 +124,10 @@ impl Server {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             options: ServerOptions::default(),
             functions: HashMap::new(),
+            limits: HashMap::new(),
             constants: BTreeMap::new(),
             extensions: HashMap::new(),
+            clock: Arc::new(SystemClock),
             errors: Vec::new(),
         }
     }
@@ -145,8 +144,10 @@ pub struct ServerBuilder {
     bind: SocketAddr,
     options: ServerOptions,
     functions: HashMap<String, Arc<dyn NativeFunction>>,
+    limits: HashMap<String, FunctionLimits>,
     constants: BTreeMap<String, Value>,
     extensions: HashMap<String, Extension>,
+    clock: Arc<dyn Clock>,
     errors: Vec<String>,
 }
 
@@ -227,6 +228,27 @@ impl ServerBuilder {
         self
     }
 
+    /// Gives a registered function limits of its own: a token bucket shared
+    /// by all its callers (scope `per_function`) and a cap on concurrent
+    /// calls (scope `function_concurrency`), both answered `rate_limited`.
+    pub fn function_limits(mut self, name: &str, limits: FunctionLimits) -> Self {
+        if let Some(rate) = &limits.rate
+            && (rate.tokens_per_interval == 0 || rate.interval_ms == 0 || rate.burst_tokens == 0)
+        {
+            self.errors.push(format!(
+                "function \"{name}\": rate limits must be greater than zero"
+            ));
+        }
+        self.limits.insert(name.to_owned(), limits);
+        self
+    }
+
+    /// The clock the limiters read (a manual clock in tests).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Registers a function implementing [`NativeFunction`] directly.
     pub fn native_function(mut self, name: &str, f: Arc<dyn NativeFunction>) -> Self {
         if self.register(name) {
@@ -275,6 +297,15 @@ impl ServerBuilder {
         if let Some(e) = self.errors.into_iter().next() {
             return Err(ServerError::Registration(e));
         }
+        if let Some(name) = self
+            .limits
+            .keys()
+            .find(|n| !self.functions.contains_key(*n))
+        {
+            return Err(ServerError::Registration(format!(
+                "limits for unknown function \"{name}\""
+            )));
+        }
         self.options.validate()?;
         let tls = netproc_pki::server_config_with(
             &self.identity,
@@ -292,11 +323,17 @@ impl ServerBuilder {
             addr: self.bind,
             source,
         })?;
+        let now = self.clock.now();
+        let guards = self
+            .limits
+            .into_iter()
+            .map(|(name, limits)| (name, FunctionGuard::new(&limits, now)))
+            .collect();
         let shared = Arc::new(Shared {
             name: self.name,
-            options: self.options,
+            abuse: Abuse::new(self.options, self.clock),
             tls: Arc::new(tls),
-            registry: Registry::new(self.functions, self.extensions, self.constants),
+            registry: Registry::new(self.functions, guards, self.extensions, self.constants),
             authenticator: self.authenticator,
             sessions: SessionTable::default(),
             started: Instant::now(),
@@ -323,15 +360,18 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                if let Err(code) = shared.admit(peer) {
+            Ok((tcp, peer)) => match shared.abuse.admit(peer.ip()) {
+                // Refused before any TLS work; nothing is sent.
+                Err(code) => {
                     tracing::debug!(%peer, %code, "connection refused at admission");
-                    continue;
+                    drop(tcp);
                 }
-                shared
-                    .tracker
-                    .spawn(run_connection(Arc::clone(&shared), tcp, peer));
-            }
+                Ok(admitted) => {
+                    shared
+                        .tracker
+                        .spawn(run_connection(Arc::clone(&shared), tcp, peer, admitted));
+                }
+            },
             Err(e) => {
                 // Out of descriptors and similar: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -401,6 +441,29 @@ impl ServerHandle {
         self.inner.shared.close_sessions_inner(selector, reason)
     }
 
+    /// The abuse-control counters and gauges.
+    pub fn abuse_metrics(&self) -> AbuseMetrics {
+        let shared = &self.inner.shared;
+        shared.abuse.snapshot(shared.sessions.len())
+    }
+
+    /// Lifts a block on an address or API key id (`"*"`: the overflow
+    /// windows). Returns whether anything was lifted.
+    pub fn unblock(&self, entry: &str) -> bool {
+        self.inner.shared.abuse.blocklist.unblock(entry)
+    }
+
+    /// The settings in force.
+    pub fn options(&self) -> ServerOptions {
+        (*self.inner.shared.options()).clone()
+    }
+
+    /// Changes the settings at run time. Caps, windows and buckets apply at
+    /// once; frame limits and timeouts apply to new connections.
+    pub fn set_options(&self, options: ServerOptions) -> Result<(), InvalidOption> {
+        self.inner.shared.set_options(options)
+    }
+
     /// Graceful shutdown: stop accepting, send `GoAway(shutting_down)` to
     /// every session, let in-flight calls finish for up to `grace`, then
     /// close everything. Returns when every connection task has ended.
@@ -424,7 +487,7 @@ impl ServerHandle {
         // Sessions end by the deadline; the margin covers their farewell writes.
         let margin = Duration::from_millis(
             shared
-                .options
+                .options()
                 .session_controls
                 .write_stall_timeout_ms
                 .min(2_000),

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::abuse::{Admitted, Counter, new_bucket};
 use crate::audit::{self, sanitize};
 use crate::function::{CallContext, CallError, SessionFacts, valid_name};
 use crate::outbox::Outbox;
@@ -84,32 +85,45 @@ fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMessage {
     ServerMessage::Error(ErrorBody::new(code, message))
 }
 
-/// Runs one accepted TCP connection to its end.
-pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+/// Runs one accepted TCP connection to its end. `admitted` holds the socket
+/// and handshake permits taken at accept.
+pub(crate) async fn run_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+) {
     let _ = tcp.set_nodelay(true);
-    let cc = &shared.options.connection_controls;
+    // The socket permit is held for the connection's life.
+    let Admitted {
+        socket: _socket,
+        handshake,
+    } = admitted;
+    let options = shared.options();
+    let cc = &options.connection_controls;
     let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls));
-    let handshake = tokio::time::timeout(
-        Duration::from_millis(cc.tls_handshake_timeout_ms),
-        acceptor.accept(tcp),
-    );
+    let handshake_timeout = Duration::from_millis(cc.tls_handshake_timeout_ms);
     let tls = tokio::select! {
-        r = handshake => r,
+        r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => r,
         () = shared.shutdown.cancelled() => return,
     };
+    drop(handshake);
     let tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            shared.abuse.count(Counter::handshake_failure_count);
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            shared.abuse.count(Counter::handshake_timeout_count);
             tracing::debug!(%peer, "TLS handshake timed out");
             return;
         }
     };
     let (_, conn) = tls.get_ref();
     if conn.alpn_protocol() != Some(ALPN_PROTOCOL) {
+        shared.abuse.count(Counter::handshake_failure_count);
         audit::refused_connection(peer, "the client did not negotiate ALPN netproc/1");
         return;
     }
@@ -124,12 +138,25 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
     };
     let cert = Arc::new(cert);
     let (mut rd, mut wr) = tokio::io::split(tls);
+    let pre_limit = cc.max_pre_auth_frame_bytes;
+    let Some(unauthenticated) = shared.abuse.unauthenticated.try_enter() else {
+        shared.abuse.count(Counter::handshake_limited_count);
+        audit::refused_connection(peer, "max_unauthenticated_sessions reached");
+        let msg = error_msg(
+            ErrorCode::HandshakeLimited,
+            "too many unauthenticated sessions",
+        );
+        farewell(&mut wr, msg, pre_limit).await;
+        return;
+    };
 
     // AwaitingAuth.
     let started = Instant::now();
-    let auth_deadline =
-        tokio::time::Instant::now() + Duration::from_millis(cc.auth_message_timeout_ms);
-    let pre_limit = cc.max_pre_auth_frame_bytes;
+    let auth_timeout = Duration::from_millis(cc.auth_message_timeout_ms);
+    let auth_deadline = tokio::time::Instant::now() + auth_timeout;
+    let refuse = |code: ErrorCode, key: Option<&str>, reason: &str| {
+        audit::auth_refused(peer, &cert, key, code, reason, started);
+    };
     let mut decoder = FrameDecoder::new(pre_limit);
     let first = tokio::select! {
         r = tokio::time::timeout_at(auth_deadline, read_frame(&mut rd, &mut decoder)) => r,
@@ -137,21 +164,18 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
     };
     let body = match first {
         Err(_) => {
-            audit::auth_refused(
-                peer,
-                &cert,
-                None,
-                ErrorCode::Timeout,
-                "no Auth message in time",
-                started,
-            );
+            shared.abuse.count(Counter::auth_timeout_count);
+            refuse(ErrorCode::Timeout, None, "no Auth message in time");
             let msg = format!("no Auth message within {} ms", cc.auth_message_timeout_ms);
             farewell(&mut wr, error_msg(ErrorCode::Timeout, msg), pre_limit).await;
             return;
         }
         Ok(Err(ReadError::Closed)) => return,
         Ok(Err(ReadError::Frame(e))) => {
-            audit::auth_refused(peer, &cert, None, e.code(), &e.to_string(), started);
+            if e.code() == ErrorCode::FrameTooLarge {
+                shared.abuse.count(Counter::frame_too_large_count);
+            }
+            refuse(e.code(), None, &e.to_string());
             farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
             return;
         }
@@ -165,47 +189,35 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
             | DecodeError::InvalidOperation { .. }
             | DecodeError::InvalidRequest { .. },
         ) => {
-            audit::auth_refused(
-                peer,
-                &cert,
-                None,
+            refuse(
                 ErrorCode::NotAuthenticated,
+                None,
                 "first message was not Auth",
-                started,
             );
-            let msg = "the first message must be Auth";
-            farewell(
-                &mut wr,
-                error_msg(ErrorCode::NotAuthenticated, msg),
-                pre_limit,
-            )
-            .await;
+            let msg = error_msg(
+                ErrorCode::NotAuthenticated,
+                "the first message must be Auth",
+            );
+            farewell(&mut wr, msg, pre_limit).await;
             return;
         }
         Err(e) => {
-            audit::auth_refused(peer, &cert, None, e.code(), &e.to_string(), started);
+            refuse(e.code(), None, &e.to_string());
             farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
             return;
         }
     };
     let client_name = auth.client_name.as_deref().map(sanitize);
+    let failed = || error_msg(ErrorCode::AuthenticationFailed, "authentication failed");
     let credential = match auth.method {
         AuthMethod::ApiKey(key) => Credential::ApiKey(key),
         _ => {
-            audit::auth_refused(
-                peer,
-                &cert,
-                None,
+            refuse(
                 ErrorCode::AuthenticationFailed,
+                None,
                 "authentication method not enabled",
-                started,
             );
-            farewell(
-                &mut wr,
-                error_msg(ErrorCode::AuthenticationFailed, "authentication failed"),
-                pre_limit,
-            )
-            .await;
+            farewell(&mut wr, failed(), pre_limit).await;
             return;
         }
     };
@@ -213,31 +225,39 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
         Credential::ApiKey(k) => audit::claimed_key_id(k.expose()),
         _ => None,
     };
+    // A blocked address or key, or too many attempts from this address:
+    // refused without calling the authenticator.
+    if let Err(body) = shared
+        .abuse
+        .check_auth_attempt(peer.ip(), claimed_key.as_deref())
+    {
+        refuse(
+            ErrorCode::AuthThrottled,
+            claimed_key.as_deref(),
+            &body.message,
+        );
+        farewell(&mut wr, ServerMessage::Error(body), pre_limit).await;
+        return;
+    }
     let request = AuthRequest::new(credential, peer, Arc::clone(&cert));
     let authenticated = AssertUnwindSafe(shared.authenticator.authenticate(request)).catch_unwind();
     let principal = match tokio::time::timeout_at(auth_deadline, authenticated).await {
         Ok(Ok(Ok(p))) if p.expires_at.is_none_or(|t| t > SystemTime::now()) => p,
         outcome => {
-            let reason = match outcome {
-                Ok(Ok(Err(rejected))) => rejected.reason,
-                Ok(Ok(Ok(_))) => "credential expired".to_owned(),
-                Ok(Err(_)) => "the authenticator panicked".to_owned(),
-                Err(_) => "the authenticator did not answer in time".to_owned(),
+            let (reason, against_key) = match outcome {
+                Ok(Ok(Err(rejected))) => (rejected.reason, rejected.counts_against_key),
+                Ok(Ok(Ok(_))) => ("credential expired".to_owned(), true),
+                Ok(Err(_)) => ("the authenticator panicked".to_owned(), true),
+                Err(_) => ("the authenticator did not answer in time".to_owned(), true),
             };
-            audit::auth_refused(
-                peer,
-                &cert,
-                claimed_key.as_deref(),
+            let key = claimed_key.as_deref().filter(|_| against_key);
+            shared.abuse.auth_failed(peer.ip(), key);
+            refuse(
                 ErrorCode::AuthenticationFailed,
+                claimed_key.as_deref(),
                 &reason,
-                started,
             );
-            farewell(
-                &mut wr,
-                error_msg(ErrorCode::AuthenticationFailed, "authentication failed"),
-                pre_limit,
-            )
-            .await;
+            farewell(&mut wr, failed(), pre_limit).await;
             return;
         }
     };
@@ -250,6 +270,7 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
         peer,
         cert,
     });
+    shared.abuse.count(Counter::auth_success_count);
     audit::auth_ok(&facts, client_name.as_deref(), started);
     let post_limit = cc.max_post_auth_frame_bytes;
     decoder.set_limit(post_limit);
@@ -267,6 +288,7 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
         },
         control: control_tx,
     });
+    drop(unauthenticated);
     // A shutdown that began while this session authenticated must reach it.
     if shared.shutdown.is_cancelled() {
         shared.sessions.signal(
@@ -284,17 +306,16 @@ pub(crate) async fn run_connection(shared: Arc<Shared>, tcp: TcpStream, peer: So
         session_id,
         privileges: facts.principal.privileges.names(),
         limits: AnnouncedLimits {
-            max_in_flight_requests: shared
-                .options
+            max_in_flight_requests: options
                 .request_controls
                 .max_in_flight_requests_per_connection,
             max_pre_auth_frame_bytes: pre_limit,
             max_post_auth_frame_bytes: post_limit,
         },
-        idle_timeout_ms: shared.options.session_controls.idle_timeout_ms,
+        idle_timeout_ms: options.session_controls.idle_timeout_ms,
     }));
     outbox.flush();
-    let stall = Duration::from_millis(shared.options.session_controls.write_stall_timeout_ms);
+    let stall = Duration::from_millis(options.session_controls.write_stall_timeout_ms);
     let writer = {
         let outbox = Arc::clone(&outbox);
         tokio::spawn(async move { outbox.run_writer(wr, stall).await })
@@ -319,6 +340,8 @@ struct Session {
     cancels: HashMap<u64, CancellationToken>,
     last_id: Option<u64>,
     pings: TokenBucket,
+    /// The per-connection request bucket, with the settings version it follows.
+    conn_bucket: (u64, TokenBucket),
     last_activity: Instant,
 }
 
@@ -332,7 +355,13 @@ enum End {
 
 impl Session {
     fn new(shared: Arc<Shared>, facts: Arc<SessionFacts>, outbox: Arc<Outbox>) -> Session {
-        let sc = &shared.options.session_controls;
+        let options = shared.options();
+        let sc = &options.session_controls;
+        let now = shared.abuse.clock.now();
+        let conn_bucket = (
+            shared.abuse.version(),
+            new_bucket(&options.request_controls.per_connection, now),
+        );
         let pings = TokenBucket::new(
             sc.max_pings_per_second,
             Duration::from_secs(1),
@@ -347,6 +376,7 @@ impl Session {
             cancels: HashMap::new(),
             last_id: None,
             pings,
+            conn_bucket,
             last_activity: Instant::now(),
         }
     }
@@ -366,12 +396,9 @@ impl Session {
         decoder: &mut FrameDecoder,
         mut control: mpsc::Receiver<Control>,
     ) {
-        let budget = self
-            .shared
-            .options
-            .session_controls
-            .max_outbound_bytes_per_connection as usize;
-        let idle = Duration::from_millis(self.shared.options.session_controls.idle_timeout_ms);
+        let options = self.shared.options();
+        let budget = options.session_controls.max_outbound_bytes_per_connection as usize;
+        let idle = Duration::from_millis(options.session_controls.idle_timeout_ms);
         let mut idle_timer = pin!(tokio::time::sleep(if idle.is_zero() {
             Duration::MAX / 4
         } else {
@@ -475,7 +502,11 @@ impl Session {
                 }
             };
             match ClientMessage::decode(&body) {
-                Ok(ClientMessage::Request(req)) => self.handle_request(req),
+                Ok(ClientMessage::Request(req)) => {
+                    if let Some(end) = self.handle_request(req) {
+                        return Some(end);
+                    }
+                }
                 Ok(ClientMessage::Cancel { id }) => {
                     if let Some(token) = self.cancels.get(&id) {
                         token.cancel();
@@ -576,54 +607,49 @@ impl Session {
         self.go_away(reason, &message);
     }
 
-    fn handle_request(&mut self, req: Request) {
+    /// Checks and dispatches one request, in this order: id, privilege,
+    /// in-flight cap, request buckets, function limits. `Some` ends the
+    /// session (`disconnect_on_limit`).
+    fn handle_request(&mut self, req: Request) -> Option<End> {
         let Request {
             id,
             op,
             deadline_ms,
         } = req;
         if !self.accept_id(id) {
-            return;
+            return None;
         }
+        let refused = |facts: &SessionFacts, op: &Operation, code: ErrorCode| {
+            audit::request_refused(facts, op.name(), function_of(op), code);
+        };
         if let Err(denied) = authorize(&self.facts.principal, &op) {
-            audit::request_refused(
-                &self.facts,
-                op.name(),
-                function_of(&op),
-                ErrorCode::InsufficientPrivileges,
-            );
+            refused(&self.facts, &op, ErrorCode::InsufficientPrivileges);
             self.respond_err(id, ErrorCode::InsufficientPrivileges, denied.to_string());
-            return;
+            return None;
         }
-        if let Err(refusal) = self.shared.check_request(&self.facts, &op) {
-            audit::request_refused(
-                &self.facts,
-                op.name(),
-                function_of(&op),
-                refusal.code.clone(),
-            );
-            self.respond(id, Outcome::Err(refusal));
-            return;
-        }
-        let rc = &self.shared.options.request_controls;
+        let options = self.shared.options();
+        let rc = &options.request_controls;
         if self.calls.len() >= rc.max_in_flight_requests_per_connection as usize {
-            audit::request_refused(
-                &self.facts,
-                op.name(),
-                function_of(&op),
-                ErrorCode::RateLimited,
-            );
-            let details = to_value(&InFlightDetails {
-                retry_after_ms: 50,
-                scope: "in_flight_per_connection",
-            })
-            .unwrap_or_default();
-            let msg = "too many in-flight requests on this connection";
-            self.respond(
-                id,
-                Outcome::Err(ErrorBody::new(ErrorCode::RateLimited, msg).with_details(details)),
-            );
-            return;
+            refused(&self.facts, &op, ErrorCode::RateLimited);
+            let body = self.shared.abuse.in_flight_refusal();
+            self.respond(id, Outcome::Err(body));
+            return None;
+        }
+        let principal = &self.facts.principal;
+        let key_id = principal.key_id.as_deref().unwrap_or(&principal.id);
+        let checked =
+            self.shared
+                .abuse
+                .check_request(&mut self.conn_bucket, key_id, self.facts.peer.ip());
+        if let Err(refusal) = checked {
+            refused(&self.facts, &op, ErrorCode::RateLimited);
+            self.respond(id, Outcome::Err(refusal.body));
+            if refusal.disconnect {
+                audit::session_closed(&self.facts, ErrorCode::RateLimited);
+                self.close_with(ErrorCode::RateLimited, "request rate limit exceeded");
+                return Some(End::Now);
+            }
+            return None;
         }
         let server_limit = Duration::from_millis(rc.request_timeout_ms);
         let limit = deadline_ms.map_or(server_limit, |ms| {
@@ -632,19 +658,38 @@ impl Session {
         match op {
             Operation::Invoke { function, args } => {
                 let Some(f) = self.shared.registry.functions.get(&function) else {
-                    audit::request_refused(
+                    refused(
                         &self.facts,
-                        "invoke",
-                        Some(&function),
+                        &Operation::Invoke {
+                            function: function.clone(),
+                            args: Vec::new(),
+                        },
                         ErrorCode::FunctionNotFound,
                     );
                     let msg = format!("no function named \"{}\"", sanitize(&function));
                     self.respond_err(id, ErrorCode::FunctionNotFound, msg);
-                    return;
+                    return None;
+                };
+                let permit = match self.shared.registry.guards.get(&function) {
+                    None => None,
+                    Some(guard) => match guard.admit(self.shared.abuse.clock.now()) {
+                        Ok(permit) => permit,
+                        Err((scope, retry)) => {
+                            audit::request_refused(
+                                &self.facts,
+                                "invoke",
+                                Some(&function),
+                                ErrorCode::RateLimited,
+                            );
+                            let body = self.shared.abuse.function_refusal(scope, retry);
+                            self.respond(id, Outcome::Err(body));
+                            return None;
+                        }
+                    },
                 };
                 let (ctx, token, deadline) = self.context(limit);
                 let fut = f.call(ctx, args);
-                self.spawn_call(id, fut, token, deadline, limit);
+                self.spawn_call(id, fut, token, deadline, limit, permit);
             }
             Operation::Extension { name, payload } => {
                 let Some(ext) = self.shared.registry.extensions.get(&name) else {
@@ -654,12 +699,9 @@ impl Session {
                         Some(&name),
                         ErrorCode::InvalidOperation,
                     );
-                    self.respond_err(
-                        id,
-                        ErrorCode::InvalidOperation,
-                        format!("no extension named \"{}\"", sanitize(&name)),
-                    );
-                    return;
+                    let msg = format!("no extension named \"{}\"", sanitize(&name));
+                    self.respond_err(id, ErrorCode::InvalidOperation, msg);
+                    return None;
                 };
                 if let Err(denied) =
                     authorize_privilege(&self.facts.principal, ext.privilege, "extension")
@@ -671,19 +713,20 @@ impl Session {
                         ErrorCode::InsufficientPrivileges,
                     );
                     self.respond_err(id, ErrorCode::InsufficientPrivileges, denied.to_string());
-                    return;
+                    return None;
                 }
                 let (ctx, token, deadline) = self.context(limit);
                 let handler = Arc::clone(&ext.handler);
                 let fut: BoxFuture<'static, Result<Value, CallError>> =
                     Box::pin(async move { handler.handle(ctx, payload).await.map(Value::Bytes) });
-                self.spawn_call(id, fut, token, deadline, limit);
+                self.spawn_call(id, fut, token, deadline, limit, None);
             }
             op => {
                 let outcome = self.run_inline(op);
                 self.respond(id, outcome);
             }
         }
+        None
     }
 
     fn context(&self, limit: Duration) -> (CallContext, CancellationToken, Instant) {
@@ -703,10 +746,14 @@ impl Session {
         token: CancellationToken,
         deadline: Instant,
         limit: Duration,
+        permit: Option<netproc_limits::GatePermit>,
     ) {
         self.cancels.insert(id, token.clone());
         let facts = Arc::clone(&self.facts);
+        let in_flight = InFlight::enter(Arc::clone(&self.shared));
         self.calls.push(Box::pin(async move {
+            // Released when the call ends, however it ends.
+            let _held = (in_flight, permit);
             let finished = |r: std::thread::Result<Result<Value, CallError>>| match r {
                 Ok(Ok(v)) => Outcome::Ok(v),
                 Ok(Err(e)) => Outcome::Err(e.into_body()),
@@ -833,14 +880,35 @@ impl Session {
                 );
                 Outcome::Ok(Value::Int(n as i64))
             }
-            Operation::AbuseMetrics
-            | Operation::ListBlocked
-            | Operation::Unblock { .. }
-            | Operation::GetLimits
-            | Operation::SetLimits { .. } => err(
-                ErrorCode::InvalidOperation,
-                "abuse controls are not available on this server version".into(),
-            ),
+            Operation::AbuseMetrics => {
+                audit::admin_action(&self.facts, "abuse_metrics", "");
+                let snapshot = shared.abuse.snapshot(shared.sessions.len());
+                Outcome::Ok(to_value(&snapshot).unwrap_or_default())
+            }
+            Operation::ListBlocked => {
+                audit::admin_action(&self.facts, "list_blocked", "");
+                Outcome::Ok(shared.abuse.blocked_value())
+            }
+            Operation::Unblock { entry } => {
+                audit::admin_action(&self.facts, "unblock", &entry);
+                Outcome::Ok(Value::Bool(shared.abuse.blocklist.unblock(&entry)))
+            }
+            Operation::GetLimits => {
+                audit::admin_action(&self.facts, "get_limits", "");
+                Outcome::Ok(shared.abuse.options_value())
+            }
+            Operation::SetLimits { limits } => {
+                let applied = netproc_wire::from_value::<crate::ServerOptions>(limits)
+                    .map_err(|e| format!("invalid limits: {e}"))
+                    .and_then(|o| shared.set_options(o).map_err(|e| e.to_string()));
+                match applied {
+                    Ok(()) => {
+                        audit::admin_action(&self.facts, "set_limits", "");
+                        Outcome::Ok(Value::Null)
+                    }
+                    Err(message) => err(ErrorCode::InvalidArgument, message),
+                }
+            }
             other => err(
                 ErrorCode::InvalidOperation,
                 format!("operation {} is not supported by this server", other.name()),
@@ -858,16 +926,26 @@ fn function_of(op: &Operation) -> Option<&str> {
 }
 
 #[derive(serde::Serialize)]
-struct InFlightDetails {
-    retry_after_ms: u64,
-    scope: &'static str,
-}
-
-#[derive(serde::Serialize)]
 struct ServerInfoReply<'a> {
     name: &'a str,
     version: &'static str,
     protocol_version: u32,
     uptime_ms: u64,
     sessions: usize,
+}
+
+/// Counts a running call in the server-wide in-flight gauge until dropped.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(shared: Arc<Shared>) -> InFlight {
+        shared.abuse.in_flight_delta(1);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.abuse.in_flight_delta(-1);
+    }
 }

@@ -98,6 +98,15 @@ pub(crate) async fn start_with(
         .unwrap()
 }
 
+/// Default options with the request buckets off (for load-style tests).
+pub(crate) fn unlimited() -> ServerOptions {
+    let mut o = ServerOptions::default();
+    o.request_controls.per_connection = netproc_server::BucketControls::disabled();
+    o.request_controls.per_api_key = netproc_server::BucketControls::disabled();
+    o.request_controls.per_ip = netproc_server::BucketControls::disabled();
+    o
+}
+
 pub(crate) fn key(keys: &ApiKeyStore, privileges: &str) -> ApiKey {
     keys.create(KeySpec::new(privileges.parse::<PrivilegeSet>().unwrap()))
         .unwrap()

@@ -1,0 +1,576 @@
+//! Abuse controls as applied by the server: admission, authentication
+//! throttling, request buckets, and the counters that describe them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use netproc_limits::{
+    Blocklist, BlocklistConfig, Clock, Gate, GatePermit, KeyedTable, SlidingWindow, TokenBucket,
+    ip_key,
+};
+use netproc_wire::{ErrorBody, ErrorCode, Value, to_value};
+use serde::Serialize;
+
+use crate::options::{BucketControls, ServerOptions};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident, )*) => {
+        /// A cumulative counter of [`AbuseMetrics`].
+        #[derive(Debug, Clone, Copy)]
+        #[allow(non_camel_case_types)]
+        pub(crate) enum Counter { $( $name, )* }
+
+        const COUNTERS: usize = [$( stringify!($name), )*].len();
+
+        impl Counter {
+            fn metric_name(self) -> &'static str {
+                match self { $( Counter::$name => concat!("netproc_", stringify!($name)), )* }
+            }
+        }
+
+        /// A snapshot of the abuse-control counters and gauges.
+        ///
+        /// The first fourteen fields are the reference's, with the same names
+        /// and meaning; the rest are netproc's. Counters are cumulative since
+        /// start; `active_*` and the other gauges are current values.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+        #[non_exhaustive]
+        pub struct AbuseMetrics {
+            $( $(#[$doc])* pub $name: u64, )*
+            /// Sockets open now.
+            pub active_socket_count: u64,
+            /// TLS handshakes in progress now.
+            pub active_handshake_count: u64,
+            /// TLS sessions not yet authenticated now.
+            pub active_unauthenticated_session_count: u64,
+            /// Authenticated sessions now.
+            pub active_session_count: u64,
+            /// Requests running now, across all sessions.
+            pub in_flight_request_count: u64,
+            /// Addresses blocked now.
+            pub blocked_ip_count: u64,
+            /// API keys blocked now.
+            pub blocked_api_key_count: u64,
+            /// Connections refused, by code.
+            pub refused_by_code: BTreeMap<String, u64>,
+        }
+
+        impl AbuseMetrics {
+            fn from_counters(c: &[AtomicU64; COUNTERS]) -> AbuseMetrics {
+                AbuseMetrics {
+                    $( $name: c[Counter::$name as usize].load(Ordering::Relaxed), )*
+                    ..AbuseMetrics::default()
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections admitted at accept.
+    connection_accepted_count,
+    /// Connections refused at accept (any reason).
+    connection_rejected_count,
+    /// Refusals for the handshake or unauthenticated-session caps.
+    handshake_limited_count,
+    /// TLS handshakes that timed out.
+    handshake_timeout_count,
+    /// TLS handshakes that failed (bad certificate, protocol, ALPN).
+    handshake_failure_count,
+    /// Failed authentications.
+    auth_failure_count,
+    /// Refusals because an address or key was blocked or over its attempt window.
+    auth_throttled_count,
+    /// Requests refused by the per-connection bucket.
+    rate_limited_per_connection_count,
+    /// Requests refused by the per-API-key bucket.
+    rate_limited_per_api_key_count,
+    /// Requests refused by the per-address bucket.
+    rate_limited_per_ip_count,
+    /// Requests refused by the in-flight cap.
+    rate_limited_in_flight_count,
+    /// Refusals for the socket cap or a connection window.
+    connection_limited_count,
+    /// Successful authentications.
+    auth_success_count,
+    /// Sessions closed for not authenticating in time.
+    auth_timeout_count,
+    /// Requests refused by a function's own bucket or concurrency cap.
+    rate_limited_per_function_count,
+    /// Frames refused for their declared length.
+    frame_too_large_count,
+    /// New addresses or keys refused because a limiter table was full of active entries.
+    limiter_table_full_count,
+}
+
+/// Which limit refused a request.
+pub(crate) struct Refusal {
+    pub(crate) body: ErrorBody,
+    pub(crate) disconnect: bool,
+}
+
+fn rate_limited(scope: &'static str, retry_after: Duration, message: &str) -> ErrorBody {
+    let ms = u64::try_from(retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let details = Value::Map(BTreeMap::from([
+        (
+            "retry_after_ms".to_owned(),
+            Value::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
+        ),
+        ("scope".to_owned(), Value::from(scope)),
+    ]));
+    ErrorBody::new(ErrorCode::RateLimited, message).with_details(details)
+}
+
+pub(crate) fn throttled(
+    retry_after: Duration,
+    message: &str,
+    scope: Option<&'static str>,
+) -> ErrorBody {
+    let ms = u64::try_from(retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut details = BTreeMap::from([(
+        "retry_after_ms".to_owned(),
+        Value::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
+    )]);
+    if let Some(scope) = scope {
+        details.insert("scope".to_owned(), Value::from(scope));
+    }
+    ErrorBody::new(ErrorCode::AuthThrottled, message).with_details(Value::Map(details))
+}
+
+/// A bucket in a shared table, with the settings version it was made under.
+pub(crate) struct Versioned {
+    version: u64,
+    bucket: TokenBucket,
+}
+
+impl netproc_limits::Idle for Versioned {
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.bucket.is_full(now)
+    }
+}
+
+pub(crate) fn new_bucket(spec: &BucketControls, now: Instant) -> TokenBucket {
+    TokenBucket::new(
+        spec.tokens_per_interval,
+        Duration::from_millis(spec.interval_ms),
+        spec.burst_tokens,
+        now,
+    )
+}
+
+/// Permits held by a connection from accept on.
+pub(crate) struct Admitted {
+    pub(crate) socket: GatePermit,
+    pub(crate) handshake: GatePermit,
+}
+
+/// The server's abuse-control state.
+pub(crate) struct Abuse {
+    pub(crate) clock: Arc<dyn Clock>,
+    options: ArcSwap<ServerOptions>,
+    version: AtomicU64,
+    sockets: Gate,
+    handshakes: Gate,
+    pub(crate) unauthenticated: Gate,
+    global_window: Mutex<SlidingWindow>,
+    per_ip_connections: KeyedTable<IpAddr, SlidingWindow>,
+    pending_auth: KeyedTable<IpAddr, SlidingWindow>,
+    pub(crate) blocklist: Blocklist,
+    per_key: KeyedTable<String, Versioned>,
+    per_ip: KeyedTable<IpAddr, Versioned>,
+    counters: [AtomicU64; COUNTERS],
+    in_flight: AtomicI64,
+}
+
+fn blocklist_config(o: &ServerOptions) -> BlocklistConfig {
+    let a = &o.auth_controls;
+    let mut cfg = BlocklistConfig::default();
+    cfg.failed_auth_window = Duration::from_millis(a.failed_auth_window_ms);
+    cfg.max_failed_per_ip = a.max_failed_auth_per_ip_per_window;
+    cfg.max_failed_per_key = a.max_failed_auth_per_api_key_per_window;
+    cfg.block_duration = Duration::from_millis(a.block_duration_ms);
+    cfg.enabled = a.enable_blocklist;
+    cfg.max_tracked_ips = o.connection_controls.max_tracked_ips as usize;
+    cfg.max_tracked_keys = a.max_tracked_api_keys as usize;
+    cfg.v6_prefix_len = o.connection_controls.ipv6_prefix_len;
+    cfg
+}
+
+impl Abuse {
+    pub(crate) fn new(options: ServerOptions, clock: Arc<dyn Clock>) -> Abuse {
+        let c = &options.connection_controls;
+        let tracked_ips = c.max_tracked_ips as usize;
+        let tracked_keys = options.auth_controls.max_tracked_api_keys as usize;
+        Abuse {
+            sockets: Gate::new(c.max_concurrent_sockets as usize),
+            handshakes: Gate::new(c.max_concurrent_handshakes as usize),
+            unauthenticated: Gate::new(c.max_unauthenticated_sessions as usize),
+            global_window: Mutex::new(SlidingWindow::new(
+                Duration::from_millis(c.global_connection_window_ms),
+                c.global_max_new_connections_per_window,
+            )),
+            per_ip_connections: KeyedTable::new(tracked_ips),
+            pending_auth: KeyedTable::new(tracked_ips),
+            blocklist: Blocklist::new(blocklist_config(&options)),
+            per_key: KeyedTable::new(tracked_keys),
+            per_ip: KeyedTable::new(tracked_ips),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            in_flight: AtomicI64::new(0),
+            version: AtomicU64::new(0),
+            options: ArcSwap::from_pointee(options),
+            clock,
+        }
+    }
+
+    /// The settings in force.
+    pub(crate) fn options(&self) -> Arc<ServerOptions> {
+        self.options.load_full()
+    }
+
+    /// Replaces the settings at run time (already validated). Caps and
+    /// windows apply at once; buckets are reconfigured on their next use.
+    pub(crate) fn set_options(&self, options: ServerOptions) {
+        let c = &options.connection_controls;
+        self.sockets.set_max(c.max_concurrent_sockets as usize);
+        self.handshakes
+            .set_max(c.max_concurrent_handshakes as usize);
+        self.unauthenticated
+            .set_max(c.max_unauthenticated_sessions as usize);
+        self.global_window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reconfigure(
+                Duration::from_millis(c.global_connection_window_ms),
+                c.global_max_new_connections_per_window,
+            );
+        self.blocklist.reconfigure(blocklist_config(&options));
+        self.options.store(Arc::new(options));
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn count(&self, c: Counter) {
+        self.counters[c as usize].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(c.metric_name()).increment(1);
+    }
+
+    pub(crate) fn in_flight_delta(&self, d: i64) {
+        self.in_flight.fetch_add(d, Ordering::Relaxed);
+    }
+
+    /// Admission at accept, in the reference's order: blocked address,
+    /// socket cap, handshake cap, global window, per-address window.
+    pub(crate) fn admit(&self, peer: IpAddr) -> Result<Admitted, ErrorCode> {
+        let now = self.clock.now();
+        let o = self.options();
+        let refuse = |code: ErrorCode, extra: Counter| {
+            self.count(Counter::connection_rejected_count);
+            self.count(extra);
+            Err(code)
+        };
+        if self.blocklist.ip_blocked(peer, now).is_some() {
+            return refuse(ErrorCode::AuthThrottled, Counter::auth_throttled_count);
+        }
+        let Some(socket) = self.sockets.try_enter() else {
+            return refuse(
+                ErrorCode::ConnectionLimited,
+                Counter::connection_limited_count,
+            );
+        };
+        let Some(handshake) = self.handshakes.try_enter() else {
+            return refuse(
+                ErrorCode::HandshakeLimited,
+                Counter::handshake_limited_count,
+            );
+        };
+        let global = self
+            .global_window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .try_record(now);
+        if global.is_err() {
+            return refuse(
+                ErrorCode::ConnectionLimited,
+                Counter::connection_limited_count,
+            );
+        }
+        let c = &o.connection_controls;
+        let key = ip_key(peer, c.ipv6_prefix_len);
+        let window = Duration::from_millis(c.global_connection_window_ms);
+        let max = c.per_ip_max_new_connections_per_window;
+        let per_ip = self.per_ip_connections.with(
+            &key,
+            now,
+            || SlidingWindow::new(window, max),
+            |w| {
+                w.reconfigure(window, max);
+                w.try_record(now)
+            },
+        );
+        match per_ip {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return refuse(
+                    ErrorCode::ConnectionLimited,
+                    Counter::connection_limited_count,
+                );
+            }
+            Err(_) => {
+                self.count(Counter::limiter_table_full_count);
+                return refuse(
+                    ErrorCode::ConnectionLimited,
+                    Counter::connection_limited_count,
+                );
+            }
+        }
+        self.count(Counter::connection_accepted_count);
+        Ok(Admitted { socket, handshake })
+    }
+
+    /// Checks before calling the authenticator: the address or the claimed
+    /// key blocked, or too many attempts from this address.
+    pub(crate) fn check_auth_attempt(
+        &self,
+        peer: IpAddr,
+        claimed_key: Option<&str>,
+    ) -> Result<(), ErrorBody> {
+        let now = self.clock.now();
+        if let Some(retry) = self.blocklist.ip_blocked(peer, now) {
+            self.count(Counter::auth_throttled_count);
+            return Err(throttled(
+                retry,
+                "this address is temporarily blocked after failed authentications",
+                None,
+            ));
+        }
+        if let Some(retry) = claimed_key.and_then(|k| self.blocklist.key_blocked(k, now)) {
+            self.count(Counter::auth_throttled_count);
+            return Err(throttled(
+                retry,
+                "this API key is temporarily blocked after failed authentications",
+                None,
+            ));
+        }
+        let o = self.options();
+        let a = &o.auth_controls;
+        let key = ip_key(peer, o.connection_controls.ipv6_prefix_len);
+        let window = Duration::from_millis(a.pending_auth_window_ms);
+        let max = a.max_pending_auth_attempts_per_ip_per_window;
+        let attempt = self
+            .pending_auth
+            .with(
+                &key,
+                now,
+                || SlidingWindow::new(window, max),
+                |w| {
+                    w.reconfigure(window, max);
+                    w.try_record(now)
+                },
+            )
+            .unwrap_or_else(|_| {
+                self.count(Counter::limiter_table_full_count);
+                Err(window)
+            });
+        if let Err(retry) = attempt {
+            self.count(Counter::auth_throttled_count);
+            return Err(throttled(
+                retry,
+                "too many authentication attempts from this address",
+                Some("pending_auth_attempts_per_ip"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn auth_failed(&self, peer: IpAddr, key: Option<&str>) {
+        self.count(Counter::auth_failure_count);
+        self.blocklist.record_failure(peer, key, self.clock.now());
+    }
+
+    fn shared_bucket<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        table: &KeyedTable<K, Versioned>,
+        key: &K,
+        spec: &BucketControls,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let version = self.version();
+        table
+            .with(
+                key,
+                now,
+                || Versioned {
+                    version,
+                    bucket: new_bucket(spec, now),
+                },
+                |v| {
+                    if v.version != version {
+                        v.bucket.reconfigure(
+                            spec.tokens_per_interval,
+                            Duration::from_millis(spec.interval_ms),
+                            spec.burst_tokens,
+                            now,
+                        );
+                        v.version = version;
+                    }
+                    v.bucket.try_acquire(now)
+                },
+            )
+            .unwrap_or_else(|_| {
+                // Fail closed: a full table of active buckets refuses new keys.
+                self.count(Counter::limiter_table_full_count);
+                Err(Duration::from_millis(spec.interval_ms))
+            })
+    }
+
+    /// The request buckets after the in-flight cap: per connection (owned
+    /// by the session), per API key, per address. Tokens taken by an earlier
+    /// bucket are not refunded when a later one refuses.
+    pub(crate) fn check_request(
+        &self,
+        conn_bucket: &mut (u64, TokenBucket),
+        key_id: &str,
+        peer: IpAddr,
+    ) -> Result<(), Refusal> {
+        let o = self.options();
+        let r = &o.request_controls;
+        let now = self.clock.now();
+        let version = self.version();
+        if r.per_connection.enabled {
+            if conn_bucket.0 != version {
+                let s = &r.per_connection;
+                conn_bucket.1.reconfigure(
+                    s.tokens_per_interval,
+                    Duration::from_millis(s.interval_ms),
+                    s.burst_tokens,
+                    now,
+                );
+                conn_bucket.0 = version;
+            }
+            if let Err(retry) = conn_bucket.1.try_acquire(now) {
+                self.count(Counter::rate_limited_per_connection_count);
+                return Err(Refusal {
+                    body: rate_limited(
+                        "per_connection",
+                        retry,
+                        "per-connection request rate limit exceeded",
+                    ),
+                    disconnect: r.per_connection.disconnect_on_limit,
+                });
+            }
+        }
+        if r.per_api_key.enabled
+            && let Err(retry) =
+                self.shared_bucket(&self.per_key, &key_id.to_owned(), &r.per_api_key, now)
+        {
+            self.count(Counter::rate_limited_per_api_key_count);
+            return Err(Refusal {
+                body: rate_limited(
+                    "per_api_key",
+                    retry,
+                    "per-API-key request rate limit exceeded",
+                ),
+                disconnect: r.per_api_key.disconnect_on_limit,
+            });
+        }
+        if r.per_ip.enabled {
+            let key = ip_key(peer, o.connection_controls.ipv6_prefix_len);
+            if let Err(retry) = self.shared_bucket(&self.per_ip, &key, &r.per_ip, now) {
+                self.count(Counter::rate_limited_per_ip_count);
+                return Err(Refusal {
+                    body: rate_limited("per_ip", retry, "per-address request rate limit exceeded"),
+                    disconnect: r.per_ip.disconnect_on_limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn in_flight_refusal(&self) -> ErrorBody {
+        self.count(Counter::rate_limited_in_flight_count);
+        rate_limited(
+            "in_flight_per_connection",
+            Duration::from_millis(50),
+            "too many in-flight requests on this connection",
+        )
+    }
+
+    pub(crate) fn function_refusal(&self, scope: &'static str, retry: Duration) -> ErrorBody {
+        self.count(Counter::rate_limited_per_function_count);
+        rate_limited(
+            scope,
+            retry,
+            "this function's rate or concurrency limit was reached",
+        )
+    }
+
+    /// The snapshot.
+    pub(crate) fn snapshot(&self, sessions: usize) -> AbuseMetrics {
+        let mut m = AbuseMetrics::from_counters(&self.counters);
+        let now = self.clock.now();
+        let (ips, keys) = self.blocklist.blocked_counts(now);
+        m.active_socket_count = self.sockets.current() as u64;
+        m.active_handshake_count = self.handshakes.current() as u64;
+        m.active_unauthenticated_session_count = self.unauthenticated.current() as u64;
+        m.active_session_count = sessions as u64;
+        m.in_flight_request_count =
+            u64::try_from(self.in_flight.load(Ordering::Relaxed)).unwrap_or(0);
+        m.blocked_ip_count = ips as u64;
+        m.blocked_api_key_count = keys as u64;
+        m.refused_by_code = BTreeMap::from([
+            ("auth_throttled".to_owned(), m.auth_throttled_count),
+            ("connection_limited".to_owned(), m.connection_limited_count),
+            ("handshake_limited".to_owned(), m.handshake_limited_count),
+        ]);
+        for (name, v) in [
+            ("netproc_active_socket_count", m.active_socket_count),
+            ("netproc_active_handshake_count", m.active_handshake_count),
+            (
+                "netproc_active_unauthenticated_session_count",
+                m.active_unauthenticated_session_count,
+            ),
+            ("netproc_active_session_count", m.active_session_count),
+            ("netproc_in_flight_request_count", m.in_flight_request_count),
+            ("netproc_blocked_ip_count", m.blocked_ip_count),
+            ("netproc_blocked_api_key_count", m.blocked_api_key_count),
+        ] {
+            metrics::gauge!(name).set(v as f64);
+        }
+        m
+    }
+
+    /// The blocks, for the admin listing.
+    pub(crate) fn blocked_value(&self) -> Value {
+        let list: Vec<Value> = self
+            .blocklist
+            .blocked(self.clock.now())
+            .into_iter()
+            .map(|b| {
+                Value::Map(BTreeMap::from([
+                    ("entry".to_owned(), Value::from(b.entry)),
+                    ("kind".to_owned(), Value::from(b.kind)),
+                    (
+                        "retry_after_ms".to_owned(),
+                        Value::Int(i64::try_from(b.retry_after.as_millis()).unwrap_or(i64::MAX)),
+                    ),
+                ]))
+            })
+            .collect();
+        Value::List(list)
+    }
+
+    pub(crate) fn options_value(&self) -> Value {
+        to_value(&*self.options()).unwrap_or_default()
+    }
+}
