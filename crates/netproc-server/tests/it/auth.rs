@@ -358,10 +358,12 @@ async fn a_panicking_or_failing_authenticator_refuses_and_the_server_keeps_servi
     assert_eq!(who, "client");
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn audit_events_are_emitted_without_secrets() {
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
+/// One global subscriber for the whole test binary, capturing into a
+/// buffer. (A thread-local `set_default` is unreliable here: callsite
+/// interest can be cached by a concurrent test while no subscriber is set.)
+fn audit_capture() -> &'static Mutex<Vec<u8>> {
+    #[derive(Clone)]
+    struct Capture(&'static Mutex<Vec<u8>>);
     impl std::io::Write for Capture {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(buf);
@@ -371,15 +373,24 @@ async fn audit_events_are_emitted_without_secrets() {
             Ok(())
         }
     }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    static BUF: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    BUF.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let writer = Capture(buf);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        buf
+    })
+}
 
+#[tokio::test]
+async fn audit_events_are_emitted_without_secrets() {
+    let capture = audit_capture();
     let pki = Pki::new();
     let keys = Arc::new(ApiKeyStore::in_memory());
     let good = key(&keys, "invoke_functions");
@@ -409,7 +420,14 @@ async fn audit_events_are_emitted_without_secrets() {
     assert!(matches!(err, ClientError::AuthenticationFailed { .. }));
     server.shutdown(Duration::from_secs(1)).await;
 
-    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    // This test's lines: other tests write to the same global capture.
+    let key_id = good.expose()[4..16].to_owned();
+    let all = String::from_utf8(capture.lock().unwrap().clone()).unwrap();
+    let log: String = all
+        .lines()
+        .filter(|l| l.contains(&key_id))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let audit: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("netproc::audit"))
@@ -434,6 +452,6 @@ async fn audit_events_are_emitted_without_secrets() {
     );
     let good_secret = good.expose().rsplit('_').next().unwrap();
     let wrong_secret = wrong.rsplit('_').next().unwrap();
-    assert!(!log.contains(good_secret), "secret in the log");
-    assert!(!log.contains(wrong_secret), "presented secret in the log");
+    assert!(!all.contains(good_secret), "secret in the log");
+    assert!(!all.contains(wrong_secret), "presented secret in the log");
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the RPC core: real TLS on 127.0.0.1, a PKI made in
 //! process, the real client.
 
+mod abuse;
 mod auth;
 mod calls;
 mod fanout;
