@@ -1,12 +1,15 @@
 //! A keyed table of limiter states with bounded memory.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
+
+/// A seeded hasher (foldhash: fast, with per-table random seeds against
+/// collision flooding; each shard is bounded besides).
+type RandomState = foldhash::fast::RandomState;
 
 /// A limiter state that can say whether it is idle: back to its initial
 /// condition (a full bucket, an empty window, not blocked), so forgetting it
@@ -68,7 +71,7 @@ impl<K: Hash + Eq + Clone, S: Idle> KeyedTable<K, S> {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    map: HashMap::with_hasher(RandomState::new()),
+                    map: HashMap::with_hasher(RandomState::default()),
                     order: VecDeque::new(),
                 })
             })
@@ -76,7 +79,7 @@ impl<K: Hash + Eq + Clone, S: Idle> KeyedTable<K, S> {
         KeyedTable {
             shards,
             per_shard,
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             overflows: AtomicU64::new(0),
         }
     }
