@@ -247,12 +247,19 @@ async fn run_raw(pki: &Pki, c: usize, k: usize, secs: f64) -> Run {
 async fn start_netproc(pki: &Pki) -> (ServerHandle, netproc_auth::ApiKey) {
     let keys = ApiKeyStore::in_memory();
     let (_, key) = keys.create(KeySpec::new(PrivilegeSet::all())).unwrap();
+    // The reference's request buckets allow 200 calls/s per connection:
+    // raise them out of the way, as a load test must.
+    let mut options = netproc_server::ServerOptions::default();
+    options.request_controls.per_connection = netproc_server::BucketControls::disabled();
+    options.request_controls.per_api_key = netproc_server::BucketControls::disabled();
+    options.request_controls.per_ip = netproc_server::BucketControls::disabled();
     let server = Server::builder(
         "bench",
         pki.server.identity().unwrap(),
         pki.ca.trust_anchors(),
         keys,
     )
+    .options(options)
     .function("echo", |_: CallContext, (v,): (Value,)| async move {
         Ok::<_, CallError>(v)
     })
@@ -305,7 +312,7 @@ async fn run_netproc(
                 let mut local = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    let _: Value = s.call("echo", (&payload,)).await.unwrap();
+                    let _: Value = s.call("echo", (&payload,)).await.expect("bench call");
                     if lat.is_some() {
                         local.push(t.elapsed().as_nanos() as u64);
                     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -187,7 +187,6 @@ pub(crate) struct Abuse {
     per_key: KeyedTable<String, Versioned>,
     per_ip: KeyedTable<IpAddr, Versioned>,
     counters: [AtomicU64; COUNTERS],
-    in_flight: AtomicI64,
 }
 
 fn blocklist_config(o: &ServerOptions) -> BlocklistConfig {
@@ -223,16 +222,16 @@ impl Abuse {
             per_key: KeyedTable::new(tracked_keys),
             per_ip: KeyedTable::new(tracked_ips),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
-            in_flight: AtomicI64::new(0),
             version: AtomicU64::new(0),
             options: ArcSwap::from_pointee(options),
             clock,
         }
     }
 
-    /// The settings in force.
-    pub(crate) fn options(&self) -> Arc<ServerOptions> {
-        self.options.load_full()
+    /// The settings in force. A guard, not a clone: reading it on the
+    /// request path touches no reference count shared between connections.
+    pub(crate) fn options(&self) -> arc_swap::Guard<Arc<ServerOptions>> {
+        self.options.load()
     }
 
     /// Replaces the settings at run time (already validated). Caps and
@@ -263,10 +262,6 @@ impl Abuse {
     pub(crate) fn count(&self, c: Counter) {
         self.counters[c as usize].fetch_add(1, Ordering::Relaxed);
         metrics::counter!(c.metric_name()).increment(1);
-    }
-
-    pub(crate) fn in_flight_delta(&self, d: i64) {
-        self.in_flight.fetch_add(d, Ordering::Relaxed);
     }
 
     /// Admission at accept, in the reference's order: blocked address,
@@ -439,11 +434,11 @@ impl Abuse {
     /// bucket are not refunded when a later one refuses.
     pub(crate) fn check_request(
         &self,
+        o: &ServerOptions,
         conn_bucket: &mut (u64, TokenBucket),
         key_id: &str,
         peer: IpAddr,
     ) -> Result<(), Refusal> {
-        let o = self.options();
         let r = &o.request_controls;
         let now = self.clock.now();
         let version = self.version();
@@ -515,8 +510,8 @@ impl Abuse {
         )
     }
 
-    /// The snapshot.
-    pub(crate) fn snapshot(&self, sessions: usize) -> AbuseMetrics {
+    /// The snapshot, given the session count and calls in flight.
+    pub(crate) fn snapshot(&self, sessions: usize, in_flight: usize) -> AbuseMetrics {
         let mut m = AbuseMetrics::from_counters(&self.counters);
         let now = self.clock.now();
         let (ips, keys) = self.blocklist.blocked_counts(now);
@@ -524,8 +519,7 @@ impl Abuse {
         m.active_handshake_count = self.handshakes.current() as u64;
         m.active_unauthenticated_session_count = self.unauthenticated.current() as u64;
         m.active_session_count = sessions as u64;
-        m.in_flight_request_count =
-            u64::try_from(self.in_flight.load(Ordering::Relaxed)).unwrap_or(0);
+        m.in_flight_request_count = in_flight as u64;
         m.blocked_ip_count = ips as u64;
         m.blocked_api_key_count = keys as u64;
         m.refused_by_code = BTreeMap::from([
@@ -571,6 +565,6 @@ impl Abuse {
     }
 
     pub(crate) fn options_value(&self) -> Value {
-        to_value(&*self.options()).unwrap_or_default()
+        to_value(&**self.options()).unwrap_or_default()
     }
 }

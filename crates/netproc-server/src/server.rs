@@ -70,9 +70,15 @@ impl Shared {
         self.next_session_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The settings in force (they can change at run time).
-    pub(crate) fn options(&self) -> Arc<ServerOptions> {
+    /// The settings in force (they can change at run time), for a short
+    /// synchronous read.
+    pub(crate) fn options(&self) -> arc_swap::Guard<Arc<ServerOptions>> {
         self.abuse.options()
+    }
+
+    /// The settings in force, to hold across awaits (once per connection).
+    pub(crate) fn options_arc(&self) -> Arc<ServerOptions> {
+        arc_swap::Guard::into_inner(self.abuse.options())
     }
 
     /// Validates and applies new settings.
@@ -444,7 +450,9 @@ impl ServerHandle {
     /// The abuse-control counters and gauges.
     pub fn abuse_metrics(&self) -> AbuseMetrics {
         let shared = &self.inner.shared;
-        shared.abuse.snapshot(shared.sessions.len())
+        shared
+            .abuse
+            .snapshot(shared.sessions.len(), shared.sessions.in_flight())
     }
 
     /// Lifts a block on an address or API key id (`"*"`: the overflow
@@ -455,7 +463,7 @@ impl ServerHandle {
 
     /// The settings in force.
     pub fn options(&self) -> ServerOptions {
-        (*self.inner.shared.options()).clone()
+        (**self.inner.shared.options()).clone()
     }
 
     /// Changes the settings at run time. Caps, windows and buckets apply at

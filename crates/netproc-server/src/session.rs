@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -99,7 +100,7 @@ pub(crate) async fn run_connection(
         socket: _socket,
         handshake,
     } = admitted;
-    let options = shared.options();
+    let options = shared.options_arc();
     let cc = &options.connection_controls;
     let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls));
     let handshake_timeout = Duration::from_millis(cc.tls_handshake_timeout_ms);
@@ -275,7 +276,9 @@ pub(crate) async fn run_connection(
     let post_limit = cc.max_post_auth_frame_bytes;
     decoder.set_limit(post_limit);
     let (control_tx, control_rx) = mpsc::channel(4);
+    let in_flight = Arc::new(AtomicUsize::new(0));
     shared.sessions.insert(Entry {
+        in_flight: Arc::clone(&in_flight),
         facts: Arc::clone(&facts),
         info: SessionInfo {
             session_id,
@@ -321,7 +324,7 @@ pub(crate) async fn run_connection(
         tokio::spawn(async move { outbox.run_writer(wr, stall).await })
     };
 
-    let mut session = Session::new(Arc::clone(&shared), facts, Arc::clone(&outbox));
+    let mut session = Session::new(Arc::clone(&shared), facts, Arc::clone(&outbox), in_flight);
     session.run(&mut rd, &mut decoder, control_rx).await;
     shared.sessions.remove(session_id);
     outbox.close();
@@ -342,6 +345,9 @@ struct Session {
     pings: TokenBucket,
     /// The per-connection request bucket, with the settings version it follows.
     conn_bucket: (u64, TokenBucket),
+    /// This session's running calls, published for the metrics gauge (only
+    /// this session writes it: no cache line shared between connections).
+    in_flight: Arc<AtomicUsize>,
     last_activity: Instant,
 }
 
@@ -354,7 +360,12 @@ enum End {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, facts: Arc<SessionFacts>, outbox: Arc<Outbox>) -> Session {
+    fn new(
+        shared: Arc<Shared>,
+        facts: Arc<SessionFacts>,
+        outbox: Arc<Outbox>,
+        in_flight: Arc<AtomicUsize>,
+    ) -> Session {
         let options = shared.options();
         let sc = &options.session_controls;
         let now = shared.abuse.clock.now();
@@ -377,6 +388,7 @@ impl Session {
             last_id: None,
             pings,
             conn_bucket,
+            in_flight,
             last_activity: Instant::now(),
         }
     }
@@ -396,7 +408,7 @@ impl Session {
         decoder: &mut FrameDecoder,
         mut control: mpsc::Receiver<Control>,
     ) {
-        let options = self.shared.options();
+        let options = self.shared.options_arc();
         let budget = options.session_controls.max_outbound_bytes_per_connection as usize;
         let idle = Duration::from_millis(options.session_controls.idle_timeout_ms);
         let mut idle_timer = pin!(tokio::time::sleep(if idle.is_zero() {
@@ -452,6 +464,7 @@ impl Session {
             }
             // One wake of the writer per batch of work.
             self.outbox.flush();
+            self.in_flight.store(self.calls.len(), Ordering::Relaxed);
         };
         self.outbox.flush();
         if let End::Drain(deadline) = end {
@@ -637,10 +650,12 @@ impl Session {
         }
         let principal = &self.facts.principal;
         let key_id = principal.key_id.as_deref().unwrap_or(&principal.id);
-        let checked =
-            self.shared
-                .abuse
-                .check_request(&mut self.conn_bucket, key_id, self.facts.peer.ip());
+        let checked = self.shared.abuse.check_request(
+            &options,
+            &mut self.conn_bucket,
+            key_id,
+            self.facts.peer.ip(),
+        );
         if let Err(refusal) = checked {
             refused(&self.facts, &op, ErrorCode::RateLimited);
             self.respond(id, Outcome::Err(refusal.body));
@@ -670,7 +685,13 @@ impl Session {
                     self.respond_err(id, ErrorCode::FunctionNotFound, msg);
                     return None;
                 };
-                let permit = match self.shared.registry.guards.get(&function) {
+                let guards = &self.shared.registry.guards;
+                let guard = if guards.is_empty() {
+                    None
+                } else {
+                    guards.get(&function)
+                };
+                let permit = match guard {
                     None => None,
                     Some(guard) => match guard.admit(self.shared.abuse.clock.now()) {
                         Ok(permit) => permit,
@@ -750,10 +771,9 @@ impl Session {
     ) {
         self.cancels.insert(id, token.clone());
         let facts = Arc::clone(&self.facts);
-        let in_flight = InFlight::enter(Arc::clone(&self.shared));
         self.calls.push(Box::pin(async move {
             // Released when the call ends, however it ends.
-            let _held = (in_flight, permit);
+            let _permit = permit;
             let finished = |r: std::thread::Result<Result<Value, CallError>>| match r {
                 Ok(Ok(v)) => Outcome::Ok(v),
                 Ok(Err(e)) => Outcome::Err(e.into_body()),
@@ -882,7 +902,9 @@ impl Session {
             }
             Operation::AbuseMetrics => {
                 audit::admin_action(&self.facts, "abuse_metrics", "");
-                let snapshot = shared.abuse.snapshot(shared.sessions.len());
+                let snapshot = shared
+                    .abuse
+                    .snapshot(shared.sessions.len(), shared.sessions.in_flight());
                 Outcome::Ok(to_value(&snapshot).unwrap_or_default())
             }
             Operation::ListBlocked => {
@@ -932,20 +954,4 @@ struct ServerInfoReply<'a> {
     protocol_version: u32,
     uptime_ms: u64,
     sessions: usize,
-}
-
-/// Counts a running call in the server-wide in-flight gauge until dropped.
-struct InFlight(Arc<Shared>);
-
-impl InFlight {
-    fn enter(shared: Arc<Shared>) -> InFlight {
-        shared.abuse.in_flight_delta(1);
-        InFlight(shared)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.abuse.in_flight_delta(-1);
-    }
 }

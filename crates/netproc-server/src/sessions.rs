@@ -77,6 +77,8 @@ pub(crate) enum Control {
 }
 
 pub(crate) struct Entry {
+    /// The session's running calls (written by the session only).
+    pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) facts: Arc<SessionFacts>,
     pub(crate) info: SessionInfo,
     pub(crate) control: mpsc::Sender<Control>,
@@ -110,6 +112,14 @@ impl SessionTable {
 
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Calls running across all sessions.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.lock()
+            .values()
+            .map(|e| e.in_flight.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// Sends `control` to every matching session; returns how many.
