@@ -507,6 +507,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_lists_every_knob_at_its_default() {
+        let text = include_str!("../../../fixtures/examples/server_options.json");
+        let parsed: ServerOptions = serde_json::from_str(text).unwrap();
+        assert_eq!(parsed, ServerOptions::default());
+        // And nothing is missing from it: it serializes back to the same document.
+        let back: serde_json::Value = serde_json::to_value(&parsed).unwrap();
+        let file: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(back, file);
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err =
             serde_json::from_str::<ServerOptions>(r#"{"connection_controls": {"max_sockets": 1}}"#)
