@@ -1,9 +1,57 @@
-//! Sandboxed run-time defined functions for netproc, on the Rhai scripting engine.
+//! Sandboxed run-time defined functions for netproc, on the Rhai scripting
+//! engine.
 //!
-//! It will own the script runtime: a Rhai engine with sandbox limits (operations, call depth, sizes, wall time), dependencies as importable modules, constants visible to scripts, and a bounded pool of worker threads.
+//! An authorised client may define a function at run time; everyone with
+//! `invoke_functions` may then call it. This crate compiles such functions
+//! (Rhai source: one or more `fn` definitions, one named like the function),
+//! keeps the dependencies they import, and runs calls on a bounded pool of
+//! dedicated worker threads under sandbox limits ([`ScriptLimits`]):
+//! operations, call depth, expression depth, string/array/map sizes and
+//! wall-clock time, checked together with the caller's deadline and
+//! cancellation. Scripts have no file, network or process access; `import`
+//! resolves only defined dependencies; server constants are readable with
+//! `constant("name")`.
 //!
-//! This crate is part of [netproc](https://github.com/netproc/netproc). It is
-//! a placeholder in this release: its API arrives with a later version, and
-//! nothing here is stable yet.
+//! Errors map to the protocol's codes ([`ScriptError::code`]): a syntax error
+//! is `invalid_argument` with line and column, a `throw` is
+//! `operation_failed`, a deadline is `timeout`, a sandbox limit is
+//! `script_error` with `details.kind`.
+//!
+//! # Example
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::sync::Arc;
+//! use std::time::{Duration, Instant};
+//! use netproc_script::{DependencySource, ScriptError, ScriptRuntime};
+//! use netproc_wire::Value;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let runtime = ScriptRuntime::builder().workers(1).build();
+//! runtime.define_dependency("geo", &DependencySource::Script("fn sq(x) { x * x }".into())).unwrap();
+//! let f = Arc::new(runtime.compile("hyp2", r#"
+//!     fn hyp2(a, b) { import "geo" as g; g::sq(a) + g::sq(b) }
+//! "#).unwrap());
+//! let deadline = Instant::now() + Duration::from_secs(1);
+//! let call = runtime.call(&f, vec![Value::Int(3), Value::Int(4)], Arc::new(BTreeMap::new()), deadline);
+//! assert_eq!(call.unwrap().await.unwrap(), Value::Int(25));
+//!
+//! let spin = Arc::new(runtime.compile("spin", "fn spin() { loop {} }").unwrap());
+//! let call = runtime.call(&spin, vec![], Arc::new(BTreeMap::new()), deadline);
+//! assert!(matches!(call.unwrap().await, Err(ScriptError::Limit { kind: "operations_exceeded", .. }) | Err(ScriptError::Timeout)));
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod convert;
+mod error;
+mod limits;
+mod runtime;
+
+// The public interface.
+pub use error::ScriptError;
+pub use limits::ScriptLimits;
+pub use rhai::Module;
+pub use runtime::{DependencySource, ScriptFunction, ScriptRuntime, ScriptRuntimeBuilder};
