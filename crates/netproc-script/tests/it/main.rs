@@ -1,0 +1,327 @@
+//! The sandbox: each limit bites with its own error, the worker survives,
+//! and nothing reaches the host.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netproc_script::*;
+use netproc_wire::Value;
+
+fn limits(f: impl FnOnce(&mut ScriptLimits)) -> ScriptLimits {
+    let mut l = ScriptLimits::default();
+    f(&mut l);
+    l
+}
+
+fn runtime(limits: ScriptLimits) -> ScriptRuntime {
+    ScriptRuntime::builder().workers(1).limits(limits).build()
+}
+
+async fn run(
+    rt: &ScriptRuntime,
+    name: &str,
+    src: &str,
+    args: Vec<Value>,
+) -> Result<Value, ScriptError> {
+    let f = Arc::new(rt.compile(name, src)?);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    rt.call(&f, args, Arc::new(BTreeMap::new()), deadline)?
+        .await
+}
+
+#[tokio::test]
+async fn a_syntax_error_reports_line_and_column() {
+    let rt = runtime(ScriptLimits::default());
+    let err = rt.compile("f", "fn f() {\n  let x = ;\n}").unwrap_err();
+    let ScriptError::Syntax { line, column, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(line, 2);
+    assert!(column > 0);
+    assert_eq!(
+        err_code(&rt.compile("f", "fn f( {").unwrap_err()),
+        "invalid_argument"
+    );
+}
+
+fn err_code(e: &ScriptError) -> &'static str {
+    match e.code() {
+        netproc_wire::ErrorCode::InvalidArgument => "invalid_argument",
+        netproc_wire::ErrorCode::ScriptError => "script_error",
+        netproc_wire::ErrorCode::Timeout => "timeout",
+        netproc_wire::ErrorCode::OperationFailed => "operation_failed",
+        _ => "other",
+    }
+}
+
+#[tokio::test]
+async fn only_fn_definitions_are_allowed_and_the_entry_must_exist() {
+    let rt = runtime(ScriptLimits::default());
+    assert!(matches!(
+        rt.compile("f", "let x = 1; fn f() { x }"),
+        Err(ScriptError::Shape(_))
+    ));
+    assert!(matches!(
+        rt.compile("f", "fn g() { 1 }"),
+        Err(ScriptError::Shape(_))
+    ));
+    // Helpers are fine.
+    assert_eq!(
+        run(
+            &rt,
+            "f",
+            "fn helper(x) { x * 2 } fn f(x) { helper(x) + 1 }",
+            vec![Value::Int(4)]
+        )
+        .await
+        .unwrap(),
+        Value::Int(9)
+    );
+}
+
+#[tokio::test]
+async fn an_infinite_loop_is_stopped_by_operations_or_the_clock_and_the_worker_survives() {
+    let rt = runtime(limits(|l| {
+        l.max_operations = 50_000;
+    }));
+    let err = run(&rt, "spin", "fn spin() { loop {} }", vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ScriptError::Limit {
+                kind: "operations_exceeded",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let fast = runtime(limits(|l| {
+        l.max_operations = u64::MAX / 2;
+        l.wall_clock_ms = 100;
+    }));
+    let started = Instant::now();
+    let err = run(&fast, "spin", "fn spin() { loop {} }", vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(err, ScriptError::Timeout);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The same worker serves the next call.
+    assert_eq!(
+        run(&fast, "one", "fn one() { 1 }", vec![]).await.unwrap(),
+        Value::Int(1)
+    );
+}
+
+#[tokio::test]
+async fn deep_recursion_is_a_stack_overflow_not_a_crash() {
+    let rt = runtime(ScriptLimits::default());
+    let err = run(&rt, "r", "fn r(n) { r(n + 1) }", vec![Value::Int(0)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ScriptError::Limit {
+                kind: "stack_overflow",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err_code(&err), "script_error");
+}
+
+#[tokio::test]
+async fn huge_strings_and_arrays_are_too_large() {
+    let rt = runtime(limits(|l| {
+        l.max_string_bytes = 1000;
+        l.max_array_len = 100;
+    }));
+    let err = run(
+        &rt,
+        "s",
+        r#"fn s() { let x = "a"; loop { x += x; } }"#,
+        vec![],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ScriptError::Limit {
+                kind: "too_large",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = run(
+        &rt,
+        "a",
+        "fn a() { let x = []; loop { x.push(1); } }",
+        vec![],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ScriptError::Limit {
+                kind: "too_large",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_throw_is_operation_failed_with_its_message_and_runtime_errors_have_positions() {
+    let rt = runtime(ScriptLimits::default());
+    let err = run(&rt, "t", r#"fn t() { throw "nope" }"#, vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ScriptError::Thrown {
+            message: "nope".into()
+        }
+    );
+    assert_eq!(err_code(&err), "operation_failed");
+    let err = run(&rt, "u", "fn u() {\n  undefined_function()\n}", vec![])
+        .await
+        .unwrap_err();
+    let ScriptError::Runtime { line, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*line, 2);
+    let Value::Map(d) = err.details() else {
+        panic!()
+    };
+    assert_eq!(d["kind"], Value::from("runtime_error"));
+}
+
+#[tokio::test]
+async fn path_imports_cannot_reach_the_disk() {
+    let rt = runtime(ScriptLimits::default());
+    let dir = std::env::temp_dir().join("netproc-script-import-test.rhai");
+    std::fs::write(&dir, "fn secret() { 42 }").unwrap();
+    let src = format!(
+        r#"fn f() {{ import "{}" as m; m::secret() }}"#,
+        dir.display()
+    );
+    let err = run(&rt, "f", &src, vec![]).await.unwrap_err();
+    assert!(
+        matches!(&err, ScriptError::Runtime { message, .. } if message.contains("not found")),
+        "{err:?}"
+    );
+    let _ = std::fs::remove_file(dir);
+    let err = run(&rt, "e", r#"fn e() { eval("1 + 1") }"#, vec![]);
+    assert!(err.await.is_err(), "eval must be disabled");
+}
+
+#[tokio::test]
+async fn dependencies_host_modules_and_constants() {
+    let mut m = Module::new();
+    m.set_native_fn("triple", |x: i64| Ok(x * 3));
+    let rt = ScriptRuntime::builder()
+        .workers(1)
+        .host_module("math", m)
+        .build();
+    rt.define_dependency("host", &DependencySource::Host("math".into()))
+        .unwrap();
+    assert!(matches!(
+        rt.define_dependency("x", &DependencySource::Host("nope".into())),
+        Err(ScriptError::UnknownDependency(_))
+    ));
+    let f = Arc::new(
+        rt.compile(
+            "f",
+            r#"fn f(x) { import "host" as h; h::triple(x) + constant("base") }"#,
+        )
+        .unwrap(),
+    );
+    assert_eq!(f.imports(), ["host"]);
+    let consts = Arc::new(BTreeMap::from([("base".to_owned(), Value::Int(100))]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    assert_eq!(
+        rt.call(&f, vec![Value::Int(2)], consts, deadline)
+            .unwrap()
+            .await
+            .unwrap(),
+        Value::Int(106)
+    );
+    // A missing constant is a script error, not a crash.
+    let err = rt
+        .call(&f, vec![Value::Int(2)], Arc::new(BTreeMap::new()), deadline)
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ScriptError::Thrown { message } if message.contains("base")),
+        "{err:?}"
+    );
+    assert_eq!(rt.dependencies(), ["host"]);
+}
+
+#[tokio::test]
+async fn dropping_the_call_cancels_a_long_script() {
+    let rt = runtime(limits(|l| {
+        l.max_operations = u64::MAX / 2;
+        l.wall_clock_ms = 60_000;
+    }));
+    let spin = Arc::new(rt.compile("spin", "fn spin() { loop {} }").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let call = rt
+        .call(&spin, vec![], Arc::new(BTreeMap::new()), deadline)
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err()
+    );
+    // The single worker is free again promptly.
+    let started = Instant::now();
+    assert_eq!(
+        run(&rt, "one", "fn one() { 1 }", vec![]).await.unwrap(),
+        Value::Int(1)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the cancelled script kept the worker"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_overloaded() {
+    let rt = ScriptRuntime::builder()
+        .workers(1)
+        .queue_capacity(1)
+        .limits(limits(|l| {
+            l.max_operations = u64::MAX / 2;
+            l.wall_clock_ms = 300;
+        }))
+        .build();
+    let spin = Arc::new(rt.compile("spin", "fn spin() { loop {} }").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c = Arc::new(BTreeMap::new());
+    let mut held = Vec::new();
+    let mut overloaded = 0;
+    for _ in 0..5 {
+        match rt.call(&spin, vec![], Arc::clone(&c), deadline) {
+            Ok(f) => held.push(tokio::spawn(f)),
+            Err(ScriptError::Overloaded { retry_after }) => {
+                assert!(retry_after > Duration::ZERO);
+                overloaded += 1;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(overloaded >= 3, "{overloaded}");
+    for h in held {
+        assert_eq!(h.await.unwrap(), Err(ScriptError::Timeout));
+    }
+}
