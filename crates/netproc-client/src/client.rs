@@ -11,7 +11,8 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use netproc_pki::{Identity, Pin, TlsOptions, TrustAnchors};
 use netproc_wire::{
-    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, Operation, SecretString, Value, from_value, to_value,
+    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DefineFunction, DependencySource, Operation, SecretString,
+    Value, from_value, to_value,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -482,6 +483,54 @@ impl ServerRef {
         decode_result(&self.slot.name, v)
     }
 
+    /// Defines (or replaces) a script function `name` from `source` (one or
+    /// more Rhai `fn` definitions, one of them `name`). Defining the same
+    /// source again is a no-op, so retries are safe.
+    pub async fn define_function(&self, name: &str, source: &str) -> Result<(), ClientError> {
+        self.execute(define_function_op(name, source))
+            .await
+            .map(drop)
+    }
+
+    /// Removes a script function (an unknown name succeeds).
+    pub async fn undefine_function(&self, name: &str) -> Result<(), ClientError> {
+        self.execute(Operation::UndefineFunction {
+            name: name.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Defines a dependency scripts import with `import "alias" as m;`.
+    pub async fn define_dependency(
+        &self,
+        alias: &str,
+        source: DependencySource,
+    ) -> Result<(), ClientError> {
+        self.execute(Operation::DefineDependency {
+            alias: alias.to_owned(),
+            source,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a dependency; refused while functions import it unless `force`.
+    pub async fn undefine_dependency(&self, alias: &str, force: bool) -> Result<(), ClientError> {
+        self.execute(Operation::UndefineDependency {
+            alias: alias.to_owned(),
+            force,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The dependencies, as `{alias, kind, defined_by, defined_at_unix_ms}` maps.
+    pub async fn list_dependencies(&self) -> Result<Vec<Value>, ClientError> {
+        let v = self.execute(Operation::ListDependencies).await?;
+        decode_result(&self.slot.name, v)
+    }
+
     /// Admin: the server's name, version, uptime and session count.
     pub async fn server_info(&self) -> Result<Value, ClientError> {
         self.execute(Operation::ServerInfo).await
@@ -526,6 +575,18 @@ impl ServerRef {
         let conn = self.slot.connection(deadline).await?;
         Ok((conn.auth().session_id, conn.auth().privileges.clone()))
     }
+}
+
+/// The operation defining script function `name`, with its source's SHA-256.
+fn define_function_op(name: &str, source: &str) -> Operation {
+    use sha2::Digest;
+    Operation::DefineFunction(DefineFunction {
+        name: name.to_owned(),
+        source: source.to_owned(),
+        source_sha256: sha2::Sha256::digest(source.as_bytes()).into(),
+        description: None,
+        limits: None,
+    })
 }
 
 /// Every configured server at once. Each method runs on all servers
@@ -604,6 +665,33 @@ impl AllServers {
     /// Removes a constant on every server.
     pub async fn undefine_constant(&self, name: &str) -> FanOut<()> {
         self.each(|s| async move { s.undefine_constant(name).await })
+            .await
+    }
+
+    /// Defines a script function on every server (idempotent, so safe to retry).
+    pub async fn define_function(&self, name: &str, source: &str) -> FanOut<()> {
+        self.each(|s| async move { s.define_function(name, source).await })
+            .await
+    }
+
+    /// Removes a script function on every server.
+    pub async fn undefine_function(&self, name: &str) -> FanOut<()> {
+        self.each(|s| async move { s.undefine_function(name).await })
+            .await
+    }
+
+    /// Defines a dependency on every server.
+    pub async fn define_dependency(&self, alias: &str, source: DependencySource) -> FanOut<()> {
+        self.each(|s| {
+            let source = source.clone();
+            async move { s.define_dependency(alias, source).await }
+        })
+        .await
+    }
+
+    /// Removes a dependency on every server.
+    pub async fn undefine_dependency(&self, alias: &str, force: bool) -> FanOut<()> {
+        self.each(|s| async move { s.undefine_dependency(alias, force).await })
             .await
     }
 

@@ -273,12 +273,12 @@ fn scan_imports(source: &str) -> Vec<String> {
     while let Some(i) = rest.find("import") {
         rest = &rest[i + "import".len()..];
         let trimmed = rest.trim_start();
-        if let Some(lit) = trimmed.strip_prefix('"') {
-            if let Some(end) = lit.find('"') {
-                let alias = &lit[..end];
-                if !out.iter().any(|a| a == alias) {
-                    out.push(alias.to_owned());
-                }
+        if let Some(lit) = trimmed.strip_prefix('"')
+            && let Some(end) = lit.find('"')
+        {
+            let alias = &lit[..end];
+            if !out.iter().any(|a| a == alias) {
+                out.push(alias.to_owned());
             }
         }
     }

@@ -52,6 +52,7 @@ mod audit;
 mod function;
 mod options;
 mod outbox;
+mod scripts;
 mod server;
 mod session;
 mod sessions;

@@ -57,6 +57,8 @@ pub(crate) struct Shared {
     pub(crate) abuse: Abuse,
     pub(crate) tls: Arc<rustls::ServerConfig>,
     pub(crate) registry: Registry,
+    /// Run-time defined functions, when enabled.
+    pub(crate) scripts: Option<crate::scripts::Scripts>,
     pub(crate) authenticator: Arc<dyn Authenticator>,
     pub(crate) sessions: SessionTable,
     pub(crate) started: Instant,
@@ -134,6 +136,7 @@ impl Server {
             constants: BTreeMap::new(),
             extensions: HashMap::new(),
             clock: Arc::new(SystemClock),
+            scripts: None,
             errors: Vec::new(),
         }
     }
@@ -154,6 +157,7 @@ pub struct ServerBuilder {
     constants: BTreeMap<String, Value>,
     extensions: HashMap<String, Extension>,
     clock: Arc<dyn Clock>,
+    scripts: Option<netproc_script::ScriptRuntime>,
     errors: Vec<String>,
 }
 
@@ -249,6 +253,15 @@ impl ServerBuilder {
         self
     }
 
+    /// Enables run-time defined functions (Rhai scripts) on this runtime:
+    /// clients with `define_functions` may then define functions that
+    /// everyone with `invoke_functions` can call. Off by default: the script
+    /// operations answer `invalid_operation`.
+    pub fn scripts(mut self, runtime: netproc_script::ScriptRuntime) -> Self {
+        self.scripts = Some(runtime);
+        self
+    }
+
     /// The clock the limiters read (a manual clock in tests).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -340,6 +353,7 @@ impl ServerBuilder {
             abuse: Abuse::new(self.options, self.clock),
             tls: Arc::new(tls),
             registry: Registry::new(self.functions, guards, self.extensions, self.constants),
+            scripts: self.scripts.map(crate::scripts::Scripts::new),
             authenticator: self.authenticator,
             sessions: SessionTable::default(),
             started: Instant::now(),

@@ -671,46 +671,27 @@ impl Session {
             server_limit.min(Duration::from_millis(ms.into()))
         });
         match op {
-            Operation::Invoke { function, args } => {
-                let Some(f) = self.shared.registry.functions.get(&function) else {
-                    refused(
-                        &self.facts,
-                        &Operation::Invoke {
-                            function: function.clone(),
-                            args: Vec::new(),
-                        },
-                        ErrorCode::FunctionNotFound,
-                    );
-                    let msg = format!("no function named \"{}\"", sanitize(&function));
-                    self.respond_err(id, ErrorCode::FunctionNotFound, msg);
-                    return None;
-                };
-                let guards = &self.shared.registry.guards;
-                let guard = if guards.is_empty() {
-                    None
-                } else {
-                    guards.get(&function)
-                };
-                let permit = match guard {
-                    None => None,
-                    Some(guard) => match guard.admit(self.shared.abuse.clock.now()) {
-                        Ok(permit) => permit,
-                        Err((scope, retry)) => {
-                            audit::request_refused(
-                                &self.facts,
-                                "invoke",
-                                Some(&function),
-                                ErrorCode::RateLimited,
-                            );
-                            let body = self.shared.abuse.function_refusal(scope, retry);
-                            self.respond(id, Outcome::Err(body));
-                            return None;
-                        }
-                    },
-                };
+            Operation::Invoke { function, args } => self.invoke(id, function, args, limit),
+            Operation::DefineFunction(def) => {
                 let (ctx, token, deadline) = self.context(limit);
-                let fut = f.call(ctx, args);
-                self.spawn_call(id, fut, token, deadline, limit, permit);
+                drop(ctx);
+                let fut = crate::scripts::Scripts::define_function(
+                    Arc::clone(&self.shared),
+                    def,
+                    self.facts.principal.clone(),
+                );
+                self.spawn_call(id, Box::pin(fut), token, deadline, limit, None);
+            }
+            Operation::DefineDependency { alias, source } => {
+                let (ctx, token, deadline) = self.context(limit);
+                drop(ctx);
+                let fut = crate::scripts::Scripts::define_dependency(
+                    Arc::clone(&self.shared),
+                    alias,
+                    source,
+                    self.facts.principal.clone(),
+                );
+                self.spawn_call(id, Box::pin(fut), token, deadline, limit, None);
             }
             Operation::Extension { name, payload } => {
                 let Some(ext) = self.shared.registry.extensions.get(&name) else {
@@ -748,6 +729,89 @@ impl Session {
             }
         }
         None
+    }
+
+    /// An invoke: a native function, else a script function.
+    fn invoke(&mut self, id: u64, function: String, args: Vec<Value>, limit: Duration) {
+        let now = self.shared.abuse.clock.now();
+        if let Some(f) = self.shared.registry.functions.get(&function) {
+            let guards = &self.shared.registry.guards;
+            let guard = if guards.is_empty() {
+                None
+            } else {
+                guards.get(&function)
+            };
+            let Some(permit) = self.admit_function(id, &function, guard, now) else {
+                return;
+            };
+            let (ctx, token, deadline) = self.context(limit);
+            let fut = f.call(ctx, args);
+            self.spawn_call(id, fut, token, deadline, limit, permit);
+            return;
+        }
+        let entry = self.shared.scripts.as_ref().and_then(|s| s.get(&function));
+        let Some(entry) = entry else {
+            audit::request_refused(
+                &self.facts,
+                "invoke",
+                Some(&function),
+                ErrorCode::FunctionNotFound,
+            );
+            let msg = format!("no function named \"{}\"", sanitize(&function));
+            self.respond_err(id, ErrorCode::FunctionNotFound, msg);
+            return;
+        };
+        let Some(permit) = self.admit_function(id, &function, entry.guard.as_ref(), now) else {
+            return;
+        };
+        let (ctx, token, deadline) = self.context(limit);
+        drop(ctx);
+        let Some(scripts) = self.shared.scripts.as_ref() else {
+            return;
+        };
+        let constants = self.shared.registry.constants();
+        match scripts
+            .runtime
+            .call(&entry.function, args, constants, deadline)
+        {
+            Ok(call) => {
+                let fut = async move { call.await.map_err(crate::scripts::script_error) };
+                self.spawn_call(id, Box::pin(fut), token, deadline, limit, permit);
+            }
+            Err(e) => {
+                audit::request_refused(&self.facts, "invoke", Some(&function), e.code());
+                self.respond(
+                    id,
+                    Outcome::Err(crate::scripts::script_error(e).into_body()),
+                );
+            }
+        }
+    }
+
+    /// A function's own limits: `Some(permit)` to go on, `None` when refused
+    /// (and answered).
+    fn admit_function(
+        &self,
+        id: u64,
+        function: &str,
+        guard: Option<&crate::function::FunctionGuard>,
+        now: Instant,
+    ) -> Option<Option<netproc_limits::GatePermit>> {
+        match guard.map(|g| g.admit(now)) {
+            None => Some(None),
+            Some(Ok(permit)) => Some(permit),
+            Some(Err((scope, retry))) => {
+                audit::request_refused(
+                    &self.facts,
+                    "invoke",
+                    Some(function),
+                    ErrorCode::RateLimited,
+                );
+                let body = self.shared.abuse.function_refusal(scope, retry);
+                self.respond(id, Outcome::Err(body));
+                None
+            }
+        }
     }
 
     fn context(&self, limit: Duration) -> (CallContext, CancellationToken, Instant) {
@@ -836,38 +900,50 @@ impl Session {
                 let may_invoke = principal
                     .privileges
                     .satisfies(netproc_wire::Privilege::InvokeFunctions);
-                let mut names: Vec<&String> = shared
+                let mut entries: Vec<(String, Value)> = shared
                     .registry
                     .functions
                     .keys()
                     .filter(|n| may_invoke && principal.may_call(n))
-                    .collect();
-                names.sort();
-                let list = names
-                    .into_iter()
                     .map(|n| {
-                        Value::Map(
+                        let v = Value::Map(
                             [
                                 ("kind".to_owned(), Value::from("native")),
                                 ("name".to_owned(), Value::from(n.as_str())),
                             ]
                             .into(),
-                        )
+                        );
+                        (n.clone(), v)
                     })
                     .collect();
-                Outcome::Ok(Value::List(list))
+                if let Some(scripts) = &shared.scripts {
+                    entries.extend(scripts.list(principal));
+                }
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                Outcome::Ok(Value::List(entries.into_iter().map(|(_, v)| v).collect()))
             }
             Operation::ListConstants => {
                 Outcome::Ok(Value::Map((*shared.registry.constants()).clone()))
             }
-            Operation::ListDependencies => Outcome::Ok(Value::List(Vec::new())),
-            Operation::DefineFunction(_)
-            | Operation::UndefineFunction { .. }
-            | Operation::DefineDependency { .. }
-            | Operation::UndefineDependency { .. } => err(
-                ErrorCode::InvalidOperation,
-                "script functions are not enabled on this server".into(),
+            Operation::ListDependencies => Outcome::Ok(
+                shared
+                    .scripts
+                    .as_ref()
+                    .map_or(Value::List(Vec::new()), |s| s.list_dependencies()),
             ),
+            Operation::UndefineFunction { name } => {
+                match crate::scripts::Scripts::undefine_function(shared, &name, principal) {
+                    Ok(v) => Outcome::Ok(v),
+                    Err(e) => Outcome::Err(e.into_body()),
+                }
+            }
+            Operation::UndefineDependency { alias, force } => {
+                match crate::scripts::Scripts::undefine_dependency(shared, &alias, force, principal)
+                {
+                    Ok(v) => Outcome::Ok(v),
+                    Err(e) => Outcome::Err(e.into_body()),
+                }
+            }
             Operation::ServerInfo => {
                 audit::admin_action(&self.facts, "server_info", "");
                 let info = ServerInfoReply {

@@ -7,4 +7,5 @@ mod calls;
 mod fanout;
 mod lifecycle;
 mod protocol;
+mod scripts;
 mod support;
