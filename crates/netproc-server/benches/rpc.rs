@@ -260,6 +260,10 @@ async fn start_netproc(pki: &Pki) -> (ServerHandle, netproc_auth::ApiKey) {
         keys,
     )
     .options(options)
+    .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
+        Ok::<_, CallError>(a + b)
+    })
+    .scripts(netproc_script::ScriptRuntime::builder().build())
     .function("echo", |_: CallContext, (v,): (Value,)| async move {
         Ok::<_, CallError>(v)
     })
@@ -276,6 +280,8 @@ async fn run_netproc(
     c: usize,
     k: usize,
     secs: f64,
+    function: &'static str,
+    args: Vec<Value>,
 ) -> Run {
     // One server name per connection: the client keeps one connection per name.
     let mut builder = Client::builder();
@@ -295,24 +301,27 @@ async fn run_netproc(
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
     let lat = (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
-    let payload = Value::Bytes(vec![7u8; PAYLOAD]);
     let mut tasks = Vec::new();
     for i in 0..c {
         let s = client.server(&format!("c{i}")).unwrap();
         s.session().await.unwrap();
         for _ in 0..k {
-            let (s, stop, calls, lat, payload) = (
+            let (s, stop, calls, lat, args) = (
                 s.clone(),
                 stop.clone(),
                 calls.clone(),
                 lat.clone(),
-                payload.clone(),
+                args.clone(),
             );
             tasks.push(tokio::spawn(async move {
                 let mut local = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
-                    let _: Value = s.call("echo", (&payload,)).await.expect("bench call");
+                    let op = netproc_wire::Operation::Invoke {
+                        function: function.to_owned(),
+                        args: args.clone(),
+                    };
+                    let _: Value = s.execute(op).await.expect("bench call");
                     if lat.is_some() {
                         local.push(t.elapsed().as_nanos() as u64);
                     }
@@ -391,7 +400,8 @@ fn main() {
                 } else {
                     run_raw(&pki, c, k, secs).await
                 };
-                let n = run_netproc(&pki, &server, &key, c, k, secs).await;
+                let echo = vec![Value::Bytes(vec![7u8; PAYLOAD])];
+                let n = run_netproc(&pki, &server, &key, c, k, secs, "echo", echo).await;
                 println!(
                     "C={c} K={k} round {round}: raw {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs | netproc {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs",
                     r.rate(), r.cpu_per_call(), r.p50_us, n.rate(), n.cpu_per_call(), n.p50_us
@@ -409,6 +419,43 @@ fn main() {
                 println!("C={c} K={k} latency: raw p50 {rp:.1} µs p99 {rp99:.1} µs | netproc p50 {np:.1} µs p99 {np99:.1} µs | p50 ratio {:.2}x", np / rp);
             }
         }
+        // A trivial script function against the same function in Rust.
+        let definer = Client::builder()
+            .server(
+                "s",
+                ServerEndpoint::new(
+                    server.local_addr(),
+                    "localhost",
+                    pki.client.identity().unwrap(),
+                    pki.ca.trust_anchors(),
+                    key.to_secret(),
+                ),
+            )
+            .build()
+            .unwrap();
+        definer
+            .server("s")
+            .unwrap()
+            .define_function("sadd", "fn sadd(a, b) { a + b }")
+            .await
+            .unwrap();
+        let (mut native, mut script) = (Vec::new(), Vec::new());
+        let args = vec![Value::Int(20), Value::Int(22)];
+        for round in 0..rounds {
+            let n = run_netproc(&pki, &server, &key, 4, 32, secs, "add", args.clone()).await;
+            let sc = run_netproc(&pki, &server, &key, 4, 32, secs, "sadd", args.clone()).await;
+            println!(
+                "add C=4 K=32 round {round}: native {:>9.0} calls/s {:>6.1} µs CPU/call | script {:>9.0} calls/s {:>6.1} µs CPU/call",
+                n.rate(), n.cpu_per_call(), sc.rate(), sc.cpu_per_call()
+            );
+            native.push(n);
+            script.push(sc);
+        }
+        let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        println!(
+            "add C=4 K=32 median: native {:.0} calls/s, {:.1} µs CPU/call | script {:.0} calls/s, {:.1} µs CPU/call",
+            m(&native, Run::rate), m(&native, Run::cpu_per_call), m(&script, Run::rate), m(&script, Run::cpu_per_call)
+        );
         server.shutdown(Duration::from_secs(1)).await;
     });
 }
