@@ -280,8 +280,7 @@ async fn run_netproc(
     c: usize,
     k: usize,
     secs: f64,
-    function: &'static str,
-    args: Vec<Value>,
+    (function, args): (&'static str, Vec<Value>),
 ) -> Run {
     // One server name per connection: the client keeps one connection per name.
     let mut builder = Client::builder();
@@ -401,7 +400,7 @@ fn main() {
                     run_raw(&pki, c, k, secs).await
                 };
                 let echo = vec![Value::Bytes(vec![7u8; PAYLOAD])];
-                let n = run_netproc(&pki, &server, &key, c, k, secs, "echo", echo).await;
+                let n = run_netproc(&pki, &server, &key, c, k, secs, ("echo", echo)).await;
                 println!(
                     "C={c} K={k} round {round}: raw {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs | netproc {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs",
                     r.rate(), r.cpu_per_call(), r.p50_us, n.rate(), n.cpu_per_call(), n.p50_us
@@ -442,8 +441,8 @@ fn main() {
         let (mut native, mut script) = (Vec::new(), Vec::new());
         let args = vec![Value::Int(20), Value::Int(22)];
         for round in 0..rounds {
-            let n = run_netproc(&pki, &server, &key, 4, 32, secs, "add", args.clone()).await;
-            let sc = run_netproc(&pki, &server, &key, 4, 32, secs, "sadd", args.clone()).await;
+            let n = run_netproc(&pki, &server, &key, 4, 32, secs, ("add", args.clone())).await;
+            let sc = run_netproc(&pki, &server, &key, 4, 32, secs, ("sadd", args.clone())).await;
             println!(
                 "add C=4 K=32 round {round}: native {:>9.0} calls/s {:>6.1} µs CPU/call | script {:>9.0} calls/s {:>6.1} µs CPU/call",
                 n.rate(), n.cpu_per_call(), sc.rate(), sc.cpu_per_call()

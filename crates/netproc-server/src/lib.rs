@@ -56,6 +56,7 @@ mod scripts;
 mod server;
 mod session;
 mod sessions;
+mod state;
 
 // The public interface.
 pub use abuse::AbuseMetrics;

@@ -17,6 +17,27 @@ use crate::audit::sanitize;
 use crate::function::{CallError, FunctionGuard, valid_name};
 use crate::server::Shared;
 use crate::sessions::unix_ms;
+use crate::state::{StateDb, StoredDependency, StoredFunction};
+
+/// Runs a state-database write off the runtime threads; without a state
+/// directory, does nothing. The caller applies the change only after this
+/// returns `Ok` (the transaction committed).
+pub(crate) async fn persist(
+    shared: &Shared,
+    write: impl FnOnce(&StateDb) -> crate::state::DbResult<()> + Send + 'static,
+) -> Result<(), CallError> {
+    let Some(db) = shared.state.clone() else {
+        return Ok(());
+    };
+    match tokio::task::spawn_blocking(move || write(&db)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "state database write failed");
+            Err(CallError::with_code(ErrorCode::Internal, "internal error"))
+        }
+        Err(_) => Err(CallError::with_code(ErrorCode::Internal, "internal error")),
+    }
+}
 
 /// A defined script function.
 pub(crate) struct ScriptEntry {
@@ -123,12 +144,22 @@ impl Scripts {
             _ => return Err(CallError::with_code(ErrorCode::Internal, "internal error")),
         };
         let now = Instant::now();
+        let description: Option<String> = def.description.map(|d| d.chars().take(1024).collect());
+        let stored = StoredFunction {
+            name: name.clone(),
+            source: function.source().to_owned(),
+            description: description.clone(),
+            defined_by: who(&principal),
+            defined_at_ms: unix_ms(SystemTime::now()),
+        };
+        let defined_at_ms = stored.defined_at_ms;
+        persist(&shared, move |db| db.put_function(&stored, &digest)).await?;
         let entry = Arc::new(ScriptEntry {
             function,
             sha256: digest,
-            description: def.description.map(|d| d.chars().take(1024).collect()),
+            description,
             defined_by: who(&principal),
-            defined_at_ms: unix_ms(SystemTime::now()),
+            defined_at_ms,
             guard: def.limits.as_ref().map(|l| FunctionGuard::new(l, now)),
         });
         scripts.functions.rcu(|table| {
@@ -146,12 +177,12 @@ impl Scripts {
         );
         Ok(Value::Null)
     }
-
-    pub(crate) fn undefine_function(
-        shared: &Shared,
-        name: &str,
-        principal: &Principal,
+    pub(crate) async fn undefine_function(
+        shared: Arc<Shared>,
+        name: String,
+        principal: Principal,
     ) -> Result<Value, CallError> {
+        let (name, principal) = (name.as_str(), &principal);
         let Some(scripts) = shared.scripts.as_ref() else {
             return Err(disabled());
         };
@@ -160,6 +191,9 @@ impl Scripts {
                 "\"{name}\" belongs to a native function and cannot be undefined"
             )));
         }
+        let _ordered = scripts.define.lock().await;
+        let owned = name.to_owned();
+        persist(&shared, move |db| db.delete_function(&owned)).await?;
         scripts.functions.rcu(|table| {
             let mut next = (**table).clone();
             next.remove(name);
@@ -189,6 +223,14 @@ impl Scripts {
             DependencySource::Host(h) => ("host", ScriptSource::Host(h)),
             _ => return Err(CallError::invalid_argument("unknown dependency source")),
         };
+        let stored_source = match &source {
+            ScriptSource::Script(s) | ScriptSource::Host(s) => s.clone(),
+            _ => String::new(),
+        };
+        let ordered = match shared.scripts.as_ref() {
+            Some(s) => s.define.lock().await,
+            None => return Err(disabled()),
+        };
         let defined = {
             let (shared, alias) = (Arc::clone(&shared), alias.clone());
             tokio::task::spawn_blocking(move || {
@@ -203,6 +245,20 @@ impl Scripts {
             Ok(Some(Ok(()))) => {}
             Ok(Some(Err(e))) => return Err(script_error(e)),
             _ => return Err(CallError::with_code(ErrorCode::Internal, "internal error")),
+        }
+        let stored = StoredDependency {
+            alias: alias.clone(),
+            kind: kind.to_owned(),
+            source: stored_source,
+            defined_by: who(&principal),
+            defined_at_ms: unix_ms(SystemTime::now()),
+        };
+        if let Err(e) = persist(&shared, move |db| db.put_dependency(&stored)).await {
+            // Not committed: take the module back out.
+            if let Some(s) = shared.scripts.as_ref() {
+                s.runtime.undefine_dependency(&alias);
+            }
+            return Err(e);
         }
         if let Some(scripts) = shared.scripts.as_ref() {
             let entry = || DepEntry {
@@ -228,19 +284,21 @@ impl Scripts {
                 next
             });
         }
+        drop(ordered);
         tracing::info!(target: crate::AUDIT_TARGET, event = "define_dependency", outcome = "ok", alias = %alias, kind, key_id = %who(&principal));
         Ok(Value::Null)
     }
-
-    pub(crate) fn undefine_dependency(
-        shared: &Shared,
-        alias: &str,
+    pub(crate) async fn undefine_dependency(
+        shared: Arc<Shared>,
+        alias: String,
         force: bool,
-        principal: &Principal,
+        principal: Principal,
     ) -> Result<Value, CallError> {
+        let (alias, principal) = (alias.as_str(), &principal);
         let Some(scripts) = shared.scripts.as_ref() else {
             return Err(disabled());
         };
+        let _ordered = scripts.define.lock().await;
         if !force {
             let mut users: Vec<String> = scripts
                 .functions
@@ -258,6 +316,8 @@ impl Scripts {
                 )));
             }
         }
+        let owned = alias.to_owned();
+        persist(&shared, move |db| db.delete_dependency(&owned)).await?;
         scripts.runtime.undefine_dependency(alias);
         scripts.deps.rcu(|deps| {
             deps.iter()
@@ -276,6 +336,58 @@ impl Scripts {
         });
         tracing::info!(target: crate::AUDIT_TARGET, event = "undefine_dependency", outcome = "ok", alias = %sanitize(alias), key_id = %who(principal));
         Ok(Value::Null)
+    }
+    /// Reloads stored definitions at start. A definition that no longer
+    /// compiles (or a host module no longer registered) is reported and
+    /// skipped, not fatal.
+    pub(crate) fn restore(&self, deps: Vec<StoredDependency>, functions: Vec<StoredFunction>) {
+        let mut restored_deps = BTreeMap::new();
+        for d in deps {
+            let host = d.kind == "host";
+            let source = if host {
+                ScriptSource::Host(d.source)
+            } else {
+                ScriptSource::Script(d.source)
+            };
+            match self.runtime.define_dependency(&d.alias, &source) {
+                Ok(()) => {
+                    restored_deps.insert(
+                        d.alias,
+                        DepEntry {
+                            kind: if host { "host" } else { "script" },
+                            defined_by: d.defined_by,
+                            defined_at_ms: d.defined_at_ms,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(alias = %d.alias, error = %e, "skipping a stored dependency")
+                }
+            }
+        }
+        self.deps.store(Arc::new(restored_deps));
+        let mut table = HashMap::new();
+        for f in functions {
+            match self.runtime.compile(&f.name, &f.source) {
+                Ok(function) => {
+                    let sha256: [u8; 32] = Sha256::digest(f.source.as_bytes()).into();
+                    let entry = ScriptEntry {
+                        function: Arc::new(function),
+                        sha256,
+                        description: f.description,
+                        defined_by: f.defined_by,
+                        defined_at_ms: f.defined_at_ms,
+                        guard: None,
+                    };
+                    table.insert(f.name, Arc::new(entry));
+                }
+                Err(e) => {
+                    tracing::warn!(function = %f.name, error = %e, "skipping a stored function that no longer compiles")
+                }
+            }
+        }
+        tracing::info!(functions = table.len(), "restored script functions");
+        self.functions.store(Arc::new(table));
     }
 
     /// Listing entries of the script functions `principal` may call.
@@ -332,4 +444,41 @@ fn disabled() -> CallError {
         ErrorCode::InvalidOperation,
         "script functions are not enabled on this server",
     )
+}
+
+/// Defines a run-time constant: committed to the state database (if any)
+/// before it is applied and acknowledged.
+pub(crate) async fn define_constant(
+    shared: Arc<Shared>,
+    name: String,
+    value: Value,
+    principal: Principal,
+) -> Result<Value, CallError> {
+    if !valid_name(&name) {
+        return Err(CallError::invalid_argument(format!(
+            "\"{}\" is not a valid constant name",
+            sanitize(&name)
+        )));
+    }
+    let (stored_name, stored_value) = (name.clone(), value.clone());
+    persist(&shared, move |db| {
+        db.put_constant(&stored_name, &stored_value)
+    })
+    .await?;
+    shared.registry.define_constant(name.clone(), value);
+    tracing::info!(target: crate::AUDIT_TARGET, event = "define_constant", outcome = "ok", constant = %name, key_id = %who(&principal));
+    Ok(Value::Null)
+}
+
+/// Removes a run-time constant (an unknown name succeeds).
+pub(crate) async fn undefine_constant(
+    shared: Arc<Shared>,
+    name: String,
+    principal: Principal,
+) -> Result<Value, CallError> {
+    let stored_name = name.clone();
+    persist(&shared, move |db| db.delete_constant(&stored_name)).await?;
+    shared.registry.undefine_constant(&name);
+    tracing::info!(target: crate::AUDIT_TARGET, event = "undefine_constant", outcome = "ok", constant = %sanitize(&name), key_id = %who(&principal));
+    Ok(Value::Null)
 }

@@ -46,6 +46,9 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The state directory could not be opened or read.
+    #[error("state directory: {0}")]
+    State(String),
     /// A function, constant or extension name is invalid or repeated.
     #[error("invalid registration: {0}")]
     Registration(String),
@@ -59,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     /// Run-time defined functions, when enabled.
     pub(crate) scripts: Option<crate::scripts::Scripts>,
+    /// The state database, with a state directory.
+    pub(crate) state: Option<Arc<crate::state::StateDb>>,
     pub(crate) authenticator: Arc<dyn Authenticator>,
     pub(crate) sessions: SessionTable,
     pub(crate) started: Instant,
@@ -137,6 +142,7 @@ impl Server {
             extensions: HashMap::new(),
             clock: Arc::new(SystemClock),
             scripts: None,
+            state_dir: None,
             errors: Vec::new(),
         }
     }
@@ -158,6 +164,7 @@ pub struct ServerBuilder {
     extensions: HashMap<String, Extension>,
     clock: Arc<dyn Clock>,
     scripts: Option<netproc_script::ScriptRuntime>,
+    state_dir: Option<std::path::PathBuf>,
     errors: Vec<String>,
 }
 
@@ -261,6 +268,13 @@ impl ServerBuilder {
         self.scripts = Some(runtime);
         self
     }
+    /// Keeps run-time definitions (script functions, dependencies,
+    /// constants) in a SQLite database in `dir` (created if missing), so
+    /// they survive restarts. Without it they live in memory.
+    pub fn state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
 
     /// The clock the limiters read (a manual clock in tests).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
@@ -332,6 +346,10 @@ impl ServerBuilder {
             &self.crls,
             &self.tls_options,
         )?;
+        let state = match self.state_dir {
+            None => None,
+            Some(dir) => Some(open_state(dir).await?),
+        };
         let listener = TcpListener::bind(self.bind)
             .await
             .map_err(|source| ServerError::Bind {
@@ -354,6 +372,7 @@ impl ServerBuilder {
             tls: Arc::new(tls),
             registry: Registry::new(self.functions, guards, self.extensions, self.constants),
             scripts: self.scripts.map(crate::scripts::Scripts::new),
+            state: state.as_ref().map(|(db, _)| Arc::clone(db)),
             authenticator: self.authenticator,
             sessions: SessionTable::default(),
             started: Instant::now(),
@@ -361,6 +380,9 @@ impl ServerBuilder {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
         });
+        if let Some((_, stored)) = state {
+            restore(&shared, stored).await;
+        }
         let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener));
         tracing::info!(server = %shared.name, addr = %local_addr, "listening");
         Ok(ServerHandle {
@@ -371,6 +393,57 @@ impl ServerBuilder {
             }),
         })
     }
+}
+type Stored = (
+    Vec<(String, Value)>,
+    Vec<crate::state::StoredDependency>,
+    Vec<crate::state::StoredFunction>,
+);
+
+/// Opens the state database and reads what it holds, off the runtime threads.
+async fn open_state(
+    dir: std::path::PathBuf,
+) -> Result<(Arc<crate::state::StateDb>, Stored), ServerError> {
+    let opened = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let db =
+            crate::state::StateDb::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let stored = (|| {
+            Ok::<_, rusqlite::Error>((
+                db.load_constants()?,
+                db.load_dependencies()?,
+                db.load_functions()?,
+            ))
+        })()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok::<_, String>((Arc::new(db), stored))
+    })
+    .await
+    .map_err(|e| ServerError::State(e.to_string()))?;
+    opened.map_err(ServerError::State)
+}
+
+/// Applies stored definitions at start (recompiling on a blocking thread).
+async fn restore(shared: &Arc<Shared>, (constants, deps, functions): Stored) {
+    for (name, value) in constants {
+        shared.registry.define_constant(name, value);
+    }
+    if deps.is_empty() && functions.is_empty() {
+        return;
+    }
+    if shared.scripts.is_none() {
+        tracing::warn!(
+            "the state directory holds script definitions, but scripts are not enabled; they are ignored"
+        );
+        return;
+    }
+    let shared = Arc::clone(shared);
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(scripts) = &shared.scripts {
+            scripts.restore(deps, functions);
+        }
+    })
+    .await;
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::abuse::{Admitted, Counter, new_bucket};
 use crate::audit::{self, sanitize};
-use crate::function::{CallContext, CallError, SessionFacts, valid_name};
+use crate::function::{CallContext, CallError, SessionFacts};
 use crate::outbox::Outbox;
 use crate::server::Shared;
 use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
@@ -682,6 +682,40 @@ impl Session {
                 );
                 self.spawn_call(id, Box::pin(fut), token, deadline, limit, None);
             }
+            Operation::DefineConstant { name, value } => {
+                let fut = crate::scripts::define_constant(
+                    Arc::clone(&self.shared),
+                    name,
+                    value,
+                    self.facts.principal.clone(),
+                );
+                self.spawn_definition(id, Box::pin(fut), limit);
+            }
+            Operation::UndefineConstant { name } => {
+                let fut = crate::scripts::undefine_constant(
+                    Arc::clone(&self.shared),
+                    name,
+                    self.facts.principal.clone(),
+                );
+                self.spawn_definition(id, Box::pin(fut), limit);
+            }
+            Operation::UndefineFunction { name } => {
+                let fut = crate::scripts::Scripts::undefine_function(
+                    Arc::clone(&self.shared),
+                    name,
+                    self.facts.principal.clone(),
+                );
+                self.spawn_definition(id, Box::pin(fut), limit);
+            }
+            Operation::UndefineDependency { alias, force } => {
+                let fut = crate::scripts::Scripts::undefine_dependency(
+                    Arc::clone(&self.shared),
+                    alias,
+                    force,
+                    self.facts.principal.clone(),
+                );
+                self.spawn_definition(id, Box::pin(fut), limit);
+            }
             Operation::DefineDependency { alias, source } => {
                 let (ctx, token, deadline) = self.context(limit);
                 drop(ctx);
@@ -729,6 +763,18 @@ impl Session {
             }
         }
         None
+    }
+    /// A change to the definitions, run as a call (it may wait for a
+    /// compile or a database commit).
+    fn spawn_definition(
+        &mut self,
+        id: u64,
+        fut: BoxFuture<'static, Result<Value, CallError>>,
+        limit: Duration,
+    ) {
+        let (ctx, token, deadline) = self.context(limit);
+        drop(ctx);
+        self.spawn_call(id, fut, token, deadline, limit, None);
     }
 
     /// An invoke: a native function, else a script function.
@@ -880,22 +926,6 @@ impl Session {
         let principal = &self.facts.principal;
         let err = |code, msg: String| Outcome::Err(ErrorBody::new(code, msg));
         match op {
-            Operation::DefineConstant { name, value } => {
-                if !valid_name(&name) {
-                    return err(
-                        ErrorCode::InvalidArgument,
-                        format!("\"{}\" is not a valid constant name", sanitize(&name)),
-                    );
-                }
-                audit::admin_action(&self.facts, "define_constant", &name);
-                shared.registry.define_constant(name, value);
-                Outcome::Ok(Value::Null)
-            }
-            Operation::UndefineConstant { name } => {
-                audit::admin_action(&self.facts, "undefine_constant", &name);
-                shared.registry.undefine_constant(&name);
-                Outcome::Ok(Value::Null)
-            }
             Operation::ListFunctions => {
                 let may_invoke = principal
                     .privileges
@@ -931,19 +961,6 @@ impl Session {
                     .as_ref()
                     .map_or(Value::List(Vec::new()), |s| s.list_dependencies()),
             ),
-            Operation::UndefineFunction { name } => {
-                match crate::scripts::Scripts::undefine_function(shared, &name, principal) {
-                    Ok(v) => Outcome::Ok(v),
-                    Err(e) => Outcome::Err(e.into_body()),
-                }
-            }
-            Operation::UndefineDependency { alias, force } => {
-                match crate::scripts::Scripts::undefine_dependency(shared, &alias, force, principal)
-                {
-                    Ok(v) => Outcome::Ok(v),
-                    Err(e) => Outcome::Err(e.into_body()),
-                }
-            }
             Operation::ServerInfo => {
                 audit::admin_action(&self.facts, "server_info", "");
                 let info = ServerInfoReply {

@@ -6,6 +6,7 @@ mod auth;
 mod calls;
 mod fanout;
 mod lifecycle;
+mod persistence;
 mod protocol;
 mod scripts;
 mod support;
