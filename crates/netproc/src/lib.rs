@@ -12,6 +12,7 @@
 //! - [`pki`]: the private CA, PEM handling, strict rustls configurations.
 //! - [`wire`]: the netproc/1 protocol, sans-I/O.
 //! - [`limits`]: rate-limiting building blocks.
+//! - [`script`]: the sandboxed script runtime for run-time defined functions.
 //!
 //! # Example
 //!
@@ -56,5 +57,6 @@ pub use netproc_auth as auth;
 pub use netproc_client as client;
 pub use netproc_limits as limits;
 pub use netproc_pki as pki;
+pub use netproc_script as script;
 pub use netproc_server as server;
 pub use netproc_wire as wire;

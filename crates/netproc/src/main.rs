@@ -99,6 +99,7 @@ async fn start_server(
                 ctx.cert().common_name.as_deref().unwrap_or("?")
             ))
         })
+        .scripts(netproc::script::ScriptRuntime::builder().workers(2).build())
         .start()
         .await?;
     Ok(server)
@@ -149,8 +150,8 @@ async fn demo() -> Result<(), Error> {
 
     out.step("two servers on 127.0.0.1, sharing an API-key store");
     let keys = std::sync::Arc::new(ApiKeyStore::in_memory());
-    let (_, key) =
-        keys.create(KeySpec::new("invoke_functions,define_constants".parse()?).label("alice"))?;
+    let privileges = "invoke_functions,define_constants,define_functions".parse()?;
+    let (_, key) = keys.create(KeySpec::new(privileges).label("alice"))?;
     let (_, weak_key) =
         keys.create(KeySpec::new("invoke_functions".parse()?).label("read-only"))?;
     let s1 = start_server("server_1", &ca, std::sync::Arc::clone(&keys)).await?;
@@ -160,7 +161,7 @@ async fn demo() -> Result<(), Error> {
         s1.local_addr(),
         s2.local_addr()
     ));
-    out.ok("an API key with invoke_functions + define_constants (the store keeps only its hash)");
+    out.ok("an API key that may invoke and define functions (the store keeps only its hash)");
 
     out.step("alice calls add(2, 3) on server_1: TLS 1.3 with her certificate, then her API key");
     let roots = ca.trust_anchors();
@@ -193,6 +194,21 @@ async fn demo() -> Result<(), Error> {
         .map(|(k, v)| (k, ServerOutcome::from(v)))
         .collect();
     println!("    {}", serde_json::to_string(&json)?);
+    out.step("alice defines a sandboxed script function on all_servers and calls it everywhere");
+    let source = "fn greet(name) { `hello ${name}, the answer is ${constant(\"answer\")}` }";
+    client.all_servers().define_constant("answer", 42).await;
+    let defined = client.all_servers().define_function("greet", source).await;
+    if defined.values().any(Result::is_err) {
+        return Err(format!("define_function on all_servers: {defined:?}").into());
+    }
+    let greetings = client
+        .all_servers()
+        .call::<String>("greet", ("alice",))
+        .await;
+    for (server, greeting) in &greetings {
+        let greeting = greeting.as_ref().map_err(|e| format!("{server}: {e}"))?;
+        out.ok(&format!("{server}: {greeting}"));
+    }
 
     out.step("refused: a client whose certificate comes from a rogue CA");
     let rogue_ca = CertificateAuthority::generate(&CaParams::new("rogue CA"))?;
@@ -254,6 +270,8 @@ async fn demo() -> Result<(), Error> {
     println!("next: cargo test --workspace        the test suite");
     println!("      cargo xtask pki               a dev PKI in fixtures/pki");
     println!("      cargo doc --workspace --open  the API, with runnable examples");
-    println!("coming next: abuse controls and metrics, script functions, `netproc serve|call`.");
+    println!(
+        "coming next: `netproc serve|call|pki|keys`, identity lifecycle, credential propagation."
+    );
     Ok(())
 }

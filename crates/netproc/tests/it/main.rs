@@ -15,6 +15,7 @@ fn demo_exits_zero_and_shows_each_step() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("add(2, 3) = 5"), "{stdout}");
+    assert!(stdout.contains("hello alice, the answer is 42"), "{stdout}");
     assert!(stdout.contains("\"state\":\"ok\""), "{stdout}");
     for code in [
         "tls_error",
