@@ -47,7 +47,9 @@
 
 mod convert;
 mod error;
+mod lang;
 mod limits;
+mod rhai_lang;
 mod runtime;
 
 // The public interface.

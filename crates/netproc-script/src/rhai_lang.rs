@@ -1,0 +1,272 @@
+//! Rhai, the first script language: a sandboxed engine per worker.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use netproc_wire::Value;
+use rhai::module_resolvers::ModuleResolver;
+use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Module, Position, Scope, Shared};
+
+use crate::convert::{from_dynamic, to_dynamic};
+use crate::error::classify;
+use crate::lang::{Compiled, Control, Language, Worker};
+use crate::{DependencySource, ScriptError, ScriptLimits};
+
+/// A module shared between workers.
+type SharedModule = Shared<Module>;
+
+struct Inner {
+    limits: ScriptLimits,
+    deps: ArcSwap<HashMap<String, SharedModule>>,
+    host_modules: HashMap<String, SharedModule>,
+    /// Compiles functions and dependency modules (workers have their own).
+    compiler: Engine,
+}
+
+/// Rhai behind the [`Language`] seam.
+pub(crate) struct RhaiLanguage {
+    inner: Arc<Inner>,
+}
+
+impl RhaiLanguage {
+    pub(crate) fn new(limits: ScriptLimits, host_modules: HashMap<String, Module>) -> RhaiLanguage {
+        let mut compiler = sandbox_engine(&limits);
+        compiler.set_optimization_level(rhai::OptimizationLevel::Simple);
+        RhaiLanguage {
+            inner: Arc::new(Inner {
+                compiler,
+                deps: ArcSwap::from_pointee(HashMap::new()),
+                host_modules: host_modules
+                    .into_iter()
+                    .map(|(k, m)| (k, m.into()))
+                    .collect(),
+                limits,
+            }),
+        }
+    }
+}
+
+/// Resolves `import "alias"` to defined dependencies only: no file system,
+/// no network. A path such as `"/etc/passwd"` is simply not found.
+struct DependencyResolver(Arc<Inner>);
+
+impl ModuleResolver for DependencyResolver {
+    fn resolve(
+        &self,
+        _engine: &Engine,
+        _source: Option<&str>,
+        path: &str,
+        pos: Position,
+    ) -> Result<SharedModule, Box<EvalAltResult>> {
+        self.0
+            .deps
+            .load()
+            .get(path)
+            .cloned()
+            .ok_or_else(|| Box::new(EvalAltResult::ErrorModuleNotFound(path.into(), pos)))
+    }
+}
+
+/// An engine with only the standard packages and every limit set.
+fn sandbox_engine(limits: &ScriptLimits) -> Engine {
+    let mut engine = Engine::new_raw();
+    engine.register_global_module(rhai::packages::Package::as_shared_module(
+        &rhai::packages::StandardPackage::new(),
+    ));
+    engine.disable_symbol("eval");
+    engine.set_max_operations(limits.max_operations);
+    engine.set_max_call_levels(limits.max_call_depth);
+    engine.set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth);
+    engine.set_max_string_size(limits.max_string_bytes);
+    engine.set_max_array_size(limits.max_array_len);
+    engine.set_max_map_size(limits.max_map_len);
+    engine.set_max_modules(limits.max_imports);
+    engine.on_print(|s| tracing::debug!(target: "netproc::script", "print: {}", truncate(s)));
+    engine.on_debug(
+        |s, _, pos| tracing::debug!(target: "netproc::script", "debug at {pos}: {}", truncate(s)),
+    );
+    engine
+}
+
+pub(crate) fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(1024);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn syntax(e: &rhai::ParseError) -> ScriptError {
+    let pos = e.position();
+    ScriptError::Syntax {
+        message: e.err_type().to_string(),
+        line: pos.line().unwrap_or(0),
+        column: pos.position().unwrap_or(0),
+    }
+}
+
+/// The aliases of `import "alias"` statements, by a plain scan of the
+/// source (only string-literal imports resolve anyway).
+pub(crate) fn scan_imports(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(i) = rest.find("import") {
+        rest = &rest[i + "import".len()..];
+        if let Some(lit) = rest.trim_start().strip_prefix('"')
+            && let Some(end) = lit.find('"')
+        {
+            let alias = &lit[..end];
+            if !out.iter().any(|a| a == alias) {
+                out.push(alias.to_owned());
+            }
+        }
+    }
+    out
+}
+
+impl Language for RhaiLanguage {
+    fn compile(&self, name: &str, source: &str) -> Result<Compiled, ScriptError> {
+        let ast = self
+            .inner
+            .compiler
+            .compile(source)
+            .map_err(|e| syntax(&e))?;
+        if !ast.statements().is_empty() {
+            return Err(ScriptError::Shape(
+                "only fn definitions are allowed at the top level of a function's source".into(),
+            ));
+        }
+        if !ast.iter_functions().any(|f| f.name == name) {
+            return Err(ScriptError::Shape(format!(
+                "the source does not define fn {name}(…)"
+            )));
+        }
+        Ok(Compiled {
+            imports: scan_imports(source),
+            code: Box::new(ast),
+        })
+    }
+
+    fn define_dependency(&self, alias: &str, source: &DependencySource) -> Result<(), ScriptError> {
+        let module: SharedModule = match source {
+            DependencySource::Host(name) => {
+                self.inner.host_modules.get(name).cloned().ok_or_else(|| {
+                    ScriptError::UnknownDependency(format!(
+                        "no host module named \"{}\"",
+                        truncate(name)
+                    ))
+                })?
+            }
+            DependencySource::Script(src) => {
+                let engine = &self.inner.compiler;
+                let ast = engine.compile(src).map_err(|e| syntax(&e))?;
+                Module::eval_ast_as_new(Scope::new(), &ast, engine)
+                    .map_err(|e| classify(*e))?
+                    .into()
+            }
+        };
+        self.inner.deps.rcu(|deps| {
+            let mut next = (**deps).clone();
+            next.insert(alias.to_owned(), module.clone());
+            next
+        });
+        Ok(())
+    }
+
+    fn undefine_dependency(&self, alias: &str) {
+        self.inner.deps.rcu(|deps| {
+            let mut next = (**deps).clone();
+            next.remove(alias);
+            next
+        });
+    }
+
+    fn dependencies(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.inner.deps.load().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn worker(&self) -> Box<dyn Worker> {
+        let state: Arc<Mutex<Option<Control>>> = Arc::new(Mutex::new(None));
+        let mut engine = sandbox_engine(&self.inner.limits);
+        engine.set_module_resolver(DependencyResolver(Arc::clone(&self.inner)));
+        let every = self.inner.limits.check_every_operations.max(1);
+        {
+            let state = Arc::clone(&state);
+            engine.on_progress(move |ops| {
+                if ops % every != 0 {
+                    return None;
+                }
+                let st = state.lock().unwrap_or_else(PoisonError::into_inner);
+                let st = st.as_ref()?;
+                if st.cancel.load(Ordering::Relaxed) {
+                    return Some(Dynamic::from("cancelled"));
+                }
+                (Instant::now() >= st.deadline).then(|| Dynamic::from("timeout"))
+            });
+        }
+        {
+            let state = Arc::clone(&state);
+            engine.register_fn(
+                "constant",
+                move |name: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+                    let st = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    st.as_ref()
+                        .and_then(|s| s.constants.get(name))
+                        .map(to_dynamic)
+                        .ok_or_else(|| {
+                            format!("constant \"{}\" is not defined", truncate(name)).into()
+                        })
+                },
+            );
+        }
+        Box::new(RhaiWorker { engine, state })
+    }
+}
+
+struct RhaiWorker {
+    engine: Engine,
+    /// The current call's control, read by the progress callback.
+    state: Arc<Mutex<Option<Control>>>,
+}
+
+impl Worker for RhaiWorker {
+    fn call(
+        &mut self,
+        code: &(dyn Any + Send + Sync),
+        name: &str,
+        args: &[Value],
+        control: Control,
+    ) -> Result<Value, ScriptError> {
+        let Some(ast) = code.downcast_ref::<AST>() else {
+            return Err(ScriptError::Stopped);
+        };
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Some(control);
+        let args: Vec<Dynamic> = args.iter().map(to_dynamic).collect();
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
+        let result = self
+            .engine
+            .call_fn_with_options::<Dynamic>(options, &mut Scope::new(), ast, name, args)
+            .map_err(|e| classify(*e))
+            .and_then(|d| from_dynamic(d, 0));
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_are_scanned() {
+        let src =
+            r#"fn f() { import "math" as m; import  "str" as s; import "math" as again; m::x() }"#;
+        assert_eq!(scan_imports(src), ["math", "str"]);
+    }
+}
