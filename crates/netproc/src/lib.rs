@@ -13,6 +13,8 @@
 //! - [`wire`]: the netproc/1 protocol, sans-I/O.
 //! - [`limits`]: rate-limiting building blocks.
 //! - [`script`]: the sandboxed script runtime for run-time defined functions.
+//! - [`config`]: TOML files for servers and clients, as `netproc serve` and
+//!   `netproc call` read them.
 //!
 //! # Example
 //!
@@ -52,6 +54,8 @@
 //! ```
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod config;
 
 pub use netproc_auth as auth;
 pub use netproc_client as client;

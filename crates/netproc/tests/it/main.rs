@@ -1,18 +1,28 @@
-//! Tests of the `netproc` command.
+//! Tests of the `netproc` command, against the built binary.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+fn netproc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
 
 #[test]
 fn demo_exits_zero_and_shows_each_step() {
-    let out = Command::new(env!("CARGO_BIN_EXE_netproc"))
-        .arg("demo")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let out = netproc(&["demo"]);
+    let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
         "stdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+        text(&out.stderr)
     );
     assert!(stdout.contains("add(2, 3) = 5"), "{stdout}");
     assert!(stdout.contains("hello alice, the answer is 42"), "{stdout}");
@@ -29,10 +39,258 @@ fn demo_exits_zero_and_shows_each_step() {
 
 #[test]
 fn unknown_command_exits_2_with_usage() {
-    let out = Command::new(env!("CARGO_BIN_EXE_netproc"))
-        .arg("frobnicate")
-        .output()
-        .unwrap();
+    let out = netproc(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+    assert!(text(&out.stderr).to_lowercase().contains("usage"));
+}
+
+/// A CA, a server and a client certificate, a key store and a key file in `dir`.
+fn setup(dir: &Path) {
+    let d = dir.to_str().unwrap();
+    assert!(netproc(&["pki", "init", "--out", d]).status.success());
+    let out = netproc(&[
+        "pki",
+        "issue-server",
+        "--ca-dir",
+        d,
+        "--name",
+        "server",
+        "--san",
+        "localhost",
+        "--san",
+        "127.0.0.1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&[
+        "pki",
+        "issue-client",
+        "--ca-dir",
+        d,
+        "--name",
+        "client",
+        "--san",
+        "uri:spiffe://t/client",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let store = dir.join("keys.json");
+    let key = dir.join("client.apikey");
+    let out = netproc(&[
+        "keys",
+        "create",
+        "--store",
+        store.to_str().unwrap(),
+        "--privileges",
+        "invoke_functions,define_functions,admin_privileges",
+        "--key-out",
+        key.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn write_configs(dir: &Path, port: u16) {
+    std::fs::write(
+        dir.join("server.toml"),
+        "name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n\n[request_controls.per_connection]\nenabled = false\n[request_controls.per_api_key]\nenabled = false\n[request_controls.per_ip]\nenabled = false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("client.toml"),
+        format!("[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"client.apikey\"\n"),
+    )
+    .unwrap();
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `netproc serve` and returns it with its port.
+fn serve(dir: &Path) -> (Serve, u16) {
+    write_configs(dir, 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args([
+            "serve",
+            "--config",
+            dir.join("server.toml").to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    write_configs(dir, port);
+    (Serve(child), port)
+}
+
+#[test]
+fn pki_init_issue_and_inspect_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let out = netproc(&[
+        "pki",
+        "inspect",
+        dir.path().join("client.crt").to_str().unwrap(),
+    ]);
+    let s = text(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        s.contains("CN=client") && s.contains("uri:spiffe://t/client") && s.contains("clientAuth"),
+        "{s}"
+    );
+    let fp = text(
+        &netproc(&[
+            "pki",
+            "fingerprint",
+            dir.path().join("client.crt").to_str().unwrap(),
+        ])
+        .stdout,
+    );
+    assert_eq!(fp.trim().len(), 64);
+    assert!(s.contains(fp.trim()));
+    // Keys are 0600; overwriting needs --force.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let out = netproc(&["pki", "init", "--out", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("already exists"));
+}
+
+#[test]
+fn keys_then_serve_then_call_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (_server, _port) = serve(dir.path());
+    let client = dir.path().join("client.toml");
+    let c = client.to_str().unwrap();
+    let out = netproc(&[
+        "call",
+        "--config",
+        c,
+        "s1",
+        "echo",
+        "{\"a\": [1, 2.5, null]}",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"a": [1, 2.5, null]}));
+    // A script function, then all_servers.
+    let src = dir.path().join("double.rhai");
+    std::fs::write(&src, "fn double(x) { x * 2 }").unwrap();
+    assert!(
+        netproc(&[
+            "define",
+            "--config",
+            c,
+            "s1",
+            "double",
+            "--source",
+            src.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let out = netproc(&["call", "--config", c, "all_servers", "double", "21"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"s1": {"state": "ok", "result": 42}}));
+    // Errors: non-zero, code on stderr.
+    let out = netproc(&["call", "--config", c, "s1", "missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("function_not_found"));
+    // Admin and metrics.
+    let out = netproc(&["metrics", "--config", c, "s1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["connection_accepted_count"].as_u64().unwrap() >= 1);
+    assert!(
+        netproc(&["admin", "--config", c, "s1", "info"])
+            .status
+            .success()
+    );
+    // bench prints one parsable JSON line.
+    let out = netproc(&[
+        "bench",
+        "--config",
+        c,
+        "s1",
+        "--duration",
+        "1s",
+        "--connections",
+        "2",
+        "--in-flight",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["calls_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["errors"], serde_json::json!({}));
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "name = \"s\"\nbind = \"127.0.0.1:0\"\nkey_store = \"k.json\"\nbindd = 1\n[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n").unwrap();
+    let out = netproc(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 4") && err.contains("bindd"),
+        "{err}"
+    );
+    // An impossible limit names its field.
+    std::fs::write(&path, "name = \"s\"\nbind = \"127.0.0.1:0\"\nkey_store = \"k.json\"\n[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n[auth_controls]\nblock_duration_ms = 0\n").unwrap();
+    let out = netproc(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("auth_controls.block_duration_ms"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn calling_a_stopped_server_fails_with_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    write_configs(dir.path(), port);
+    let out = netproc(&[
+        "call",
+        "--config",
+        dir.path().join("client.toml").to_str().unwrap(),
+        "s1",
+        "echo",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unavailable"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -1,0 +1,233 @@
+//! `netproc bench`: a load generator, bounded by duration and call count.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use netproc::client::Client;
+use netproc::config::ClientFile;
+use netproc::wire::{Operation, Value};
+
+use super::{Failure, Target, failed, usage};
+
+/// Options of `netproc bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Connections, each its own client.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Calls in flight per connection.
+    #[arg(long, default_value_t = 32)]
+    in_flight: usize,
+    /// How long to run: 500ms, 5s, 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Bytes of payload per call (sent as one bytes argument).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// The function to call (`netproc serve` has a built-in `echo`).
+    #[arg(long, default_value = "echo")]
+    function: String,
+    /// Measure full connect + TLS + auth + one call instead (2 at a time).
+    #[arg(long)]
+    new_connections: bool,
+    /// Stop after this many calls.
+    #[arg(long, default_value_t = 100_000_000)]
+    max_calls: u64,
+    /// One JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+struct Shared {
+    histogram: std::sync::Mutex<Histogram<u64>>,
+    errors: std::sync::Mutex<BTreeMap<String, u64>>,
+    calls: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn record(&self, started: Instant, result: Result<Value, netproc::client::ClientError>) {
+        match result {
+            Ok(_) => {
+                let us = u64::try_from(started.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let _ = self
+                    .histogram
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .record(us);
+            }
+            Err(e) => {
+                *self
+                    .errors
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(e.code().to_string())
+                    .or_default() += 1;
+            }
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
+    if args.target.server == netproc::client::ALL_SERVERS {
+        return Err(usage("bench runs against one server"));
+    }
+    let file = ClientFile::load(&args.target.config).map_err(usage)?;
+    let make_client = || file.client(&args.target.config).map_err(usage);
+    let shared = Arc::new(Shared {
+        histogram: std::sync::Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(failed)?,
+        ),
+        errors: std::sync::Mutex::new(BTreeMap::new()),
+        calls: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let op = Operation::Invoke {
+        function: args.function.clone(),
+        args: vec![Value::Bytes(vec![7; args.payload])],
+    };
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    let (workers, per_worker) = if args.new_connections {
+        (2, 1)
+    } else {
+        (args.connections.max(1), args.in_flight.max(1))
+    };
+    for _ in 0..workers {
+        let client: Client = make_client()?;
+        let server = client.server(&args.target.server).map_err(usage)?;
+        if !args.new_connections {
+            server
+                .session()
+                .await
+                .map_err(|e| failed(format!("{}: {e}", e.code())))?;
+        }
+        for _ in 0..per_worker {
+            let (shared, op, server, max) = (
+                Arc::clone(&shared),
+                op.clone(),
+                server.clone(),
+                args.max_calls,
+            );
+            let (file, config, name) = (
+                file.clone(),
+                args.target.config.clone(),
+                args.target.server.clone(),
+            );
+            let new_connections = args.new_connections;
+            tasks.push(tokio::spawn(async move {
+                while !shared.stop.load(Ordering::Relaxed)
+                    && shared.calls.load(Ordering::Relaxed) < max
+                {
+                    let t = Instant::now();
+                    let result = if new_connections {
+                        match file.client(&config) {
+                            Ok(c) => match c.server(&name) {
+                                Ok(s) => s.execute(op.clone()).await,
+                                Err(e) => Err(e),
+                            },
+                            Err(_) => break,
+                        }
+                    } else {
+                        server.execute(op.clone()).await
+                    };
+                    shared.record(t, result);
+                }
+            }));
+        }
+    }
+    let progress =
+        (!args.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let bar = indicatif::ProgressBar::new(args.duration.as_millis() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+    while started.elapsed() < args.duration && shared.calls.load(Ordering::Relaxed) < args.max_calls
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(bar) = &progress {
+            bar.set_position(started.elapsed().as_millis() as u64);
+            let rate =
+                shared.calls.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!("{rate:.0} calls/s"));
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let calls = shared.calls.load(Ordering::Relaxed);
+    let h = shared
+        .histogram
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let errors = shared
+        .errors
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let rate = calls as f64 / elapsed.as_secs_f64();
+    if args.json {
+        let line = serde_json::json!({
+            "function": args.function,
+            "connections": workers,
+            "in_flight": per_worker,
+            "new_connections": args.new_connections,
+            "duration_s": elapsed.as_secs_f64(),
+            "calls": calls,
+            "calls_per_s": rate,
+            "p50_us": h.value_at_quantile(0.5),
+            "p90_us": h.value_at_quantile(0.9),
+            "p99_us": h.value_at_quantile(0.99),
+            "max_us": h.max(),
+            "errors": errors,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{calls} calls in {:.2} s: {rate:.0} calls/s",
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "latency µs: p50 {} p90 {} p99 {} max {}",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
+        for (code, n) in &errors {
+            println!("errors {code}: {n}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! TOML configuration for servers and clients.
+//!
+//! Paths in a file are relative to the file's directory. Unknown fields are
+//! errors; an error names the file, the line and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::ApiKeyStore;
+use crate::client::{Client, ServerEndpoint};
+use crate::pki::{Crl, Identity, TrustAnchors};
+use crate::script::{ScriptLimits, ScriptRuntime};
+use crate::server::{
+    AuthControls, ConnectionControls, RequestControls, Server, ServerBuilder, ServerOptions,
+    SessionControls,
+};
+use crate::wire::SecretString;
+
+/// A configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid: the message names the line and the field.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, where.
+        message: String,
+    },
+}
+
+fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let message = match line {
+            Some(line) => format!("line {line}: {}", e.message()),
+            None => e.message().to_owned(),
+        };
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        }
+    })
+}
+
+fn invalid(path: &Path, message: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// `[tls]` of a server file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerTls {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// The CA bundle client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// CRLs for client certificates.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+}
+
+/// `[scripts]` of a server file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ScriptsConfig {
+    /// Whether clients may define script functions. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Worker threads. Default: the available cores.
+    pub workers: Option<usize>,
+    /// Operations per call. Default 1 000 000.
+    pub max_operations: Option<u64>,
+    /// Wall-clock limit per call, ms. Default 1000.
+    pub wall_clock_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A server configuration file (`netproc serve --config netproc.toml`).
+///
+/// ```toml
+/// name = "server_1"
+/// bind = "127.0.0.1:6767"
+/// key_store = "keys.json"
+/// state_dir = "state"            # optional: persist run-time definitions
+/// log_format = "text"            # or "json"
+///
+/// [tls]
+/// cert = "pki/server.crt"
+/// key = "pki/server.key"
+/// client_ca = "pki/ca.crt"
+/// crls = ["pki/ca.crl"]
+///
+/// [request_controls.per_connection]   # any abuse-control knob; defaults otherwise
+/// burst_tokens = 800
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerFile {
+    /// The server's name, announced to clients.
+    pub name: String,
+    /// Listen address.
+    pub bind: SocketAddr,
+    /// TLS files.
+    pub tls: ServerTls,
+    /// The API-key store (JSON, mode 0600; see `netproc keys`).
+    pub key_store: PathBuf,
+    /// Where run-time definitions are kept; in memory when absent.
+    pub state_dir: Option<PathBuf>,
+    /// Log format. Default text.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Script functions. Enabled with defaults when absent.
+    pub scripts: Option<ScriptsConfig>,
+    /// Admission, handshake and framing limits.
+    #[serde(default)]
+    pub connection_controls: ConnectionControls,
+    /// Failed-authentication limits.
+    #[serde(default)]
+    pub auth_controls: AuthControls,
+    /// Request limits.
+    #[serde(default)]
+    pub request_controls: RequestControls,
+    /// Session limits.
+    #[serde(default)]
+    pub session_controls: SessionControls,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+impl ServerFile {
+    /// Reads and checks a server file.
+    pub fn load(path: impl AsRef<Path>) -> Result<ServerFile, ConfigError> {
+        let path = path.as_ref();
+        let mut file: ServerFile = read(path)?;
+        file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        file.options().validate().map_err(|e| invalid(path, e))?;
+        Ok(file)
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// The abuse-control and session settings.
+    pub fn options(&self) -> ServerOptions {
+        let mut o = ServerOptions::default();
+        o.connection_controls = self.connection_controls.clone();
+        o.auth_controls = self.auth_controls.clone();
+        o.request_controls = self.request_controls.clone();
+        o.session_controls = self.session_controls.clone();
+        o
+    }
+
+    /// A server builder from this file: TLS files loaded, key store opened,
+    /// scripts and state directory set. Add native functions, then `start`.
+    pub fn builder(&self, config_path: &Path) -> Result<ServerBuilder, ConfigError> {
+        let err = |e: &dyn fmt::Display| invalid(config_path, e);
+        let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
+            .map_err(|e| err(&e))?;
+        let roots = TrustAnchors::load(self.resolve(&self.tls.client_ca)).map_err(|e| err(&e))?;
+        let crls = self
+            .tls
+            .crls
+            .iter()
+            .map(|p| Crl::load(self.resolve(p)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(&e))?;
+        let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
+        let mut builder = Server::builder(self.name.clone(), identity, roots, keys)
+            .bind(self.bind)
+            .crls(crls)
+            .options(self.options());
+        let scripts = self.scripts.clone().unwrap_or(ScriptsConfig {
+            enabled: true,
+            workers: None,
+            max_operations: None,
+            wall_clock_ms: None,
+        });
+        if scripts.enabled {
+            let mut limits = ScriptLimits::default();
+            if let Some(n) = scripts.max_operations {
+                limits.max_operations = n;
+            }
+            if let Some(ms) = scripts.wall_clock_ms {
+                limits.wall_clock_ms = ms;
+            }
+            let mut rt = ScriptRuntime::builder().limits(limits);
+            if let Some(n) = scripts.workers {
+                rt = rt.workers(n);
+            }
+            builder = builder.scripts(rt.build());
+        }
+        if let Some(dir) = &self.state_dir {
+            builder = builder.state_dir(self.resolve(dir));
+        }
+        Ok(builder)
+    }
+}
+
+/// One `[servers.<name>]` entry of a client file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClientServer {
+    /// The server's address.
+    pub address: SocketAddr,
+    /// The name its certificate must be valid for.
+    pub server_name: String,
+    /// This client's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// The CA that signs the server's certificate.
+    pub ca: PathBuf,
+    /// A file holding the API key (mode 0600).
+    pub api_key_file: Option<PathBuf>,
+    /// An environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// The API key inline (allowed, but warned about).
+    pub api_key: Option<String>,
+    /// Local address to connect from.
+    pub bind: Option<IpAddr>,
+    /// Default call deadline, ms. Default 30 000.
+    pub request_timeout_ms: Option<u64>,
+}
+
+/// A client configuration file.
+///
+/// ```toml
+/// [servers.server_1]
+/// address = "127.0.0.1:6767"
+/// server_name = "localhost"
+/// cert = "pki/client.crt"
+/// key = "pki/client.key"
+/// ca = "pki/ca.crt"
+/// api_key_file = "client.key.txt"   # or api_key_env = "NETPROC_API_KEY"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClientFile {
+    /// The servers, by name (`all_servers` is reserved).
+    pub servers: BTreeMap<String, ClientServer>,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+impl ClientFile {
+    /// Reads a client file.
+    pub fn load(path: impl AsRef<Path>) -> Result<ClientFile, ConfigError> {
+        let path = path.as_ref();
+        let mut file: ClientFile = read(path)?;
+        file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(file)
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// Builds the client: loads identities and CAs, reads the API keys.
+    pub fn client(&self, config_path: &Path) -> Result<Client, ConfigError> {
+        let mut builder = Client::builder();
+        for (name, s) in &self.servers {
+            let field = |f: &str| format!("servers.{name}.{f}");
+            let err =
+                |f: &str, e: &dyn fmt::Display| invalid(config_path, format!("{}: {e}", field(f)));
+            let key = match (&s.api_key_file, &s.api_key_env, &s.api_key) {
+                (Some(file), None, None) => {
+                    let bytes = crate::pki::read_secret_file(&self.resolve(file))
+                        .map_err(|e| err("api_key_file", &e))?;
+                    String::from_utf8_lossy(&bytes).trim().to_owned()
+                }
+                (None, Some(var), None) => {
+                    std::env::var(var).map_err(|e| err("api_key_env", &e))?
+                }
+                (None, None, Some(inline)) => {
+                    tracing::warn!(server = %name, "an inline api_key is readable by anyone who can read the config; prefer api_key_file or api_key_env");
+                    inline.clone()
+                }
+                _ => {
+                    return Err(invalid(
+                        config_path,
+                        format!(
+                            "{}: give exactly one of api_key_file, api_key_env, api_key",
+                            field("api_key")
+                        ),
+                    ));
+                }
+            };
+            let identity = Identity::load(self.resolve(&s.cert), self.resolve(&s.key))
+                .map_err(|e| err("cert", &e))?;
+            let roots = TrustAnchors::load(self.resolve(&s.ca)).map_err(|e| err("ca", &e))?;
+            let mut ep = ServerEndpoint::new(
+                s.address,
+                s.server_name.clone(),
+                identity,
+                roots,
+                SecretString::new(key),
+            );
+            if let Some(ip) = s.bind {
+                ep = ep.bind(ip);
+            }
+            if let Some(ms) = s.request_timeout_ms {
+                ep = ep.request_timeout(Duration::from_millis(ms));
+            }
+            builder = builder.server(name.clone(), ep);
+        }
+        builder.build().map_err(|e| invalid(config_path, e))
+    }
+}
+
+/// JSON ↔ [`Value`](crate::wire::Value), for command lines and files.
+pub mod json {
+    use std::collections::BTreeMap;
+
+    use crate::wire::Value;
+
+    /// A JSON value as a netproc value: integers that fit stay integers,
+    /// other numbers are floats; an integer above `i64::MAX` is refused.
+    pub fn to_value(j: serde_json::Value) -> Result<Value, String> {
+        Ok(match j {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Value::Int(i)
+                } else if n.is_u64() {
+                    return Err(format!("{n} does not fit in a signed 64-bit integer"));
+                } else {
+                    Value::Float(n.as_f64().unwrap_or(f64::NAN))
+                }
+            }
+            serde_json::Value::String(s) => Value::String(s),
+            serde_json::Value::Array(a) => {
+                Value::List(a.into_iter().map(to_value).collect::<Result<_, _>>()?)
+            }
+            serde_json::Value::Object(o) => Value::Map(
+                o.into_iter()
+                    .map(|(k, v)| Ok((k, to_value(v)?)))
+                    .collect::<Result<BTreeMap<_, _>, String>>()?,
+            ),
+        })
+    }
+
+    /// A netproc value as JSON; bytes become an array of numbers.
+    pub fn from_value(v: Value) -> serde_json::Value {
+        match v {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => b.into(),
+            Value::Int(i) => i.into(),
+            Value::Float(f) => {
+                serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)
+            }
+            Value::String(s) => s.into(),
+            Value::Bytes(b) => b.into_iter().map(serde_json::Value::from).collect(),
+            Value::List(l) => l.into_iter().map(from_value).collect(),
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| (k, from_value(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        }
+    }
+}
