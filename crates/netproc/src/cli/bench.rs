@@ -41,6 +41,11 @@ pub(crate) struct BenchArgs {
     /// One JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// Instead of calling: open this many authenticated connections and
+    /// hold them for --duration (to measure the server's memory per idle
+    /// connection; raise `ulimit -n` first).
+    #[arg(long)]
+    hold: Option<usize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -97,6 +102,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
     }
     let file = ClientFile::load(&args.target.config).map_err(usage)?;
     let make_client = || file.client(&args.target.config).map_err(usage);
+    if let Some(n) = args.hold {
+        return hold(&file, &args, n).await;
+    }
     let shared = Arc::new(Shared {
         histogram: std::sync::Mutex::new(
             Histogram::new_with_bounds(1, 60_000_000, 3).map_err(failed)?,
@@ -229,5 +237,45 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             println!("errors {code}: {n}");
         }
     }
+    Ok(())
+}
+
+/// Opens `n` authenticated connections (8 at a time), holds them for the
+/// duration, and reports how many were established.
+async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failure> {
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut launched = 0;
+    while held.len() + (failures.values().sum::<u64>() as usize) < n {
+        while launched < n && pending.len() < 8 {
+            let client = file.client(&args.target.config).map_err(usage)?;
+            let name = args.target.server.clone();
+            pending.spawn(async move {
+                let server = client.server(&name)?;
+                server.session().await?;
+                Ok::<_, netproc::client::ClientError>(client)
+            });
+            launched += 1;
+        }
+        match pending.join_next().await {
+            Some(Ok(Ok(client))) => held.push(client),
+            Some(Ok(Err(e))) => *failures.entry(e.code().to_string()).or_default() += 1,
+            Some(Err(_)) | None => break,
+        }
+    }
+    let opened_in = started.elapsed();
+    eprintln!(
+        "holding {} connections (opened in {:.1} s); failures {failures:?}",
+        held.len(),
+        opened_in.as_secs_f64()
+    );
+    println!(
+        "{}",
+        serde_json::json!({"held": held.len(), "open_s": opened_in.as_secs_f64(), "errors": failures})
+    );
+    tokio::time::sleep(args.duration).await;
+    drop(held);
     Ok(())
 }
