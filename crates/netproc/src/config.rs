@@ -126,6 +126,7 @@ pub enum LogFormat {
 /// key_store = "keys.json"
 /// state_dir = "state"            # optional: persist run-time definitions
 /// log_format = "text"            # or "json"
+/// metrics_addr = "127.0.0.1:9464"  # optional Prometheus endpoint
 ///
 /// [tls]
 /// cert = "pki/server.crt"
@@ -153,6 +154,8 @@ pub struct ServerFile {
     /// Log format. Default text.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address.
+    pub metrics_addr: Option<SocketAddr>,
     /// Script functions. Enabled with defaults when absent.
     pub scripts: Option<ScriptsConfig>,
     /// Admission, handshake and framing limits.

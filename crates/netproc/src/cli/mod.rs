@@ -662,6 +662,13 @@ fn init_logging(format: LogFormat) {
 async fn serve(config: &Path) -> Result<(), Failure> {
     let file = ServerFile::load(config).map_err(usage)?;
     init_logging(file.log_format);
+    if let Some(addr) = file.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| failed(format!("metrics endpoint {addr}: {e}")))?;
+        tracing::info!(%addr, "Prometheus metrics at /metrics");
+    }
     let server = file
         .builder(config)
         .map_err(usage)?

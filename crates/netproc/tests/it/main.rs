@@ -88,9 +88,15 @@ fn setup(dir: &Path) {
 }
 
 fn write_configs(dir: &Path, port: u16) {
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(dir.join("metrics.port"), metrics_port.to_string()).unwrap();
     std::fs::write(
         dir.join("server.toml"),
-        "name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n\n[request_controls.per_connection]\nenabled = false\n[request_controls.per_api_key]\nenabled = false\n[request_controls.per_ip]\nenabled = false\n",
+        format!("name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n\n[request_controls.per_connection]\nenabled = false\n[request_controls.per_api_key]\nenabled = false\n[request_controls.per_ip]\nenabled = false\n"),
     )
     .unwrap();
     std::fs::write(
@@ -112,6 +118,7 @@ impl Drop for Serve {
 /// Starts `netproc serve` and returns it with its port.
 fn serve(dir: &Path) -> (Serve, u16) {
     write_configs(dir, 0);
+    let metrics_port = std::fs::read_to_string(dir.join("metrics.port")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_netproc"))
         .args([
             "serve",
@@ -133,7 +140,9 @@ fn serve(dir: &Path) -> (Serve, u16) {
         .unwrap()
         .parse()
         .unwrap_or_else(|_| panic!("{line}"));
+    // Keep the server's metrics port in the rewritten file.
     write_configs(dir, port);
+    std::fs::write(dir.join("metrics.port"), metrics_port).unwrap();
     (Serve(child), port)
 }
 
