@@ -435,19 +435,27 @@ impl CertificateAuthority {
         key_path: impl AsRef<Path>,
         overwrite: bool,
     ) -> Result<(), PkiError> {
-        write_file(
-            key_path.as_ref(),
-            self.key_pem().as_bytes(),
-            true,
-            overwrite,
-        )?;
-        write_file(
+        save_pair(
             cert_path.as_ref(),
-            self.cert_pem().as_bytes(),
-            false,
+            &self.cert_pem(),
+            key_path.as_ref(),
+            &self.key_pem(),
             overwrite,
         )
     }
+}
+
+/// Writes a certificate (0644) and its key (0600, first, so a certificate
+/// never stands without its key).
+fn save_pair(
+    cert_path: &Path,
+    cert_pem: &str,
+    key_path: &Path,
+    key_pem: &str,
+    overwrite: bool,
+) -> Result<(), PkiError> {
+    write_file(key_path, key_pem.as_bytes(), true, overwrite)?;
+    write_file(cert_path, cert_pem.as_bytes(), false, overwrite)
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -511,11 +519,11 @@ impl IssuedCert {
         key_path: impl AsRef<Path>,
         overwrite: bool,
     ) -> Result<(), PkiError> {
-        write_file(key_path.as_ref(), self.key_pem.as_bytes(), true, overwrite)?;
-        write_file(
+        save_pair(
             cert_path.as_ref(),
-            self.cert_pem().as_bytes(),
-            false,
+            &self.cert_pem(),
+            key_path.as_ref(),
+            &self.key_pem,
             overwrite,
         )
     }

@@ -48,7 +48,7 @@ pub(crate) struct ScriptEntry {
     defined_at_ms: u64,
     pub(crate) guard: Option<FunctionGuard>,
 }
-
+#[derive(Clone)]
 struct DepEntry {
     kind: &'static str,
     defined_by: String,
@@ -267,19 +267,7 @@ impl Scripts {
                 defined_at_ms: unix_ms(SystemTime::now()),
             };
             scripts.deps.rcu(|deps| {
-                let mut next: BTreeMap<String, DepEntry> = deps
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            DepEntry {
-                                kind: v.kind,
-                                defined_by: v.defined_by.clone(),
-                                defined_at_ms: v.defined_at_ms,
-                            },
-                        )
-                    })
-                    .collect();
+                let mut next = (**deps).clone();
                 next.insert(alias.clone(), entry());
                 next
             });
@@ -320,19 +308,9 @@ impl Scripts {
         persist(&shared, move |db| db.delete_dependency(&owned)).await?;
         scripts.runtime.undefine_dependency(alias);
         scripts.deps.rcu(|deps| {
-            deps.iter()
-                .filter(|(k, _)| k.as_str() != alias)
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        DepEntry {
-                            kind: v.kind,
-                            defined_by: v.defined_by.clone(),
-                            defined_at_ms: v.defined_at_ms,
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>()
+            let mut next = (**deps).clone();
+            next.remove(alias);
+            next
         });
         tracing::info!(target: crate::AUDIT_TARGET, event = "undefine_dependency", outcome = "ok", alias = %sanitize(alias), key_id = %who(principal));
         Ok(Value::Null)

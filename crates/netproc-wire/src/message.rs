@@ -713,29 +713,17 @@ fn trailing(rest: &[u8]) -> String {
 
 /// serde helpers for `Vec<u8>` as postcard bytes (length, raw bytes).
 mod as_bytes {
-    use std::fmt;
+    use serde::de::DeserializeSeed;
+    use serde::{Deserializer, Serializer};
 
-    use serde::{Deserializer, Serializer, de};
+    use crate::value::BytesSeed;
 
     pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-        }
-        d.deserialize_byte_buf(V)
+        BytesSeed.deserialize(d)
     }
 }
 

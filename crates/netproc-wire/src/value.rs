@@ -324,7 +324,8 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
     }
 }
 
-struct BytesSeed;
+/// Deserializes postcard bytes into a `Vec<u8>` (also used by messages).
+pub(crate) struct BytesSeed;
 
 impl<'de> DeserializeSeed<'de> for BytesSeed {
     type Value = Vec<u8>;

@@ -63,6 +63,14 @@ fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         }
     })
 }
+/// `p` as written in a file in `dir`: absolute as is, else relative to `dir`.
+fn relative_to(dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        dir.join(p)
+    }
+}
 
 fn invalid(path: &Path, message: impl fmt::Display) -> ConfigError {
     ConfigError::Invalid {
@@ -183,13 +191,8 @@ impl ServerFile {
         file.options().validate().map_err(|e| invalid(path, e))?;
         Ok(file)
     }
-
     fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            self.dir.join(p)
-        }
+        relative_to(&self.dir, p)
     }
 
     /// The abuse-control and session settings.
@@ -304,13 +307,8 @@ impl ClientFile {
         file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(file)
     }
-
     fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            self.dir.join(p)
-        }
+        relative_to(&self.dir, p)
     }
 
     /// Builds the client: loads identities and CAs, reads the API keys.
