@@ -47,7 +47,8 @@ pub fn required_privilege(op: &Operation) -> Option<Privilege> {
         | Operation::ListBlocked
         | Operation::Unblock { .. }
         | Operation::GetLimits
-        | Operation::SetLimits { .. } => Privilege::AdminPrivileges,
+        | Operation::SetLimits { .. }
+        | Operation::Reload => Privilege::AdminPrivileges,
         Operation::ListFunctions
         | Operation::ListConstants
         | Operation::ListDependencies

@@ -188,6 +188,32 @@ pub struct KeyInfo {
     pub label: Option<String>,
 }
 
+/// A change to a key that live sessions must follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyChange {
+    /// The key was revoked (or vanished from the file on reload).
+    Revoked {
+        /// The key id.
+        id: String,
+    },
+    /// The key's secret was replaced; sessions on `old_generation` must end.
+    Rotated {
+        /// The key id.
+        id: String,
+        /// The generation that stopped working.
+        old_generation: u64,
+    },
+    /// The key's privileges, allow-list, binding or expiry changed: its
+    /// sessions, whose privileges are fixed, must end.
+    Changed {
+        /// The key id.
+        id: String,
+    },
+}
+
+type Listener = Box<dyn Fn(&KeyChange) + Send + Sync>;
+
 /// A whole API key, `npk_<id>_<secret>`, as handed out once at creation or
 /// rotation. Redacted in `Debug`; zeroized on drop.
 #[derive(Clone)]
@@ -275,6 +301,7 @@ struct StoreFile {
 pub struct ApiKeyStore {
     keys: RwLock<BTreeMap<String, Record>>,
     path: Option<PathBuf>,
+    listeners: RwLock<Vec<Listener>>,
 }
 
 impl fmt::Debug for ApiKeyStore {
@@ -333,6 +360,7 @@ impl ApiKeyStore {
         ApiKeyStore {
             keys: RwLock::new(BTreeMap::new()),
             path: None,
+            listeners: RwLock::new(Vec::new()),
         }
     }
 
@@ -348,6 +376,7 @@ impl ApiKeyStore {
         Ok(ApiKeyStore {
             keys: RwLock::new(keys),
             path: Some(path),
+            listeners: RwLock::new(Vec::new()),
         })
     }
 
@@ -374,14 +403,57 @@ impl ApiKeyStore {
         }
         Ok(keys)
     }
-
-    /// Re-reads the backing file (e.g. after another process changed it).
+    /// Re-reads the backing file (e.g. after `netproc keys revoke` changed
+    /// it). Keys that vanished, were rotated or changed are reported to the
+    /// listeners (see [`on_change`](Self::on_change)).
     pub fn reload(&self) -> Result<(), KeyStoreError> {
-        if let Some(path) = &self.path {
-            let keys = Self::load_file(path)?;
-            *self.write() = keys;
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let new = Self::load_file(path)?;
+        let mut changes = Vec::new();
+        {
+            let mut keys = self.write();
+            for (id, old) in keys.iter() {
+                match new.get(id) {
+                    None => changes.push(KeyChange::Revoked { id: id.clone() }),
+                    Some(r) if r.generation != old.generation => changes.push(KeyChange::Rotated {
+                        id: id.clone(),
+                        old_generation: old.generation,
+                    }),
+                    Some(r) if r.info() != old.info() => {
+                        changes.push(KeyChange::Changed { id: id.clone() })
+                    }
+                    Some(_) => {}
+                }
+            }
+            *keys = new;
+        }
+        for change in &changes {
+            self.notify(change);
         }
         Ok(())
+    }
+
+    /// Calls `listener` after every revocation, rotation or change (from
+    /// this store's methods or a [`reload`](Self::reload)), so live sessions
+    /// can be ended. The listener runs on the caller's thread: keep it short.
+    pub fn on_change(&self, listener: impl Fn(&KeyChange) + Send + Sync + 'static) {
+        self.listeners
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(listener));
+    }
+
+    fn notify(&self, change: &KeyChange) {
+        for l in self
+            .listeners
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            l(change);
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Record>> {
@@ -465,6 +537,11 @@ impl ApiKeyStore {
             keys.insert(id.to_owned(), previous);
             return Err(e);
         }
+        drop(keys);
+        self.notify(&KeyChange::Rotated {
+            id: id.to_owned(),
+            old_generation: previous.generation,
+        });
         Ok(ApiKey(SecretString::new(format!("npk_{id}_{}", &*secret))))
     }
 
@@ -478,6 +555,8 @@ impl ApiKeyStore {
             keys.insert(id.to_owned(), record);
             return Err(e);
         }
+        drop(keys);
+        self.notify(&KeyChange::Revoked { id: id.to_owned() });
         Ok(record.info())
     }
 

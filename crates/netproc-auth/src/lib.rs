@@ -55,5 +55,5 @@ pub use authenticator::{
     authenticator_fn,
 };
 pub use authorize::{InsufficientPrivileges, authorize, authorize_privilege, required_privilege};
-pub use keystore::{ApiKey, ApiKeyStore, CertBinding, KeyInfo, KeySpec, KeyStoreError};
+pub use keystore::{ApiKey, ApiKeyStore, CertBinding, KeyChange, KeyInfo, KeySpec, KeyStoreError};
 pub use privileges::PrivilegeSet;

@@ -105,6 +105,12 @@ counters! {
     frame_too_large_count,
     /// New addresses or keys refused because a limiter table was full of active entries.
     limiter_table_full_count,
+    /// TLS configurations reloaded.
+    tls_reload_count,
+    /// TLS reloads refused (the last good configuration stayed).
+    tls_reload_failure_count,
+    /// Sessions ended because their credential or certificate was revoked or expired.
+    sessions_revoked_count,
 }
 
 /// Which limit refused a request.

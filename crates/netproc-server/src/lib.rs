@@ -66,5 +66,5 @@ pub use options::{
     AuthControls, BucketControls, ConnectionControls, InvalidOption, RequestControls,
     ServerOptions, SessionControls,
 };
-pub use server::{Server, ServerBuilder, ServerError, ServerHandle};
+pub use server::{ReloadSource, Server, ServerBuilder, ServerError, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};

@@ -262,6 +262,18 @@ pub struct SessionControls {
     /// A write that makes no progress for this long (ms) closes the
     /// connection. Default 30 000.
     pub write_stall_timeout_ms: u64,
+    /// Sessions one principal may have at once; a new one past it is refused
+    /// `too_many_sessions` and the live ones are not disturbed. 0 = no cap
+    /// (the default).
+    pub max_sessions_per_principal: u32,
+    /// One session per principal: a new session replaces the old ones
+    /// (`GoAway{session_replaced}`), but only after it has authenticated, so
+    /// an unauthenticated peer can never kick a live one. Default false.
+    pub single_active_session: bool,
+    /// End a session (`GoAway{certificate_expired}`) when its client
+    /// certificate expires. Default true. (A credential's own expiry always
+    /// ends its sessions, with `credential_revoked`.)
+    pub close_on_cert_expiry: bool,
 }
 
 impl Default for SessionControls {
@@ -272,6 +284,9 @@ impl Default for SessionControls {
             ping_burst: 20,
             max_outbound_bytes_per_connection: 8 * 1024 * 1024,
             write_stall_timeout_ms: 30_000,
+            max_sessions_per_principal: 0,
+            single_active_session: false,
+            close_on_cert_expiry: true,
         }
     }
 }

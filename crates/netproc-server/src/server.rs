@@ -58,7 +58,13 @@ pub enum ServerError {
 pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) abuse: Abuse,
-    pub(crate) tls: Arc<rustls::ServerConfig>,
+    /// The TLS configuration in force: swapped whole on reload, read at
+    /// each accept (so new handshakes use new material at once).
+    pub(crate) tls: arc_swap::ArcSwap<rustls::ServerConfig>,
+    /// The TLS options, kept for reloads.
+    tls_options: TlsOptions,
+    /// Where reloads read new material from.
+    reload_source: Option<ReloadSource>,
     pub(crate) registry: Registry,
     /// Run-time defined functions, when enabled.
     pub(crate) scripts: Option<crate::scripts::Scripts>,
@@ -105,10 +111,27 @@ impl Shared {
             ErrorCode::CredentialRevoked => "the credential was revoked".to_owned(),
             ref other => format!("session closed: {other}"),
         };
-        self.sessions
-            .signal(Some(selector), &Control::Close { reason, message })
+        let revoking = matches!(
+            reason,
+            ErrorCode::CredentialRevoked | ErrorCode::CertificateExpired
+        );
+        let n = self
+            .sessions
+            .signal(Some(selector), &Control::Close { reason, message });
+        if revoking {
+            for _ in 0..n {
+                self.abuse
+                    .count(crate::abuse::Counter::sessions_revoked_count);
+            }
+        }
+        n
     }
 }
+
+/// Reads fresh TLS material for a reload (and may reload other sources,
+/// such as a key store file, as a side effect). Runs on a blocking thread.
+pub type ReloadSource =
+    Arc<dyn Fn() -> Result<(Identity, TrustAnchors, Vec<Crl>), String> + Send + Sync>;
 
 /// Entry point: [`Server::builder`].
 #[derive(Debug)]
@@ -143,6 +166,7 @@ impl Server {
             clock: Arc::new(SystemClock),
             scripts: None,
             state_dir: None,
+            reload_source: None,
             errors: Vec::new(),
         }
     }
@@ -165,6 +189,7 @@ pub struct ServerBuilder {
     clock: Arc<dyn Clock>,
     scripts: Option<netproc_script::ScriptRuntime>,
     state_dir: Option<std::path::PathBuf>,
+    reload_source: Option<ReloadSource>,
     errors: Vec<String>,
 }
 
@@ -276,6 +301,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Where [`ServerHandle::reload`] and the admin `reload` operation read
+    /// new TLS material from (typically: the files, re-read).
+    pub fn reload_source(mut self, source: ReloadSource) -> Self {
+        self.reload_source = Some(source);
+        self
+    }
+
     /// The clock the limiters read (a manual clock in tests).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -369,7 +401,9 @@ impl ServerBuilder {
         let shared = Arc::new(Shared {
             name: self.name,
             abuse: Abuse::new(self.options, self.clock),
-            tls: Arc::new(tls),
+            tls: arc_swap::ArcSwap::from_pointee(tls),
+            tls_options: self.tls_options,
+            reload_source: self.reload_source,
             registry: Registry::new(self.functions, guards, self.extensions, self.constants),
             scripts: self.scripts.map(crate::scripts::Scripts::new),
             state: state.as_ref().map(|(db, _)| Arc::clone(db)),
@@ -532,6 +566,122 @@ impl ServerHandle {
     /// sessions were selected.
     pub fn close_sessions(&self, selector: &SessionSelector, reason: ErrorCode) -> usize {
         self.inner.shared.close_sessions_inner(selector, reason)
+    }
+    /// Reloads from the [`reload_source`](ServerBuilder::reload_source):
+    /// new handshakes use the new material; sessions over newly revoked
+    /// certificates end. On error the last good configuration stays.
+    pub async fn reload(&self) -> Result<usize, ServerError> {
+        self.inner.shared.reload().await
+    }
+
+    /// Replaces the server's certificate, the client CA bundle and the CRLs
+    /// without a restart. New handshakes use them at once; established
+    /// sessions continue, except those whose client certificate a new CRL
+    /// revokes: they end with `GoAway{credential_revoked}`. Material that
+    /// does not make a valid configuration is refused with its error and the
+    /// last good configuration stays in force. Returns how many sessions
+    /// were closed.
+    pub fn reload_tls(
+        &self,
+        identity: &Identity,
+        client_roots: &TrustAnchors,
+        crls: &[Crl],
+    ) -> Result<usize, ServerError> {
+        self.inner.shared.reload_tls(identity, client_roots, crls)
+    }
+}
+
+impl Shared {
+    pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
+        let Some(source) = self.reload_source.clone() else {
+            return Err(ServerError::Registration(
+                "no reload source is configured".into(),
+            ));
+        };
+        let read = tokio::task::spawn_blocking(move || source()).await;
+        match read {
+            Ok(Ok((identity, roots, crls))) => self.reload_tls(&identity, &roots, &crls),
+            Ok(Err(e)) => {
+                tracing::warn!(server = %self.name, error = %e, "reload refused; keeping the last good configuration");
+                self.abuse
+                    .count(crate::abuse::Counter::tls_reload_failure_count);
+                Err(ServerError::State(e))
+            }
+            Err(e) => Err(ServerError::State(e.to_string())),
+        }
+    }
+
+    fn reload_tls(
+        &self,
+        identity: &Identity,
+        client_roots: &TrustAnchors,
+        crls: &[Crl],
+    ) -> Result<usize, ServerError> {
+        let shared = self;
+        let config = match netproc_pki::server_config_with(
+            identity,
+            client_roots,
+            crls,
+            &shared.tls_options,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(server = %shared.name, error = %e, "TLS reload refused; keeping the last good configuration");
+                shared
+                    .abuse
+                    .count(crate::abuse::Counter::tls_reload_failure_count);
+                return Err(ServerError::Tls(e));
+            }
+        };
+        shared.tls.store(Arc::new(config));
+        shared.abuse.count(crate::abuse::Counter::tls_reload_count);
+        tracing::info!(server = %shared.name, cert = %identity.cert_identity().fingerprint, "TLS configuration reloaded");
+        // Revocation reaches live sessions: close those over a revoked certificate.
+        let mut closed = 0;
+        for session in shared.sessions.list_facts() {
+            let cert = &session.cert;
+            let revoked = crls.iter().any(|crl| {
+                crl.issuer() == cert.issuer
+                    && crl.revoked_serials().iter().any(|s| *s == cert.serial)
+            });
+            if revoked {
+                closed += shared.close_sessions_inner(
+                    &SessionSelector::Session(session.session_id),
+                    ErrorCode::CredentialRevoked,
+                );
+            }
+        }
+        Ok(closed)
+    }
+}
+
+impl ServerHandle {
+    /// Makes revocations and rotations in `store` end the live sessions
+    /// that rely on them: a revoked or changed key's sessions get
+    /// `GoAway{credential_revoked}`; a rotated key's sessions on the old
+    /// secret do too, while sessions on the new secret continue.
+    pub fn follow_key_store(&self, store: &netproc_auth::ApiKeyStore) {
+        let shared = Arc::downgrade(&self.inner.shared);
+        store.on_change(move |change| {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let selector = match change {
+                netproc_auth::KeyChange::Revoked { id } | netproc_auth::KeyChange::Changed { id } => SessionSelector::Key {
+                    key_id: id.clone(),
+                    generation: None,
+                },
+                netproc_auth::KeyChange::Rotated { id, old_generation } => SessionSelector::Key {
+                    key_id: id.clone(),
+                    generation: Some(*old_generation),
+                },
+                _ => return,
+            };
+            let n = shared.close_sessions_inner(&selector, ErrorCode::CredentialRevoked);
+            if n > 0 {
+                tracing::info!(server = %shared.name, ?change, sessions = n, "closed sessions after a key change");
+            }
+        });
     }
 
     /// The abuse-control counters and gauges.

@@ -102,7 +102,7 @@ pub(crate) async fn run_connection(
     } = admitted;
     let options = shared.options_arc();
     let cc = &options.connection_controls;
-    let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls));
+    let acceptor = TlsAcceptor::from(shared.tls.load_full());
     let handshake_timeout = Duration::from_millis(cc.tls_handshake_timeout_ms);
     let tls = tokio::select! {
         r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => r,
@@ -277,7 +277,7 @@ pub(crate) async fn run_connection(
     decoder.set_limit(post_limit);
     let (control_tx, control_rx) = mpsc::channel(4);
     let in_flight = Arc::new(AtomicUsize::new(0));
-    shared.sessions.insert(Entry {
+    let entry = Entry {
         in_flight: Arc::clone(&in_flight),
         facts: Arc::clone(&facts),
         info: SessionInfo {
@@ -290,7 +290,36 @@ pub(crate) async fn run_connection(
             client_name,
         },
         control: control_tx,
-    });
+    };
+    let sc = &options.session_controls;
+    match shared.sessions.register(
+        entry,
+        sc.max_sessions_per_principal,
+        sc.single_active_session,
+    ) {
+        None => {
+            audit::session_closed(&facts, ErrorCode::TooManySessions);
+            let msg = format!(
+                "the principal already has {} sessions",
+                sc.max_sessions_per_principal
+            );
+            farewell(
+                &mut wr,
+                error_msg(ErrorCode::TooManySessions, msg),
+                post_limit,
+            )
+            .await;
+            return;
+        }
+        Some(replaced) => {
+            for id in replaced {
+                shared.close_sessions_inner(
+                    &SessionSelector::Session(id),
+                    ErrorCode::SessionReplaced,
+                );
+            }
+        }
+    }
     drop(unauthenticated);
     // A shutdown that began while this session authenticated must reach it.
     if shared.shutdown.is_cancelled() {
@@ -416,6 +445,10 @@ impl Session {
         } else {
             idle
         }));
+        // The session ends when its certificate (if configured) or its
+        // credential expires.
+        let (expiry, expiry_reason) = self.expiry(options.session_controls.close_on_cert_expiry);
+        let mut expiry_timer = pin!(tokio::time::sleep_until(expiry));
         let dead = self.outbox.dead().clone();
         let end = loop {
             let out_full = self.outbox.pending() > budget;
@@ -451,6 +484,16 @@ impl Session {
                     }
                 }
                 () = self.outbox.space(), if out_full => {}
+                () = &mut expiry_timer => {
+                    audit::session_closed(&self.facts, expiry_reason.clone());
+                    let message = if expiry_reason == ErrorCode::CertificateExpired {
+                        "the client certificate expired"
+                    } else {
+                        "the credential expired"
+                    };
+                    self.close_with(expiry_reason, message);
+                    break End::Now;
+                }
                 () = &mut idle_timer => {
                     let quiet = self.last_activity.elapsed();
                     if !idle.is_zero() && quiet >= idle && self.calls.is_empty() {
@@ -483,6 +526,23 @@ impl Session {
                     () = dead.cancelled() => break,
                 }
             }
+        }
+    }
+    /// When the session must end on its own: the earlier of the client
+    /// certificate's end of validity (if `close_on_cert_expiry`) and the
+    /// credential's expiry, with the reason to give.
+    fn expiry(&self, close_on_cert_expiry: bool) -> (tokio::time::Instant, ErrorCode) {
+        let now_wall = SystemTime::now();
+        let now = tokio::time::Instant::now();
+        let until = |t: SystemTime| now + t.duration_since(now_wall).unwrap_or(Duration::ZERO);
+        let far = now + Duration::from_secs(100 * 365 * 86_400);
+        let cert = close_on_cert_expiry.then(|| until(self.facts.cert.not_after));
+        let key = self.facts.principal.expires_at.map(until);
+        match (cert, key) {
+            (Some(c), Some(k)) if k < c => (k, ErrorCode::CredentialRevoked),
+            (Some(c), _) => (c, ErrorCode::CertificateExpired),
+            (None, Some(k)) => (k, ErrorCode::CredentialRevoked),
+            (None, None) => (far, ErrorCode::CertificateExpired),
         }
     }
 
@@ -714,6 +774,20 @@ impl Session {
                     force,
                     self.facts.principal.clone(),
                 );
+                self.spawn_definition(id, Box::pin(fut), limit);
+            }
+            Operation::Reload => {
+                audit::admin_action(&self.facts, "reload", "");
+                let shared = Arc::clone(&self.shared);
+                let fut = async move {
+                    shared
+                        .reload()
+                        .await
+                        .map(|closed| Value::Int(closed as i64))
+                        .map_err(|e| {
+                            CallError::with_code(ErrorCode::InvalidArgument, e.to_string())
+                        })
+                };
                 self.spawn_definition(id, Box::pin(fut), limit);
             }
             Operation::DefineDependency { alias, source } => {

@@ -96,8 +96,24 @@ impl SessionTable {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn insert(&self, entry: Entry) {
-        self.lock().insert(entry.facts.session_id, entry);
+    /// Registers an authenticated session under the per-principal policy,
+    /// atomically: `None` (and the entry dropped) when the principal already
+    /// has `max` sessions (0 = no cap), otherwise the ids of the sessions it replaces (with
+    /// `single_active`, every other session of the principal — replaced
+    /// only now, after the new one authenticated).
+    pub(crate) fn register(&self, entry: Entry, max: u32, single_active: bool) -> Option<Vec<u64>> {
+        let mut entries = self.lock();
+        let principal = entry.facts.principal.id.clone();
+        let existing: Vec<u64> = entries
+            .values()
+            .filter(|e| e.facts.principal.id == principal)
+            .map(|e| e.facts.session_id)
+            .collect();
+        if !single_active && max > 0 && existing.len() >= max as usize {
+            return None;
+        }
+        entries.insert(entry.facts.session_id, entry);
+        Some(if single_active { existing } else { Vec::new() })
     }
 
     pub(crate) fn remove(&self, session_id: u64) {
@@ -112,6 +128,10 @@ impl SessionTable {
 
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
+    }
+    /// The facts of every live session.
+    pub(crate) fn list_facts(&self) -> Vec<Arc<SessionFacts>> {
+        self.lock().values().map(|e| Arc::clone(&e.facts)).collect()
     }
 
     /// Calls running across all sessions.

@@ -236,10 +236,13 @@ pub enum Operation {
         #[serde(with = "as_bytes")]
         payload: Vec<u8>,
     },
+    /// Tag 20 (admin): reload the server's certificate, client CAs, CRLs and
+    /// key store from their sources.
+    Reload,
 }
 
 /// Number of operation tags this version knows.
-pub(crate) const OPERATION_COUNT: u32 = 20;
+pub(crate) const OPERATION_COUNT: u32 = 21;
 
 impl Operation {
     /// The operation's name, as used in messages and audit events.
@@ -265,6 +268,7 @@ impl Operation {
             Operation::GetLimits => "get_limits",
             Operation::SetLimits { .. } => "set_limits",
             Operation::Extension { .. } => "extension",
+            Operation::Reload => "reload",
         }
     }
 }
@@ -768,10 +772,7 @@ mod tests {
     fn operation_count_matches_the_last_tag() {
         let msg = ClientMessage::Request(Request {
             id: 0,
-            op: Operation::Extension {
-                name: String::new(),
-                payload: vec![],
-            },
+            op: Operation::Reload,
             deadline_ms: None,
         });
         // kind, id, tag
@@ -808,8 +809,8 @@ mod tests {
         ));
         // Request 5, unknown tag.
         assert_eq!(
-            ClientMessage::decode(&[1, 5, 20]),
-            Err(DecodeError::InvalidOperation { id: 5, tag: 20 })
+            ClientMessage::decode(&[1, 5, 21]),
+            Err(DecodeError::InvalidOperation { id: 5, tag: 21 })
         );
         // Request 5, Invoke with a truncated payload.
         assert!(matches!(

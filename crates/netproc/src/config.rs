@@ -205,9 +205,31 @@ impl ServerFile {
         o
     }
 
+    /// Reads the TLS files (for a start or a reload).
+    pub fn tls_material(&self) -> Result<(Identity, TrustAnchors, Vec<Crl>), String> {
+        let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
+            .map_err(|e| e.to_string())?;
+        let roots =
+            TrustAnchors::load(self.resolve(&self.tls.client_ca)).map_err(|e| e.to_string())?;
+        let crls = self
+            .tls
+            .crls
+            .iter()
+            .map(|p| Crl::load(self.resolve(p)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok((identity, roots, crls))
+    }
+
     /// A server builder from this file: TLS files loaded, key store opened,
-    /// scripts and state directory set. Add native functions, then `start`.
-    pub fn builder(&self, config_path: &Path) -> Result<ServerBuilder, ConfigError> {
+    /// scripts and state directory set, and a reload source re-reading the
+    /// TLS files and the key store. Add native functions, then `start`; call
+    /// `follow_key_store` with the returned store so revocations end live
+    /// sessions.
+    pub fn builder(
+        &self,
+        config_path: &Path,
+    ) -> Result<(ServerBuilder, Arc<ApiKeyStore>), ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
         let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
             .map_err(|e| err(&e))?;
@@ -220,7 +242,14 @@ impl ServerFile {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| err(&e))?;
         let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
-        let mut builder = Server::builder(self.name.clone(), identity, roots, keys)
+        let reload_keys = Arc::clone(&keys);
+        let file = self.clone();
+        let source: crate::server::ReloadSource = Arc::new(move || {
+            reload_keys.reload().map_err(|e| e.to_string())?;
+            file.tls_material()
+        });
+        let mut builder = Server::builder(self.name.clone(), identity, roots, Arc::clone(&keys))
+            .reload_source(source)
             .bind(self.bind)
             .crls(crls)
             .options(self.options());
@@ -247,7 +276,7 @@ impl ServerFile {
         if let Some(dir) = &self.state_dir {
             builder = builder.state_dir(self.resolve(dir));
         }
-        Ok(builder)
+        Ok((builder, keys))
     }
 }
 

@@ -100,6 +100,7 @@ fn arb_operation() -> impl Strategy<Value = Operation> {
         arb_value().prop_map(|limits| Operation::SetLimits { limits }),
         (name(), vec(any::<u8>(), 0..32))
             .prop_map(|(name, payload)| Operation::Extension { name, payload }),
+        Just(Operation::Reload),
     ]
 }
 

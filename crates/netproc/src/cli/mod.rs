@@ -119,7 +119,7 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Administer a server: info, sessions, disconnect-session ID, disconnect-principal ID, blocked, unblock ENTRY, limits.
+    /// Administer a server: info, sessions, disconnect-session ID, disconnect-principal ID, blocked, unblock ENTRY, limits, metrics, reload.
     Admin {
         #[command(flatten)]
         target: Target,
@@ -374,6 +374,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                 },
                 ["limits"] => Operation::GetLimits,
                 ["metrics"] => Operation::AbuseMetrics,
+                ["reload"] => Operation::Reload,
                 _ => {
                     return Err(usage(
                         "admin: info | sessions | disconnect-session ID | disconnect-principal ID | blocked | unblock ENTRY | limits | metrics",
@@ -669,9 +670,8 @@ async fn serve(config: &Path) -> Result<(), Failure> {
             .map_err(|e| failed(format!("metrics endpoint {addr}: {e}")))?;
         tracing::info!(%addr, "Prometheus metrics at /metrics");
     }
-    let server = file
-        .builder(config)
-        .map_err(usage)?
+    let (builder, keys) = file.builder(config).map_err(usage)?;
+    let server = builder
         // A built-in diagnostic function, for `netproc bench`.
         .function("echo", |_: CallContext, (v,): (Value,)| async move {
             Ok::<_, CallError>(v)
@@ -679,34 +679,60 @@ async fn serve(config: &Path) -> Result<(), Failure> {
         .start()
         .await
         .map_err(failed)?;
+    server.follow_key_store(&keys);
     println!("listening on {}", server.local_addr());
-    wait_for_signal().await;
+    // SIGHUP reloads; SIGINT or SIGTERM ends the loop.
+    while let Signal::Reload = wait_for_signal().await {
+        match server.reload().await {
+            Ok(closed) => tracing::info!(
+                sessions_closed = closed,
+                "reloaded certificates, CRLs and keys"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "reload refused; the last good configuration stays")
+            }
+        }
+    }
     tracing::info!("shutting down");
     server.shutdown(Duration::from_secs(10)).await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+enum Signal {
+    /// SIGHUP: reload certificates, CRLs and the key store.
+    Reload,
+    /// SIGINT or SIGTERM: stop gracefully.
+    Stop,
+}
+
+async fn wait_for_signal() -> Signal {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
+        use std::sync::OnceLock;
+        use tokio::signal::unix::{Signal as Unix, SignalKind, signal};
+        use tokio::sync::Mutex;
+        // Registered once, kept for the process: a signal between two waits is not lost.
+        static SIGNALS: OnceLock<Option<Mutex<(Unix, Unix, Unix)>>> = OnceLock::new();
+        let signals = SIGNALS.get_or_init(|| {
+            match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(i), Ok(t), Ok(h)) => Some(Mutex::new((i, t, h))),
+                _ => None,
             }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        });
+        if let Some(signals) = signals {
+            let mut guard = signals.lock().await;
+            let (int, term, hup) = &mut *guard;
+            return tokio::select! {
+                _ = int.recv() => Signal::Stop,
+                _ = term.recv() => Signal::Stop,
+                _ = hup.recv() => Signal::Reload,
+            };
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    let _ = tokio::signal::ctrl_c().await;
+    Signal::Stop
 }
