@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use netproc_auth::Authenticator;
 use netproc_limits::{Clock, SystemClock};
@@ -618,12 +618,17 @@ impl Shared {
         crls: &[Crl],
     ) -> Result<usize, ServerError> {
         let shared = self;
-        let config = match netproc_pki::server_config_with(
-            identity,
-            client_roots,
-            crls,
-            &shared.tls_options,
-        ) {
+        // A certificate outside its validity would fail every handshake:
+        // refuse it like any other bad material.
+        let built = if identity.cert_identity().is_valid_at(SystemTime::now()) {
+            netproc_pki::server_config_with(identity, client_roots, crls, &shared.tls_options)
+        } else {
+            Err(netproc_pki::PkiError::BadCertificate {
+                origin: "<reload: server certificate>".into(),
+                reason: "expired or not yet valid".into(),
+            })
+        };
+        let config = match built {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(server = %shared.name, error = %e, "TLS reload refused; keeping the last good configuration");

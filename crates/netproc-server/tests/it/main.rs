@@ -5,6 +5,7 @@ mod abuse;
 mod auth;
 mod calls;
 mod fanout;
+mod identity;
 mod lifecycle;
 mod persistence;
 mod protocol;

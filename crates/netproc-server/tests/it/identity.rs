@@ -1,0 +1,437 @@
+//! Identity lifecycle: expiry and revocation reaching live sessions, TLS
+//! hot reload with keep-last-good, per-principal session policy.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use netproc_auth::{ApiKeyStore, KeySpec};
+use netproc_client::{ClientError, ServerRef, TlsFailure};
+use netproc_pki::{CaParams, CertificateAuthority, Fingerprint, IssuedCert, LeafParams, Validity};
+use netproc_server::{ServerHandle, ServerOptions};
+use netproc_wire::{ClientMessage, ErrorCode, ServerMessage};
+use tokio::task::JoinHandle;
+
+use crate::support::*;
+
+/// A long call, to observe how the session ends.
+fn long_call(s: &ServerRef) -> JoinHandle<Result<u64, ClientError>> {
+    let s = s.clone();
+    tokio::spawn(async move { s.call::<u64>("sleep_ms", (20_000,)).await })
+}
+
+/// The remote reason `call` ended with, waiting at most `within`.
+async fn ended_with(call: JoinHandle<Result<u64, ClientError>>, within: Duration) -> ErrorCode {
+    let err = tokio::time::timeout(within, call)
+        .await
+        .expect("the session did not end in time")
+        .unwrap()
+        .unwrap_err();
+    match err {
+        ClientError::Remote { code, .. } => code,
+        other => panic!("expected a remote reason, got {other:?}"),
+    }
+}
+
+/// Lets a spawned call reach the server.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn short_lived_client(ca: &CertificateAuthority, lifetime: Duration) -> IssuedCert {
+    let now = SystemTime::now();
+    ca.issue(&LeafParams::client("short-lived").validity(Validity::new(
+        now - Duration::from_secs(3600),
+        now + lifetime,
+    )))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_ends_its_session_with_certificate_expired() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    // X.509 times have whole seconds: this one ends in 1 to 2 s.
+    let cert = short_lived_client(&pki.ca, Duration::from_secs(2));
+    let s = netproc_client::Client::builder()
+        .server("s1", endpoint_as(&pki, &cert, &server, &key))
+        .build()
+        .unwrap()
+        .server("s1")
+        .unwrap();
+    s.session().await.unwrap();
+    let call = long_call(&s);
+    assert_eq!(
+        ended_with(call, Duration::from_secs(5)).await,
+        ErrorCode::CertificateExpired
+    );
+}
+
+#[tokio::test]
+async fn close_on_cert_expiry_off_lets_the_session_run_on() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let mut options = ServerOptions::default();
+    options.session_controls.close_on_cert_expiry = false;
+    let server = start_with(&pki, keys, options).await;
+    let cert = short_lived_client(&pki.ca, Duration::from_secs(1));
+    let s = netproc_client::Client::builder()
+        .server("s1", endpoint_as(&pki, &cert, &server, &key))
+        .build()
+        .unwrap()
+        .server("s1")
+        .unwrap();
+    let (id, _) = s.session().await.unwrap();
+    assert_eq!(s.call::<u64>("sleep_ms", (2_500,)).await.unwrap(), 2_500);
+    assert_eq!(s.session().await.unwrap().0, id, "the session was kept");
+}
+
+#[tokio::test]
+async fn a_key_that_expires_ends_its_session_with_credential_revoked() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (_, key) = keys
+        .create(
+            KeySpec::new("invoke_functions".parse().unwrap())
+                .expires_at(SystemTime::now() + Duration::from_millis(1_500)),
+        )
+        .unwrap();
+    let server = start(&pki, "s1", keys).await;
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.session().await.unwrap();
+    let call = long_call(&s);
+    assert_eq!(
+        ended_with(call, Duration::from_secs(5)).await,
+        ErrorCode::CredentialRevoked
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_key_during_calls_ends_its_sessions_and_no_one_else_s() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (victim_info, victim_key) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let bystander_key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", Arc::clone(&keys)).await;
+    server.follow_key_store(&keys);
+    let victim = client(&pki, &server, &victim_key).server("s1").unwrap();
+    let bystander = client(&pki, &server, &bystander_key).server("s1").unwrap();
+    let (bystander_session, _) = bystander.session().await.unwrap();
+
+    // A stream of calls, until one fails.
+    let stream = {
+        let victim = victim.clone();
+        tokio::spawn(async move {
+            for i in 0..100_000_i64 {
+                if let Err(e) = victim.call::<i64>("add", (i, 1)).await {
+                    return e;
+                }
+            }
+            panic!("the stream was never cut");
+        })
+    };
+    let in_flight = long_call(&victim);
+    settle().await;
+    keys.revoke(&victim_info.id).unwrap();
+    let revoked_at = std::time::Instant::now();
+
+    assert_eq!(
+        ended_with(in_flight, Duration::from_secs(2)).await,
+        ErrorCode::CredentialRevoked
+    );
+    let err = tokio::time::timeout(Duration::from_secs(2), stream)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revoked_at.elapsed() < Duration::from_secs(2));
+    assert!(
+        matches!(
+            err.code(),
+            ErrorCode::CredentialRevoked | ErrorCode::AuthenticationFailed
+        ),
+        "{err:?}"
+    );
+    // It cannot come back.
+    let again = victim.call::<i64>("add", (1, 1)).await.unwrap_err();
+    assert_eq!(again.code(), ErrorCode::AuthenticationFailed, "{again:?}");
+    // The other client never noticed.
+    assert_eq!(bystander.call::<i64>("add", (2, 2)).await.unwrap(), 4);
+    assert_eq!(bystander.session().await.unwrap().0, bystander_session);
+}
+
+#[tokio::test]
+async fn rotating_a_key_ends_only_the_sessions_on_the_old_secret() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (info, old_secret) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let server = start(&pki, "s1", Arc::clone(&keys)).await;
+    server.follow_key_store(&keys);
+    let old = client(&pki, &server, &old_secret).server("s1").unwrap();
+    old.session().await.unwrap();
+    let old_call = long_call(&old);
+    settle().await;
+
+    let new_secret = keys.rotate(&info.id).unwrap();
+    assert_eq!(
+        ended_with(old_call, Duration::from_secs(2)).await,
+        ErrorCode::CredentialRevoked
+    );
+    let new = client(&pki, &server, &new_secret).server("s1").unwrap();
+    let (new_session, _) = new.session().await.unwrap();
+    // A second rotation would end it; a revocation of another key does not.
+    let other = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap()
+        .0;
+    keys.revoke(&other.id).unwrap();
+    assert_eq!(new.call::<i64>("add", (1, 2)).await.unwrap(), 3);
+    assert_eq!(new.session().await.unwrap().0, new_session);
+}
+
+/// The server certificate a fresh TLS handshake sees.
+async fn served_fingerprint(pki: &Pki, server: &ServerHandle) -> Fingerprint {
+    let cfg = netproc_pki::client_config(
+        &pki.client.identity().unwrap(),
+        &pki.ca.trust_anchors(),
+        &[],
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let chain = tls.get_ref().1.peer_certificates().unwrap();
+    Fingerprint::of(&chain[0])
+}
+
+#[tokio::test]
+async fn reloading_the_server_certificate_serves_it_to_new_connections_only() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    assert_eq!(
+        served_fingerprint(&pki, &server).await,
+        pki.server.cert_identity().fingerprint
+    );
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    let (session, _) = s.session().await.unwrap();
+
+    let renewed = pki
+        .ca
+        .issue(&LeafParams::server("server", ["localhost", "127.0.0.1"]))
+        .unwrap();
+    let closed = server
+        .reload_tls(&renewed.identity().unwrap(), &pki.ca.trust_anchors(), &[])
+        .unwrap();
+    assert_eq!(closed, 0);
+    assert_eq!(
+        served_fingerprint(&pki, &server).await,
+        renewed.cert_identity().fingerprint
+    );
+    // The established session carries on.
+    assert_eq!(s.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+    assert_eq!(s.session().await.unwrap().0, session);
+    assert_eq!(server.abuse_metrics().tls_reload_count, 1);
+}
+
+#[tokio::test]
+async fn a_bad_reload_is_refused_and_the_last_good_configuration_stays() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    let now = SystemTime::now();
+    let expired = pki
+        .ca
+        .issue(
+            &LeafParams::server("server", ["localhost"]).validity(Validity::new(
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )),
+        )
+        .unwrap();
+    let err = server
+        .reload_tls(&expired.identity().unwrap(), &pki.ca.trust_anchors(), &[])
+        .unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+    assert_eq!(server.abuse_metrics().tls_reload_failure_count, 1);
+    assert_eq!(server.abuse_metrics().tls_reload_count, 0);
+    // New connections still get the original certificate and work.
+    assert_eq!(
+        served_fingerprint(&pki, &server).await,
+        pki.server.cert_identity().fingerprint
+    );
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    assert_eq!(s.call::<i64>("add", (2, 3)).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn a_crl_reload_ends_the_revoked_client_s_session_only() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    let revoked_cert = pki.ca.issue(&LeafParams::client("to-revoke")).unwrap();
+    let victim = netproc_client::Client::builder()
+        .server("s1", endpoint_as(&pki, &revoked_cert, &server, &key))
+        .build()
+        .unwrap()
+        .server("s1")
+        .unwrap();
+    let bystander = client(&pki, &server, &key).server("s1").unwrap();
+    victim.session().await.unwrap();
+    let (bystander_session, _) = bystander.session().await.unwrap();
+    let call = long_call(&victim);
+    settle().await;
+
+    let crl = pki
+        .ca
+        .crl(&[revoked_cert.cert_identity().serial.as_str()], 7)
+        .unwrap();
+    let closed = server
+        .reload_tls(
+            &pki.server.identity().unwrap(),
+            &pki.ca.trust_anchors(),
+            &[crl],
+        )
+        .unwrap();
+    assert_eq!(closed, 1);
+    assert_eq!(
+        ended_with(call, Duration::from_secs(2)).await,
+        ErrorCode::CredentialRevoked
+    );
+    // The handshake now refuses the certificate.
+    let err = victim.call::<i64>("add", (1, 1)).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Tls { reason: TlsFailure::RejectedByServer(alert), .. } if alert == "CertificateRevoked"),
+        "{err:?}"
+    );
+    assert_eq!(bystander.session().await.unwrap().0, bystander_session);
+    assert_eq!(server.abuse_metrics().sessions_revoked_count, 1);
+}
+
+fn refused_as_unknown_ca(r: &Result<i64, ClientError>) -> bool {
+    matches!(r, Err(ClientError::Tls { reason: TlsFailure::RejectedByServer(alert), .. }) if alert == "UnknownCA")
+}
+
+#[tokio::test]
+async fn a_client_ca_can_be_rotated_with_an_overlap() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    let new_ca = CertificateAuthority::generate(&CaParams::new("new client CA")).unwrap();
+    let new_cert = new_ca.issue(&LeafParams::client("new")).unwrap();
+    let connect = |cert: &IssuedCert| {
+        netproc_client::Client::builder()
+            .server("s1", endpoint_as(&pki, cert, &server, &key))
+            .build()
+            .unwrap()
+            .server("s1")
+            .unwrap()
+    };
+    // Not trusted yet.
+    let early = connect(&new_cert).call::<i64>("add", (1, 1)).await;
+    assert!(refused_as_unknown_ca(&early), "{early:?}");
+
+    // Overlap: both CAs.
+    let both = pki.ca.trust_anchors().merged(&new_ca.trust_anchors());
+    server
+        .reload_tls(&pki.server.identity().unwrap(), &both, &[])
+        .unwrap();
+    let old_client = connect(&pki.client);
+    let (old_session, _) = old_client.session().await.unwrap();
+    assert_eq!(
+        connect(&new_cert).call::<i64>("add", (1, 1)).await.unwrap(),
+        2
+    );
+
+    // The old CA removed: old certificates can no longer connect, though
+    // sessions already established carry on until they end.
+    server
+        .reload_tls(
+            &pki.server.identity().unwrap(),
+            &new_ca.trust_anchors(),
+            &[],
+        )
+        .unwrap();
+    let late = connect(&pki.client).call::<i64>("add", (1, 1)).await;
+    assert!(refused_as_unknown_ca(&late), "{late:?}");
+    assert_eq!(
+        connect(&new_cert).call::<i64>("add", (2, 2)).await.unwrap(),
+        4
+    );
+    assert_eq!(old_client.session().await.unwrap().0, old_session);
+}
+
+#[tokio::test]
+async fn single_active_session_replaces_the_old_one_only_after_the_new_one_authenticates() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let mut options = ServerOptions::default();
+    options.session_controls.single_active_session = true;
+    let server = start_with(&pki, keys, options).await;
+    let first = client(&pki, &server, &key).server("s1").unwrap();
+    let (first_session, _) = first.session().await.unwrap();
+    let first_call = long_call(&first);
+    settle().await;
+
+    // Someone with a valid certificate but the wrong secret for the key.
+    let mut raw = Raw::connect(&pki, &server).await;
+    let forged = key.expose().to_owned();
+    let forged = format!("{}x", &forged[..forged.len() - 1]);
+    raw.send(&ClientMessage::Auth(netproc_wire::Auth {
+        version: netproc_wire::PROTOCOL_VERSION,
+        method: netproc_wire::AuthMethod::ApiKey(netproc_wire::SecretString::new(forged)),
+        client_name: None,
+    }))
+    .await;
+    match raw.recv().await {
+        Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::AuthenticationFailed),
+        other => panic!("expected authentication_failed, got {other:?}"),
+    }
+    assert_eq!(first.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+    assert_eq!(first.session().await.unwrap().0, first_session);
+
+    // The real owner connects again: the old session is replaced.
+    let second = client(&pki, &server, &key).server("s1").unwrap();
+    let (second_session, _) = second.session().await.unwrap();
+    assert_ne!(second_session, first_session);
+    assert_eq!(
+        ended_with(first_call, Duration::from_secs(2)).await,
+        ErrorCode::SessionReplaced
+    );
+    assert_eq!(second.call::<i64>("add", (3, 4)).await.unwrap(), 7);
+}
+
+#[tokio::test]
+async fn a_session_over_the_principal_cap_is_refused_and_the_others_are_kept() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let other_key = crate::support::key(&keys, "invoke_functions");
+    let mut options = ServerOptions::default();
+    options.session_controls.max_sessions_per_principal = 1;
+    let server = start_with(&pki, keys, options).await;
+    let first = client(&pki, &server, &key).server("s1").unwrap();
+    let (first_session, _) = first.session().await.unwrap();
+
+    let second = client(&pki, &server, &key).server("s1").unwrap();
+    let err = second.session().await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooManySessions, "{err:?}");
+    assert_eq!(first.session().await.unwrap().0, first_session);
+    assert_eq!(first.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+    // Another principal is not counted against it.
+    let other = client(&pki, &server, &other_key).server("s1").unwrap();
+    assert_eq!(other.call::<i64>("add", (2, 2)).await.unwrap(), 4);
+}
