@@ -22,6 +22,16 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum Credential {
     /// An API key, `npk_<id>_<secret>`.
     ApiKey(SecretString),
+    /// A proof of possession of a registered Ed25519 key, with the TLS
+    /// exporter value of the connection it arrived on (computed by the
+    /// server, never taken from the client).
+    Ed25519 {
+        /// What the client sent.
+        proof: netproc_wire::Ed25519Proof,
+        /// This connection's exporter value
+        /// ([`AUTH_EXPORTER_LABEL`](netproc_pki::AUTH_EXPORTER_LABEL), 32 bytes).
+        channel_binding: [u8; 32],
+    },
 }
 
 /// Everything an authenticator may look at.

@@ -8,7 +8,7 @@ use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use netproc_pki::{CertIdentity, Fingerprint, SubjectAltName};
-use netproc_wire::SecretString;
+use netproc_wire::{Ed25519Proof, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -42,6 +42,10 @@ pub enum KeyStoreError {
         /// What was wrong.
         reason: String,
     },
+    /// The key is an Ed25519 key: it has no secret to rotate (register a
+    /// new public key and revoke the old one instead).
+    #[error("key {0} is an Ed25519 key; it has no secret to rotate")]
+    NotAnApiKey(String),
     /// A binding string is not `sha256:<hex>` or a SAN (`dns:`, `uri:`, `ip:`, `email:`).
     #[error(
         "invalid certificate binding {0:?}: expected sha256:<fingerprint>, dns:…, uri:…, ip:… or email:…"
@@ -186,6 +190,8 @@ pub struct KeyInfo {
     pub created_at: u64,
     /// Its label.
     pub label: Option<String>,
+    /// For an Ed25519 key, its public key (hex); `None` for an API key.
+    pub ed25519_public_key: Option<String>,
 }
 
 /// A change to a key that live sessions must follow.
@@ -250,6 +256,10 @@ struct Record {
     expires_at: Option<u64>,
     created_at: u64,
     label: Option<String>,
+    /// For an Ed25519 key: its public key, hex. Such a record has no usable
+    /// API secret (its `secret_sha256` is of a discarded random value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ed25519_public_key: Option<String>,
     #[serde(skip)]
     hash: [u8; 32],
 }
@@ -265,6 +275,7 @@ impl Record {
             expires_at: self.expires_at,
             created_at: self.created_at,
             label: self.label.clone(),
+            ed25519_public_key: self.ed25519_public_key.clone(),
         }
     }
 }
@@ -488,6 +499,34 @@ impl ApiKeyStore {
 
     /// Creates a key. The returned [`ApiKey`] is the only copy of the secret.
     pub fn create(&self, spec: KeySpec) -> Result<(KeyInfo, ApiKey), KeyStoreError> {
+        let secret = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
+        let info = self.insert_new(spec, &secret, None)?;
+        let id = &info.id;
+        Ok((
+            info.clone(),
+            ApiKey(SecretString::new(format!("npk_{id}_{}", &*secret))),
+        ))
+    }
+
+    /// Registers an Ed25519 public key with these privileges; clients then
+    /// authenticate by signing their TLS connection's exporter value with
+    /// the private key (see [`Credential::Ed25519`]). No secret is stored.
+    pub fn register_ed25519(
+        &self,
+        spec: KeySpec,
+        public_key: [u8; 32],
+    ) -> Result<KeyInfo, KeyStoreError> {
+        // An unguessable placeholder for the API secret, then discarded.
+        let placeholder = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
+        self.insert_new(spec, &placeholder, Some(to_hex(&public_key)))
+    }
+
+    fn insert_new(
+        &self,
+        spec: KeySpec,
+        secret: &str,
+        ed25519_public_key: Option<String>,
+    ) -> Result<KeyInfo, KeyStoreError> {
         let mut keys = self.write();
         let id = loop {
             let id = random_string(ID_ALPHABET, ID_LEN)?;
@@ -495,7 +534,6 @@ impl ApiKeyStore {
                 break id;
             }
         };
-        let secret = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
         let hash = sha256(secret.as_bytes());
         let record = Record {
             id: id.clone(),
@@ -507,6 +545,7 @@ impl ApiKeyStore {
             expires_at: spec.expires_at.map(unix_secs),
             created_at: unix_secs(SystemTime::now()),
             label: spec.label,
+            ed25519_public_key,
             hash,
         };
         let info = record.info();
@@ -515,10 +554,7 @@ impl ApiKeyStore {
             keys.remove(&id);
             return Err(e);
         }
-        Ok((
-            info,
-            ApiKey(SecretString::new(format!("npk_{id}_{}", &*secret))),
-        ))
+        Ok(info)
     }
 
     /// Replaces a key's secret (same id, generation + 1). The old secret
@@ -529,6 +565,9 @@ impl ApiKeyStore {
         let record = keys
             .get_mut(id)
             .ok_or_else(|| KeyStoreError::UnknownKey(id.chars().take(64).collect()))?;
+        if record.ed25519_public_key.is_some() {
+            return Err(KeyStoreError::NotAnApiKey(id.to_owned()));
+        }
         let previous = record.clone();
         record.hash = sha256(secret.as_bytes());
         record.secret_sha256 = to_hex(&record.hash);
@@ -591,7 +630,8 @@ impl ApiKeyStore {
         // not count against it, or anyone could lock it out.
         let bound_elsewhere =
             record.is_some_and(|r| r.binding.as_ref().is_some_and(|b| !b.matches(cert)));
-        let Some(record) = record.filter(|_| hash_ok && parsed.is_some()) else {
+        let api_key = record.is_some_and(|r| r.ed25519_public_key.is_none());
+        let Some(record) = record.filter(|_| hash_ok && api_key && parsed.is_some()) else {
             let rejected = AuthRejected::new(if parsed.is_none() {
                 "malformed API key"
             } else if keys.contains_key(id) {
@@ -605,27 +645,76 @@ impl ApiKeyStore {
                 rejected
             });
         };
-        if let Some(expiry) = record.expires_at
-            && unix_secs(now) >= expiry
-        {
-            return Err(AuthRejected::new(format!("API key {id} expired")));
-        }
-        if let Some(binding) = &record.binding
-            && !binding.matches(cert)
-        {
-            return Err(AuthRejected::new(format!(
-                "API key {id} is bound to {binding}, presented over certificate {}",
-                cert.fingerprint
-            ))
-            .not_against_key());
-        }
-        let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
-        principal.functions = record.functions.clone();
-        principal.expires_at = record
-            .expires_at
-            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
-        Ok(principal)
+        admit(record, cert, now)
     }
+
+    /// Checks an Ed25519 proof made over the TLS connection whose exporter
+    /// value is `channel_binding`, over certificate `cert`, at `now`: the
+    /// key must be registered, the timestamp within
+    /// [`ED25519_FRESHNESS`] of `now`, and the signature valid.
+    pub fn verify_ed25519(
+        &self,
+        proof: &Ed25519Proof,
+        channel_binding: &[u8; 32],
+        cert: &CertIdentity,
+        now: SystemTime,
+    ) -> Result<Principal, AuthRejected> {
+        let keys = self.read();
+        let id = proof.key_id.as_str();
+        let Some((record, public_key)) = keys.get(id).and_then(|r| {
+            let pk = from_hex32(r.ed25519_public_key.as_deref()?)?;
+            Some((r, pk))
+        }) else {
+            return Err(AuthRejected::new("unknown Ed25519 key id"));
+        };
+        let now_ms = unix_ms(now);
+        let skew = u64::try_from(ED25519_FRESHNESS.as_millis()).unwrap_or(u64::MAX);
+        if now_ms.abs_diff(proof.timestamp_ms) > skew {
+            return Err(AuthRejected::new(format!(
+                "Ed25519 proof for {id}: timestamp outside the freshness window"
+            )));
+        }
+        let message = Ed25519Proof::signed_message(id, channel_binding, proof.timestamp_ms);
+        if !netproc_pki::verify_ed25519(&public_key, &message, &proof.signature) {
+            return Err(AuthRejected::new(format!(
+                "Ed25519 proof for {id}: bad signature (wrong key, or made for another connection)"
+            )));
+        }
+        admit(record, cert, now)
+    }
+}
+
+/// How far an Ed25519 proof's timestamp may be from the server's clock.
+pub const ED25519_FRESHNESS: Duration = Duration::from_secs(30);
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The checks after the credential itself: expiry, certificate binding.
+fn admit(record: &Record, cert: &CertIdentity, now: SystemTime) -> Result<Principal, AuthRejected> {
+    let id = record.id.as_str();
+    if let Some(expiry) = record.expires_at
+        && unix_secs(now) >= expiry
+    {
+        return Err(AuthRejected::new(format!("key {id} expired")));
+    }
+    if let Some(binding) = &record.binding
+        && !binding.matches(cert)
+    {
+        return Err(AuthRejected::new(format!(
+            "key {id} is bound to {binding}, presented over certificate {}",
+            cert.fingerprint
+        ))
+        .not_against_key());
+    }
+    let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
+    principal.functions = record.functions.clone();
+    principal.expires_at = record
+        .expires_at
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+    Ok(principal)
 }
 
 impl Authenticator for ApiKeyStore {
@@ -638,6 +727,10 @@ impl Authenticator for ApiKeyStore {
                 Credential::ApiKey(key) => {
                     self.verify(key.expose(), &request.cert, SystemTime::now())
                 }
+                Credential::Ed25519 {
+                    proof,
+                    channel_binding,
+                } => self.verify_ed25519(proof, channel_binding, &request.cert, SystemTime::now()),
             }
         })
     }

@@ -55,5 +55,7 @@ pub use authenticator::{
     authenticator_fn,
 };
 pub use authorize::{InsufficientPrivileges, authorize, authorize_privilege, required_privilege};
-pub use keystore::{ApiKey, ApiKeyStore, CertBinding, KeyChange, KeyInfo, KeySpec, KeyStoreError};
+pub use keystore::{
+    ApiKey, ApiKeyStore, CertBinding, ED25519_FRESHNESS, KeyChange, KeyInfo, KeySpec, KeyStoreError,
+};
 pub use privileges::PrivilegeSet;

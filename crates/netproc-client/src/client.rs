@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use netproc_pki::{Identity, Pin, TlsOptions, TrustAnchors};
+use netproc_pki::{Ed25519Key, Identity, Pin, TlsOptions, TrustAnchors};
 use netproc_wire::{
     DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DefineFunction, DependencySource, Operation, SecretString,
     Value, from_value, to_value,
@@ -37,7 +37,8 @@ pub struct ServerEndpoint {
     pub(crate) roots: TrustAnchors,
     pub(crate) pins: Vec<Pin>,
     pub(crate) tls_options: TlsOptions,
-    pub(crate) credential: SecretString,
+    pub(crate) credential: Credential,
+
     /// A local address to connect from (e.g. `127.0.0.2` in tests, or an
     /// interface in deployments).
     pub bind: Option<IpAddr>,
@@ -52,6 +53,16 @@ pub struct ServerEndpoint {
     pub max_queued_calls: usize,
     /// A name sent in `Auth`, for the server's logs.
     pub client_name: Option<String>,
+}
+
+/// How an endpoint authenticates inside the channel.
+#[derive(Clone)]
+pub(crate) enum Credential {
+    ApiKey(SecretString),
+    Ed25519 {
+        key_id: String,
+        key: Arc<Ed25519Key>,
+    },
 }
 
 impl fmt::Debug for ServerEndpoint {
@@ -78,14 +89,54 @@ impl ServerEndpoint {
         server_roots: TrustAnchors,
         api_key: SecretString,
     ) -> ServerEndpoint {
+        ServerEndpoint::with_credential(
+            addr,
+            server_name.into(),
+            identity,
+            server_roots,
+            Credential::ApiKey(api_key),
+        )
+    }
+
+    /// An endpoint that authenticates with an Ed25519 key registered on
+    /// the server under `key_id`, instead of an API key: each connection
+    /// signs its own TLS exporter value, so no secret crosses the wire and
+    /// a captured proof is useless on any other connection.
+    pub fn with_ed25519(
+        addr: SocketAddr,
+        server_name: impl Into<String>,
+        identity: Identity,
+        server_roots: TrustAnchors,
+        key_id: impl Into<String>,
+        key: Arc<Ed25519Key>,
+    ) -> ServerEndpoint {
+        ServerEndpoint::with_credential(
+            addr,
+            server_name.into(),
+            identity,
+            server_roots,
+            Credential::Ed25519 {
+                key_id: key_id.into(),
+                key,
+            },
+        )
+    }
+
+    fn with_credential(
+        addr: SocketAddr,
+        server_name: String,
+        identity: Identity,
+        server_roots: TrustAnchors,
+        credential: Credential,
+    ) -> ServerEndpoint {
         ServerEndpoint {
             addr,
-            server_name: server_name.into(),
+            server_name,
             identity,
             roots: server_roots,
             pins: Vec::new(),
             tls_options: TlsOptions::default(),
-            credential: api_key,
+            credential,
             bind: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use netproc_wire::{
-    Auth, AuthMethod, AuthOk, ClientMessage, ErrorBody, ErrorCode, FrameDecoder, GoAway, Operation,
-    Outcome, PROTOCOL_VERSION, Request, ServerMessage, Value,
+    Auth, AuthMethod, AuthOk, ClientMessage, Ed25519Proof, ErrorBody, ErrorCode, FrameDecoder,
+    GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, ServerMessage, Value,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -21,6 +21,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ServerEndpoint;
+use crate::client::Credential;
 use crate::error::{ClientError, classify_tls};
 
 type Reply = oneshot::Sender<Result<Value, ErrorBody>>;
@@ -126,10 +127,31 @@ pub(crate) async fn connect(
         .map_err(|_| timeout_error(name, "TLS handshake"))?
         .map_err(|e| io_error(name, &e, "TLS handshake"))?;
 
+    let method = match &ep.credential {
+        Credential::ApiKey(key) => AuthMethod::ApiKey(key.clone()),
+        Credential::Ed25519 { key_id, key } => {
+            let binding = stream
+                .get_ref()
+                .1
+                .export_keying_material([0u8; 32], netproc_pki::AUTH_EXPORTER_LABEL, None)
+                .map_err(|e| ClientError::Config {
+                    message: format!("{name}: TLS exporter unavailable: {e}"),
+                })?;
+            let timestamp_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let message = Ed25519Proof::signed_message(key_id, &binding, timestamp_ms);
+            AuthMethod::Ed25519(Ed25519Proof {
+                key_id: key_id.clone(),
+                timestamp_ms,
+                signature: key.sign(&message).to_vec(),
+            })
+        }
+    };
     let mut out = BytesMut::new();
     let auth = ClientMessage::Auth(Auth {
         version: PROTOCOL_VERSION,
-        method: AuthMethod::ApiKey(ep.credential.clone()),
+        method,
         client_name: ep.client_name.clone(),
     });
     auth.encode(&mut out, ep.max_frame_bytes)

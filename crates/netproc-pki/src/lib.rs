@@ -49,7 +49,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod ed25519;
 mod error;
+
 mod fingerprint;
 mod generate;
 mod identity;
@@ -57,7 +59,9 @@ mod pem;
 mod tls;
 
 // The public interface.
+pub use ed25519::{AUTH_EXPORTER_LABEL, Ed25519Key, verify_ed25519};
 pub use error::PkiError;
+
 pub use fingerprint::Fingerprint;
 pub use generate::{CaParams, CertificateAuthority, IssuedCert, LeafParams, Validity};
 pub use identity::{CertIdentity, KeyPurpose, SubjectAltName};

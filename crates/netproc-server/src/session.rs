@@ -138,6 +138,10 @@ pub(crate) async fn run_connection(
         return;
     };
     let cert = Arc::new(cert);
+    // What an Ed25519 proof must sign: unique to this connection.
+    let channel_binding = conn
+        .export_keying_material([0u8; 32], netproc_pki::AUTH_EXPORTER_LABEL, None)
+        .ok();
     let (mut rd, mut wr) = tokio::io::split(tls);
     let pre_limit = cc.max_pre_auth_frame_bytes;
     let Some(unauthenticated) = shared.abuse.unauthenticated.try_enter() else {
@@ -210,8 +214,12 @@ pub(crate) async fn run_connection(
     };
     let client_name = auth.client_name.as_deref().map(sanitize);
     let failed = || error_msg(ErrorCode::AuthenticationFailed, "authentication failed");
-    let credential = match auth.method {
-        AuthMethod::ApiKey(key) => Credential::ApiKey(key),
+    let credential = match (auth.method, channel_binding) {
+        (AuthMethod::ApiKey(key), _) => Credential::ApiKey(key),
+        (AuthMethod::Ed25519(proof), Some(channel_binding)) => Credential::Ed25519 {
+            proof,
+            channel_binding,
+        },
         _ => {
             refuse(
                 ErrorCode::AuthenticationFailed,
@@ -224,6 +232,7 @@ pub(crate) async fn run_connection(
     };
     let claimed_key = match &credential {
         Credential::ApiKey(k) => audit::claimed_key_id(k.expose()),
+        Credential::Ed25519 { proof, .. } => Some(sanitize(&proof.key_id)),
         _ => None,
     };
     // A blocked address or key, or too many attempts from this address:

@@ -94,6 +94,26 @@ pub struct Ed25519Proof {
     pub signature: Vec<u8>,
 }
 
+impl Ed25519Proof {
+    /// The bytes an [`Ed25519Proof`] signs: a domain tag, the key id
+    /// (length-prefixed), the connection's 32-byte TLS exporter value and
+    /// the timestamp (big-endian milliseconds).
+    pub fn signed_message(key_id: &str, channel_binding: &[u8; 32], timestamp_ms: u64) -> Vec<u8> {
+        const DOMAIN: &[u8] = b"netproc-auth-ed25519-v1\0";
+        let mut out = Vec::with_capacity(DOMAIN.len() + 4 + key_id.len() + 32 + 8);
+        out.extend_from_slice(DOMAIN);
+        out.extend_from_slice(
+            &u32::try_from(key_id.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        out.extend_from_slice(key_id.as_bytes());
+        out.extend_from_slice(channel_binding);
+        out.extend_from_slice(&timestamp_ms.to_be_bytes());
+        out
+    }
+}
+
 /// A secret string: zeroized on drop, redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretString(Zeroizing<String>);

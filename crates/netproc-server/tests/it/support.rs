@@ -167,6 +167,15 @@ impl Raw {
         }
     }
 
+    /// This connection's TLS exporter value, as an Ed25519 proof signs it.
+    pub(crate) fn channel_binding(&self) -> [u8; 32] {
+        self.tls
+            .get_ref()
+            .1
+            .export_keying_material([0u8; 32], netproc_pki::AUTH_EXPORTER_LABEL, None)
+            .unwrap()
+    }
+
     pub(crate) async fn send(&mut self, msg: &ClientMessage) {
         let mut buf = BytesMut::new();
         msg.encode(&mut buf, u32::MAX).unwrap();
