@@ -50,6 +50,8 @@
 mod abuse;
 mod audit;
 mod function;
+mod liveness;
+
 mod options;
 mod outbox;
 mod scripts;
@@ -62,6 +64,7 @@ mod state;
 pub use abuse::AbuseMetrics;
 pub use audit::AUDIT_TARGET;
 pub use function::{CallContext, CallError, ExtensionHandler, NativeFunction};
+pub use liveness::{Liveness, LivenessEvent};
 pub use options::{
     AuthControls, BucketControls, ConnectionControls, InvalidOption, RequestControls,
     ServerOptions, SessionControls,

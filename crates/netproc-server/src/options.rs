@@ -274,6 +274,12 @@ pub struct SessionControls {
     /// certificate expires. Default true. (A credential's own expiry always
     /// ends its sessions, with `credential_revoked`.)
     pub close_on_cert_expiry: bool,
+    /// A principal none of whose sessions was heard from for this long (ms)
+    /// becomes `unstable`. Default 420 000 (7 minutes).
+    pub unstable_after_ms: u64,
+    /// ... and `offline` after this long (ms); it must lie between
+    /// `unstable_after_ms` and `idle_timeout_ms`. Default 660 000 (11 minutes).
+    pub offline_after_ms: u64,
 }
 
 impl Default for SessionControls {
@@ -287,6 +293,8 @@ impl Default for SessionControls {
             max_sessions_per_principal: 0,
             single_active_session: false,
             close_on_cert_expiry: true,
+            unstable_after_ms: 420_000,
+            offline_after_ms: 660_000,
         }
     }
 }
@@ -428,6 +436,25 @@ impl ServerOptions {
                 reason: format!(
                     "{} is above max_post_auth_frame_bytes ({})",
                     c.max_pre_auth_frame_bytes, c.max_post_auth_frame_bytes
+                ),
+            });
+        }
+        // Otherwise `unstable` (or `offline`) could never be seen.
+        if s.unstable_after_ms == 0 || s.unstable_after_ms >= s.offline_after_ms {
+            return Err(InvalidOption {
+                field: "session_controls.unstable_after_ms".into(),
+                reason: format!(
+                    "{} must be above 0 and below offline_after_ms ({})",
+                    s.unstable_after_ms, s.offline_after_ms
+                ),
+            });
+        }
+        if s.idle_timeout_ms != 0 && s.offline_after_ms >= s.idle_timeout_ms {
+            return Err(InvalidOption {
+                field: "session_controls.offline_after_ms".into(),
+                reason: format!(
+                    "{} must be below idle_timeout_ms ({})",
+                    s.offline_after_ms, s.idle_timeout_ms
                 ),
             });
         }

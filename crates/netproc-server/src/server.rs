@@ -24,6 +24,7 @@ use crate::function::{
     CallContext, CallError, Extension, ExtensionHandler, FunctionGuard, NativeFunction, Registry,
     TypedFunction, valid_name,
 };
+use crate::liveness::{Liveness, LivenessEvent};
 use crate::options::{InvalidOption, ServerOptions};
 use crate::session::run_connection;
 use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
@@ -72,6 +73,7 @@ pub(crate) struct Shared {
     pub(crate) state: Option<Arc<crate::state::StateDb>>,
     pub(crate) authenticator: Arc<dyn Authenticator>,
     pub(crate) sessions: SessionTable,
+    pub(crate) liveness: crate::liveness::LivenessTracker,
     pub(crate) started: Instant,
     next_session_id: AtomicU64,
     pub(crate) shutdown: CancellationToken,
@@ -400,6 +402,7 @@ impl ServerBuilder {
             .collect();
         let shared = Arc::new(Shared {
             name: self.name,
+            liveness: crate::liveness::LivenessTracker::new(Arc::clone(&self.clock)),
             abuse: Abuse::new(self.options, self.clock),
             tls: arc_swap::ArcSwap::from_pointee(tls),
             tls_options: self.tls_options,
@@ -417,6 +420,7 @@ impl ServerBuilder {
         if let Some((_, stored)) = state {
             restore(&shared, stored).await;
         }
+        tokio::spawn(crate::liveness::run(Arc::downgrade(&shared)));
         let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener));
         tracing::info!(server = %shared.name, addr = %local_addr, "listening");
         Ok(ServerHandle {
@@ -687,6 +691,19 @@ impl ServerHandle {
                 tracing::info!(server = %shared.name, ?change, sessions = n, "closed sessions after a key change");
             }
         });
+    }
+
+    /// Every principal's liveness (`online`, `unstable`, `offline`), for
+    /// principals with a live session.
+    pub fn liveness(&self) -> Vec<(String, Liveness)> {
+        self.inner.shared.liveness.states()
+    }
+
+    /// Liveness transitions as they happen: a bounded broadcast stream (a
+    /// subscriber that falls more than 1024 events behind is told how many
+    /// it missed, and continues).
+    pub fn liveness_events(&self) -> tokio::sync::broadcast::Receiver<LivenessEvent> {
+        self.inner.shared.liveness.subscribe()
     }
 
     /// The abuse-control counters and gauges.

@@ -286,8 +286,10 @@ pub(crate) async fn run_connection(
     decoder.set_limit(post_limit);
     let (control_tx, control_rx) = mpsc::channel(4);
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(shared.liveness.stamp()));
     let entry = Entry {
         in_flight: Arc::clone(&in_flight),
+        activity: Arc::clone(&activity),
         facts: Arc::clone(&facts),
         info: SessionInfo {
             session_id,
@@ -362,7 +364,13 @@ pub(crate) async fn run_connection(
         tokio::spawn(async move { outbox.run_writer(wr, stall).await })
     };
 
-    let mut session = Session::new(Arc::clone(&shared), facts, Arc::clone(&outbox), in_flight);
+    let mut session = Session::new(
+        Arc::clone(&shared),
+        facts,
+        Arc::clone(&outbox),
+        in_flight,
+        activity,
+    );
     session.run(&mut rd, &mut decoder, control_rx).await;
     shared.sessions.remove(session_id);
     outbox.close();
@@ -386,6 +394,8 @@ struct Session {
     /// This session's running calls, published for the metrics gauge (only
     /// this session writes it: no cache line shared between connections).
     in_flight: Arc<AtomicUsize>,
+    /// The liveness stamp of the last read (only this session writes it).
+    activity: Arc<std::sync::atomic::AtomicU64>,
     last_activity: Instant,
 }
 
@@ -403,6 +413,7 @@ impl Session {
         facts: Arc<SessionFacts>,
         outbox: Arc<Outbox>,
         in_flight: Arc<AtomicUsize>,
+        activity: Arc<std::sync::atomic::AtomicU64>,
     ) -> Session {
         let options = shared.options();
         let sc = &options.session_controls;
@@ -427,6 +438,7 @@ impl Session {
             pings,
             conn_bucket,
             in_flight,
+            activity,
             last_activity: Instant::now(),
         }
     }
@@ -486,6 +498,7 @@ impl Session {
                         Ok(0) | Err(_) => break End::Now,
                         Ok(_) => {
                             self.last_activity = Instant::now();
+                            self.shared.liveness.touch(&self.activity);
                             if let Some(end) = self.drain_frames(decoder) {
                                 break end;
                             }

@@ -79,6 +79,9 @@ pub(crate) enum Control {
 pub(crate) struct Entry {
     /// The session's running calls (written by the session only).
     pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The session's last activity, a liveness stamp (written by the session only).
+    pub(crate) activity: Arc<std::sync::atomic::AtomicU64>,
+
     pub(crate) facts: Arc<SessionFacts>,
     pub(crate) info: SessionInfo,
     pub(crate) control: mpsc::Sender<Control>,
@@ -129,6 +132,17 @@ impl SessionTable {
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
+    /// Each principal with a live session, and its most recent activity stamp.
+    pub(crate) fn latest_activity(&self) -> HashMap<String, u64> {
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for e in self.lock().values() {
+            let stamp = e.activity.load(std::sync::atomic::Ordering::Relaxed);
+            let slot = out.entry(e.facts.principal.id.clone()).or_insert(stamp);
+            *slot = (*slot).max(stamp);
+        }
+        out
+    }
+
     /// The facts of every live session.
     pub(crate) fn list_facts(&self) -> Vec<Arc<SessionFacts>> {
         self.lock().values().map(|e| Arc::clone(&e.facts)).collect()

@@ -561,3 +561,82 @@ async fn ed25519_proofs_with_the_wrong_key_another_connection_s_binding_or_a_sta
     let answer = prove(&mut raw, &id, &key, &binding, unix_ms_now()).await;
     assert!(matches!(answer, ServerMessage::AuthOk(_)), "{answer:?}");
 }
+
+#[tokio::test]
+async fn liveness_goes_online_unstable_offline_and_back_with_a_manual_clock() {
+    use netproc_server::{Liveness, LivenessEvent};
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (info, key) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let clock = Arc::new(netproc_limits::ManualClock::new());
+    let mut options = ServerOptions::default();
+    options.session_controls.unstable_after_ms = 1_000;
+    options.session_controls.offline_after_ms = 2_000;
+    let server = builder(&pki, "s1", keys)
+        .options(options)
+        .clock(Arc::clone(&clock) as Arc<dyn netproc_limits::Clock>)
+        .start()
+        .await
+        .unwrap();
+    let mut events = server.liveness_events();
+    let mut next = async || -> (String, Liveness, Liveness) {
+        let e: LivenessEvent = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("no liveness event in 5 s")
+            .unwrap();
+        (e.principal, e.from, e.to)
+    };
+    let transition = |from, to| (info.id.clone(), from, to);
+
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.session().await.unwrap();
+    assert_eq!(
+        next().await,
+        transition(Liveness::Offline, Liveness::Online)
+    );
+    assert_eq!(server.liveness(), [(info.id.clone(), Liveness::Online)]);
+
+    clock.advance(Duration::from_millis(1_500));
+    assert_eq!(
+        next().await,
+        transition(Liveness::Online, Liveness::Unstable)
+    );
+    clock.advance(Duration::from_millis(1_000));
+    assert_eq!(
+        next().await,
+        transition(Liveness::Unstable, Liveness::Offline)
+    );
+
+    // Heard from again.
+    assert_eq!(s.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+    assert_eq!(
+        next().await,
+        transition(Liveness::Offline, Liveness::Online)
+    );
+
+    // Its last session closes.
+    server.close_sessions(
+        &netproc_server::SessionSelector::Principal(info.id.clone()),
+        ErrorCode::DisconnectedByAdmin,
+    );
+    assert_eq!(
+        next().await,
+        transition(Liveness::Online, Liveness::Offline)
+    );
+    assert!(server.liveness().is_empty());
+}
+
+#[test]
+fn liveness_thresholds_must_be_ordered_below_the_idle_timeout() {
+    let mut o = ServerOptions::default();
+    o.session_controls.unstable_after_ms = 700_000;
+    let err = o.validate().unwrap_err();
+    assert_eq!(err.field, "session_controls.unstable_after_ms");
+    let mut o = ServerOptions::default();
+    o.session_controls.idle_timeout_ms = 600_000;
+    let err = o.validate().unwrap_err();
+    assert_eq!(err.field, "session_controls.offline_after_ms");
+    ServerOptions::default().validate().unwrap();
+}

@@ -187,6 +187,8 @@ async fn an_idle_session_is_closed_with_idle_timeout() {
     let key = key(&keys, "invoke_functions");
     let mut options = netproc_server::ServerOptions::default();
     options.session_controls.idle_timeout_ms = 200;
+    options.session_controls.unstable_after_ms = 50;
+    options.session_controls.offline_after_ms = 100;
     let server = start_with(&pki, keys, options).await;
     let mut raw = Raw::connect(&pki, &server).await;
     assert_eq!(raw.auth(&key).await.idle_timeout_ms, 200);
