@@ -53,6 +53,11 @@ pub struct ServerEndpoint {
     pub max_queued_calls: usize,
     /// A name sent in `Auth`, for the server's logs.
     pub client_name: Option<String>,
+    /// A `Ping` after this long without sending anything, so the server
+    /// sees the client alive and never idles the session out; `None` = no
+    /// heartbeats. Default 30 s. Kept below the idle timeout the server
+    /// announces (clamped to half of it, with a warning).
+    pub heartbeat_interval: Option<Duration>,
 }
 
 /// How an endpoint authenticates inside the channel.
@@ -140,6 +145,7 @@ impl ServerEndpoint {
             bind: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            heartbeat_interval: Some(Duration::from_secs(30)),
             max_frame_bytes: DEFAULT_MAX_POST_AUTH_FRAME_BYTES,
             max_queued_calls: 10_000,
             client_name: None,
@@ -185,6 +191,12 @@ impl ServerEndpoint {
     /// Sets the name sent in `Auth`.
     pub fn client_name(mut self, name: impl Into<String>) -> Self {
         self.client_name = Some(name.into());
+        self
+    }
+
+    /// Sets the heartbeat interval (`None`: no heartbeats).
+    pub fn heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
+        self.heartbeat_interval = interval.filter(|d| !d.is_zero());
         self
     }
 }

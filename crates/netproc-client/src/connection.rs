@@ -210,15 +210,49 @@ pub(crate) async fn connect(
         dead: CancellationToken::new(),
         auth: auth_ok,
     });
+    let heartbeat = heartbeat_interval(name, ep.heartbeat_interval, conn.auth.idle_timeout_ms);
     let (rd, wr) = tokio::io::split(stream);
     tokio::spawn(reader(Arc::clone(&conn), rd, decoder));
-    tokio::spawn(writer(Arc::clone(&conn), wr));
+    tokio::spawn(writer(Arc::clone(&conn), wr, heartbeat));
     Ok(conn)
 }
 
-async fn writer(conn: Arc<Connection>, mut wr: WriteHalf<TlsStream<TcpStream>>) {
+/// The heartbeat interval to use: below the server's idle timeout.
+fn heartbeat_interval(
+    server: &str,
+    configured: Option<Duration>,
+    idle_timeout_ms: u64,
+) -> Option<Duration> {
+    let interval = configured?;
+    let idle = Duration::from_millis(idle_timeout_ms);
+    if idle.is_zero() || interval < idle {
+        return Some(interval);
+    }
+    let clamped = idle / 2;
+    tracing::warn!(
+        server,
+        configured_ms = interval.as_millis() as u64,
+        idle_timeout_ms,
+        using_ms = clamped.as_millis() as u64,
+        "heartbeat interval is not below the server's idle timeout; using half of it"
+    );
+    Some(clamped)
+}
+
+/// Heartbeat nonces: the top bit set, apart from the callers' pings.
+const HEARTBEAT_NONCE: u64 = 1 << 63;
+
+async fn writer(
+    conn: Arc<Connection>,
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
+    heartbeat: Option<Duration>,
+) {
     let mut spare = BytesMut::new();
     let mut busy = false;
+    let mut beats: u64 = 0;
+    // Far enough never to fire when heartbeats are off.
+    let every = heartbeat.unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+    let mut last_write = Instant::now();
     loop {
         // Under load (several calls outstanding), let callers that are about
         // to queue requests do so first, so requests issued together share
@@ -234,6 +268,15 @@ async fn writer(conn: Arc<Connection>, mut wr: WriteHalf<TlsStream<TcpStream>>) 
         if spare.is_empty() {
             tokio::select! {
                 () = conn.wake_writer.notified() => continue,
+                () = tokio::time::sleep_until(last_write + every) => {
+                    // Idle: tell the server this client is alive. The reader
+                    // ignores the Pong (no waiter has this nonce).
+                    beats += 1;
+                    let mut st = conn.lock();
+                    let _ = ClientMessage::Ping { nonce: HEARTBEAT_NONCE | beats }
+                        .encode(&mut st.buf, conn.frame_limit);
+                    continue;
+                }
                 () = conn.dead.cancelled() => {
                     let _ = tokio::time::timeout(Duration::from_millis(200), wr.shutdown()).await;
                     return;
@@ -255,6 +298,7 @@ async fn writer(conn: Arc<Connection>, mut wr: WriteHalf<TlsStream<TcpStream>>) 
             ));
             return;
         }
+        last_write = Instant::now();
         spare.clear();
         if spare.capacity() > 1024 * 1024 {
             spare = BytesMut::new();

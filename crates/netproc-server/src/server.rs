@@ -562,7 +562,7 @@ impl ServerHandle {
 
     /// The live sessions.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        self.inner.shared.sessions.list()
+        self.inner.shared.sessions.list(&self.inner.shared.liveness)
     }
 
     /// Closes the selected sessions: each gets `GoAway` with `reason`, and

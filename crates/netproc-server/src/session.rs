@@ -299,6 +299,9 @@ pub(crate) async fn run_connection(
             cert_fingerprint: facts.cert.fingerprint.to_string(),
             since_unix_ms: unix_ms(SystemTime::now()),
             client_name,
+            idle_ms: 0,
+            in_flight: 0,
+            liveness: crate::liveness::Liveness::Online,
         },
         control: control_tx,
     };
@@ -1071,7 +1074,7 @@ impl Session {
             }
             Operation::ListSessions => {
                 audit::admin_action(&self.facts, "list_sessions", "");
-                Outcome::Ok(to_value(&shared.sessions.list()).unwrap_or_default())
+                Outcome::Ok(to_value(&shared.sessions.list(&shared.liveness)).unwrap_or_default())
             }
             Operation::DisconnectSession { session_id } => {
                 audit::admin_action(&self.facts, "disconnect_session", &session_id.to_string());

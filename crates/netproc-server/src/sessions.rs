@@ -10,6 +10,8 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::function::SessionFacts;
+use crate::liveness::{Liveness, LivenessTracker};
+use std::sync::atomic::Ordering;
 
 /// Which sessions to close.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +66,12 @@ pub struct SessionInfo {
     pub since_unix_ms: u64,
     /// The client's self-reported name (capped and escaped).
     pub client_name: Option<String>,
+    /// Milliseconds since the session was last heard from.
+    pub idle_ms: u64,
+    /// Calls running now.
+    pub in_flight: u64,
+    /// The principal's liveness.
+    pub liveness: Liveness,
 }
 
 /// What the server tells a session's task.
@@ -123,8 +131,24 @@ impl SessionTable {
         self.lock().remove(&session_id);
     }
 
-    pub(crate) fn list(&self) -> Vec<SessionInfo> {
-        let mut out: Vec<SessionInfo> = self.lock().values().map(|e| e.info.clone()).collect();
+    /// Every session, with its current activity and its principal's liveness.
+    pub(crate) fn list(&self, liveness: &LivenessTracker) -> Vec<SessionInfo> {
+        let now = liveness.stamp();
+        let states: HashMap<String, Liveness> = liveness.states().into_iter().collect();
+        let mut out: Vec<SessionInfo> = self
+            .lock()
+            .values()
+            .map(|e| {
+                let mut info = e.info.clone();
+                info.idle_ms = now.saturating_sub(e.activity.load(Ordering::Relaxed));
+                info.in_flight = e.in_flight.load(Ordering::Relaxed) as u64;
+                info.liveness = states
+                    .get(&info.principal)
+                    .copied()
+                    .unwrap_or(Liveness::Online);
+                info
+            })
+            .collect();
         out.sort_by_key(|i| i.session_id);
         out
     }

@@ -599,10 +599,11 @@ async fn liveness_goes_online_unstable_offline_and_back_with_a_manual_clock() {
     assert_eq!(server.liveness(), [(info.id.clone(), Liveness::Online)]);
 
     clock.advance(Duration::from_millis(1_500));
-    assert_eq!(
-        next().await,
-        transition(Liveness::Online, Liveness::Unstable)
-    );
+    assert_eq!(next().await, transition(Liveness::Online, Liveness::Unstable));
+    let listed = &server.sessions()[0];
+    assert_eq!(listed.liveness, Liveness::Unstable);
+    assert!(listed.idle_ms >= 1_500, "{listed:?}");
+
     clock.advance(Duration::from_millis(1_000));
     assert_eq!(
         next().await,
@@ -639,4 +640,41 @@ fn liveness_thresholds_must_be_ordered_below_the_idle_timeout() {
     let err = o.validate().unwrap_err();
     assert_eq!(err.field, "session_controls.offline_after_ms");
     ServerOptions::default().validate().unwrap();
+}
+
+#[tokio::test]
+async fn heartbeats_keep_an_idle_client_s_session_and_are_clamped_below_the_idle_timeout() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let mut options = ServerOptions::default();
+    options.session_controls.idle_timeout_ms = 400;
+    options.session_controls.unstable_after_ms = 100;
+    options.session_controls.offline_after_ms = 200;
+    let server = start_with(&pki, keys, options).await;
+    let with = |heartbeat| {
+        netproc_client::Client::builder()
+            .server(
+                "s1",
+                endpoint(&pki, &server, &key).heartbeat_interval(heartbeat),
+            )
+            .build()
+            .unwrap()
+            .server("s1")
+            .unwrap()
+    };
+    // Configured far above the idle timeout: clamped to half of it.
+    let beating = with(Some(Duration::from_secs(10)));
+    let silent = with(None);
+    let (beating_session, _) = beating.session().await.unwrap();
+    let (silent_session, _) = silent.session().await.unwrap();
+    // Nothing to await here: the point is what does not happen in 3 idle
+    // timeouts.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(beating.session().await.unwrap().0, beating_session);
+    assert_ne!(
+        silent.session().await.unwrap().0,
+        silent_session,
+        "a client without heartbeats was idled out and reconnected"
+    );
 }
