@@ -66,8 +66,8 @@ pub use audit::AUDIT_TARGET;
 pub use function::{CallContext, CallError, ExtensionHandler, NativeFunction};
 pub use liveness::{Liveness, LivenessEvent};
 pub use options::{
-    AuthControls, BucketControls, ConnectionControls, InvalidOption, RequestControls,
-    ServerOptions, SessionControls,
+    AuthControls, BucketControls, ConnectionControls, InvalidOption, PrincipalSource,
+    RequestControls, ServerOptions, SessionControls,
 };
 pub use server::{ReloadSource, Server, ServerBuilder, ServerError, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};

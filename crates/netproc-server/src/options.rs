@@ -280,6 +280,23 @@ pub struct SessionControls {
     /// ... and `offline` after this long (ms); it must lie between
     /// `unstable_after_ms` and `idle_timeout_ms`. Default 660 000 (11 minutes).
     pub offline_after_ms: u64,
+    /// What identifies a principal for the session policy, liveness and
+    /// `disconnect_principal`: the key it authenticated with (the default)
+    /// or its client certificate.
+    pub principal: PrincipalSource,
+}
+
+/// What identifies a principal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PrincipalSource {
+    /// The API key id or Ed25519 key id (the default).
+    #[default]
+    Key,
+    /// The client certificate's SHA-256 fingerprint (hex): every key used
+    /// over one certificate is one principal.
+    Certificate,
 }
 
 impl Default for SessionControls {
@@ -295,6 +312,7 @@ impl Default for SessionControls {
             close_on_cert_expiry: true,
             unstable_after_ms: 420_000,
             offline_after_ms: 660_000,
+            principal: PrincipalSource::Key,
         }
     }
 }

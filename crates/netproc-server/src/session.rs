@@ -251,7 +251,7 @@ pub(crate) async fn run_connection(
     }
     let request = AuthRequest::new(credential, peer, Arc::clone(&cert));
     let authenticated = AssertUnwindSafe(shared.authenticator.authenticate(request)).catch_unwind();
-    let principal = match tokio::time::timeout_at(auth_deadline, authenticated).await {
+    let mut principal = match tokio::time::timeout_at(auth_deadline, authenticated).await {
         Ok(Ok(Ok(p))) if p.expires_at.is_none_or(|t| t > SystemTime::now()) => p,
         outcome => {
             let (reason, against_key) = match outcome {
@@ -273,6 +273,9 @@ pub(crate) async fn run_connection(
     };
 
     // Authenticated.
+    if options.session_controls.principal == crate::options::PrincipalSource::Certificate {
+        principal.id = cert.fingerprint.to_string();
+    }
     let session_id = shared.next_session_id();
     let facts = Arc::new(SessionFacts {
         session_id,

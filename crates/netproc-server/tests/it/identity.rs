@@ -599,7 +599,10 @@ async fn liveness_goes_online_unstable_offline_and_back_with_a_manual_clock() {
     assert_eq!(server.liveness(), [(info.id.clone(), Liveness::Online)]);
 
     clock.advance(Duration::from_millis(1_500));
-    assert_eq!(next().await, transition(Liveness::Online, Liveness::Unstable));
+    assert_eq!(
+        next().await,
+        transition(Liveness::Online, Liveness::Unstable)
+    );
     let listed = &server.sessions()[0];
     assert_eq!(listed.liveness, Liveness::Unstable);
     assert!(listed.idle_ms >= 1_500, "{listed:?}");
@@ -676,5 +679,36 @@ async fn heartbeats_keep_an_idle_client_s_session_and_are_clamped_below_the_idle
         silent.session().await.unwrap().0,
         silent_session,
         "a client without heartbeats was idled out and reconnected"
+    );
+}
+
+#[tokio::test]
+async fn with_certificate_principals_every_key_over_one_certificate_is_one_principal() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let first_key = key(&keys, "invoke_functions");
+    let second_key = crate::support::key(&keys, "invoke_functions");
+    let mut options = ServerOptions::default();
+    options.session_controls.principal = netproc_server::PrincipalSource::Certificate;
+    options.session_controls.single_active_session = true;
+    let server = start_with(&pki, keys, options).await;
+    let fingerprint = pki.client.cert_identity().fingerprint.to_string();
+
+    let first = client(&pki, &server, &first_key).server("s1").unwrap();
+    assert_eq!(
+        first.call::<String>("whoami", ()).await.unwrap(),
+        fingerprint
+    );
+    let first_call = long_call(&first);
+    settle().await;
+    // Another key, same certificate: the same principal, so it replaces.
+    let second = client(&pki, &server, &second_key).server("s1").unwrap();
+    assert_eq!(
+        second.call::<String>("whoami", ()).await.unwrap(),
+        fingerprint
+    );
+    assert_eq!(
+        ended_with(first_call, Duration::from_secs(2)).await,
+        ErrorCode::SessionReplaced
     );
 }
