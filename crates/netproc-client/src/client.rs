@@ -214,7 +214,8 @@ struct Backoff {
 struct Slot {
     name: String,
     endpoint: ServerEndpoint,
-    tls: TlsConnector,
+    /// Swapped whole by [`Client::set_identity`]; read at each connect.
+    tls: arc_swap::ArcSwap<rustls::ClientConfig>,
     current: ArcSwapOption<Connection>,
     /// Held while connecting: concurrent first calls share one attempt.
     connecting: tokio::sync::Mutex<Backoff>,
@@ -260,7 +261,8 @@ impl Slot {
             }
             tokio::time::sleep_until(at).await;
         }
-        match connect(&self.name, &self.endpoint, &self.tls, deadline).await {
+        let tls = TlsConnector::from(self.tls.load_full());
+        match connect(&self.name, &self.endpoint, &tls, deadline).await {
             Ok(conn) => {
                 *backoff = Backoff {
                     failures: 0,
@@ -354,7 +356,7 @@ impl ClientBuilder {
                 Arc::new(Slot {
                     name,
                     endpoint,
-                    tls: TlsConnector::from(Arc::new(tls)),
+                    tls: arc_swap::ArcSwap::from_pointee(tls),
                     current: ArcSwapOption::empty(),
                     connecting: tokio::sync::Mutex::new(Backoff {
                         failures: 0,
@@ -398,6 +400,33 @@ impl Client {
     /// A builder.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// Replaces this client's certificate and the CAs it trusts for servers
+    /// (a renewed certificate, a CA rotation), for every server: new
+    /// connections use them at once; established ones carry on until they
+    /// end or [`flush_server`](Client::flush_server) /
+    /// [`flush_all`](Client::flush_all) replaces them. Nothing changes if
+    /// the material does not make a valid configuration for every server.
+    pub fn set_identity(
+        &self,
+        identity: &Identity,
+        server_roots: &TrustAnchors,
+    ) -> Result<(), ClientError> {
+        let mut configs = Vec::with_capacity(self.inner.slots.len());
+        for slot in self.inner.slots.values() {
+            let ep = &slot.endpoint;
+            let config =
+                netproc_pki::client_config_with(identity, server_roots, &ep.pins, &ep.tls_options)
+                    .map_err(|e| ClientError::Config {
+                        message: format!("server \"{}\": {e}", slot.name),
+                    })?;
+            configs.push(Arc::new(config));
+        }
+        for (slot, config) in self.inner.slots.values().zip(configs) {
+            slot.tls.store(config);
+        }
+        Ok(())
     }
 
     /// The configured server names.

@@ -712,3 +712,28 @@ async fn with_certificate_principals_every_key_over_one_certificate_is_one_princ
         ErrorCode::SessionReplaced
     );
 }
+
+#[tokio::test]
+async fn a_client_swaps_its_certificate_for_new_connections_and_flush_applies_it() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let mut options = ServerOptions::default();
+    // The principal shows which certificate a session was made over.
+    options.session_controls.principal = netproc_server::PrincipalSource::Certificate;
+    let server = start_with(&pki, keys, options).await;
+    let c = client(&pki, &server, &key);
+    let s = c.server("s1").unwrap();
+    let old = pki.client.cert_identity().fingerprint.to_string();
+    assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), old);
+
+    let renewed = pki.ca.issue(&LeafParams::client("client")).unwrap();
+    c.set_identity(&renewed.identity().unwrap(), &pki.ca.trust_anchors())
+        .unwrap();
+    // The established connection carries on with the old certificate...
+    assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), old);
+    // ...until it is flushed.
+    c.flush_all();
+    let new = renewed.cert_identity().fingerprint.to_string();
+    assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), new);
+}
