@@ -595,6 +595,18 @@ impl ServerHandle {
     }
 }
 
+/// What a file watcher compares.
+type FileStamp = (Option<SystemTime>, u64, u64);
+
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((m.modified().ok(), m.len(), ino))
+}
+
 impl Shared {
     pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
         let Some(source) = self.reload_source.clone() else {
@@ -665,6 +677,62 @@ impl Shared {
 }
 
 impl ServerHandle {
+    /// Watches files (certificate, key, CA bundle, CRLs, key store) and
+    /// calls [`reload`](ServerHandle::reload) when any of them changes:
+    /// checked every `interval` by metadata (modification time, size,
+    /// inode, following symlinks), so atomic renames and the symlink swaps
+    /// of certificate managers are seen; a change is acted on once it has
+    /// been stable for one interval. A bad file is refused by the reload,
+    /// and the last good configuration stays. Stops at shutdown.
+    pub fn watch_files(&self, paths: Vec<std::path::PathBuf>, interval: Duration) {
+        let shared = Arc::downgrade(&self.inner.shared);
+        // The baseline is taken now (a few `stat`s), so any change after
+        // this call is seen.
+        let mut seen: Vec<_> = paths.iter().map(|p| file_stamp(p)).collect();
+        tokio::spawn(async move {
+            let stamp = move || {
+                let paths = paths.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        paths.iter().map(|p| file_stamp(p)).collect::<Vec<_>>()
+                    })
+                    .await
+                    .unwrap_or_default()
+                }
+            };
+            let mut pending: Option<Vec<Option<FileStamp>>> = None;
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                if shared.shutdown.is_cancelled() {
+                    return;
+                }
+                let now = stamp().await;
+                if now == seen {
+                    pending = None;
+                    continue;
+                }
+                if pending.as_ref() != Some(&now) {
+                    // Changed: wait until it stops changing.
+                    pending = Some(now);
+                    continue;
+                }
+                pending = None;
+                seen = now;
+                match shared.reload().await {
+                    Ok(closed) => {
+                        tracing::info!(server = %shared.name, sessions_closed = closed, "reloaded after a file change")
+                    }
+                    Err(e) => {
+                        tracing::warn!(server = %shared.name, error = %e, "reload after a file change refused; the last good configuration stays")
+                    }
+                }
+            }
+        });
+    }
+
     /// Makes revocations and rotations in `store` end the live sessions
     /// that rely on them: a revoked or changed key's sessions get
     /// `GoAway{credential_revoked}`; a rotated key's sessions on the old

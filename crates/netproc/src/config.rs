@@ -178,6 +178,10 @@ pub struct ServerFile {
     /// Session limits.
     #[serde(default)]
     pub session_controls: SessionControls,
+    /// Reload when the TLS files or the key store change, checking every
+    /// this many milliseconds. Off when absent (SIGHUP and
+    /// `netproc admin reload` always work).
+    pub watch_interval_ms: Option<u64>,
     #[serde(skip)]
     dir: PathBuf,
 }
@@ -203,6 +207,17 @@ impl ServerFile {
         o.request_controls = self.request_controls.clone();
         o.session_controls = self.session_controls.clone();
         o
+    }
+
+    /// The files a reload re-reads: certificate, key, CA bundle, CRLs, key store.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let t = &self.tls;
+        [&t.cert, &t.key, &t.client_ca]
+            .into_iter()
+            .chain(&t.crls)
+            .chain([&self.key_store])
+            .map(|p| self.resolve(p))
+            .collect()
     }
 
     /// Reads the TLS files (for a start or a reload).
@@ -231,16 +246,7 @@ impl ServerFile {
         config_path: &Path,
     ) -> Result<(ServerBuilder, Arc<ApiKeyStore>), ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
-        let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
-            .map_err(|e| err(&e))?;
-        let roots = TrustAnchors::load(self.resolve(&self.tls.client_ca)).map_err(|e| err(&e))?;
-        let crls = self
-            .tls
-            .crls
-            .iter()
-            .map(|p| Crl::load(self.resolve(p)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(&e))?;
+        let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
         let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
         let reload_keys = Arc::clone(&keys);
         let file = self.clone();

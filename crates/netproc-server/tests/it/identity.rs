@@ -737,3 +737,62 @@ async fn a_client_swaps_its_certificate_for_new_connections_and_flush_applies_it
     let new = renewed.cert_identity().fingerprint.to_string();
     assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), new);
 }
+
+#[tokio::test]
+async fn a_watched_certificate_replaced_by_rename_is_served_without_a_reload_call() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key_file, ca) = (
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.crt"),
+    );
+    pki.server.save(&cert, &key_file, false).unwrap();
+    std::fs::write(&ca, pki.ca.cert_pem()).unwrap();
+    let source: netproc_server::ReloadSource = {
+        let (cert, key_file, ca) = (cert.clone(), key_file.clone(), ca.clone());
+        Arc::new(move || {
+            let identity =
+                netproc_pki::Identity::load(&cert, &key_file).map_err(|e| e.to_string())?;
+            let roots = netproc_pki::TrustAnchors::load(&ca).map_err(|e| e.to_string())?;
+            Ok((identity, roots, Vec::new()))
+        })
+    };
+    let server = builder(&pki, "s1", keys)
+        .reload_source(source)
+        .start()
+        .await
+        .unwrap();
+    server.watch_files(
+        vec![cert.clone(), key_file.clone(), ca.clone()],
+        Duration::from_millis(50),
+    );
+
+    // A certificate manager's swap: write aside, rename into place.
+    let renewed = pki
+        .ca
+        .issue(&LeafParams::server("server", ["localhost", "127.0.0.1"]))
+        .unwrap();
+    let (new_cert, new_key) = (dir.path().join("new.crt"), dir.path().join("new.key"));
+    renewed.save(&new_cert, &new_key, false).unwrap();
+    std::fs::rename(&new_key, &key_file).unwrap();
+    std::fs::rename(&new_cert, &cert).unwrap();
+
+    // The watcher has no event to await from outside: poll, bounded.
+    let wanted = renewed.cert_identity().fingerprint;
+    let mut served = None;
+    for _ in 0..100 {
+        let now = served_fingerprint(&pki, &server).await;
+        if now == wanted {
+            served = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        served,
+        Some(wanted),
+        "the renewed certificate was not served"
+    );
+}

@@ -680,6 +680,9 @@ async fn serve(config: &Path) -> Result<(), Failure> {
         .await
         .map_err(failed)?;
     server.follow_key_store(&keys);
+    if let Some(ms) = file.watch_interval_ms {
+        server.watch_files(file.watched_files(), Duration::from_millis(ms.max(100)));
+    }
     println!("listening on {}", server.local_addr());
     // SIGHUP reloads; SIGINT or SIGTERM ends the loop.
     while let Signal::Reload = wait_for_signal().await {
