@@ -188,7 +188,7 @@ fn pki_init_issue_and_inspect_round_trip() {
 fn keys_then_serve_then_call_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
-    let (_server, _port) = serve(dir.path());
+    let (server, _port) = serve(dir.path());
     let client = dir.path().join("client.toml");
     let c = client.to_str().unwrap();
     let out = netproc(&[
@@ -252,6 +252,37 @@ fn keys_then_serve_then_call_end_to_end() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["calls_per_s"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["errors"], serde_json::json!({}));
+
+    // Reload by admin operation, then by SIGHUP.
+    let reloads = || {
+        let out = netproc(&["metrics", "--config", c, "s1", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["tls_reload_count"].as_u64().unwrap()
+    };
+    let out = netproc(&["admin", "--config", c, "s1", "reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(reloads(), 1);
+    #[cfg(unix)]
+    {
+        let pid = server.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        // The signal is handled asynchronously: poll, bounded.
+        let mut seen = 0;
+        for _ in 0..50 {
+            seen = reloads();
+            if seen == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(seen, 2, "SIGHUP did not reload");
+    }
 }
 
 #[test]
