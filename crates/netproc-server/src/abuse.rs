@@ -55,6 +55,12 @@ macro_rules! counters {
             pub blocked_ip_count: u64,
             /// API keys blocked now.
             pub blocked_api_key_count: u64,
+            /// Principals `online` now.
+            pub online_principal_count: u64,
+            /// Principals `unstable` now.
+            pub unstable_principal_count: u64,
+            /// Principals `offline` now that still have a session open.
+            pub offline_principal_count: u64,
             /// Connections refused, by code.
             pub refused_by_code: BTreeMap<String, u64>,
         }

@@ -96,6 +96,20 @@ impl LivenessTracker {
         out
     }
 
+    /// How many principals are online, unstable and offline (with a session).
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = (0, 0, 0);
+        for s in states.values() {
+            match s {
+                Liveness::Online => c.0 += 1,
+                Liveness::Unstable => c.1 += 1,
+                Liveness::Offline => c.2 += 1,
+            }
+        }
+        c
+    }
+
     /// Recomputes every state from the session table.
     pub(crate) fn scan(&self, sessions: &SessionTable, unstable_after: u64, offline_after: u64) {
         let now = self.stamp();
@@ -136,6 +150,10 @@ impl LivenessTracker {
             false
         });
         drop(states);
+        let (online, unstable, offline) = self.counts();
+        metrics::gauge!("netproc_online_principal_count").set(online as f64);
+        metrics::gauge!("netproc_unstable_principal_count").set(unstable as f64);
+        metrics::gauge!("netproc_offline_principal_count").set(offline as f64);
         for event in changes {
             tracing::info!(principal = %event.principal, from = ?event.from, to = ?event.to, "liveness changed");
             // No subscriber is fine.

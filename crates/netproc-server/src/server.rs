@@ -608,6 +608,18 @@ fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
 }
 
 impl Shared {
+    /// The counters and gauges, with the liveness counts.
+    pub(crate) fn metrics(&self) -> AbuseMetrics {
+        let mut m = self
+            .abuse
+            .snapshot(self.sessions.len(), self.sessions.in_flight());
+        let (online, unstable, offline) = self.liveness.counts();
+        m.online_principal_count = online as u64;
+        m.unstable_principal_count = unstable as u64;
+        m.offline_principal_count = offline as u64;
+        m
+    }
+
     pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
         let Some(source) = self.reload_source.clone() else {
             return Err(ServerError::Registration(
@@ -776,10 +788,7 @@ impl ServerHandle {
 
     /// The abuse-control counters and gauges.
     pub fn abuse_metrics(&self) -> AbuseMetrics {
-        let shared = &self.inner.shared;
-        shared
-            .abuse
-            .snapshot(shared.sessions.len(), shared.sessions.in_flight())
+        self.inner.shared.metrics()
     }
 
     /// Lifts a block on an address or API key id (`"*"`: the overflow

@@ -1097,9 +1097,7 @@ impl Session {
             }
             Operation::AbuseMetrics => {
                 audit::admin_action(&self.facts, "abuse_metrics", "");
-                let snapshot = shared
-                    .abuse
-                    .snapshot(shared.sessions.len(), shared.sessions.in_flight());
+                let snapshot = shared.metrics();
                 Outcome::Ok(to_value(&snapshot).unwrap_or_default())
             }
             Operation::ListBlocked => {

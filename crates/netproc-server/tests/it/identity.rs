@@ -605,6 +605,7 @@ async fn liveness_goes_online_unstable_offline_and_back_with_a_manual_clock() {
     );
     let listed = &server.sessions()[0];
     assert_eq!(listed.liveness, Liveness::Unstable);
+    assert_eq!(server.abuse_metrics().unstable_principal_count, 1);
     assert!(listed.idle_ms >= 1_500, "{listed:?}");
 
     clock.advance(Duration::from_millis(1_000));
