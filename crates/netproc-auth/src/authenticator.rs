@@ -73,6 +73,10 @@ pub struct Principal {
     pub key_id: Option<String>,
     /// The generation of that key's secret (incremented by each rotation).
     pub key_generation: Option<u64>,
+    /// Overrides the server's `max_sessions_per_principal` (0 = no cap).
+    pub max_sessions: Option<u32>,
+    /// Overrides the server's `single_active_session`.
+    pub single_active_session: Option<bool>,
 }
 
 impl Principal {
@@ -85,6 +89,8 @@ impl Principal {
             expires_at: None,
             key_id: None,
             key_generation: None,
+            max_sessions: None,
+            single_active_session: None,
         }
     }
 

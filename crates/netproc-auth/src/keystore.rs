@@ -131,6 +131,10 @@ pub struct KeySpec {
     pub expires_at: Option<SystemTime>,
     /// A label for listings.
     pub label: Option<String>,
+    /// Overrides the server's `max_sessions_per_principal` for this key.
+    pub max_sessions: Option<u32>,
+    /// Overrides the server's `single_active_session` for this key.
+    pub single_active_session: Option<bool>,
 }
 
 impl KeySpec {
@@ -168,6 +172,18 @@ impl KeySpec {
         self.label = Some(label.into());
         self
     }
+
+    /// Its own session policy, overriding the server's: at most
+    /// `max_sessions` at once (0 = no cap) and/or one active session.
+    pub fn session_policy(
+        mut self,
+        max_sessions: Option<u32>,
+        single_active_session: Option<bool>,
+    ) -> KeySpec {
+        self.max_sessions = max_sessions;
+        self.single_active_session = single_active_session;
+        self
+    }
 }
 
 /// A key's public facts, as listed. Never the secret or its hash.
@@ -192,6 +208,10 @@ pub struct KeyInfo {
     pub label: Option<String>,
     /// For an Ed25519 key, its public key (hex); `None` for an API key.
     pub ed25519_public_key: Option<String>,
+    /// Its own `max_sessions_per_principal`, if any.
+    pub max_sessions: Option<u32>,
+    /// Its own `single_active_session`, if any.
+    pub single_active_session: Option<bool>,
 }
 
 /// A change to a key that live sessions must follow.
@@ -260,6 +280,10 @@ struct Record {
     /// API secret (its `secret_sha256` is of a discarded random value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ed25519_public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_sessions: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    single_active_session: Option<bool>,
     #[serde(skip)]
     hash: [u8; 32],
 }
@@ -276,6 +300,8 @@ impl Record {
             created_at: self.created_at,
             label: self.label.clone(),
             ed25519_public_key: self.ed25519_public_key.clone(),
+            max_sessions: self.max_sessions,
+            single_active_session: self.single_active_session,
         }
     }
 }
@@ -546,6 +572,8 @@ impl ApiKeyStore {
             created_at: unix_secs(SystemTime::now()),
             label: spec.label,
             ed25519_public_key,
+            max_sessions: spec.max_sessions,
+            single_active_session: spec.single_active_session,
             hash,
         };
         let info = record.info();
@@ -711,6 +739,8 @@ fn admit(record: &Record, cert: &CertIdentity, now: SystemTime) -> Result<Princi
     }
     let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
     principal.functions = record.functions.clone();
+    principal.max_sessions = record.max_sessions;
+    principal.single_active_session = record.single_active_session;
     principal.expires_at = record
         .expires_at
         .map(|s| UNIX_EPOCH + Duration::from_secs(s));

@@ -309,17 +309,19 @@ pub(crate) async fn run_connection(
         control: control_tx,
     };
     let sc = &options.session_controls;
-    match shared.sessions.register(
-        entry,
-        sc.max_sessions_per_principal,
-        sc.single_active_session,
-    ) {
+    // The key's own policy, if it has one, over the server's.
+    let max_sessions = facts
+        .principal
+        .max_sessions
+        .unwrap_or(sc.max_sessions_per_principal);
+    let single_active = facts
+        .principal
+        .single_active_session
+        .unwrap_or(sc.single_active_session);
+    match shared.sessions.register(entry, max_sessions, single_active) {
         None => {
             audit::session_closed(&facts, ErrorCode::TooManySessions);
-            let msg = format!(
-                "the principal already has {} sessions",
-                sc.max_sessions_per_principal
-            );
+            let msg = format!("the principal already has {max_sessions} sessions");
             farewell(
                 &mut wr,
                 error_msg(ErrorCode::TooManySessions, msg),

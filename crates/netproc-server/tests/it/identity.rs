@@ -797,3 +797,27 @@ async fn a_watched_certificate_replaced_by_rename_is_served_without_a_reload_cal
         "the renewed certificate was not served"
     );
 }
+
+#[tokio::test]
+async fn a_key_s_own_session_policy_overrides_the_server_s() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let capped = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()).session_policy(Some(1), None))
+        .unwrap()
+        .1;
+    let free = key(&keys, "invoke_functions");
+    // The server has no cap.
+    let server = start(&pki, "s1", keys).await;
+    let first = client(&pki, &server, &capped).server("s1").unwrap();
+    first.session().await.unwrap();
+    let second = client(&pki, &server, &capped).server("s1").unwrap();
+    let err = second.session().await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::TooManySessions, "{err:?}");
+    // Two sessions at once on the other key.
+    let a = client(&pki, &server, &free).server("s1").unwrap();
+    let b = client(&pki, &server, &free).server("s1").unwrap();
+    assert_eq!(a.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+    assert_eq!(b.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+    assert_ne!(a.session().await.unwrap().0, b.session().await.unwrap().0);
+}
