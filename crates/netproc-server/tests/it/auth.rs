@@ -361,7 +361,7 @@ async fn a_panicking_or_failing_authenticator_refuses_and_the_server_keeps_servi
 /// One global subscriber for the whole test binary, capturing into a
 /// buffer. (A thread-local `set_default` is unreliable here: callsite
 /// interest can be cached by a concurrent test while no subscriber is set.)
-fn audit_capture() -> &'static Mutex<Vec<u8>> {
+pub(crate) fn audit_capture() -> &'static Mutex<Vec<u8>> {
     #[derive(Clone)]
     struct Capture(&'static Mutex<Vec<u8>>);
     impl std::io::Write for Capture {

@@ -515,6 +515,7 @@ async fn an_ed25519_key_authenticates_a_client_without_a_secret_on_the_wire() {
 #[tokio::test]
 async fn ed25519_proofs_with_the_wrong_key_another_connection_s_binding_or_a_stale_time_are_refused()
  {
+    let capture = crate::auth::audit_capture();
     let pki = Pki::new();
     let keys = Arc::new(ApiKeyStore::in_memory());
     let key = Ed25519Key::generate().unwrap();
@@ -560,6 +561,16 @@ async fn ed25519_proofs_with_the_wrong_key_another_connection_s_binding_or_a_sta
     let binding = raw.channel_binding();
     let answer = prove(&mut raw, &id, &key, &binding, unix_ms_now()).await;
     assert!(matches!(answer, ServerMessage::AuthOk(_)), "{answer:?}");
+
+    // The audit log names each reason; the peer learned none of them.
+    let all = String::from_utf8(capture.lock().unwrap().clone()).unwrap();
+    let mine: Vec<&str> = all.lines().filter(|l| l.contains(&id)).collect();
+    let bad_signature = mine.iter().filter(|l| l.contains("bad signature")).count();
+    assert_eq!(bad_signature, 2, "{mine:#?}");
+    assert!(
+        mine.iter().any(|l| l.contains("freshness window")),
+        "{mine:#?}"
+    );
 }
 
 #[tokio::test]
