@@ -56,12 +56,7 @@ async fn a_certificate_that_expires_ends_its_session_with_certificate_expired() 
     let server = start(&pki, "s1", keys).await;
     // X.509 times have whole seconds: this one ends in 1 to 2 s.
     let cert = short_lived_client(&pki.ca, Duration::from_secs(2));
-    let s = netproc_client::Client::builder()
-        .server("s1", endpoint_as(&pki, &cert, &server, &key))
-        .build()
-        .unwrap()
-        .server("s1")
-        .unwrap();
+    let s = only(endpoint_as(&pki, &cert, &server, &key));
     s.session().await.unwrap();
     let call = long_call(&s);
     assert_eq!(
@@ -79,12 +74,7 @@ async fn close_on_cert_expiry_off_lets_the_session_run_on() {
     options.session_controls.close_on_cert_expiry = false;
     let server = start_with(&pki, keys, options).await;
     let cert = short_lived_client(&pki.ca, Duration::from_secs(1));
-    let s = netproc_client::Client::builder()
-        .server("s1", endpoint_as(&pki, &cert, &server, &key))
-        .build()
-        .unwrap()
-        .server("s1")
-        .unwrap();
+    let s = only(endpoint_as(&pki, &cert, &server, &key));
     let (id, _) = s.session().await.unwrap();
     assert_eq!(s.call::<u64>("sleep_ms", (2_500,)).await.unwrap(), 2_500);
     assert_eq!(s.session().await.unwrap().0, id, "the session was kept");
@@ -198,20 +188,7 @@ async fn rotating_a_key_ends_only_the_sessions_on_the_old_secret() {
 
 /// The server certificate a fresh TLS handshake sees.
 async fn served_fingerprint(pki: &Pki, server: &ServerHandle) -> Fingerprint {
-    let cfg = netproc_pki::client_config(
-        &pki.client.identity().unwrap(),
-        &pki.ca.trust_anchors(),
-        &[],
-    )
-    .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tcp = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .unwrap();
-    let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let chain = tls.get_ref().1.peer_certificates().unwrap();
-    Fingerprint::of(&chain[0])
+    Raw::connect(pki, server).await.server_fingerprint()
 }
 
 #[tokio::test]
@@ -283,12 +260,7 @@ async fn a_crl_reload_ends_the_revoked_client_s_session_only() {
     let key = key(&keys, "invoke_functions");
     let server = start(&pki, "s1", keys).await;
     let revoked_cert = pki.ca.issue(&LeafParams::client("to-revoke")).unwrap();
-    let victim = netproc_client::Client::builder()
-        .server("s1", endpoint_as(&pki, &revoked_cert, &server, &key))
-        .build()
-        .unwrap()
-        .server("s1")
-        .unwrap();
+    let victim = only(endpoint_as(&pki, &revoked_cert, &server, &key));
     let bystander = client(&pki, &server, &key).server("s1").unwrap();
     victim.session().await.unwrap();
     let (bystander_session, _) = bystander.session().await.unwrap();
@@ -333,14 +305,7 @@ async fn a_client_ca_can_be_rotated_with_an_overlap() {
     let server = start(&pki, "s1", keys).await;
     let new_ca = CertificateAuthority::generate(&CaParams::new("new client CA")).unwrap();
     let new_cert = new_ca.issue(&LeafParams::client("new")).unwrap();
-    let connect = |cert: &IssuedCert| {
-        netproc_client::Client::builder()
-            .server("s1", endpoint_as(&pki, cert, &server, &key))
-            .build()
-            .unwrap()
-            .server("s1")
-            .unwrap()
-    };
+    let connect = |cert: &IssuedCert| only(endpoint_as(&pki, cert, &server, &key));
     // Not trusted yet.
     let early = connect(&new_cert).call::<i64>("add", (1, 1)).await;
     assert!(refused_as_unknown_ca(&early), "{early:?}");
@@ -497,12 +462,7 @@ async fn an_ed25519_key_authenticates_a_client_without_a_secret_on_the_wire() {
         info.id.clone(),
         Arc::clone(&key),
     );
-    let s = netproc_client::Client::builder()
-        .server("s1", endpoint)
-        .build()
-        .unwrap()
-        .server("s1")
-        .unwrap();
+    let s = only(endpoint);
     assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), info.id);
     assert_eq!(s.call::<i64>("add", (20, 22)).await.unwrap(), 42);
     // An Ed25519 key has no secret to rotate.
@@ -667,17 +627,7 @@ async fn heartbeats_keep_an_idle_client_s_session_and_are_clamped_below_the_idle
     options.session_controls.unstable_after_ms = 100;
     options.session_controls.offline_after_ms = 200;
     let server = start_with(&pki, keys, options).await;
-    let with = |heartbeat| {
-        netproc_client::Client::builder()
-            .server(
-                "s1",
-                endpoint(&pki, &server, &key).heartbeat_interval(heartbeat),
-            )
-            .build()
-            .unwrap()
-            .server("s1")
-            .unwrap()
-    };
+    let with = |heartbeat| only(endpoint(&pki, &server, &key).heartbeat_interval(heartbeat));
     // Configured far above the idle timeout: clamped to half of it.
     let beating = with(Some(Duration::from_secs(10)));
     let silent = with(None);

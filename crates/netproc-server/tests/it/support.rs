@@ -141,6 +141,16 @@ pub(crate) fn client(pki: &Pki, server: &ServerHandle, key: &ApiKey) -> Client {
         .unwrap()
 }
 
+/// A client of one server, named "s1".
+pub(crate) fn only(endpoint: ServerEndpoint) -> netproc_client::ServerRef {
+    Client::builder()
+        .server("s1", endpoint)
+        .build()
+        .unwrap()
+        .server("s1")
+        .unwrap()
+}
+
 /// A wire-level connection for protocol tests: TLS done, nothing else.
 pub(crate) struct Raw {
     tls: TlsStream<tokio::net::TcpStream>,
@@ -165,6 +175,12 @@ impl Raw {
             tls,
             decoder: FrameDecoder::new(u32::MAX),
         }
+    }
+
+    /// The certificate the server presented.
+    pub(crate) fn server_fingerprint(&self) -> netproc_pki::Fingerprint {
+        let chain = self.tls.get_ref().1.peer_certificates().unwrap();
+        netproc_pki::Fingerprint::of(&chain[0])
     }
 
     /// This connection's TLS exporter value, as an Ed25519 proof signs it.
