@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::auth::ApiKeyStore;
 use crate::client::{Client, ServerEndpoint};
-use crate::pki::{Crl, Identity, TrustAnchors};
+use crate::pki::{Crl, Ed25519Key, Identity, TrustAnchors};
 use crate::script::{ScriptLimits, ScriptRuntime};
 use crate::server::{
     AuthControls, ConnectionControls, RequestControls, Server, ServerBuilder, ServerOptions,
@@ -346,7 +346,8 @@ impl ClientFile {
         relative_to(&self.dir, p)
     }
 
-    /// Builds the client: loads identities and CAs, reads the API keys.
+    /// Builds the client: loads identities and CAs, reads the API keys (or
+    /// Ed25519 keys).
     pub fn client(&self, config_path: &Path) -> Result<Client, ConfigError> {
         let mut builder = Client::builder();
         for (name, s) in &self.servers {
@@ -379,13 +380,26 @@ impl ClientFile {
             let identity = Identity::load(self.resolve(&s.cert), self.resolve(&s.key))
                 .map_err(|e| err("cert", &e))?;
             let roots = TrustAnchors::load(self.resolve(&s.ca)).map_err(|e| err("ca", &e))?;
-            let mut ep = ServerEndpoint::new(
-                s.address,
-                s.server_name.clone(),
-                identity,
-                roots,
-                SecretString::new(key),
-            );
+            // `npe_<id>_<seed hex>` (from `keys create --ed25519`) is an
+            // Ed25519 key; anything else is an API key.
+            let mut ep = match parse_ed25519_credential(&key) {
+                Some(Ok((id, signing))) => ServerEndpoint::with_ed25519(
+                    s.address,
+                    s.server_name.clone(),
+                    identity,
+                    roots,
+                    id,
+                    Arc::new(signing),
+                ),
+                Some(Err(e)) => return Err(err("api_key", &e)),
+                None => ServerEndpoint::new(
+                    s.address,
+                    s.server_name.clone(),
+                    identity,
+                    roots,
+                    SecretString::new(key),
+                ),
+            };
             if let Some(ip) = s.bind {
                 ep = ep.bind(ip);
             }
@@ -449,5 +463,57 @@ pub mod json {
                 .collect::<serde_json::Map<_, _>>()
                 .into(),
         }
+    }
+}
+
+/// Parses an `npe_<key id>_<64 hex digits of seed>` credential; `None` when
+/// the text is not one (an API key).
+fn parse_ed25519_credential(text: &str) -> Option<Result<(String, Ed25519Key), String>> {
+    let rest = text.strip_prefix("npe_")?;
+    let parsed = (|| {
+        let (id, hex) = rest.split_once('_').ok_or("expected npe_<id>_<seed>")?;
+        if hex.len() != 64 || !hex.is_ascii() {
+            return Err("the Ed25519 seed must be 64 hex digits");
+        }
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        for (i, byte) in seed.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| "the Ed25519 seed must be 64 hex digits")?;
+        }
+        let key = Ed25519Key::from_seed(&seed).map_err(|_| "invalid Ed25519 seed")?;
+        Ok((id.to_owned(), key))
+    })();
+    Some(parsed.map_err(str::to_owned))
+}
+
+/// Formats an Ed25519 credential for a key file (see
+/// [`parse_ed25519_credential`]).
+pub fn format_ed25519_credential(id: &str, key: &Ed25519Key) -> zeroize::Zeroizing<String> {
+    use std::fmt::Write;
+    let mut out = zeroize::Zeroizing::new(format!("npe_{id}_"));
+    for b in key.seed() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod ed25519_tests {
+    use super::*;
+
+    #[test]
+    fn ed25519_credentials_round_trip_and_api_keys_are_not_taken_for_them() {
+        let key = Ed25519Key::generate().unwrap();
+        let text = format_ed25519_credential("abc123", &key);
+        let (id, back) = parse_ed25519_credential(&text).unwrap().unwrap();
+        assert_eq!(id, "abc123");
+        assert_eq!(back.public_key(), key.public_key());
+        assert!(parse_ed25519_credential("npk_abc_secret").is_none());
+        assert!(parse_ed25519_credential("npe_abc_zz").unwrap().is_err());
+        assert!(
+            parse_ed25519_credential("npe_nounderscore")
+                .unwrap()
+                .is_err()
+        );
     }
 }

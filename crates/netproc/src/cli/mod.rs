@@ -223,6 +223,16 @@ enum KeysCommand {
         /// Also write the key to this file (mode 0600), for `api_key_file`.
         #[arg(long)]
         key_out: Option<PathBuf>,
+        /// Make an Ed25519 key instead of an API key: only its public half is
+        /// stored; the private credential (`npe_…`) works in `api_key_file`.
+        #[arg(long)]
+        ed25519: bool,
+        /// This key's own cap on concurrent sessions (0 = none), over the server's.
+        #[arg(long)]
+        max_sessions: Option<u32>,
+        /// One active session for this key: a new one replaces the old.
+        #[arg(long)]
+        single_active_session: bool,
     },
     /// List keys (never secrets).
     List {
@@ -583,6 +593,9 @@ fn keys(cmd: KeysCommand) -> Result<(), Failure> {
             functions,
             label,
             key_out,
+            ed25519,
+            max_sessions,
+            single_active_session,
         } => {
             let keys = ApiKeyStore::open(&store).map_err(failed)?;
             let privileges: PrivilegeSet = privileges.parse().map_err(usage)?;
@@ -604,7 +617,18 @@ fn keys(cmd: KeysCommand) -> Result<(), Failure> {
             if let Some(l) = label {
                 spec = spec.label(l);
             }
-            let (info, key) = keys.create(spec).map_err(failed)?;
+            spec = spec.session_policy(max_sessions, single_active_session.then_some(true));
+            let (info, key) = if ed25519 {
+                let signing = netproc::pki::Ed25519Key::generate().map_err(failed)?;
+                let info = keys
+                    .register_ed25519(spec, signing.public_key())
+                    .map_err(failed)?;
+                let text = netproc::config::format_ed25519_credential(&info.id, &signing);
+                (info, netproc::wire::SecretString::new(text.to_string()))
+            } else {
+                let (info, key) = keys.create(spec).map_err(failed)?;
+                (info, key.to_secret())
+            };
             if let Some(path) = key_out {
                 netproc::pki::write_secret_file(&path, key.expose().as_bytes(), false)
                     .map_err(failed)?;

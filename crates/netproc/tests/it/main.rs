@@ -253,6 +253,45 @@ fn keys_then_serve_then_call_end_to_end() {
     assert!(v["calls_per_s"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["errors"], serde_json::json!({}));
 
+    // An Ed25519 key made by `keys create --ed25519` works where an API key
+    // file does. (The server reads the store at start: hence a reload.)
+    let ed_file = dir.path().join("client.ed25519");
+    let out = netproc(&[
+        "keys",
+        "create",
+        "--store",
+        dir.path().join("keys.json").to_str().unwrap(),
+        "--ed25519",
+        "--key-out",
+        ed_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read_to_string(&ed_file)
+            .unwrap()
+            .starts_with("npe_")
+    );
+    let ed_client = dir.path().join("client-ed25519.toml");
+    std::fs::write(
+        &ed_client,
+        std::fs::read_to_string(&client)
+            .unwrap()
+            .replace("client.apikey", "client.ed25519"),
+    )
+    .unwrap();
+    let out = netproc(&["admin", "--config", c, "s1", "reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&[
+        "call",
+        "--config",
+        ed_client.to_str().unwrap(),
+        "s1",
+        "echo",
+        "\"signed\"",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "\"signed\"");
+
     // Reload by admin operation, then by SIGHUP.
     let reloads = || {
         let out = netproc(&["metrics", "--config", c, "s1", "--json"]);
@@ -261,7 +300,7 @@ fn keys_then_serve_then_call_end_to_end() {
     };
     let out = netproc(&["admin", "--config", c, "s1", "reload"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(reloads(), 1);
+    assert_eq!(reloads(), 2);
     #[cfg(unix)]
     {
         let pid = server.0.id().to_string();
@@ -276,12 +315,12 @@ fn keys_then_serve_then_call_end_to_end() {
         let mut seen = 0;
         for _ in 0..50 {
             seen = reloads();
-            if seen == 2 {
+            if seen == 3 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        assert_eq!(seen, 2, "SIGHUP did not reload");
+        assert_eq!(seen, 3, "SIGHUP did not reload");
     }
 }
 
