@@ -486,8 +486,9 @@ fn parse_ed25519_credential(text: &str) -> Option<Result<(String, Ed25519Key), S
     Some(parsed.map_err(str::to_owned))
 }
 
-/// Formats an Ed25519 credential for a key file (see
-/// [`parse_ed25519_credential`]).
+/// Formats an Ed25519 credential for a key file: `npe_<key id>_<seed as 64
+/// hex digits>`. A client config's `api_key_file` accepts it in place of an
+/// API key. The result is secret; it is zeroized on drop.
 pub fn format_ed25519_credential(id: &str, key: &Ed25519Key) -> zeroize::Zeroizing<String> {
     use std::fmt::Write;
     let mut out = zeroize::Zeroizing::new(format!("npe_{id}_"));
