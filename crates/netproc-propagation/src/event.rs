@@ -1,0 +1,228 @@
+//! The signed event envelope and the target-side check.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use netproc_pki::{Ed25519Key, verify_ed25519};
+use serde::{Deserialize, Serialize};
+
+/// Prefixed to the event bytes before signing: a signature made for
+/// anything else never verifies as an event.
+const DOMAIN: &[u8] = b"netproc-propagation-event-v1\0";
+
+/// A credential as it travels: everything a target needs to verify it,
+/// and nothing secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Credential {
+    /// The key id.
+    pub id: String,
+    /// SHA-256 of an API key's secret (targets verify by hash); `None` for
+    /// an Ed25519 key.
+    pub secret_sha256: Option<[u8; 32]>,
+    /// An Ed25519 public key; `None` for an API key.
+    pub ed25519_public_key: Option<[u8; 32]>,
+    /// The secret's generation (incremented by each rotation).
+    pub generation: u64,
+    /// Privilege names.
+    pub privileges: Vec<String>,
+    /// The function allow-list, if any.
+    pub functions: Option<Vec<String>>,
+    /// The certificate binding (`sha256:…`, `dns:…`, `uri:…`), if any.
+    pub binding: Option<String>,
+    /// Expiry, unix seconds.
+    pub expires_at: Option<u64>,
+}
+
+/// What an event does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// Create or replace one credential.
+    Upsert(Credential),
+    /// Remove one credential.
+    Delete {
+        /// The key id.
+        id: String,
+    },
+    /// Everything the target should have; replaces every propagated
+    /// credential (locally configured keys are untouched).
+    Snapshot(Vec<Credential>),
+}
+
+/// One event for one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Event {
+    /// The target server's name: an event for one target is refused by
+    /// every other.
+    pub target: String,
+    /// Strictly increasing per target; the target's cursor.
+    pub seq: u64,
+    /// When this delivery attempt was signed, unix milliseconds.
+    pub issued_at_ms: u64,
+    /// What to do.
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// An event for `target` with sequence number `seq`, issued at `now`.
+    pub fn new(target: impl Into<String>, seq: u64, now: SystemTime, kind: EventKind) -> Event {
+        Event {
+            target: target.into(),
+            seq,
+            issued_at_ms: unix_ms(now),
+            kind,
+        }
+    }
+}
+
+/// An event as sent: its exact encoded bytes, the signer's public key and
+/// the signature over those bytes. Targets verify the bytes they received,
+/// never a re-encoding (postcard accepts more than one encoding of a value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SignedEvent {
+    /// The postcard encoding of an [`Event`].
+    pub body: Vec<u8>,
+    /// The authority key that signed it.
+    pub signer: [u8; 32],
+    /// Ed25519 signature over the domain tag and `body`.
+    pub signature: Vec<u8>,
+}
+
+/// An event could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode the event: {0}")]
+pub struct EncodeError(String);
+
+/// Encodes and signs `event` with the authority's key.
+pub fn sign(event: &Event, key: &Ed25519Key) -> Result<SignedEvent, EncodeError> {
+    let body = postcard::to_stdvec(event).map_err(|e| EncodeError(e.to_string()))?;
+    let signature = key.sign(&signed_bytes(&body)).to_vec();
+    Ok(SignedEvent {
+        body,
+        signer: key.public_key(),
+        signature,
+    })
+}
+
+fn signed_bytes(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(DOMAIN.len() + body.len());
+    out.extend_from_slice(DOMAIN);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A target's answer to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Ack {
+    /// Applied; the cursor is now the event's `seq`.
+    Applied,
+    /// `seq` ≤ cursor: already applied, nothing done.
+    Duplicate,
+    /// `seq` is past cursor + 1: events are missing; send a snapshot.
+    NeedsSnapshot,
+    /// Refused, nothing applied.
+    Rejected(RejectReason),
+}
+
+/// Why a target refused an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The key id exists locally (not propagated).
+    #[error("conflict")]
+    Conflict,
+    /// The signature does not verify.
+    #[error("bad_signature")]
+    BadSignature,
+    /// The signer is not a trusted authority key.
+    #[error("unknown_signer")]
+    UnknownSigner,
+    /// The event is for another target.
+    #[error("wrong_target")]
+    WrongTarget,
+    /// Issued outside the freshness window.
+    #[error("stale")]
+    Stale,
+    /// The body does not decode.
+    #[error("malformed")]
+    Malformed,
+}
+
+/// The outcome of [`Verifier::check`] (exhaustive: a target handles both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Authentic, fresh, for this target and next in order: apply it,
+    /// persist the cursor (`seq`) in the same transaction, answer
+    /// [`Ack::Applied`].
+    Apply(Box<Event>),
+    /// Answer this without applying anything.
+    Ack(Ack),
+}
+
+/// The target side: which authorities it trusts, its own name, and how
+/// fresh an event must be.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    target: String,
+    trusted: Vec<[u8; 32]>,
+    freshness: Duration,
+}
+
+impl Verifier {
+    /// A verifier for the target named `target`, trusting these authority
+    /// public keys (several, so the authority's key can be rotated), with
+    /// events valid within `freshness` of the target's clock.
+    pub fn new(target: impl Into<String>, trusted: Vec<[u8; 32]>, freshness: Duration) -> Verifier {
+        Verifier {
+            target: target.into(),
+            trusted,
+            freshness,
+        }
+    }
+
+    /// Checks one delivery against the target's `cursor` (the last applied
+    /// `seq`, 0 before any) at `now`. Checks run in an order that reveals
+    /// nothing to a forger: signer, signature, decoding, target, freshness,
+    /// then order. A snapshot is accepted past a gap (that is its purpose)
+    /// but, like any event, not at or below the cursor.
+    pub fn check(&self, signed: &SignedEvent, cursor: u64, now: SystemTime) -> Check {
+        let reject = |r| Check::Ack(Ack::Rejected(r));
+        if !self.trusted.contains(&signed.signer) {
+            return reject(RejectReason::UnknownSigner);
+        }
+        if !verify_ed25519(
+            &signed.signer,
+            &signed_bytes(&signed.body),
+            &signed.signature,
+        ) {
+            return reject(RejectReason::BadSignature);
+        }
+        let event: Event = match postcard::from_bytes(&signed.body) {
+            Ok(e) => e,
+            Err(_) => return reject(RejectReason::Malformed),
+        };
+        if event.target != self.target {
+            return reject(RejectReason::WrongTarget);
+        }
+        let window = u64::try_from(self.freshness.as_millis()).unwrap_or(u64::MAX);
+        if unix_ms(now).abs_diff(event.issued_at_ms) > window {
+            return reject(RejectReason::Stale);
+        }
+        if event.seq <= cursor {
+            return Check::Ack(Ack::Duplicate);
+        }
+        let in_order = event.seq == cursor + 1 || matches!(event.kind, EventKind::Snapshot(_));
+        if !in_order {
+            return Check::Ack(Ack::NeedsSnapshot);
+        }
+        Check::Apply(Box::new(event))
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
