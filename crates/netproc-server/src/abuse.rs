@@ -316,33 +316,44 @@ impl Abuse {
         let key = ip_key(peer, c.ipv6_prefix_len);
         let window = Duration::from_millis(c.global_connection_window_ms);
         let max = c.per_ip_max_new_connections_per_window;
-        let per_ip = self.per_ip_connections.with(
-            &key,
-            now,
-            || SlidingWindow::new(window, max),
-            |w| {
-                w.reconfigure(window, max);
-                w.try_record(now)
-            },
-        );
-        match per_ip {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                return refuse(
-                    ErrorCode::ConnectionLimited,
-                    Counter::connection_limited_count,
-                );
-            }
-            Err(_) => {
-                self.count(Counter::limiter_table_full_count);
-                return refuse(
-                    ErrorCode::ConnectionLimited,
-                    Counter::connection_limited_count,
-                );
-            }
+        if self
+            .record_per_ip(&self.per_ip_connections, key, now, window, max)
+            .is_err()
+        {
+            return refuse(
+                ErrorCode::ConnectionLimited,
+                Counter::connection_limited_count,
+            );
         }
         self.count(Counter::connection_accepted_count);
         Ok(Admitted { socket, handshake })
+    }
+
+    /// Records one event for `key` in its sliding window of `table`, with the
+    /// current settings; `Err(retry after)` past `max`. A full table is
+    /// counted and refuses (retry after `window`): it never admits blindly.
+    fn record_per_ip(
+        &self,
+        table: &KeyedTable<IpAddr, SlidingWindow>,
+        key: IpAddr,
+        now: Instant,
+        window: Duration,
+        max: u32,
+    ) -> Result<(), Duration> {
+        table
+            .with(
+                &key,
+                now,
+                || SlidingWindow::new(window, max),
+                |w| {
+                    w.reconfigure(window, max);
+                    w.try_record(now)
+                },
+            )
+            .unwrap_or_else(|_| {
+                self.count(Counter::limiter_table_full_count);
+                Err(window)
+            })
     }
 
     /// Checks before calling the authenticator: the address or the claimed
@@ -374,21 +385,7 @@ impl Abuse {
         let key = ip_key(peer, o.connection_controls.ipv6_prefix_len);
         let window = Duration::from_millis(a.pending_auth_window_ms);
         let max = a.max_pending_auth_attempts_per_ip_per_window;
-        let attempt = self
-            .pending_auth
-            .with(
-                &key,
-                now,
-                || SlidingWindow::new(window, max),
-                |w| {
-                    w.reconfigure(window, max);
-                    w.try_record(now)
-                },
-            )
-            .unwrap_or_else(|_| {
-                self.count(Counter::limiter_table_full_count);
-                Err(window)
-            });
+        let attempt = self.record_per_ip(&self.pending_auth, key, now, window, max);
         if let Err(retry) = attempt {
             self.count(Counter::auth_throttled_count);
             return Err(throttled(

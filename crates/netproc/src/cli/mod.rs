@@ -387,7 +387,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                 ["reload"] => Operation::Reload,
                 _ => {
                     return Err(usage(
-                        "admin: info | sessions | disconnect-session ID | disconnect-principal ID | blocked | unblock ENTRY | limits | metrics",
+                        "admin: info | sessions | disconnect-session ID | disconnect-principal ID | blocked | unblock ENTRY | limits | metrics | reload",
                     ));
                 }
             };
