@@ -229,7 +229,7 @@ pub(crate) async fn demo() -> Result<(), Error> {
     println!("      cargo xtask pki               a dev PKI in fixtures/pki");
     println!("      cargo doc --workspace --open  the API, with runnable examples");
     println!(
-        "coming next: `netproc serve|call|pki|keys`, identity lifecycle, credential propagation."
+        "also: `netproc serve|call|pki|keys|admin|metrics|bench` (see docs/operations.md); coming next: credential propagation."
     );
     Ok(())
 }
