@@ -16,8 +16,11 @@ use subtle::ConstantTimeEq;
 use crate::authenticator::BoxFuture;
 use crate::{AuthRejected, AuthRequest, Authenticator, Credential, Principal, PrivilegeSet};
 
-/// Characters of a key id: `[a-z0-9]`.
+/// Characters of a generated key id: `[a-z0-9]`. Ids chosen by a caller
+/// (propagated credentials) are 1 to [`MAX_ID_LEN`] of `[a-z0-9-]`.
 const ID_LEN: usize = 12;
+/// The longest key id.
+const MAX_ID_LEN: usize = 64;
 /// Characters of a secret: base62, ≈ 190 bits.
 const SECRET_LEN: usize = 32;
 const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -54,6 +57,9 @@ pub enum KeyStoreError {
     /// The system random number generator failed.
     #[error("random number generator failed")]
     Random,
+    /// A key id is not 1 to 64 characters of `[a-z0-9-]`.
+    #[error("invalid key id {0:?}: expected 1 to 64 characters of [a-z0-9-]")]
+    InvalidKeyId(String),
 }
 
 /// Ties a key to a client certificate: presented over any other certificate,
@@ -212,6 +218,8 @@ pub struct KeyInfo {
     pub max_sessions: Option<u32>,
     /// Its own `single_active_session`, if any.
     pub single_active_session: Option<bool>,
+    /// Received from a propagation authority (not in the store's file).
+    pub propagated: bool,
 }
 
 /// A change to a key that live sessions must follow.
@@ -246,6 +254,21 @@ type Listener = Box<dyn Fn(&KeyChange) + Send + Sync>;
 pub struct ApiKey(SecretString);
 
 impl ApiKey {
+    /// A new key `npk_<id>_<secret>` with a fresh secret from the system
+    /// CSPRNG, and the SHA-256 of that secret (what a store keeps). For
+    /// authorities that hand keys out and propagate only the hash.
+    pub fn generate(id: &str) -> Result<(ApiKey, [u8; 32]), KeyStoreError> {
+        if !valid_key_id(id) {
+            return Err(KeyStoreError::InvalidKeyId(id.chars().take(64).collect()));
+        }
+        let secret = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
+        let hash = sha256(secret.as_bytes());
+        Ok((
+            ApiKey(SecretString::new(format!("npk_{id}_{}", &*secret))),
+            hash,
+        ))
+    }
+
     /// The key text. Show it once; never log it.
     pub fn expose(&self) -> &str {
         self.0.expose()
@@ -286,6 +309,13 @@ struct Record {
     single_active_session: Option<bool>,
     #[serde(skip)]
     hash: [u8; 32],
+    /// Received from a propagation authority: kept in memory only (the
+    /// target persists it in its own state), never written to the file.
+    #[serde(skip)]
+    propagated: bool,
+    /// A rotated key's previous secret, still accepted until its deadline.
+    #[serde(skip)]
+    previous: Option<PreviousSecret>,
 }
 
 impl Record {
@@ -302,6 +332,7 @@ impl Record {
             ed25519_public_key: self.ed25519_public_key.clone(),
             max_sessions: self.max_sessions,
             single_active_session: self.single_active_session,
+            propagated: self.propagated,
         }
     }
 }
@@ -370,13 +401,24 @@ fn random_string(alphabet: &[u8], len: usize) -> Result<String, KeyStoreError> {
     Ok(out)
 }
 
+mod propagated;
+pub use propagated::{
+    PreviousSecret, PropagatedChange, PropagatedKey, PropagatedSecret, PropagationError,
+};
+
 /// Splits `npk_<id>_<secret>`.
 fn parse_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("npk_")?;
     let (id, secret) = rest.split_once('_')?;
-    let id_ok = id.len() == ID_LEN && id.bytes().all(|b| ID_ALPHABET.contains(&b));
+    let id_ok = valid_key_id(id);
     let secret_ok = secret.len() >= SECRET_LEN && secret.bytes().all(|b| b.is_ascii_alphanumeric());
     (id_ok && secret_ok).then_some((id, secret))
+}
+
+/// Whether `id` can be a key id: 1 to 64 characters of `[a-z0-9-]`.
+pub fn valid_key_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| ID_ALPHABET.contains(&b) || b == b'-')
 }
 
 fn sha256(data: &[u8]) -> [u8; 32] {
@@ -447,11 +489,16 @@ impl ApiKeyStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let new = Self::load_file(path)?;
+        let mut new = Self::load_file(path)?;
         let mut changes = Vec::new();
         {
             let mut keys = self.write();
             for (id, old) in keys.iter() {
+                if old.propagated && !new.contains_key(id) {
+                    // Propagated keys are not in the file: they stay.
+                    new.insert(id.clone(), old.clone());
+                    continue;
+                }
                 match new.get(id) {
                     None => changes.push(KeyChange::Revoked { id: id.clone() }),
                     Some(r) if r.generation != old.generation => changes.push(KeyChange::Rotated {
@@ -513,7 +560,7 @@ impl ApiKeyStore {
         };
         let file = StoreFile {
             version: 1,
-            keys: keys.values().cloned().collect(),
+            keys: keys.values().filter(|r| !r.propagated).cloned().collect(),
         };
         let json = serde_json::to_vec_pretty(&file).map_err(|e| KeyStoreError::Invalid {
             path: path.clone(),
@@ -575,6 +622,8 @@ impl ApiKeyStore {
             max_sessions: spec.max_sessions,
             single_active_session: spec.single_active_session,
             hash,
+            propagated: false,
+            previous: None,
         };
         let info = record.info();
         keys.insert(id.clone(), record);
@@ -654,12 +703,23 @@ impl ApiKeyStore {
         let presented = sha256(secret.as_bytes());
         let stored = record.map_or(&DUMMY_HASH, |r| &r.hash);
         let hash_ok = bool::from(presented.ct_eq(stored));
+        // A rotated key's previous secret, within its overlap window.
+        let previous = record
+            .and_then(|r| r.previous.as_ref())
+            .filter(|p| unix_ms(now) < p.valid_until_ms);
+        let previous_ok =
+            bool::from(presented.ct_eq(previous.map_or(&DUMMY_HASH, |p| &p.secret_sha256)));
         // A key bound to another certificate: failures over this one must
         // not count against it, or anyone could lock it out.
         let bound_elsewhere =
             record.is_some_and(|r| r.binding.as_ref().is_some_and(|b| !b.matches(cert)));
         let api_key = record.is_some_and(|r| r.ed25519_public_key.is_none());
-        let Some(record) = record.filter(|_| hash_ok && api_key && parsed.is_some()) else {
+        let generation = match (record, previous) {
+            (Some(r), _) if hash_ok => r.generation,
+            (Some(_), Some(p)) if previous_ok => p.generation,
+            _ => 0,
+        };
+        let Some(record) = record.filter(|_| generation > 0 && api_key && parsed.is_some()) else {
             let rejected = AuthRejected::new(if parsed.is_none() {
                 "malformed API key"
             } else if keys.contains_key(id) {
@@ -673,7 +733,7 @@ impl ApiKeyStore {
                 rejected
             });
         };
-        admit(record, cert, now)
+        admit(record, generation, cert, now)
     }
 
     /// Checks an Ed25519 proof made over the TLS connection whose exporter
@@ -708,7 +768,7 @@ impl ApiKeyStore {
                 "Ed25519 proof for {id}: bad signature (wrong key, or made for another connection)"
             )));
         }
-        admit(record, cert, now)
+        admit(record, record.generation, cert, now)
     }
 }
 
@@ -721,7 +781,12 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// The checks after the credential itself: expiry, certificate binding.
-fn admit(record: &Record, cert: &CertIdentity, now: SystemTime) -> Result<Principal, AuthRejected> {
+fn admit(
+    record: &Record,
+    generation: u64,
+    cert: &CertIdentity,
+    now: SystemTime,
+) -> Result<Principal, AuthRejected> {
     let id = record.id.as_str();
     if let Some(expiry) = record.expires_at
         && unix_secs(now) >= expiry
@@ -737,7 +802,7 @@ fn admit(record: &Record, cert: &CertIdentity, now: SystemTime) -> Result<Princi
         ))
         .not_against_key());
     }
-    let mut principal = Principal::new(id, record.privileges).with_key(id, record.generation);
+    let mut principal = Principal::new(id, record.privileges).with_key(id, generation);
     principal.functions = record.functions.clone();
     principal.max_sessions = record.max_sessions;
     principal.single_active_session = record.single_active_session;
@@ -787,7 +852,8 @@ mod tests {
         for bad in [
             "",
             "npk_",
-            "npk_short_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "npk_Upper_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "npk_under_score_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             "xyz_abcdefghijkl_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             "npk_abcdefghijkl_short",
             "npk_ABCDEFGHIJKL_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",

@@ -56,6 +56,8 @@ pub use authenticator::{
 };
 pub use authorize::{InsufficientPrivileges, authorize, authorize_privilege, required_privilege};
 pub use keystore::{
-    ApiKey, ApiKeyStore, CertBinding, ED25519_FRESHNESS, KeyChange, KeyInfo, KeySpec, KeyStoreError,
+    ApiKey, ApiKeyStore, CertBinding, ED25519_FRESHNESS, KeyChange, KeyInfo, KeySpec,
+    KeyStoreError, PreviousSecret, PropagatedChange, PropagatedKey, PropagatedSecret,
+    PropagationError, valid_key_id,
 };
 pub use privileges::PrivilegeSet;

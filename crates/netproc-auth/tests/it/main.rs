@@ -148,3 +148,137 @@ async fn the_store_and_a_closure_are_both_authenticators() {
         auth.authenticate(req).await.unwrap();
     }
 }
+
+fn changes_of(store: &ApiKeyStore) -> std::sync::Arc<std::sync::Mutex<Vec<KeyChange>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&seen);
+    store.on_change(move |c| sink.lock().unwrap().push(c.clone()));
+    seen
+}
+
+fn propagated(id: &str, key: &ApiKey, hash: [u8; 32], generation: u64) -> PropagatedKey {
+    assert!(key.expose().starts_with(&format!("npk_{id}_")));
+    PropagatedKey::new(
+        id,
+        PropagatedSecret::ApiKey {
+            secret_sha256: hash,
+        },
+        generation,
+        "invoke_functions".parse().unwrap(),
+    )
+}
+
+#[test]
+fn propagated_keys_authenticate_by_hash_and_stay_out_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let (a, _) = certs();
+    let store = ApiKeyStore::open(&path).unwrap();
+    let (local, _) = store.create(KeySpec::default()).unwrap();
+    let (key, hash) = ApiKey::generate("billing-service").unwrap();
+    store
+        .apply_propagated(PropagatedChange::Upsert(propagated(
+            "billing-service",
+            &key,
+            hash,
+            1,
+        )))
+        .unwrap();
+    let p = store.verify(key.expose(), &a, SystemTime::now()).unwrap();
+    assert_eq!(p.key_generation, Some(1));
+    assert!(store.get("billing-service").unwrap().propagated);
+    // Saved changes and reloads leave it alone.
+    store.create(KeySpec::default()).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("billing-service"));
+    store.reload().unwrap();
+    assert!(store.verify(key.expose(), &a, SystemTime::now()).is_ok());
+    // A local id cannot be taken over, and nothing is applied.
+    let (other, other_hash) = ApiKey::generate(&local.id).unwrap();
+    let conflict = store.apply_propagated(PropagatedChange::Upsert(propagated(
+        &local.id, &other, other_hash, 1,
+    )));
+    assert_eq!(conflict, Err(PropagationError::Conflict(local.id.clone())));
+    assert!(store.verify(other.expose(), &a, SystemTime::now()).is_err());
+    assert!(ApiKey::generate("Not_Valid").is_err());
+}
+
+#[test]
+fn propagated_changes_report_what_sessions_must_do() {
+    let (a, _) = certs();
+    let store = ApiKeyStore::in_memory();
+    let seen = changes_of(&store);
+    let (k1, h1) = ApiKey::generate("svc").unwrap();
+    let up = |k: PropagatedKey| store.apply_propagated(PropagatedChange::Upsert(k)).unwrap();
+    up(propagated("svc", &k1, h1, 1));
+    up(propagated("svc", &k1, h1, 1)); // idempotent: no change reported
+    assert!(seen.lock().unwrap().is_empty());
+
+    // Rotation with an overlap window: both secrets work, nobody is closed.
+    let (k2, h2) = ApiKey::generate("svc").unwrap();
+    let mut rotated = propagated("svc", &k2, h2, 2);
+    let until = SystemTime::now() + Duration::from_secs(60);
+    rotated.previous = Some(PreviousSecret {
+        secret_sha256: h1,
+        generation: 1,
+        valid_until_ms: until
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    });
+    up(rotated);
+    assert!(seen.lock().unwrap().is_empty());
+    let old = store.verify(k1.expose(), &a, SystemTime::now()).unwrap();
+    assert_eq!(old.key_generation, Some(1));
+    assert!(store.verify(k2.expose(), &a, SystemTime::now()).is_ok());
+    // After the window the old secret fails, even before expiry is applied.
+    assert!(store.verify(k1.expose(), &a, until).is_err());
+    assert!(store.expire_previous("svc", 1));
+    assert!(store.verify(k1.expose(), &a, SystemTime::now()).is_err());
+    assert_eq!(
+        seen.lock().unwrap().drain(..).collect::<Vec<_>>(),
+        [KeyChange::Rotated {
+            id: "svc".into(),
+            old_generation: 1
+        }]
+    );
+
+    // Rotation without overlap: generation 2 ends at once.
+    let (k3, h3) = ApiKey::generate("svc").unwrap();
+    up(propagated("svc", &k3, h3, 3));
+    assert!(store.verify(k2.expose(), &a, SystemTime::now()).is_err());
+    assert_eq!(
+        seen.lock().unwrap().drain(..).collect::<Vec<_>>(),
+        [KeyChange::Rotated {
+            id: "svc".into(),
+            old_generation: 2
+        }]
+    );
+
+    // A privilege change closes every session of the key.
+    let mut changed = propagated("svc", &k3, h3, 3);
+    changed.privileges = "admin_privileges".parse().unwrap();
+    up(changed);
+    assert_eq!(
+        seen.lock().unwrap().drain(..).collect::<Vec<_>>(),
+        [KeyChange::Changed { id: "svc".into() }]
+    );
+
+    // A snapshot without it revokes it; deleting again is a no-op.
+    let (k4, h4) = ApiKey::generate("other").unwrap();
+    store
+        .apply_propagated(PropagatedChange::Replace(vec![propagated(
+            "other", &k4, h4, 1,
+        )]))
+        .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().drain(..).collect::<Vec<_>>(),
+        [KeyChange::Revoked { id: "svc".into() }]
+    );
+    assert!(store.verify(k3.expose(), &a, SystemTime::now()).is_err());
+    store
+        .apply_propagated(PropagatedChange::Delete { id: "svc".into() })
+        .unwrap();
+    assert!(seen.lock().unwrap().is_empty());
+    assert_eq!(store.propagated_keys().len(), 1);
+}
