@@ -31,6 +31,53 @@ pub struct Credential {
     pub binding: Option<String>,
     /// Expiry, unix seconds.
     pub expires_at: Option<u64>,
+    /// During a rotation's overlap window: the previous secret's SHA-256,
+    /// its generation, and the unix milliseconds at which it stops working.
+    pub previous: Option<([u8; 32], u64, u64)>,
+}
+
+impl Credential {
+    /// The key store's view of this credential: refuses unknown privilege
+    /// names, bad bindings, and a credential that is neither (or both) an
+    /// API key and an Ed25519 key.
+    pub fn to_key(&self) -> Result<netproc_auth::PropagatedKey, String> {
+        let secret = match (self.secret_sha256, self.ed25519_public_key) {
+            (Some(secret_sha256), None) => netproc_auth::PropagatedSecret::ApiKey { secret_sha256 },
+            (None, Some(public_key)) => netproc_auth::PropagatedSecret::Ed25519 { public_key },
+            _ => {
+                return Err(format!(
+                    "credential {:?}: exactly one of secret_sha256 and ed25519_public_key",
+                    self.id
+                ));
+            }
+        };
+        let privileges = self
+            .privileges
+            .iter()
+            .map(|p| p.parse::<netproc_wire::Privilege>())
+            .collect::<Result<netproc_auth::PrivilegeSet, _>>()
+            .map_err(|e| format!("credential {:?}: {e}", self.id))?;
+        let mut key =
+            netproc_auth::PropagatedKey::new(self.id.clone(), secret, self.generation, privileges);
+        key.functions = self.functions.as_ref().map(|f| f.iter().cloned().collect());
+        key.binding = self
+            .binding
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| format!("credential {:?}: {e}", self.id))?;
+        key.expires_at = self.expires_at;
+        key.previous = self
+            .previous
+            .map(
+                |(secret_sha256, generation, valid_until_ms)| netproc_auth::PreviousSecret {
+                    secret_sha256,
+                    generation,
+                    valid_until_ms,
+                },
+            );
+        Ok(key)
+    }
 }
 
 /// What an event does.
@@ -53,6 +100,9 @@ pub enum EventKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Event {
+    /// Identifies the change this event carries (the authority's record of
+    /// it); the same change re-signed for a retry keeps its id.
+    pub event_id: u64,
     /// The target server's name: an event for one target is refused by
     /// every other.
     pub target: String,
@@ -65,9 +115,11 @@ pub struct Event {
 }
 
 impl Event {
-    /// An event for `target` with sequence number `seq`, issued at `now`.
+    /// An event for `target` with sequence number `seq`, issued at `now`
+    /// (its `event_id` is `seq` until set otherwise).
     pub fn new(target: impl Into<String>, seq: u64, now: SystemTime, kind: EventKind) -> Event {
         Event {
+            event_id: seq,
             target: target.into(),
             seq,
             issued_at_ms: unix_ms(now),

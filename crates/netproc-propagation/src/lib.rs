@@ -32,8 +32,12 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod event;
+mod target;
+mod wire;
 
 pub use event::{
     Ack, Check, Credential, EncodeError, Event, EventKind, RejectReason, SignedEvent, Verifier,
     sign,
 };
+pub use target::{DEFAULT_FRESHNESS, PropagationTarget, TargetConfig, TargetError};
+pub use wire::{Delivery, DeliveryReply, EXTENSION, MAX_EVENTS_PER_DELIVERY};

@@ -1,0 +1,436 @@
+//! The receiving side: a netproc server that applies an authority's events
+//! to its live key store and keeps them, with its cursor, in its state
+//! database.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use netproc_auth::{ApiKeyStore, PropagatedChange, PropagationError};
+use netproc_server::{CallContext, CallError, ExtensionHandler, ServerBuilder};
+use netproc_wire::{ErrorCode, Privilege};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::wire::{Delivery, DeliveryReply, EXTENSION, MAX_EVENTS_PER_DELIVERY};
+use crate::{Ack, Check, Credential, EventKind, RejectReason, Verifier};
+
+/// How far an event's signing time may be from the target's clock, unless
+/// configured otherwise.
+pub const DEFAULT_FRESHNESS: Duration = Duration::from_secs(300);
+
+/// The target's tables, beside the server's own in `netproc.db`.
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS propagation_cursor (
+        target TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS propagated_keys (
+        id TEXT PRIMARY KEY,
+        credential BLOB NOT NULL
+    );";
+
+/// Why a target could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// The state database could not be opened or read.
+    #[error("propagation state in {path}: {source}")]
+    Database {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: rusqlite::Error,
+    },
+    /// No trusted authority key was given.
+    #[error("propagation is enabled but no authority public key is trusted")]
+    NoTrustedKey,
+}
+
+/// How a target checks what it receives.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TargetConfig {
+    /// This target's name, as the authority addresses it (usually the
+    /// server's name).
+    pub name: String,
+    /// Authority public keys whose events are accepted (several, so the
+    /// authority's key can be rotated or replaced).
+    pub authority_public_keys: Vec<[u8; 32]>,
+    /// The freshness window ([`DEFAULT_FRESHNESS`] by default).
+    pub freshness: Duration,
+}
+
+impl TargetConfig {
+    /// A target named `name` trusting these authority keys.
+    pub fn new(name: impl Into<String>, authority_public_keys: Vec<[u8; 32]>) -> TargetConfig {
+        TargetConfig {
+            name: name.into(),
+            authority_public_keys,
+            freshness: DEFAULT_FRESHNESS,
+        }
+    }
+}
+
+struct State {
+    conn: Connection,
+    cursor: u64,
+}
+
+/// A server's propagation endpoint. Install it on a server with
+/// [`install`](Self::install); the server must also follow the same key
+/// store ([`ServerHandle::follow_key_store`](netproc_server::ServerHandle::follow_key_store))
+/// so that revoked, rotated and changed keys end their sessions.
+pub struct PropagationTarget {
+    me: Weak<PropagationTarget>,
+    verifier: Verifier,
+    name: String,
+    store: Arc<ApiKeyStore>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for PropagationTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PropagationTarget")
+            .field("name", &self.name)
+            .field("cursor", &self.cursor())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PropagationTarget {
+    /// Opens the target's state in `<state_dir>/netproc.db` (the server's
+    /// state database), loads the propagated keys and the cursor it holds
+    /// into `store`, and is ready to receive. Blocking: call it before the
+    /// server starts, or from `spawn_blocking`.
+    pub fn open(
+        config: TargetConfig,
+        store: Arc<ApiKeyStore>,
+        state_dir: &Path,
+    ) -> Result<Arc<PropagationTarget>, TargetError> {
+        if config.authority_public_keys.is_empty() {
+            return Err(TargetError::NoTrustedKey);
+        }
+        let path = state_dir.join("netproc.db");
+        let db_err = |source| TargetError::Database {
+            path: path.clone(),
+            source,
+        };
+        let conn = open_db(&path).map_err(db_err)?;
+        let cursor: u64 = conn
+            .query_row(
+                "SELECT seq FROM propagation_cursor WHERE target = ?1",
+                params![config.name],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(db_err)?
+            .map_or(0, |s| s.max(0) as u64);
+        let mut keys = Vec::new();
+        {
+            let mut st = conn
+                .prepare("SELECT id, credential FROM propagated_keys ORDER BY id")
+                .map_err(db_err)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(db_err)?;
+            for row in rows {
+                let (id, bytes) = row.map_err(db_err)?;
+                match postcard::from_bytes::<Credential>(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| c.to_key())
+                {
+                    Ok(k) => keys.push(k),
+                    Err(e) => {
+                        tracing::warn!(key = %id, error = %e, "skipping an unreadable propagated key")
+                    }
+                }
+            }
+        }
+        // A key configured locally since it was received: the local one wins.
+        keys.retain(
+            |k| match store.check_propagated(&PropagatedChange::Upsert(k.clone())) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(key = %k.id, error = %e, "not loading a propagated key");
+                    false
+                }
+            },
+        );
+        for k in &keys {
+            schedule_expiry(&store, k);
+        }
+        if let Err(e) = store.apply_propagated(PropagatedChange::Replace(keys)) {
+            tracing::warn!(error = %e, "propagated keys not loaded");
+        }
+        Ok(Arc::new_cyclic(|me| PropagationTarget {
+            me: me.clone(),
+            verifier: Verifier::new(
+                config.name.clone(),
+                config.authority_public_keys,
+                config.freshness,
+            ),
+            name: config.name,
+            store,
+            state: Mutex::new(State { conn, cursor }),
+        }))
+    }
+
+    /// Registers the delivery operation on `builder`, for principals holding
+    /// `receive_credentials` (or `admin_privileges` / `all_privileges`).
+    pub fn install(self: &Arc<Self>, builder: ServerBuilder) -> ServerBuilder {
+        builder.extension(
+            EXTENSION,
+            Privilege::ReceiveCredentials,
+            Arc::clone(self) as Arc<dyn ExtensionHandler>,
+        )
+    }
+
+    /// The last applied `seq` (0 before any).
+    pub fn cursor(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cursor
+    }
+
+    /// This target's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Handles one delivery at `now`: checks every event, commits what is
+    /// applied (keys and cursor, one transaction), then applies it to the
+    /// live store and answers. Blocking (SQLite); the extension handler runs
+    /// it on the blocking pool.
+    pub fn deliver(&self, delivery: &Delivery, now: SystemTime) -> DeliveryReply {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cursor = state.cursor;
+        let mut acks = Vec::with_capacity(delivery.events.len());
+        let mut conflicts = Vec::new();
+        // (seq, event_id, change, credentials to persist)
+        let mut staged: Vec<Staged> = Vec::new();
+        for signed in &delivery.events {
+            let event = match self.verifier.check(signed, cursor, now) {
+                Check::Ack(ack) => {
+                    acks.push(ack);
+                    continue;
+                }
+                Check::Apply(event) => event,
+            };
+            // Authentic and in order: this seq is consumed whatever the
+            // content, so one bad credential cannot hold up the others.
+            cursor = event.seq;
+            let ack = match stage(&self.store, event.kind, &mut conflicts) {
+                Ok(s) => {
+                    staged.push(s);
+                    Ack::Applied
+                }
+                Err(reason) => Ack::Rejected(reason),
+            };
+            tracing::debug!(target_name = %self.name, seq = event.seq, event_id = event.event_id, ?ack, "propagation event");
+            acks.push(ack);
+        }
+        if cursor != state.cursor {
+            if let Err(e) = persist(&mut state.conn, &self.name, cursor, &staged) {
+                tracing::error!(target_name = %self.name, error = %e, "cannot persist propagated keys; nothing applied");
+                let failed = acks
+                    .iter()
+                    .map(|a| match a {
+                        Ack::Applied
+                        | Ack::Rejected(RejectReason::Conflict | RejectReason::Malformed) => {
+                            Ack::NeedsSnapshot
+                        }
+                        other => other.clone(),
+                    })
+                    .collect();
+                return DeliveryReply {
+                    cursor: state.cursor,
+                    acks: failed,
+                    conflicts: Vec::new(),
+                };
+            }
+            state.cursor = cursor;
+            for s in staged {
+                if let PropagatedChange::Upsert(k) = &s.change {
+                    schedule_expiry(&self.store, k);
+                }
+                if let PropagatedChange::Replace(all) = &s.change {
+                    all.iter().for_each(|k| schedule_expiry(&self.store, k));
+                }
+                if let Err(e) = self.store.apply_propagated(s.change) {
+                    tracing::warn!(target_name = %self.name, error = %e, "a propagated change was refused by the key store");
+                }
+            }
+        }
+        DeliveryReply {
+            cursor: state.cursor,
+            acks,
+            conflicts,
+        }
+    }
+}
+
+struct Staged {
+    change: PropagatedChange,
+    persist: Persist,
+}
+
+enum Persist {
+    Put(String, Vec<u8>),
+    Delete(String),
+    Replace(Vec<(String, Vec<u8>)>),
+}
+
+/// Turns an event into a key-store change and what to store, or the
+/// reason it is refused.
+fn stage(
+    store: &ApiKeyStore,
+    kind: EventKind,
+    conflicts: &mut Vec<String>,
+) -> Result<Staged, RejectReason> {
+    let encode = |c: &Credential| postcard::to_stdvec(c).map_err(|_| RejectReason::Malformed);
+    let refused = |e: PropagationError| match e {
+        PropagationError::Conflict(_) => RejectReason::Conflict,
+        _ => RejectReason::Malformed,
+    };
+    match kind {
+        EventKind::Upsert(c) => {
+            let key = c.to_key().map_err(|_| RejectReason::Malformed)?;
+            let change = PropagatedChange::Upsert(key);
+            store.check_propagated(&change).map_err(refused)?;
+            Ok(Staged {
+                persist: Persist::Put(c.id.clone(), encode(&c)?),
+                change,
+            })
+        }
+        EventKind::Delete { id } => {
+            let change = PropagatedChange::Delete { id: id.clone() };
+            store.check_propagated(&change).map_err(refused)?;
+            Ok(Staged {
+                change,
+                persist: Persist::Delete(id),
+            })
+        }
+        EventKind::Snapshot(all) => {
+            let mut keys = Vec::with_capacity(all.len());
+            let mut rows = Vec::with_capacity(all.len());
+            for c in &all {
+                let key = c.to_key().map_err(|_| RejectReason::Malformed)?;
+                match store.check_propagated(&PropagatedChange::Upsert(key.clone())) {
+                    Err(PropagationError::Conflict(id)) => conflicts.push(id),
+                    Err(_) => return Err(RejectReason::Malformed),
+                    Ok(()) => {
+                        rows.push((c.id.clone(), encode(c)?));
+                        keys.push(key);
+                    }
+                }
+            }
+            let change = PropagatedChange::Replace(keys);
+            store.check_propagated(&change).map_err(refused)?;
+            Ok(Staged {
+                change,
+                persist: Persist::Replace(rows),
+            })
+        }
+    }
+}
+
+fn open_db(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+fn persist(
+    conn: &mut Connection,
+    name: &str,
+    cursor: u64,
+    staged: &[Staged],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for s in staged {
+        match &s.persist {
+            Persist::Put(id, bytes) => {
+                tx.execute(
+                    "INSERT INTO propagated_keys (id, credential) VALUES (?1, ?2)
+                     ON CONFLICT(id) DO UPDATE SET credential = excluded.credential",
+                    params![id, bytes],
+                )?;
+            }
+            Persist::Delete(id) => {
+                tx.execute("DELETE FROM propagated_keys WHERE id = ?1", params![id])?;
+            }
+            Persist::Replace(rows) => {
+                tx.execute("DELETE FROM propagated_keys", [])?;
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO propagated_keys (id, credential) VALUES (?1, ?2)",
+                )?;
+                for (id, bytes) in rows {
+                    st.execute(params![id, bytes])?;
+                }
+            }
+        }
+    }
+    tx.execute(
+        "INSERT INTO propagation_cursor (target, seq) VALUES (?1, ?2)
+         ON CONFLICT(target) DO UPDATE SET seq = excluded.seq",
+        params![name, i64::try_from(cursor).unwrap_or(i64::MAX)],
+    )?;
+    tx.commit()
+}
+
+/// Ends a rotated key's overlap window on time: its previous secret's
+/// sessions are closed when the window closes. Without a runtime (tests
+/// calling `deliver` directly) the secret still stops working on time;
+/// only the closing of sessions waits for the next change.
+fn schedule_expiry(store: &Arc<ApiKeyStore>, key: &netproc_auth::PropagatedKey) {
+    let Some(previous) = key.previous else {
+        return;
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let until = UNIX_EPOCH + Duration::from_millis(previous.valid_until_ms);
+    let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
+    let store = Arc::downgrade(store);
+    let id = key.id.clone();
+    handle.spawn(async move {
+        tokio::time::sleep(wait).await;
+        if let Some(store) = store.upgrade() {
+            store.expire_previous(&id, previous.generation);
+        }
+    });
+}
+
+impl ExtensionHandler for PropagationTarget {
+    fn handle(
+        &self,
+        ctx: CallContext,
+        payload: Vec<u8>,
+    ) -> netproc_auth::BoxFuture<'static, Result<Vec<u8>, CallError>> {
+        let _ = ctx;
+        let delivery = Delivery::decode(&payload);
+        let this = self.me.upgrade();
+        Box::pin(async move {
+            let delivery = delivery.map_err(|_| {
+                CallError::with_code(ErrorCode::InvalidRequest, "not a propagation delivery")
+            })?;
+            if delivery.events.len() > MAX_EVENTS_PER_DELIVERY {
+                return Err(CallError::with_code(
+                    ErrorCode::InvalidRequest,
+                    format!("at most {MAX_EVENTS_PER_DELIVERY} events per delivery"),
+                ));
+            }
+            let this =
+                this.ok_or_else(|| CallError::with_code(ErrorCode::Unavailable, "shutting down"))?;
+            tokio::task::spawn_blocking(move || this.deliver(&delivery, SystemTime::now()).encode())
+                .await
+                .map_err(|_| CallError::new("the delivery could not be applied"))
+        })
+    }
+}

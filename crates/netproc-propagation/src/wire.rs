@@ -1,0 +1,75 @@
+//! The delivery exchange: what an authority sends a target and what comes
+//! back. Both are postcard, carried in an `Extension` operation named
+//! [`EXTENSION`] (see `docs/wire-contract.md`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Ack, SignedEvent};
+
+/// The extension operation's name.
+pub const EXTENSION: &str = "netproc.propagation.deliver";
+
+/// Events in a request, at most. A larger request is refused whole.
+pub const MAX_EVENTS_PER_DELIVERY: usize = 1024;
+
+/// One request: events for one target, in `seq` order. An empty list is a
+/// probe: the reply carries the target's cursor and nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The events, each signed on its own.
+    pub events: Vec<SignedEvent>,
+}
+
+impl Delivery {
+    /// A request carrying `events`.
+    pub fn new(events: Vec<SignedEvent>) -> Delivery {
+        Delivery { events }
+    }
+
+    /// The postcard encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding a Vec of byte vectors into a Vec cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes a request; trailing bytes are an error.
+    pub fn decode(bytes: &[u8]) -> Result<Delivery, postcard::Error> {
+        decode_exact(bytes)
+    }
+}
+
+/// A target's answer to one [`Delivery`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeliveryReply {
+    /// The target's cursor after handling the request: every `seq` at or
+    /// below it is done (applied, or consumed by a content rejection).
+    pub cursor: u64,
+    /// One acknowledgement per event, in order.
+    pub acks: Vec<Ack>,
+    /// Key ids a snapshot in this request carried but the target skipped,
+    /// because they are configured locally there.
+    pub conflicts: Vec<String>,
+}
+
+impl DeliveryReply {
+    /// The postcard encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes a reply; trailing bytes are an error.
+    pub fn decode(bytes: &[u8]) -> Result<DeliveryReply, postcard::Error> {
+        decode_exact(bytes)
+    }
+}
+
+fn decode_exact<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    let (value, rest) = postcard::take_from_bytes(bytes)?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
