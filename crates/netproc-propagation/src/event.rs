@@ -83,6 +83,9 @@ impl Credential {
 /// What an event does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+// Events are built one at a time and sent at once; boxing the upsert would
+// only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum EventKind {
     /// Create or replace one credential.
     Upsert(Credential),

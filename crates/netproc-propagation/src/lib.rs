@@ -31,9 +31,18 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod authority;
+mod db;
 mod event;
 mod target;
+mod transport;
 mod wire;
+
+pub use authority::{
+    Authority, AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DeliveryState,
+    Ensured, SyncReport, TargetDelivery, TargetState, TargetSync,
+};
+pub use transport::{LocalTransport, NetprocTransport, Transport, TransportError};
 
 pub use event::{
     Ack, Check, Credential, EncodeError, Event, EventKind, RejectReason, SignedEvent, Verifier,

@@ -1,0 +1,369 @@
+// The authority and its targets in one process, over the in-memory
+// transport: the bookkeeping, and properties over arbitrary interleavings
+// of changes, deliveries, replays and losses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use netproc_auth::{ApiKey, ApiKeyStore, BoxFuture, KeySpec};
+use netproc_pki::{CaParams, CertIdentity, CertificateAuthority, Ed25519Key, LeafParams};
+use netproc_propagation::{
+    Authority, AuthorityConfig, CredentialSpec, DeliveryState, LocalTransport, PropagationTarget,
+    TargetConfig, Transport, TransportError,
+};
+use proptest::prelude::*;
+
+pub(crate) fn cert() -> CertIdentity {
+    let ca = CertificateAuthority::generate(&CaParams::new("ca")).unwrap();
+    ca.issue(&LeafParams::client("c"))
+        .unwrap()
+        .cert_identity()
+        .clone()
+}
+
+/// What a lossy network does to one target's next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Deliver,
+    DropRequest,
+    DropReply,
+}
+
+/// The in-memory transport with losses and a record of the last request.
+struct Lossy {
+    inner: LocalTransport,
+    fate: Mutex<HashMap<String, Fate>>,
+    last: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl Transport for Lossy {
+    fn deliver<'a>(
+        &'a self,
+        target: &'a str,
+        request: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+        Box::pin(async move {
+            let fate = self
+                .fate
+                .lock()
+                .unwrap()
+                .get(target)
+                .copied()
+                .unwrap_or(Fate::Deliver);
+            self.last
+                .lock()
+                .unwrap()
+                .insert(target.to_owned(), request.clone());
+            match fate {
+                Fate::DropRequest => Err(TransportError("request lost".into())),
+                Fate::Deliver => self.inner.deliver(target, request).await,
+                Fate::DropReply => {
+                    self.inner.deliver(target, request).await?;
+                    Err(TransportError("reply lost".into()))
+                }
+            }
+        })
+    }
+}
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    authority: Authority,
+    stores: BTreeMap<String, Arc<ApiKeyStore>>,
+    transport: Arc<Lossy>,
+}
+
+fn fleet(names: &[&str]) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Ed25519Key::generate().unwrap();
+    let mut local = LocalTransport::new();
+    let mut stores = BTreeMap::new();
+    for n in names {
+        let state = dir.path().join(n);
+        std::fs::create_dir_all(&state).unwrap();
+        let store = Arc::new(ApiKeyStore::in_memory());
+        let t = PropagationTarget::open(
+            TargetConfig::new(*n, vec![key.public_key()]),
+            Arc::clone(&store),
+            &state,
+        )
+        .unwrap();
+        local.add(t);
+        stores.insert((*n).to_owned(), store);
+    }
+    let transport = Arc::new(Lossy {
+        inner: local,
+        fate: Mutex::new(HashMap::new()),
+        last: Mutex::new(HashMap::new()),
+    });
+    let mut config = AuthorityConfig::new(
+        dir.path().join("authority.db"),
+        names.iter().map(|n| (*n).to_owned()).collect(),
+    );
+    config.base_backoff = Duration::from_millis(1);
+    let authority =
+        Authority::open(config, key, Arc::clone(&transport) as Arc<dyn Transport>).unwrap();
+    Fleet {
+        _dir: dir,
+        authority,
+        stores,
+        transport,
+    }
+}
+
+fn privileges(admin: bool) -> netproc_auth::PrivilegeSet {
+    if admin {
+        "admin_privileges"
+    } else {
+        "invoke_functions"
+    }
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn ensure_rotate_and_revoke_reach_every_target() {
+    let f = fleet(&["a", "b", "c"]);
+    let cert = cert();
+    let made = f
+        .authority
+        .ensure(
+            CredentialSpec::api_key("svc", privileges(false)),
+            &["a", "b", "c"],
+        )
+        .await
+        .unwrap();
+    assert!(made.created && made.changed);
+    let key = made.api_key.unwrap();
+    let status = f.authority.status("svc").await.unwrap();
+    assert!(
+        status.iter().all(|s| s.state == DeliveryState::Pending),
+        "{status:?}"
+    );
+    let report = f.authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    let status = f.authority.status("svc").await.unwrap();
+    assert_eq!(status.len(), 3);
+    assert!(
+        status.iter().all(|s| s.state == DeliveryState::Success),
+        "{status:?}"
+    );
+    for store in f.stores.values() {
+        assert!(store.verify(key.expose(), &cert, SystemTime::now()).is_ok());
+    }
+    // Ensuring the same thing again sends nothing.
+    let again = f
+        .authority
+        .ensure(
+            CredentialSpec::api_key("svc", privileges(false)),
+            &["a", "b", "c"],
+        )
+        .await
+        .unwrap();
+    assert!(!again.created && !again.changed && again.api_key.is_none());
+    assert!(
+        f.authority
+            .targets()
+            .await
+            .unwrap()
+            .iter()
+            .all(|t| t.pending_events == 0)
+    );
+
+    let new_key = f.authority.rotate("svc", None).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for store in f.stores.values() {
+        assert!(
+            store
+                .verify(key.expose(), &cert, SystemTime::now())
+                .is_err()
+        );
+        assert_eq!(
+            store
+                .verify(new_key.expose(), &cert, SystemTime::now())
+                .unwrap()
+                .key_generation,
+            Some(2)
+        );
+    }
+    // Dropping a target deletes it there only.
+    f.authority
+        .ensure(
+            CredentialSpec::api_key("svc", privileges(false)),
+            &["a", "b"],
+        )
+        .await
+        .unwrap();
+    f.authority.revoke("svc").await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for store in f.stores.values() {
+        assert!(
+            store
+                .verify(new_key.expose(), &cert, SystemTime::now())
+                .is_err()
+        );
+        assert!(store.propagated_keys().is_empty());
+    }
+    assert!(f.authority.status("svc").await.is_err());
+}
+
+#[tokio::test]
+async fn a_local_key_wins_and_the_conflict_is_reported() {
+    let f = fleet(&["a", "b"]);
+    let (local, _) = f.stores["a"].create(KeySpec::default()).unwrap();
+    f.authority
+        .ensure(
+            CredentialSpec::api_key(&local.id, privileges(true)),
+            &["a", "b"],
+        )
+        .await
+        .unwrap();
+    f.authority.sync().await;
+    let status = f.authority.status(&local.id).await.unwrap();
+    let by_target: BTreeMap<_, _> = status.into_iter().map(|s| (s.target, s.state)).collect();
+    assert!(
+        matches!(&by_target["a"], DeliveryState::Error { reason, .. } if reason == "conflict"),
+        "{by_target:?}"
+    );
+    assert_eq!(by_target["b"], DeliveryState::Success);
+    // The local key is untouched, and later changes still flow.
+    assert!(!f.stores["a"].get(&local.id).unwrap().propagated);
+    f.authority
+        .ensure(CredentialSpec::api_key("other", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    assert!(f.stores["a"].get("other").is_some());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Ensure { id: usize, targets: u8, admin: bool },
+    Rotate { id: usize, overlap: bool },
+    Revoke { id: usize },
+    Sync { drop_request: u8, drop_reply: u8 },
+    Replay { target: usize },
+}
+
+const TARGETS: [&str; 3] = ["t0", "t1", "t2"];
+const IDS: [&str; 3] = ["k0", "k1", "k2"];
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..3usize, 0..8u8, any::<bool>()).prop_map(|(id, targets, admin)| Op::Ensure { id, targets, admin }),
+        1 => (0..3usize, any::<bool>()).prop_map(|(id, overlap)| Op::Rotate { id, overlap }),
+        1 => (0..3usize).prop_map(|id| Op::Revoke { id }),
+        3 => (0..8u8, 0..8u8).prop_map(|(drop_request, drop_reply)| Op::Sync { drop_request, drop_reply }),
+        1 => (0..3usize).prop_map(|target| Op::Replay { target }),
+    ]
+}
+
+async fn run_ops(ops: Vec<Op>) {
+    let f = fleet(&TARGETS);
+    let cert = cert();
+    // The latest secret of each live API key.
+    let mut keys: BTreeMap<&str, ApiKey> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::Ensure { id, targets, admin } => {
+                let on: Vec<&str> = (0..3)
+                    .filter(|i| targets & (1 << i) != 0)
+                    .map(|i| TARGETS[i])
+                    .collect();
+                let r = f
+                    .authority
+                    .ensure(CredentialSpec::api_key(IDS[id], privileges(admin)), &on)
+                    .await
+                    .unwrap();
+                if let Some(k) = r.api_key {
+                    keys.insert(IDS[id], k);
+                }
+            }
+            Op::Rotate { id, overlap } => {
+                let overlap = overlap.then_some(Duration::from_secs(3600));
+                if let Ok(k) = f.authority.rotate(IDS[id], overlap).await {
+                    keys.insert(IDS[id], k);
+                }
+            }
+            Op::Revoke { id } => {
+                if f.authority.revoke(IDS[id]).await.is_ok() {
+                    keys.remove(IDS[id]);
+                }
+            }
+            Op::Sync {
+                drop_request,
+                drop_reply,
+            } => {
+                {
+                    let mut fate = f.transport.fate.lock().unwrap();
+                    for (i, t) in TARGETS.iter().enumerate() {
+                        let v = if drop_request & (1 << i) != 0 {
+                            Fate::DropRequest
+                        } else if drop_reply & (1 << i) != 0 {
+                            Fate::DropReply
+                        } else {
+                            Fate::Deliver
+                        };
+                        fate.insert((*t).to_owned(), v);
+                    }
+                }
+                f.authority.sync().await;
+            }
+            Op::Replay { target } => {
+                let last = f
+                    .transport
+                    .last
+                    .lock()
+                    .unwrap()
+                    .get(TARGETS[target])
+                    .cloned();
+                if let Some(request) = last {
+                    let _ = f.transport.inner.deliver(TARGETS[target], request).await;
+                }
+            }
+        }
+    }
+    f.transport.fate.lock().unwrap().clear();
+    for _ in 0..4 {
+        if f.authority.sync().await.all_ok() {
+            break;
+        }
+    }
+    let view = f.authority.credentials().await.unwrap();
+    for (name, store) in &f.stores {
+        let expected: BTreeMap<String, (u64, Vec<String>)> = view
+            .iter()
+            .filter(|c| c.targets.contains(name))
+            .map(|c| (c.id.clone(), (c.generation, c.privileges.clone())))
+            .collect();
+        let actual: BTreeMap<String, (u64, Vec<String>)> = store
+            .propagated_keys()
+            .into_iter()
+            .map(|k| (k.id.clone(), (k.generation, k.privileges.names())))
+            .collect();
+        assert_eq!(actual, expected, "target {name}");
+        for (id, key) in &keys {
+            let on = expected.contains_key(*id);
+            assert_eq!(
+                store.verify(key.expose(), &cert, SystemTime::now()).is_ok(),
+                on,
+                "{id} on {name}"
+            );
+        }
+    }
+    for t in f.authority.targets().await.unwrap() {
+        assert_eq!(t.pending_events, 0, "{t:?}");
+        assert!(!t.snapshot_needed, "{t:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_interleaving_converges_after_a_final_sync(ops in proptest::collection::vec(op(), 1..24)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_ops(ops));
+    }
+}
