@@ -3,3 +3,4 @@
 
 mod envelope;
 mod local;
+mod tls;

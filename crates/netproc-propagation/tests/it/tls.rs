@@ -1,0 +1,723 @@
+// The authority and several netproc servers in one process, over real
+// TLS on 127.0.0.1, with certificates made here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use netproc_auth::{ApiKey, ApiKeyStore, CertBinding, KeySpec, PrivilegeSet};
+use netproc_client::{Client, ClientError, ServerEndpoint, ServerRef};
+use netproc_pki::{CaParams, CertificateAuthority, Ed25519Key, IssuedCert, LeafParams};
+use netproc_propagation::{
+    Ack, Authority, AuthorityConfig, Credential, CredentialSpec, Delivery, DeliveryReply,
+    DeliveryState, EXTENSION, Event, EventKind, NetprocTransport, PropagationTarget, RejectReason,
+    TargetConfig, Transport, sign,
+};
+use netproc_server::{CallContext, CallError, Server, ServerHandle};
+use netproc_wire::{ErrorCode, Operation, Value};
+use tokio::task::JoinHandle;
+
+pub(crate) struct Pki {
+    pub(crate) ca: CertificateAuthority,
+    pub(crate) server: IssuedCert,
+    pub(crate) authority: IssuedCert,
+    pub(crate) user: IssuedCert,
+}
+
+impl Pki {
+    pub(crate) fn new() -> Pki {
+        let ca = CertificateAuthority::generate(&CaParams::new("fleet CA")).unwrap();
+        Pki {
+            server: ca
+                .issue(&LeafParams::server("server", ["localhost", "127.0.0.1"]))
+                .unwrap(),
+            authority: ca.issue(&LeafParams::client("authority")).unwrap(),
+            user: ca.issue(&LeafParams::client("user")).unwrap(),
+            ca,
+        }
+    }
+}
+
+/// One target server: its local keys (the authority's own key among
+/// them), its state directory and the running server.
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) keys: Arc<ApiKeyStore>,
+    pub(crate) state: PathBuf,
+    pub(crate) authority_key: ApiKey,
+    pub(crate) target: Arc<PropagationTarget>,
+    pub(crate) server: ServerHandle,
+}
+
+pub(crate) async fn start_node(
+    pki: &Pki,
+    name: &str,
+    state: &Path,
+    trusted: [u8; 32],
+    bind: Option<SocketAddr>,
+    authority_privilege: &str,
+) -> Node {
+    std::fs::create_dir_all(state).unwrap();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    // The authority's credential on this server: bound to its certificate.
+    let (_, authority_key) = keys
+        .create(
+            KeySpec::new(authority_privilege.parse::<PrivilegeSet>().unwrap()).binding(
+                CertBinding::Fingerprint(pki.authority.cert_identity().fingerprint),
+            ),
+        )
+        .unwrap();
+    let target = PropagationTarget::open(
+        TargetConfig::new(name, vec![trusted]),
+        Arc::clone(&keys),
+        state,
+    )
+    .unwrap();
+    let mut builder = Server::builder(
+        name,
+        pki.server.identity().unwrap(),
+        pki.ca.trust_anchors(),
+        Arc::clone(&keys),
+    )
+    .state_dir(state)
+    .function("whoami", |ctx: CallContext, (): ()| async move {
+        Ok::<_, CallError>(ctx.principal().id.clone())
+    })
+    .function("sleep_ms", |_: CallContext, (ms,): (u64,)| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok::<_, CallError>(ms)
+    });
+    if let Some(addr) = bind {
+        builder = builder.bind(addr);
+    }
+    let server = target.install(builder).start().await.unwrap();
+    server.follow_key_store(&keys);
+    Node {
+        name: name.to_owned(),
+        keys,
+        state: state.to_owned(),
+        authority_key,
+        target,
+        server,
+    }
+}
+
+fn endpoint(pki: &Pki, cert: &IssuedCert, addr: SocketAddr, key: &ApiKey) -> ServerEndpoint {
+    ServerEndpoint::new(
+        addr,
+        "localhost",
+        cert.identity().unwrap(),
+        pki.ca.trust_anchors(),
+        key.to_secret(),
+    )
+    .connect_timeout(Duration::from_secs(2))
+    .request_timeout(Duration::from_secs(10))
+}
+
+/// The authority's client: one server per target, each with its key there.
+pub(crate) fn authority_client(pki: &Pki, nodes: &[(String, SocketAddr, ApiKey)]) -> Client {
+    let mut b = Client::builder();
+    for (name, addr, key) in nodes {
+        b = b.server(name.clone(), endpoint(pki, &pki.authority, *addr, key));
+    }
+    b.build().unwrap()
+}
+
+pub(crate) fn open_authority(
+    db: &Path,
+    key: Ed25519Key,
+    client: Client,
+    targets: &[&str],
+) -> Authority {
+    let mut config = AuthorityConfig::new(db, targets.iter().map(|t| (*t).to_owned()).collect());
+    config.delivery_timeout = Duration::from_secs(3);
+    Authority::open(config, key, Arc::new(NetprocTransport::new(client))).unwrap()
+}
+
+fn user(pki: &Pki, node: &Node, key: &ApiKey) -> ServerRef {
+    Client::builder()
+        .server("s", endpoint(pki, &pki.user, node.server.local_addr(), key))
+        .build()
+        .unwrap()
+        .server("s")
+        .unwrap()
+}
+
+fn long_call(s: &ServerRef) -> JoinHandle<Result<u64, ClientError>> {
+    let s = s.clone();
+    tokio::spawn(async move { s.call::<u64>("sleep_ms", (20_000,)).await })
+}
+
+async fn ended_with(call: JoinHandle<Result<u64, ClientError>>) -> ErrorCode {
+    match tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the session did not end in time")
+        .unwrap()
+    {
+        Err(ClientError::Remote { code, .. }) => code,
+        other => panic!("expected a remote reason, got {other:?}"),
+    }
+}
+
+async fn refused(pki: &Pki, node: &Node, key: &ApiKey) -> bool {
+    match user(pki, node, key).call::<String>("whoami", ()).await {
+        Ok(_) => false,
+        Err(e) => e.code() == ErrorCode::AuthenticationFailed,
+    }
+}
+
+struct Fleet {
+    pki: Pki,
+    dir: tempfile::TempDir,
+    signing: [u8; 32],
+    nodes: Vec<Node>,
+    authority: Authority,
+}
+
+async fn fleet(names: &[&str]) -> Fleet {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signing = Ed25519Key::generate().unwrap();
+    let mut nodes = Vec::new();
+    for n in names {
+        let node = start_node(
+            &pki,
+            n,
+            &dir.path().join(n),
+            signing.public_key(),
+            None,
+            "receive_credentials",
+        )
+        .await;
+        nodes.push(node);
+    }
+    let routes: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                n.server.local_addr(),
+                n.authority_key.clone(),
+            )
+        })
+        .collect();
+    let client = authority_client(&pki, &routes);
+    let seed = *signing.seed();
+    let authority = open_authority(&dir.path().join("authority.db"), signing, client, names);
+    Fleet {
+        pki,
+        dir,
+        signing: seed,
+        nodes,
+        authority,
+    }
+}
+
+fn states(status: Vec<netproc_propagation::TargetDelivery>) -> BTreeMap<String, DeliveryState> {
+    status.into_iter().map(|s| (s.target, s.state)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_rotate_and_revoke_across_three_servers_end_live_sessions() {
+    let f = fleet(&["a", "b", "c"]).await;
+    let spec = || CredentialSpec::api_key("billing", "invoke_functions".parse().unwrap());
+    let key = f
+        .authority
+        .ensure(spec(), &["a", "b", "c"])
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    let report = f.authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    let status = states(f.authority.status("billing").await.unwrap());
+    assert_eq!(status.len(), 3);
+    assert!(
+        status.values().all(|s| *s == DeliveryState::Success),
+        "{status:?}"
+    );
+    let mut calls = Vec::new();
+    for node in &f.nodes {
+        let s = user(&f.pki, node, &key);
+        assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), "billing");
+        calls.push(long_call(&s));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Rotate: the old secret is refused everywhere and its sessions end.
+    let new_key = f.authority.rotate("billing", None).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for call in calls {
+        assert_eq!(ended_with(call).await, ErrorCode::CredentialRevoked);
+    }
+    let mut calls = Vec::new();
+    for node in &f.nodes {
+        assert!(
+            refused(&f.pki, node, &key).await,
+            "old key still works on {}",
+            node.name
+        );
+        let s = user(&f.pki, node, &new_key);
+        assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), "billing");
+        calls.push(long_call(&s));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A privilege change ends the sessions too (privileges are fixed per session).
+    f.authority
+        .ensure(
+            CredentialSpec::api_key("billing", "define_functions".parse().unwrap()),
+            &["a", "b", "c"],
+        )
+        .await
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for call in calls {
+        assert_eq!(ended_with(call).await, ErrorCode::CredentialRevoked);
+    }
+    let calls: Vec<_> = f
+        .nodes
+        .iter()
+        .map(|n| long_call(&user(&f.pki, n, &new_key)))
+        .collect();
+    // (define_functions cannot call: the calls are refused, not left running.)
+    for call in calls {
+        let r = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap_err().code(), ErrorCode::InsufficientPrivileges);
+    }
+    f.authority.ensure(spec(), &["a", "b", "c"]).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    let mut calls = Vec::new();
+    for node in &f.nodes {
+        calls.push(long_call(&user(&f.pki, node, &new_key)));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Revoke: the same.
+    f.authority.revoke("billing").await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for call in calls {
+        assert_eq!(ended_with(call).await, ErrorCode::CredentialRevoked);
+    }
+    for node in &f.nodes {
+        assert!(refused(&f.pki, node, &new_key).await);
+        assert!(node.keys.propagated_keys().is_empty());
+    }
+    drop(f.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_with_overlap_keeps_both_secrets_until_the_window_ends() {
+    let f = fleet(&["a"]).await;
+    let key = f
+        .authority
+        .ensure(
+            CredentialSpec::api_key("svc", "invoke_functions".parse().unwrap()),
+            &["a"],
+        )
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    let old = user(&f.pki, &f.nodes[0], &key);
+    old.call::<String>("whoami", ()).await.unwrap();
+    let call = long_call(&old);
+    let new_key = f
+        .authority
+        .rotate("svc", Some(Duration::from_millis(1_500)))
+        .await
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    // Both work during the window; the old session goes on.
+    assert!(!refused(&f.pki, &f.nodes[0], &key).await);
+    assert!(!refused(&f.pki, &f.nodes[0], &new_key).await);
+    assert!(!call.is_finished());
+    // At its end the old session is closed and the old secret refused.
+    assert_eq!(ended_with(call).await, ErrorCode::CredentialRevoked);
+    assert!(refused(&f.pki, &f.nodes[0], &key).await);
+    assert!(!refused(&f.pki, &f.nodes[0], &new_key).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_target_waits_while_the_others_succeed_then_sync_delivers() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signing = Ed25519Key::generate().unwrap();
+    let a = start_node(
+        &pki,
+        "a",
+        &dir.path().join("a"),
+        signing.public_key(),
+        None,
+        "receive_credentials",
+    )
+    .await;
+    // "b" is down: nothing listens on its address yet.
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b_addr = spare.local_addr().unwrap();
+    drop(spare);
+    let b_key_store = Arc::new(ApiKeyStore::in_memory());
+    let (_, b_authority_key) = b_key_store
+        .create(KeySpec::new("receive_credentials".parse().unwrap()))
+        .unwrap();
+    let client = authority_client(
+        &pki,
+        &[
+            ("a".into(), a.server.local_addr(), a.authority_key.clone()),
+            ("b".into(), b_addr, b_authority_key.clone()),
+        ],
+    );
+    let authority = open_authority(
+        &dir.path().join("authority.db"),
+        signing,
+        client,
+        &["a", "b"],
+    );
+    let key = authority
+        .ensure(
+            CredentialSpec::api_key("svc", "invoke_functions".parse().unwrap()),
+            &["a", "b"],
+        )
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    let started = std::time::Instant::now();
+    let report = authority.sync().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a dead target held up the sync"
+    );
+    let by: BTreeMap<_, _> = report
+        .targets
+        .iter()
+        .map(|t| (t.target.as_str(), t))
+        .collect();
+    assert!(by["a"].error.is_none());
+    assert!(by["b"].error.is_some());
+    let status = states(authority.status("svc").await.unwrap());
+    assert_eq!(status["a"], DeliveryState::Success);
+    assert!(
+        matches!(
+            &status["b"],
+            DeliveryState::Error {
+                attempts: 1,
+                last_attempt: Some(_),
+                ..
+            }
+        ),
+        "{status:?}"
+    );
+    assert!(!refused(&pki, &a, &key).await);
+
+    // "b" comes up on its address (with the authority's key there).
+    let b = {
+        let state = dir.path().join("b");
+        std::fs::create_dir_all(&state).unwrap();
+        let target = PropagationTarget::open(
+            TargetConfig::new("b", vec![authority.public_key()]),
+            Arc::clone(&b_key_store),
+            &state,
+        )
+        .unwrap();
+        let builder = Server::builder(
+            "b",
+            pki.server.identity().unwrap(),
+            pki.ca.trust_anchors(),
+            Arc::clone(&b_key_store),
+        )
+        .bind(b_addr)
+        .state_dir(&state)
+        .function("whoami", |ctx: CallContext, (): ()| async move {
+            Ok::<_, CallError>(ctx.principal().id.clone())
+        });
+        target.install(builder).start().await.unwrap()
+    };
+    let report = authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    assert_eq!(
+        states(authority.status("svc").await.unwrap())["b"],
+        DeliveryState::Success
+    );
+    let s = Client::builder()
+        .server("b", endpoint(&pki, &pki.user, b.local_addr(), &key))
+        .build()
+        .unwrap();
+    assert_eq!(
+        s.server("b")
+            .unwrap()
+            .call::<String>("whoami", ())
+            .await
+            .unwrap(),
+        "svc"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_stale_and_misaddressed_events_are_rejected_and_change_nothing() {
+    let f = fleet(&["a", "b"]).await;
+    let a = &f.nodes[0];
+    let authority_key = Ed25519Key::from_seed(&f.signing).unwrap();
+    let rogue = Ed25519Key::generate().unwrap();
+    let raw = authority_client(
+        &f.pki,
+        &[("a".into(), a.server.local_addr(), a.authority_key.clone())],
+    )
+    .server("a")
+    .unwrap();
+    let send = |events: Vec<netproc_propagation::SignedEvent>| {
+        let raw = raw.clone();
+        async move {
+            let op = Operation::Extension {
+                name: EXTENSION.into(),
+                payload: Delivery::new(events).encode(),
+            };
+            match raw.execute(op).await.unwrap() {
+                Value::Bytes(b) => DeliveryReply::decode(&b).unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let mut cred = Credential::default();
+    cred.id = "forged".into();
+    cred.secret_sha256 = Some([1; 32]);
+    cred.generation = 1;
+    cred.privileges = vec!["admin_privileges".into()];
+    let upsert = || EventKind::Upsert(cred.clone());
+    let now = SystemTime::now();
+    let cursor = a.target.cursor();
+    let next = cursor + 1;
+
+    let mut tampered = sign(&Event::new("a", next, now, upsert()), &authority_key).unwrap();
+    let last = tampered.body.len() - 1;
+    tampered.body[last] ^= 1;
+    let other_signer = sign(&Event::new("a", next, now, upsert()), &rogue).unwrap();
+    let mut claimed = other_signer.clone();
+    claimed.signer = authority_key.public_key();
+    let for_b = sign(&Event::new("b", next, now, upsert()), &authority_key).unwrap();
+    let stale = sign(
+        &Event::new("a", next, now - Duration::from_secs(3600), upsert()),
+        &authority_key,
+    )
+    .unwrap();
+    let reply = send(vec![tampered, other_signer, claimed, for_b, stale]).await;
+    assert_eq!(
+        reply.acks,
+        [
+            Ack::Rejected(RejectReason::BadSignature),
+            Ack::Rejected(RejectReason::UnknownSigner),
+            Ack::Rejected(RejectReason::BadSignature),
+            Ack::Rejected(RejectReason::WrongTarget),
+            Ack::Rejected(RejectReason::Stale),
+        ]
+    );
+    assert_eq!(reply.cursor, cursor);
+    assert!(a.keys.get("forged").is_none());
+
+    // A genuine event applies once; replayed, it is a duplicate.
+    let mut genuine_cred = cred.clone();
+    genuine_cred.privileges = vec!["invoke_functions".into()];
+    let genuine = sign(
+        &Event::new("a", next, now, EventKind::Upsert(genuine_cred)),
+        &authority_key,
+    )
+    .unwrap();
+    assert_eq!(send(vec![genuine.clone()]).await.acks, [Ack::Applied]);
+    let revoke = sign(
+        &Event::new(
+            "a",
+            next + 1,
+            now,
+            EventKind::Delete {
+                id: "forged".into(),
+            },
+        ),
+        &authority_key,
+    )
+    .unwrap();
+    assert_eq!(send(vec![revoke]).await.acks, [Ack::Applied]);
+    let replay = send(vec![genuine]).await;
+    assert_eq!(replay.acks, [Ack::Duplicate]);
+    assert!(
+        a.keys.get("forged").is_none(),
+        "a replay brought a revoked key back"
+    );
+    // A gap asks for a snapshot.
+    let ahead = sign(
+        &Event::new("a", next + 5, now, EventKind::Delete { id: "x".into() }),
+        &authority_key,
+    )
+    .unwrap();
+    assert_eq!(send(vec![ahead]).await.acks, [Ack::NeedsSnapshot]);
+    // Garbage is refused as a request, not applied.
+    let op = Operation::Extension {
+        name: EXTENSION.into(),
+        payload: vec![0xff; 40],
+    };
+    assert_eq!(
+        raw.execute(op).await.unwrap_err().code(),
+        ErrorCode::InvalidRequest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_needs_receive_credentials() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signing = Ed25519Key::generate().unwrap();
+    let node = start_node(
+        &pki,
+        "a",
+        &dir.path().join("a"),
+        signing.public_key(),
+        None,
+        "invoke_functions",
+    )
+    .await;
+    let client = authority_client(
+        &pki,
+        &[(
+            "a".into(),
+            node.server.local_addr(),
+            node.authority_key.clone(),
+        )],
+    );
+    let transport = NetprocTransport::new(client);
+    let err = transport
+        .deliver("a", Delivery::default().encode())
+        .await
+        .unwrap_err();
+    assert!(
+        err.0.contains("requires privilege \"receive_credentials\""),
+        "{err}"
+    );
+    // admin_privileges also satisfies it.
+    let admin = start_node(
+        &pki,
+        "b",
+        &dir.path().join("b"),
+        signing.public_key(),
+        None,
+        "admin_privileges",
+    )
+    .await;
+    let client = authority_client(
+        &pki,
+        &[(
+            "b".into(),
+            admin.server.local_addr(),
+            admin.authority_key.clone(),
+        )],
+    );
+    let reply = NetprocTransport::new(client)
+        .deliver("b", Delivery::default().encode())
+        .await
+        .unwrap();
+    assert_eq!(DeliveryReply::decode(&reply).unwrap().cursor, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_target_gets_a_snapshot_and_a_restarted_target_keeps_keys_and_cursor() {
+    let f = fleet(&["a"]).await;
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let k = f
+            .authority
+            .ensure(
+                CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap()),
+                &["a"],
+            )
+            .await
+            .unwrap()
+            .api_key
+            .unwrap();
+        keys.push(k);
+    }
+    f.authority.revoke("k4").await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+
+    // "c" joins: the authority is reconfigured with it, the credentials are
+    // put on it, and its first delivery is one snapshot.
+    let c = start_node(
+        &f.pki,
+        "c",
+        &f.dir.path().join("c"),
+        Ed25519Key::from_seed(&f.signing).unwrap().public_key(),
+        None,
+        "receive_credentials",
+    )
+    .await;
+    let a = &f.nodes[0];
+    let client = authority_client(
+        &f.pki,
+        &[
+            ("a".into(), a.server.local_addr(), a.authority_key.clone()),
+            ("c".into(), c.server.local_addr(), c.authority_key.clone()),
+        ],
+    );
+    drop(f.authority);
+    let authority = open_authority(
+        &f.dir.path().join("authority.db"),
+        Ed25519Key::from_seed(&f.signing).unwrap(),
+        client,
+        &["a", "c"],
+    );
+    for i in 0..4 {
+        authority
+            .ensure(
+                CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap()),
+                &["a", "c"],
+            )
+            .await
+            .unwrap();
+    }
+    let before = authority.targets().await.unwrap();
+    assert!(before.iter().any(|t| t.name == "c" && t.snapshot_needed));
+    let report = authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    let delivered: BTreeMap<_, _> = report
+        .targets
+        .iter()
+        .map(|t| (t.target.as_str(), t.delivered))
+        .collect();
+    assert_eq!(delivered["c"], 1, "one snapshot, not one event per change");
+    for (i, k) in keys.iter().enumerate().take(4) {
+        assert!(!refused(&f.pki, &c, k).await, "k{i} missing on c");
+    }
+    assert!(refused(&f.pki, &c, &keys[4]).await);
+
+    // Restart "c" from its state directory: keys and cursor are kept.
+    let cursor = c.target.cursor();
+    assert!(cursor > 0);
+    c.server.shutdown(Duration::from_secs(1)).await;
+    let addr = c.server.local_addr();
+    let state = c.state.clone();
+    drop(c);
+    let restarted = PropagationTarget::open(
+        TargetConfig::new("c", vec![authority.public_key()]),
+        Arc::new(ApiKeyStore::in_memory()),
+        &state,
+    )
+    .unwrap();
+    assert_eq!(restarted.cursor(), cursor);
+    drop(restarted);
+    let c = start_node(
+        &f.pki,
+        "c",
+        &state,
+        authority.public_key(),
+        Some(addr),
+        "receive_credentials",
+    )
+    .await;
+    assert_eq!(c.target.cursor(), cursor);
+    for k in keys.iter().take(4) {
+        assert!(!refused(&f.pki, &c, k).await);
+    }
+}
