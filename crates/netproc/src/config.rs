@@ -182,8 +182,69 @@ pub struct ServerFile {
     /// this many milliseconds. Off when absent (SIGHUP and
     /// `netproc admin reload` always work).
     pub watch_interval_ms: Option<u64>,
+    /// Receive credentials from a propagation authority.
+    pub propagation: Option<PropagationConfig>,
     #[serde(skip)]
     dir: PathBuf,
+}
+
+/// `[propagation]` of a server file: this server receives credentials
+/// from an authority (see `docs/propagation.md`). Needs `state_dir`, where
+/// the received keys and the cursor are kept.
+///
+/// ```toml
+/// [propagation]
+/// enabled = true
+/// authority_public_keys = ["<64 hex digits, from `netproc creds init`>"]
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PropagationConfig {
+    /// Off unless true.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Authority public keys (hex) whose events are accepted; several while
+    /// the authority's key is being replaced.
+    #[serde(default)]
+    pub authority_public_keys: Vec<String>,
+    /// The name the authority addresses this server by; the server's `name`
+    /// when absent.
+    pub target_name: Option<String>,
+    /// How far an event's signing time may be from this server's clock, ms.
+    /// Default 300 000.
+    pub freshness_ms: Option<u64>,
+}
+
+impl PropagationConfig {
+    /// The trusted keys, decoded.
+    fn public_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+        self.authority_public_keys
+            .iter()
+            .map(|k| {
+                parse_hex32(k).ok_or_else(|| {
+                    format!("propagation.authority_public_keys: {k:?} is not 64 hex digits")
+                })
+            })
+            .collect()
+    }
+}
+
+/// 64 hex digits → 32 bytes.
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ServerFile {
@@ -193,6 +254,20 @@ impl ServerFile {
         let mut file: ServerFile = read(path)?;
         file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         file.options().validate().map_err(|e| invalid(path, e))?;
+        if let Some(p) = file.propagation.as_ref().filter(|p| p.enabled) {
+            if file.state_dir.is_none() {
+                return Err(invalid(
+                    path,
+                    "propagation.enabled needs state_dir (received keys and the cursor are kept there)",
+                ));
+            }
+            if p.public_keys().map_err(|e| invalid(path, e))?.is_empty() {
+                return Err(invalid(
+                    path,
+                    "propagation.authority_public_keys: at least one key is needed",
+                ));
+            }
+        }
         Ok(file)
     }
     fn resolve(&self, p: &Path) -> PathBuf {
@@ -280,7 +355,23 @@ impl ServerFile {
             builder = builder.scripts(rt.build());
         }
         if let Some(dir) = &self.state_dir {
-            builder = builder.state_dir(self.resolve(dir));
+            let dir = self.resolve(dir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| err(&format!("state_dir {}: {e}", dir.display())))?;
+            if let Some(p) = self.propagation.as_ref().filter(|p| p.enabled) {
+                let mut target = crate::propagation::TargetConfig::new(
+                    p.target_name.clone().unwrap_or_else(|| self.name.clone()),
+                    p.public_keys().map_err(|e| err(&e))?,
+                );
+                if let Some(ms) = p.freshness_ms {
+                    target.freshness = Duration::from_millis(ms);
+                }
+                let target =
+                    crate::propagation::PropagationTarget::open(target, Arc::clone(&keys), &dir)
+                        .map_err(|e| err(&e))?;
+                builder = target.install(builder);
+            }
+            builder = builder.state_dir(dir);
         }
         Ok((builder, keys))
     }
@@ -409,6 +500,111 @@ impl ClientFile {
             builder = builder.server(name.clone(), ep);
         }
         builder.build().map_err(|e| invalid(config_path, e))
+    }
+}
+
+/// An authority configuration file: its database, its signing key, and
+/// how to reach each target (the same fields as a client file's servers;
+/// the API key there must hold `receive_credentials` on that server).
+///
+/// ```toml
+/// database = "authority.db"
+/// signing_key = "authority.ed25519"   # made by `netproc creds init`
+///
+/// [targets.server_1]
+/// address = "127.0.0.1:6767"
+/// server_name = "localhost"
+/// cert = "pki/authority.crt"
+/// key = "pki/authority.key"
+/// ca = "pki/ca.crt"
+/// api_key_file = "authority-server_1.key.txt"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthorityFile {
+    /// The authority's SQLite database (created if missing).
+    pub database: PathBuf,
+    /// A file holding the authority's Ed25519 signing key (64 hex digits of
+    /// seed, mode 0600).
+    pub signing_key: PathBuf,
+    /// Log format. Default text.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Targets delivered to at once, at most. Default 16.
+    pub max_concurrent_deliveries: Option<usize>,
+    /// How long one delivery may take, ms. Default 5 000.
+    pub delivery_timeout_ms: Option<u64>,
+    /// The targets, by name (the name each server's propagation expects:
+    /// its `propagation.target_name`, or its `name`).
+    #[serde(default)]
+    pub targets: BTreeMap<String, ClientServer>,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+impl AuthorityFile {
+    /// Reads an authority file.
+    pub fn load(path: impl AsRef<Path>) -> Result<AuthorityFile, ConfigError> {
+        let path = path.as_ref();
+        let mut file: AuthorityFile = read(path)?;
+        file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(file)
+    }
+
+    /// The signing key file, resolved.
+    pub fn signing_key_path(&self) -> PathBuf {
+        relative_to(&self.dir, &self.signing_key)
+    }
+
+    /// Creates the signing key file if it does not exist; returns the
+    /// public key (hex), for the servers' `authority_public_keys`.
+    pub fn init_signing_key(&self) -> Result<String, String> {
+        let path = self.signing_key_path();
+        if !path.exists() {
+            let key = Ed25519Key::generate().map_err(|e| e.to_string())?;
+            let text = zeroize::Zeroizing::new(to_hex(key.seed()));
+            crate::pki::write_secret_file(&path, text.as_bytes(), false)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(to_hex(&self.signing_key()?.public_key()))
+    }
+
+    fn signing_key(&self) -> Result<Ed25519Key, String> {
+        let path = self.signing_key_path();
+        let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
+        let seed = parse_hex32(&String::from_utf8_lossy(&bytes))
+            .ok_or_else(|| format!("{}: expected 64 hex digits", path.display()))?;
+        Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
+    }
+
+    /// Opens the authority: database, signing key, and a netproc client of
+    /// every target. Blocking (opens the database).
+    pub fn authority(
+        &self,
+        config_path: &Path,
+    ) -> Result<crate::propagation::Authority, ConfigError> {
+        let err = |e: &dyn fmt::Display| invalid(config_path, e);
+        let key = self
+            .signing_key()
+            .map_err(|e| err(&format!("signing_key: {e}")))?;
+        let clients = ClientFile {
+            servers: self.targets.clone(),
+            dir: self.dir.clone(),
+        };
+        let client = clients.client(config_path)?;
+        let mut config = crate::propagation::AuthorityConfig::new(
+            relative_to(&self.dir, &self.database),
+            self.targets.keys().cloned().collect(),
+        );
+        if let Some(n) = self.max_concurrent_deliveries {
+            config.max_concurrent_deliveries = n.max(1);
+        }
+        if let Some(ms) = self.delivery_timeout_ms {
+            config.delivery_timeout = Duration::from_millis(ms.max(1));
+        }
+        let transport = Arc::new(crate::propagation::NetprocTransport::new(client));
+        crate::propagation::Authority::open(config, key, transport).map_err(|e| err(&e))
     }
 }
 

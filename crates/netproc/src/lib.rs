@@ -61,6 +61,7 @@ pub use netproc_auth as auth;
 pub use netproc_client as client;
 pub use netproc_limits as limits;
 pub use netproc_pki as pki;
+pub use netproc_propagation as propagation;
 pub use netproc_script as script;
 pub use netproc_server as server;
 pub use netproc_wire as wire;

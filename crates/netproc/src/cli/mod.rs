@@ -1,6 +1,7 @@
 //! Command-line parsing and the commands.
 
 mod bench;
+mod creds;
 mod demo;
 
 use std::collections::BTreeMap;
@@ -33,11 +34,11 @@ impl From<Error> for Failure {
     }
 }
 
-fn usage(e: impl std::fmt::Display) -> Failure {
+pub(crate) fn usage(e: impl std::fmt::Display) -> Failure {
     Failure::Usage(e.to_string())
 }
 
-fn failed(e: impl std::fmt::Display) -> Failure {
+pub(crate) fn failed(e: impl std::fmt::Display) -> Failure {
     Failure::Failed(e.to_string())
 }
 
@@ -59,6 +60,16 @@ enum Command {
     /// Manage an API-key store (only hashes are stored).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run a credential-propagation authority from a TOML file: deliver
+    /// changes made with `netproc creds` to every target, until SIGINT or SIGTERM.
+    Authority {
+        /// The authority configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Drive an authority: init, ensure, rotate, revoke, status, sync, targets, list.
+    #[command(subcommand)]
+    Creds(creds::CredsCommand),
     /// Run a server from a TOML file.
     Serve {
         /// The server configuration.
@@ -259,6 +270,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Pki(cmd) => pki(cmd),
         Command::Keys(cmd) => keys(cmd),
         Command::Serve { config } => serve(&config).await,
+        Command::Authority { config } => creds::authority(&config).await,
+        Command::Creds(cmd) => creds::creds(cmd).await,
         Command::Call {
             target,
             function,
@@ -413,7 +426,7 @@ fn client(target: &Target) -> Result<Client, Failure> {
     file.client(&target.config).map_err(usage)
 }
 
-fn print_json(v: &serde_json::Value) {
+pub(crate) fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -533,7 +546,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-fn load_cert(file: &Path) -> Result<CertIdentity, Failure> {
+pub(crate) fn load_cert(file: &Path) -> Result<CertIdentity, Failure> {
     let pem = std::fs::read(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
     let anchors = netproc::pki::TrustAnchors::from_pem(&pem).map_err(failed)?;
     let der = anchors
@@ -669,7 +682,7 @@ fn keys(cmd: KeysCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETPROC_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -725,14 +738,14 @@ async fn serve(config: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-enum Signal {
+pub(crate) enum Signal {
     /// SIGHUP: reload certificates, CRLs and the key store.
     Reload,
     /// SIGINT or SIGTERM: stop gracefully.
     Stop,
 }
 
-async fn wait_for_signal() -> Signal {
+pub(crate) async fn wait_for_signal() -> Signal {
     #[cfg(unix)]
     {
         use std::sync::OnceLock;

@@ -373,3 +373,138 @@ fn calling_a_stopped_server_fails_with_unavailable() {
         text(&out.stderr)
     );
 }
+
+/// Starts `netproc <args>` and returns it with the port its first stdout
+/// line ends with (or the line).
+fn spawn_reading_line(args: &[&str]) -> (Serve, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Serve(child), line.trim().to_owned())
+}
+
+#[test]
+fn creds_and_authority_propagate_keys_to_a_served_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    // The authority's own key on the server: receive_credentials only.
+    let out = netproc(&[
+        "keys",
+        "create",
+        "--store",
+        &p("keys.json"),
+        "--privileges",
+        "receive_credentials",
+        "--key-out",
+        &p("authority.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        d.join("authority.toml"),
+        "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\n",
+    )
+    .unwrap();
+    let out = netproc(&["creds", "init", "--config", &p("authority.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let public_key = text(&out.stdout).trim().to_owned();
+    assert_eq!(public_key.len(), 64);
+
+    std::fs::write(
+        d.join("server.toml"),
+        format!("name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\nstate_dir = \"state\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n\n[propagation]\nenabled = true\nauthority_public_keys = [\"{public_key}\"]\n"),
+    )
+    .unwrap();
+    let (_server, line) = spawn_reading_line(&["serve", "--config", &p("server.toml")]);
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    let target = |key: &str| {
+        format!(
+            "[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"{key}\"\n"
+        )
+    };
+    std::fs::write(
+        d.join("authority.toml"),
+        format!(
+            "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\n\n{}",
+            target("authority.apikey").replace("[servers.", "[targets.")
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("svc.toml"), target("svc.apikey")).unwrap();
+
+    let out = netproc(&[
+        "creds",
+        "ensure",
+        "--config",
+        &p("authority.toml"),
+        "svc",
+        "--key-out",
+        &p("svc.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&["creds", "status", "--config", &p("authority.toml"), "svc"]);
+    assert!(
+        text(&out.stdout).contains("\"pending\""),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = netproc(&["creds", "sync", "--config", &p("authority.toml")]);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = netproc(&["creds", "status", "--config", &p("authority.toml"), "svc"]);
+    assert!(
+        text(&out.stdout).contains("\"success\""),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = netproc(&["call", "--config", &p("svc.toml"), "s1", "echo", "\"hi\""]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("hi"));
+
+    // A running authority delivers what `creds` commits.
+    let (_authority, line) = spawn_reading_line(&["authority", "--config", &p("authority.toml")]);
+    assert!(line.contains(&public_key), "{line}");
+    let out = netproc(&["creds", "revoke", "--config", &p("authority.toml"), "svc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = std::time::Instant::now();
+    loop {
+        let out = netproc(&["call", "--config", &p("svc.toml"), "s1", "echo", "\"hi\""]);
+        if !out.status.success() {
+            assert_eq!(out.status.code(), Some(1));
+            assert!(
+                text(&out.stderr).contains("authentication_failed"),
+                "{}",
+                text(&out.stderr)
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the revocation never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = netproc(&["creds", "targets", "--config", &p("authority.toml")]);
+    assert!(
+        text(&out.stdout).contains("\"pending_events\": 0"),
+        "{}",
+        text(&out.stdout)
+    );
+}

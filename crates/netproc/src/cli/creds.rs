@@ -1,0 +1,306 @@
+//! `netproc authority` and `netproc creds`: credential propagation.
+//!
+//! Both open the authority's SQLite database directly. `authority` runs the
+//! delivery loop; `creds` commits a change (ensure, rotate, revoke) and
+//! returns — a running `authority` picks it up within its poll interval —
+//! or delivers now (`sync`), or reads the state (`status`, `targets`,
+//! `list`). SQLite in WAL mode lets them share the file.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use netproc::auth::{CertBinding, PrivilegeSet};
+use netproc::config::AuthorityFile;
+use netproc::propagation::{Authority, CredentialSpec, DeliveryState};
+use serde_json::json;
+
+use super::{Failure, failed, init_logging, load_cert, print_json, usage};
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum CredsCommand {
+    /// Create the authority's signing key if missing; print its public key
+    /// (for the servers' `propagation.authority_public_keys`).
+    Init {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create or update a credential on a set of targets. A new API key is
+    /// printed once (only its hash is kept).
+    Ensure {
+        #[arg(long)]
+        config: PathBuf,
+        /// The key id: 1 to 64 of [a-z0-9-].
+        id: String,
+        /// Comma-separated privileges.
+        #[arg(long, default_value = "invoke_functions")]
+        privileges: String,
+        /// Comma-separated target names (all of the file's targets when absent).
+        #[arg(long)]
+        targets: Option<String>,
+        /// Comma-separated function allow-list.
+        #[arg(long)]
+        functions: Option<String>,
+        /// Bind the key to this certificate (PEM file).
+        #[arg(long)]
+        bind_cert: Option<PathBuf>,
+        /// Bind the key to a SAN or fingerprint (dns:…, uri:…, sha256:…).
+        #[arg(long)]
+        bind: Option<String>,
+        /// Expire after this many days.
+        #[arg(long)]
+        expires_days: Option<u64>,
+        /// An Ed25519 credential with this public key (64 hex digits)
+        /// instead of an API key.
+        #[arg(long)]
+        ed25519_public_key: Option<String>,
+        /// Write a new key to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
+    },
+    /// Give an API key a new secret, printed once.
+    Rotate {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+        /// Keep the old secret working this many seconds after the rotation.
+        #[arg(long)]
+        overlap_secs: Option<u64>,
+        /// Write the new key to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
+    },
+    /// Remove a credential from every target.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+    },
+    /// Where a credential stands on each target (JSON).
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+    },
+    /// Deliver everything pending now; exit 1 if a target failed.
+    Sync {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Every target's delivery state (JSON).
+    Targets {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Every credential, without secrets (JSON).
+    List {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn open(config: &Path) -> Result<(AuthorityFile, Authority), Failure> {
+    let file = AuthorityFile::load(config).map_err(usage)?;
+    let authority = file.authority(config).map_err(usage)?;
+    Ok((file, authority))
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn hand_out(id: &str, key: &str, key_out: Option<&Path>, what: &str) -> Result<(), Failure> {
+    if let Some(path) = key_out {
+        netproc::pki::write_secret_file(path, key.as_bytes(), false).map_err(failed)?;
+        eprintln!("{what} {id}; written to {} (0600)", path.display());
+    } else {
+        eprintln!("{what} {id}; the key is shown once:");
+        println!("{key}");
+    }
+    Ok(())
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `netproc authority --config FILE`: deliver until SIGINT or SIGTERM.
+pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
+    let file = AuthorityFile::load(config).map_err(usage)?;
+    init_logging(file.log_format);
+    let authority = file.authority(config).map_err(usage)?;
+    println!(
+        "authority for {} target(s); public key {}",
+        file.targets.len(),
+        hex(&authority.public_key())
+    );
+    authority
+        .run(async { while let super::Signal::Reload = super::wait_for_signal().await {} })
+        .await;
+    tracing::info!("authority stopped");
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
+    match cmd {
+        CredsCommand::Init { config } => {
+            let file = AuthorityFile::load(&config).map_err(usage)?;
+            let public = file.init_signing_key().map_err(failed)?;
+            eprintln!(
+                "signing key in {}; put this public key in each server's propagation.authority_public_keys:",
+                file.signing_key_path().display()
+            );
+            println!("{public}");
+        }
+        CredsCommand::Ensure {
+            config,
+            id,
+            privileges,
+            targets,
+            functions,
+            bind_cert,
+            bind,
+            expires_days,
+            ed25519_public_key,
+            key_out,
+        } => {
+            let (file, authority) = open(&config)?;
+            let privileges: PrivilegeSet = privileges.parse().map_err(usage)?;
+            let mut spec = match ed25519_public_key {
+                Some(pk) => {
+                    let pk: netproc::pki::Fingerprint = pk
+                        .parse()
+                        .map_err(|_| usage("--ed25519-public-key: expected 64 hex digits"))?;
+                    CredentialSpec::ed25519(&id, *pk.as_bytes(), privileges)
+                }
+                None => CredentialSpec::api_key(&id, privileges),
+            };
+            match (bind_cert, bind) {
+                (Some(f), None) => {
+                    spec = spec.binding(CertBinding::Fingerprint(load_cert(&f)?.fingerprint));
+                }
+                (None, Some(b)) => spec = spec.binding(b.parse().map_err(usage)?),
+                (None, None) => {}
+                _ => return Err(usage("give --bind-cert or --bind, not both")),
+            }
+            if let Some(days) = expires_days {
+                spec = spec.expires_at(SystemTime::now() + Duration::from_secs(days * 86_400));
+            }
+            if let Some(f) = functions {
+                spec = spec.functions(list(&f));
+            }
+            let targets =
+                targets.map_or_else(|| file.targets.keys().cloned().collect(), |t| list(&t));
+            let names: Vec<&str> = targets.iter().map(String::as_str).collect();
+            let ensured = authority.ensure(spec, &names).await.map_err(failed)?;
+            match ensured.api_key {
+                Some(key) => hand_out(&id, key.expose(), key_out.as_deref(), "created")?,
+                None => eprintln!(
+                    "{id}: {}",
+                    if ensured.changed {
+                        "updated"
+                    } else {
+                        "unchanged"
+                    }
+                ),
+            }
+        }
+        CredsCommand::Rotate {
+            config,
+            id,
+            overlap_secs,
+            key_out,
+        } => {
+            let (_, authority) = open(&config)?;
+            let key = authority
+                .rotate(&id, overlap_secs.map(Duration::from_secs))
+                .await
+                .map_err(failed)?;
+            hand_out(&id, key.expose(), key_out.as_deref(), "rotated")?;
+        }
+        CredsCommand::Revoke { config, id } => {
+            let (_, authority) = open(&config)?;
+            authority.revoke(&id).await.map_err(failed)?;
+            eprintln!("revoked {id}; it is removed from each target as it is delivered");
+        }
+        CredsCommand::Status { config, id } => {
+            let (_, authority) = open(&config)?;
+            let rows = authority.status(&id).await.map_err(failed)?;
+            let out: Vec<_> = rows
+                .into_iter()
+                .map(|r| match r.state {
+                    DeliveryState::Error {
+                        reason,
+                        attempts,
+                        last_attempt,
+                    } => json!({
+                        "target": r.target, "state": "error", "reason": reason,
+                        "attempts": attempts, "last_attempt_ms": last_attempt.map(ms),
+                    }),
+                    DeliveryState::Pending => json!({"target": r.target, "state": "pending"}),
+                    DeliveryState::Sent => json!({"target": r.target, "state": "sent"}),
+                    DeliveryState::Success => json!({"target": r.target, "state": "success"}),
+                    _ => json!({"target": r.target, "state": "unknown"}),
+                })
+                .collect();
+            print_json(&json!(out));
+        }
+        CredsCommand::Sync { config } => {
+            let (_, authority) = open(&config)?;
+            let report = authority.sync().await;
+            let out: Vec<_> = report
+                .targets
+                .iter()
+                .map(|t| json!({"target": t.target, "delivered": t.delivered, "error": t.error}))
+                .collect();
+            print_json(&json!(out));
+            if !report.all_ok() {
+                return Err(failed(
+                    "some targets were not reached; they are retried by the next sync",
+                ));
+            }
+        }
+        CredsCommand::Targets { config } => {
+            let (_, authority) = open(&config)?;
+            let out: Vec<_> = authority
+                .targets()
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .map(|t| {
+                    json!({
+                        "name": t.name, "acked_seq": t.acked_seq, "last_seq": t.last_seq,
+                        "pending_events": t.pending_events, "snapshot_needed": t.snapshot_needed,
+                        "attempts": t.attempts, "last_error": t.last_error,
+                    })
+                })
+                .collect();
+            print_json(&json!(out));
+        }
+        CredsCommand::List { config } => {
+            let (_, authority) = open(&config)?;
+            let out: Vec<_> = authority
+                .credentials()
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "id": c.id, "kind": c.kind, "generation": c.generation,
+                        "privileges": c.privileges, "targets": c.targets,
+                    })
+                })
+                .collect();
+            print_json(&json!(out));
+        }
+    }
+    Ok(())
+}
