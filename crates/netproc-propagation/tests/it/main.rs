@@ -4,3 +4,4 @@
 mod envelope;
 mod local;
 mod tls;
+mod vectors;
