@@ -1,32 +1,61 @@
 //! Credential propagation for netproc: an authority that keeps API keys and
 //! Ed25519 keys in step across a fleet of servers.
 //!
-//! This release holds the part both ends agree on: the signed event
-//! envelope and the target-side check that turns a delivery into an
-//! acknowledgement. Events never carry a secret — only the SHA-256 of an API
-//! key's secret, or an Ed25519 public key. The authority, its durable store
-//! and the transports arrive in a later version.
+//! - [`Authority`] (full mode): the source of truth. [`ensure`](Authority::ensure),
+//!   [`rotate`](Authority::rotate), [`revoke`](Authority::revoke) commit to its
+//!   own SQLite database; [`sync`](Authority::sync) and [`run`](Authority::run)
+//!   deliver one signed event per change per target, with per-target `seq`,
+//!   acknowledgements, retries with backoff, and snapshots for new or reset
+//!   targets; [`status`](Authority::status) says where each credential stands.
+//! - [`PropagationTarget`] (receive-only): installed on a netproc server, it
+//!   checks each event ([`Verifier`]: trusted signer, signature over the exact
+//!   bytes, target name, freshness, order), commits keys and cursor to the
+//!   server's state database, and applies them to the live
+//!   [`ApiKeyStore`](netproc_auth::ApiKeyStore) — revoked, rotated and changed
+//!   keys end their sessions.
+//! - [`Transport`]: bytes to a named target and back. [`NetprocTransport`]
+//!   uses netproc's own mTLS channel; [`LocalTransport`] stays in-process.
+//!
+//! Events never carry a secret: an API key travels as the SHA-256 of its
+//! secret, an Ed25519 key as its public key. See `docs/propagation.md`.
 //!
 //! ```
-//! use std::time::{Duration, SystemTime};
-//! use netproc_pki::Ed25519Key;
-//! use netproc_propagation::{Ack, Check, Event, EventKind, Verifier, sign};
+//! use std::sync::Arc;
+//! use std::time::SystemTime;
+//! use netproc_auth::ApiKeyStore;
+//! use netproc_pki::{CaParams, CertificateAuthority, Ed25519Key, LeafParams};
+//! use netproc_propagation::*;
 //!
-//! let authority = Ed25519Key::generate()?;
-//! let now = SystemTime::now();
-//! let event = Event::new("server_1", 1, now, EventKind::Delete { id: "k1".into() });
-//! let signed = sign(&event, &authority)?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let signing = Ed25519Key::generate()?;
 //!
-//! // On the target: trusted authority keys, its own name, a freshness window.
-//! let verifier = Verifier::new("server_1", vec![authority.public_key()], Duration::from_secs(300));
-//! match verifier.check(&signed, 0, now) {
-//!     Check::Apply(e) => assert_eq!(e.seq, 1), // apply, persist cursor = 1, then ack Applied
-//!     Check::Ack(ack) => panic!("refused: {ack:?}"),
-//! }
-//! // The same delivery again is a duplicate: nothing to do.
-//! assert!(matches!(verifier.check(&signed, 1, now), Check::Ack(Ack::Duplicate)));
-
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! // A target: a server's key store and state directory.
+//! let store = Arc::new(ApiKeyStore::in_memory());
+//! let target = PropagationTarget::open(
+//!     TargetConfig::new("server_1", vec![signing.public_key()]),
+//!     Arc::clone(&store),
+//!     dir.path(),
+//! )?;
+//! let mut transport = LocalTransport::new(); // NetprocTransport over mTLS in production
+//! transport.add(target);
+//!
+//! // The authority: its database, its signing key, its targets.
+//! let config = AuthorityConfig::new(dir.path().join("authority.db"), vec!["server_1".into()]);
+//! let authority = Authority::open(config, signing, Arc::new(transport))?;
+//! let created = authority
+//!     .ensure(CredentialSpec::api_key("billing", "invoke_functions".parse()?), &["server_1"])
+//!     .await?;
+//! let key = created.api_key.expect("a new API key is returned once");
+//! assert!(authority.sync().await.all_ok());
+//!
+//! // The key now works on the target, which only ever saw its hash.
+//! let cert = CertificateAuthority::generate(&CaParams::new("ca"))?.issue(&LeafParams::client("c"))?;
+//! assert!(store.verify(key.expose(), cert.cert_identity(), SystemTime::now()).is_ok());
+//! assert_eq!(authority.status("billing").await?[0].state, DeliveryState::Success);
+//! # Ok(())
+//! # }
 //! ```
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
