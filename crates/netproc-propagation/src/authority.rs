@@ -792,8 +792,8 @@ impl Authority {
                     Err(e) => return (delivered, Some(e.to_string())),
                 }
                 let credential = match &event.kind {
-                    EventKind::Upsert(c) => Some(c.id.clone()),
-                    EventKind::Delete { id } => Some(id.clone()),
+                    EventKind::Upsert(c) => Some((c.id.clone(), false)),
+                    EventKind::Delete { id } => Some((id.clone(), true)),
                     EventKind::Snapshot(_) => None,
                 };
                 sent.push((seq, credential));
@@ -1044,7 +1044,7 @@ fn complete(
     c: &Connection,
     target: &str,
     config: &AuthorityConfig,
-    sent: &[(u64, Option<String>)],
+    sent: &[(u64, Option<(String, bool)>)],
     snapshot_seq: Option<u64>,
     reply: Result<DeliveryReply, String>,
 ) -> Result<Progress, AuthorityError> {
@@ -1090,7 +1090,7 @@ fn complete(
                 if *seq <= reply.cursor =>
             {
                 acked_now += 1;
-                if let Some(id) = credential {
+                if let Some((id, _)) = credential {
                     c.execute(
                         "UPDATE delivery SET error = ?3 WHERE target = ?1 AND credential_id = ?2 AND seq = ?4",
                         params![target, id, reason.to_string(), i64_of(*seq)],
@@ -1134,11 +1134,27 @@ fn complete(
         "DELETE FROM outbox WHERE target = ?1 AND seq <= ?2",
         params![target, i64_of(new_acked)],
     )?;
-    c.execute(
-        "DELETE FROM delivery WHERE target = ?1 AND seq <= ?2 AND error IS NULL AND credential_id NOT IN
-           (SELECT credential_id FROM credential_targets WHERE target = ?1)",
-        params![target, i64_of(new_acked)],
-    )?;
+    // Forget delivered deletions (their credential is gone): by id for the
+    // deletes in this batch, by a scan after a snapshot (which may have
+    // superseded any number of them).
+    for (seq, credential) in sent {
+        if let Some((id, true)) = credential
+            && *seq <= new_acked
+        {
+            c.prepare_cached(
+                "DELETE FROM delivery WHERE target = ?1 AND credential_id = ?2 AND seq <= ?3 AND error IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM credential_targets WHERE credential_id = ?2 AND target = ?1)",
+            )?
+            .execute(params![target, id, i64_of(new_acked)])?;
+        }
+    }
+    if snapshot_seq.is_some_and(|s| s <= new_acked) {
+        c.execute(
+            "DELETE FROM delivery WHERE target = ?1 AND seq <= ?2 AND error IS NULL AND credential_id NOT IN
+               (SELECT credential_id FROM credential_targets WHERE target = ?1)",
+            params![target, i64_of(new_acked)],
+        )?;
+    }
     if let Some(reason) = refusal {
         let mut p = fail(c, target, config, attempts, now, reason)?;
         p.acked = acked_now;

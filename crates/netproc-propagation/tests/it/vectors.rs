@@ -14,7 +14,10 @@ use netproc_propagation::{
 };
 use serde::{Deserialize, Serialize};
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/wire/propagation.json");
+const PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../fixtures/wire/propagation.json"
+);
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Vector {
@@ -43,7 +46,12 @@ fn credential() -> Credential {
 const ISSUED_MS: u64 = 1_700_000_000_000;
 
 fn event(seq: u64, kind: EventKind) -> Event {
-    let mut e = Event::new("server_1", seq, UNIX_EPOCH + Duration::from_millis(ISSUED_MS), kind);
+    let mut e = Event::new(
+        "server_1",
+        seq,
+        UNIX_EPOCH + Duration::from_millis(ISSUED_MS),
+        kind,
+    );
     e.event_id = 41 + seq;
     e
 }
@@ -51,7 +59,16 @@ fn event(seq: u64, kind: EventKind) -> Event {
 fn built() -> Vec<Vector> {
     let k = key();
     let upsert = sign(&event(1, EventKind::Upsert(credential())), &k).unwrap();
-    let delete = sign(&event(2, EventKind::Delete { id: "billing".into() }), &k).unwrap();
+    let delete = sign(
+        &event(
+            2,
+            EventKind::Delete {
+                id: "billing".into(),
+            },
+        ),
+        &k,
+    )
+    .unwrap();
     let snapshot = sign(&event(3, EventKind::Snapshot(vec![credential()])), &k).unwrap();
     let v = |name: &str, description: &str, bytes: Vec<u8>| Vector {
         name: name.into(),
@@ -59,19 +76,48 @@ fn built() -> Vec<Vector> {
         hex: hex::encode(bytes),
     };
     vec![
-        v("authority_public_key", "Ed25519 public key of seed [7; 32], which signs the vectors below", k.public_key().to_vec()),
-        v("event_upsert", "Event body: upsert of credential billing (generation 2, with a previous secret), seq 1, for server_1", upsert.body.clone()),
-        v("delivery_upsert", "Delivery of the signed upsert event", Delivery::new(vec![upsert]).encode()),
-        v("delivery_delete", "Delivery of a signed delete of billing, seq 2", Delivery::new(vec![delete]).encode()),
-        v("delivery_snapshot", "Delivery of a signed snapshot holding billing, seq 3", Delivery::new(vec![snapshot]).encode()),
-        v("delivery_probe", "An empty delivery: asks for the cursor only", Delivery::default().encode()),
+        v(
+            "authority_public_key",
+            "Ed25519 public key of seed [7; 32], which signs the vectors below",
+            k.public_key().to_vec(),
+        ),
+        v(
+            "event_upsert",
+            "Event body: upsert of credential billing (generation 2, with a previous secret), seq 1, for server_1",
+            upsert.body.clone(),
+        ),
+        v(
+            "delivery_upsert",
+            "Delivery of the signed upsert event",
+            Delivery::new(vec![upsert]).encode(),
+        ),
+        v(
+            "delivery_delete",
+            "Delivery of a signed delete of billing, seq 2",
+            Delivery::new(vec![delete]).encode(),
+        ),
+        v(
+            "delivery_snapshot",
+            "Delivery of a signed snapshot holding billing, seq 3",
+            Delivery::new(vec![snapshot]).encode(),
+        ),
+        v(
+            "delivery_probe",
+            "An empty delivery: asks for the cursor only",
+            Delivery::default().encode(),
+        ),
         v(
             "reply_mixed",
             "Reply: cursor 1, acks applied / duplicate / needs_snapshot / rejected(stale), conflicts [\"local-key\"]",
             {
                 let mut r = DeliveryReply::default();
                 r.cursor = 1;
-                r.acks = vec![Ack::Applied, Ack::Duplicate, Ack::NeedsSnapshot, Ack::Rejected(RejectReason::Stale)];
+                r.acks = vec![
+                    Ack::Applied,
+                    Ack::Duplicate,
+                    Ack::NeedsSnapshot,
+                    Ack::Rejected(RejectReason::Stale),
+                ];
                 r.conflicts = vec!["local-key".into()];
                 r.encode()
             },
@@ -89,11 +135,16 @@ fn every_vector_decodes_re_encodes_and_verifies() {
     let text = std::fs::read_to_string(PATH).expect("fixtures/wire/propagation.json");
     let file: Vec<Vector> = serde_json::from_str(&text).unwrap();
     assert_eq!(file, built);
-    let bytes = |name: &str| hex::decode(&file.iter().find(|v| v.name == name).unwrap().hex).unwrap();
+    let bytes =
+        |name: &str| hex::decode(&file.iter().find(|v| v.name == name).unwrap().hex).unwrap();
     let public: [u8; 32] = bytes("authority_public_key").try_into().unwrap();
     let verifier = Verifier::new("server_1", vec![public], Duration::from_secs(300));
     let at = UNIX_EPOCH + Duration::from_millis(ISSUED_MS);
-    for (name, seq) in [("delivery_upsert", 1), ("delivery_delete", 2), ("delivery_snapshot", 3)] {
+    for (name, seq) in [
+        ("delivery_upsert", 1),
+        ("delivery_delete", 2),
+        ("delivery_snapshot", 3),
+    ] {
         let raw = bytes(name);
         let delivery = Delivery::decode(&raw).unwrap();
         assert_eq!(delivery.encode(), raw, "{name}");
@@ -106,5 +157,8 @@ fn every_vector_decodes_re_encodes_and_verifies() {
     assert_eq!(upsert.events[0].body, bytes("event_upsert"));
     let reply = bytes("reply_mixed");
     assert_eq!(DeliveryReply::decode(&reply).unwrap().encode(), reply);
-    assert!(DeliveryReply::decode(&[reply.as_slice(), &[0]].concat()).is_err(), "trailing bytes");
+    assert!(
+        DeliveryReply::decode(&[reply.as_slice(), &[0]].concat()).is_err(),
+        "trailing bytes"
+    );
 }

@@ -1,0 +1,254 @@
+//! Propagation benchmark: time from `rotate` to every target `success`
+//! (20 netproc servers in this process, real TLS on 127.0.0.1), and events
+//! per second to one target — over TLS, and in-process as the baseline
+//! measured in the same run.
+//!
+//! `cargo bench -p netproc-propagation --bench propagation`
+//! (`NETPROC_BENCH_ROUNDS`, default 20 rotations; `NETPROC_BENCH_EVENTS`,
+//! default 20 000 events per throughput run).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netproc_auth::{ApiKeyStore, KeySpec};
+use netproc_client::{Client, ServerEndpoint};
+use netproc_pki::{CaParams, CertificateAuthority, Ed25519Key, LeafParams};
+use netproc_propagation::{
+    Authority, AuthorityConfig, CredentialSpec, DeliveryState, LocalTransport, NetprocTransport,
+    PropagationTarget, TargetConfig, Transport,
+};
+use netproc_server::{Server, ServerHandle};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Process CPU time (user + system) from /proc/self/stat, in microseconds.
+fn cpu_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) * 10_000
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Fleet {
+    _servers: Vec<ServerHandle>,
+    targets: Vec<Arc<PropagationTarget>>,
+    client: Client,
+    names: Vec<String>,
+}
+
+async fn fleet(n: usize, dir: &std::path::Path, trusted: [u8; 32]) -> Fleet {
+    let ca = CertificateAuthority::generate(&CaParams::new("bench CA")).unwrap();
+    let server_cert = ca
+        .issue(&LeafParams::server("server", ["localhost"]))
+        .unwrap();
+    let authority_cert = ca.issue(&LeafParams::client("authority")).unwrap();
+    let mut servers = Vec::new();
+    let mut targets = Vec::new();
+    let mut names = Vec::new();
+    let mut client = Client::builder();
+    for i in 0..n {
+        let name = format!("t{i}");
+        let state = dir.join(&name);
+        std::fs::create_dir_all(&state).unwrap();
+        let keys = Arc::new(ApiKeyStore::in_memory());
+        let (_, key) = keys
+            .create(KeySpec::new("receive_credentials".parse().unwrap()))
+            .unwrap();
+        let target = PropagationTarget::open(
+            TargetConfig::new(&name, vec![trusted]),
+            Arc::clone(&keys),
+            &state,
+        )
+        .unwrap();
+        let builder = Server::builder(
+            &name,
+            server_cert.identity().unwrap(),
+            ca.trust_anchors(),
+            Arc::clone(&keys),
+        )
+        .state_dir(&state);
+        let server = target.install(builder).start().await.unwrap();
+        server.follow_key_store(&keys);
+        client = client.server(
+            &name,
+            ServerEndpoint::new(
+                server.local_addr(),
+                "localhost",
+                authority_cert.identity().unwrap(),
+                ca.trust_anchors(),
+                key.to_secret(),
+            ),
+        );
+        servers.push(server);
+        targets.push(target);
+        names.push(name);
+    }
+    Fleet {
+        _servers: servers,
+        targets,
+        client: client.build().unwrap(),
+        names,
+    }
+}
+
+fn authority(
+    dir: &std::path::Path,
+    db: &str,
+    key: Ed25519Key,
+    names: &[String],
+    transport: Arc<dyn Transport>,
+) -> Authority {
+    let config = AuthorityConfig::new(dir.join(db), names.to_vec());
+    Authority::open(config, key, transport).unwrap()
+}
+
+async fn all_success(a: &Authority, id: &str) -> bool {
+    a.status(id)
+        .await
+        .unwrap()
+        .iter()
+        .all(|s| s.state == DeliveryState::Success)
+}
+
+/// Ensures `events` credentials on `target` (concurrently: group commit),
+/// then times one `sync` delivering them. Returns (events/s, CPU µs per
+/// event, ensure commits/s).
+async fn throughput(a: &Authority, target: &str, events: usize, round: usize) -> (f64, f64, f64) {
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..events {
+        let a = a.clone();
+        let id = format!("r{round}-k{i}");
+        let target = target.to_owned();
+        pending.push(tokio::spawn(async move {
+            a.ensure(
+                CredentialSpec::api_key(id, "invoke_functions".parse().unwrap()),
+                &[target.as_str()],
+            )
+            .await
+            .unwrap();
+        }));
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let commits = events as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu_micros();
+    let started = Instant::now();
+    let report = a.sync().await;
+    let elapsed = started.elapsed();
+    let cpu = cpu_micros() - cpu;
+    assert!(report.all_ok(), "{report:?}");
+    let delivered: usize = report.targets.iter().map(|t| t.delivered).sum();
+    assert_eq!(delivered, events);
+    (
+        events as f64 / elapsed.as_secs_f64(),
+        cpu as f64 / events as f64,
+        commits,
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let rounds = env("NETPROC_BENCH_ROUNDS", 20);
+        let events = env("NETPROC_BENCH_EVENTS", 20_000);
+        let dir = tempfile::tempdir().unwrap();
+        let signing = Ed25519Key::generate().unwrap();
+        let seed = *signing.seed();
+        let fleet = fleet(20, dir.path(), signing.public_key()).await;
+
+        // 1. rotate → all 20 targets success, over TLS.
+        let tls = authority(dir.path(), "tls.db", signing, &fleet.names, Arc::new(NetprocTransport::new(fleet.client.clone())));
+        let names: Vec<&str> = fleet.names.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        tls.ensure(CredentialSpec::api_key("svc", "invoke_functions".parse().unwrap()), &names)
+            .await
+            .unwrap();
+        assert!(tls.sync().await.all_ok());
+        let cold = started.elapsed();
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let started = Instant::now();
+            tls.rotate("svc", None).await.unwrap();
+            let report = tls.sync().await;
+            assert!(report.all_ok(), "{report:?}");
+            times.push(started.elapsed());
+            assert!(all_success(&tls, "svc").await);
+        }
+        times.sort();
+        println!(
+            "rotate → 20 targets success: first (connect + TLS + auth + snapshot) {:.1} ms; then {rounds} rotations: median {:.2} ms, p90 {:.2} ms, max {:.2} ms (target ≤ 500 ms)",
+            ms(cold),
+            ms(times[times.len() / 2]),
+            ms(times[times.len() * 9 / 10]),
+            ms(*times.last().unwrap()),
+        );
+
+        // 2. events/s to one target: TLS and in-process alternated.
+        // The baseline: the same target code and state database, no network
+        // (a target of its own: two authorities must not share a target).
+        let local_state = dir.path().join("local");
+        std::fs::create_dir_all(&local_state).unwrap();
+        let mut local = LocalTransport::new();
+        local.add(
+            PropagationTarget::open(
+                TargetConfig::new("local", vec![Ed25519Key::from_seed(&seed).unwrap().public_key()]),
+                Arc::new(ApiKeyStore::in_memory()),
+                &local_state,
+            )
+            .unwrap(),
+        );
+        let inproc = authority(dir.path(), "local.db", Ed25519Key::from_seed(&seed).unwrap(), &["local".to_owned()], Arc::new(local));
+        assert!(inproc.sync().await.all_ok());
+        let (mut t_rate, mut t_cpu, mut l_rate, mut l_cpu, mut commits) = (vec![], vec![], vec![], vec![], vec![]);
+        for round in 0..3 {
+            let (r, c, k) = throughput(&tls, "t0", events, round).await;
+            t_rate.push(r);
+            t_cpu.push(c);
+            commits.push(k);
+            let (r, c, k) = throughput(&inproc, "local", events, round).await;
+            l_rate.push(r);
+            l_cpu.push(c);
+            commits.push(k);
+        }
+        println!(
+            "events/s to one target ({events} per run, medians of 3): TLS {:.0} events/s @ {:.1} µs CPU/event; in-process baseline {:.0} events/s @ {:.1} µs → {:.2}× (target ≥ 5,000 events/s)",
+            median(t_rate.clone()),
+            median(t_cpu),
+            median(l_rate.clone()),
+            median(l_cpu),
+            median(t_rate) / median(l_rate),
+        );
+        println!(
+            "authority commits (concurrent ensure, group commit): median {:.0} changes/s",
+            median(commits)
+        );
+        let held = fleet.targets[0].cursor();
+        println!("t0 cursor after the runs: {held}");
+    });
+}
