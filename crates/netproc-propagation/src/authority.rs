@@ -781,24 +781,17 @@ impl Authority {
                 return (delivered, None);
             }
             probe = false;
-            let now = SystemTime::now();
-            let mut signed = Vec::with_capacity(batch.events.len());
-            let mut sent = Vec::with_capacity(batch.events.len());
-            for (seq, change_id, kind) in batch.events {
-                let mut event = Event::new(name, seq, now, kind);
-                event.event_id = change_id;
-                match sign(&event, &self.inner.key) {
-                    Ok(s) => signed.push(s),
-                    Err(e) => return (delivered, Some(e.to_string())),
-                }
-                let credential = match &event.kind {
-                    EventKind::Upsert(c) => Some((c.id.clone(), false)),
-                    EventKind::Delete { id } => Some((id.clone(), true)),
-                    EventKind::Snapshot(_) => None,
-                };
-                sent.push((seq, credential));
-            }
-            let request = Delivery::new(signed).encode();
+            // Signing a full batch takes milliseconds: off the runtime's threads.
+            let inner = Arc::clone(&self.inner);
+            let target = name.to_owned();
+            let signed =
+                tokio::task::spawn_blocking(move || sign_batch(&inner.key, &target, batch.events))
+                    .await;
+            let (request, sent) = match signed {
+                Ok(Ok(signed)) => signed,
+                Ok(Err(e)) => return (delivered, Some(e)),
+                Err(e) => return (delivered, Some(e.to_string())),
+            };
             let answer = tokio::time::timeout(
                 self.inner.config.delivery_timeout,
                 self.inner.transport.deliver(name, request),
@@ -840,6 +833,33 @@ impl Authority {
         }
         (delivered, None)
     }
+}
+
+/// What was sent: each event's seq, and its credential id with whether it
+/// was a deletion (`None` for a snapshot).
+type Sent = Vec<(u64, Option<(String, bool)>)>;
+
+/// Signs a batch for `target` now: the encoded request and what it holds.
+fn sign_batch(
+    key: &Ed25519Key,
+    target: &str,
+    events: Vec<(u64, u64, EventKind)>,
+) -> Result<(Vec<u8>, Sent), String> {
+    let now = SystemTime::now();
+    let mut signed = Vec::with_capacity(events.len());
+    let mut sent = Vec::with_capacity(events.len());
+    for (seq, change_id, kind) in events {
+        let mut event = Event::new(target, seq, now, kind);
+        event.event_id = change_id;
+        signed.push(sign(&event, key).map_err(|e| e.to_string())?);
+        let credential = match event.kind {
+            EventKind::Upsert(c) => Some((c.id, false)),
+            EventKind::Delete { id } => Some((id, true)),
+            EventKind::Snapshot(_) => None,
+        };
+        sent.push((seq, credential));
+    }
+    Ok((Delivery::new(signed).encode(), sent))
 }
 
 fn log_report(report: &SyncReport) {
