@@ -407,7 +407,7 @@ impl Authority {
                 "target name {bad:?}: expected 1 to 128 characters of [A-Za-z0-9._:-]"
             )));
         }
-        let db = Db::open(&config.database)?;
+        let db = Db::open(&config.database, &config.targets)?;
         Ok(Authority {
             inner: Arc::new(Inner {
                 db,
@@ -418,24 +418,6 @@ impl Authority {
                 wake: tokio::sync::Notify::new(),
             }),
         })
-    }
-
-    /// Registers the configured targets that the database does not know
-    /// yet (each gets a snapshot first). Called by [`run`](Self::run) and
-    /// [`sync`](Self::sync); call it before [`ensure`](Self::ensure) names a new target.
-    pub async fn register_targets(&self) -> Result<(), AuthorityError> {
-        let names = self.inner.config.targets.clone();
-        self.inner
-            .db
-            .run(move |c| {
-                let mut st =
-                    c.prepare_cached("INSERT OR IGNORE INTO targets (name) VALUES (?1)")?;
-                for n in &names {
-                    st.execute(params![n])?;
-                }
-                Ok(())
-            })
-            .await
     }
 
     /// The authority's public key, for the targets' `authority_public_keys`.
@@ -460,7 +442,6 @@ impl Authority {
             )));
         }
         let wanted: BTreeSet<String> = targets.iter().map(|t| (*t).to_owned()).collect();
-        self.register_targets().await?;
         let result = self
             .inner
             .db
@@ -596,7 +577,6 @@ impl Authority {
 
     /// Every known target's delivery state.
     pub async fn targets(&self) -> Result<Vec<TargetState>, AuthorityError> {
-        self.register_targets().await?;
         self.inner
             .db
             .run(|c| {
@@ -658,15 +638,6 @@ impl Authority {
     /// `max_concurrent_deliveries`; a slow or dead target only holds its own
     /// slot, for at most `delivery_timeout` per request.
     pub async fn sync(&self) -> SyncReport {
-        if let Err(e) = self.register_targets().await {
-            return SyncReport {
-                targets: vec![TargetSync {
-                    target: String::new(),
-                    delivered: 0,
-                    error: Some(e.to_string()),
-                }],
-            };
-        }
         let names = self.inner.config.targets.clone();
         self.deliver_all(names, true).await
     }
@@ -678,9 +649,6 @@ impl Authority {
     /// every `probe_interval`.
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        if let Err(e) = self.register_targets().await {
-            tracing::error!(error = %e, "cannot register targets");
-        }
         let mut last_probe: Option<Instant> = None;
         loop {
             let probe = last_probe.is_none_or(|t| t.elapsed() >= self.inner.config.probe_interval);

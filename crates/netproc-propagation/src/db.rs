@@ -73,7 +73,9 @@ pub(crate) struct Db {
 
 impl Db {
     /// Opens (or creates) the database and starts its thread.
-    pub(crate) fn open(path: &Path) -> Result<Db, AuthorityError> {
+    /// Registers `targets` that the database does not know yet (each gets
+    /// a snapshot first).
+    pub(crate) fn open(path: &Path, targets: &[String]) -> Result<Db, AuthorityError> {
         let db_err =
             |e: rusqlite::Error| AuthorityError::Database(format!("{}: {e}", path.display()));
         let conn = Connection::open(path).map_err(db_err)?;
@@ -83,6 +85,14 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        {
+            let mut st = conn
+                .prepare("INSERT OR IGNORE INTO targets (name) VALUES (?1)")
+                .map_err(db_err)?;
+            for t in targets {
+                st.execute([t]).map_err(db_err)?;
+            }
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("netproc-authority-db".into())
