@@ -356,7 +356,9 @@ async fn single_active_session_replaces_the_old_one_only_after_the_new_one_authe
     // Someone with a valid certificate but the wrong secret for the key.
     let mut raw = Raw::connect(&pki, &server).await;
     let forged = key.expose().to_owned();
-    let forged = format!("{}x", &forged[..forged.len() - 1]);
+    // Change the last character (to one it is not: 1 in 62 keys end in x).
+    let other = if forged.ends_with('x') { 'y' } else { 'x' };
+    let forged = format!("{}{other}", &forged[..forged.len() - 1]);
     raw.send(&ClientMessage::Auth(netproc_wire::Auth {
         version: netproc_wire::PROTOCOL_VERSION,
         method: netproc_wire::AuthMethod::ApiKey(netproc_wire::SecretString::new(forged)),
