@@ -865,3 +865,59 @@ async fn the_authority_survives_kill_9_in_the_middle_of_a_sync() {
         assert_eq!(t.acked_seq, node.target.cursor(), "target {}", node.name);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ed25519_credential_travels_as_its_public_key() {
+    let f = fleet(&["a"]).await;
+    let robot = Arc::new(Ed25519Key::generate().unwrap());
+    let spec = |k: &Ed25519Key| {
+        CredentialSpec::ed25519("robot", k.public_key(), "invoke_functions".parse().unwrap())
+    };
+    let made = f.authority.ensure(spec(&robot), &["a"]).await.unwrap();
+    assert!(
+        made.created && made.api_key.is_none(),
+        "no secret for an Ed25519 key"
+    );
+    assert!(f.authority.sync().await.all_ok());
+    let connect = |k: &Arc<Ed25519Key>| {
+        let ep = ServerEndpoint::with_ed25519(
+            f.nodes[0].server.local_addr(),
+            "localhost",
+            f.pki.user.identity().unwrap(),
+            f.pki.ca.trust_anchors(),
+            "robot",
+            Arc::clone(k),
+        );
+        Client::builder()
+            .server("a", ep)
+            .build()
+            .unwrap()
+            .server("a")
+            .unwrap()
+    };
+    let s = connect(&robot);
+    assert_eq!(s.call::<String>("whoami", ()).await.unwrap(), "robot");
+    let call = long_call(&s);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A new public key: the old one's session ends, the new one works.
+    let replacement = Arc::new(Ed25519Key::generate().unwrap());
+    f.authority
+        .ensure(spec(&replacement), &["a"])
+        .await
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    assert_eq!(ended_with(call).await, ErrorCode::CredentialRevoked);
+    assert!(connect(&robot).call::<String>("whoami", ()).await.is_err());
+    assert_eq!(
+        connect(&replacement)
+            .call::<String>("whoami", ())
+            .await
+            .unwrap(),
+        "robot"
+    );
+    assert!(matches!(
+        f.authority.rotate("robot", None).await,
+        Err(netproc_propagation::AuthorityError::NotAnApiKey(_))
+    ));
+}
