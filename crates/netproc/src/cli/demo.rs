@@ -1,18 +1,35 @@
 //! `netproc demo`: in-process and with no setup, what netproc does — a
-//! throwaway PKI, two servers, an API key, calls on one server and on
-//! `all_servers`, a script function defined everywhere, refused clients, and
-//! a graceful shutdown.
+//! throwaway PKI, two servers kept in step by a credential authority, an API
+//! key, calls on one server and on `all_servers`, a script function defined
+//! everywhere, refused clients, a revocation reaching every server, and a
+//! graceful shutdown.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use netproc::auth::{ApiKeyStore, KeySpec};
+use std::sync::Arc;
+
+use netproc::auth::{ApiKeyStore, CertBinding, KeySpec};
 use netproc::client::{Client, ClientError, ServerEndpoint, ServerOutcome};
-use netproc::pki::{CaParams, CertificateAuthority, IssuedCert, LeafParams, TrustAnchors};
+use netproc::pki::{
+    CaParams, CertificateAuthority, Ed25519Key, IssuedCert, LeafParams, TrustAnchors,
+};
+use netproc::propagation::{
+    Authority, AuthorityConfig, CredentialSpec, NetprocTransport, PropagationTarget, TargetConfig,
+};
 use netproc::server::{CallContext, CallError, Server, ServerHandle};
 use netproc::wire::SecretString;
 
 use super::Error;
+
+/// Removes the demo's state directory when the demo ends, however it ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 struct Out {
     color: bool,
@@ -39,13 +56,38 @@ impl Out {
     }
 }
 
+/// A server with its own key store and state directory, receiving
+/// credentials from the authority whose public key is `authority_key`;
+/// returns it with the key the authority uses there.
 async fn start_server(
     name: &str,
     ca: &CertificateAuthority,
-    keys: std::sync::Arc<ApiKeyStore>,
-) -> Result<ServerHandle, Error> {
+    authority_cert: &IssuedCert,
+    authority_key: [u8; 32],
+    state: &std::path::Path,
+) -> Result<(ServerHandle, netproc::auth::ApiKey), Error> {
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    // The authority's own credential here: receive_credentials, bound to its certificate.
+    let (_, for_authority) = keys.create(KeySpec::new("receive_credentials".parse()?).binding(
+        CertBinding::Fingerprint(authority_cert.cert_identity().fingerprint),
+    ))?;
+    let dir = state.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let target = PropagationTarget::open(
+        TargetConfig::new(name, vec![authority_key]),
+        Arc::clone(&keys),
+        &dir,
+    )?;
     let cert = ca.issue(&LeafParams::server(name, ["localhost", "127.0.0.1"]))?;
-    let server = Server::builder(name, cert.identity()?, ca.trust_anchors(), keys)
+    let builder = Server::builder(
+        name,
+        cert.identity()?,
+        ca.trust_anchors(),
+        Arc::clone(&keys),
+    )
+    .state_dir(dir);
+    let server = target
+        .install(builder)
         .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
             a.checked_add(b)
                 .ok_or(CallError::invalid_argument("the sum overflows"))
@@ -60,7 +102,8 @@ async fn start_server(
         .scripts(netproc::script::ScriptRuntime::builder().workers(2).build())
         .start()
         .await?;
-    Ok(server)
+    server.follow_key_store(&keys);
+    Ok((server, for_authority))
 }
 
 fn endpoint(
@@ -106,23 +149,71 @@ pub(crate) async fn demo() -> Result<(), Error> {
         alice.cert_identity().fingerprint
     ));
 
-    out.step("two servers on 127.0.0.1, sharing an API-key store");
-    let keys = std::sync::Arc::new(ApiKeyStore::in_memory());
-    let privileges = "invoke_functions,define_constants,define_functions".parse()?;
-    let (_, key) = keys.create(KeySpec::new(privileges).label("alice"))?;
-    let (_, weak_key) =
-        keys.create(KeySpec::new("invoke_functions".parse()?).label("read-only"))?;
-    let s1 = start_server("server_1", &ca, std::sync::Arc::clone(&keys)).await?;
-    let s2 = start_server("server_2", &ca, std::sync::Arc::clone(&keys)).await?;
+    out.step("two servers on 127.0.0.1, each with its own key store, kept in step by an authority");
+    let state = std::env::temp_dir().join(format!("netproc-demo-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(state.clone());
+    let signing = Ed25519Key::generate()?;
+    let authority_cert = ca.issue(&LeafParams::client("authority"))?;
+    let (s1, a1) = start_server(
+        "server_1",
+        &ca,
+        &authority_cert,
+        signing.public_key(),
+        &state,
+    )
+    .await?;
+    let (s2, a2) = start_server(
+        "server_2",
+        &ca,
+        &authority_cert,
+        signing.public_key(),
+        &state,
+    )
+    .await?;
     out.ok(&format!(
         "server_1 on {}, server_2 on {}",
         s1.local_addr(),
         s2.local_addr()
     ));
-    out.ok("an API key that may invoke and define functions (the store keeps only its hash)");
+    let roots = ca.trust_anchors();
+    let transport = Client::builder()
+        .server(
+            "server_1",
+            endpoint(&s1, &authority_cert, &roots, a1.to_secret())?,
+        )
+        .server(
+            "server_2",
+            endpoint(&s2, &authority_cert, &roots, a2.to_secret())?,
+        )
+        .build()?;
+    let config = AuthorityConfig::new(
+        state.join("authority.db"),
+        vec!["server_1".into(), "server_2".into()],
+    );
+    let authority = Authority::open(config, signing, Arc::new(NetprocTransport::new(transport)))?;
+    let both = ["server_1", "server_2"];
+    let privileges = "invoke_functions,define_constants,define_functions".parse()?;
+    let key = authority
+        .ensure(CredentialSpec::api_key("alice", privileges), &both)
+        .await?
+        .api_key
+        .ok_or("the authority returned no key")?;
+    let weak_key = authority
+        .ensure(
+            CredentialSpec::api_key("read-only", "invoke_functions".parse()?),
+            &both,
+        )
+        .await?
+        .api_key
+        .ok_or("the authority returned no key")?;
+    let report = authority.sync().await;
+    if !report.all_ok() {
+        return Err(format!("propagation: {report:?}").into());
+    }
+    out.ok("API keys for alice (invoke, define) and a read-only one, created by the authority");
+    out.ok("delivered to both servers as signed events carrying only each key's hash: success on server_1 and server_2");
 
     out.step("alice calls add(2, 3) on server_1: TLS 1.3 with her certificate, then her API key");
-    let roots = ca.trust_anchors();
     let client = Client::builder()
         .server("server_1", endpoint(&s1, &alice, &roots, key.to_secret())?)
         .server("server_2", endpoint(&s2, &alice, &roots, key.to_secret())?)
@@ -207,6 +298,10 @@ pub(crate) async fn demo() -> Result<(), Error> {
             "server_1",
             endpoint(&s1, &alice, &roots, weak_key.to_secret())?,
         )
+        .server(
+            "server_2",
+            endpoint(&s2, &alice, &roots, weak_key.to_secret())?,
+        )
         .build()?;
     let e = expect(
         "missing privilege",
@@ -214,6 +309,35 @@ pub(crate) async fn demo() -> Result<(), Error> {
         "insufficient_privileges",
     )?;
     out.ok(&format!("{} — {e}", e.code()));
+
+    out.step("the authority revokes the read-only key: every server refuses it from then on");
+    let before = weak.all_servers().call::<i64>("add", (1, 1)).await;
+    if before.values().any(Result::is_err) {
+        return Err(format!("read-only key before revocation: {before:?}").into());
+    }
+    authority.revoke("read-only").await?;
+    if !authority.sync().await.all_ok() {
+        return Err("the revocation was not delivered".into());
+    }
+    // Its open sessions were told GoAway{credential_revoked}; the next call
+    // reconnects and is refused.
+    for (server, r) in weak.all_servers().call::<i64>("add", (1, 1)).await {
+        match r {
+            Err(e)
+                if matches!(
+                    e.code().as_str(),
+                    "authentication_failed" | "credential_revoked"
+                ) =>
+            {
+                out.ok(&format!("{server}: {}", e.code()));
+            }
+            other => {
+                return Err(
+                    format!("revoked key on {server}: expected a refusal, got {other:?}").into(),
+                );
+            }
+        }
+    }
 
     out.step("graceful shutdown: GoAway to every session, in-flight calls finish");
     s1.shutdown(Duration::from_secs(2)).await;
@@ -229,7 +353,7 @@ pub(crate) async fn demo() -> Result<(), Error> {
     println!("      cargo xtask pki               a dev PKI in fixtures/pki");
     println!("      cargo doc --workspace --open  the API, with runnable examples");
     println!(
-        "also: `netproc serve|call|pki|keys|admin|metrics|bench` (see docs/operations.md); coming next: credential propagation."
+        "also: `netproc serve|call|pki|keys|admin|metrics|bench` (docs/operations.md), `netproc authority|creds` (docs/propagation.md)."
     );
     Ok(())
 }

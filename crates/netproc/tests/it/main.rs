@@ -34,6 +34,8 @@ fn demo_exits_zero_and_shows_each_step() {
     ] {
         assert!(stdout.contains(code), "{code} missing: {stdout}");
     }
+    assert!(stdout.contains("success on server_1 and server_2"), "{stdout}");
+    assert!(stdout.contains("server_2: authentication_failed"), "{stdout}");
     assert!(stdout.contains("all steps behaved as expected"), "{stdout}");
 }
 
