@@ -151,6 +151,7 @@ pub(crate) async fn demo() -> Result<(), Error> {
 
     out.step("two servers on 127.0.0.1, each with its own key store, kept in step by an authority");
     let state = std::env::temp_dir().join(format!("netproc-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state); // a leftover from a killed run
     let _cleanup = RemoveOnDrop(state.clone());
     let signing = Ed25519Key::generate()?;
     let authority_cert = ca.issue(&LeafParams::client("authority"))?;

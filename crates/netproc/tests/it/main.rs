@@ -34,8 +34,14 @@ fn demo_exits_zero_and_shows_each_step() {
     ] {
         assert!(stdout.contains(code), "{code} missing: {stdout}");
     }
-    assert!(stdout.contains("success on server_1 and server_2"), "{stdout}");
-    assert!(stdout.contains("server_2: authentication_failed"), "{stdout}");
+    assert!(
+        stdout.contains("success on server_1 and server_2"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("server_2: authentication_failed"),
+        "{stdout}"
+    );
     assert!(stdout.contains("all steps behaved as expected"), "{stdout}");
 }
 
@@ -509,4 +515,19 @@ fn creds_and_authority_propagate_keys_to_a_served_server() {
         "{}",
         text(&out.stdout)
     );
+}
+
+#[test]
+fn every_example_config_parses() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/examples");
+    for name in ["netproc.toml", "bench.toml"] {
+        netproc::config::ServerFile::load(format!("{dir}/{name}"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for name in ["client.toml", "bench-client.toml"] {
+        netproc::config::ClientFile::load(format!("{dir}/{name}"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let authority = netproc::config::AuthorityFile::load(format!("{dir}/authority.toml")).unwrap();
+    assert!(authority.targets.contains_key("server_1"));
 }
