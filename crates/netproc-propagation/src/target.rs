@@ -86,6 +86,7 @@ pub struct PropagationTarget {
     name: String,
     store: Arc<ApiKeyStore>,
     state: Mutex<State>,
+    db_path: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for PropagationTarget {
@@ -174,6 +175,7 @@ impl PropagationTarget {
             name: config.name,
             store,
             state: Mutex::new(State { conn, cursor }),
+            db_path: path,
         }))
     }
 
@@ -203,13 +205,17 @@ impl PropagationTarget {
     /// Handles one delivery at `now`: checks every event, commits what is
     /// applied (keys and cursor, one transaction), then applies it to the
     /// live store and answers. Blocking (SQLite); the extension handler runs
-    /// it on the blocking pool.
-    pub fn deliver(&self, delivery: &Delivery, now: SystemTime) -> DeliveryReply {
+    /// it on the blocking pool. If the state database cannot commit, nothing
+    /// is applied and the error is returned (the authority retries later).
+    pub fn deliver(
+        &self,
+        delivery: &Delivery,
+        now: SystemTime,
+    ) -> Result<DeliveryReply, TargetError> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut cursor = state.cursor;
         let mut acks = Vec::with_capacity(delivery.events.len());
         let mut conflicts = Vec::new();
-        // (seq, event_id, change, credentials to persist)
         let mut staged: Vec<Staged> = Vec::new();
         for signed in &delivery.events {
             let event = match self.verifier.check(signed, cursor, now) {
@@ -233,23 +239,12 @@ impl PropagationTarget {
             acks.push(ack);
         }
         if cursor != state.cursor {
-            if let Err(e) = persist(&mut state.conn, &self.name, cursor, &staged) {
-                tracing::error!(target_name = %self.name, error = %e, "cannot persist propagated keys; nothing applied");
-                let failed = acks
-                    .iter()
-                    .map(|a| match a {
-                        Ack::Applied
-                        | Ack::Rejected(RejectReason::Conflict | RejectReason::Malformed) => {
-                            Ack::NeedsSnapshot
-                        }
-                        other => other.clone(),
-                    })
-                    .collect();
-                return DeliveryReply {
-                    cursor: state.cursor,
-                    acks: failed,
-                    conflicts: Vec::new(),
-                };
+            if let Err(source) = persist(&mut state.conn, &self.name, cursor, &staged) {
+                tracing::error!(target_name = %self.name, error = %source, "cannot persist propagated keys; nothing applied");
+                return Err(TargetError::Database {
+                    path: self.db_path.clone(),
+                    source,
+                });
             }
             state.cursor = cursor;
             for s in staged {
@@ -264,11 +259,11 @@ impl PropagationTarget {
                 }
             }
         }
-        DeliveryReply {
+        Ok(DeliveryReply {
             cursor: state.cursor,
             acks,
             conflicts,
-        }
+        })
     }
 }
 
@@ -428,9 +423,14 @@ impl ExtensionHandler for PropagationTarget {
             }
             let this =
                 this.ok_or_else(|| CallError::with_code(ErrorCode::Unavailable, "shutting down"))?;
-            tokio::task::spawn_blocking(move || this.deliver(&delivery, SystemTime::now()).encode())
-                .await
-                .map_err(|_| CallError::new("the delivery could not be applied"))
+            let reply =
+                tokio::task::spawn_blocking(move || this.deliver(&delivery, SystemTime::now()))
+                    .await
+                    .map_err(|_| CallError::new("the delivery could not be applied"))?;
+            // The details are in the server's log, not for the peer.
+            reply.map(|r| r.encode()).map_err(|_| {
+                CallError::new("the delivery could not be stored; nothing was applied")
+            })
         })
     }
 }

@@ -101,8 +101,10 @@ impl Transport for LocalTransport {
                 .ok_or_else(|| TransportError(format!("no target named {target:?}")))?;
             let delivery = Delivery::decode(&request).map_err(|e| TransportError(e.to_string()))?;
             let t = Arc::clone(t);
-            tokio::task::spawn_blocking(move || t.deliver(&delivery, SystemTime::now()).encode())
+            tokio::task::spawn_blocking(move || t.deliver(&delivery, SystemTime::now()))
                 .await
+                .map_err(|e| TransportError(e.to_string()))?
+                .map(|r| r.encode())
                 .map_err(|e| TransportError(e.to_string()))
         })
     }

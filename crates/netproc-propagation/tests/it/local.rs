@@ -367,3 +367,40 @@ proptest! {
         rt.block_on(run_ops(ops));
     }
 }
+
+#[tokio::test]
+async fn a_target_that_cannot_commit_applies_nothing_and_is_retried() {
+    let f = fleet(&["a"]);
+    assert!(f.authority.sync().await.all_ok());
+    // Break the target's table from outside: its next commit fails.
+    let db = rusqlite::Connection::open(f._dir.path().join("a/netproc.db")).unwrap();
+    db.execute_batch("ALTER TABLE propagated_keys RENAME TO broken")
+        .unwrap();
+    let key = f
+        .authority
+        .ensure(CredentialSpec::api_key("svc", privileges(false)), &["a"])
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    let report = f.authority.sync().await;
+    assert!(!report.all_ok(), "{report:?}");
+    assert!(
+        f.stores["a"].get("svc").is_none(),
+        "applied without being stored"
+    );
+    let status = f.authority.status("svc").await.unwrap();
+    assert!(
+        matches!(&status[0].state, DeliveryState::Error { attempts: 1, .. }),
+        "{status:?}"
+    );
+    // Repaired, the next sync delivers.
+    db.execute_batch("ALTER TABLE broken RENAME TO propagated_keys")
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    assert!(
+        f.stores["a"]
+            .verify(key.expose(), &cert(), SystemTime::now())
+            .is_ok()
+    );
+}
