@@ -162,3 +162,19 @@ fn every_vector_decodes_re_encodes_and_verifies() {
         "trailing bytes"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Arbitrary bytes never panic either decoder; what decodes re-encodes
+    /// to bytes that decode to the same value.
+    #[test]
+    fn arbitrary_bytes_are_refused_or_round_trip(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        if let Ok(d) = Delivery::decode(&bytes) {
+            proptest::prop_assert_eq!(Delivery::decode(&d.encode()).unwrap(), d);
+        }
+        if let Ok(r) = DeliveryReply::decode(&bytes) {
+            proptest::prop_assert_eq!(DeliveryReply::decode(&r.encode()).unwrap(), r);
+        }
+    }
+}
