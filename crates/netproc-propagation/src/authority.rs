@@ -74,6 +74,10 @@ pub struct AuthorityConfig {
     pub poll_interval: Duration,
     /// See `poll_interval`.
     pub probe_interval: Duration,
+    /// A snapshot larger than this (encoded credentials, bytes) is sent in
+    /// parts (512 KiB; a part must fit the server's frame limit, 1 MiB by
+    /// default).
+    pub snapshot_part_bytes: usize,
 }
 
 impl AuthorityConfig {
@@ -88,6 +92,7 @@ impl AuthorityConfig {
             max_backoff: Duration::from_secs(60),
             poll_interval: Duration::from_millis(250),
             probe_interval: Duration::from_secs(60),
+            snapshot_part_bytes: 512 * 1024,
         }
     }
 }
@@ -390,7 +395,6 @@ fn enqueue(
 struct Batch {
     /// (seq, change id, kind)
     events: Vec<(u64, u64, EventKind)>,
-    snapshot_seq: Option<u64>,
 }
 
 impl Authority {
@@ -741,7 +745,13 @@ impl Authority {
         // Bounded: each round either empties the queue or fails.
         for _ in 0..10_000 {
             let target = name.to_owned();
-            let batch = match self.inner.db.run(move |c| prepare(c, &target)).await {
+            let part_bytes = self.inner.config.snapshot_part_bytes;
+            let batch = match self
+                .inner
+                .db
+                .run(move |c| prepare(c, &target, part_bytes))
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => return (delivered, Some(e.to_string())),
             };
@@ -774,11 +784,11 @@ impl Authority {
             };
             let target = name.to_owned();
             let config = self.inner.config.clone();
-            let snapshot_seq = batch.snapshot_seq;
+
             let done = self
                 .inner
                 .db
-                .run(move |c| complete(c, &target, &config, &sent, snapshot_seq, reply))
+                .run(move |c| complete(c, &target, &config, &sent, reply))
                 .await;
             match done {
                 Ok(Progress {
@@ -823,7 +833,7 @@ fn sign_batch(
         let credential = match event.kind {
             EventKind::Upsert(c) => Some((c.id, false)),
             EventKind::Delete { id } => Some((id, true)),
-            EventKind::Snapshot(_) => None,
+            EventKind::Snapshot(_) | EventKind::SnapshotPart { .. } => None,
         };
         sent.push((seq, credential));
     }
@@ -955,9 +965,73 @@ fn save_and_send(
     Ok(())
 }
 
-/// The next batch for `target`: a snapshot if it needs one (superseding
-/// everything queued before it), then queued events in order.
-fn prepare(c: &Connection, target: &str) -> Result<Batch, AuthorityError> {
+/// Queues a snapshot of everything `target` should hold, in parts of about
+/// `part_bytes`, superseding everything queued before it.
+fn queue_snapshot(
+    c: &Connection,
+    target: &str,
+    acked: u64,
+    part_bytes: usize,
+) -> Result<(), AuthorityError> {
+    let mut st = c.prepare_cached(
+        "SELECT c.credential FROM credentials c JOIN credential_targets ct ON ct.credential_id = c.id
+         WHERE ct.target = ?1 ORDER BY c.id",
+    )?;
+    let rows = st.query_map(params![target], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut parts: Vec<Vec<Credential>> = vec![Vec::new()];
+    let mut size = 0;
+    for row in rows {
+        let row = row?;
+        let last = parts.last().map_or(0, Vec::len);
+        if last > 0 && size + row.len() > part_bytes {
+            parts.push(Vec::new());
+            size = 0;
+        }
+        size += row.len();
+        if let Some(p) = parts.last_mut() {
+            p.push(decode_credential(&row)?);
+        }
+    }
+    let total = u32::try_from(parts.len())
+        .map_err(|_| AuthorityError::Invalid("snapshot too large".into()))?;
+    let mut first = None;
+    let mut last = 0;
+    for (index, credentials) in (0..total).zip(parts) {
+        let kind = if total == 1 {
+            EventKind::Snapshot(credentials)
+        } else {
+            EventKind::SnapshotPart {
+                index,
+                total,
+                credentials,
+            }
+        };
+        last = allocate_seq(c, target)?;
+        first.get_or_insert(last);
+        c.prepare_cached(
+            "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES (?1, ?2, 0, '', ?3)",
+        )?
+        .execute(params![target, i64_of(last), encode(&kind)?])?;
+    }
+    let first = first.unwrap_or(last);
+    c.execute(
+        "DELETE FROM outbox WHERE target = ?1 AND seq < ?2",
+        params![target, i64_of(first)],
+    )?;
+    c.execute(
+        "UPDATE delivery SET seq = ?2, error = NULL WHERE target = ?1 AND seq > ?3",
+        params![target, i64_of(last), i64_of(acked)],
+    )?;
+    c.execute(
+        "UPDATE targets SET snapshot_needed = 0 WHERE name = ?1",
+        params![target],
+    )?;
+    Ok(())
+}
+
+/// The next batch for `target`: a snapshot first if it needs one, then
+/// queued events in order.
+fn prepare(c: &Connection, target: &str, part_bytes: usize) -> Result<Batch, AuthorityError> {
     let (acked, snapshot_needed): (u64, bool) = c
         .query_row(
             "SELECT acked_seq, snapshot_needed FROM targets WHERE name = ?1",
@@ -966,35 +1040,12 @@ fn prepare(c: &Connection, target: &str) -> Result<Batch, AuthorityError> {
         )
         .optional()?
         .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))?;
+    if snapshot_needed {
+        queue_snapshot(c, target, acked, part_bytes)?;
+    }
     let mut events = Vec::new();
     let mut bytes = 0;
-    let mut snapshot_seq = None;
-    let mut after = acked;
-    if snapshot_needed {
-        let seq = allocate_seq(c, target)?;
-        let mut st = c.prepare_cached(
-            "SELECT c.credential FROM credentials c JOIN credential_targets ct ON ct.credential_id = c.id
-             WHERE ct.target = ?1 ORDER BY c.id",
-        )?;
-        let rows = st.query_map(params![target], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut all = Vec::new();
-        for row in rows {
-            let cred = decode_credential(&row?)?;
-            bytes += cred.id.len() + 128;
-            all.push(cred);
-        }
-        c.execute(
-            "DELETE FROM outbox WHERE target = ?1 AND seq < ?2",
-            params![target, i64_of(seq)],
-        )?;
-        c.execute(
-            "UPDATE delivery SET seq = ?2, error = NULL WHERE target = ?1 AND seq > ?3",
-            params![target, i64_of(seq), i64_of(acked)],
-        )?;
-        events.push((seq, 0, EventKind::Snapshot(all)));
-        snapshot_seq = Some(seq);
-        after = seq;
-    }
+    let after = acked;
     let mut st = c.prepare_cached(
         "SELECT seq, change_id, kind FROM outbox WHERE target = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
     )?;
@@ -1015,10 +1066,7 @@ fn prepare(c: &Connection, target: &str) -> Result<Batch, AuthorityError> {
             .map_err(|e| AuthorityError::Database(format!("unreadable queued event: {e}")))?;
         events.push((seq, change_id, kind));
     }
-    Ok(Batch {
-        events,
-        snapshot_seq,
-    })
+    Ok(Batch { events })
 }
 
 struct Progress {
@@ -1033,7 +1081,6 @@ fn complete(
     target: &str,
     config: &AuthorityConfig,
     sent: &[(u64, Option<(String, bool)>)],
-    snapshot_seq: Option<u64>,
     reply: Result<DeliveryReply, String>,
 ) -> Result<Progress, AuthorityError> {
     let now = now_ms();
@@ -1067,12 +1114,7 @@ fn complete(
     let mut acked_now = 0;
     for ((seq, credential), ack) in sent.iter().zip(&reply.acks) {
         match ack {
-            Ack::Applied | Ack::Duplicate => {
-                acked_now += 1;
-                if Some(*seq) == snapshot_seq {
-                    snapshot_needed.get_or_insert(false);
-                }
-            }
+            Ack::Applied | Ack::Duplicate => acked_now += 1,
             Ack::NeedsSnapshot => snapshot_needed = Some(true),
             Ack::Rejected(reason @ (RejectReason::Conflict | RejectReason::Malformed))
                 if *seq <= reply.cursor =>
@@ -1136,7 +1178,10 @@ fn complete(
             .execute(params![target, id, i64_of(new_acked)])?;
         }
     }
-    if snapshot_seq.is_some_and(|s| s <= new_acked) {
+    let snapshot_delivered = sent
+        .iter()
+        .any(|(seq, credential)| credential.is_none() && *seq <= new_acked);
+    if snapshot_delivered {
         c.execute(
             "DELETE FROM delivery WHERE target = ?1 AND seq <= ?2 AND error IS NULL AND credential_id NOT IN
                (SELECT credential_id FROM credential_targets WHERE target = ?1)",

@@ -97,6 +97,29 @@ pub enum EventKind {
     /// Everything the target should have; replaces every propagated
     /// credential (locally configured keys are untouched).
     Snapshot(Vec<Credential>),
+    /// One part of a snapshot too large for one message: parts carry
+    /// consecutive `seq`s, `index` 0 to `total - 1`. The target applies the
+    /// whole snapshot when the last part arrives, as if it were one
+    /// [`Snapshot`](EventKind::Snapshot); a snapshot interrupted between
+    /// parts is resumed in order or replaced by a newer one.
+    SnapshotPart {
+        /// This part's position, from 0.
+        index: u32,
+        /// How many parts the snapshot has.
+        total: u32,
+        /// Its credentials.
+        credentials: Vec<Credential>,
+    },
+}
+
+impl EventKind {
+    /// Whether this event starts a snapshot (and so may follow a gap).
+    pub fn starts_snapshot(&self) -> bool {
+        matches!(
+            self,
+            EventKind::Snapshot(_) | EventKind::SnapshotPart { index: 0, .. }
+        )
+    }
 }
 
 /// One event for one target.
@@ -241,7 +264,8 @@ impl Verifier {
     /// Checks one delivery against the target's `cursor` (the last applied
     /// `seq`, 0 before any) at `now`. Checks run in an order that reveals
     /// nothing to a forger: signer, signature, decoding, target, freshness,
-    /// then order. A snapshot is accepted past a gap (that is its purpose)
+    /// then order. A snapshot (or a snapshot's first part) is accepted past
+    /// a gap (that is its purpose)
     /// but, like any event, not at or below the cursor.
     pub fn check(&self, signed: &SignedEvent, cursor: u64, now: SystemTime) -> Check {
         let reject = |r| Check::Ack(Ack::Rejected(r));
@@ -269,7 +293,7 @@ impl Verifier {
         if event.seq <= cursor {
             return Check::Ack(Ack::Duplicate);
         }
-        let in_order = event.seq == cursor + 1 || matches!(event.kind, EventKind::Snapshot(_));
+        let in_order = event.seq == cursor + 1 || event.kind.starts_snapshot();
         if !in_order {
             return Check::Ack(Ack::NeedsSnapshot);
         }

@@ -27,6 +27,12 @@ const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS propagated_keys (
         id TEXT PRIMARY KEY,
         credential BLOB NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS propagation_snapshot (
+        target TEXT PRIMARY KEY,
+        total INTEGER NOT NULL,
+        next_index INTEGER NOT NULL,
+        credentials BLOB NOT NULL
     );";
 
 /// Why a target could not be set up.
@@ -74,6 +80,16 @@ impl TargetConfig {
 struct State {
     conn: Connection,
     cursor: u64,
+    /// A multi-part snapshot received up to (not including) part `next`.
+    partial: Option<Partial>,
+}
+
+/// The parts of a snapshot received so far (persisted with the cursor).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Partial {
+    total: u32,
+    next: u32,
+    credentials: Vec<Credential>,
 }
 
 /// A server's propagation endpoint. Install it on a server with
@@ -149,6 +165,27 @@ impl PropagationTarget {
                 }
             }
         }
+        let partial = conn
+            .query_row(
+                "SELECT total, next_index, credentials FROM propagation_snapshot WHERE target = ?1",
+                params![config.name],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db_err)?
+            .and_then(|(total, next, bytes)| {
+                Some(Partial {
+                    total: u32::try_from(total).ok()?,
+                    next: u32::try_from(next).ok()?,
+                    credentials: postcard::from_bytes(&bytes).ok()?,
+                })
+            });
         // A key configured locally since it was received: the local one wins.
         keys.retain(
             |k| match store.check_propagated(&PropagatedChange::Upsert(k.clone())) {
@@ -174,7 +211,11 @@ impl PropagationTarget {
             ),
             name: config.name,
             store,
-            state: Mutex::new(State { conn, cursor }),
+            state: Mutex::new(State {
+                conn,
+                cursor,
+                partial,
+            }),
             db_path: path,
         }))
     }
@@ -217,6 +258,7 @@ impl PropagationTarget {
         let mut acks = Vec::with_capacity(delivery.events.len());
         let mut conflicts = Vec::new();
         let mut staged: Vec<Staged> = Vec::new();
+        let mut partial = state.partial.clone();
         for signed in &delivery.events {
             let event = match self.verifier.check(signed, cursor, now) {
                 Check::Ack(ack) => {
@@ -225,10 +267,50 @@ impl PropagationTarget {
                 }
                 Check::Apply(event) => event,
             };
+            let kind = match event.kind {
+                EventKind::SnapshotPart {
+                    index,
+                    total,
+                    credentials,
+                } => {
+                    let continues = partial
+                        .as_ref()
+                        .is_some_and(|p| p.next == index && p.total == total);
+                    if index >= total || (index > 0 && !continues) {
+                        // Not the part this target is waiting for: start over.
+                        tracing::debug!(target_name = %self.name, seq = event.seq, index, total, "snapshot part out of sequence");
+                        acks.push(Ack::NeedsSnapshot);
+                        continue;
+                    }
+                    cursor = event.seq;
+                    let p = partial.get_or_insert_with(|| Partial {
+                        total,
+                        next: 0,
+                        credentials: Vec::new(),
+                    });
+                    if index == 0 {
+                        p.credentials.clear();
+                        p.total = total;
+                    }
+                    p.credentials.extend(credentials);
+                    p.next = index + 1;
+                    if p.next < total {
+                        acks.push(Ack::Applied);
+                        continue;
+                    }
+                    let all = partial.take().map(|p| p.credentials).unwrap_or_default();
+                    EventKind::Snapshot(all)
+                }
+                other => {
+                    // Any other event in order abandons an unfinished snapshot.
+                    partial = None;
+                    other
+                }
+            };
             // Authentic and in order: this seq is consumed whatever the
             // content, so one bad credential cannot hold up the others.
             cursor = event.seq;
-            let ack = match stage(&self.store, event.kind, &mut conflicts) {
+            let ack = match stage(&self.store, kind, &mut conflicts) {
                 Ok(s) => {
                     staged.push(s);
                     Ack::Applied
@@ -239,7 +321,13 @@ impl PropagationTarget {
             acks.push(ack);
         }
         if cursor != state.cursor {
-            if let Err(source) = persist(&mut state.conn, &self.name, cursor, &staged) {
+            if let Err(source) = persist(
+                &mut state.conn,
+                &self.name,
+                cursor,
+                &staged,
+                partial.as_ref(),
+            ) {
                 tracing::error!(target_name = %self.name, error = %source, "cannot persist propagated keys; nothing applied");
                 return Err(TargetError::Database {
                     path: self.db_path.clone(),
@@ -247,6 +335,7 @@ impl PropagationTarget {
                 });
             }
             state.cursor = cursor;
+            state.partial = partial;
             for s in staged {
                 if let PropagatedChange::Upsert(k) = &s.change {
                     schedule_expiry(&self.store, k);
@@ -329,6 +418,8 @@ fn stage(
                 persist: Persist::Replace(rows),
             })
         }
+        // Assembled into a Snapshot by the caller.
+        EventKind::SnapshotPart { .. } => Err(RejectReason::Malformed),
     }
 }
 
@@ -346,8 +437,27 @@ fn persist(
     name: &str,
     cursor: u64,
     staged: &[Staged],
+    partial: Option<&Partial>,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
+    match partial {
+        Some(p) => {
+            let bytes = postcard::to_stdvec(&p.credentials)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            tx.execute(
+                "INSERT INTO propagation_snapshot (target, total, next_index, credentials) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(target) DO UPDATE SET total = excluded.total, next_index = excluded.next_index,
+                   credentials = excluded.credentials",
+                params![name, i64::from(p.total), i64::from(p.next), bytes],
+            )?;
+        }
+        None => {
+            tx.execute(
+                "DELETE FROM propagation_snapshot WHERE target = ?1",
+                params![name],
+            )?;
+        }
+    }
     for s in staged {
         match &s.persist {
             Persist::Put(id, bytes) => {

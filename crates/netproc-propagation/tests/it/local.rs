@@ -102,6 +102,8 @@ fn fleet(names: &[&str]) -> Fleet {
         names.iter().map(|n| (*n).to_owned()).collect(),
     );
     config.base_backoff = Duration::from_millis(1);
+    // Snapshots of more than one credential come in parts.
+    config.snapshot_part_bytes = 120;
     let authority =
         Authority::open(config, key, Arc::clone(&transport) as Arc<dyn Transport>).unwrap();
     Fleet {
@@ -403,4 +405,106 @@ async fn a_target_that_cannot_commit_applies_nothing_and_is_retried() {
             .verify(key.expose(), &cert(), SystemTime::now())
             .is_ok()
     );
+}
+
+#[test]
+fn a_snapshot_in_parts_survives_a_restart_between_parts() {
+    use netproc_propagation::{Ack, Credential, Delivery, Event, EventKind, sign};
+    let dir = tempfile::tempdir().unwrap();
+    let authority = Ed25519Key::generate().unwrap();
+    let open = |store: Arc<ApiKeyStore>| {
+        PropagationTarget::open(
+            TargetConfig::new("a", vec![authority.public_key()]),
+            store,
+            dir.path(),
+        )
+        .unwrap()
+    };
+    let cred = |id: &str| {
+        let mut c = Credential::default();
+        c.id = id.into();
+        c.secret_sha256 = Some([9; 32]);
+        c.generation = 1;
+        c.privileges = vec!["invoke_functions".into()];
+        c
+    };
+    let part = |seq: u64, index: u32, ids: &[&str]| {
+        let kind = EventKind::SnapshotPart {
+            index,
+            total: 3,
+            credentials: ids.iter().map(|i| cred(i)).collect(),
+        };
+        sign(&Event::new("a", seq, SystemTime::now(), kind), &authority).unwrap()
+    };
+    let store = Arc::new(ApiKeyStore::in_memory());
+    let target = open(Arc::clone(&store));
+    // An earlier key the snapshot does not hold: it must go when the snapshot completes.
+    let old = sign(
+        &Event::new("a", 1, SystemTime::now(), EventKind::Upsert(cred("old"))),
+        &authority,
+    )
+    .unwrap();
+    let now = SystemTime::now();
+    assert_eq!(
+        target.deliver(&Delivery::new(vec![old]), now).unwrap().acks,
+        [Ack::Applied]
+    );
+
+    // Parts 0 and 1 (after a gap: a snapshot's first part may jump one).
+    let reply = target
+        .deliver(
+            &Delivery::new(vec![part(10, 0, &["k1", "k2"]), part(11, 1, &["k3"])]),
+            now,
+        )
+        .unwrap();
+    assert_eq!(reply.acks, [Ack::Applied, Ack::Applied]);
+    assert_eq!(reply.cursor, 11);
+    assert!(store.get("k1").is_none(), "applied before the last part");
+    assert!(store.get("old").is_some());
+
+    // Restart between parts: the parts received so far are kept.
+    drop(target);
+    let store = Arc::new(ApiKeyStore::in_memory());
+    let target = open(Arc::clone(&store));
+    assert_eq!(target.cursor(), 11);
+    // A part out of sequence asks for a new snapshot and moves nothing.
+    let skipped = SystemTime::now();
+    let wrong = sign(
+        &Event::new(
+            "a",
+            12,
+            skipped,
+            EventKind::SnapshotPart {
+                index: 1,
+                total: 3,
+                credentials: vec![],
+            },
+        ),
+        &authority,
+    )
+    .unwrap();
+    assert_eq!(
+        target
+            .deliver(&Delivery::new(vec![wrong]), skipped)
+            .unwrap()
+            .acks,
+        [Ack::NeedsSnapshot]
+    );
+    assert_eq!(target.cursor(), 11);
+    // The right last part completes it: exactly the snapshot's keys remain.
+    let reply = target
+        .deliver(
+            &Delivery::new(vec![part(12, 2, &["k4"])]),
+            SystemTime::now(),
+        )
+        .unwrap();
+    assert_eq!(reply.acks, [Ack::Applied]);
+    let ids: Vec<String> = store.propagated_keys().into_iter().map(|k| k.id).collect();
+    assert_eq!(ids, ["k1", "k2", "k3", "k4"]);
+    // And again after another restart.
+    drop(target);
+    let store = Arc::new(ApiKeyStore::in_memory());
+    let target = open(Arc::clone(&store));
+    assert_eq!(target.cursor(), 12);
+    assert_eq!(store.propagated_keys().len(), 4);
 }

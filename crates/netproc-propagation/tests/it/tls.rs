@@ -921,3 +921,29 @@ async fn an_ed25519_credential_travels_as_its_public_key() {
         Err(netproc_propagation::AuthorityError::NotAnApiKey(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_a_frame_arrives_in_parts() {
+    let f = fleet(&["a"]).await;
+    let functions: Vec<String> = (0..20)
+        .map(|i| format!("a_rather_long_function_name_{i}"))
+        .collect();
+    // About 4,000 × 650 bytes ≈ 2.5 MiB: far over the 1 MiB frame limit.
+    let changes = (0..4_000).map(|i| {
+        let authority = f.authority.clone();
+        let spec = CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap())
+            .functions(functions.clone());
+        async move { authority.ensure(spec, &["a"]).await.unwrap() }
+    });
+    // Queued before the target's first delivery, so they travel as its snapshot.
+    futures_util::future::join_all(changes).await;
+    let report = f.authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    let parts = report.targets[0].delivered;
+    assert!(parts >= 5, "{parts} events: expected a snapshot in parts");
+    assert_eq!(f.nodes[0].keys.propagated_keys().len(), 4_000);
+    assert_eq!(
+        f.nodes[0].target.cursor(),
+        f.authority.targets().await.unwrap()[0].acked_seq
+    );
+}

@@ -70,6 +70,18 @@ fn built() -> Vec<Vector> {
     )
     .unwrap();
     let snapshot = sign(&event(3, EventKind::Snapshot(vec![credential()])), &k).unwrap();
+    let part = sign(
+        &event(
+            4,
+            EventKind::SnapshotPart {
+                index: 0,
+                total: 2,
+                credentials: vec![credential()],
+            },
+        ),
+        &k,
+    )
+    .unwrap();
     let v = |name: &str, description: &str, bytes: Vec<u8>| Vector {
         name: name.into(),
         description: description.into(),
@@ -100,6 +112,11 @@ fn built() -> Vec<Vector> {
             "delivery_snapshot",
             "Delivery of a signed snapshot holding billing, seq 3",
             Delivery::new(vec![snapshot]).encode(),
+        ),
+        v(
+            "delivery_snapshot_part",
+            "Delivery of part 0 of a 2-part snapshot holding billing, seq 4",
+            Delivery::new(vec![part]).encode(),
         ),
         v(
             "delivery_probe",
