@@ -273,6 +273,8 @@ struct Inner {
     transport: Arc<dyn Transport>,
     config: AuthorityConfig,
     in_flight: Mutex<HashSet<String>>,
+    /// One delivery at a time per target (one lock per configured target).
+    delivering: std::collections::HashMap<String, tokio::sync::Mutex<()>>,
     wake: tokio::sync::Notify,
 }
 
@@ -412,6 +414,11 @@ impl Authority {
             )));
         }
         let db = Db::open(&config.database, &config.targets)?;
+        let delivering = config
+            .targets
+            .iter()
+            .map(|t| (t.clone(), tokio::sync::Mutex::new(())))
+            .collect();
         Ok(Authority {
             inner: Arc::new(Inner {
                 db,
@@ -419,6 +426,7 @@ impl Authority {
                 transport,
                 config,
                 in_flight: Mutex::new(HashSet::new()),
+                delivering,
                 wake: tokio::sync::Notify::new(),
             }),
         })
@@ -721,16 +729,17 @@ impl Authority {
 
     /// Delivers to one target until it is up to date or fails.
     async fn deliver_target(&self, name: &str, probe: bool) -> (usize, Option<String>) {
-        {
-            let mut in_flight = self
-                .inner
-                .in_flight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if !in_flight.insert(name.to_owned()) {
-                return (0, None); // already being delivered by another task
-            }
-        }
+        let Some(lock) = self.inner.delivering.get(name) else {
+            return (0, Some(format!("target {name:?} is not configured")));
+        };
+        // Another task delivering to it (run and sync at once): wait, then
+        // deliver what is left.
+        let _one_at_a_time = lock.lock().await;
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned());
         let outcome = self.deliver_target_inner(name, probe).await;
         self.inner
             .in_flight

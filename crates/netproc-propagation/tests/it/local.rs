@@ -508,3 +508,55 @@ fn a_snapshot_in_parts_survives_a_restart_between_parts() {
     assert_eq!(target.cursor(), 12);
     assert_eq!(store.propagated_keys().len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_delivers_in_the_background_and_a_concurrent_sync_waits_its_turn() {
+    let f = fleet(&["a", "b"]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let background = {
+        let a = f.authority.clone();
+        tokio::spawn(async move {
+            a.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    let key = f
+        .authority
+        .ensure(
+            CredentialSpec::api_key("svc", privileges(false)),
+            &["a", "b"],
+        )
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    // run() is woken by the change; sync() at the same time takes its turn.
+    let report = f.authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    let status = f.authority.status("svc").await.unwrap();
+    assert!(
+        status.iter().all(|s| s.state == DeliveryState::Success),
+        "{status:?}"
+    );
+    for store in f.stores.values() {
+        assert!(
+            store
+                .verify(key.expose(), &cert(), SystemTime::now())
+                .is_ok()
+        );
+    }
+    // A change with no sync: run() alone delivers it.
+    f.authority.revoke("svc").await.unwrap();
+    let started = std::time::Instant::now();
+    while f.stores.values().any(|s| s.get("svc").is_some()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "run() did not deliver"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.send(()).unwrap();
+    background.await.unwrap();
+}
