@@ -512,13 +512,44 @@ fn schedule_expiry(store: &Arc<ApiKeyStore>, key: &netproc_auth::PropagatedKey) 
     });
 }
 
+/// Counts acknowledgements (`netproc_propagation_events_total{ack}`) and
+/// audits refusals that point at a forger or a misconfiguration.
+fn record(acks: &[Ack], principal: &str, peer: std::net::SocketAddr) {
+    for ack in acks {
+        let label = match ack {
+            Ack::Applied => "applied",
+            Ack::Duplicate => "duplicate",
+            Ack::NeedsSnapshot => "needs_snapshot",
+            Ack::Rejected(RejectReason::Conflict) => "conflict",
+            Ack::Rejected(RejectReason::BadSignature) => "bad_signature",
+            Ack::Rejected(RejectReason::UnknownSigner) => "unknown_signer",
+            Ack::Rejected(RejectReason::WrongTarget) => "wrong_target",
+            Ack::Rejected(RejectReason::Stale) => "stale",
+            Ack::Rejected(_) => "malformed",
+        };
+        metrics::counter!("netproc_propagation_events_total", "ack" => label).increment(1);
+        if matches!(
+            ack,
+            Ack::Rejected(
+                RejectReason::BadSignature
+                    | RejectReason::UnknownSigner
+                    | RejectReason::WrongTarget
+                    | RejectReason::Stale
+            )
+        ) {
+            tracing::warn!(target: netproc_server::AUDIT_TARGET, event = "propagation_rejected", reason = label, principal = ?principal, %peer, "a propagation event was refused");
+        }
+    }
+}
+
 impl ExtensionHandler for PropagationTarget {
     fn handle(
         &self,
         ctx: CallContext,
         payload: Vec<u8>,
     ) -> netproc_auth::BoxFuture<'static, Result<Vec<u8>, CallError>> {
-        let _ = ctx;
+        let principal = ctx.principal().id.clone();
+        let peer = ctx.peer();
         let delivery = Delivery::decode(&payload);
         let this = self.me.upgrade();
         Box::pin(async move {
@@ -537,6 +568,9 @@ impl ExtensionHandler for PropagationTarget {
                 tokio::task::spawn_blocking(move || this.deliver(&delivery, SystemTime::now()))
                     .await
                     .map_err(|_| CallError::new("the delivery could not be applied"))?;
+            if let Ok(r) = &reply {
+                record(&r.acks, &principal, peer);
+            }
             // The details are in the server's log, not for the peer.
             reply.map(|r| r.encode()).map_err(|_| {
                 CallError::new("the delivery could not be stored; nothing was applied")
