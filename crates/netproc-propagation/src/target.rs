@@ -98,7 +98,9 @@ struct Partial {
 /// so that revoked, rotated and changed keys end their sessions.
 pub struct PropagationTarget {
     me: Weak<PropagationTarget>,
-    verifier: Verifier,
+    /// Replaced whole when the trusted authority keys change.
+    verifier: std::sync::RwLock<Arc<Verifier>>,
+    freshness: Duration,
     name: String,
     store: Arc<ApiKeyStore>,
     state: Mutex<State>,
@@ -204,11 +206,12 @@ impl PropagationTarget {
         }
         Ok(Arc::new_cyclic(|me| PropagationTarget {
             me: me.clone(),
-            verifier: Verifier::new(
+            verifier: std::sync::RwLock::new(Arc::new(Verifier::new(
                 config.name.clone(),
                 config.authority_public_keys,
                 config.freshness,
-            ),
+            ))),
+            freshness: config.freshness,
             name: config.name,
             store,
             state: Mutex::new(State {
@@ -243,6 +246,22 @@ impl PropagationTarget {
         &self.name
     }
 
+    /// Replaces the trusted authority public keys, effective for the next
+    /// delivery: to rotate the authority's key, trust old and new, switch
+    /// the authority, then trust only the new one (after a compromise,
+    /// drop the old one at once). An empty list is refused.
+    pub fn set_authority_keys(&self, keys: Vec<[u8; 32]>) -> Result<(), TargetError> {
+        if keys.is_empty() {
+            return Err(TargetError::NoTrustedKey);
+        }
+        let verifier = Arc::new(Verifier::new(self.name.clone(), keys, self.freshness));
+        *self
+            .verifier
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = verifier;
+        Ok(())
+    }
+
     /// Handles one delivery at `now`: checks every event, commits what is
     /// applied (keys and cursor, one transaction), then applies it to the
     /// live store and answers. Blocking (SQLite); the extension handler runs
@@ -259,8 +278,9 @@ impl PropagationTarget {
         let mut conflicts = Vec::new();
         let mut staged: Vec<Staged> = Vec::new();
         let mut partial = state.partial.clone();
+        let verifier = Arc::clone(&self.verifier.read().unwrap_or_else(PoisonError::into_inner));
         for signed in &delivery.events {
-            let event = match self.verifier.check(signed, cursor, now) {
+            let event = match verifier.check(signed, cursor, now) {
                 Check::Ack(ack) => {
                     acks.push(ack);
                     continue;

@@ -323,9 +323,48 @@ impl ServerFile {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
         let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
         let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
+        // Propagation: the target holds received keys in the state directory.
+        let state_dir = self.state_dir.as_ref().map(|d| self.resolve(d));
+        if let Some(dir) = &state_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err(&format!("state_dir {}: {e}", dir.display())))?;
+        }
+        let target = match (self.propagation.as_ref().filter(|p| p.enabled), &state_dir) {
+            (Some(p), Some(dir)) => {
+                let mut target = crate::propagation::TargetConfig::new(
+                    p.target_name.clone().unwrap_or_else(|| self.name.clone()),
+                    p.public_keys().map_err(|e| err(&e))?,
+                );
+                if let Some(ms) = p.freshness_ms {
+                    target.freshness = Duration::from_millis(ms);
+                }
+                Some(
+                    crate::propagation::PropagationTarget::open(target, Arc::clone(&keys), dir)
+                        .map_err(|e| err(&e))?,
+                )
+            }
+            _ => None,
+        };
+        // A reload re-reads the key store, the TLS files and, with
+        // propagation, the trusted authority keys from this file.
         let reload_keys = Arc::clone(&keys);
         let file = self.clone();
+        let reload_target = target.clone();
+        let path = config_path.to_owned();
         let source: crate::server::ReloadSource = Arc::new(move || {
+            if let Some(target) = &reload_target {
+                let now = ServerFile::load(&path).map_err(|e| e.to_string())?;
+                let trusted = now
+                    .propagation
+                    .as_ref()
+                    .filter(|p| p.enabled)
+                    .map(PropagationConfig::public_keys)
+                    .transpose()?
+                    .unwrap_or_default();
+                target
+                    .set_authority_keys(trusted)
+                    .map_err(|e| e.to_string())?;
+            }
             reload_keys.reload().map_err(|e| e.to_string())?;
             file.tls_material()
         });
@@ -354,23 +393,10 @@ impl ServerFile {
             }
             builder = builder.scripts(rt.build());
         }
-        if let Some(dir) = &self.state_dir {
-            let dir = self.resolve(dir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| err(&format!("state_dir {}: {e}", dir.display())))?;
-            if let Some(p) = self.propagation.as_ref().filter(|p| p.enabled) {
-                let mut target = crate::propagation::TargetConfig::new(
-                    p.target_name.clone().unwrap_or_else(|| self.name.clone()),
-                    p.public_keys().map_err(|e| err(&e))?,
-                );
-                if let Some(ms) = p.freshness_ms {
-                    target.freshness = Duration::from_millis(ms);
-                }
-                let target =
-                    crate::propagation::PropagationTarget::open(target, Arc::clone(&keys), &dir)
-                        .map_err(|e| err(&e))?;
-                builder = target.install(builder);
-            }
+        if let Some(target) = &target {
+            builder = target.install(builder);
+        }
+        if let Some(dir) = state_dir {
             builder = builder.state_dir(dir);
         }
         Ok((builder, keys))

@@ -515,6 +515,58 @@ fn creds_and_authority_propagate_keys_to_a_served_server() {
         "{}",
         text(&out.stdout)
     );
+
+    // Rotating the authority's signing key: a new key is refused until the
+    // server trusts it, which a reload picks up without a restart.
+    drop(_authority);
+    let first = std::fs::read_to_string(d.join("authority.toml")).unwrap();
+    std::fs::write(
+        d.join("authority2.toml"),
+        first.replace("authority.ed25519", "authority2.ed25519"),
+    )
+    .unwrap();
+    let out = netproc(&["creds", "init", "--config", &p("authority2.toml")]);
+    let second_key = text(&out.stdout).trim().to_owned();
+    assert_ne!(second_key, public_key);
+    let out = netproc(&[
+        "creds",
+        "ensure",
+        "--config",
+        &p("authority2.toml"),
+        "svc2",
+        "--key-out",
+        &p("svc2.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&["creds", "sync", "--config", &p("authority2.toml")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("unknown_signer"),
+        "{}",
+        text(&out.stdout)
+    );
+    let server_toml = std::fs::read_to_string(d.join("server.toml")).unwrap();
+    std::fs::write(
+        d.join("server.toml"),
+        server_toml.replace(
+            &format!("[\"{public_key}\"]"),
+            &format!("[\"{public_key}\", \"{second_key}\"]"),
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("admin.toml"), target("client.apikey")).unwrap();
+    let out = netproc(&["admin", "--config", &p("admin.toml"), "s1", "reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&["creds", "sync", "--config", &p("authority2.toml")]);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    std::fs::write(d.join("svc2.toml"), target("svc2.apikey")).unwrap();
+    let out = netproc(&["call", "--config", &p("svc2.toml"), "s1", "echo", "\"hi\""]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
 #[test]
