@@ -1038,8 +1038,25 @@ fn queue_snapshot(
     Ok(())
 }
 
-/// The next batch for `target`: a snapshot first if it needs one, then
-/// queued events in order.
+/// Whether `target`'s backlog is longer than a snapshot would be: more
+/// queued events than one batch and than the credentials it should hold.
+/// (Many changes to few credentials while it was away: one snapshot says
+/// it all.)
+fn far_behind(c: &Connection, target: &str, acked: u64) -> Result<bool, AuthorityError> {
+    let backlog: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM outbox WHERE target = ?1 AND seq > ?2")?
+        .query_row(params![target, i64_of(acked)], |r| r.get(0))?;
+    if u64_of(backlog) <= BATCH_EVENTS as u64 {
+        return Ok(false);
+    }
+    let held: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM credential_targets WHERE target = ?1")?
+        .query_row(params![target], |r| r.get(0))?;
+    Ok(backlog > held)
+}
+
+/// The next batch for `target`: a snapshot first if it needs one (or is
+/// far behind), then queued events in order.
 fn prepare(c: &Connection, target: &str, part_bytes: usize) -> Result<Batch, AuthorityError> {
     let (acked, snapshot_needed): (u64, bool) = c
         .query_row(
@@ -1049,7 +1066,7 @@ fn prepare(c: &Connection, target: &str, part_bytes: usize) -> Result<Batch, Aut
         )
         .optional()?
         .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))?;
-    if snapshot_needed {
+    if snapshot_needed || far_behind(c, target, acked)? {
         queue_snapshot(c, target, acked, part_bytes)?;
     }
     let mut events = Vec::new();

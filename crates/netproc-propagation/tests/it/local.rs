@@ -560,3 +560,58 @@ async fn run_delivers_in_the_background_and_a_concurrent_sync_waits_its_turn() {
     stop.send(()).unwrap();
     background.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_target_far_behind_gets_a_snapshot_instead_of_its_backlog() {
+    let f = fleet(&["a", "b"]);
+    assert!(f.authority.sync().await.all_ok());
+    f.transport
+        .fate
+        .lock()
+        .unwrap()
+        .insert("b".into(), Fate::DropRequest);
+    let mut keys = BTreeMap::new();
+    for i in 0..5 {
+        let id = format!("k{i}");
+        let spec = CredentialSpec::api_key(id.as_str(), privileges(false));
+        f.authority.ensure(spec, &["a", "b"]).await.unwrap();
+        // Many rotations while "b" is unreachable: a long backlog for few keys.
+        for _ in 0..60 {
+            keys.insert(id.clone(), f.authority.rotate(&id, None).await.unwrap());
+        }
+    }
+    let report = f.authority.sync().await;
+    assert!(!report.all_ok());
+    // The 305 queued events were already replaced by a snapshot (in parts)
+    // when the failed attempt prepared its batch.
+    let backlog = f
+        .authority
+        .targets()
+        .await
+        .unwrap()
+        .iter()
+        .find(|t| t.name == "b")
+        .unwrap()
+        .pending_events;
+    assert!(backlog <= 5, "{backlog} events still queued");
+    f.transport.fate.lock().unwrap().clear();
+    let report = f.authority.sync().await;
+    assert!(report.all_ok(), "{report:?}");
+    let to_b = report
+        .targets
+        .iter()
+        .find(|t| t.target == "b")
+        .unwrap()
+        .delivered;
+    assert!(
+        to_b <= 5,
+        "{to_b} events: expected a snapshot (in parts of one or two keys), not the backlog"
+    );
+    for key in keys.values() {
+        assert!(
+            f.stores["b"]
+                .verify(key.expose(), &cert(), SystemTime::now())
+                .is_ok()
+        );
+    }
+}
