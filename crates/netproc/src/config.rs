@@ -230,21 +230,40 @@ impl PropagationConfig {
     }
 }
 
-/// 64 hex digits → 32 bytes.
-fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    let text = text.trim();
+/// Exactly 64 hex digits into `out` (which may be a zeroizing buffer, for
+/// a seed); false if `text` is anything else.
+fn decode_hex32(text: &str, out: &mut [u8; 32]) -> bool {
     if text.len() != 64 || !text.is_ascii() {
-        return None;
+        return false;
     }
-    let mut out = [0u8; 32];
     for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        match u8::from_str_radix(&text[2 * i..2 * i + 2], 16) {
+            Ok(v) => *b = v,
+            Err(_) => return false,
+        }
     }
-    Some(out)
+    true
+}
+
+/// 64 hex digits (surrounding whitespace ignored) → 32 bytes.
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    decode_hex32(text.trim(), &mut out).then_some(out)
+}
+
+/// Appends `bytes` as lowercase hex, with no intermediate strings (the
+/// bytes may be a secret seed).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    use std::fmt::Write;
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
 }
 
 impl ServerFile {
@@ -589,7 +608,8 @@ impl AuthorityFile {
         let path = self.signing_key_path();
         if !path.exists() {
             let key = Ed25519Key::generate().map_err(|e| e.to_string())?;
-            let text = zeroize::Zeroizing::new(to_hex(key.seed()));
+            let mut text = zeroize::Zeroizing::new(String::with_capacity(64));
+            push_hex(&mut text, key.seed());
             crate::pki::write_secret_file(&path, text.as_bytes(), false)
                 .map_err(|e| e.to_string())?;
         }
@@ -599,8 +619,11 @@ impl AuthorityFile {
     fn signing_key(&self) -> Result<Ed25519Key, String> {
         let path = self.signing_key_path();
         let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
-        let seed = parse_hex32(&String::from_utf8_lossy(&bytes))
-            .ok_or_else(|| format!("{}: expected 64 hex digits", path.display()))?;
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        let text = std::str::from_utf8(&bytes).unwrap_or("");
+        if !decode_hex32(text.trim(), &mut seed) {
+            return Err(format!("{}: expected 64 hex digits", path.display()));
+        }
         Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
     }
 
@@ -694,13 +717,9 @@ fn parse_ed25519_credential(text: &str) -> Option<Result<(String, Ed25519Key), S
     let rest = text.strip_prefix("npe_")?;
     let parsed = (|| {
         let (id, hex) = rest.split_once('_').ok_or("expected npe_<id>_<seed>")?;
-        if hex.len() != 64 || !hex.is_ascii() {
-            return Err("the Ed25519 seed must be 64 hex digits");
-        }
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        for (i, byte) in seed.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| "the Ed25519 seed must be 64 hex digits")?;
+        if !decode_hex32(hex, &mut seed) {
+            return Err("the Ed25519 seed must be 64 hex digits");
         }
         let key = Ed25519Key::from_seed(&seed).map_err(|_| "invalid Ed25519 seed")?;
         Ok((id.to_owned(), key))
@@ -712,11 +731,9 @@ fn parse_ed25519_credential(text: &str) -> Option<Result<(String, Ed25519Key), S
 /// hex digits>`. A client config's `api_key_file` accepts it in place of an
 /// API key. The result is secret; it is zeroized on drop.
 pub fn format_ed25519_credential(id: &str, key: &Ed25519Key) -> zeroize::Zeroizing<String> {
-    use std::fmt::Write;
     let mut out = zeroize::Zeroizing::new(format!("npe_{id}_"));
-    for b in key.seed() {
-        let _ = write!(out, "{b:02x}");
-    }
+    out.reserve(64); // no reallocation, so no stray copy of the seed
+    push_hex(&mut out, key.seed());
     out
 }
 
