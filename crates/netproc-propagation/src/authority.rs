@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -272,7 +272,7 @@ struct Inner {
     key: Ed25519Key,
     transport: Arc<dyn Transport>,
     config: AuthorityConfig,
-    in_flight: Mutex<HashSet<String>>,
+
     /// One delivery at a time per target (one lock per configured target).
     delivering: std::collections::HashMap<String, tokio::sync::Mutex<()>>,
     wake: tokio::sync::Notify,
@@ -425,7 +425,7 @@ impl Authority {
                 key: signing_key,
                 transport,
                 config,
-                in_flight: Mutex::new(HashSet::new()),
+
                 delivering,
                 wake: tokio::sync::Notify::new(),
             }),
@@ -685,12 +685,15 @@ impl Authority {
         }
     }
 
+    /// Targets being delivered to now: those whose delivery lock is held
+    /// (released on every exit, cancellation included).
     fn in_flight(&self) -> HashSet<String> {
         self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .delivering
+            .iter()
+            .filter(|(_, lock)| lock.try_lock().is_err())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Configured targets with work to do whose backoff has passed.
@@ -735,18 +738,7 @@ impl Authority {
         // Another task delivering to it (run and sync at once): wait, then
         // deliver what is left.
         let _one_at_a_time = lock.lock().await;
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_owned());
-        let outcome = self.deliver_target_inner(name, probe).await;
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
-        outcome
+        self.deliver_target_inner(name, probe).await
     }
 
     async fn deliver_target_inner(&self, name: &str, mut probe: bool) -> (usize, Option<String>) {
