@@ -164,6 +164,20 @@ pub trait Authenticator: Send + Sync + 'static {
         &'a self,
         request: AuthRequest,
     ) -> BoxFuture<'a, Result<Principal, AuthRejected>>;
+
+    /// Whether a key id (API key or Ed25519 key) exists: `Some(true)` or
+    /// `Some(false)`, or `None` if this authenticator cannot tell (the
+    /// default).
+    ///
+    /// The server uses it for the failed-authentication blocklist: a failure
+    /// counts against a key id only when the id is known to exist, so that
+    /// made-up ids cannot fill the per-key table; failures with unknown ids
+    /// (or when the answer is `None`) count against the address only. Key
+    /// ids are not secret; this must be cheap and must not block.
+    fn knows_key_id(&self, key_id: &str) -> Option<bool> {
+        let _ = key_id;
+        None
+    }
 }
 
 impl<A: Authenticator + ?Sized> Authenticator for Arc<A> {
@@ -172,6 +186,10 @@ impl<A: Authenticator + ?Sized> Authenticator for Arc<A> {
         request: AuthRequest,
     ) -> BoxFuture<'a, Result<Principal, AuthRejected>> {
         (**self).authenticate(request)
+    }
+
+    fn knows_key_id(&self, key_id: &str) -> Option<bool> {
+        (**self).knows_key_id(key_id)
     }
 }
 

@@ -829,6 +829,12 @@ impl Authenticator for ApiKeyStore {
             }
         })
     }
+
+    /// Whether the store holds this id (local or propagated, API key or
+    /// Ed25519 key).
+    fn knows_key_id(&self, key_id: &str) -> Option<bool> {
+        Some(self.read().contains_key(key_id))
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ pub enum ClientError {
         server: String,
         /// When to retry, if the server said.
         retry_after: Option<Duration>,
+        /// What was throttled (`ip`, `api_key`, `pending_auth_attempts_per_ip`,
+        /// `ip_overflow`, `api_key_overflow`), if the server said.
+        scope: Option<String>,
         /// The server's message.
         message: String,
     },
@@ -206,6 +209,7 @@ impl ClientError {
             ErrorCode::AuthThrottled => ClientError::AuthThrottled {
                 server,
                 retry_after: retry_after(&details),
+                scope: scope(&details),
                 message,
             },
             ErrorCode::InsufficientPrivileges => {

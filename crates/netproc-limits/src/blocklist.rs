@@ -92,13 +92,40 @@ pub struct BlockedEntry {
     pub retry_after: Duration,
 }
 
-/// Counts failed authentications per address and per claimed API key id,
-/// and blocks those over the threshold for a while.
+/// Where [`Blocklist::record_failure`] counted a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FailureRecorded {
+    /// The address table was full: the failure went to the shared window
+    /// of untracked addresses.
+    pub ip_overflow: bool,
+    /// The key table was full: the failure went to the shared window of
+    /// untracked keys.
+    pub key_overflow: bool,
+    /// The failure landed in an overflow window that is blocked now: which
+    /// one (`"ip_overflow"` or `"api_key_overflow"`) and for how long. The
+    /// caller answers this failure as throttled; it never refuses a later
+    /// attempt because of it.
+    pub overflow_blocked: Option<(&'static str, Duration)>,
+}
+
+/// Counts failed authentications per address and per API key id, and
+/// blocks those over the threshold for a while.
 ///
-/// Memory is bounded: blocked entries are never evicted, and when a table is
-/// full of active entries, failures from untracked addresses (or keys) are
-/// counted in one shared overflow window that blocks them as a whole —
-/// failing closed rather than letting a spray of addresses go uncounted.
+/// The rule that holds whatever fills the tables: **a correct credential is
+/// never refused because other clients filled a table.**
+///
+/// - [`ip_blocked`](Self::ip_blocked) and [`key_blocked`](Self::key_blocked)
+///   answer for tracked entries only; they are the checks made before a
+///   credential is verified.
+/// - Memory is bounded: blocked entries are never evicted, and when a table
+///   is full, failures from untracked addresses (or of untracked keys) are
+///   counted in one shared overflow window. That window throttles
+///   *failures* only ([`FailureRecorded::overflow_blocked`]): a new address
+///   or key that presents a correct credential is still admitted.
+/// - Only key ids that exist should be passed to
+///   [`record_failure`](Self::record_failure): made-up ids would otherwise
+///   fill the key table. Their failures count against the address.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -167,27 +194,31 @@ impl Blocklist {
         )
     }
 
-    /// If `ip` is blocked at `now`, for how much longer.
+    /// If `ip` is blocked at `now`, for how much longer. Tracked addresses
+    /// only: an address the table could not hold is never refused here.
     pub fn ip_blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let key = self.key_of(ip);
-        match self.ips.get(&key, |f| f.blocked_for(now)) {
-            Some(blocked) => blocked,
-            None => lock(&self.ip_overflow).blocked_for(now),
-        }
+        self.ips.get(&key, |f| f.blocked_for(now)).flatten()
     }
 
-    /// If API key `key_id` is blocked at `now`, for how much longer.
+    /// If API key `key_id` is blocked at `now`, for how much longer. Tracked
+    /// keys only.
     pub fn key_blocked(&self, key_id: &str, now: Instant) -> Option<Duration> {
-        match self.keys.get(&key_id.to_owned(), |f| f.blocked_for(now)) {
-            Some(blocked) => blocked,
-            None => lock(&self.key_overflow).blocked_for(now),
-        }
+        self.keys
+            .get(&key_id.to_owned(), |f| f.blocked_for(now))
+            .flatten()
     }
 
-    /// Records a failed authentication from `ip`, claiming `key_id` if the
-    /// failure counts against that key (for a key bound to a certificate,
-    /// only failures over that certificate should).
-    pub fn record_failure(&self, ip: IpAddr, key_id: Option<&str>, now: Instant) {
+    /// Records a failed authentication from `ip`, against `key_id` too if
+    /// the failure counts against that key: pass a key id only if it exists
+    /// (and, for a key bound to a certificate, only for failures over that
+    /// certificate).
+    pub fn record_failure(
+        &self,
+        ip: IpAddr,
+        key_id: Option<&str>,
+        now: Instant,
+    ) -> FailureRecorded {
         let cfg = self.config();
         let key = ip_key(ip, cfg.v6_prefix_len);
         let (window, max_ip, max_key) = (
@@ -195,6 +226,7 @@ impl Blocklist {
             cfg.max_failed_per_ip,
             cfg.max_failed_per_key,
         );
+        let mut out = FailureRecorded::default();
         let tracked = self.ips.with(
             &key,
             now,
@@ -202,7 +234,12 @@ impl Blocklist {
             |f| f.fail(now, max_ip, &cfg),
         );
         if tracked.is_err() {
-            lock(&self.ip_overflow).fail(now, max_ip, &cfg);
+            out.ip_overflow = true;
+            let mut overflow = lock(&self.ip_overflow);
+            overflow.fail(now, max_ip, &cfg);
+            if let Some(retry) = overflow.blocked_for(now) {
+                out.overflow_blocked = Some(("ip_overflow", retry));
+            }
         }
         if let Some(id) = key_id {
             let tracked = self.keys.with(
@@ -212,9 +249,20 @@ impl Blocklist {
                 |f| f.fail(now, max_key, &cfg),
             );
             if tracked.is_err() {
-                lock(&self.key_overflow).fail(now, max_key, &cfg);
+                out.key_overflow = true;
+                let mut overflow = lock(&self.key_overflow);
+                overflow.fail(now, max_key, &cfg);
+                if let Some(retry) = overflow.blocked_for(now) {
+                    out.overflow_blocked = Some(("api_key_overflow", retry));
+                }
             }
         }
+        out
+    }
+
+    /// Addresses and keys tracked now, for metrics: (addresses, keys).
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.ips.len(), self.keys.len())
     }
 
     /// Everything blocked at `now`.
@@ -332,17 +380,17 @@ mod tests {
         let blocked = list.blocked(now);
         assert!(blocked.iter().filter(|b| b.kind == "ip").count() <= 16);
         assert!(blocked.iter().any(|b| b.kind == "ip_overflow"));
-        // A fresh address, never seen, is refused as part of the overflow.
-        assert!(
-            list.ip_blocked(IpAddr::from([192, 168, 1, 1]), now)
-                .is_some()
-        );
+        assert_eq!(blocked.iter().filter(|b| b.kind == "ip").count(), 16);
+        // A fresh address, never seen, is not refused before it tries…
+        let fresh = IpAddr::from([192, 168, 1, 1]);
+        assert!(list.ip_blocked(fresh, now).is_none());
+        // …but its failure is answered as throttled by the overflow window.
+        let r = list.record_failure(fresh, None, now);
+        assert!(r.ip_overflow);
+        assert_eq!(r.overflow_blocked.map(|b| b.0), Some("ip_overflow"));
         // Blocks expire on their own.
         let later = now + Duration::from_secs(61);
-        assert!(
-            list.ip_blocked(IpAddr::from([192, 168, 1, 1]), later)
-                .is_none()
-        );
+        assert!(list.ip_blocked(fresh, later).is_none());
         assert!(list.blocked(later).is_empty());
     }
 
@@ -362,5 +410,26 @@ mod tests {
         assert!(list.unblock("k1"));
         assert!(list.key_blocked("k1", now).is_none());
         assert!(!list.unblock("k1"));
+    }
+
+    #[test]
+    fn keys_filling_the_table_never_block_an_untracked_key_before_it_tries() {
+        let list = Blocklist::new(cfg(1));
+        let now = Instant::now();
+        for i in 0..100 {
+            list.record_failure(IpAddr::from([10, 0, 0, 1]), Some(&format!("key{i}")), now);
+        }
+        let blocked = list.blocked(now);
+        assert_eq!(blocked.iter().filter(|b| b.kind == "api_key").count(), 16);
+        assert!(blocked.iter().any(|b| b.kind == "api_key_overflow"));
+        // A tracked key that failed stays blocked on its own window.
+        assert!(list.key_blocked("key0", now).is_some());
+        // An untracked key is not refused before its secret is checked.
+        assert!(list.key_blocked("key99", now).is_none());
+        assert!(list.key_blocked("admin", now).is_none());
+        // Its failure is throttled by the shared window.
+        let r = list.record_failure(IpAddr::from([10, 0, 0, 2]), Some("admin"), now);
+        assert!(r.key_overflow);
+        assert_eq!(r.overflow_blocked.map(|b| b.0), Some("api_key_overflow"));
     }
 }

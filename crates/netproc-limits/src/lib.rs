@@ -8,14 +8,16 @@
 //! - [`TokenBucket`]: rate per interval with a burst, continuous refill.
 //! - [`SlidingWindow`] (exact, memory ≤ its limit) and [`FixedWindow`] (O(1)).
 //! - [`KeyedTable`]: per-key states (per IP, per key, per function) with a
-//!   hard bound on keys; only idle entries are evicted, and a table full of
-//!   active entries refuses new keys (fail closed).
+//!   hard, exact bound on keys; only idle entries are evicted, and a table
+//!   full of active entries refuses new keys (the caller decides what that
+//!   means).
 //! - [`ip_key`]: IPv6 peers keyed by /64 (configurable), IPv4-mapped
 //!   addresses as IPv4.
 //! - [`Gate`]: at most N sockets / handshakes / sessions at once, with RAII
 //!   permits.
 //! - [`Blocklist`]: failed authentications per address and per key id, with
-//!   blocks that expire on their own and a shared overflow window.
+//!   blocks that expire on their own and a shared overflow window for
+//!   failures only: a full table never refuses a correct credential.
 //!
 //! The token bucket is written here rather than taken from `governor`:
 //! governor's keyed store has no capacity bound and its own clock type, so
@@ -50,7 +52,7 @@ mod table;
 mod window;
 
 // The public interface.
-pub use blocklist::{BlockedEntry, Blocklist, BlocklistConfig};
+pub use blocklist::{BlockedEntry, Blocklist, BlocklistConfig, FailureRecorded};
 pub use bucket::TokenBucket;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use gate::{Gate, GatePermit};

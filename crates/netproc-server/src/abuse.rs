@@ -15,6 +15,7 @@ use netproc_limits::{
 use netproc_wire::{ErrorBody, ErrorCode, Value, to_value};
 use serde::Serialize;
 
+use crate::lograte::{LOG_INTERVAL, LogLimiter, MAX_KINDS};
 use crate::options::{BucketControls, ServerOptions};
 
 macro_rules! counters {
@@ -109,7 +110,9 @@ counters! {
     rate_limited_per_function_count,
     /// Frames refused for their declared length.
     frame_too_large_count,
-    /// New addresses or keys refused because a limiter table was full of active entries.
+    /// New addresses or keys a limiter table could not track because it was
+    /// full of active entries (admitted untracked, or refused for request
+    /// buckets of authenticated callers).
     limiter_table_full_count,
     /// TLS configurations reloaded.
     tls_reload_count,
@@ -117,6 +120,9 @@ counters! {
     tls_reload_failure_count,
     /// Sessions ended because their credential or certificate was revoked or expired.
     sessions_revoked_count,
+    /// Failed authentications counted in a shared overflow window because
+    /// the blocklist's address or key table was full.
+    auth_failure_overflow_count,
 }
 
 /// Which limit refused a request.
@@ -125,36 +131,26 @@ pub(crate) struct Refusal {
     pub(crate) disconnect: bool,
 }
 
-fn rate_limited(scope: &'static str, retry_after: Duration, message: &str) -> ErrorBody {
+pub(crate) fn rate_limited(scope: &'static str, retry_after: Duration, message: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::RateLimited, message).with_details(retry_details(scope, retry_after))
+}
+
+/// `{scope, retry_after_ms}`: the details of every refusal with a retry.
+pub(crate) fn retry_details(scope: &str, retry_after: Duration) -> Value {
     let ms = u64::try_from(retry_after.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let details = Value::Map(BTreeMap::from([
+    Value::Map(BTreeMap::from([
         (
             "retry_after_ms".to_owned(),
             Value::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
         ),
         ("scope".to_owned(), Value::from(scope)),
-    ]));
-    ErrorBody::new(ErrorCode::RateLimited, message).with_details(details)
+    ]))
 }
 
-pub(crate) fn throttled(
-    retry_after: Duration,
-    message: &str,
-    scope: Option<&'static str>,
-) -> ErrorBody {
-    let ms = u64::try_from(retry_after.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    let mut details = BTreeMap::from([(
-        "retry_after_ms".to_owned(),
-        Value::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
-    )]);
-    if let Some(scope) = scope {
-        details.insert("scope".to_owned(), Value::from(scope));
-    }
-    ErrorBody::new(ErrorCode::AuthThrottled, message).with_details(Value::Map(details))
+pub(crate) fn throttled(retry_after: Duration, message: &str, scope: &'static str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::AuthThrottled, message).with_details(retry_details(scope, retry_after))
 }
 
 /// A bucket in a shared table, with the settings version it was made under.
@@ -199,6 +195,8 @@ pub(crate) struct Abuse {
     per_key: KeyedTable<String, Versioned>,
     per_ip: KeyedTable<IpAddr, Versioned>,
     counters: [AtomicU64; COUNTERS],
+    /// WARN lines about overflow states, rate-limited per kind.
+    overflow_log: LogLimiter<&'static str>,
 }
 
 fn blocklist_config(o: &ServerOptions) -> BlocklistConfig {
@@ -234,6 +232,7 @@ impl Abuse {
             per_key: KeyedTable::new(tracked_keys),
             per_ip: KeyedTable::new(tracked_ips),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            overflow_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             version: AtomicU64::new(0),
             options: ArcSwap::from_pointee(options),
             clock,
@@ -317,7 +316,14 @@ impl Abuse {
         let window = Duration::from_millis(c.global_connection_window_ms);
         let max = c.per_ip_max_new_connections_per_window;
         if self
-            .record_per_ip(&self.per_ip_connections, key, now, window, max)
+            .record_per_ip(
+                &self.per_ip_connections,
+                "connections_per_ip",
+                key,
+                now,
+                window,
+                max,
+            )
             .is_err()
         {
             return refuse(
@@ -330,11 +336,16 @@ impl Abuse {
     }
 
     /// Records one event for `key` in its sliding window of `table`, with the
-    /// current settings; `Err(retry after)` past `max`. A full table is
-    /// counted and refuses (retry after `window`): it never admits blindly.
+    /// current settings; `Err(retry after)` past `max`. An address the full
+    /// table cannot track is admitted (counted, and logged at WARN): these
+    /// windows run before a credential is checked, and a correct credential
+    /// is never refused because other clients filled a table. Untracked
+    /// addresses are still bounded by the global connection window and the
+    /// handshake and unauthenticated-session caps.
     fn record_per_ip(
         &self,
         table: &KeyedTable<IpAddr, SlidingWindow>,
+        what: &'static str,
         key: IpAddr,
         now: Instant,
         window: Duration,
@@ -352,12 +363,26 @@ impl Abuse {
             )
             .unwrap_or_else(|_| {
                 self.count(Counter::limiter_table_full_count);
-                Err(window)
+                self.overflowed(what, now);
+                Ok(())
             })
     }
 
+    /// A WARN line (rate-limited) for an overflow state.
+    fn overflowed(&self, what: &'static str, now: Instant) {
+        if let Some(suppressed) = self.overflow_log.check(&what, now) {
+            tracing::warn!(
+                table = what,
+                suppressed,
+                "a limiter table is full of active entries: new entries are not tracked \
+                 (see max_tracked_ips / max_tracked_api_keys)"
+            );
+        }
+    }
+
     /// Checks before calling the authenticator: the address or the claimed
-    /// key blocked, or too many attempts from this address.
+    /// key blocked on its own entry, or too many attempts from this address.
+    /// Nothing here refuses because a table is full.
     pub(crate) fn check_auth_attempt(
         &self,
         peer: IpAddr,
@@ -369,7 +394,7 @@ impl Abuse {
             return Err(throttled(
                 retry,
                 "this address is temporarily blocked after failed authentications",
-                None,
+                "ip",
             ));
         }
         if let Some(retry) = claimed_key.and_then(|k| self.blocklist.key_blocked(k, now)) {
@@ -377,7 +402,7 @@ impl Abuse {
             return Err(throttled(
                 retry,
                 "this API key is temporarily blocked after failed authentications",
-                None,
+                "api_key",
             ));
         }
         let o = self.options();
@@ -385,21 +410,59 @@ impl Abuse {
         let key = ip_key(peer, o.connection_controls.ipv6_prefix_len);
         let window = Duration::from_millis(a.pending_auth_window_ms);
         let max = a.max_pending_auth_attempts_per_ip_per_window;
-        let attempt = self.record_per_ip(&self.pending_auth, key, now, window, max);
+        let attempt = self.record_per_ip(
+            &self.pending_auth,
+            "pending_auth_per_ip",
+            key,
+            now,
+            window,
+            max,
+        );
         if let Err(retry) = attempt {
             self.count(Counter::auth_throttled_count);
             return Err(throttled(
                 retry,
                 "too many authentication attempts from this address",
-                Some("pending_auth_attempts_per_ip"),
+                "pending_auth_attempts_per_ip",
             ));
         }
         Ok(())
     }
 
-    pub(crate) fn auth_failed(&self, peer: IpAddr, key: Option<&str>) {
+    /// The key id a failure counts against: the claimed id, if the failure
+    /// counts against keys at all and the authenticator knows the id exists.
+    /// Made-up ids count against the address alone, so they cannot fill the
+    /// per-key table.
+    pub(crate) fn failure_key<'a>(
+        claimed: Option<&'a str>,
+        against_key: bool,
+        authenticator: &dyn netproc_auth::Authenticator,
+    ) -> Option<&'a str> {
+        claimed.filter(|k| against_key && authenticator.knows_key_id(k) == Some(true))
+    }
+
+    /// Records a failed authentication from `peer`, against `key` if it
+    /// exists and the failure counts against it. `Some` if the failure
+    /// landed in a blocked overflow window: answer it as throttled.
+    pub(crate) fn auth_failed(&self, peer: IpAddr, key: Option<&str>) -> Option<ErrorBody> {
         self.count(Counter::auth_failure_count);
-        self.blocklist.record_failure(peer, key, self.clock.now());
+        let now = self.clock.now();
+        let recorded = self.blocklist.record_failure(peer, key, now);
+        if recorded.ip_overflow {
+            self.count(Counter::auth_failure_overflow_count);
+            self.overflowed("failed_auth_per_ip", now);
+        }
+        if recorded.key_overflow {
+            self.count(Counter::auth_failure_overflow_count);
+            self.overflowed("failed_auth_per_api_key", now);
+        }
+        let (scope, retry) = recorded.overflow_blocked?;
+        self.count(Counter::auth_throttled_count);
+        Some(throttled(
+            retry,
+            "too many failed authentications from untracked addresses or keys",
+            scope,
+        ))
     }
 
     fn shared_bucket<K: std::hash::Hash + Eq + Clone>(
@@ -575,5 +638,100 @@ impl Abuse {
 
     pub(crate) fn options_value(&self) -> Value {
         to_value(&**self.options()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use netproc_auth::{ApiKeyStore, KeySpec};
+    use netproc_limits::ManualClock;
+
+    use super::*;
+
+    /// What the session does with one failed login, without sockets.
+    fn fail_login(abuse: &Abuse, store: &ApiKeyStore, peer: IpAddr, id: &str) {
+        if abuse.admit(peer).is_err() {
+            return;
+        }
+        if abuse.check_auth_attempt(peer, Some(id)).is_ok() {
+            let key = Abuse::failure_key(Some(id), true, store);
+            let _ = abuse.auth_failed(peer, key);
+        }
+    }
+
+    fn may_log_in(abuse: &Abuse, peer: IpAddr, id: &str) -> bool {
+        abuse.admit(peer).is_ok() && abuse.check_auth_attempt(peer, Some(id)).is_ok()
+    }
+
+    /// The black-box reproduction at default sizes: 875 addresses, 16,600
+    /// failed logins with made-up ids (one failure per id, ~19 per address,
+    /// ~400 per second). Valid keys, the admin key among them, are then
+    /// still checked (never refused before the authenticator runs).
+    #[test]
+    fn made_up_key_ids_at_default_sizes_lock_no_valid_key_out() {
+        let clock = Arc::new(ManualClock::new());
+        let abuse = Abuse::new(ServerOptions::default(), clock.clone());
+        let store = ApiKeyStore::in_memory();
+        let (admin, _) = store
+            .create(KeySpec::new("admin_privileges".parse().unwrap()))
+            .unwrap();
+        let (user, _) = store
+            .create(KeySpec::new("invoke_functions".parse().unwrap()))
+            .unwrap();
+        let addr = |i: u32| IpAddr::from((0x0a00_0000u32 + i % 875).to_be_bytes());
+        for i in 0..16_600u32 {
+            fail_login(&abuse, &store, addr(i), &format!("fake{i:08}"));
+            clock.advance(Duration::from_micros(2_500));
+        }
+        assert_eq!(abuse.blocklist.tracked().1, 0, "made-up ids were tracked");
+        for id in [&admin.id, &user.id] {
+            assert!(may_log_in(&abuse, addr(5), id), "old address");
+            assert!(may_log_in(&abuse, IpAddr::from([192, 0, 2, 1]), id), "new address");
+        }
+    }
+
+    /// An IPv6 /48 holds 65,536 /64s: failures from 20,000 of them fill the
+    /// address tables at their default size; a correct credential from a
+    /// new /64 is still checked, and failures from it share the overflow
+    /// window.
+    #[test]
+    fn a_spray_of_v6_prefixes_at_default_sizes_locks_no_new_address_out() {
+        let clock = Arc::new(ManualClock::new());
+        let abuse = Abuse::new(ServerOptions::default(), clock.clone());
+        let store = ApiKeyStore::in_memory();
+        let (user, _) = store
+            .create(KeySpec::new("invoke_functions".parse().unwrap()))
+            .unwrap();
+        let prefix = |i: u16| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 7, i, 0, 0, 0, 1));
+        for i in 0..20_000u16 {
+            fail_login(&abuse, &store, prefix(i), "madeupkey001");
+            clock.advance(Duration::from_micros(2_500));
+        }
+        assert_eq!(abuse.blocklist.tracked().0, 16_384);
+        assert!(abuse.snapshot(0, 0).auth_failure_overflow_count > 0);
+        let fresh = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 9, 9, 0, 0, 0, 1));
+        assert!(may_log_in(&abuse, fresh, &user.id));
+        assert!(may_log_in(&abuse, prefix(3), &user.id));
+    }
+
+    #[test]
+    fn a_known_key_that_fails_is_blocked_on_its_own_window() {
+        let clock = Arc::new(ManualClock::new());
+        let abuse = Abuse::new(ServerOptions::default(), clock.clone());
+        let store = ApiKeyStore::in_memory();
+        let (victim, _) = store
+            .create(KeySpec::new("invoke_functions".parse().unwrap()))
+            .unwrap();
+        for i in 0..20u8 {
+            fail_login(&abuse, &store, IpAddr::from([10, 1, 0, i]), &victim.id);
+        }
+        let refused = abuse
+            .check_auth_attempt(IpAddr::from([10, 2, 0, 1]), Some(&victim.id))
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::AuthThrottled);
+        clock.advance(Duration::from_secs(61));
+        assert!(may_log_in(&abuse, IpAddr::from([10, 2, 0, 1]), &victim.id));
     }
 }

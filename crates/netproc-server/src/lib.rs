@@ -51,6 +51,7 @@ mod abuse;
 mod audit;
 mod function;
 mod liveness;
+mod lograte;
 
 mod options;
 mod outbox;

@@ -260,14 +260,21 @@ pub(crate) async fn run_connection(
                 Ok(Err(_)) => ("the authenticator panicked".to_owned(), true),
                 Err(_) => ("the authenticator did not answer in time".to_owned(), true),
             };
-            let key = claimed_key.as_deref().filter(|_| against_key);
-            shared.abuse.auth_failed(peer.ip(), key);
+            let key = crate::abuse::Abuse::failure_key(
+                claimed_key.as_deref(),
+                against_key,
+                &*shared.authenticator,
+            );
+            let answer = match shared.abuse.auth_failed(peer.ip(), key) {
+                Some(throttled) => ServerMessage::Error(throttled),
+                None => failed(),
+            };
             refuse(
                 ErrorCode::AuthenticationFailed,
                 claimed_key.as_deref(),
                 &reason,
             );
-            farewell(&mut wr, failed(), pre_limit).await;
+            farewell(&mut wr, answer, pre_limit).await;
             return;
         }
     };

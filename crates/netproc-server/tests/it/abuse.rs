@@ -889,3 +889,79 @@ async fn a_legitimate_client_is_served_during_a_flood() {
         "the flood did not happen: {m:?}"
     );
 }
+
+/// The lockout found in black-box review: failures from many addresses fill
+/// the address and key tables; a correct credential must still pass, from
+/// an address seen before and from a new one, while a known key that failed
+/// stays blocked on its own window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_limiter_tables_never_refuse_a_correct_credential() {
+    let mut o = unlimited();
+    o.connection_controls.max_tracked_ips = 32;
+    o.auth_controls.max_tracked_api_keys = 32;
+    o.auth_controls.max_failed_auth_per_api_key_per_window = 1;
+    let t = setup(o).await;
+    let invoke = || KeySpec::new(PrivilegeSet::from([Privilege::InvokeFunctions]));
+    let victims: Vec<_> = (0..48).map(|_| t.keys.create(invoke()).unwrap()).collect();
+    let (_, admin) = t
+        .keys
+        .create(KeySpec::new(PrivilegeSet::from([Privilege::AdminPrivileges])))
+        .unwrap();
+    let wrong = |id: &str| netproc_wire::SecretString::new(format!("npk_{id}_{}", "Z".repeat(32)));
+    let attempt = |secret: netproc_wire::SecretString, from: u8| {
+        let ep = netproc_client::ServerEndpoint::new(
+            t.server.local_addr(),
+            "localhost",
+            t.pki.client.identity().unwrap(),
+            t.pki.ca.trust_anchors(),
+            secret,
+        )
+        .bind(ip(from));
+        async move {
+            Client::builder()
+                .server("s1", ep)
+                .build()
+                .unwrap()
+                .server("s1")
+                .unwrap()
+                .call::<i64>("add", (1, 1))
+                .await
+        }
+    };
+    // 48 existing keys fail once each, from 48 addresses; made-up ids too.
+    for (i, (info, _)) in victims.iter().enumerate() {
+        let from = 10 + i as u8;
+        let err = attempt(wrong(&info.id), from).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::AuthenticationFailed { .. } | ClientError::AuthThrottled { .. }
+            ),
+            "{err:?}"
+        );
+        let _ = attempt(wrong(&format!("madeup{i:06}")), from).await;
+    }
+    let m = t.server.abuse_metrics();
+    assert!(m.auth_failure_overflow_count > 0, "{m:?}");
+    assert_eq!(m.blocked_api_key_count, 32, "{m:?}");
+    // Correct credentials: the admin key and a victim key that overflowed
+    // (untracked), from an old address and from new ones.
+    for (secret, from) in [
+        (admin.to_secret(), 10),
+        (admin.to_secret(), 200),
+        (victims[47].1.to_secret(), 201),
+        (admin.to_secret(), 57),
+    ] {
+        assert_eq!(attempt(secret, from).await.unwrap(), 2, "from {from}");
+    }
+    // The first 32 keys' failures were tracked (each blocked at once, so
+    // never evicted); a known key that failed is still blocked on its own
+    // window, whatever the credential.
+    let err = attempt(victims[0].1.to_secret(), 202).await.unwrap_err();
+    match err {
+        ClientError::AuthThrottled { ref scope, .. } => {
+            assert_eq!(scope.as_deref(), Some("api_key"), "{err:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
