@@ -74,8 +74,11 @@ pub enum PkiError {
         /// Where it came from.
         origin: String,
     },
-    /// A certificate loaded as a CA is not a CA (no basicConstraints CA:true).
-    #[error("{origin}: certificate is not a CA (basicConstraints CA:true missing)")]
+    /// A certificate loaded as a CA or trust anchor is not a CA: no
+    /// basicConstraints CA:TRUE, or a keyUsage without keyCertSign.
+    #[error(
+        "{origin}: certificate is not a CA (basicConstraints CA:TRUE, and keyCertSign where keyUsage is present, are required of a trust anchor)"
+    )]
     NotACa {
         /// Where it came from.
         origin: String,

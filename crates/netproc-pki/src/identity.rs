@@ -110,7 +110,8 @@ pub struct CertIdentity {
     pub spki_fingerprint: Fingerprint,
     /// Extended key usages (empty: the extension is absent).
     pub key_purposes: Vec<KeyPurpose>,
-    /// Whether basicConstraints says CA:true.
+    /// Whether it may act as a CA: basicConstraints CA:TRUE, and keyCertSign
+    /// where a keyUsage extension is present.
     pub is_ca: bool,
 }
 
@@ -160,6 +161,11 @@ impl CertIdentity {
                 key_purposes.push(KeyPurpose::Other(oid.to_id_string()));
             }
         }
+        // keyUsage, where present, must allow keyCertSign for a CA.
+        let cert_sign_allowed = cert
+            .key_usage()
+            .map_err(|e| bad(e.to_string()))?
+            .is_none_or(|ku| ku.value.key_cert_sign());
         let common_name = cert
             .subject()
             .iter_common_name()
@@ -177,7 +183,7 @@ impl CertIdentity {
             fingerprint: Fingerprint::of(der),
             spki_fingerprint: Fingerprint::of(cert.public_key().raw),
             key_purposes,
-            is_ca: cert.is_ca(),
+            is_ca: cert.is_ca() && cert_sign_allowed,
         })
     }
 

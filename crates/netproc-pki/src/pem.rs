@@ -284,6 +284,13 @@ impl TrustAnchors {
         }
         let mut store = RootCertStore::empty();
         for cert in &certs {
+            // A leaf as a trust anchor would let anyone holding its key mint
+            // certificates this side accepts.
+            if !CertIdentity::parse(cert, origin)?.is_ca {
+                return Err(PkiError::NotACa {
+                    origin: origin.to_owned(),
+                });
+            }
             store
                 .add(cert.clone())
                 .map_err(|e| PkiError::BadCertificate {

@@ -317,16 +317,16 @@ impl ServerFile {
     /// Reads the TLS files (for a start or a reload).
     pub fn tls_material(&self) -> Result<(Identity, TrustAnchors, Vec<Crl>), String> {
         let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
-            .map_err(|e| e.to_string())?;
-        let roots =
-            TrustAnchors::load(self.resolve(&self.tls.client_ca)).map_err(|e| e.to_string())?;
+            .map_err(|e| format!("tls.cert / tls.key: {e}"))?;
+        let roots = TrustAnchors::load(self.resolve(&self.tls.client_ca))
+            .map_err(|e| format!("tls.client_ca: {e}"))?;
         let crls = self
             .tls
             .crls
             .iter()
             .map(|p| Crl::load(self.resolve(p)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("tls.crls: {e}"))?;
         Ok((identity, roots, crls))
     }
 
@@ -485,9 +485,14 @@ impl ClientFile {
     /// Builds the client: loads identities and CAs, reads the API keys (or
     /// Ed25519 keys).
     pub fn client(&self, config_path: &Path) -> Result<Client, ConfigError> {
+        self.client_in(config_path, "servers")
+    }
+
+    /// [`client`](Self::client), naming fields under `section` in errors.
+    fn client_in(&self, config_path: &Path, section: &str) -> Result<Client, ConfigError> {
         let mut builder = Client::builder();
         for (name, s) in &self.servers {
-            let field = |f: &str| format!("servers.{name}.{f}");
+            let field = |f: &str| format!("{section}.{name}.{f}");
             let err =
                 |f: &str, e: &dyn fmt::Display| invalid(config_path, format!("{}: {e}", field(f)));
             let key = match (&s.api_key_file, &s.api_key_env, &s.api_key) {
@@ -641,7 +646,7 @@ impl AuthorityFile {
             servers: self.targets.clone(),
             dir: self.dir.clone(),
         };
-        let client = clients.client(config_path)?;
+        let client = clients.client_in(config_path, "targets")?;
         let mut config = crate::propagation::AuthorityConfig::new(
             relative_to(&self.dir, &self.database),
             self.targets.keys().cloned().collect(),

@@ -173,3 +173,37 @@ fn cert_identity_reports_what_the_certificate_says() {
     let ca_life = ca.not_after.duration_since(ca.not_before).unwrap();
     assert!(ca_life > Duration::from_secs(3650 * 86_400));
 }
+
+/// A leaf as a trust anchor would let anyone with its private key mint
+/// certificates the other side accepts.
+#[test]
+fn a_leaf_is_refused_as_a_trust_anchor_naming_its_file() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alice.crt");
+    fs::write(&path, pki.client("alice").cert_pem()).unwrap();
+    let err = TrustAnchors::load(&path).unwrap_err();
+    assert!(matches!(err, PkiError::NotACa { .. }), "{err}");
+    assert!(err.to_string().contains("alice.crt"), "{err}");
+    let err = TrustAnchors::from_pem(pki.server.cert_pem().as_bytes()).unwrap_err();
+    assert!(matches!(err, PkiError::NotACa { .. }), "{err}");
+    // A CA beside a leaf in one file: refused as a whole.
+    let both = format!("{}{}", pki.ca.cert_pem(), pki.client("alice").cert_pem());
+    let err = TrustAnchors::from_pem(both.as_bytes()).unwrap_err();
+    assert!(matches!(err, PkiError::NotACa { .. }), "{err}");
+    assert!(TrustAnchors::from_pem(pki.ca.cert_pem().as_bytes()).is_ok());
+}
+
+#[test]
+fn a_ca_whose_key_usage_lacks_key_cert_sign_is_not_a_trust_anchor() {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let err = TrustAnchors::from_pem(cert.pem().as_bytes()).unwrap_err();
+    assert!(matches!(err, PkiError::NotACa { .. }), "{err}");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = params.self_signed(&key).unwrap();
+    assert!(TrustAnchors::from_pem(cert.pem().as_bytes()).is_ok());
+}

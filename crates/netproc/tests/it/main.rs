@@ -585,3 +585,32 @@ fn every_example_config_parses() {
     let authority = netproc::config::AuthorityFile::load(format!("{dir}/authority.toml")).unwrap();
     assert!(authority.targets.contains_key("server_1"));
 }
+
+#[test]
+fn a_leaf_certificate_as_a_trust_anchor_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 1);
+    let server = dir.path().join("server.toml");
+    let text_of = std::fs::read_to_string(&server).unwrap();
+    std::fs::write(
+        &server,
+        text_of.replace("client_ca = \"ca.crt\"", "client_ca = \"client.crt\""),
+    )
+    .unwrap();
+    let out = netproc(&["serve", "--config", server.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("tls.client_ca") && err.contains("client.crt") && err.contains("not a CA"),
+        "{err}"
+    );
+    // The client side: `ca` of a server.
+    let client = dir.path().join("client.toml");
+    let text_of = std::fs::read_to_string(&client).unwrap();
+    std::fs::write(&client, text_of.replace("ca = \"ca.crt\"", "ca = \"client.crt\"")).unwrap();
+    let out = netproc(&["call", "--config", client.to_str().unwrap(), "s1", "echo", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("servers.s1.ca") && err.contains("not a CA"), "{err}");
+}
