@@ -123,6 +123,10 @@ counters! {
     /// Failed authentications counted in a shared overflow window because
     /// the blocklist's address or key table was full.
     auth_failure_overflow_count,
+    /// Refused frames (privilege denials, bad operations or payloads,
+    /// unknown message kinds, cancels of ids not running) answered
+    /// `rate_limited` because the connection's refusal budget was spent.
+    rate_limited_refusals_count,
 }
 
 /// Which limit refused a request.
@@ -197,6 +201,12 @@ pub(crate) struct Abuse {
     counters: [AtomicU64; COUNTERS],
     /// WARN lines about overflow states, rate-limited per kind.
     overflow_log: LogLimiter<&'static str>,
+    /// Audit lines of refused requests, per (principal, code).
+    pub(crate) request_log: LogLimiter<(String, ErrorCode)>,
+    /// Audit lines of refused authentications, per (address, code).
+    pub(crate) auth_log: LogLimiter<(IpAddr, ErrorCode)>,
+    /// Audit lines of connections refused after accept, per reason.
+    pub(crate) connection_log: LogLimiter<&'static str>,
 }
 
 fn blocklist_config(o: &ServerOptions) -> BlocklistConfig {
@@ -233,6 +243,9 @@ impl Abuse {
             per_ip: KeyedTable::new(tracked_ips),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             overflow_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
+            request_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
+            auth_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
+            connection_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             version: AtomicU64::new(0),
             options: ArcSwap::from_pointee(options),
             clock,
@@ -513,29 +526,16 @@ impl Abuse {
     ) -> Result<(), Refusal> {
         let r = &o.request_controls;
         let now = self.clock.now();
-        let version = self.version();
-        if r.per_connection.enabled {
-            if conn_bucket.0 != version {
-                let s = &r.per_connection;
-                conn_bucket.1.reconfigure(
-                    s.tokens_per_interval,
-                    Duration::from_millis(s.interval_ms),
-                    s.burst_tokens,
-                    now,
-                );
-                conn_bucket.0 = version;
-            }
-            if let Err(retry) = conn_bucket.1.try_acquire(now) {
-                self.count(Counter::rate_limited_per_connection_count);
-                return Err(Refusal {
-                    body: rate_limited(
-                        "per_connection",
-                        retry,
-                        "per-connection request rate limit exceeded",
-                    ),
-                    disconnect: r.per_connection.disconnect_on_limit,
-                });
-            }
+        if let Err(retry) = self.take_local(&r.per_connection, conn_bucket, now) {
+            self.count(Counter::rate_limited_per_connection_count);
+            return Err(Refusal {
+                body: rate_limited(
+                    "per_connection",
+                    retry,
+                    "per-connection request rate limit exceeded",
+                ),
+                disconnect: r.per_connection.disconnect_on_limit,
+            });
         }
         if r.per_api_key.enabled
             && let Err(retry) =
@@ -562,6 +562,52 @@ impl Abuse {
             }
         }
         Ok(())
+    }
+
+    /// A token from a bucket owned by one session (`spec` in force; the
+    /// bucket follows the settings version). A disabled bucket always gives.
+    fn take_local(
+        &self,
+        spec: &BucketControls,
+        bucket: &mut (u64, TokenBucket),
+        now: Instant,
+    ) -> Result<(), Duration> {
+        if !spec.enabled {
+            return Ok(());
+        }
+        let version = self.version();
+        if bucket.0 != version {
+            bucket.1.reconfigure(
+                spec.tokens_per_interval,
+                Duration::from_millis(spec.interval_ms),
+                spec.burst_tokens,
+                now,
+            );
+            bucket.0 = version;
+        }
+        bucket.1.try_acquire(now)
+    }
+
+    /// The refusal budget: a frame that is refused rather than served takes
+    /// a token; without one it is answered with the returned refusal.
+    pub(crate) fn check_refusal(
+        &self,
+        o: &ServerOptions,
+        bucket: &mut (u64, TokenBucket),
+    ) -> Result<(), Refusal> {
+        let spec = &o.request_controls.refusals;
+        self.take_local(spec, bucket, self.clock.now())
+            .map_err(|retry| {
+                self.count(Counter::rate_limited_refusals_count);
+                Refusal {
+                    body: rate_limited(
+                        "refusals",
+                        retry,
+                        "too many refused requests on this connection",
+                    ),
+                    disconnect: spec.disconnect_on_limit,
+                }
+            })
     }
 
     pub(crate) fn in_flight_refusal(&self) -> ErrorBody {

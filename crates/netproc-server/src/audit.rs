@@ -3,6 +3,14 @@
 //! Who (peer, certificate fingerprint, key id), what (operation, function),
 //! outcome, duration. Never arguments, never secrets; strings a peer chose
 //! are length-capped and escaped.
+//!
+//! Refusals a peer can cause in bulk are aggregated (see `lograte`): the
+//! first per (principal, code) — per (address, code) for refusals at
+//! authentication other than a failed credential, per reason for
+//! connections — is logged, then at most one line per 10 s whose
+//! `suppressed` field counts the refusals not logged since. Every failed
+//! credential (`authentication_failed`) is logged: each one cost the peer a
+//! TLS handshake, and the blocklist bounds them per address and key.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -69,6 +77,7 @@ pub(crate) fn auth_refused(
     code: ErrorCode,
     reason: &str,
     started: Instant,
+    suppressed: u64,
 ) {
     tracing::warn!(
         target: AUDIT_TARGET,
@@ -79,11 +88,12 @@ pub(crate) fn auth_refused(
         key_id = claimed_key.unwrap_or(""),
         reason = %sanitize(reason),
         duration_us = micros(started),
+        suppressed,
     );
 }
 
-pub(crate) fn refused_connection(peer: SocketAddr, reason: &str) {
-    tracing::warn!(target: AUDIT_TARGET, event = "connection", outcome = "refused", peer = %peer, reason);
+pub(crate) fn refused_connection(peer: SocketAddr, reason: &str, suppressed: u64) {
+    tracing::warn!(target: AUDIT_TARGET, event = "connection", outcome = "refused", peer = %peer, reason, suppressed);
 }
 
 pub(crate) fn request_refused(
@@ -91,6 +101,7 @@ pub(crate) fn request_refused(
     operation: &str,
     function: Option<&str>,
     code: ErrorCode,
+    suppressed: u64,
 ) {
     tracing::info!(
         target: AUDIT_TARGET,
@@ -102,6 +113,7 @@ pub(crate) fn request_refused(
         cert = %facts.cert.fingerprint,
         key_id = facts.principal.key_id.as_deref().unwrap_or(""),
         session_id = facts.session_id,
+        suppressed,
     );
 }
 

@@ -165,6 +165,11 @@ impl BucketControls {
         BucketControls::with(500, 1000)
     }
 
+    /// netproc's refusal budget per connection: 100/s, burst 200.
+    pub fn refusals_default() -> BucketControls {
+        BucketControls::with(100, 200)
+    }
+
     /// A disabled bucket (for benchmarks and trusted networks).
     pub fn disabled() -> BucketControls {
         BucketControls {
@@ -206,6 +211,9 @@ fn de_per_api_key<'de, D: Deserializer<'de>>(d: D) -> Result<BucketControls, D::
 fn de_per_ip<'de, D: Deserializer<'de>>(d: D) -> Result<BucketControls, D::Error> {
     Ok(PartialBucket::deserialize(d)?.over(BucketControls::per_ip_default()))
 }
+fn de_refusals<'de, D: Deserializer<'de>>(d: D) -> Result<BucketControls, D::Error> {
+    Ok(PartialBucket::deserialize(d)?.over(BucketControls::refusals_default()))
+}
 
 /// Per-request limits, checked in this order after the privilege check:
 /// in-flight, per connection, per API key, per address.
@@ -227,6 +235,18 @@ pub struct RequestControls {
     /// Default 500/s, burst 1000.
     #[serde(deserialize_with = "de_per_ip")]
     pub per_ip: BucketControls,
+    /// Budget per connection for frames that are refused rather than
+    /// served: privilege denials, `invalid_operation`, `invalid_request`
+    /// (bad payload, an id not above the last), unknown message kinds, and
+    /// cancels of an id that is not running. Each takes a token; without
+    /// one the frame is answered `rate_limited` (scope `refusals`) and not
+    /// audited (or, with `disconnect_on_limit`, the session is closed).
+    /// Default 100/s, burst 200 (netproc's; the reference has no such
+    /// bucket). Worst case: a peer that only sends refused frames costs 200
+    /// answers at once, then 100 per second, plus one `rate_limited` answer
+    /// per further frame.
+    #[serde(deserialize_with = "de_refusals")]
+    pub refusals: BucketControls,
     /// Server-side limit on one request's execution, ms (`timeout`). Default 30 000.
     pub request_timeout_ms: u64,
 }
@@ -238,6 +258,7 @@ impl Default for RequestControls {
             per_connection: BucketControls::per_connection_default(),
             per_api_key: BucketControls::per_api_key_default(),
             per_ip: BucketControls::per_ip_default(),
+            refusals: BucketControls::refusals_default(),
             request_timeout_ms: 30_000,
         }
     }
@@ -485,6 +506,7 @@ impl ServerOptions {
         bucket("per_connection", &r.per_connection)?;
         bucket("per_api_key", &r.per_api_key)?;
         bucket("per_ip", &r.per_ip)?;
+        bucket("refusals", &r.refusals)?;
         if s.max_outbound_bytes_per_connection < c.max_post_auth_frame_bytes {
             return Err(InvalidOption {
                 field: "session_controls.max_outbound_bytes_per_connection".into(),

@@ -82,6 +82,14 @@ async fn farewell<W: AsyncWrite + Unpin>(wr: &mut W, msg: ServerMessage, limit: 
     }
 }
 
+/// The audit line of a connection refused after accept, aggregated per reason.
+fn connection_refused(shared: &Shared, peer: SocketAddr, reason: &'static str) {
+    let now = shared.abuse.clock.now();
+    if let Some(suppressed) = shared.abuse.connection_log.check(&reason, now) {
+        audit::refused_connection(peer, reason, suppressed);
+    }
+}
+
 fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMessage {
     ServerMessage::Error(ErrorBody::new(code, message))
 }
@@ -125,7 +133,7 @@ pub(crate) async fn run_connection(
     let (_, conn) = tls.get_ref();
     if conn.alpn_protocol() != Some(ALPN_PROTOCOL) {
         shared.abuse.count(Counter::handshake_failure_count);
-        audit::refused_connection(peer, "the client did not negotiate ALPN netproc/1");
+        connection_refused(&shared, peer, "the client did not negotiate ALPN netproc/1");
         return;
     }
     // The verifier requires a client certificate, so one is present.
@@ -134,7 +142,7 @@ pub(crate) async fn run_connection(
         .and_then(|c| c.first())
         .and_then(|der| CertIdentity::from_der(der).ok())
     else {
-        audit::refused_connection(peer, "no parsable client certificate");
+        connection_refused(&shared, peer, "no parsable client certificate");
         return;
     };
     let cert = Arc::new(cert);
@@ -146,7 +154,7 @@ pub(crate) async fn run_connection(
     let pre_limit = cc.max_pre_auth_frame_bytes;
     let Some(unauthenticated) = shared.abuse.unauthenticated.try_enter() else {
         shared.abuse.count(Counter::handshake_limited_count);
-        audit::refused_connection(peer, "max_unauthenticated_sessions reached");
+        connection_refused(&shared, peer, "max_unauthenticated_sessions reached");
         let msg = error_msg(
             ErrorCode::HandshakeLimited,
             "too many unauthenticated sessions",
@@ -159,8 +167,19 @@ pub(crate) async fn run_connection(
     let started = Instant::now();
     let auth_timeout = Duration::from_millis(cc.auth_message_timeout_ms);
     let auth_deadline = tokio::time::Instant::now() + auth_timeout;
+    // Every failed credential is logged (each cost the peer a handshake, and
+    // the blocklist bounds them per address and key); the cheaper refusals
+    // are aggregated per (address, code).
     let refuse = |code: ErrorCode, key: Option<&str>, reason: &str| {
-        audit::auth_refused(peer, &cert, key, code, reason, started);
+        let suppressed = if code == ErrorCode::AuthenticationFailed {
+            Some(0)
+        } else {
+            let now = shared.abuse.clock.now();
+            shared.abuse.auth_log.check(&(peer.ip(), code.clone()), now)
+        };
+        if let Some(suppressed) = suppressed {
+            audit::auth_refused(peer, &cert, key, code, reason, started, suppressed);
+        }
     };
     let mut decoder = FrameDecoder::new(pre_limit);
     let first = tokio::select! {
@@ -406,6 +425,8 @@ struct Session {
     pings: TokenBucket,
     /// The per-connection request bucket, with the settings version it follows.
     conn_bucket: (u64, TokenBucket),
+    /// The per-connection refusal budget, likewise.
+    refusals: (u64, TokenBucket),
     /// This session's running calls, published for the metrics gauge (only
     /// this session writes it: no cache line shared between connections).
     in_flight: Arc<AtomicUsize>,
@@ -437,6 +458,10 @@ impl Session {
             shared.abuse.version(),
             new_bucket(&options.request_controls.per_connection, now),
         );
+        let refusals = (
+            shared.abuse.version(),
+            new_bucket(&options.request_controls.refusals, now),
+        );
         let pings = TokenBucket::new(
             sc.max_pings_per_second,
             Duration::from_secs(1),
@@ -452,6 +477,7 @@ impl Session {
             last_id: None,
             pings,
             conn_bucket,
+            refusals,
             in_flight,
             activity,
             last_activity: Instant::now(),
@@ -618,8 +644,14 @@ impl Session {
                     }
                 }
                 Ok(ClientMessage::Cancel { id }) => {
+                    // Free for a live call (it reduces work); a cancel of an
+                    // id that is not running is ignored, but not for free.
                     if let Some(token) = self.cancels.get(&id) {
                         token.cancel();
+                    } else if let Err(end) = self.take_refusal_token(None) {
+                        if end.is_some() {
+                            return end;
+                        }
                     }
                 }
                 Ok(ClientMessage::Ping { nonce }) => {
@@ -639,21 +671,40 @@ impl Session {
                     );
                     return Some(End::Now);
                 }
-                Ok(_) => self.outbox.push(&error_msg(
-                    ErrorCode::UnsupportedMessageType,
-                    "unsupported message type",
-                )),
-                Err(DecodeError::UnsupportedMessageType { kind }) => self.outbox.push(&error_msg(
-                    ErrorCode::UnsupportedMessageType,
-                    format!("unsupported message type {kind}"),
-                )),
+                Ok(_) => {
+                    let end = self.refuse(
+                        None,
+                        "unknown",
+                        None,
+                        ErrorCode::UnsupportedMessageType,
+                        "unsupported message type".into(),
+                    );
+                    if end.is_some() {
+                        return end;
+                    }
+                }
+                Err(DecodeError::UnsupportedMessageType { kind }) => {
+                    let end = self.refuse(
+                        None,
+                        "unknown",
+                        None,
+                        ErrorCode::UnsupportedMessageType,
+                        format!("unsupported message type {kind}"),
+                    );
+                    if end.is_some() {
+                        return end;
+                    }
+                }
                 Err(
                     e @ (DecodeError::InvalidOperation { id, .. }
                     | DecodeError::InvalidRequest { id, .. }),
                 ) => {
-                    if self.accept_id(id) {
-                        audit::request_refused(&self.facts, "unknown", None, e.code());
-                        self.respond_err(id, e.code(), e.to_string());
+                    let end = match self.accept_id(id) {
+                        Ok(()) => self.refuse(Some(id), "unknown", None, e.code(), e.to_string()),
+                        Err(end) => end,
+                    };
+                    if end.is_some() {
+                        return end;
                     }
                 }
                 Err(e) => {
@@ -665,21 +716,74 @@ impl Session {
         }
     }
 
-    /// Checks that `id` is above the session's previous ids, answering
-    /// `invalid_request` if not.
-    fn accept_id(&mut self, id: u64) -> bool {
+    /// Checks that `id` is above the session's previous ids. `Err` when it
+    /// is not: refused (and answered); `Err(Some(_))` ends the session.
+    fn accept_id(&mut self, id: u64) -> Result<(), Option<End>> {
         if let Some(last) = self.last_id
             && id <= last
         {
-            self.respond_err(
-                id,
-                ErrorCode::InvalidRequest,
-                format!("request id {id} is not above the previous id {last}"),
-            );
-            return false;
+            let message = format!("request id {id} is not above the previous id {last}");
+            return Err(self.refuse(Some(id), "unknown", None, ErrorCode::InvalidRequest, message));
         }
         self.last_id = Some(id);
-        true
+        Ok(())
+    }
+
+    /// A token from the refusal budget for a frame that is refused rather
+    /// than served. `Err` when the budget is spent: the frame was answered
+    /// `rate_limited` (scope `refusals`) instead, and `Err(Some(_))` ends the
+    /// session (`disconnect_on_limit`).
+    fn take_refusal_token(&mut self, id: Option<u64>) -> Result<(), Option<End>> {
+        let options = self.shared.options();
+        let Err(refusal) = self
+            .shared
+            .abuse
+            .check_refusal(&options, &mut self.refusals)
+        else {
+            return Ok(());
+        };
+        self.audit_refusal("unknown", None, ErrorCode::RateLimited);
+        match id {
+            Some(id) => self.respond(id, Outcome::Err(refusal.body)),
+            None => self.outbox.push(&ServerMessage::Error(refusal.body)),
+        }
+        if refusal.disconnect {
+            audit::session_closed(&self.facts, ErrorCode::RateLimited);
+            self.close_with(ErrorCode::RateLimited, "too many refused requests");
+            return Err(Some(End::Now));
+        }
+        Err(None)
+    }
+
+    /// Refuses a frame with `code`: a response to `id`, or a top-level
+    /// `Error` frame that leaves the session open. Takes a token from the
+    /// refusal budget first; `Some` ends the session.
+    fn refuse(
+        &mut self,
+        id: Option<u64>,
+        operation: &str,
+        function: Option<&str>,
+        code: ErrorCode,
+        message: String,
+    ) -> Option<End> {
+        if let Err(end) = self.take_refusal_token(id) {
+            return end;
+        }
+        self.audit_refusal(operation, function, code.clone());
+        match id {
+            Some(id) => self.respond_err(id, code, message),
+            None => self.outbox.push(&error_msg(code, message)),
+        }
+        None
+    }
+
+    /// The audit line of a refused request, aggregated per (principal, code).
+    fn audit_refusal(&self, operation: &str, function: Option<&str>, code: ErrorCode) {
+        let now = self.shared.abuse.clock.now();
+        let kind = (self.facts.principal.id.clone(), code.clone());
+        if let Some(suppressed) = self.shared.abuse.request_log.check(&kind, now) {
+            audit::request_refused(&self.facts, operation, function, code, suppressed);
+        }
     }
 
     /// An error that ends the connection.
@@ -726,21 +830,25 @@ impl Session {
             op,
             deadline_ms,
         } = req;
-        if !self.accept_id(id) {
-            return None;
+        if let Err(end) = self.accept_id(id) {
+            return end;
         }
-        let refused = |facts: &SessionFacts, op: &Operation, code: ErrorCode| {
-            audit::request_refused(facts, op.name(), function_of(op), code);
-        };
         if let Err(denied) = authorize(&self.facts.principal, &op) {
-            refused(&self.facts, &op, ErrorCode::InsufficientPrivileges);
-            self.respond_err(id, ErrorCode::InsufficientPrivileges, denied.to_string());
-            return None;
+            return self.refuse(
+                Some(id),
+                op.name(),
+                function_of(&op),
+                ErrorCode::InsufficientPrivileges,
+                denied.to_string(),
+            );
         }
+        let refused = |session: &Session, op: &Operation, code: ErrorCode| {
+            session.audit_refusal(op.name(), function_of(op), code);
+        };
         let options = self.shared.options();
         let rc = &options.request_controls;
         if self.calls.len() >= rc.max_in_flight_requests_per_connection as usize {
-            refused(&self.facts, &op, ErrorCode::RateLimited);
+            refused(self, &op, ErrorCode::RateLimited);
             let body = self.shared.abuse.in_flight_refusal();
             self.respond(id, Outcome::Err(body));
             return None;
@@ -754,7 +862,7 @@ impl Session {
             self.facts.peer.ip(),
         );
         if let Err(refusal) = checked {
-            refused(&self.facts, &op, ErrorCode::RateLimited);
+            refused(self, &op, ErrorCode::RateLimited);
             self.respond(id, Outcome::Err(refusal.body));
             if refusal.disconnect {
                 audit::session_closed(&self.facts, ErrorCode::RateLimited);
@@ -840,27 +948,25 @@ impl Session {
             }
             Operation::Extension { name, payload } => {
                 let Some(ext) = self.shared.registry.extensions.get(&name) else {
-                    audit::request_refused(
-                        &self.facts,
+                    let msg = format!("no extension named \"{}\"", sanitize(&name));
+                    return self.refuse(
+                        Some(id),
                         "extension",
                         Some(&name),
                         ErrorCode::InvalidOperation,
+                        msg,
                     );
-                    let msg = format!("no extension named \"{}\"", sanitize(&name));
-                    self.respond_err(id, ErrorCode::InvalidOperation, msg);
-                    return None;
                 };
                 if let Err(denied) =
                     authorize_privilege(&self.facts.principal, ext.privilege, "extension")
                 {
-                    audit::request_refused(
-                        &self.facts,
+                    return self.refuse(
+                        Some(id),
                         "extension",
                         Some(&name),
                         ErrorCode::InsufficientPrivileges,
+                        denied.to_string(),
                     );
-                    self.respond_err(id, ErrorCode::InsufficientPrivileges, denied.to_string());
-                    return None;
                 }
                 let (ctx, token, deadline) = self.context(limit);
                 let handler = Arc::clone(&ext.handler);
@@ -908,12 +1014,7 @@ impl Session {
         }
         let entry = self.shared.scripts.as_ref().and_then(|s| s.get(&function));
         let Some(entry) = entry else {
-            audit::request_refused(
-                &self.facts,
-                "invoke",
-                Some(&function),
-                ErrorCode::FunctionNotFound,
-            );
+            self.audit_refusal("invoke", Some(&function), ErrorCode::FunctionNotFound);
             let msg = format!("no function named \"{}\"", sanitize(&function));
             self.respond_err(id, ErrorCode::FunctionNotFound, msg);
             return;
@@ -936,7 +1037,7 @@ impl Session {
                 self.spawn_call(id, Box::pin(fut), token, deadline, limit, permit);
             }
             Err(e) => {
-                audit::request_refused(&self.facts, "invoke", Some(&function), e.code());
+                self.audit_refusal("invoke", Some(&function), e.code());
                 self.respond(
                     id,
                     Outcome::Err(crate::scripts::script_error(e).into_body()),
@@ -958,12 +1059,7 @@ impl Session {
             None => Some(None),
             Some(Ok(permit)) => Some(permit),
             Some(Err((scope, retry))) => {
-                audit::request_refused(
-                    &self.facts,
-                    "invoke",
-                    Some(function),
-                    ErrorCode::RateLimited,
-                );
+                self.audit_refusal("invoke", Some(function), ErrorCode::RateLimited);
                 let body = self.shared.abuse.function_refusal(scope, retry);
                 self.respond(id, Outcome::Err(body));
                 None

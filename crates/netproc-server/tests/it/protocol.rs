@@ -262,3 +262,117 @@ async fn a_client_that_never_reads_is_cut_off_and_others_keep_being_served() {
     );
     assert_eq!(good.call::<i64>("add", (1, 1)).await.unwrap(), 2);
 }
+
+fn define_constant(id: u64) -> ClientMessage {
+    ClientMessage::Request(Request {
+        id,
+        op: Operation::DefineConstant {
+            name: "c".into(),
+            value: Value::Int(1),
+        },
+        deadline_ms: None,
+    })
+}
+
+/// Every frame a session reads draws from a budget: refused frames from the
+/// refusal budget, whatever the refusal. Past it they are answered
+/// `rate_limited` (scope `refusals`), and audited once per interval.
+#[tokio::test]
+async fn refused_frames_draw_from_the_refusal_budget() {
+    let capture = crate::auth::audit_capture();
+    let mut options = ServerOptions::default();
+    options.request_controls.per_connection.burst_tokens = 3;
+    options.request_controls.refusals.burst_tokens = 4;
+    options.request_controls.refusals.tokens_per_interval = 1;
+    options.request_controls.refusals.interval_ms = 60_000;
+    let (pki, server, key) = setup(options).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    let refusal_scope = |e: &ErrorBody| match &e.details {
+        Value::Map(m) => m.get("scope").cloned(),
+        _ => None,
+    };
+    // Four refusals of four kinds pass with their own codes.
+    raw.send(&define_constant(1)).await;
+    expect_response_error(raw.recv().await, 1, ErrorCode::InsufficientPrivileges);
+    raw.send_body(&[1, 2, 99]).await;
+    expect_response_error(raw.recv().await, 2, ErrorCode::InvalidOperation);
+    raw.send_body(&[1, 3, 0, 200]).await;
+    expect_response_error(raw.recv().await, 3, ErrorCode::InvalidRequest);
+    raw.send_body(&[42]).await;
+    expect_error(raw.recv().await, ErrorCode::UnsupportedMessageType);
+    // Then the budget is spent: 200 more privilege denials, bad operations,
+    // repeated ids, unknown kinds and cancels of unknown ids all get
+    // rate_limited, scope refusals.
+    for i in 0..40u64 {
+        let id = 10 + i * 5;
+        raw.send(&define_constant(id)).await;
+        let e = expect_response_error(raw.recv().await, id, ErrorCode::RateLimited);
+        assert_eq!(refusal_scope(&e), Some(Value::from("refusals")), "{e:?}");
+        raw.send_body(&[1, (id + 1) as u8 & 0x7f, 99]).await;
+        let _ = raw.recv().await;
+        raw.send(&define_constant(id)).await;
+        let e = expect_response_error(raw.recv().await, id, ErrorCode::RateLimited);
+        assert_eq!(refusal_scope(&e), Some(Value::from("refusals")));
+        raw.send_body(&[42]).await;
+        match raw.recv().await {
+            Some(ServerMessage::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::RateLimited);
+                assert_eq!(refusal_scope(&e), Some(Value::from("refusals")));
+            }
+            other => panic!("{other:?}"),
+        }
+        raw.send(&ClientMessage::Cancel { id: 1_000_000 + i }).await;
+        expect_error(raw.recv().await, ErrorCode::RateLimited);
+    }
+    let m = server.abuse_metrics();
+    assert!(m.rate_limited_refusals_count >= 200, "{m:?}");
+    // The session stays open (disconnect_on_limit is off) and served.
+    raw.send(&invoke(1_000, "add", vec![1.into(), 2.into()])).await;
+    assert_eq!(
+        raw.recv().await,
+        Some(ServerMessage::Response(Response {
+            id: 1_000,
+            outcome: Outcome::Ok(Value::Int(3))
+        }))
+    );
+    // Audit: the first refusal per (principal, code) only, not one per frame.
+    let principal = ok_principal(&key);
+    let logged = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
+    let lines = logged
+        .lines()
+        .filter(|l| l.contains("event=\"request\"") || l.contains("event=request"))
+        .filter(|l| l.contains(&principal))
+        .count();
+    assert!(lines <= 5, "{lines} audit lines:\n{logged}");
+}
+
+fn ok_principal(key: &netproc_auth::ApiKey) -> String {
+    key.expose()
+        .strip_prefix("npk_")
+        .and_then(|r| r.split_once('_'))
+        .map(|(id, _)| id.to_owned())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_refusal_budget_with_disconnect_on_limit_closes_the_session() {
+    let mut options = ServerOptions::default();
+    options.request_controls.refusals.burst_tokens = 2;
+    options.request_controls.refusals.interval_ms = 60_000;
+    options.request_controls.refusals.disconnect_on_limit = true;
+    let (pki, server, key) = setup(options).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    for id in 1..=2 {
+        raw.send(&define_constant(id)).await;
+        expect_response_error(raw.recv().await, id, ErrorCode::InsufficientPrivileges);
+    }
+    raw.send(&define_constant(3)).await;
+    expect_response_error(raw.recv().await, 3, ErrorCode::RateLimited);
+    match raw.recv().await {
+        Some(ServerMessage::GoAway(g)) => assert_eq!(g.reason, ErrorCode::RateLimited),
+        other => panic!("{other:?}"),
+    }
+    assert!(raw.recv().await.is_none());
+}
