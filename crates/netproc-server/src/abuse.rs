@@ -154,7 +154,8 @@ pub(crate) fn retry_details(scope: &str, retry_after: Duration) -> Value {
 }
 
 pub(crate) fn throttled(retry_after: Duration, message: &str, scope: &'static str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::AuthThrottled, message).with_details(retry_details(scope, retry_after))
+    ErrorBody::new(ErrorCode::AuthThrottled, message)
+        .with_details(retry_details(scope, retry_after))
 }
 
 /// A bucket in a shared table, with the settings version it was made under.
@@ -734,7 +735,10 @@ mod tests {
         assert_eq!(abuse.blocklist.tracked().1, 0, "made-up ids were tracked");
         for id in [&admin.id, &user.id] {
             assert!(may_log_in(&abuse, addr(5), id), "old address");
-            assert!(may_log_in(&abuse, IpAddr::from([192, 0, 2, 1]), id), "new address");
+            assert!(
+                may_log_in(&abuse, IpAddr::from([192, 0, 2, 1]), id),
+                "new address"
+            );
         }
     }
 

@@ -70,7 +70,9 @@ impl<K: Hash + Eq + Clone> LogLimiter<K> {
         if slots.len() >= self.max_kinds {
             // Forget kinds whose interval is over with nothing left to report.
             let interval = self.interval;
-            slots.retain(|_, s| s.suppressed > 0 || now.saturating_duration_since(s.since) < interval);
+            slots.retain(|_, s| {
+                s.suppressed > 0 || now.saturating_duration_since(s.since) < interval
+            });
         }
         if slots.len() >= self.max_kinds {
             return match shared {

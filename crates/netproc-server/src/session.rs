@@ -648,10 +648,8 @@ impl Session {
                     // id that is not running is ignored, but not for free.
                     if let Some(token) = self.cancels.get(&id) {
                         token.cancel();
-                    } else if let Err(end) = self.take_refusal_token(None) {
-                        if end.is_some() {
-                            return end;
-                        }
+                    } else if let Err(end @ Some(_)) = self.take_refusal_token(None) {
+                        return end;
                     }
                 }
                 Ok(ClientMessage::Ping { nonce }) => {
@@ -723,7 +721,13 @@ impl Session {
             && id <= last
         {
             let message = format!("request id {id} is not above the previous id {last}");
-            return Err(self.refuse(Some(id), "unknown", None, ErrorCode::InvalidRequest, message));
+            return Err(self.refuse(
+                Some(id),
+                "unknown",
+                None,
+                ErrorCode::InvalidRequest,
+                message,
+            ));
         }
         self.last_id = Some(id);
         Ok(())

@@ -905,7 +905,9 @@ async fn full_limiter_tables_never_refuse_a_correct_credential() {
     let victims: Vec<_> = (0..48).map(|_| t.keys.create(invoke()).unwrap()).collect();
     let (_, admin) = t
         .keys
-        .create(KeySpec::new(PrivilegeSet::from([Privilege::AdminPrivileges])))
+        .create(KeySpec::new(PrivilegeSet::from([
+            Privilege::AdminPrivileges,
+        ])))
         .unwrap();
     let wrong = |id: &str| netproc_wire::SecretString::new(format!("npk_{id}_{}", "Z".repeat(32)));
     let attempt = |secret: netproc_wire::SecretString, from: u8| {

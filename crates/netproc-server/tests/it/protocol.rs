@@ -328,7 +328,8 @@ async fn refused_frames_draw_from_the_refusal_budget() {
     let m = server.abuse_metrics();
     assert!(m.rate_limited_refusals_count >= 200, "{m:?}");
     // The session stays open (disconnect_on_limit is off) and served.
-    raw.send(&invoke(1_000, "add", vec![1.into(), 2.into()])).await;
+    raw.send(&invoke(1_000, "add", vec![1.into(), 2.into()]))
+        .await;
     assert_eq!(
         raw.recv().await,
         Some(ServerMessage::Response(Response {

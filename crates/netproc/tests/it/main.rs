@@ -608,9 +608,23 @@ fn a_leaf_certificate_as_a_trust_anchor_exits_2_naming_the_field() {
     // The client side: `ca` of a server.
     let client = dir.path().join("client.toml");
     let text_of = std::fs::read_to_string(&client).unwrap();
-    std::fs::write(&client, text_of.replace("ca = \"ca.crt\"", "ca = \"client.crt\"")).unwrap();
-    let out = netproc(&["call", "--config", client.to_str().unwrap(), "s1", "echo", "1"]);
+    std::fs::write(
+        &client,
+        text_of.replace("ca = \"ca.crt\"", "ca = \"client.crt\""),
+    )
+    .unwrap();
+    let out = netproc(&[
+        "call",
+        "--config",
+        client.to_str().unwrap(),
+        "s1",
+        "echo",
+        "1",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("servers.s1.ca") && err.contains("not a CA"), "{err}");
+    assert!(
+        err.contains("servers.s1.ca") && err.contains("not a CA"),
+        "{err}"
+    );
 }
