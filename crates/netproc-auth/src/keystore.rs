@@ -206,8 +206,10 @@ pub struct KeyInfo {
     pub functions: Option<BTreeSet<String>>,
     /// Its certificate binding.
     pub binding: Option<CertBinding>,
-    /// Its expiry, in unix seconds.
+    /// Its expiry, in unix seconds (rounded up; see `expires_at_ms`).
     pub expires_at: Option<u64>,
+    /// Its expiry, in unix milliseconds: the instant it stops being valid.
+    pub expires_at_ms: Option<u64>,
     /// Its creation time, in unix seconds.
     pub created_at: u64,
     /// Its label.
@@ -296,7 +298,12 @@ struct Record {
     privileges: PrivilegeSet,
     functions: Option<BTreeSet<String>>,
     binding: Option<CertBinding>,
+    /// Expiry in unix seconds, rounded up (files written before
+    /// `expires_at_ms` existed have only this).
     expires_at: Option<u64>,
+    /// Expiry in unix milliseconds; wins over `expires_at` when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<u64>,
     created_at: u64,
     label: Option<String>,
     /// For an Ed25519 key: its public key, hex. Such a record has no usable
@@ -319,6 +326,12 @@ struct Record {
 }
 
 impl Record {
+    /// The instant the key stops being valid, in unix milliseconds.
+    fn expiry_ms(&self) -> Option<u64> {
+        self.expires_at_ms
+            .or_else(|| self.expires_at.map(|s| s.saturating_mul(1000)))
+    }
+
     fn info(&self) -> KeyInfo {
         KeyInfo {
             id: self.id.clone(),
@@ -327,6 +340,7 @@ impl Record {
             functions: self.functions.clone(),
             binding: self.binding.clone(),
             expires_at: self.expires_at,
+            expires_at_ms: self.expiry_ms(),
             created_at: self.created_at,
             label: self.label.clone(),
             ed25519_public_key: self.ed25519_public_key.clone(),
@@ -615,7 +629,8 @@ impl ApiKeyStore {
             privileges: spec.privileges,
             functions: spec.functions,
             binding: spec.binding,
-            expires_at: spec.expires_at.map(unix_secs),
+            expires_at: spec.expires_at.map(|t| unix_ms(t).div_ceil(1000)),
+            expires_at_ms: spec.expires_at.map(unix_ms),
             created_at: unix_secs(SystemTime::now()),
             label: spec.label,
             ed25519_public_key,
@@ -788,8 +803,8 @@ fn admit(
     now: SystemTime,
 ) -> Result<Principal, AuthRejected> {
     let id = record.id.as_str();
-    if let Some(expiry) = record.expires_at
-        && unix_secs(now) >= expiry
+    if let Some(expiry) = record.expiry_ms()
+        && unix_ms(now) >= expiry
     {
         return Err(AuthRejected::new(format!("key {id} expired")));
     }
@@ -807,8 +822,8 @@ fn admit(
     principal.max_sessions = record.max_sessions;
     principal.single_active_session = record.single_active_session;
     principal.expires_at = record
-        .expires_at
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        .expiry_ms()
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
     Ok(principal)
 }
 

@@ -53,6 +53,10 @@ pub enum ServerError {
     /// A function, constant or extension name is invalid or repeated.
     #[error("invalid registration: {0}")]
     Registration(String),
+    /// A reload was refused: no reload source is configured, or it could
+    /// not read its material. The last good configuration stays in force.
+    #[error("reload refused, the last good configuration stays: {0}")]
+    Reload(String),
 }
 
 /// State shared by the accept loop and every session.
@@ -622,9 +626,7 @@ impl Shared {
 
     pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
         let Some(source) = self.reload_source.clone() else {
-            return Err(ServerError::Registration(
-                "no reload source is configured".into(),
-            ));
+            return Err(ServerError::Reload("no reload source is configured".into()));
         };
         let read = tokio::task::spawn_blocking(move || source()).await;
         match read {
@@ -633,9 +635,9 @@ impl Shared {
                 tracing::warn!(server = %self.name, error = %e, "reload refused; keeping the last good configuration");
                 self.abuse
                     .count(crate::abuse::Counter::tls_reload_failure_count);
-                Err(ServerError::State(e))
+                Err(ServerError::Reload(e))
             }
-            Err(e) => Err(ServerError::State(e.to_string())),
+            Err(e) => Err(ServerError::Reload(e.to_string())),
         }
     }
 

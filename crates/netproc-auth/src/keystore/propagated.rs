@@ -120,6 +120,7 @@ impl PropagatedKey {
             functions: self.functions.clone(),
             binding: self.binding.clone(),
             expires_at: self.expires_at,
+            expires_at_ms: None,
             created_at,
             label: None,
             ed25519_public_key,

@@ -282,3 +282,23 @@ fn propagated_changes_report_what_sessions_must_do() {
     assert!(seen.lock().unwrap().is_empty());
     assert_eq!(store.propagated_keys().len(), 1);
 }
+
+/// An expiry with a sub-second part is kept to the millisecond: the key is
+/// valid until that instant, not until the whole second before it.
+#[test]
+fn a_key_expiry_keeps_its_milliseconds_through_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let (a, _) = certs();
+    let store = ApiKeyStore::open(&path).unwrap();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_millis(4_102_444_800_900);
+    let (info, key) = store
+        .create(KeySpec::new("invoke_functions".parse().unwrap()).expires_at(expiry))
+        .unwrap();
+    assert_eq!(info.expires_at_ms, Some(4_102_444_800_900));
+    let reopened = ApiKeyStore::open(&path).unwrap();
+    let just_before = expiry - Duration::from_millis(1);
+    let p = reopened.verify(key.expose(), &a, just_before).unwrap();
+    assert_eq!(p.expires_at, Some(expiry));
+    assert!(reopened.verify(key.expose(), &a, expiry).is_err());
+}

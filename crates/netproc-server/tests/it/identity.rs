@@ -789,3 +789,32 @@ async fn a_key_s_own_session_policy_overrides_the_server_s() {
     assert_eq!(b.call::<i64>("add", (1, 1)).await.unwrap(), 2);
     assert_ne!(a.session().await.unwrap().0, b.session().await.unwrap().0);
 }
+
+#[tokio::test]
+async fn a_failed_reload_through_the_handle_is_a_reload_error() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("gone.crt");
+    let source: netproc_server::ReloadSource = Arc::new(move || {
+        netproc_pki::TrustAnchors::load(&missing).map_err(|e| e.to_string())?;
+        unreachable!("the file does not exist")
+    });
+    let server = builder(&pki, "s1", Arc::new(ApiKeyStore::in_memory()))
+        .reload_source(source)
+        .start()
+        .await
+        .unwrap();
+    let err = server.reload().await.unwrap_err();
+    assert!(
+        matches!(err, netproc_server::ServerError::Reload(_)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("gone.crt"), "{err}");
+    assert_eq!(server.abuse_metrics().tls_reload_failure_count, 1);
+    // Without a source, the same variant.
+    let plain = start(&pki, "s2", Arc::new(ApiKeyStore::in_memory())).await;
+    assert!(matches!(
+        plain.reload().await.unwrap_err(),
+        netproc_server::ServerError::Reload(_)
+    ));
+}
