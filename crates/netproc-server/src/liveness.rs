@@ -2,9 +2,20 @@
 //! last activity of the principal's sessions.
 //!
 //! Sessions stamp their activity into an atomic (no lock per frame); one
-//! task per server scans the session table twice a second, compares each
-//! principal's quietest-so-far with the thresholds and publishes every
-//! transition as a `tracing` event and on a bounded broadcast channel.
+//! task per server scans the session table, compares each principal's most
+//! recent activity with the thresholds and publishes every transition as a
+//! `tracing` event and on a bounded broadcast channel.
+//!
+//! Timing, as documented in `docs/operations.md`:
+//! - a principal is `online` from the moment a session of it authenticates
+//!   (event and counts at once, before `AuthOk` is sent);
+//! - the scan period is a quarter of the smallest of `unstable_after_ms` and
+//!   `offline_after_ms - unstable_after_ms`, between 10 ms and 500 ms, so a
+//!   transition is seen at most one period after its threshold;
+//! - states go down one step at a time: a principal found past
+//!   `offline_after` while `online` gets `online → unstable` then
+//!   `unstable → offline`; activity brings it straight back to `online`, and
+//!   a closed last session makes it `offline` at the next scan.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,8 +28,15 @@ use tokio::sync::broadcast;
 
 use crate::sessions::SessionTable;
 
-/// How often the states are recomputed.
-const SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// The scan period's bounds (see the module docs).
+const MIN_SCAN: Duration = Duration::from_millis(10);
+const MAX_SCAN: Duration = Duration::from_millis(500);
+
+/// How often the states are recomputed for these thresholds (ms).
+pub(crate) fn scan_period(unstable_after: u64, offline_after: u64) -> Duration {
+    let gap = unstable_after.min(offline_after.saturating_sub(unstable_after));
+    Duration::from_millis(gap / 4).clamp(MIN_SCAN, MAX_SCAN)
+}
 /// Events buffered per subscriber; a slower subscriber skips (and is told
 /// how many it missed by `broadcast`'s `Lagged`).
 const EVENT_CAPACITY: usize = 1024;
@@ -110,11 +128,31 @@ impl LivenessTracker {
         c
     }
 
+    /// A session of `principal` has authenticated: it is online now.
+    pub(crate) fn session_started(&self, principal: &str) {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        let from = states
+            .insert(principal.to_owned(), Liveness::Online)
+            .unwrap_or(Liveness::Offline);
+        drop(states);
+        let mut changes = Vec::new();
+        if from != Liveness::Online {
+            changes.push(LivenessEvent {
+                principal: principal.to_owned(),
+                from,
+                to: Liveness::Online,
+            });
+        }
+        self.publish(changes);
+    }
+
     /// Recomputes every state from the session table.
     pub(crate) fn scan(&self, sessions: &SessionTable, unstable_after: u64, offline_after: u64) {
+        // The states lock is taken before the table is read, so a session
+        // registered after this read is marked online after this scan.
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.stamp();
         let latest = sessions.latest_activity();
-        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         let mut changes = Vec::new();
         for (principal, last) in &latest {
             let quiet = now.saturating_sub(*last);
@@ -127,12 +165,21 @@ impl LivenessTracker {
             };
             let previous = states.insert(principal.clone(), state);
             let from = previous.unwrap_or(Liveness::Offline);
-            if from != state {
+            let mut step = |from, to| {
                 changes.push(LivenessEvent {
                     principal: principal.clone(),
                     from,
-                    to: state,
+                    to,
                 });
+            };
+            match (from, state) {
+                (a, b) if a == b => {}
+                // Down one step at a time: no state is skipped.
+                (Liveness::Online, Liveness::Offline) => {
+                    step(Liveness::Online, Liveness::Unstable);
+                    step(Liveness::Unstable, Liveness::Offline);
+                }
+                (a, b) => step(a, b),
             }
         }
         // Principals whose last session closed: offline, then forgotten.
@@ -150,6 +197,11 @@ impl LivenessTracker {
             false
         });
         drop(states);
+        self.publish(changes);
+    }
+
+    /// Updates the gauges and sends `changes`, in order.
+    fn publish(&self, changes: Vec<LivenessEvent>) {
         let (online, unstable, offline) = self.counts();
         metrics::gauge!("netproc_online_principal_count").set(online as f64);
         metrics::gauge!("netproc_unstable_principal_count").set(unstable as f64);
@@ -162,12 +214,9 @@ impl LivenessTracker {
     }
 }
 
-/// Scans until `shutdown`.
+/// Scans until `shutdown`, at the period the current thresholds call for.
 pub(crate) async fn run(shared: std::sync::Weak<crate::server::Shared>) {
-    let mut tick = tokio::time::interval(SCAN_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -179,5 +228,22 @@ pub(crate) async fn run(shared: std::sync::Weak<crate::server::Shared>) {
         shared
             .liveness
             .scan(&shared.sessions, s.unstable_after_ms, s.offline_after_ms);
+        let period = scan_period(s.unstable_after_ms, s.offline_after_ms);
+        drop(options);
+        drop(shared);
+        tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scan_period_follows_the_smallest_threshold_gap() {
+        assert_eq!(scan_period(420_000, 600_000), MAX_SCAN);
+        assert_eq!(scan_period(300, 600), Duration::from_millis(75));
+        assert_eq!(scan_period(1_000, 1_100), Duration::from_millis(25));
+        assert_eq!(scan_period(20, 30), MIN_SCAN);
     }
 }

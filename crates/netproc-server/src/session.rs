@@ -366,6 +366,8 @@ pub(crate) async fn run_connection(
         }
     }
     drop(unauthenticated);
+    // Online from authentication on, before the client hears AuthOk.
+    shared.liveness.session_started(&facts.principal.id);
     // A shutdown that began while this session authenticated must reach it.
     if shared.shutdown.is_cancelled() {
         shared.sessions.signal(

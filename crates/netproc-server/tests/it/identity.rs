@@ -818,3 +818,99 @@ async fn a_failed_reload_through_the_handle_is_a_reload_error() {
         netproc_server::ServerError::Reload(_)
     ));
 }
+
+/// Online at authentication (counts too), transitions at the configured
+/// thresholds within a scan period, and no state skipped on the way down.
+#[tokio::test]
+async fn liveness_follows_short_thresholds_from_the_moment_of_auth() {
+    use netproc_server::{Liveness, LivenessEvent};
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (info, key) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let mut options = ServerOptions::default();
+    options.session_controls.unstable_after_ms = 300;
+    options.session_controls.offline_after_ms = 600;
+    let server = builder(&pki, "s1", keys)
+        .options(options)
+        .start()
+        .await
+        .unwrap();
+    let mut events = server.liveness_events();
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.session().await.unwrap();
+    let authed = std::time::Instant::now();
+    // No wait: online, and counted, as soon as the client is told AuthOk.
+    assert_eq!(server.liveness(), [(info.id.clone(), Liveness::Online)]);
+    assert_eq!(server.abuse_metrics().online_principal_count, 1);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e: LivenessEvent = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("no liveness event in 5 s")
+            .unwrap();
+        seen.push((e.from, e.to, authed.elapsed()));
+    }
+    assert_eq!(
+        seen.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>(),
+        [
+            (Liveness::Offline, Liveness::Online),
+            (Liveness::Online, Liveness::Unstable),
+            (Liveness::Unstable, Liveness::Offline),
+        ]
+    );
+    // The scan period is 75 ms here: allow it and some scheduling.
+    let (unstable_at, offline_at) = (seen[1].2, seen[2].2);
+    assert!(unstable_at >= Duration::from_millis(290), "{unstable_at:?}");
+    assert!(
+        unstable_at < Duration::from_millis(300 + 75 + 250),
+        "{unstable_at:?}"
+    );
+    assert!(offline_at >= Duration::from_millis(590), "{offline_at:?}");
+    assert!(
+        offline_at < Duration::from_millis(600 + 75 + 250),
+        "{offline_at:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_principal_found_past_offline_goes_through_unstable() {
+    use netproc_server::{Liveness, LivenessEvent};
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (_, key) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let clock = Arc::new(netproc_limits::ManualClock::new());
+    let mut options = ServerOptions::default();
+    options.session_controls.unstable_after_ms = 1_000;
+    options.session_controls.offline_after_ms = 2_000;
+    let server = builder(&pki, "s1", keys)
+        .options(options)
+        .clock(Arc::clone(&clock) as Arc<dyn netproc_limits::Clock>)
+        .start()
+        .await
+        .unwrap();
+    let mut events = server.liveness_events();
+    let s = client(&pki, &server, &key).server("s1").unwrap();
+    s.session().await.unwrap();
+    // Past both thresholds between two scans.
+    clock.advance(Duration::from_millis(5_000));
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e: LivenessEvent = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("no liveness event in 5 s")
+            .unwrap();
+        seen.push((e.from, e.to));
+    }
+    assert_eq!(
+        seen,
+        [
+            (Liveness::Offline, Liveness::Online),
+            (Liveness::Online, Liveness::Unstable),
+            (Liveness::Unstable, Liveness::Offline),
+        ]
+    );
+}
