@@ -17,7 +17,8 @@ use crate::{DependencySource, ScriptError};
 
 /// What bounds one call, beyond the language's own sandbox limits.
 pub(crate) struct Control {
-    /// The earlier of the caller's deadline and the wall-clock limit.
+    /// The caller's deadline when queued; the worker lowers it to the
+    /// wall-clock limit counted from when it starts running the call.
     pub(crate) deadline: Instant,
     /// Set when the caller gives up.
     pub(crate) cancel: Arc<AtomicBool>,

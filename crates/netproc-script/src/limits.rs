@@ -18,8 +18,18 @@ pub struct ScriptLimits {
     pub max_map_len: usize,
     /// Modules imported by one call. Default 16.
     pub max_imports: usize,
-    /// Wall-clock limit per call, ms (`timeout`). Default 1000.
+    /// Wall-clock limit per call, ms (`timeout`). Default 1000. It counts
+    /// from when a worker starts running the call: time waiting in the
+    /// queue is bounded by the caller's deadline (and the bounded queue),
+    /// not by this limit.
     pub wall_clock_ms: u64,
+    /// Lines `print` and `debug` may log per call (together). Default 100.
+    /// Past this or `max_output_bytes` the rest of the call's output is
+    /// dropped, with one `output truncated` line.
+    pub max_output_lines: usize,
+    /// Bytes `print` and `debug` may log per call (together, after
+    /// escaping). Default 16 KiB.
+    pub max_output_bytes: usize,
     /// The clock, the cancel flag and the deadline are checked every this
     /// many operations. Default 1024.
     pub check_every_operations: u64,
@@ -39,6 +49,8 @@ impl Default for ScriptLimits {
             max_map_len: 100_000,
             max_imports: 16,
             wall_clock_ms: 1000,
+            max_output_lines: 100,
+            max_output_bytes: 16 * 1024,
             check_every_operations: 1024,
             worker_stack_bytes: 8 * 1024 * 1024,
         }

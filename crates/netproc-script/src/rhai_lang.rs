@@ -25,6 +25,8 @@ struct Inner {
     host_modules: HashMap<String, SharedModule>,
     /// Compiles functions and dependency modules (workers have their own).
     compiler: Engine,
+    /// The output budget of dependency modules evaluated at definition.
+    compiler_output: Arc<Mutex<Output>>,
 }
 
 /// Rhai behind the [`Language`] seam.
@@ -34,11 +36,12 @@ pub(crate) struct RhaiLanguage {
 
 impl RhaiLanguage {
     pub(crate) fn new(limits: ScriptLimits, host_modules: HashMap<String, Module>) -> RhaiLanguage {
-        let mut compiler = sandbox_engine(&limits);
+        let (mut compiler, compiler_output) = sandbox_engine(&limits);
         compiler.set_optimization_level(rhai::OptimizationLevel::Simple);
         RhaiLanguage {
             inner: Arc::new(Inner {
                 compiler,
+                compiler_output,
                 deps: ArcSwap::from_pointee(HashMap::new()),
                 host_modules: host_modules
                     .into_iter()
@@ -71,8 +74,9 @@ impl ModuleResolver for DependencyResolver {
     }
 }
 
-/// An engine with only the standard packages and every limit set.
-fn sandbox_engine(limits: &ScriptLimits) -> Engine {
+/// An engine with only the standard packages and every limit set, and the
+/// budget its `print` and `debug` output draws from.
+fn sandbox_engine(limits: &ScriptLimits) -> (Engine, Arc<Mutex<Output>>) {
     let mut engine = Engine::new_raw();
     engine.register_global_module(rhai::packages::Package::as_shared_module(
         &rhai::packages::StandardPackage::new(),
@@ -85,11 +89,96 @@ fn sandbox_engine(limits: &ScriptLimits) -> Engine {
     engine.set_max_array_size(limits.max_array_len);
     engine.set_max_map_size(limits.max_map_len);
     engine.set_max_modules(limits.max_imports);
-    engine.on_print(|s| tracing::debug!(target: "netproc::script", "print: {}", truncate(s)));
-    engine.on_debug(
-        |s, _, pos| tracing::debug!(target: "netproc::script", "debug at {pos}: {}", truncate(s)),
-    );
-    engine
+    let output = Arc::new(Mutex::new(Output::new(limits, "")));
+    set_output(&mut engine, Arc::clone(&output));
+    (engine, output)
+}
+
+/// What one call has logged through `print` and `debug`: script output is
+/// peer text (a caller with `define_functions` wrote it), so it is capped
+/// per call, escaped and length-capped like audit fields.
+struct Output {
+    function: String,
+    lines: usize,
+    bytes: usize,
+    max_lines: usize,
+    max_bytes: usize,
+    truncated: bool,
+}
+
+/// Longest line kept, in characters before escaping.
+const MAX_OUTPUT_LINE: usize = 512;
+
+impl Output {
+    fn new(limits: &ScriptLimits, function: &str) -> Output {
+        Output {
+            function: function.to_owned(),
+            lines: 0,
+            bytes: 0,
+            max_lines: limits.max_output_lines,
+            max_bytes: limits.max_output_bytes,
+            truncated: false,
+        }
+    }
+
+    /// Starts a new call's budget.
+    fn reset(&mut self, function: &str) {
+        self.function.clear();
+        self.function.push_str(function);
+        self.lines = 0;
+        self.bytes = 0;
+        self.truncated = false;
+    }
+
+    /// Logs one line of output, or drops it past the budget (with a single
+    /// `output truncated` line).
+    fn emit(&mut self, kind: &str, text: &str) {
+        if self.truncated {
+            return;
+        }
+        let line = escape_output(text);
+        if self.lines >= self.max_lines || self.bytes + line.len() > self.max_bytes {
+            self.truncated = true;
+            tracing::debug!(target: "netproc::script", function = %self.function, "output truncated: the rest of this call's print/debug output is dropped");
+            return;
+        }
+        self.lines += 1;
+        self.bytes += line.len();
+        tracing::debug!(target: "netproc::script", function = %self.function, "{kind}: {line}");
+    }
+}
+
+/// Escapes control and non-ASCII characters and caps the line, so a script
+/// cannot forge log lines or flood them.
+pub(crate) fn escape_output(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX_OUTPUT_LINE {
+            out.push('…');
+            break;
+        }
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
+fn set_output(engine: &mut Engine, output: Arc<Mutex<Output>>) {
+    let out = Arc::clone(&output);
+    engine.on_print(move |s| {
+        out.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .emit("print", s);
+    });
+    engine.on_debug(move |s, _, pos| {
+        output
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .emit(&format!("debug at {pos}"), s);
+    });
 }
 
 pub(crate) fn truncate(s: &str) -> &str {
@@ -163,6 +252,11 @@ impl Language for RhaiLanguage {
             }
             DependencySource::Script(src) => {
                 let engine = &self.inner.compiler;
+                self.inner
+                    .compiler_output
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .reset(alias);
                 let ast = engine.compile(src).map_err(|e| syntax(&e))?;
                 Module::eval_ast_as_new(Scope::new(), &ast, engine)
                     .map_err(|e| classify(*e))?
@@ -193,7 +287,7 @@ impl Language for RhaiLanguage {
 
     fn worker(&self) -> Box<dyn Worker> {
         let state: Arc<Mutex<Option<Control>>> = Arc::new(Mutex::new(None));
-        let mut engine = sandbox_engine(&self.inner.limits);
+        let (mut engine, output) = sandbox_engine(&self.inner.limits);
         engine.set_module_resolver(DependencyResolver(Arc::clone(&self.inner)));
         let every = self.inner.limits.check_every_operations.max(1);
         {
@@ -225,7 +319,11 @@ impl Language for RhaiLanguage {
                 },
             );
         }
-        Box::new(RhaiWorker { engine, state })
+        Box::new(RhaiWorker {
+            engine,
+            state,
+            output,
+        })
     }
 }
 
@@ -233,6 +331,8 @@ struct RhaiWorker {
     engine: Engine,
     /// The current call's control, read by the progress callback.
     state: Arc<Mutex<Option<Control>>>,
+    /// The current call's output budget.
+    output: Arc<Mutex<Output>>,
 }
 
 impl Worker for RhaiWorker {
@@ -247,6 +347,10 @@ impl Worker for RhaiWorker {
             return Err(ScriptError::Stopped);
         };
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Some(control);
+        self.output
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reset(name);
         let args: Vec<Dynamic> = args.iter().map(to_dynamic).collect();
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
         let result = self

@@ -122,6 +122,7 @@ impl ScriptRuntimeBuilder {
             Arc::new(RhaiLanguage::new(self.limits.clone(), self.host_modules));
         let (tx, rx) = sync_channel::<Job>(self.queue);
         let rx = Arc::new(Mutex::new(rx));
+        let wall_clock = Duration::from_millis(self.limits.wall_clock_ms);
         let workers = (0..self.workers)
             .filter_map(|i| {
                 let (lang, rx) = (Arc::clone(&lang), Arc::clone(&rx));
@@ -129,7 +130,7 @@ impl ScriptRuntimeBuilder {
                     .name(format!("netproc-script-{i}"))
                     // Rhai recursion in debug builds needs a deep stack.
                     .stack_size(self.limits.worker_stack_bytes)
-                    .spawn(move || worker(lang.as_ref(), &rx))
+                    .spawn(move || worker(lang.as_ref(), &rx, wall_clock))
                     .map_err(|e| tracing::error!(error = %e, "cannot start a script worker"))
                     .ok()
             })
@@ -188,7 +189,7 @@ impl fmt::Debug for ScriptRuntime {
     }
 }
 
-fn worker(lang: &dyn Language, rx: &Mutex<Receiver<Job>>) {
+fn worker(lang: &dyn Language, rx: &Mutex<Receiver<Job>>, wall_clock: Duration) {
     let mut interpreter = lang.worker();
     loop {
         let job = match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
@@ -198,17 +199,20 @@ fn worker(lang: &dyn Language, rx: &Mutex<Receiver<Job>>) {
         let Job {
             function,
             args,
-            control,
+            mut control,
             reply,
         } = job;
         if control.cancel.load(Ordering::Relaxed) {
             let _ = reply.send(Err(ScriptError::Cancelled));
             continue;
         }
-        if Instant::now() >= control.deadline {
+        let started = Instant::now();
+        if started >= control.deadline {
             let _ = reply.send(Err(ScriptError::Timeout));
             continue;
         }
+        // The script's own limit starts now, not when it was queued.
+        control.deadline = control.deadline.min(started + wall_clock);
         let result = interpreter.call(&*function.compiled.code, &function.name, &args, control);
         let _ = reply.send(result);
     }
@@ -285,12 +289,11 @@ impl ScriptRuntime {
     {
         let cancel = Arc::new(AtomicBool::new(false));
         let (reply, rx) = oneshot::channel();
-        let wall = Instant::now() + Duration::from_millis(self.limits.wall_clock_ms);
         let job = Job {
             function: Arc::clone(function),
             args,
             control: Control {
-                deadline: deadline.min(wall),
+                deadline,
                 cancel: Arc::clone(&cancel),
                 constants,
             },

@@ -325,3 +325,98 @@ async fn a_full_queue_answers_overloaded() {
         assert_eq!(h.await.unwrap(), Err(ScriptError::Timeout));
     }
 }
+
+/// One global subscriber for this test binary, capturing the script
+/// target into a buffer.
+fn script_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    use std::sync::Mutex;
+    #[derive(Clone)]
+    struct Capture(&'static Mutex<Vec<u8>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static BUF: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    BUF.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let writer = Capture(buf);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        buf
+    })
+}
+
+#[tokio::test]
+async fn print_and_debug_output_is_capped_per_call_and_escaped() {
+    let log = script_log();
+    let rt = runtime(limits(|l| l.max_operations = 10_000_000));
+    let src = r#"fn printer(n) { let i = 0; while i < n { print("line " + i + "\n\x1b[31mforged"); debug(i); i += 1; } n }"#;
+    assert_eq!(
+        run(&rt, "printer", src, vec![Value::Int(50_000)])
+            .await
+            .unwrap(),
+        Value::Int(50_000)
+    );
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let mine: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("function=printer"))
+        .collect();
+    // 100 lines (print and debug together), then one "truncated" line.
+    assert_eq!(mine.len(), 101, "{}", mine.len());
+    assert!(mine[100].contains("output truncated"), "{}", mine[100]);
+    assert!(mine[0].contains(r"line 0\n\u{1b}[31mforged"), "{}", mine[0]);
+    assert!(!text.contains("\u{1b}"));
+    // The next call has its own budget.
+    run(&rt, "printer", src, vec![Value::Int(1)]).await.unwrap();
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let mine = text
+        .lines()
+        .filter(|l| l.contains("function=printer"))
+        .count();
+    assert_eq!(mine, 103);
+}
+
+/// The wall-clock limit counts from when a worker starts the call: calls
+/// queued behind a slow one are not timed out by their wait.
+#[tokio::test]
+async fn the_wall_clock_limit_does_not_count_time_in_the_queue() {
+    let rt = runtime(limits(|l| {
+        l.max_operations = 1_000_000_000_000;
+        l.wall_clock_ms = 300;
+    }));
+    let spin = Arc::new(rt.compile("spin", "fn spin() { loop {} }").unwrap());
+    let quick = Arc::new(rt.compile("quick", "fn quick(x) { x + 1 }").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let none = || Arc::new(BTreeMap::new());
+    let started = Instant::now();
+    let slow = rt.call(&spin, vec![], none(), deadline).unwrap();
+    let queued: Vec<_> = (0..3)
+        .map(|i| {
+            rt.call(&quick, vec![Value::Int(i)], none(), deadline)
+                .unwrap()
+        })
+        .collect();
+    let slow = tokio::spawn(slow);
+    for (i, call) in queued.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap(), Value::Int(i as i64 + 1));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(matches!(slow.await.unwrap(), Err(ScriptError::Timeout)));
+    // The caller's deadline still bounds the wait in the queue.
+    let slow = tokio::spawn(rt.call(&spin, vec![], none(), deadline).unwrap());
+    let short = Instant::now() + Duration::from_millis(50);
+    let waited = rt.call(&quick, vec![Value::Int(1)], none(), short).unwrap();
+    assert!(matches!(waited.await, Err(ScriptError::Timeout)));
+    let _ = slow.await;
+}
