@@ -311,6 +311,9 @@ async fn reader(
     mut rd: ReadHalf<TlsStream<TcpStream>>,
     mut decoder: FrameDecoder,
 ) {
+    // A top-level `Error` that the server may follow with a close: if the
+    // connection ends next, this is why.
+    let mut last_error: Option<ErrorBody> = None;
     let why = loop {
         let frame = tokio::select! {
             r = read_frame(&mut rd, &mut decoder) => r,
@@ -319,7 +322,9 @@ async fn reader(
         let body = match frame {
             Ok(Some(body)) => body,
             Ok(None) => {
-                break ErrorBody::new(ErrorCode::Unavailable, "the server closed the connection");
+                break last_error.take().unwrap_or_else(|| {
+                    ErrorBody::new(ErrorCode::Unavailable, "the server closed the connection")
+                });
             }
             Err(e) => {
                 break ErrorBody::new(ErrorCode::Unavailable, format!("connection lost: {e}"));
@@ -343,6 +348,15 @@ async fn reader(
             Ok(ServerMessage::GoAway(g)) => conn.go_away(g),
             Ok(ServerMessage::Error(e)) if e.code == ErrorCode::UnsupportedMessageType => {
                 tracing::debug!(server = %conn.server, "server did not understand a message");
+            }
+            // Not tied to a request and not fatal by itself (wire contract
+            // §7): a refused cancel or a spent refusal budget. The session
+            // goes on unless the server closes it.
+            Ok(ServerMessage::Error(e))
+                if matches!(e.code, ErrorCode::RateLimited | ErrorCode::InvalidRequest) =>
+            {
+                tracing::debug!(server = %conn.server, code = %e.code, "server refused a message");
+                last_error = Some(e);
             }
             Ok(ServerMessage::Error(e)) => break e,
             Ok(other) => {

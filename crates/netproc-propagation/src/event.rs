@@ -279,7 +279,7 @@ impl Verifier {
         ) {
             return reject(RejectReason::BadSignature);
         }
-        let event: Event = match postcard::from_bytes(&signed.body) {
+        let event: Event = match crate::wire::decode_exact(&signed.body) {
             Ok(e) => e,
             Err(_) => return reject(RejectReason::Malformed),
         };

@@ -65,7 +65,11 @@ impl DeliveryReply {
     }
 }
 
-fn decode_exact<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, postcard::Error> {
+/// Decodes a `T` that must use all of `bytes`: postcard's `from_bytes`
+/// ignores trailing bytes, every decoder of peer bytes here refuses them.
+pub(crate) fn decode_exact<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+) -> Result<T, postcard::Error> {
     let (value, rest) = postcard::take_from_bytes(bytes)?;
     if rest.is_empty() {
         Ok(value)

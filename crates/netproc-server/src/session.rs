@@ -657,13 +657,15 @@ impl Session {
                 Ok(ClientMessage::Ping { nonce }) => {
                     if let Err(retry) = self.pings.try_acquire(Instant::now()) {
                         audit::session_closed(&self.facts, ErrorCode::RateLimited);
-                        let msg = format!("too many pings; retry after {} ms", retry.as_millis());
-                        self.fatal(ErrorCode::RateLimited, msg);
+                        let body = crate::abuse::rate_limited("pings", retry, "too many pings");
+                        self.answer_in_flight(ErrorCode::RateLimited, &body.message);
+                        self.outbox.push(&ServerMessage::Error(body));
                         return Some(End::Now);
                     }
                     self.outbox.push(&ServerMessage::Pong { nonce });
                 }
-                Ok(ClientMessage::Auth(_)) => {
+                // A second Auth, whatever version it names.
+                Ok(ClientMessage::Auth(_)) | Err(DecodeError::UnsupportedVersion { .. }) => {
                     audit::session_closed(&self.facts, ErrorCode::AuthenticationFailed);
                     self.fatal(
                         ErrorCode::AuthenticationFailed,
@@ -716,20 +718,30 @@ impl Session {
         }
     }
 
-    /// Checks that `id` is above the session's previous ids. `Err` when it
-    /// is not: refused (and answered); `Err(Some(_))` ends the session.
+    /// Checks that `id` is at least 1 and above the session's previous ids.
+    /// `Err` when it is not: refused with a top-level `Error{invalid_request}`
+    /// whose details carry `{id, last_id}` — never a `Response`, so a
+    /// response always belongs to the call the client made with that id;
+    /// `Err(Some(_))` ends the session.
     fn accept_id(&mut self, id: u64) -> Result<(), Option<End>> {
-        if let Some(last) = self.last_id
-            && id <= last
-        {
-            let message = format!("request id {id} is not above the previous id {last}");
-            return Err(self.refuse(
-                Some(id),
-                "unknown",
-                None,
-                ErrorCode::InvalidRequest,
-                message,
+        let last = self.last_id.unwrap_or(0);
+        if id <= last {
+            let message = if id == 0 {
+                "request ids start at 1".to_owned()
+            } else {
+                format!("request id {id} is not above the previous id {last}")
+            };
+            self.take_refusal_token(None)?;
+            self.audit_refusal("unknown", None, ErrorCode::InvalidRequest);
+            let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+            let details = Value::Map(std::collections::BTreeMap::from([
+                ("id".to_owned(), int(id)),
+                ("last_id".to_owned(), int(last)),
+            ]));
+            self.outbox.push(&ServerMessage::Error(
+                ErrorBody::new(ErrorCode::InvalidRequest, message).with_details(details),
             ));
+            return Err(None);
         }
         self.last_id = Some(id);
         Ok(())
@@ -819,12 +831,12 @@ impl Session {
         }));
     }
 
-    /// Ends the session for `reason`: in-flight calls are answered with it,
-    /// then `GoAway`.
+    /// Ends the session for `reason`: `GoAway` first (one rule for every
+    /// reason, as for `shutting_down`), then in-flight calls answered with it.
     fn close_with(&mut self, reason: ErrorCode, message: impl Into<String>) {
         let message = message.into();
-        self.answer_in_flight(reason.clone(), &message);
-        self.go_away(reason, &message);
+        self.go_away(reason.clone(), &message);
+        self.answer_in_flight(reason, &message);
     }
 
     /// Checks and dispatches one request, in this order: id, privilege,
@@ -875,6 +887,12 @@ impl Session {
                 self.close_with(ErrorCode::RateLimited, "request rate limit exceeded");
                 return Some(End::Now);
             }
+            return None;
+        }
+        if deadline_ms == Some(0) {
+            // The client gave the call no time at all.
+            refused(self, &op, ErrorCode::Timeout);
+            self.respond_err(id, ErrorCode::Timeout, "the request's deadline is 0 ms");
             return None;
         }
         let server_limit = Duration::from_millis(rc.request_timeout_ms);

@@ -541,6 +541,24 @@ impl ClientMessage {
     /// assert_eq!(err.code(), ErrorCode::InvalidOperation);
     /// ```
     pub fn decode(body: &[u8]) -> Result<ClientMessage, DecodeError> {
+        let msg = Self::decode_loose(body)?;
+        // Every value has exactly one encoding (wire contract §3).
+        if canonical_len(&msg) != body.len() {
+            return Err(match &msg {
+                ClientMessage::Request(r) if is_canonical_request_head(body, r.id) => {
+                    DecodeError::InvalidRequest {
+                        id: r.id,
+                        reason: NON_CANONICAL.to_owned(),
+                    }
+                }
+                _ => DecodeError::malformed(NON_CANONICAL.to_owned()),
+            });
+        }
+        Ok(msg)
+    }
+
+    /// Decodes without the canonical-encoding check.
+    fn decode_loose(body: &[u8]) -> Result<ClientMessage, DecodeError> {
         let (kind, rest) = take::<u32>(body).map_err(DecodeError::malformed)?;
         match kind {
             CLIENT_KIND_AUTH => {
@@ -564,6 +582,20 @@ impl ClientMessage {
             kind => Err(DecodeError::UnsupportedMessageType { kind }),
         }
     }
+}
+
+/// Whether a request's kind and id (its envelope) are canonical, so that a
+/// non-canonical payload is the request's fault (`invalid_request` with the
+/// id) rather than the envelope's (`protocol_error`).
+fn is_canonical_request_head(body: &[u8], id: u64) -> bool {
+    let head = varint_len(u64::from(CLIENT_KIND_REQUEST)) + varint_len(id);
+    let Some(bytes) = body.get(..head) else {
+        return false;
+    };
+    matches!(
+        take::<u32>(bytes).and_then(|(_, rest)| take::<u64>(rest)),
+        Ok((got, rest)) if got == id && rest.is_empty()
+    )
 }
 
 fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
@@ -605,7 +637,11 @@ impl ServerMessage {
             SERVER_KIND_GO_AWAY => take_all(rest).map(ServerMessage::GoAway),
             kind => return Err(DecodeError::UnsupportedMessageType { kind }),
         };
-        msg.map_err(DecodeError::malformed)
+        let msg = msg.map_err(DecodeError::malformed)?;
+        if canonical_len(&msg) != body.len() {
+            return Err(DecodeError::malformed(NON_CANONICAL.to_owned()));
+        }
+        Ok(msg)
     }
 }
 
@@ -707,11 +743,57 @@ pub(crate) fn take_value_error() -> Option<&'static str> {
     VALUE_ERROR.with(Cell::take)
 }
 
+/// What a peer is told about bytes that did not decode: the contract's own
+/// words (docs/wire-contract.md §7), never a decoder's internals.
 fn describe(e: postcard::Error) -> String {
-    match take_value_error() {
-        Some(reason) => reason.to_owned(),
-        None => e.to_string(),
+    use postcard::Error as E;
+    if let Some(reason) = take_value_error() {
+        return reason.to_owned();
     }
+    match e {
+        E::DeserializeUnexpectedEnd => "the message ends before its last field",
+        E::DeserializeBadVarint => "a varint is longer than its type allows",
+        E::DeserializeBadBool => "a bool is neither 0 nor 1",
+        E::DeserializeBadChar | E::DeserializeBadUtf8 => "a string is not valid UTF-8",
+        E::DeserializeBadOption => "an option tag is neither 0 nor 1",
+        E::DeserializeBadEnum => "an enum tag is unknown",
+        _ => "a field does not decode",
+    }
+    .to_owned()
+}
+
+/// The reason given for a value encoded in more bytes than it needs.
+pub(crate) const NON_CANONICAL: &str =
+    "non-canonical encoding: a value is encoded in more bytes than it needs";
+
+/// A postcard flavor that only counts bytes.
+struct Count(usize);
+
+impl postcard::ser_flavors::Flavor for Count {
+    type Output = usize;
+    fn try_push(&mut self, _: u8) -> postcard::Result<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0 += data.len();
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.0)
+    }
+}
+
+/// The length of `v`'s one canonical encoding. Decoding then comparing
+/// this with the bytes consumed refuses every overlong varint (lengths,
+/// counts, integers, tags) in one pass, with no allocation.
+fn canonical_len<T: Serialize + ?Sized>(v: &T) -> usize {
+    postcard::serialize_with_flavor(v, Count(0)).unwrap_or(usize::MAX)
+}
+
+/// Bytes of the canonical varint of `n`.
+fn varint_len(n: u64) -> usize {
+    (64 - (n | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Decodes a `T` from the front of `bytes`, returning the rest.

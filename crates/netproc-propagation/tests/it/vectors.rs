@@ -82,6 +82,18 @@ fn built() -> Vec<Vector> {
         &k,
     )
     .unwrap();
+    // The upsert's body with one trailing byte, validly signed: a target
+    // must refuse it (rejected: malformed), as every other decoder does.
+    let trailing = {
+        let mut body = upsert.body.clone();
+        body.push(0);
+        let mut message = b"netproc-propagation-event-v1\0".to_vec();
+        message.extend_from_slice(&body);
+        let mut signed = upsert.clone();
+        signed.signature = k.sign(&message).to_vec();
+        signed.body = body;
+        signed
+    };
     let v = |name: &str, description: &str, bytes: Vec<u8>| Vector {
         name: name.into(),
         description: description.into(),
@@ -117,6 +129,11 @@ fn built() -> Vec<Vector> {
             "delivery_snapshot_part",
             "Delivery of part 0 of a 2-part snapshot holding billing, seq 4",
             Delivery::new(vec![part]).encode(),
+        ),
+        v(
+            "delivery_upsert_trailing_byte",
+            "Delivery of the upsert's body plus one trailing 00 byte, validly signed: rejected (malformed)",
+            Delivery::new(vec![trailing]).encode(),
         ),
         v(
             "delivery_probe",
@@ -170,6 +187,11 @@ fn every_vector_decodes_re_encodes_and_verifies() {
             Check::Ack(a) => panic!("{name}: {a:?}"),
         }
     }
+    let trailing = Delivery::decode(&bytes("delivery_upsert_trailing_byte")).unwrap();
+    assert_eq!(
+        verifier.check(&trailing.events[0], 0, at),
+        Check::Ack(Ack::Rejected(RejectReason::Malformed))
+    );
     let upsert = Delivery::decode(&bytes("delivery_upsert")).unwrap();
     assert_eq!(upsert.events[0].body, bytes("event_upsert"));
     let reply = bytes("reply_mixed");

@@ -117,10 +117,21 @@ async fn bad_requests_after_auth_get_their_codes_and_the_session_stays_open() {
     // Undecodable Invoke payload on request 6.
     raw.send_body(&[1, 6, 0, 200]).await;
     expect_response_error(raw.recv().await, 6, ErrorCode::InvalidRequest);
-    // An id that does not increase.
+    // An id that does not increase: a top-level Error naming it, never a
+    // Response (which would be taken for the live call's answer).
     raw.send(&invoke(6, "add", vec![1.into(), 2.into()])).await;
-    let e = expect_response_error(raw.recv().await, 6, ErrorCode::InvalidRequest);
-    assert!(e.message.contains("not above"), "{e:?}");
+    match raw.recv().await {
+        Some(ServerMessage::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.contains("not above"), "{e:?}");
+            let Value::Map(d) = &e.details else {
+                panic!("{e:?}")
+            };
+            assert_eq!(d["id"], Value::Int(6));
+            assert_eq!(d["last_id"], Value::Int(6));
+        }
+        other => panic!("{other:?}"),
+    }
     // Unknown message kind: answered, session stays.
     raw.send_body(&[42]).await;
     expect_error(raw.recv().await, ErrorCode::UnsupportedMessageType);
@@ -311,9 +322,15 @@ async fn refused_frames_draw_from_the_refusal_budget() {
         assert_eq!(refusal_scope(&e), Some(Value::from("refusals")), "{e:?}");
         raw.send_body(&[1, (id + 1) as u8 & 0x7f, 99]).await;
         let _ = raw.recv().await;
+        // A repeated id: refused with a top-level Error, never a Response.
         raw.send(&define_constant(id)).await;
-        let e = expect_response_error(raw.recv().await, id, ErrorCode::RateLimited);
-        assert_eq!(refusal_scope(&e), Some(Value::from("refusals")));
+        match raw.recv().await {
+            Some(ServerMessage::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::RateLimited);
+                assert_eq!(refusal_scope(&e), Some(Value::from("refusals")));
+            }
+            other => panic!("{other:?}"),
+        }
         raw.send_body(&[42]).await;
         match raw.recv().await {
             Some(ServerMessage::Error(e)) => {
@@ -375,5 +392,106 @@ async fn a_spent_refusal_budget_with_disconnect_on_limit_closes_the_session() {
         Some(ServerMessage::GoAway(g)) => assert_eq!(g.reason, ErrorCode::RateLimited),
         other => panic!("{other:?}"),
     }
+    assert!(raw.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn request_ids_start_at_1_and_a_zero_deadline_is_a_timeout() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    raw.send(&invoke(0, "add", vec![1.into(), 2.into()])).await;
+    match raw.recv().await {
+        Some(ServerMessage::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.contains("start at 1"), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    raw.send(&ClientMessage::Request(Request {
+        id: 1,
+        op: Operation::Invoke {
+            function: "add".into(),
+            args: vec![1.into(), 2.into()],
+        },
+        deadline_ms: Some(0),
+    }))
+    .await;
+    expect_response_error(raw.recv().await, 1, ErrorCode::Timeout);
+    // A second Auth, even one naming another version: authentication_failed.
+    raw.send_body(&[0, 2]).await;
+    expect_error(raw.recv().await, ErrorCode::AuthenticationFailed);
+    assert!(raw.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn non_canonical_encodings_are_refused_at_their_layer() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    // invoke(5, "add", []) with the name's length 3 as 83 00.
+    raw.send_body(&[1, 5, 0, 0x83, 0x00, b'a', b'd', b'd', 0, 0])
+        .await;
+    let e = expect_response_error(raw.recv().await, 5, ErrorCode::InvalidRequest);
+    assert!(e.message.contains("non-canonical"), "{e:?}");
+    // A ping whose nonce is 81 00: the envelope, protocol_error and close.
+    raw.send_body(&[3, 0x81, 0x00]).await;
+    expect_error(raw.recv().await, ErrorCode::ProtocolError);
+    assert!(raw.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn a_ping_flood_is_refused_with_scope_and_retry() {
+    let mut options = ServerOptions::default();
+    options.session_controls.max_pings_per_second = 1;
+    options.session_controls.ping_burst = 1;
+    let (pki, server, key) = setup(options).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    raw.auth(&key).await;
+    raw.send(&ClientMessage::Ping { nonce: 1 }).await;
+    raw.send(&ClientMessage::Ping { nonce: 2 }).await;
+    assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 1 }));
+    match raw.recv().await {
+        Some(ServerMessage::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::RateLimited);
+            let Value::Map(d) = &e.details else {
+                panic!("{e:?}")
+            };
+            assert_eq!(d["scope"], Value::from("pings"));
+            assert!(matches!(d["retry_after_ms"], Value::Int(ms) if ms > 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(raw.recv().await.is_none());
+}
+
+/// One rule for every reason a session ends: `GoAway` first, then the
+/// answers of the calls still in flight.
+#[tokio::test]
+async fn go_away_comes_before_the_in_flight_answers_for_every_reason() {
+    let (pki, server, key) = setup(ServerOptions::default()).await;
+    let mut raw = Raw::connect(&pki, &server).await;
+    let ok = raw.auth(&key).await;
+    raw.send(&invoke(1, "sleep_ms", vec![Value::Int(10_000)]))
+        .await;
+    // Wait until the call is running.
+    for _ in 0..200 {
+        if server.abuse_metrics().in_flight_request_count == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.close_sessions(
+        &netproc_server::SessionSelector::Session(ok.session_id),
+        ErrorCode::DisconnectedByAdmin,
+    );
+    match raw.recv().await {
+        Some(ServerMessage::GoAway(g)) => {
+            assert_eq!(g.reason, ErrorCode::DisconnectedByAdmin);
+            assert_eq!(g.last_id, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    expect_response_error(raw.recv().await, 1, ErrorCode::DisconnectedByAdmin);
     assert!(raw.recv().await.is_none());
 }

@@ -263,6 +263,40 @@ proptest! {
         let _ = Value::decode(&body, ValueLimits::default());
     }
 
+    /// Every value has exactly one encoding: whatever decodes (arbitrary
+    /// bytes included) re-encodes to exactly the bytes it came from.
+    #[test]
+    fn what_decodes_re_encodes_to_the_same_bytes(body in vec(any::<u8>(), 0..256)) {
+        if let Ok(msg) = ClientMessage::decode(&body) {
+            let mut wire = BytesMut::new();
+            msg.encode(&mut wire, u32::MAX).unwrap();
+            prop_assert_eq!(frame_body(&wire), &body[..]);
+        }
+        if let Ok(msg) = ServerMessage::decode(&body) {
+            let mut wire = BytesMut::new();
+            msg.encode(&mut wire, u32::MAX).unwrap();
+            prop_assert_eq!(frame_body(&wire), &body[..]);
+        }
+    }
+
+    /// Lengthening any varint of a valid message (an extra 0x80 continuation
+    /// before its last byte) is refused.
+    #[test]
+    fn an_overlong_varint_anywhere_is_refused(msg in arb_client_message(), at in any::<prop::sample::Index>()) {
+        let mut wire = BytesMut::new();
+        msg.encode(&mut wire, u32::MAX).unwrap();
+        let body = frame_body(&wire).to_vec();
+        // Pick a byte; if it ends a varint (< 0x80), make it 0x80|b, 0x00.
+        let i = at.index(body.len());
+        if body[i] < 0x80 && body[i] != 0 {
+            let mut longer = body[..i].to_vec();
+            longer.push(0x80 | body[i]);
+            longer.push(0);
+            longer.extend_from_slice(&body[i + 1..]);
+            prop_assert!(ClientMessage::decode(&longer).map(|m| m != msg).unwrap_or(true));
+        }
+    }
+
     #[test]
     fn truncating_a_message_is_an_error_not_a_panic(msg in arb_client_message(), cut in any::<prop::sample::Index>()) {
         let mut wire = BytesMut::new();
@@ -314,4 +348,54 @@ fn a_map_built_in_any_order_has_one_encoding() {
     let b: BTreeMap<String, Value> =
         [("a".into(), Value::Int(2)), ("b".into(), Value::Int(1))].into();
     assert_eq!(Value::Map(a).encode(), Value::Map(b).encode());
+}
+
+#[test]
+fn overlong_varints_are_refused_at_their_layer() {
+    // Ping with nonce 1 as 81 00: the envelope, protocol_error.
+    let e = ClientMessage::decode(&[3, 0x81, 0x00]).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ProtocolError);
+    assert!(e.to_string().contains("non-canonical"), "{e}");
+    // The kind itself overlong.
+    let e = ClientMessage::decode(&[0x83, 0x00, 1]).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ProtocolError);
+    // A request id overlong: the envelope too.
+    assert!(ClientMessage::decode(&[1, 5, 7, 0]).is_ok());
+    let e = ClientMessage::decode(&[1, 0x85, 0x00, 7, 0]).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::ProtocolError);
+    // invoke(5, "f", []) with the name's length as 81 00: the request's.
+    assert!(ClientMessage::decode(&[1, 5, 0, 1, b'f', 0, 0]).is_ok());
+    let e = ClientMessage::decode(&[1, 5, 0, 0x81, 0x00, b'f', 0, 0]).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::InvalidRequest);
+    assert_eq!(e.request_id(), Some(5));
+    assert!(e.to_string().contains("non-canonical"), "{e}");
+    // A 10-byte length: never a value that fits.
+    let mut ten = vec![1, 5, 0];
+    ten.extend([0x81, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00]);
+    ten.extend([b'f', 0, 0]);
+    assert!(ClientMessage::decode(&ten).is_err());
+    // The server side too.
+    assert!(ServerMessage::decode(&[3, 1]).is_ok());
+    assert_eq!(
+        ServerMessage::decode(&[3, 0x81, 0x00]).unwrap_err().code(),
+        ErrorCode::ProtocolError
+    );
+}
+
+#[test]
+fn decode_errors_use_the_contract_s_words_only() {
+    for body in [
+        &[
+            1u8, 5, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ][..],
+        &[1, 5, 0, 10, b'f'],
+        &[1, 5, 0, 1, 0xff, 0, 0],
+        &[3],
+    ] {
+        let e = ClientMessage::decode(body).unwrap_err();
+        let text = e.to_string();
+        for internal in ["usize", "platform", "Hit the end", "Tried to", "postcard"] {
+            assert!(!text.contains(internal), "{text}");
+        }
+    }
 }

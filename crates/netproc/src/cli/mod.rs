@@ -548,12 +548,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Failure> {
 
 pub(crate) fn load_cert(file: &Path) -> Result<CertIdentity, Failure> {
     let pem = std::fs::read(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
-    let anchors = netproc::pki::TrustAnchors::from_pem(&pem).map_err(failed)?;
-    let der = anchors
-        .certificates()
-        .first()
-        .ok_or_else(|| failed("no certificate"))?;
-    CertIdentity::from_der(der).map_err(failed)
+    CertIdentity::from_pem(&pem, &file.display().to_string()).map_err(failed)
 }
 
 fn date(t: SystemTime) -> String {
