@@ -233,7 +233,8 @@ impl PropagationConfig {
 /// Exactly 64 hex digits into `out` (which may be a zeroizing buffer, for
 /// a seed); false if `text` is anything else.
 fn decode_hex32(text: &str, out: &mut [u8; 32]) -> bool {
-    if text.len() != 64 || !text.is_ascii() {
+    // Hex digits only (`from_str_radix` alone would take "+f").
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return false;
     }
     for (i, b) in out.iter_mut().enumerate() {

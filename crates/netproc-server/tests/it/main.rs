@@ -7,6 +7,7 @@ mod calls;
 mod fanout;
 mod identity;
 mod lifecycle;
+mod negative;
 mod persistence;
 mod protocol;
 mod scripts;
