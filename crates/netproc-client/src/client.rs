@@ -219,6 +219,8 @@ struct Slot {
     current: ArcSwapOption<Connection>,
     /// Held while connecting: concurrent first calls share one attempt.
     connecting: tokio::sync::Mutex<Backoff>,
+    /// The server refused `AuthWithOptions` once: it predates it.
+    plain_auth: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Slot {
@@ -262,7 +264,18 @@ impl Slot {
             tokio::time::sleep_until(at).await;
         }
         let tls = TlsConnector::from(self.tls.load_full());
-        match connect(&self.name, &self.endpoint, &tls, deadline).await {
+        let plain = self.plain_auth.load(Ordering::Relaxed);
+        let mut attempt = connect(&self.name, &self.endpoint, &tls, deadline, plain).await;
+        if !plain
+            && let Err(e) = &attempt
+            && e.code() == netproc_wire::ErrorCode::NotAuthenticated
+        {
+            // A server from before AuthWithOptions: plain Auth from now on.
+            tracing::info!(server = %self.name, "the server predates AuthWithOptions; using plain Auth");
+            self.plain_auth.store(true, Ordering::Relaxed);
+            attempt = connect(&self.name, &self.endpoint, &tls, deadline, true).await;
+        }
+        match attempt {
             Ok(conn) => {
                 *backoff = Backoff {
                     failures: 0,
@@ -363,6 +376,7 @@ impl ClientBuilder {
                         retry_at: None,
                         last_error: None,
                     }),
+                    plain_auth: std::sync::atomic::AtomicBool::new(false),
                 }),
             );
         }

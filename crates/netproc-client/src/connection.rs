@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use netproc_wire::{
-    Auth, AuthMethod, AuthOk, ClientMessage, Ed25519Proof, ErrorBody, ErrorCode, FrameDecoder,
-    GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, ServerMessage, Value,
+    Auth, AuthMethod, AuthOk, AuthWithOptions, ClientMessage, Ed25519Proof, ErrorBody, ErrorCode,
+    FrameDecoder, GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, ServerMessage, Value,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -93,11 +93,16 @@ async fn read_frame<R: AsyncRead + Unpin>(
 /// Dials, handshakes, authenticates. Success is declared only after the
 /// server's first answer: in TLS 1.3 a refused client certificate shows only
 /// on the client's first read.
+///
+/// With `plain_auth` false the client announces its inbound frame limit
+/// (`AuthWithOptions`); a server that predates that message answers
+/// `not_authenticated`, and the caller connects again with `plain_auth`.
 pub(crate) async fn connect(
     name: &str,
     ep: &ServerEndpoint,
     tls: &TlsConnector,
     deadline: Instant,
+    plain_auth: bool,
 ) -> Result<Arc<Connection>, ClientError> {
     let limit = deadline.min(Instant::now() + ep.connect_timeout);
     let socket = if ep.addr.is_ipv4() {
@@ -149,11 +154,18 @@ pub(crate) async fn connect(
         }
     };
     let mut out = BytesMut::new();
-    let auth = ClientMessage::Auth(Auth {
+    let auth = Auth {
         version: PROTOCOL_VERSION,
         method,
         client_name: ep.client_name.clone(),
-    });
+    };
+    let auth = if plain_auth {
+        ClientMessage::Auth(auth)
+    } else {
+        ClientMessage::AuthWithOptions(
+            AuthWithOptions::new(auth).with_max_inbound_frame_bytes(ep.max_frame_bytes),
+        )
+    };
     auth.encode(&mut out, ep.max_frame_bytes)
         .map_err(|e| ClientError::Config {
             message: format!("{name}: cannot encode Auth: {e}"),

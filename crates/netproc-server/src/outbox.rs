@@ -6,7 +6,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use netproc_wire::{EncodeError, ErrorBody, ErrorCode, Outcome, Response, ServerMessage};
+use netproc_wire::{
+    EncodeError, ErrorBody, ErrorCode, FrameError, Outcome, Response, ServerMessage, Value,
+};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -56,22 +58,32 @@ impl Outbox {
 
     /// Queues a message without waking the writer: the session calls
     /// [`flush`](Self::flush) once per batch, so responses ready together
-    /// share one write. A response too large for a frame is replaced by an
-    /// error response for the same request.
+    /// share one write. A response too large for the client's frame limit
+    /// is replaced by `frame_too_large` with `{limit, size}` for the same
+    /// request; the session stays open.
     pub(crate) fn push(&self, msg: &ServerMessage) {
         let mut st = self.lock();
         if st.closed {
             return;
         }
-        if let Err(EncodeError::Frame(e)) = msg.encode(&mut st.buf, self.frame_limit)
+        if let Err(EncodeError::Frame(FrameError::FrameTooLarge { declared, limit })) =
+            msg.encode(&mut st.buf, self.frame_limit)
             && let ServerMessage::Response(r) = msg
         {
+            let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+            let details = Value::Map(std::collections::BTreeMap::from([
+                ("limit".to_owned(), int(u64::from(limit))),
+                ("size".to_owned(), int(declared)),
+            ]));
             let replacement = ServerMessage::Response(Response {
                 id: r.id,
-                outcome: Outcome::Err(ErrorBody::new(
-                    ErrorCode::OperationFailed,
-                    format!("the result is too large to send: {e}"),
-                )),
+                outcome: Outcome::Err(
+                    ErrorBody::new(
+                        ErrorCode::FrameTooLarge,
+                        "the result is larger than the client's frame limit",
+                    )
+                    .with_details(details),
+                ),
             });
             // A short error always fits.
             let _ = replacement.encode(&mut st.buf, self.frame_limit);

@@ -23,9 +23,10 @@ use netproc_auth::{AuthRequest, BoxFuture, Credential, authorize, authorize_priv
 use netproc_limits::TokenBucket;
 use netproc_pki::CertIdentity;
 use netproc_wire::{
-    ALPN_PROTOCOL, AnnouncedLimits, AuthMethod, AuthOk, ClientMessage, DecodeError, ErrorBody,
-    ErrorCode, FrameDecoder, FrameError, GoAway, Operation, Outcome, PROTOCOL_VERSION, Request,
-    Response, ServerMessage, Value, to_value,
+    ALPN_PROTOCOL, AnnouncedLimits, AuthMethod, AuthOk, ClientMessage,
+    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DecodeError, ErrorBody, ErrorCode, FrameDecoder, FrameError,
+    GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, Response, ServerMessage, Value,
+    to_value,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -205,8 +206,16 @@ pub(crate) async fn run_connection(
         }
         Ok(Ok(body)) => body,
     };
-    let auth = match ClientMessage::decode(&body) {
-        Ok(ClientMessage::Auth(auth)) => auth,
+    // What the client can take: announced with AuthWithOptions, else the
+    // default every client accepts. The server never sends a larger frame.
+    let (auth, client_limit) = match ClientMessage::decode(&body) {
+        Ok(ClientMessage::Auth(auth)) => (auth, DEFAULT_MAX_POST_AUTH_FRAME_BYTES),
+        Ok(ClientMessage::AuthWithOptions(a)) => {
+            let limit = a
+                .max_inbound_frame_bytes()
+                .unwrap_or(DEFAULT_MAX_POST_AUTH_FRAME_BYTES);
+            (a.auth, limit)
+        }
         Ok(_)
         | Err(
             DecodeError::UnsupportedMessageType { .. }
@@ -378,7 +387,7 @@ pub(crate) async fn run_connection(
         );
     }
 
-    let outbox = Arc::new(Outbox::new(post_limit));
+    let outbox = Arc::new(Outbox::new(client_limit));
     outbox.push(&ServerMessage::AuthOk(AuthOk {
         version: PROTOCOL_VERSION,
         server_name: shared.name.clone(),
@@ -665,7 +674,8 @@ impl Session {
                     self.outbox.push(&ServerMessage::Pong { nonce });
                 }
                 // A second Auth, whatever version it names.
-                Ok(ClientMessage::Auth(_)) | Err(DecodeError::UnsupportedVersion { .. }) => {
+                Ok(ClientMessage::Auth(_) | ClientMessage::AuthWithOptions(_))
+                | Err(DecodeError::UnsupportedVersion { .. }) => {
                     audit::session_closed(&self.facts, ErrorCode::AuthenticationFailed);
                     self.fatal(
                         ErrorCode::AuthenticationFailed,

@@ -79,10 +79,10 @@ pub use frame::{
     FrameDecoder, FrameError, encode_frame,
 };
 pub use message::{
-    ALPN_PROTOCOL, AnnouncedLimits, Auth, AuthMethod, AuthOk, ClientMessage, DecodeError,
-    DefineFunction, DependencySource, Ed25519Proof, EncodeError, ErrorBody, FunctionLimits, GoAway,
-    Operation, Outcome, PROTOCOL_VERSION, RateLimit, Request, Response, SecretString,
-    ServerMessage,
+    ALPN_PROTOCOL, AnnouncedLimits, Auth, AuthMethod, AuthOk, AuthWithOptions, ClientMessage,
+    DecodeError, DefineFunction, DependencySource, Ed25519Proof, EncodeError, ErrorBody,
+    FunctionLimits, GoAway, MIN_ANNOUNCED_FRAME_BYTES, Operation, Outcome, PROTOCOL_VERSION,
+    RateLimit, Request, Response, SecretString, ServerMessage,
 };
 pub use privilege::{Privilege, UnknownPrivilege};
 pub use value::{

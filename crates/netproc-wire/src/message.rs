@@ -53,12 +53,87 @@ pub enum ClientMessage {
         /// Echoed in the `Pong`.
         nonce: u64,
     },
+    /// Kind 4: `Auth` with options the client announces (its inbound frame
+    /// limit first). Sent in place of `Auth` as the first message; a server
+    /// that predates it answers `not_authenticated`, and the client then
+    /// connects again with plain `Auth`.
+    AuthWithOptions(AuthWithOptions),
 }
 
 const CLIENT_KIND_AUTH: u32 = 0;
 const CLIENT_KIND_REQUEST: u32 = 1;
 const CLIENT_KIND_CANCEL: u32 = 2;
 const CLIENT_KIND_PING: u32 = 3;
+const CLIENT_KIND_AUTH_WITH_OPTIONS: u32 = 4;
+
+/// `Auth` plus options, as a `Value` map so that later options can be
+/// added without a new message: a receiver ignores keys it does not know,
+/// so an option must be safe to ignore.
+///
+/// | key | type | meaning |
+/// | --- | --- | --- |
+/// | `max_inbound_frame_bytes` | Int, 1 024 to 2^32 − 1 | the largest frame body the client accepts; the server never sends a larger one (a result that would be larger is answered `frame_too_large`) |
+///
+/// ```
+/// use netproc_wire::{Auth, AuthMethod, AuthWithOptions, SecretString, PROTOCOL_VERSION};
+///
+/// let auth = Auth {
+///     version: PROTOCOL_VERSION,
+///     method: AuthMethod::ApiKey(SecretString::new("npk_…")),
+///     client_name: None,
+/// };
+/// let msg = AuthWithOptions::new(auth).with_max_inbound_frame_bytes(4 << 20);
+/// assert_eq!(msg.max_inbound_frame_bytes(), Some(4 << 20));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthWithOptions {
+    /// The authentication itself, as in plain `Auth`.
+    pub auth: Auth,
+    /// A map of option name to value.
+    pub options: Value,
+}
+
+/// The smallest inbound frame limit a peer may announce: every error
+/// answer fits in it.
+pub const MIN_ANNOUNCED_FRAME_BYTES: u32 = 1024;
+
+impl AuthWithOptions {
+    /// `auth` with no options.
+    pub fn new(auth: Auth) -> AuthWithOptions {
+        AuthWithOptions {
+            auth,
+            options: Value::Map(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Announces the largest frame body the client accepts.
+    pub fn with_max_inbound_frame_bytes(mut self, bytes: u32) -> AuthWithOptions {
+        if !matches!(self.options, Value::Map(_)) {
+            self.options = Value::Map(std::collections::BTreeMap::new());
+        }
+        if let Value::Map(m) = &mut self.options {
+            m.insert(
+                "max_inbound_frame_bytes".to_owned(),
+                Value::Int(i64::from(bytes)),
+            );
+        }
+        self
+    }
+
+    /// The announced inbound frame limit, if present and valid (an Int in
+    /// `MIN_ANNOUNCED_FRAME_BYTES..=u32::MAX`; anything else is ignored).
+    pub fn max_inbound_frame_bytes(&self) -> Option<u32> {
+        let Value::Map(m) = &self.options else {
+            return None;
+        };
+        match m.get("max_inbound_frame_bytes") {
+            Some(Value::Int(n)) => u32::try_from(*n)
+                .ok()
+                .filter(|n| *n >= MIN_ANNOUNCED_FRAME_BYTES),
+            _ => None,
+        }
+    }
+}
 
 /// The authentication message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -572,6 +647,16 @@ impl ClientMessage {
                     .map(ClientMessage::Auth)
                     .map_err(DecodeError::malformed)
             }
+            CLIENT_KIND_AUTH_WITH_OPTIONS => {
+                // Its Auth comes first, version first: checked as for Auth.
+                let (version, _) = take::<u32>(rest).map_err(DecodeError::malformed)?;
+                if version != PROTOCOL_VERSION {
+                    return Err(DecodeError::UnsupportedVersion { version });
+                }
+                take_all(rest)
+                    .map(ClientMessage::AuthWithOptions)
+                    .map_err(DecodeError::malformed)
+            }
             CLIENT_KIND_REQUEST => decode_request(rest).map(ClientMessage::Request),
             CLIENT_KIND_CANCEL => take_all(rest)
                 .map(|id| ClientMessage::Cancel { id })
@@ -864,6 +949,14 @@ mod tests {
             ),
             (ClientMessage::Cancel { id: 1 }, CLIENT_KIND_CANCEL),
             (ClientMessage::Ping { nonce: 1 }, CLIENT_KIND_PING),
+            (
+                ClientMessage::AuthWithOptions(AuthWithOptions::new(Auth {
+                    version: 1,
+                    method: AuthMethod::ApiKey(SecretString::new("k")),
+                    client_name: None,
+                })),
+                CLIENT_KIND_AUTH_WITH_OPTIONS,
+            ),
         ];
         for (msg, kind) in cases {
             assert_eq!(u32::from(body_of(&msg)[0]), kind, "{msg:?}");

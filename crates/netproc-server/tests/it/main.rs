@@ -4,6 +4,7 @@
 mod abuse;
 mod auth;
 mod calls;
+mod compat;
 mod fanout;
 mod identity;
 mod lifecycle;

@@ -138,6 +138,15 @@ pub(crate) fn arb_client_message() -> impl Strategy<Value = ClientMessage> {
             })),
         any::<u64>().prop_map(|id| ClientMessage::Cancel { id }),
         any::<u64>().prop_map(|nonce| ClientMessage::Ping { nonce }),
+        (".{0,40}", arb_value()).prop_map(|(key, options)| {
+            let mut msg = AuthWithOptions::new(Auth {
+                version: PROTOCOL_VERSION,
+                method: AuthMethod::ApiKey(SecretString::new(key)),
+                client_name: None,
+            });
+            msg.options = options;
+            ClientMessage::AuthWithOptions(msg)
+        }),
     ]
 }
 

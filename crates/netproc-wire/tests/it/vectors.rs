@@ -239,6 +239,18 @@ fn cases() -> Vec<(&'static str, &'static str, Msg)> {
                 message: "bye".into(),
             })),
         ),
+        (
+            "auth_with_options",
+            "AuthWithOptions: Auth version 1, API key \"npk_k_s\", no client name; options {max_inbound_frame_bytes: Int 4194304}",
+            C(ClientMessage::AuthWithOptions(
+                AuthWithOptions::new(Auth {
+                    version: 1,
+                    method: AuthMethod::ApiKey(SecretString::new("npk_k_s")),
+                    client_name: None,
+                })
+                .with_max_inbound_frame_bytes(4 << 20),
+            )),
+        ),
     ]
 }
 
