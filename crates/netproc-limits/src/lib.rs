@@ -21,7 +21,7 @@
 //!
 //! The token bucket is written here rather than taken from `governor`:
 //! governor's keyed store has no capacity bound and its own clock type, so
-//! the bounded, fail-closed table and the clock adapter would be ours anyway,
+//! the bounded table and the clock adapter would be ours anyway,
 //! and a plain bucket is a few lines.
 //!
 //! # Example
