@@ -166,6 +166,137 @@ pub(crate) fn escape_output(s: &str) -> String {
     out
 }
 
+/// The size checks Rhai does not make on its own.
+///
+/// Rhai checks a value's size when a function or operator returns it and on
+/// property assignment, but not when `m[k] = v` adds a key to a map (nor
+/// when that map sits inside an array or another map): a loop of index
+/// assignments could grow a map without bound. Every growth of a value goes
+/// through an access to the variable holding it, so each access of a
+/// variable holding a map or array is checked here:
+///
+/// - its own length, every time (a top-level map or array is refused at the
+///   first access after the insertion that crossed its limit);
+/// - the values nested in it, walked again once the accesses since the last
+///   walk reach 1/16 of the size found then (amortized O(1) per access; a
+///   nested map or array can pass its limit by at most that much before it
+///   is refused).
+struct Growth {
+    max_map: usize,
+    max_array: usize,
+    max_string: usize,
+    /// Per variable name: (elements found by the last walk, accesses since).
+    seen: HashMap<String, (usize, usize)>,
+}
+
+/// Deeper than this a value is refused as too large (the wire's own depth
+/// limit is 64; this also bounds the walk's recursion).
+const MAX_WALK_DEPTH: usize = 128;
+
+impl Growth {
+    fn new(limits: &ScriptLimits) -> Growth {
+        Growth {
+            max_map: limits.max_map_len,
+            max_array: limits.max_array_len,
+            max_string: limits.max_string_bytes,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.seen.clear();
+    }
+
+    /// Checks the value of variable `name` on an access.
+    fn check(&mut self, name: &str, value: &Dynamic) -> Result<(), &'static str> {
+        let len = if let Some(m) = value.read_lock::<rhai::Map>() {
+            if m.len() > self.max_map {
+                return Err("Size of object map");
+            }
+            m.len()
+        } else if let Some(a) = value.read_lock::<rhai::Array>() {
+            if a.len() > self.max_array {
+                return Err("Size of array");
+            }
+            a.len()
+        } else {
+            return Ok(());
+        };
+        let walk = match self.seen.get_mut(name) {
+            Some((size, since)) => {
+                *since += 1;
+                *since > *size / 16
+            }
+            None => true,
+        };
+        if walk {
+            let size = self.walk(value, 0)?.max(len);
+            // Bounded: names are the script's own variables, cleared per call.
+            self.seen.insert(name.to_owned(), (size, 0));
+        }
+        Ok(())
+    }
+
+    /// Checks every value nested in `value`; returns the elements visited.
+    fn walk(&self, value: &Dynamic, depth: usize) -> Result<usize, &'static str> {
+        if depth > MAX_WALK_DEPTH {
+            return Err("Nesting of data");
+        }
+        if let Some(m) = value.read_lock::<rhai::Map>() {
+            if m.len() > self.max_map {
+                return Err("Size of object map");
+            }
+            let mut n = m.len();
+            for v in m.values() {
+                n += self.walk(v, depth + 1)?;
+            }
+            Ok(n)
+        } else if let Some(a) = value.read_lock::<rhai::Array>() {
+            if a.len() > self.max_array {
+                return Err("Size of array");
+            }
+            let mut n = a.len();
+            for v in a.iter() {
+                n += self.walk(v, depth + 1)?;
+            }
+            Ok(n)
+        } else if let Some(s) = value.read_lock::<rhai::ImmutableString>() {
+            if s.len() > self.max_string {
+                return Err("Length of string");
+            }
+            Ok(0)
+        } else {
+            Ok(0)
+        }
+    }
+}
+
+fn set_growth_check(engine: &mut Engine, growth: Arc<Mutex<Growth>>) {
+    // `on_var` is marked deprecated only as "volatile" (Rhai's wording: the
+    // API is not deprecated but may change); rhai is pinned to 1.27 in the
+    // workspace and the growth tests would catch a change.
+    #[allow(deprecated)]
+    engine.on_var(move |name, _index, context| {
+        let Some(value) = context.scope().get(name) else {
+            return Ok(None);
+        };
+        if !(value.is_map() || value.is_array()) {
+            return Ok(None);
+        }
+        growth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(name, value)
+            .map_err(|what| {
+                Box::new(EvalAltResult::ErrorDataTooLarge(
+                    what.into(),
+                    Position::NONE,
+                ))
+            })?;
+        Ok(None)
+    });
+}
+
 fn set_output(engine: &mut Engine, output: Arc<Mutex<Output>>) {
     let out = Arc::clone(&output);
     engine.on_print(move |s| {
@@ -288,6 +419,8 @@ impl Language for RhaiLanguage {
     fn worker(&self) -> Box<dyn Worker> {
         let state: Arc<Mutex<Option<Control>>> = Arc::new(Mutex::new(None));
         let (mut engine, output) = sandbox_engine(&self.inner.limits);
+        let growth = Arc::new(Mutex::new(Growth::new(&self.inner.limits)));
+        set_growth_check(&mut engine, Arc::clone(&growth));
         engine.set_module_resolver(DependencyResolver(Arc::clone(&self.inner)));
         let every = self.inner.limits.check_every_operations.max(1);
         {
@@ -323,6 +456,7 @@ impl Language for RhaiLanguage {
             engine,
             state,
             output,
+            growth,
         })
     }
 }
@@ -333,6 +467,8 @@ struct RhaiWorker {
     state: Arc<Mutex<Option<Control>>>,
     /// The current call's output budget.
     output: Arc<Mutex<Output>>,
+    /// The current call's size checks.
+    growth: Arc<Mutex<Growth>>,
 }
 
 impl Worker for RhaiWorker {
@@ -351,13 +487,29 @@ impl Worker for RhaiWorker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .reset(name);
+        self.growth
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reset();
         let args: Vec<Dynamic> = args.iter().map(to_dynamic).collect();
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(false);
+        let growth = Arc::clone(&self.growth);
         let result = self
             .engine
             .call_fn_with_options::<Dynamic>(options, &mut Scope::new(), ast, name, args)
             .map_err(|e| classify(*e))
-            .and_then(|d| from_dynamic(d, 0));
+            .and_then(|d| {
+                // The result, whole: nothing over a limit leaves the sandbox.
+                growth
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .walk(&d, 0)
+                    .map_err(|what| ScriptError::Limit {
+                        kind: "too_large",
+                        message: format!("{what} exceeds its limit"),
+                    })?;
+                from_dynamic(d, 0)
+            });
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = None;
         result
     }

@@ -420,3 +420,112 @@ async fn the_wall_clock_limit_does_not_count_time_in_the_queue() {
     assert!(matches!(waited.await, Err(ScriptError::Timeout)));
     let _ = slow.await;
 }
+
+/// Every documented size limit holds however a value grows, with the
+/// operation budget raised out of the way: each growth path answers
+/// `too_large` at the insertion that crosses the limit.
+#[tokio::test]
+async fn size_limits_hold_on_every_growth_path() {
+    let rt = runtime(limits(|l| {
+        l.max_operations = 1_000_000_000_000;
+        l.wall_clock_ms = 6_000;
+        l.max_map_len = 1_000;
+        l.max_array_len = 1_000;
+        l.max_string_bytes = 10_000;
+    }));
+    let cases = [
+        (
+            "map index assignment",
+            r#"fn f() { let m = #{}; let i = 0; loop { m["k" + i] = i; i += 1; } }"#,
+        ),
+        (
+            "map property assignment",
+            r#"fn f() { let m = #{}; let i = 0; loop { m.x = i; m["p" + i] = 1; i += 1; } }"#,
+        ),
+        (
+            "map merge +=",
+            r#"fn f() { let m = #{}; let i = 0; loop { let n = #{}; n["k" + i] = i; m += n; i += 1; } }"#,
+        ),
+        (
+            "map mixin",
+            r#"fn f() { let m = #{}; let i = 0; loop { let n = #{}; n["k" + i] = i; m.mixin(n); i += 1; } }"#,
+        ),
+        (
+            "map inside an array",
+            r#"fn f() { let a = [#{}]; let i = 0; loop { a[0]["k" + i] = i; i += 1; } }"#,
+        ),
+        (
+            "map inside a map",
+            r#"fn f() { let m = #{ inner: #{} }; let i = 0; loop { m.inner["k" + i] = i; i += 1; } }"#,
+        ),
+        (
+            "array push",
+            r#"fn f() { let a = []; loop { a.push(1); } }"#,
+        ),
+        ("array +=", r#"fn f() { let a = []; loop { a += [1]; } }"#),
+        (
+            "array inside a map",
+            r#"fn f() { let m = #{ a: [] }; loop { m.a.push(1); } }"#,
+        ),
+        (
+            "array inside an array",
+            r#"fn f() { let a = [[]]; loop { a[0].push(1); } }"#,
+        ),
+        ("string +=", r#"fn f() { let s = ""; loop { s += "x"; } }"#),
+        (
+            "string inside a map",
+            r#"fn f() { let m = #{ s: "" }; loop { m.s += "x"; } }"#,
+        ),
+        (
+            "string pad",
+            r#"fn f() { let s = ""; s.pad(100000, "x"); s }"#,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, src) in cases {
+        let started = Instant::now();
+        let result = run(&rt, "f", src, vec![]).await;
+        let took = started.elapsed();
+        let ok = matches!(
+            &result,
+            Err(ScriptError::Limit {
+                kind: "too_large",
+                ..
+            })
+        ) && took < Duration::from_secs(5);
+        if !ok {
+            wrong.push(format!("{what}: {result:?} after {took:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// A map or array reaches its limit exactly: n entries pass, n + 1 are
+/// refused, whether the value is read again or returned.
+#[tokio::test]
+async fn a_map_grown_by_index_holds_exactly_its_limit() {
+    let rt = runtime(limits(|l| {
+        l.max_operations = 1_000_000_000_000;
+        l.max_map_len = 500;
+        l.max_array_len = 500;
+    }));
+    let count = r#"fn f(n) { let m = #{}; for i in 0..n { m["k" + i] = i; } m.len() }"#;
+    let give = r#"fn f(n) { let a = [#{}]; for i in 0..n { a[0]["k" + i] = i; } a }"#;
+    for src in [count, give] {
+        assert!(
+            run(&rt, "f", src, vec![Value::Int(500)]).await.is_ok(),
+            "{src}"
+        );
+        let err = run(&rt, "f", src, vec![Value::Int(501)]).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ScriptError::Limit {
+                    kind: "too_large",
+                    ..
+                }
+            ),
+            "{src}: {err:?}"
+        );
+    }
+}

@@ -304,3 +304,45 @@ async fn without_a_script_runtime_the_operations_say_so() {
         "{err:?}"
     );
 }
+
+/// A script result larger than the caller's frame limit gets the same
+/// answer as an oversized native result: frame_too_large with {limit, size}.
+#[tokio::test]
+async fn an_oversized_script_result_is_frame_too_large_like_a_native_one() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions,define_functions");
+    let mut limits = ScriptLimits::default();
+    limits.max_string_bytes = 4 << 20;
+    let runtime = ScriptRuntime::builder().workers(1).limits(limits).build();
+    let mut options = unlimited();
+    options.connection_controls.max_post_auth_frame_bytes = 4 << 20;
+    options.session_controls.max_outbound_bytes_per_connection = 16 << 20;
+    let server = builder(&pki, "s1", keys)
+        .options(options)
+        .scripts(runtime)
+        .start()
+        .await
+        .unwrap();
+    let s = only(endpoint(&pki, &server, &key));
+    s.define_function("big", r#"fn big(n) { let s = ""; s.pad(n, "x"); s }"#)
+        .await
+        .unwrap();
+    for function in ["big", "echo"] {
+        let result = if function == "big" {
+            s.call::<String>("big", (1_500_000,)).await
+        } else {
+            s.call::<String>("echo", ("x".repeat(1_100_000),)).await
+        };
+        match &result {
+            Err(ClientError::Remote {
+                code: ErrorCode::FrameTooLarge,
+                details: Value::Map(d),
+                ..
+            }) => assert_eq!(d["limit"], Value::Int(1_048_576), "{function}"),
+            Err(other) => panic!("{function}: {other:?}"),
+            Ok(v) => panic!("{function}: a result of {} bytes was sent", v.len()),
+        }
+    }
+    assert_eq!(s.call::<String>("big", (3,)).await.unwrap(), "xxx");
+}
