@@ -446,8 +446,13 @@ impl Language for RhaiLanguage {
                     st.as_ref()
                         .and_then(|s| s.constants.get(name))
                         .map(to_dynamic)
+                        // Like reading an undefined variable: script_error,
+                        // kind runtime_error (only `throw` is operation_failed).
                         .ok_or_else(|| {
-                            format!("constant \"{}\" is not defined", truncate(name)).into()
+                            Box::new(EvalAltResult::ErrorVariableNotFound(
+                                format!("constant \"{}\" (it is not defined)", truncate(name)),
+                                Position::NONE,
+                            ))
                         })
                 },
             );

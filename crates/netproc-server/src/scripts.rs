@@ -106,12 +106,7 @@ impl Scripts {
             return Err(disabled());
         };
         let name = def.name.clone();
-        if !valid_name(&name) {
-            return Err(CallError::invalid_argument(format!(
-                "\"{}\" is not a valid function name (letters, digits and _, not starting with a digit)",
-                sanitize(&name)
-            )));
-        }
+        check_name("name", "function", &name)?;
         if shared.registry.functions.contains_key(&name) {
             return Err(CallError::invalid_argument(format!(
                 "\"{name}\" belongs to a native function and cannot be redefined"
@@ -186,6 +181,7 @@ impl Scripts {
         let Some(scripts) = shared.scripts.as_ref() else {
             return Err(disabled());
         };
+        check_name("name", "function", name)?;
         if shared.registry.functions.contains_key(name) {
             return Err(CallError::invalid_argument(format!(
                 "\"{name}\" belongs to a native function and cannot be undefined"
@@ -212,13 +208,15 @@ impl Scripts {
         if shared.scripts.is_none() {
             return Err(disabled());
         }
-        if !valid_name(&alias) {
-            return Err(CallError::invalid_argument(format!(
-                "\"{}\" is not a valid alias",
-                sanitize(&alias)
-            )));
-        }
+        check_name("alias", "dependency", &alias)?;
         let (kind, source) = match source {
+            // An empty module is always a mistake (a wrong file, a lost
+            // paste): refused rather than defined as a module with nothing.
+            DependencySource::Script(s) if s.trim().is_empty() => {
+                return Err(CallError::invalid_argument(
+                    "source: a dependency's script source is empty",
+                ));
+            }
             DependencySource::Script(s) => ("script", ScriptSource::Script(s)),
             DependencySource::Host(h) => ("host", ScriptSource::Host(h)),
             _ => return Err(CallError::invalid_argument("unknown dependency source")),
@@ -286,6 +284,7 @@ impl Scripts {
         let Some(scripts) = shared.scripts.as_ref() else {
             return Err(disabled());
         };
+        check_name("alias", "dependency", alias)?;
         let _ordered = scripts.define.lock().await;
         if !force {
             let mut users: Vec<String> = scripts
@@ -417,6 +416,18 @@ impl Scripts {
     }
 }
 
+/// Every name in a define or undefine operation is checked the same way:
+/// `invalid_argument` naming the field.
+fn check_name(field: &str, what: &str, name: &str) -> Result<(), CallError> {
+    if valid_name(name) {
+        return Ok(());
+    }
+    Err(CallError::invalid_argument(format!(
+        "{field}: \"{}\" is not a valid {what} name (1 to 128 letters, digits and _, not starting with a digit)",
+        sanitize(name)
+    )))
+}
+
 fn disabled() -> CallError {
     CallError::with_code(
         ErrorCode::InvalidOperation,
@@ -432,12 +443,7 @@ pub(crate) async fn define_constant(
     value: Value,
     principal: Principal,
 ) -> Result<Value, CallError> {
-    if !valid_name(&name) {
-        return Err(CallError::invalid_argument(format!(
-            "\"{}\" is not a valid constant name",
-            sanitize(&name)
-        )));
-    }
+    check_name("name", "constant", &name)?;
     let (stored_name, stored_value) = (name.clone(), value.clone());
     persist(&shared, move |db| {
         db.put_constant(&stored_name, &stored_value)
@@ -454,6 +460,7 @@ pub(crate) async fn undefine_constant(
     name: String,
     principal: Principal,
 ) -> Result<Value, CallError> {
+    check_name("name", "constant", &name)?;
     let stored_name = name.clone();
     persist(&shared, move |db| db.delete_constant(&stored_name)).await?;
     shared.registry.undefine_constant(&name);

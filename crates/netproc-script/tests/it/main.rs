@@ -254,16 +254,18 @@ async fn dependencies_host_modules_and_constants() {
             .unwrap(),
         Value::Int(106)
     );
-    // A missing constant is a script error, not a crash.
+    // A missing constant is a script error (kind runtime_error), not a
+    // crash and not a throw.
     let err = rt
         .call(&f, vec![Value::Int(2)], Arc::new(BTreeMap::new()), deadline)
         .unwrap()
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ScriptError::Thrown { message } if message.contains("base")),
+        matches!(&err, ScriptError::Runtime { message, .. } if message.contains("base")),
         "{err:?}"
     );
+    assert_eq!(err.code(), netproc_wire::ErrorCode::ScriptError);
     assert_eq!(rt.dependencies(), ["host"]);
 }
 

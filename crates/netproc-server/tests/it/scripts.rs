@@ -346,3 +346,58 @@ async fn an_oversized_script_result_is_frame_too_large_like_a_native_one() {
     }
     assert_eq!(s.call::<String>("big", (3,)).await.unwrap(), "xxx");
 }
+
+/// Every name in a define or undefine operation is checked the same way;
+/// undefining a name that does not exist succeeds, every time; an empty
+/// dependency is refused; a missing constant is a script_error like any
+/// other failure inside a script.
+#[tokio::test]
+async fn definition_names_are_checked_alike_and_undefine_is_idempotent() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(
+        &keys,
+        "invoke_functions,define_functions,undefine_functions,define_constants,undefine_constants,define_dependencies,undefine_dependencies",
+    );
+    let server = scripted(&pki, "s1", keys).await;
+    let s = only(endpoint(&pki, &server, &key));
+    let invalid = |r: Result<(), ClientError>, field: &str| match r {
+        Err(ClientError::InvalidArgument { message, .. }) => {
+            assert!(message.starts_with(&format!("{field}:")), "{message}")
+        }
+        other => panic!("{field}: {other:?}"),
+    };
+    invalid(s.undefine_function("").await, "name");
+    invalid(s.undefine_constant("").await, "name");
+    invalid(s.undefine_dependency("", false).await, "alias");
+    invalid(s.undefine_dependency("no way", true).await, "alias");
+    invalid(s.define_function("", "fn x() { 1 }").await, "name");
+    invalid(s.define_constant("1x", 1).await, "name");
+    invalid(
+        s.define_dependency("d", DependencySource::Script(String::new()))
+            .await,
+        "source",
+    );
+    invalid(
+        s.define_dependency("d", DependencySource::Script(" \n".into()))
+            .await,
+        "source",
+    );
+    for _ in 0..2 {
+        s.undefine_function("never_defined").await.unwrap();
+        s.undefine_constant("never_defined").await.unwrap();
+        s.undefine_dependency("never_defined", false).await.unwrap();
+    }
+    s.define_constant("X", 1).await.unwrap();
+    s.define_function("readx", r#"fn readx() { constant("X") }"#)
+        .await
+        .unwrap();
+    assert_eq!(s.call::<i64>("readx", ()).await.unwrap(), 1);
+    s.undefine_constant("X").await.unwrap();
+    let err = s.call::<i64>("readx", ()).await.unwrap_err();
+    assert_eq!(
+        script_kind(&err).as_deref(),
+        Some("runtime_error"),
+        "{err:?}"
+    );
+}
