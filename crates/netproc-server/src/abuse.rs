@@ -127,6 +127,9 @@ counters! {
     /// unknown message kinds, cancels of ids not running) answered
     /// `rate_limited` because the connection's refusal budget was spent.
     rate_limited_refusals_count,
+    /// Frames refused before they ran, with their own code: privilege
+    /// denials, `invalid_operation`, `invalid_request`, unknown kinds.
+    request_refused_count,
 }
 
 /// Which limit refused a request.

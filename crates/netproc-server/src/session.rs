@@ -742,6 +742,7 @@ impl Session {
                 format!("request id {id} is not above the previous id {last}")
             };
             self.take_refusal_token(None)?;
+            self.shared.abuse.count(Counter::request_refused_count);
             self.audit_refusal("unknown", None, ErrorCode::InvalidRequest);
             let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
             let details = Value::Map(std::collections::BTreeMap::from([
@@ -797,6 +798,7 @@ impl Session {
         if let Err(end) = self.take_refusal_token(id) {
             return end;
         }
+        self.shared.abuse.count(Counter::request_refused_count);
         self.audit_refusal(operation, function, code.clone());
         match id {
             Some(id) => self.respond_err(id, code, message),

@@ -49,18 +49,37 @@ fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| {
+    let invalid = |e: toml::de::Error, field: Option<String>| {
         let line = e
             .span()
             .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-        let message = match line {
-            Some(line) => format!("line {line}: {}", e.message()),
-            None => e.message().to_owned(),
-        };
+        let mut message = String::new();
+        if let Some(line) = line {
+            message.push_str(&format!("line {line}: "));
+        }
+        // The field path (`auth_controls.block_duration_ms`); when the
+        // message names the field itself (an unknown field), its table.
+        if let Some(field) = field.filter(|f| !f.is_empty() && f != ".") {
+            let (parent, last) = field.rsplit_once('.').unwrap_or(("", &field));
+            let shown = if e.message().contains(&format!("`{last}`")) {
+                parent
+            } else {
+                &field
+            };
+            if !shown.is_empty() {
+                message.push_str(&format!("{shown}: "));
+            }
+        }
+        message.push_str(e.message().trim_end());
         ConfigError::Invalid {
             path: path.to_owned(),
             message,
         }
+    };
+    let de = toml::Deserializer::parse(&text).map_err(|e| invalid(e, None))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        invalid(e.into_inner(), Some(field))
     })
 }
 /// `p` as written in a file in `dir`: absolute as is, else relative to `dir`.

@@ -336,6 +336,27 @@ pub(crate) async fn demo() -> Result<(), Error> {
         }
     }
 
+    out.step("what server_1's abuse controls counted (netproc metrics / abuse_metrics())");
+    let m = s1.abuse_metrics();
+    out.ok(&format!(
+        "connections accepted {}, TLS handshakes refused {} (the rogue CA)",
+        m.connection_accepted_count, m.handshake_failure_count
+    ));
+    out.ok(&format!(
+        "authentications ok {}, failed {} (wrong key, revoked key); sessions open now {}",
+        m.auth_success_count, m.auth_failure_count, m.active_session_count
+    ));
+    out.ok(&format!(
+        "requests refused {} (the missing privilege), rate-limited {}, addresses blocked now {}",
+        m.request_refused_count,
+        m.rate_limited_per_connection_count
+            + m.rate_limited_per_api_key_count
+            + m.rate_limited_per_ip_count
+            + m.rate_limited_in_flight_count
+            + m.rate_limited_refusals_count,
+        m.blocked_ip_count
+    ));
+
     out.step("graceful shutdown: GoAway to every session, in-flight calls finish");
     s1.shutdown(Duration::from_secs(2)).await;
     s2.shutdown(Duration::from_secs(2)).await;

@@ -42,6 +42,13 @@ fn demo_exits_zero_and_shows_each_step() {
         stdout.contains("server_2: authentication_failed"),
         "{stdout}"
     );
+    // The metrics snapshot counts what was refused.
+    assert!(
+        stdout.contains("TLS handshakes refused 1")
+            && stdout.contains("failed 2")
+            && stdout.contains("requests refused 1"),
+        "{stdout}"
+    );
     assert!(stdout.contains("all steps behaved as expected"), "{stdout}");
 }
 
@@ -342,6 +349,25 @@ fn a_bad_config_exits_2_naming_the_line_and_field() {
     let err = text(&out.stderr);
     assert!(
         err.contains("bad.toml") && err.contains("line 4") && err.contains("bindd"),
+        "{err}"
+    );
+    // A wrong value type names the field's whole path.
+    std::fs::write(&path, "name = \"s\"\nbind = \"127.0.0.1:0\"\nkey_store = \"k.json\"\n[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n[auth_controls]\nblock_duration_ms = \"x\"\n").unwrap();
+    let out = netproc(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("line 9")
+            && err.contains("auth_controls.block_duration_ms"),
+        "{err}"
+    );
+    // An unknown field names its table.
+    std::fs::write(&path, "name = \"s\"\nbind = \"127.0.0.1:0\"\nkey_store = \"k.json\"\n[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n[request_controls.per_ip]\nburst = 1\n").unwrap();
+    let out = netproc(&["serve", "--config", path.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("request_controls.per_ip: unknown field `burst`"),
         "{err}"
     );
     // An impossible limit names its field.
