@@ -49,6 +49,7 @@
 
 mod abuse;
 mod audit;
+mod connection;
 mod function;
 mod liveness;
 mod lograte;

@@ -20,13 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::abuse::{Abuse, AbuseMetrics};
+use crate::connection::run_connection;
 use crate::function::{
     CallContext, CallError, Extension, ExtensionHandler, FunctionGuard, NativeFunction, Registry,
     TypedFunction, valid_name,
 };
 use crate::liveness::{Liveness, LivenessEvent};
 use crate::options::{InvalidOption, ServerOptions};
-use crate::session::run_connection;
 use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
 
 /// Why a server could not start.

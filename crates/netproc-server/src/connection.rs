@@ -1,0 +1,420 @@
+//! One connection, from TCP accept to close: the TLS handshake, the
+//! authentication exchange, registration, then the session loop.
+//!
+//! | state | waits for | on success | on failure |
+//! | --- | --- | --- | --- |
+//! | `Handshaking` | TLS 1.3 handshake, `tls_handshake_timeout_ms` | ALPN checked → `AwaitingAuth` | closed, nothing sent |
+//! | `AwaitingAuth` | one `Auth` frame ≤ `max_pre_auth_frame_bytes`, `auth_message_timeout_ms` | `AuthOk` → `Authenticated` | `Error` frame (`authentication_failed`, `not_authenticated`, `timeout`, …), closed |
+//! | `Authenticated` | requests, cancels, pings; control messages | responses | fatal input: `Error` frame, closed |
+//! | `Draining` | in-flight calls (after `GoAway(shutting_down)`) | closed when none are left | closed at the grace deadline |
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use netproc_auth::{AuthRequest, Credential};
+use netproc_pki::CertIdentity;
+use netproc_wire::{
+    ALPN_PROTOCOL, AnnouncedLimits, AuthMethod, AuthOk, ClientMessage,
+    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DecodeError, ErrorBody, ErrorCode, FrameDecoder, FrameError,
+    PROTOCOL_VERSION, ServerMessage,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+use crate::abuse::{Admitted, Counter};
+use crate::audit::{self, sanitize};
+use crate::function::SessionFacts;
+use crate::outbox::Outbox;
+use crate::server::Shared;
+use crate::session::Session;
+use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
+
+/// Read chunk: enough for many small requests per read.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+
+/// How long a best-effort error frame may take to send before closing.
+const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
+
+enum ReadError {
+    Frame(FrameError),
+    Closed,
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    dec: &mut FrameDecoder,
+) -> Result<Bytes, ReadError> {
+    loop {
+        if let Some(frame) = dec.next_frame().map_err(ReadError::Frame)? {
+            return Ok(frame);
+        }
+        let buf = dec.buffer_mut();
+        buf.reserve(READ_CHUNK);
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Sends one message and closes, best effort: used before the session's
+/// writer exists, and for errors that end the connection.
+async fn farewell<W: AsyncWrite + Unpin>(wr: &mut W, msg: ServerMessage, limit: u32) {
+    let mut buf = BytesMut::new();
+    if msg.encode(&mut buf, limit).is_ok() {
+        let send = async {
+            wr.write_all(&buf).await?;
+            wr.flush().await?;
+            wr.shutdown().await
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, send).await;
+    }
+}
+
+/// The audit line of a connection refused after accept, aggregated per reason.
+fn connection_refused(shared: &Shared, peer: SocketAddr, reason: &'static str) {
+    let now = shared.abuse.clock.now();
+    if let Some(suppressed) = shared.abuse.connection_log.check(&reason, now) {
+        audit::refused_connection(peer, reason, suppressed);
+    }
+}
+
+pub(crate) fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error(ErrorBody::new(code, message))
+}
+
+/// Runs one accepted TCP connection to its end. `admitted` holds the socket
+/// and handshake permits taken at accept.
+pub(crate) async fn run_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+) {
+    let _ = tcp.set_nodelay(true);
+    // The socket permit is held for the connection's life.
+    let Admitted {
+        socket: _socket,
+        handshake,
+    } = admitted;
+    let options = shared.options_arc();
+    let cc = &options.connection_controls;
+    let acceptor = TlsAcceptor::from(shared.tls.load_full());
+    let handshake_timeout = Duration::from_millis(cc.tls_handshake_timeout_ms);
+    let tls = tokio::select! {
+        r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => r,
+        () = shared.shutdown.cancelled() => return,
+    };
+    drop(handshake);
+    let tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.abuse.count(Counter::handshake_failure_count);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.abuse.count(Counter::handshake_timeout_count);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_PROTOCOL) {
+        shared.abuse.count(Counter::handshake_failure_count);
+        connection_refused(&shared, peer, "the client did not negotiate ALPN netproc/1");
+        return;
+    }
+    // The verifier requires a client certificate, so one is present.
+    let Some(cert) = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|der| CertIdentity::from_der(der).ok())
+    else {
+        connection_refused(&shared, peer, "no parsable client certificate");
+        return;
+    };
+    let cert = Arc::new(cert);
+    // What an Ed25519 proof must sign: unique to this connection.
+    let channel_binding = conn
+        .export_keying_material([0u8; 32], netproc_pki::AUTH_EXPORTER_LABEL, None)
+        .ok();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let pre_limit = cc.max_pre_auth_frame_bytes;
+    let Some(unauthenticated) = shared.abuse.unauthenticated.try_enter() else {
+        shared.abuse.count(Counter::handshake_limited_count);
+        connection_refused(&shared, peer, "max_unauthenticated_sessions reached");
+        let msg = error_msg(
+            ErrorCode::HandshakeLimited,
+            "too many unauthenticated sessions",
+        );
+        farewell(&mut wr, msg, pre_limit).await;
+        return;
+    };
+
+    // AwaitingAuth.
+    let started = Instant::now();
+    let auth_timeout = Duration::from_millis(cc.auth_message_timeout_ms);
+    let auth_deadline = tokio::time::Instant::now() + auth_timeout;
+    // Every failed credential is logged (each cost the peer a handshake, and
+    // the blocklist bounds them per address and key); the cheaper refusals
+    // are aggregated per (address, code).
+    let refuse = |code: ErrorCode, key: Option<&str>, reason: &str| {
+        let suppressed = if code == ErrorCode::AuthenticationFailed {
+            Some(0)
+        } else {
+            let now = shared.abuse.clock.now();
+            shared.abuse.auth_log.check(&(peer.ip(), code.clone()), now)
+        };
+        if let Some(suppressed) = suppressed {
+            audit::auth_refused(peer, &cert, key, code, reason, started, suppressed);
+        }
+    };
+    let mut decoder = FrameDecoder::new(pre_limit);
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(auth_deadline, read_frame(&mut rd, &mut decoder)) => r,
+        () = shared.shutdown.cancelled() => return,
+    };
+    let body = match first {
+        Err(_) => {
+            shared.abuse.count(Counter::auth_timeout_count);
+            refuse(ErrorCode::Timeout, None, "no Auth message in time");
+            let msg = format!("no Auth message within {} ms", cc.auth_message_timeout_ms);
+            farewell(&mut wr, error_msg(ErrorCode::Timeout, msg), pre_limit).await;
+            return;
+        }
+        Ok(Err(ReadError::Closed)) => return,
+        Ok(Err(ReadError::Frame(e))) => {
+            if e.code() == ErrorCode::FrameTooLarge {
+                shared.abuse.count(Counter::frame_too_large_count);
+            }
+            refuse(e.code(), None, &e.to_string());
+            farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
+            return;
+        }
+        Ok(Ok(body)) => body,
+    };
+    // What the client can take: announced with AuthWithOptions, else the
+    // default every client accepts. The server never sends a larger frame.
+    let (auth, client_limit) = match ClientMessage::decode(&body) {
+        Ok(ClientMessage::Auth(auth)) => (auth, DEFAULT_MAX_POST_AUTH_FRAME_BYTES),
+        Ok(ClientMessage::AuthWithOptions(a)) => {
+            let limit = a
+                .max_inbound_frame_bytes()
+                .unwrap_or(DEFAULT_MAX_POST_AUTH_FRAME_BYTES);
+            (a.auth, limit)
+        }
+        Ok(_)
+        | Err(
+            DecodeError::UnsupportedMessageType { .. }
+            | DecodeError::InvalidOperation { .. }
+            | DecodeError::InvalidRequest { .. },
+        ) => {
+            refuse(
+                ErrorCode::NotAuthenticated,
+                None,
+                "first message was not Auth",
+            );
+            let msg = error_msg(
+                ErrorCode::NotAuthenticated,
+                "the first message must be Auth",
+            );
+            farewell(&mut wr, msg, pre_limit).await;
+            return;
+        }
+        Err(e) => {
+            refuse(e.code(), None, &e.to_string());
+            farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
+            return;
+        }
+    };
+    let client_name = auth.client_name.as_deref().map(sanitize);
+    let failed = || error_msg(ErrorCode::AuthenticationFailed, "authentication failed");
+    let credential = match (auth.method, channel_binding) {
+        (AuthMethod::ApiKey(key), _) => Credential::ApiKey(key),
+        (AuthMethod::Ed25519(proof), Some(channel_binding)) => Credential::Ed25519 {
+            proof,
+            channel_binding,
+        },
+        _ => {
+            refuse(
+                ErrorCode::AuthenticationFailed,
+                None,
+                "authentication method not enabled",
+            );
+            farewell(&mut wr, failed(), pre_limit).await;
+            return;
+        }
+    };
+    let claimed_key = match &credential {
+        Credential::ApiKey(k) => audit::claimed_key_id(k.expose()),
+        Credential::Ed25519 { proof, .. } => Some(sanitize(&proof.key_id)),
+        _ => None,
+    };
+    // A blocked address or key, or too many attempts from this address:
+    // refused without calling the authenticator.
+    if let Err(body) = shared
+        .abuse
+        .check_auth_attempt(peer.ip(), claimed_key.as_deref())
+    {
+        refuse(
+            ErrorCode::AuthThrottled,
+            claimed_key.as_deref(),
+            &body.message,
+        );
+        farewell(&mut wr, ServerMessage::Error(body), pre_limit).await;
+        return;
+    }
+    let request = AuthRequest::new(credential, peer, Arc::clone(&cert));
+    let authenticated = AssertUnwindSafe(shared.authenticator.authenticate(request)).catch_unwind();
+    let mut principal = match tokio::time::timeout_at(auth_deadline, authenticated).await {
+        Ok(Ok(Ok(p))) if p.expires_at.is_none_or(|t| t > SystemTime::now()) => p,
+        outcome => {
+            let (reason, against_key) = match outcome {
+                Ok(Ok(Err(rejected))) => (rejected.reason, rejected.counts_against_key),
+                Ok(Ok(Ok(_))) => ("credential expired".to_owned(), true),
+                Ok(Err(_)) => ("the authenticator panicked".to_owned(), true),
+                Err(_) => ("the authenticator did not answer in time".to_owned(), true),
+            };
+            let key = crate::abuse::Abuse::failure_key(
+                claimed_key.as_deref(),
+                against_key,
+                &*shared.authenticator,
+            );
+            let answer = match shared.abuse.auth_failed(peer.ip(), key) {
+                Some(throttled) => ServerMessage::Error(throttled),
+                None => failed(),
+            };
+            refuse(
+                ErrorCode::AuthenticationFailed,
+                claimed_key.as_deref(),
+                &reason,
+            );
+            farewell(&mut wr, answer, pre_limit).await;
+            return;
+        }
+    };
+
+    // Authenticated.
+    if options.session_controls.principal == crate::options::PrincipalSource::Certificate {
+        principal.id = cert.fingerprint.to_string();
+    }
+    let session_id = shared.next_session_id();
+    let facts = Arc::new(SessionFacts {
+        session_id,
+        principal,
+        peer,
+        cert,
+    });
+    shared.abuse.count(Counter::auth_success_count);
+    audit::auth_ok(&facts, client_name.as_deref(), started);
+    let post_limit = cc.max_post_auth_frame_bytes;
+    decoder.set_limit(post_limit);
+    let (control_tx, control_rx) = mpsc::channel(4);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(shared.liveness.stamp()));
+    let entry = Entry {
+        in_flight: Arc::clone(&in_flight),
+        activity: Arc::clone(&activity),
+        facts: Arc::clone(&facts),
+        info: SessionInfo {
+            session_id,
+            principal: facts.principal.id.clone(),
+            key_id: facts.principal.key_id.clone(),
+            peer: peer.to_string(),
+            cert_fingerprint: facts.cert.fingerprint.to_string(),
+            since_unix_ms: unix_ms(SystemTime::now()),
+            client_name,
+            idle_ms: 0,
+            in_flight: 0,
+            liveness: crate::liveness::Liveness::Online,
+        },
+        control: control_tx,
+    };
+    let sc = &options.session_controls;
+    // The key's own policy, if it has one, over the server's.
+    let max_sessions = facts
+        .principal
+        .max_sessions
+        .unwrap_or(sc.max_sessions_per_principal);
+    let single_active = facts
+        .principal
+        .single_active_session
+        .unwrap_or(sc.single_active_session);
+    match shared.sessions.register(entry, max_sessions, single_active) {
+        None => {
+            audit::session_closed(&facts, ErrorCode::TooManySessions);
+            let msg = format!("the principal already has {max_sessions} sessions");
+            farewell(
+                &mut wr,
+                error_msg(ErrorCode::TooManySessions, msg),
+                post_limit,
+            )
+            .await;
+            return;
+        }
+        Some(replaced) => {
+            for id in replaced {
+                shared.close_sessions_inner(
+                    &SessionSelector::Session(id),
+                    ErrorCode::SessionReplaced,
+                );
+            }
+        }
+    }
+    drop(unauthenticated);
+    // Online from authentication on, before the client hears AuthOk.
+    shared.liveness.session_started(&facts.principal.id);
+    // A shutdown that began while this session authenticated must reach it.
+    if shared.shutdown.is_cancelled() {
+        shared.sessions.signal(
+            Some(&SessionSelector::Session(session_id)),
+            &Control::Shutdown {
+                deadline: Instant::now(),
+            },
+        );
+    }
+
+    let outbox = Arc::new(Outbox::new(client_limit));
+    outbox.push(&ServerMessage::AuthOk(AuthOk {
+        version: PROTOCOL_VERSION,
+        server_name: shared.name.clone(),
+        session_id,
+        privileges: facts.principal.privileges.names(),
+        limits: AnnouncedLimits {
+            max_in_flight_requests: options
+                .request_controls
+                .max_in_flight_requests_per_connection,
+            max_pre_auth_frame_bytes: pre_limit,
+            max_post_auth_frame_bytes: post_limit,
+        },
+        idle_timeout_ms: options.session_controls.idle_timeout_ms,
+    }));
+    outbox.flush();
+    let stall = Duration::from_millis(options.session_controls.write_stall_timeout_ms);
+    let writer = {
+        let outbox = Arc::clone(&outbox);
+        tokio::spawn(async move { outbox.run_writer(wr, stall).await })
+    };
+
+    let mut session = Session::new(
+        Arc::clone(&shared),
+        facts,
+        Arc::clone(&outbox),
+        in_flight,
+        activity,
+    );
+    session.run(&mut rd, &mut decoder, control_rx).await;
+    shared.sessions.remove(session_id);
+    outbox.close();
+    // The writer ends after sending what is queued, or at its stall timeout.
+    let _ = writer.await;
+    tracing::debug!(session_id, "session closed");
+}
