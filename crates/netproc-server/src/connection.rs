@@ -16,11 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use netproc_auth::{AuthRequest, Credential};
+use netproc_auth::AuthRequest;
 use netproc_pki::CertIdentity;
 use netproc_wire::{
-    ALPN_PROTOCOL, AnnouncedLimits, AuthMethod, AuthOk, ClientMessage,
-    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DecodeError, ErrorBody, ErrorCode, FrameDecoder, FrameError,
+    ALPN_PROTOCOL, AnnouncedLimits, AuthOk, ErrorBody, ErrorCode, FrameDecoder, FrameError,
     PROTOCOL_VERSION, ServerMessage,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,12 +28,18 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::abuse::{Admitted, Counter};
-use crate::audit::{self, sanitize};
+use crate::audit::{self};
 use crate::function::SessionFacts;
 use crate::outbox::Outbox;
 use crate::server::Shared;
 use crate::session::Session;
+
+mod auth_exchange;
+
 use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
+#[cfg(feature = "fuzzing")]
+pub(crate) use auth_exchange::exercise as exercise_auth_exchange;
+use auth_exchange::{Answer, Attempt, Failure, FirstRead};
 
 /// Read chunk: enough for many small requests per read.
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
@@ -182,82 +187,31 @@ pub(crate) async fn run_connection(
         r = tokio::time::timeout_at(auth_deadline, read_frame(&mut rd, &mut decoder)) => r,
         () = shared.shutdown.cancelled() => return,
     };
-    let body = match first {
-        Err(_) => {
-            shared.abuse.count(Counter::auth_timeout_count);
-            refuse(ErrorCode::Timeout, None, "no Auth message in time");
-            let msg = format!("no Auth message within {} ms", cc.auth_message_timeout_ms);
-            farewell(&mut wr, error_msg(ErrorCode::Timeout, msg), pre_limit).await;
-            return;
-        }
+    let read = match &first {
+        Err(_) => FirstRead::TimedOut(cc.auth_message_timeout_ms),
         Ok(Err(ReadError::Closed)) => return,
-        Ok(Err(ReadError::Frame(e))) => {
-            if e.code() == ErrorCode::FrameTooLarge {
-                shared.abuse.count(Counter::frame_too_large_count);
+        Ok(Err(ReadError::Frame(e))) => FirstRead::Refused(e.clone()),
+        Ok(Ok(body)) => FirstRead::Frame(body),
+    };
+    let attempt = match auth_exchange::first_frame(read, channel_binding) {
+        Ok(attempt) => attempt,
+        Err(refusal) => {
+            match refusal.code {
+                ErrorCode::Timeout => shared.abuse.count(Counter::auth_timeout_count),
+                ErrorCode::FrameTooLarge => shared.abuse.count(Counter::frame_too_large_count),
+                _ => {}
             }
-            refuse(e.code(), None, &e.to_string());
-            farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
-            return;
-        }
-        Ok(Ok(body)) => body,
-    };
-    // What the client can take: announced with AuthWithOptions, else the
-    // default every client accepts. The server never sends a larger frame.
-    let (auth, client_limit) = match ClientMessage::decode(&body) {
-        Ok(ClientMessage::Auth(auth)) => (auth, DEFAULT_MAX_POST_AUTH_FRAME_BYTES),
-        Ok(ClientMessage::AuthWithOptions(a)) => {
-            let limit = a
-                .max_inbound_frame_bytes()
-                .unwrap_or(DEFAULT_MAX_POST_AUTH_FRAME_BYTES);
-            (a.auth, limit)
-        }
-        Ok(_)
-        | Err(
-            DecodeError::UnsupportedMessageType { .. }
-            | DecodeError::InvalidOperation { .. }
-            | DecodeError::InvalidRequest { .. },
-        ) => {
-            refuse(
-                ErrorCode::NotAuthenticated,
-                None,
-                "first message was not Auth",
-            );
-            let msg = error_msg(
-                ErrorCode::NotAuthenticated,
-                "the first message must be Auth",
-            );
-            farewell(&mut wr, msg, pre_limit).await;
-            return;
-        }
-        Err(e) => {
-            refuse(e.code(), None, &e.to_string());
-            farewell(&mut wr, error_msg(e.code(), e.to_string()), pre_limit).await;
+            refuse(refusal.code.clone(), None, &refusal.reason);
+            farewell(&mut wr, error_msg(refusal.code, refusal.message), pre_limit).await;
             return;
         }
     };
-    let client_name = auth.client_name.as_deref().map(sanitize);
-    let failed = || error_msg(ErrorCode::AuthenticationFailed, "authentication failed");
-    let credential = match (auth.method, channel_binding) {
-        (AuthMethod::ApiKey(key), _) => Credential::ApiKey(key),
-        (AuthMethod::Ed25519(proof), Some(channel_binding)) => Credential::Ed25519 {
-            proof,
-            channel_binding,
-        },
-        _ => {
-            refuse(
-                ErrorCode::AuthenticationFailed,
-                None,
-                "authentication method not enabled",
-            );
-            farewell(&mut wr, failed(), pre_limit).await;
-            return;
-        }
-    };
-    let claimed_key = match &credential {
-        Credential::ApiKey(k) => audit::claimed_key_id(k.expose()),
-        Credential::Ed25519 { proof, .. } => Some(sanitize(&proof.key_id)),
-        _ => None,
-    };
+    let Attempt {
+        credential,
+        claimed_key,
+        client_name,
+        client_limit,
+    } = attempt;
     // A blocked address or key, or too many attempts from this address:
     // refused without calling the authenticator.
     if let Err(body) = shared
@@ -274,15 +228,17 @@ pub(crate) async fn run_connection(
     }
     let request = AuthRequest::new(credential, peer, Arc::clone(&cert));
     let authenticated = AssertUnwindSafe(shared.authenticator.authenticate(request)).catch_unwind();
-    let mut principal = match tokio::time::timeout_at(auth_deadline, authenticated).await {
-        Ok(Ok(Ok(p))) if p.expires_at.is_none_or(|t| t > SystemTime::now()) => p,
-        outcome => {
-            let (reason, against_key) = match outcome {
-                Ok(Ok(Err(rejected))) => (rejected.reason, rejected.counts_against_key),
-                Ok(Ok(Ok(_))) => ("credential expired".to_owned(), true),
-                Ok(Err(_)) => ("the authenticator panicked".to_owned(), true),
-                Err(_) => ("the authenticator did not answer in time".to_owned(), true),
-            };
+    let answer = match tokio::time::timeout_at(auth_deadline, authenticated).await {
+        Ok(Ok(returned)) => Answer::Returned(returned),
+        Ok(Err(_)) => Answer::Panicked,
+        Err(_) => Answer::TimedOut,
+    };
+    let mut principal = match auth_exchange::judge(answer, SystemTime::now()) {
+        Ok(principal) => principal,
+        Err(Failure {
+            reason,
+            against_key,
+        }) => {
             let key = crate::abuse::Abuse::failure_key(
                 claimed_key.as_deref(),
                 against_key,
@@ -290,7 +246,7 @@ pub(crate) async fn run_connection(
             );
             let answer = match shared.abuse.auth_failed(peer.ip(), key) {
                 Some(throttled) => ServerMessage::Error(throttled),
-                None => failed(),
+                None => error_msg(ErrorCode::AuthenticationFailed, "authentication failed"),
             };
             refuse(
                 ErrorCode::AuthenticationFailed,

@@ -73,3 +73,11 @@ pub use options::{
 };
 pub use server::{ReloadSource, Server, ServerBuilder, ServerError, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};
+
+/// For the fuzz targets under `fuzz/` only (feature `fuzzing`): feeds
+/// `data` to the authentication exchange as a first frame. Not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzz_auth_exchange(data: &[u8]) {
+    connection::exercise_auth_exchange(data);
+}
