@@ -7,6 +7,7 @@
 
 mod admin;
 mod dispatch;
+mod gate;
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -26,13 +27,13 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::abuse::new_bucket;
 use crate::audit::{self};
 use crate::connection::{READ_CHUNK, error_msg};
 use crate::function::SessionFacts;
 use crate::outbox::Outbox;
 use crate::server::Shared;
 use crate::sessions::Control;
+use gate::Gate;
 
 type CallFuture = BoxFuture<'static, (u64, Outcome)>;
 
@@ -42,12 +43,9 @@ pub(crate) struct Session {
     outbox: Arc<Outbox>,
     calls: FuturesUnordered<CallFuture>,
     cancels: HashMap<u64, CancellationToken>,
-    last_id: Option<u64>,
+    /// The request gate's state: last id, request bucket, refusal budget.
+    gate: Gate,
     pings: TokenBucket,
-    /// The per-connection request bucket, with the settings version it follows.
-    conn_bucket: (u64, TokenBucket),
-    /// The per-connection refusal budget, likewise.
-    refusals: (u64, TokenBucket),
     /// This session's running calls, published for the metrics gauge (only
     /// this session writes it: no cache line shared between connections).
     in_flight: Arc<AtomicUsize>,
@@ -74,15 +72,7 @@ impl Session {
     ) -> Session {
         let options = shared.options();
         let sc = &options.session_controls;
-        let now = shared.abuse.clock.now();
-        let conn_bucket = (
-            shared.abuse.version(),
-            new_bucket(&options.request_controls.per_connection, now),
-        );
-        let refusals = (
-            shared.abuse.version(),
-            new_bucket(&options.request_controls.refusals, now),
-        );
+        let gate = Gate::new(&shared.abuse);
         let pings = TokenBucket::new(
             sc.max_pings_per_second,
             Duration::from_secs(1),
@@ -95,10 +85,8 @@ impl Session {
             outbox,
             calls: FuturesUnordered::new(),
             cancels: HashMap::new(),
-            last_id: None,
+            gate,
             pings,
-            conn_bucket,
-            refusals,
             in_flight,
             activity,
             last_activity: Instant::now(),
@@ -269,8 +257,12 @@ impl Session {
                     // id that is not running is ignored, but not for free.
                     if let Some(token) = self.cancels.get(&id) {
                         token.cancel();
-                    } else if let Err(end @ Some(_)) = self.take_refusal_token(None) {
-                        return end;
+                    } else {
+                        let options = self.shared.options();
+                        let decision = self.gate.stray_cancel(&self.shared.abuse, &options);
+                        if let end @ Some(_) = self.apply(decision, "cancel", None) {
+                            return end;
+                        }
                     }
                 }
                 Ok(ClientMessage::Ping { nonce }) => {
@@ -321,9 +313,10 @@ impl Session {
                     e @ (DecodeError::InvalidOperation { id, .. }
                     | DecodeError::InvalidRequest { id, .. }),
                 ) => {
-                    let end = match self.accept_id(id) {
+                    let options = self.shared.options();
+                    let end = match self.gate.accept_id(&self.shared.abuse, &options, id) {
                         Ok(()) => self.refuse(Some(id), "unknown", None, e.code(), e.to_string()),
-                        Err(end) => end,
+                        Err(decision) => self.apply(decision, "unknown", None),
                     };
                     if end.is_some() {
                         return end;
@@ -360,7 +353,7 @@ impl Session {
     fn go_away(&self, reason: ErrorCode, message: &str) {
         self.outbox.push(&ServerMessage::GoAway(GoAway {
             reason,
-            last_id: self.last_id.unwrap_or(0),
+            last_id: self.gate.last_id().unwrap_or(0),
             message: message.to_owned(),
         }));
     }

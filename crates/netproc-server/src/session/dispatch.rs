@@ -7,76 +7,44 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use netproc_auth::{BoxFuture, authorize, authorize_privilege};
+use netproc_auth::{BoxFuture, authorize_privilege};
 use netproc_wire::{ErrorBody, ErrorCode, Operation, Outcome, Request, ServerMessage, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::gate::Decision;
 use super::{End, Session};
-use crate::abuse::Counter;
 use crate::audit::{self, sanitize};
-use crate::connection::error_msg;
 use crate::function::{CallContext, CallError};
 
 impl Session {
-    /// Checks that `id` is at least 1 and above the session's previous ids.
-    /// `Err` when it is not: refused with a top-level `Error{invalid_request}`
-    /// whose details carry `{id, last_id}` — never a `Response`, so a
-    /// response always belongs to the call the client made with that id;
-    /// `Err(Some(_))` ends the session.
-    pub(super) fn accept_id(&mut self, id: u64) -> Result<(), Option<End>> {
-        let last = self.last_id.unwrap_or(0);
-        if id <= last {
-            let message = if id == 0 {
-                "request ids start at 1".to_owned()
-            } else {
-                format!("request id {id} is not above the previous id {last}")
-            };
-            self.take_refusal_token(None)?;
-            self.shared.abuse.count(Counter::request_refused_count);
-            self.audit_refusal("unknown", None, ErrorCode::InvalidRequest);
-            let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
-            let details = Value::Map(std::collections::BTreeMap::from([
-                ("id".to_owned(), int(id)),
-                ("last_id".to_owned(), int(last)),
-            ]));
-            self.outbox.push(&ServerMessage::Error(
-                ErrorBody::new(ErrorCode::InvalidRequest, message).with_details(details),
-            ));
-            return Err(None);
-        }
-        self.last_id = Some(id);
-        Ok(())
-    }
-
-    /// A token from the refusal budget for a frame that is refused rather
-    /// than served. `Err` when the budget is spent: the frame was answered
-    /// `rate_limited` (scope `refusals`) instead, and `Err(Some(_))` ends the
-    /// session (`disconnect_on_limit`).
-    pub(super) fn take_refusal_token(&mut self, id: Option<u64>) -> Result<(), Option<End>> {
-        let options = self.shared.options();
-        let Err(refusal) = self
-            .shared
-            .abuse
-            .check_refusal(&options, &mut self.refusals)
-        else {
-            return Ok(());
+    /// Carries out a decision of the gate for a frame that did not run:
+    /// audits and answers it. `Some` ends the session.
+    pub(super) fn apply(
+        &mut self,
+        decision: Decision,
+        operation: &str,
+        function: Option<&str>,
+    ) -> Option<End> {
+        let (reply, close) = match decision {
+            Decision::Run { .. } | Decision::Ignore => return None,
+            Decision::Answer(reply) => (reply, false),
+            Decision::AnswerAndClose(reply) => (reply, true),
         };
-        self.audit_refusal("unknown", None, ErrorCode::RateLimited);
-        match id {
-            Some(id) => self.respond(id, Outcome::Err(refusal.body)),
-            None => self.outbox.push(&ServerMessage::Error(refusal.body)),
+        self.audit_refusal(operation, function, reply.body.code.clone());
+        match reply.id {
+            Some(id) => self.respond(id, Outcome::Err(reply.body)),
+            None => self.outbox.push(&ServerMessage::Error(reply.body)),
         }
-        if refusal.disconnect {
+        if close {
             audit::session_closed(&self.facts, ErrorCode::RateLimited);
-            self.close_with(ErrorCode::RateLimited, "too many refused requests");
-            return Err(Some(End::Now));
+            self.close_with(ErrorCode::RateLimited, "rate limit exceeded");
+            return Some(End::Now);
         }
-        Err(None)
+        None
     }
 
-    /// Refuses a frame with `code`: a response to `id`, or a top-level
-    /// `Error` frame that leaves the session open. Takes a token from the
-    /// refusal budget first; `Some` ends the session.
+    /// Refuses a frame with `code` (through the gate's refusal budget): a
+    /// response to `id`, or a top-level `Error`. `Some` ends the session.
     pub(super) fn refuse(
         &mut self,
         id: Option<u64>,
@@ -85,16 +53,11 @@ impl Session {
         code: ErrorCode,
         message: String,
     ) -> Option<End> {
-        if let Err(end) = self.take_refusal_token(id) {
-            return end;
-        }
-        self.shared.abuse.count(Counter::request_refused_count);
-        self.audit_refusal(operation, function, code.clone());
-        match id {
-            Some(id) => self.respond_err(id, code, message),
-            None => self.outbox.push(&error_msg(code, message)),
-        }
-        None
+        let options = self.shared.options();
+        let decision = self
+            .gate
+            .refuse(&self.shared.abuse, &options, id, code, message);
+        self.apply(decision, operation, function)
     }
 
     /// The audit line of a refused request, aggregated per (principal, code).
@@ -115,57 +78,20 @@ impl Session {
             op,
             deadline_ms,
         } = req;
-        if let Err(end) = self.accept_id(id) {
-            return end;
-        }
-        if let Err(denied) = authorize(&self.facts.principal, &op) {
-            return self.refuse(
-                Some(id),
-                op.name(),
-                function_of(&op),
-                ErrorCode::InsufficientPrivileges,
-                denied.to_string(),
-            );
-        }
-        let refused = |session: &Session, op: &Operation, code: ErrorCode| {
-            session.audit_refusal(op.name(), function_of(op), code);
-        };
         let options = self.shared.options();
-        let rc = &options.request_controls;
-        if self.calls.len() >= rc.max_in_flight_requests_per_connection as usize {
-            refused(self, &op, ErrorCode::RateLimited);
-            let body = self.shared.abuse.in_flight_refusal();
-            self.respond(id, Outcome::Err(body));
-            return None;
-        }
-        let principal = &self.facts.principal;
-        let key_id = principal.key_id.as_deref().unwrap_or(&principal.id);
-        let checked = self.shared.abuse.check_request(
+        let decision = self.gate.request(
+            &self.shared.abuse,
             &options,
-            &mut self.conn_bucket,
-            key_id,
+            &self.facts.principal,
             self.facts.peer.ip(),
+            id,
+            &op,
+            deadline_ms,
+            self.calls.len(),
         );
-        if let Err(refusal) = checked {
-            refused(self, &op, ErrorCode::RateLimited);
-            self.respond(id, Outcome::Err(refusal.body));
-            if refusal.disconnect {
-                audit::session_closed(&self.facts, ErrorCode::RateLimited);
-                self.close_with(ErrorCode::RateLimited, "request rate limit exceeded");
-                return Some(End::Now);
-            }
-            return None;
-        }
-        if deadline_ms == Some(0) {
-            // The client gave the call no time at all.
-            refused(self, &op, ErrorCode::Timeout);
-            self.respond_err(id, ErrorCode::Timeout, "the request's deadline is 0 ms");
-            return None;
-        }
-        let server_limit = Duration::from_millis(rc.request_timeout_ms);
-        let limit = deadline_ms.map_or(server_limit, |ms| {
-            server_limit.min(Duration::from_millis(ms.into()))
-        });
+        let Decision::Run { limit } = decision else {
+            return self.apply(decision, op.name(), function_of(&op));
+        };
         match op {
             Operation::Invoke { function, args } => self.invoke(id, function, args, limit),
             Operation::DefineFunction(def) => {
