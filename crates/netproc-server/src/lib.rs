@@ -50,6 +50,7 @@
 mod abuse;
 mod audit;
 mod connection;
+mod error;
 mod function;
 mod liveness;
 mod lograte;
@@ -65,13 +66,14 @@ mod state;
 // The public interface.
 pub use abuse::AbuseMetrics;
 pub use audit::AUDIT_TARGET;
+pub use error::{RegistrationProblem, ReloadError, ServerError};
 pub use function::{CallContext, CallError, ExtensionHandler, NativeFunction};
 pub use liveness::{Liveness, LivenessEvent};
 pub use options::{
     AuthControls, BucketControls, ConnectionControls, InvalidOption, PrincipalSource,
     RequestControls, ServerOptions, SessionControls,
 };
-pub use server::{ReloadSource, Server, ServerBuilder, ServerError, ServerHandle};
+pub use server::{ReloadSource, Server, ServerBuilder, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};
 
 /// For the fuzz targets under `fuzz/` only (feature `fuzzing`): feeds

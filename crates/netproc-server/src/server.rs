@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use netproc_auth::Authenticator;
 use netproc_limits::{Clock, SystemClock};
-use netproc_pki::{Crl, Identity, PkiError, TlsOptions, TrustAnchors};
+use netproc_pki::{Crl, Identity, TlsOptions, TrustAnchors};
 use netproc_wire::{ErrorCode, FunctionLimits, Privilege, Value, to_value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::abuse::{Abuse, AbuseMetrics};
 use crate::connection::run_connection;
+use crate::error::{RegistrationProblem, ReloadError, ServerError};
 use crate::function::{
     CallContext, CallError, Extension, ExtensionHandler, FunctionGuard, NativeFunction, Registry,
     TypedFunction, valid_name,
@@ -28,36 +29,6 @@ use crate::function::{
 use crate::liveness::{Liveness, LivenessEvent};
 use crate::options::{InvalidOption, ServerOptions};
 use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
-
-/// Why a server could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// A setting is impossible.
-    #[error(transparent)]
-    Config(#[from] InvalidOption),
-    /// The TLS configuration could not be built.
-    #[error(transparent)]
-    Tls(#[from] PkiError),
-    /// Binding the listener failed.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The state directory could not be opened or read.
-    #[error("state directory: {0}")]
-    State(String),
-    /// A function, constant or extension name is invalid or repeated.
-    #[error("invalid registration: {0}")]
-    Registration(String),
-    /// A reload was refused: no reload source is configured, or it could
-    /// not read its material. The last good configuration stays in force.
-    #[error("reload refused, the last good configuration stays: {0}")]
-    Reload(String),
-}
 
 /// State shared by the accept loop and every session.
 pub(crate) struct Shared {
@@ -196,7 +167,7 @@ pub struct ServerBuilder {
     scripts: Option<netproc_script::ScriptRuntime>,
     state_dir: Option<std::path::PathBuf>,
     reload_source: Option<ReloadSource>,
-    errors: Vec<String>,
+    errors: Vec<ServerError>,
 }
 
 impl fmt::Debug for ServerBuilder {
@@ -235,15 +206,21 @@ impl ServerBuilder {
         self
     }
 
+    fn refuse(&mut self, what: &'static str, name: &str, problem: RegistrationProblem) {
+        self.errors.push(ServerError::Registration {
+            what,
+            name: name.to_owned(),
+            problem,
+        });
+    }
+
     fn register(&mut self, name: &str) -> bool {
         if !valid_name(name) {
-            self.errors
-                .push(format!("\"{name}\" is not a valid function name"));
+            self.refuse("function", name, RegistrationProblem::InvalidName);
             return false;
         }
         if self.functions.contains_key(name) {
-            self.errors
-                .push(format!("function \"{name}\" is registered twice"));
+            self.refuse("function", name, RegistrationProblem::Duplicate);
             return false;
         }
         true
@@ -283,9 +260,7 @@ impl ServerBuilder {
         if let Some(rate) = &limits.rate
             && (rate.tokens_per_interval == 0 || rate.interval_ms == 0 || rate.burst_tokens == 0)
         {
-            self.errors.push(format!(
-                "function \"{name}\": rate limits must be greater than zero"
-            ));
+            self.refuse("function", name, RegistrationProblem::ZeroRate);
         }
         self.limits.insert(name.to_owned(), limits);
         self
@@ -331,15 +306,14 @@ impl ServerBuilder {
     /// Defines a constant, readable by callers and (later) scripts.
     pub fn constant(mut self, name: &str, value: impl Serialize) -> Self {
         if !valid_name(name) {
-            self.errors
-                .push(format!("\"{name}\" is not a valid constant name"));
+            self.refuse("constant", name, RegistrationProblem::InvalidName);
             return self;
         }
         match to_value(&value) {
             Ok(v) => {
                 self.constants.insert(name.to_owned(), v);
             }
-            Err(e) => self.errors.push(format!("constant \"{name}\": {e}")),
+            Err(e) => self.refuse("constant", name, RegistrationProblem::Value(e.to_string())),
         }
         self
     }
@@ -354,8 +328,7 @@ impl ServerBuilder {
         handler: Arc<dyn ExtensionHandler>,
     ) -> Self {
         if self.extensions.contains_key(name) {
-            self.errors
-                .push(format!("extension \"{name}\" is registered twice"));
+            self.refuse("extension", name, RegistrationProblem::Duplicate);
         } else {
             self.extensions
                 .insert(name.to_owned(), Extension { privilege, handler });
@@ -366,16 +339,18 @@ impl ServerBuilder {
     /// Binds the listener and starts accepting connections.
     pub async fn start(self) -> Result<ServerHandle, ServerError> {
         if let Some(e) = self.errors.into_iter().next() {
-            return Err(ServerError::Registration(e));
+            return Err(e);
         }
         if let Some(name) = self
             .limits
             .keys()
             .find(|n| !self.functions.contains_key(*n))
         {
-            return Err(ServerError::Registration(format!(
-                "limits for unknown function \"{name}\""
-            )));
+            return Err(ServerError::Registration {
+                what: "function",
+                name: name.clone(),
+                problem: RegistrationProblem::LimitsWithoutFunction,
+            });
         }
         self.options.validate()?;
         let tls = netproc_pki::server_config_with(
@@ -446,10 +421,14 @@ type Stored = (
 async fn open_state(
     dir: std::path::PathBuf,
 ) -> Result<(Arc<crate::state::StateDb>, Stored), ServerError> {
+    let path = dir.clone();
+    let state = |source: Box<dyn std::error::Error + Send + Sync>| ServerError::State {
+        path: path.clone(),
+        source,
+    };
     let opened = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let db =
-            crate::state::StateDb::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Box::new(e) as Box<_>)?;
+        let db = crate::state::StateDb::open(&dir).map_err(|e| Box::new(e) as Box<_>)?;
         let stored = (|| {
             Ok::<_, rusqlite::Error>((
                 db.load_constants()?,
@@ -457,12 +436,12 @@ async fn open_state(
                 db.load_functions()?,
             ))
         })()
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok::<_, String>((Arc::new(db), stored))
+        .map_err(|e| Box::new(e) as Box<_>)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((Arc::new(db), stored))
     })
     .await
-    .map_err(|e| ServerError::State(e.to_string()))?;
-    opened.map_err(ServerError::State)
+    .map_err(|e| state(Box::new(e)))?;
+    opened.map_err(state)
 }
 
 /// Applies stored definitions at start (recompiling on a blocking thread).
@@ -626,7 +605,7 @@ impl Shared {
 
     pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
         let Some(source) = self.reload_source.clone() else {
-            return Err(ServerError::Reload("no reload source is configured".into()));
+            return Err(ServerError::Reload(ReloadError::NoSource));
         };
         let read = tokio::task::spawn_blocking(move || source()).await;
         match read {
@@ -635,9 +614,9 @@ impl Shared {
                 tracing::warn!(server = %self.name, error = %e, "reload refused; keeping the last good configuration");
                 self.abuse
                     .count(crate::abuse::Counter::tls_reload_failure_count);
-                Err(ServerError::Reload(e))
+                Err(ServerError::Reload(ReloadError::Source(e)))
             }
-            Err(e) => Err(ServerError::Reload(e.to_string())),
+            Err(e) => Err(ServerError::Reload(ReloadError::Source(e.to_string()))),
         }
     }
 

@@ -180,3 +180,46 @@ async fn values_round_trip_through_a_call() {
     let back: Value = s.call("echo", (v.clone(),)).await.unwrap();
     assert_eq!(back, v);
 }
+
+/// Registration mistakes stop `start` with a typed error naming what and
+/// which name.
+#[tokio::test]
+async fn registration_mistakes_are_typed_errors() {
+    use netproc_server::{CallContext, CallError, RegistrationProblem, ServerError};
+    let pki = Pki::new();
+    let keys = || Arc::new(ApiKeyStore::in_memory());
+    let cases: Vec<(netproc_server::ServerBuilder, &str, RegistrationProblem)> = vec![
+        (
+            builder(&pki, "s", keys()).function("2bad", |_: CallContext, (): ()| async move {
+                Ok::<_, CallError>(1)
+            }),
+            "2bad",
+            RegistrationProblem::InvalidName,
+        ),
+        (
+            builder(&pki, "s", keys()).function("add", |_: CallContext, (): ()| async move {
+                Ok::<_, CallError>(1)
+            }),
+            "add",
+            RegistrationProblem::Duplicate,
+        ),
+        (
+            builder(&pki, "s", keys()).constant("no way", 1),
+            "no way",
+            RegistrationProblem::InvalidName,
+        ),
+    ];
+    for (b, name, problem) in cases {
+        match b.start().await {
+            Err(ServerError::Registration {
+                name: got,
+                problem: p,
+                ..
+            }) => {
+                assert_eq!(got, name);
+                assert_eq!(p, problem);
+            }
+            other => panic!("{name}: {:?}", other.map(|_| ())),
+        }
+    }
+}
