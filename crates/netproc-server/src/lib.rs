@@ -57,6 +57,7 @@ mod lograte;
 
 mod options;
 mod outbox;
+mod reload;
 mod scripts;
 mod server;
 mod session;

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use netproc_auth::Authenticator;
 use netproc_limits::{Clock, SystemClock};
@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::abuse::{Abuse, AbuseMetrics};
 use crate::connection::run_connection;
-use crate::error::{RegistrationProblem, ReloadError, ServerError};
+use crate::error::{RegistrationProblem, ServerError};
 use crate::function::{
     CallContext, CallError, Extension, ExtensionHandler, FunctionGuard, NativeFunction, Registry,
     TypedFunction, valid_name,
@@ -38,9 +38,9 @@ pub(crate) struct Shared {
     /// each accept (so new handshakes use new material at once).
     pub(crate) tls: arc_swap::ArcSwap<rustls::ServerConfig>,
     /// The TLS options, kept for reloads.
-    tls_options: TlsOptions,
+    pub(crate) tls_options: TlsOptions,
     /// Where reloads read new material from.
-    reload_source: Option<ReloadSource>,
+    pub(crate) reload_source: Option<ReloadSource>,
     pub(crate) registry: Registry,
     /// Run-time defined functions, when enabled.
     pub(crate) scripts: Option<crate::scripts::Scripts>,
@@ -155,7 +155,7 @@ pub struct ServerBuilder {
     identity: Identity,
     client_roots: TrustAnchors,
     crls: Vec<Crl>,
-    tls_options: TlsOptions,
+    pub(crate) tls_options: TlsOptions,
     authenticator: Arc<dyn Authenticator>,
     bind: SocketAddr,
     options: ServerOptions,
@@ -495,8 +495,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-struct HandleInner {
-    shared: Arc<Shared>,
+pub(crate) struct HandleInner {
+    pub(crate) shared: Arc<Shared>,
     local_addr: SocketAddr,
     accept: Mutex<Option<JoinHandle<()>>>,
 }
@@ -520,7 +520,7 @@ impl Drop for HandleInner {
 /// [`shutdown`](Self::shutdown) for a graceful stop.
 #[derive(Clone)]
 pub struct ServerHandle {
-    inner: Arc<HandleInner>,
+    pub(crate) inner: Arc<HandleInner>,
 }
 
 impl fmt::Debug for ServerHandle {
@@ -554,40 +554,6 @@ impl ServerHandle {
     pub fn close_sessions(&self, selector: &SessionSelector, reason: ErrorCode) -> usize {
         self.inner.shared.close_sessions_inner(selector, reason)
     }
-    /// Reloads from the [`reload_source`](ServerBuilder::reload_source):
-    /// new handshakes use the new material; sessions over newly revoked
-    /// certificates end. On error the last good configuration stays.
-    pub async fn reload(&self) -> Result<usize, ServerError> {
-        self.inner.shared.reload().await
-    }
-
-    /// Replaces the server's certificate, the client CA bundle and the CRLs
-    /// without a restart. New handshakes use them at once; established
-    /// sessions continue, except those whose client certificate a new CRL
-    /// revokes: they end with `GoAway{credential_revoked}`. Material that
-    /// does not make a valid configuration is refused with its error and the
-    /// last good configuration stays in force. Returns how many sessions
-    /// were closed.
-    pub fn reload_tls(
-        &self,
-        identity: &Identity,
-        client_roots: &TrustAnchors,
-        crls: &[Crl],
-    ) -> Result<usize, ServerError> {
-        self.inner.shared.reload_tls(identity, client_roots, crls)
-    }
-}
-
-/// What a file watcher compares.
-type FileStamp = (Option<SystemTime>, u64, u64);
-
-fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
-    let m = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(&m);
-    #[cfg(not(unix))]
-    let ino = 0;
-    Some((m.modified().ok(), m.len(), ino))
 }
 
 impl Shared {
@@ -602,158 +568,9 @@ impl Shared {
         m.offline_principal_count = offline as u64;
         m
     }
-
-    pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
-        let Some(source) = self.reload_source.clone() else {
-            return Err(ServerError::Reload(ReloadError::NoSource));
-        };
-        let read = tokio::task::spawn_blocking(move || source()).await;
-        match read {
-            Ok(Ok((identity, roots, crls))) => self.reload_tls(&identity, &roots, &crls),
-            Ok(Err(e)) => {
-                tracing::warn!(server = %self.name, error = %e, "reload refused; keeping the last good configuration");
-                self.abuse
-                    .count(crate::abuse::Counter::tls_reload_failure_count);
-                Err(ServerError::Reload(ReloadError::Source(e)))
-            }
-            Err(e) => Err(ServerError::Reload(ReloadError::Source(e.to_string()))),
-        }
-    }
-
-    fn reload_tls(
-        &self,
-        identity: &Identity,
-        client_roots: &TrustAnchors,
-        crls: &[Crl],
-    ) -> Result<usize, ServerError> {
-        let shared = self;
-        // A certificate outside its validity would fail every handshake:
-        // refuse it like any other bad material.
-        let built = if identity.cert_identity().is_valid_at(SystemTime::now()) {
-            netproc_pki::server_config_with(identity, client_roots, crls, &shared.tls_options)
-        } else {
-            Err(netproc_pki::PkiError::BadCertificate {
-                origin: "<reload: server certificate>".into(),
-                reason: "expired or not yet valid".into(),
-            })
-        };
-        let config = match built {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(server = %shared.name, error = %e, "TLS reload refused; keeping the last good configuration");
-                shared
-                    .abuse
-                    .count(crate::abuse::Counter::tls_reload_failure_count);
-                return Err(ServerError::Tls(e));
-            }
-        };
-        shared.tls.store(Arc::new(config));
-        shared.abuse.count(crate::abuse::Counter::tls_reload_count);
-        tracing::info!(server = %shared.name, cert = %identity.cert_identity().fingerprint, "TLS configuration reloaded");
-        // Revocation reaches live sessions: close those over a revoked certificate.
-        let mut closed = 0;
-        for session in shared.sessions.list_facts() {
-            let cert = &session.cert;
-            let revoked = crls.iter().any(|crl| {
-                crl.issuer() == cert.issuer
-                    && crl.revoked_serials().iter().any(|s| *s == cert.serial)
-            });
-            if revoked {
-                closed += shared.close_sessions_inner(
-                    &SessionSelector::Session(session.session_id),
-                    ErrorCode::CredentialRevoked,
-                );
-            }
-        }
-        Ok(closed)
-    }
 }
 
 impl ServerHandle {
-    /// Watches files (certificate, key, CA bundle, CRLs, key store) and
-    /// calls [`reload`](ServerHandle::reload) when any of them changes:
-    /// checked every `interval` by metadata (modification time, size,
-    /// inode, following symlinks), so atomic renames and the symlink swaps
-    /// of certificate managers are seen; a change is acted on once it has
-    /// been stable for one interval. A bad file is refused by the reload,
-    /// and the last good configuration stays. Stops at shutdown.
-    pub fn watch_files(&self, paths: Vec<std::path::PathBuf>, interval: Duration) {
-        let shared = Arc::downgrade(&self.inner.shared);
-        // The baseline is taken now (a few `stat`s), so any change after
-        // this call is seen.
-        let mut seen: Vec<_> = paths.iter().map(|p| file_stamp(p)).collect();
-        tokio::spawn(async move {
-            let stamp = move || {
-                let paths = paths.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        paths.iter().map(|p| file_stamp(p)).collect::<Vec<_>>()
-                    })
-                    .await
-                    .unwrap_or_default()
-                }
-            };
-            let mut pending: Option<Vec<Option<FileStamp>>> = None;
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                if shared.shutdown.is_cancelled() {
-                    return;
-                }
-                let now = stamp().await;
-                if now == seen {
-                    pending = None;
-                    continue;
-                }
-                if pending.as_ref() != Some(&now) {
-                    // Changed: wait until it stops changing.
-                    pending = Some(now);
-                    continue;
-                }
-                pending = None;
-                seen = now;
-                match shared.reload().await {
-                    Ok(closed) => {
-                        tracing::info!(server = %shared.name, sessions_closed = closed, "reloaded after a file change")
-                    }
-                    Err(e) => {
-                        tracing::warn!(server = %shared.name, error = %e, "reload after a file change refused; the last good configuration stays")
-                    }
-                }
-            }
-        });
-    }
-
-    /// Makes revocations and rotations in `store` end the live sessions
-    /// that rely on them: a revoked or changed key's sessions get
-    /// `GoAway{credential_revoked}`; a rotated key's sessions on the old
-    /// secret do too, while sessions on the new secret continue.
-    pub fn follow_key_store(&self, store: &netproc_auth::ApiKeyStore) {
-        let shared = Arc::downgrade(&self.inner.shared);
-        store.on_change(move |change| {
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            let selector = match change {
-                netproc_auth::KeyChange::Revoked { id } | netproc_auth::KeyChange::Changed { id } => SessionSelector::Key {
-                    key_id: id.clone(),
-                    generation: None,
-                },
-                netproc_auth::KeyChange::Rotated { id, old_generation } => SessionSelector::Key {
-                    key_id: id.clone(),
-                    generation: Some(*old_generation),
-                },
-                _ => return,
-            };
-            let n = shared.close_sessions_inner(&selector, ErrorCode::CredentialRevoked);
-            if n > 0 {
-                tracing::info!(server = %shared.name, ?change, sessions = n, "closed sessions after a key change");
-            }
-        });
-    }
-
     /// Every principal's liveness (`online`, `unstable`, `offline`), for
     /// principals with a live session.
     pub fn liveness(&self) -> Vec<(String, Liveness)> {
