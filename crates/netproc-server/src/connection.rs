@@ -14,15 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use netproc_auth::AuthRequest;
 use netproc_pki::CertIdentity;
 use netproc_wire::{
-    ALPN_PROTOCOL, AnnouncedLimits, AuthOk, ErrorBody, ErrorCode, FrameDecoder, FrameError,
-    PROTOCOL_VERSION, ServerMessage,
+    ALPN_PROTOCOL, AnnouncedLimits, AuthOk, ErrorCode, FrameDecoder, PROTOCOL_VERSION,
+    ServerMessage,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -36,52 +34,11 @@ use crate::session::Session;
 
 mod auth_exchange;
 
+use crate::frames::{ReadError, error_msg, farewell, read_frame};
 use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
 #[cfg(feature = "fuzzing")]
 pub(crate) use auth_exchange::exercise as exercise_auth_exchange;
 use auth_exchange::{Answer, Attempt, Failure, FirstRead};
-
-/// Read chunk: enough for many small requests per read.
-pub(crate) const READ_CHUNK: usize = 16 * 1024;
-
-/// How long a best-effort error frame may take to send before closing.
-const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
-
-enum ReadError {
-    Frame(FrameError),
-    Closed,
-}
-
-async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    dec: &mut FrameDecoder,
-) -> Result<Bytes, ReadError> {
-    loop {
-        if let Some(frame) = dec.next_frame().map_err(ReadError::Frame)? {
-            return Ok(frame);
-        }
-        let buf = dec.buffer_mut();
-        buf.reserve(READ_CHUNK);
-        match rd.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(ReadError::Closed),
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Sends one message and closes, best effort: used before the session's
-/// writer exists, and for errors that end the connection.
-async fn farewell<W: AsyncWrite + Unpin>(wr: &mut W, msg: ServerMessage, limit: u32) {
-    let mut buf = BytesMut::new();
-    if msg.encode(&mut buf, limit).is_ok() {
-        let send = async {
-            wr.write_all(&buf).await?;
-            wr.flush().await?;
-            wr.shutdown().await
-        };
-        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, send).await;
-    }
-}
 
 /// The audit line of a connection refused after accept, aggregated per reason.
 fn connection_refused(shared: &Shared, peer: SocketAddr, reason: &'static str) {
@@ -89,10 +46,6 @@ fn connection_refused(shared: &Shared, peer: SocketAddr, reason: &'static str) {
     if let Some(suppressed) = shared.abuse.connection_log.check(&reason, now) {
         audit::refused_connection(peer, reason, suppressed);
     }
-}
-
-pub(crate) fn error_msg(code: ErrorCode, message: impl Into<String>) -> ServerMessage {
-    ServerMessage::Error(ErrorBody::new(code, message))
 }
 
 /// Runs one accepted TCP connection to its end. `admitted` holds the socket

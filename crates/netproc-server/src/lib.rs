@@ -51,6 +51,7 @@ mod abuse;
 mod audit;
 mod connection;
 mod error;
+mod frames;
 mod function;
 mod liveness;
 mod lograte;

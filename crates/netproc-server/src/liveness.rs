@@ -26,8 +26,6 @@ use netproc_limits::Clock;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::sessions::SessionTable;
-
 /// The scan period's bounds (see the module docs).
 const MIN_SCAN: Duration = Duration::from_millis(10);
 const MAX_SCAN: Duration = Duration::from_millis(500);
@@ -146,13 +144,20 @@ impl LivenessTracker {
         self.publish(changes);
     }
 
-    /// Recomputes every state from the session table.
-    pub(crate) fn scan(&self, sessions: &SessionTable, unstable_after: u64, offline_after: u64) {
+    /// Recomputes every state from each principal's latest activity stamp.
+    /// `latest` is called with the states lock held, so a session
+    /// registered after it is read is marked online after this scan.
+    pub(crate) fn scan_with(
+        &self,
+        latest: impl FnOnce() -> HashMap<String, u64>,
+        unstable_after: u64,
+        offline_after: u64,
+    ) {
         // The states lock is taken before the table is read, so a session
         // registered after this read is marked online after this scan.
         let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.stamp();
-        let latest = sessions.latest_activity();
+        let latest = latest();
         let mut changes = Vec::new();
         for (principal, last) in &latest {
             let quiet = now.saturating_sub(*last);
@@ -211,27 +216,6 @@ impl LivenessTracker {
             // No subscriber is fine.
             let _ = self.events.send(event);
         }
-    }
-}
-
-/// Scans until `shutdown`, at the period the current thresholds call for.
-pub(crate) async fn run(shared: std::sync::Weak<crate::server::Shared>) {
-    loop {
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if shared.shutdown.is_cancelled() {
-            return;
-        }
-        let options = shared.options_arc();
-        let s = &options.session_controls;
-        shared
-            .liveness
-            .scan(&shared.sessions, s.unstable_after_ms, s.offline_after_ms);
-        let period = scan_period(s.unstable_after_ms, s.offline_after_ms);
-        drop(options);
-        drop(shared);
-        tokio::time::sleep(period).await;
     }
 }
 

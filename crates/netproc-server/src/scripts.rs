@@ -15,18 +15,27 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::sanitize;
 use crate::function::{CallError, FunctionGuard, valid_name};
-use crate::server::Shared;
 use crate::sessions::unix_ms;
 use crate::state::{StateDb, StoredDependency, StoredFunction};
 
 /// Runs a state-database write off the runtime threads; without a state
 /// directory, does nothing. The caller applies the change only after this
 /// returns `Ok` (the transaction committed).
+/// Everything run-time definitions touch: the registry (natives and
+/// constants), the script runtime and the state database. Shared by the
+/// server and the sessions through one `Arc`; the definition operations
+/// receive it and nothing else.
+pub(crate) struct Definitions {
+    pub(crate) registry: crate::function::Registry,
+    pub(crate) scripts: Option<Scripts>,
+    pub(crate) state: Option<Arc<crate::state::StateDb>>,
+}
+
 pub(crate) async fn persist(
-    shared: &Shared,
+    defs: &Definitions,
     write: impl FnOnce(&StateDb) -> crate::state::DbResult<()> + Send + 'static,
 ) -> Result<(), CallError> {
-    let Some(db) = shared.state.clone() else {
+    let Some(db) = defs.state.clone() else {
         return Ok(());
     };
     match tokio::task::spawn_blocking(move || write(&db)).await {
@@ -98,16 +107,16 @@ impl Scripts {
     /// different one replaces it atomically (calls in progress finish on
     /// the old version).
     pub(crate) async fn define_function(
-        shared: Arc<Shared>,
+        defs: Arc<Definitions>,
         def: DefineFunction,
         principal: Principal,
     ) -> Result<Value, CallError> {
-        let Some(scripts) = shared.scripts.as_ref() else {
+        let Some(scripts) = defs.scripts.as_ref() else {
             return Err(disabled());
         };
         let name = def.name.clone();
         check_name("name", "function", &name)?;
-        if shared.registry.functions.contains_key(&name) {
+        if defs.registry.functions.contains_key(&name) {
             return Err(CallError::invalid_argument(format!(
                 "\"{name}\" belongs to a native function and cannot be redefined"
             )));
@@ -123,11 +132,10 @@ impl Scripts {
             return Ok(Value::Null);
         }
         let compiled = {
-            let shared = Arc::clone(&shared);
+            let defs = Arc::clone(&defs);
             let (name, source) = (name.clone(), def.source);
             tokio::task::spawn_blocking(move || {
-                shared
-                    .scripts
+                defs.scripts
                     .as_ref()
                     .map(|s| s.runtime.compile(&name, &source))
             })
@@ -148,7 +156,7 @@ impl Scripts {
             defined_at_ms: unix_ms(SystemTime::now()),
         };
         let defined_at_ms = stored.defined_at_ms;
-        persist(&shared, move |db| db.put_function(&stored, &digest)).await?;
+        persist(&defs, move |db| db.put_function(&stored, &digest)).await?;
         let entry = Arc::new(ScriptEntry {
             function,
             sha256: digest,
@@ -173,23 +181,23 @@ impl Scripts {
         Ok(Value::Null)
     }
     pub(crate) async fn undefine_function(
-        shared: Arc<Shared>,
+        defs: Arc<Definitions>,
         name: String,
         principal: Principal,
     ) -> Result<Value, CallError> {
         let (name, principal) = (name.as_str(), &principal);
-        let Some(scripts) = shared.scripts.as_ref() else {
+        let Some(scripts) = defs.scripts.as_ref() else {
             return Err(disabled());
         };
         check_name("name", "function", name)?;
-        if shared.registry.functions.contains_key(name) {
+        if defs.registry.functions.contains_key(name) {
             return Err(CallError::invalid_argument(format!(
                 "\"{name}\" belongs to a native function and cannot be undefined"
             )));
         }
         let _ordered = scripts.define.lock().await;
         let owned = name.to_owned();
-        persist(&shared, move |db| db.delete_function(&owned)).await?;
+        persist(&defs, move |db| db.delete_function(&owned)).await?;
         scripts.functions.rcu(|table| {
             let mut next = (**table).clone();
             next.remove(name);
@@ -200,12 +208,12 @@ impl Scripts {
     }
 
     pub(crate) async fn define_dependency(
-        shared: Arc<Shared>,
+        defs: Arc<Definitions>,
         alias: String,
         source: DependencySource,
         principal: Principal,
     ) -> Result<Value, CallError> {
-        if shared.scripts.is_none() {
+        if defs.scripts.is_none() {
             return Err(disabled());
         }
         check_name("alias", "dependency", &alias)?;
@@ -225,15 +233,14 @@ impl Scripts {
             ScriptSource::Script(s) | ScriptSource::Host(s) => s.clone(),
             _ => String::new(),
         };
-        let ordered = match shared.scripts.as_ref() {
+        let ordered = match defs.scripts.as_ref() {
             Some(s) => s.define.lock().await,
             None => return Err(disabled()),
         };
         let defined = {
-            let (shared, alias) = (Arc::clone(&shared), alias.clone());
+            let (defs, alias) = (Arc::clone(&defs), alias.clone());
             tokio::task::spawn_blocking(move || {
-                shared
-                    .scripts
+                defs.scripts
                     .as_ref()
                     .map(|s| s.runtime.define_dependency(&alias, &source))
             })
@@ -251,14 +258,14 @@ impl Scripts {
             defined_by: who(&principal),
             defined_at_ms: unix_ms(SystemTime::now()),
         };
-        if let Err(e) = persist(&shared, move |db| db.put_dependency(&stored)).await {
+        if let Err(e) = persist(&defs, move |db| db.put_dependency(&stored)).await {
             // Not committed: take the module back out.
-            if let Some(s) = shared.scripts.as_ref() {
+            if let Some(s) = defs.scripts.as_ref() {
                 s.runtime.undefine_dependency(&alias);
             }
             return Err(e);
         }
-        if let Some(scripts) = shared.scripts.as_ref() {
+        if let Some(scripts) = defs.scripts.as_ref() {
             let entry = || DepEntry {
                 kind,
                 defined_by: who(&principal),
@@ -275,13 +282,13 @@ impl Scripts {
         Ok(Value::Null)
     }
     pub(crate) async fn undefine_dependency(
-        shared: Arc<Shared>,
+        defs: Arc<Definitions>,
         alias: String,
         force: bool,
         principal: Principal,
     ) -> Result<Value, CallError> {
         let (alias, principal) = (alias.as_str(), &principal);
-        let Some(scripts) = shared.scripts.as_ref() else {
+        let Some(scripts) = defs.scripts.as_ref() else {
             return Err(disabled());
         };
         check_name("alias", "dependency", alias)?;
@@ -304,7 +311,7 @@ impl Scripts {
             }
         }
         let owned = alias.to_owned();
-        persist(&shared, move |db| db.delete_dependency(&owned)).await?;
+        persist(&defs, move |db| db.delete_dependency(&owned)).await?;
         scripts.runtime.undefine_dependency(alias);
         scripts.deps.rcu(|deps| {
             let mut next = (**deps).clone();
@@ -438,32 +445,32 @@ fn disabled() -> CallError {
 /// Defines a run-time constant: committed to the state database (if any)
 /// before it is applied and acknowledged.
 pub(crate) async fn define_constant(
-    shared: Arc<Shared>,
+    defs: Arc<Definitions>,
     name: String,
     value: Value,
     principal: Principal,
 ) -> Result<Value, CallError> {
     check_name("name", "constant", &name)?;
     let (stored_name, stored_value) = (name.clone(), value.clone());
-    persist(&shared, move |db| {
+    persist(&defs, move |db| {
         db.put_constant(&stored_name, &stored_value)
     })
     .await?;
-    shared.registry.define_constant(name.clone(), value);
+    defs.registry.define_constant(name.clone(), value);
     tracing::info!(target: crate::AUDIT_TARGET, event = "define_constant", outcome = "ok", constant = %name, key_id = %who(&principal));
     Ok(Value::Null)
 }
 
 /// Removes a run-time constant (an unknown name succeeds).
 pub(crate) async fn undefine_constant(
-    shared: Arc<Shared>,
+    defs: Arc<Definitions>,
     name: String,
     principal: Principal,
 ) -> Result<Value, CallError> {
     check_name("name", "constant", &name)?;
     let stored_name = name.clone();
-    persist(&shared, move |db| db.delete_constant(&stored_name)).await?;
-    shared.registry.undefine_constant(&name);
+    persist(&defs, move |db| db.delete_constant(&stored_name)).await?;
+    defs.registry.undefine_constant(&name);
     tracing::info!(target: crate::AUDIT_TARGET, event = "undefine_constant", outcome = "ok", constant = %sanitize(&name), key_id = %who(&principal));
     Ok(Value::Null)
 }

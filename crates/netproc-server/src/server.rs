@@ -28,6 +28,7 @@ use crate::function::{
 };
 use crate::liveness::{Liveness, LivenessEvent};
 use crate::options::{InvalidOption, ServerOptions};
+use crate::scripts::Definitions;
 use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
 
 /// State shared by the accept loop and every session.
@@ -41,11 +42,8 @@ pub(crate) struct Shared {
     pub(crate) tls_options: TlsOptions,
     /// Where reloads read new material from.
     pub(crate) reload_source: Option<ReloadSource>,
-    pub(crate) registry: Registry,
-    /// Run-time defined functions, when enabled.
-    pub(crate) scripts: Option<crate::scripts::Scripts>,
-    /// The state database, with a state directory.
-    pub(crate) state: Option<Arc<crate::state::StateDb>>,
+    /// Natives, constants, run-time definitions and the state database.
+    pub(crate) defs: Arc<Definitions>,
     pub(crate) authenticator: Arc<dyn Authenticator>,
     pub(crate) sessions: SessionTable,
     pub(crate) liveness: crate::liveness::LivenessTracker,
@@ -386,9 +384,11 @@ impl ServerBuilder {
             tls: arc_swap::ArcSwap::from_pointee(tls),
             tls_options: self.tls_options,
             reload_source: self.reload_source,
-            registry: Registry::new(self.functions, guards, self.extensions, self.constants),
-            scripts: self.scripts.map(crate::scripts::Scripts::new),
-            state: state.as_ref().map(|(db, _)| Arc::clone(db)),
+            defs: Arc::new(Definitions {
+                registry: Registry::new(self.functions, guards, self.extensions, self.constants),
+                scripts: self.scripts.map(crate::scripts::Scripts::new),
+                state: state.as_ref().map(|(db, _)| Arc::clone(db)),
+            }),
             authenticator: self.authenticator,
             sessions: SessionTable::default(),
             started: Instant::now(),
@@ -397,9 +397,9 @@ impl ServerBuilder {
             tracker: TaskTracker::new(),
         });
         if let Some((_, stored)) = state {
-            restore(&shared, stored).await;
+            restore(&shared.defs, stored).await;
         }
-        tokio::spawn(crate::liveness::run(Arc::downgrade(&shared)));
+        tokio::spawn(scan_liveness(Arc::downgrade(&shared)));
         let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener));
         tracing::info!(server = %shared.name, addr = %local_addr, "listening");
         Ok(ServerHandle {
@@ -445,26 +445,50 @@ async fn open_state(
 }
 
 /// Applies stored definitions at start (recompiling on a blocking thread).
-async fn restore(shared: &Arc<Shared>, (constants, deps, functions): Stored) {
+async fn restore(defs: &Arc<Definitions>, (constants, deps, functions): Stored) {
     for (name, value) in constants {
-        shared.registry.define_constant(name, value);
+        defs.registry.define_constant(name, value);
     }
     if deps.is_empty() && functions.is_empty() {
         return;
     }
-    if shared.scripts.is_none() {
+    if defs.scripts.is_none() {
         tracing::warn!(
             "the state directory holds script definitions, but scripts are not enabled; they are ignored"
         );
         return;
     }
-    let shared = Arc::clone(shared);
+    let defs = Arc::clone(defs);
     let _ = tokio::task::spawn_blocking(move || {
-        if let Some(scripts) = &shared.scripts {
+        if let Some(scripts) = &defs.scripts {
             scripts.restore(deps, functions);
         }
     })
     .await;
+}
+
+/// Recomputes liveness until shutdown, at the period the current
+/// thresholds call for.
+async fn scan_liveness(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let options = shared.options_arc();
+        let s = &options.session_controls;
+        shared.liveness.scan_with(
+            || shared.sessions.latest_activity(),
+            s.unstable_after_ms,
+            s.offline_after_ms,
+        );
+        let period = crate::liveness::scan_period(s.unstable_after_ms, s.offline_after_ms);
+        drop(options);
+        drop(shared);
+        tokio::time::sleep(period).await;
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self};
-use crate::connection::{READ_CHUNK, error_msg};
+use crate::frames::{READ_CHUNK, error_msg};
 use crate::function::SessionFacts;
 use crate::outbox::Outbox;
 use crate::server::Shared;

@@ -19,6 +19,7 @@ impl Session {
                     .privileges
                     .satisfies(netproc_wire::Privilege::InvokeFunctions);
                 let mut entries: Vec<(String, Value)> = shared
+                    .defs
                     .registry
                     .functions
                     .keys()
@@ -34,17 +35,18 @@ impl Session {
                         (n.clone(), v)
                     })
                     .collect();
-                if let Some(scripts) = &shared.scripts {
+                if let Some(scripts) = &shared.defs.scripts {
                     entries.extend(scripts.list(principal));
                 }
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
                 Outcome::Ok(Value::List(entries.into_iter().map(|(_, v)| v).collect()))
             }
             Operation::ListConstants => {
-                Outcome::Ok(Value::Map((*shared.registry.constants()).clone()))
+                Outcome::Ok(Value::Map((*shared.defs.registry.constants()).clone()))
             }
             Operation::ListDependencies => Outcome::Ok(
                 shared
+                    .defs
                     .scripts
                     .as_ref()
                     .map_or(Value::List(Vec::new()), |s| s.list_dependencies()),

@@ -98,7 +98,7 @@ impl Session {
                 let (ctx, token, deadline) = self.context(limit);
                 drop(ctx);
                 let fut = crate::scripts::Scripts::define_function(
-                    Arc::clone(&self.shared),
+                    Arc::clone(&self.shared.defs),
                     def,
                     self.facts.principal.clone(),
                 );
@@ -106,7 +106,7 @@ impl Session {
             }
             Operation::DefineConstant { name, value } => {
                 let fut = crate::scripts::define_constant(
-                    Arc::clone(&self.shared),
+                    Arc::clone(&self.shared.defs),
                     name,
                     value,
                     self.facts.principal.clone(),
@@ -115,7 +115,7 @@ impl Session {
             }
             Operation::UndefineConstant { name } => {
                 let fut = crate::scripts::undefine_constant(
-                    Arc::clone(&self.shared),
+                    Arc::clone(&self.shared.defs),
                     name,
                     self.facts.principal.clone(),
                 );
@@ -123,7 +123,7 @@ impl Session {
             }
             Operation::UndefineFunction { name } => {
                 let fut = crate::scripts::Scripts::undefine_function(
-                    Arc::clone(&self.shared),
+                    Arc::clone(&self.shared.defs),
                     name,
                     self.facts.principal.clone(),
                 );
@@ -131,7 +131,7 @@ impl Session {
             }
             Operation::UndefineDependency { alias, force } => {
                 let fut = crate::scripts::Scripts::undefine_dependency(
-                    Arc::clone(&self.shared),
+                    Arc::clone(&self.shared.defs),
                     alias,
                     force,
                     self.facts.principal.clone(),
@@ -156,7 +156,7 @@ impl Session {
                 let (ctx, token, deadline) = self.context(limit);
                 drop(ctx);
                 let fut = crate::scripts::Scripts::define_dependency(
-                    Arc::clone(&self.shared),
+                    Arc::clone(&self.shared.defs),
                     alias,
                     source,
                     self.facts.principal.clone(),
@@ -164,7 +164,7 @@ impl Session {
                 self.spawn_call(id, Box::pin(fut), token, deadline, limit, None);
             }
             Operation::Extension { name, payload } => {
-                let Some(ext) = self.shared.registry.extensions.get(&name) else {
+                let Some(ext) = self.shared.defs.registry.extensions.get(&name) else {
                     let msg = format!("no extension named \"{}\"", sanitize(&name));
                     return self.refuse(
                         Some(id),
@@ -214,8 +214,8 @@ impl Session {
     /// An invoke: a native function, else a script function.
     fn invoke(&mut self, id: u64, function: String, args: Vec<Value>, limit: Duration) {
         let now = self.shared.abuse.clock.now();
-        if let Some(f) = self.shared.registry.functions.get(&function) {
-            let guards = &self.shared.registry.guards;
+        if let Some(f) = self.shared.defs.registry.functions.get(&function) {
+            let guards = &self.shared.defs.registry.guards;
             let guard = if guards.is_empty() {
                 None
             } else {
@@ -229,7 +229,12 @@ impl Session {
             self.spawn_call(id, fut, token, deadline, limit, permit);
             return;
         }
-        let entry = self.shared.scripts.as_ref().and_then(|s| s.get(&function));
+        let entry = self
+            .shared
+            .defs
+            .scripts
+            .as_ref()
+            .and_then(|s| s.get(&function));
         let Some(entry) = entry else {
             self.audit_refusal("invoke", Some(&function), ErrorCode::FunctionNotFound);
             let msg = format!("no function named \"{}\"", sanitize(&function));
@@ -241,10 +246,10 @@ impl Session {
         };
         let (ctx, token, deadline) = self.context(limit);
         drop(ctx);
-        let Some(scripts) = self.shared.scripts.as_ref() else {
+        let Some(scripts) = self.shared.defs.scripts.as_ref() else {
             return;
         };
-        let constants = self.shared.registry.constants();
+        let constants = self.shared.defs.registry.constants();
         match scripts
             .runtime
             .call(&entry.function, args, constants, deadline)
