@@ -29,8 +29,8 @@ use crate::abuse::{Admitted, Counter};
 use crate::audit::{self};
 use crate::function::SessionFacts;
 use crate::outbox::Outbox;
-use crate::server::Shared;
 use crate::session::Session;
+use crate::shared::Shared;
 
 mod auth_exchange;
 

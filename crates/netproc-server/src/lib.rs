@@ -63,6 +63,7 @@ mod scripts;
 mod server;
 mod session;
 mod sessions;
+mod shared;
 mod state;
 
 // The public interface.
@@ -75,8 +76,9 @@ pub use options::{
     AuthControls, BucketControls, ConnectionControls, InvalidOption, PrincipalSource,
     RequestControls, ServerOptions, SessionControls,
 };
-pub use server::{ReloadSource, Server, ServerBuilder, ServerHandle};
+pub use server::{Server, ServerBuilder, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};
+pub use shared::ReloadSource;
 
 /// For the fuzz targets under `fuzz/` only (feature `fuzzing`): feeds
 /// `data` to the authentication exchange as a first frame. Not API.

@@ -8,8 +8,9 @@ use netproc_pki::{Crl, Identity, TrustAnchors};
 use netproc_wire::ErrorCode;
 
 use crate::error::{ReloadError, ServerError};
-use crate::server::{ServerHandle, Shared};
+use crate::server::ServerHandle;
 use crate::sessions::SessionSelector;
+use crate::shared::Shared;
 
 impl ServerHandle {
     /// Reloads from the [`reload_source`](ServerBuilder::reload_source):

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -30,83 +30,7 @@ use crate::liveness::{Liveness, LivenessEvent};
 use crate::options::{InvalidOption, ServerOptions};
 use crate::scripts::Definitions;
 use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
-
-/// State shared by the accept loop and every session.
-pub(crate) struct Shared {
-    pub(crate) name: String,
-    pub(crate) abuse: Abuse,
-    /// The TLS configuration in force: swapped whole on reload, read at
-    /// each accept (so new handshakes use new material at once).
-    pub(crate) tls: arc_swap::ArcSwap<rustls::ServerConfig>,
-    /// The TLS options, kept for reloads.
-    pub(crate) tls_options: TlsOptions,
-    /// Where reloads read new material from.
-    pub(crate) reload_source: Option<ReloadSource>,
-    /// Natives, constants, run-time definitions and the state database.
-    pub(crate) defs: Arc<Definitions>,
-    pub(crate) authenticator: Arc<dyn Authenticator>,
-    pub(crate) sessions: SessionTable,
-    pub(crate) liveness: crate::liveness::LivenessTracker,
-    pub(crate) started: Instant,
-    next_session_id: AtomicU64,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tracker: TaskTracker,
-}
-
-impl Shared {
-    pub(crate) fn next_session_id(&self) -> u64 {
-        self.next_session_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The settings in force (they can change at run time), for a short
-    /// synchronous read.
-    pub(crate) fn options(&self) -> arc_swap::Guard<Arc<ServerOptions>> {
-        self.abuse.options()
-    }
-
-    /// The settings in force, to hold across awaits (once per connection).
-    pub(crate) fn options_arc(&self) -> Arc<ServerOptions> {
-        arc_swap::Guard::into_inner(self.abuse.options())
-    }
-
-    /// Validates and applies new settings.
-    pub(crate) fn set_options(&self, options: ServerOptions) -> Result<(), InvalidOption> {
-        options.validate()?;
-        self.abuse.set_options(options);
-        Ok(())
-    }
-
-    pub(crate) fn close_sessions_inner(
-        &self,
-        selector: &SessionSelector,
-        reason: ErrorCode,
-    ) -> usize {
-        let message = match reason {
-            ErrorCode::DisconnectedByAdmin => "disconnected by an administrator".to_owned(),
-            ErrorCode::CredentialRevoked => "the credential was revoked".to_owned(),
-            ref other => format!("session closed: {other}"),
-        };
-        let revoking = matches!(
-            reason,
-            ErrorCode::CredentialRevoked | ErrorCode::CertificateExpired
-        );
-        let n = self
-            .sessions
-            .signal(Some(selector), &Control::Close { reason, message });
-        if revoking {
-            for _ in 0..n {
-                self.abuse
-                    .count(crate::abuse::Counter::sessions_revoked_count);
-            }
-        }
-        n
-    }
-}
-
-/// Reads fresh TLS material for a reload (and may reload other sources,
-/// such as a key store file, as a side effect). Runs on a blocking thread.
-pub type ReloadSource =
-    Arc<dyn Fn() -> Result<(Identity, TrustAnchors, Vec<Crl>), String> + Send + Sync>;
+use crate::shared::{ReloadSource, Shared};
 
 /// Entry point: [`Server::builder`].
 #[derive(Debug)]
@@ -577,20 +501,6 @@ impl ServerHandle {
     /// sessions were selected.
     pub fn close_sessions(&self, selector: &SessionSelector, reason: ErrorCode) -> usize {
         self.inner.shared.close_sessions_inner(selector, reason)
-    }
-}
-
-impl Shared {
-    /// The counters and gauges, with the liveness counts.
-    pub(crate) fn metrics(&self) -> AbuseMetrics {
-        let mut m = self
-            .abuse
-            .snapshot(self.sessions.len(), self.sessions.in_flight());
-        let (online, unstable, offline) = self.liveness.counts();
-        m.online_principal_count = online as u64;
-        m.unstable_principal_count = unstable as u64;
-        m.offline_principal_count = offline as u64;
-        m
     }
 }
 

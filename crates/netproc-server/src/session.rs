@@ -31,8 +31,8 @@ use crate::audit::{self};
 use crate::frames::{READ_CHUNK, error_msg};
 use crate::function::SessionFacts;
 use crate::outbox::Outbox;
-use crate::server::Shared;
 use crate::sessions::Control;
+use crate::shared::Shared;
 use gate::Gate;
 
 type CallFuture = BoxFuture<'static, (u64, Outcome)>;

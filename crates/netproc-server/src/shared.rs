@@ -1,0 +1,107 @@
+//! The state every part of a running server shares: settings and abuse
+//! controls, TLS configuration, definitions, the authenticator, the
+//! session table, liveness, shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use netproc_auth::Authenticator;
+use netproc_pki::{Crl, Identity, TlsOptions, TrustAnchors};
+use netproc_wire::ErrorCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::abuse::{Abuse, AbuseMetrics};
+use crate::options::{InvalidOption, ServerOptions};
+use crate::scripts::Definitions;
+use crate::sessions::{Control, SessionSelector, SessionTable};
+
+/// Reads fresh TLS material for a reload (and may reload other sources,
+/// such as a key store file, as a side effect). Runs on a blocking thread.
+pub type ReloadSource =
+    Arc<dyn Fn() -> Result<(Identity, TrustAnchors, Vec<Crl>), String> + Send + Sync>;
+
+/// State shared by the accept loop and every session.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) abuse: Abuse,
+    /// The TLS configuration in force: swapped whole on reload, read at
+    /// each accept (so new handshakes use new material at once).
+    pub(crate) tls: arc_swap::ArcSwap<rustls::ServerConfig>,
+    /// The TLS options, kept for reloads.
+    pub(crate) tls_options: TlsOptions,
+    /// Where reloads read new material from.
+    pub(crate) reload_source: Option<ReloadSource>,
+    /// Natives, constants, run-time definitions and the state database.
+    pub(crate) defs: Arc<Definitions>,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) sessions: SessionTable,
+    pub(crate) liveness: crate::liveness::LivenessTracker,
+    pub(crate) started: Instant,
+    pub(crate) next_session_id: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl Shared {
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The settings in force (they can change at run time), for a short
+    /// synchronous read.
+    pub(crate) fn options(&self) -> arc_swap::Guard<Arc<ServerOptions>> {
+        self.abuse.options()
+    }
+
+    /// The settings in force, to hold across awaits (once per connection).
+    pub(crate) fn options_arc(&self) -> Arc<ServerOptions> {
+        arc_swap::Guard::into_inner(self.abuse.options())
+    }
+
+    /// Validates and applies new settings.
+    pub(crate) fn set_options(&self, options: ServerOptions) -> Result<(), InvalidOption> {
+        options.validate()?;
+        self.abuse.set_options(options);
+        Ok(())
+    }
+
+    pub(crate) fn close_sessions_inner(
+        &self,
+        selector: &SessionSelector,
+        reason: ErrorCode,
+    ) -> usize {
+        let message = match reason {
+            ErrorCode::DisconnectedByAdmin => "disconnected by an administrator".to_owned(),
+            ErrorCode::CredentialRevoked => "the credential was revoked".to_owned(),
+            ref other => format!("session closed: {other}"),
+        };
+        let revoking = matches!(
+            reason,
+            ErrorCode::CredentialRevoked | ErrorCode::CertificateExpired
+        );
+        let n = self
+            .sessions
+            .signal(Some(selector), &Control::Close { reason, message });
+        if revoking {
+            for _ in 0..n {
+                self.abuse
+                    .count(crate::abuse::Counter::sessions_revoked_count);
+            }
+        }
+        n
+    }
+
+    /// The counters and gauges, with the liveness counts.
+    pub(crate) fn metrics(&self) -> AbuseMetrics {
+        let mut m = self
+            .abuse
+            .snapshot(self.sessions.len(), self.sessions.in_flight());
+        let (online, unstable, offline) = self.liveness.counts();
+        m.online_principal_count = online as u64;
+        m.unstable_principal_count = unstable as u64;
+        m.offline_principal_count = offline as u64;
+        m
+    }
+}
