@@ -8,6 +8,7 @@ mod compat;
 mod fanout;
 mod identity;
 mod lifecycle;
+mod modules;
 mod negative;
 mod persistence;
 mod protocol;
