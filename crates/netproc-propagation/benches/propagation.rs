@@ -69,10 +69,11 @@ async fn fleet(n: usize, dir: &std::path::Path, trusted: [u8; 32]) -> Fleet {
         let (_, key) = keys
             .create(KeySpec::new("receive_credentials".parse().unwrap()))
             .unwrap();
+        let db = netproc_server::StateDatabase::open(&state).unwrap();
         let target = PropagationTarget::open(
             TargetConfig::new(&name, vec![trusted]),
             Arc::clone(&keys),
-            &state,
+            &db,
         )
         .unwrap();
         let builder = Server::builder(
@@ -81,7 +82,7 @@ async fn fleet(n: usize, dir: &std::path::Path, trusted: [u8; 32]) -> Fleet {
             ca.trust_anchors(),
             Arc::clone(&keys),
         )
-        .state_dir(&state);
+        .state(db);
         let server = target.install(builder).start().await.unwrap();
         server.follow_key_store(&keys);
         client = client.server(
@@ -219,7 +220,7 @@ fn main() {
             PropagationTarget::open(
                 TargetConfig::new("local", vec![Ed25519Key::from_seed(&seed).unwrap().public_key()]),
                 Arc::new(ApiKeyStore::in_memory()),
-                &local_state,
+                &netproc_server::StateDatabase::open(&local_state).unwrap(),
             )
             .unwrap(),
         );

@@ -33,10 +33,11 @@
 //!
 //! // A target: a server's key store and state directory.
 //! let store = Arc::new(ApiKeyStore::in_memory());
+//! let state = netproc_server::StateDatabase::open(dir.path())?;
 //! let target = PropagationTarget::open(
 //!     TargetConfig::new("server_1", vec![signing.public_key()]),
 //!     Arc::clone(&store),
-//!     dir.path(),
+//!     &state,
 //! )?;
 //! let mut transport = LocalTransport::new(); // NetprocTransport over mTLS in production
 //! transport.add(target);

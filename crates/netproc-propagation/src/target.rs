@@ -2,12 +2,11 @@
 //! to its live key store and keeps them, with its cursor, in its state
 //! database.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use netproc_auth::{ApiKeyStore, PropagatedChange, PropagationError};
-use netproc_server::{CallContext, CallError, ExtensionHandler, ServerBuilder};
+use netproc_server::{CallContext, CallError, ExtensionHandler, ServerBuilder, StateDatabase};
 use netproc_wire::{ErrorCode, Privilege};
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -18,8 +17,12 @@ use crate::{Ack, Check, Credential, EventKind, RejectReason, Verifier};
 /// configured otherwise.
 pub const DEFAULT_FRESHNESS: Duration = Duration::from_secs(300);
 
-/// The target's tables, beside the server's own in `netproc.db`.
-const SCHEMA: &str = "
+/// The owner of the target's tables in the server's state database.
+const OWNER: &str = "netproc-propagation.target";
+
+/// The target's tables, beside the server's own, by schema version
+/// (`IF NOT EXISTS`: databases made before versioning already hold them).
+const MIGRATIONS: &[&str] = &["
     CREATE TABLE IF NOT EXISTS propagation_cursor (
         target TEXT PRIMARY KEY,
         seq INTEGER NOT NULL
@@ -33,7 +36,7 @@ const SCHEMA: &str = "
         total INTEGER NOT NULL,
         next_index INTEGER NOT NULL,
         credentials BLOB NOT NULL
-    );";
+    );"];
 
 /// Why a target could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +81,6 @@ impl TargetConfig {
 }
 
 struct State {
-    conn: Connection,
     cursor: u64,
     /// A multi-part snapshot received up to (not including) part `next`.
     partial: Option<Partial>,
@@ -104,7 +106,8 @@ pub struct PropagationTarget {
     name: String,
     store: Arc<ApiKeyStore>,
     state: Mutex<State>,
-    db_path: std::path::PathBuf,
+    /// The server's state database, which holds the target's tables.
+    db: StateDatabase,
 }
 
 impl std::fmt::Debug for PropagationTarget {
@@ -117,77 +120,48 @@ impl std::fmt::Debug for PropagationTarget {
 }
 
 impl PropagationTarget {
-    /// Opens the target's state in `<state_dir>/netproc.db` (the server's
-    /// state database), loads the propagated keys and the cursor it holds
-    /// into `store`, and is ready to receive. Blocking: call it before the
-    /// server starts, or from `spawn_blocking`.
+    /// Opens the target's state in the server's state database (its tables
+    /// registered through [`StateDatabase::migrate`]), loads the propagated
+    /// keys and the cursor it holds into `store`, and is ready to receive.
+    /// Give the same database to the server
+    /// ([`ServerBuilder::state`](netproc_server::ServerBuilder::state)).
+    /// Blocking: call it before the server starts, or from `spawn_blocking`.
     pub fn open(
         config: TargetConfig,
         store: Arc<ApiKeyStore>,
-        state_dir: &Path,
+        db: &StateDatabase,
     ) -> Result<Arc<PropagationTarget>, TargetError> {
         if config.authority_public_keys.is_empty() {
             return Err(TargetError::NoTrustedKey);
         }
-        let path = state_dir.join("netproc.db");
+        let path = db.path().to_owned();
         let db_err = |source| TargetError::Database {
             path: path.clone(),
             source,
         };
-        let conn = open_db(&path).map_err(db_err)?;
-        let cursor: u64 = conn
-            .query_row(
-                "SELECT seq FROM propagation_cursor WHERE target = ?1",
-                params![config.name],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map_err(db_err)?
-            .map_or(0, |s| s.max(0) as u64);
+        db.migrate(OWNER, MIGRATIONS).map_err(db_err)?;
+        let (cursor, rows, snapshot) = db
+            .with_connection(|conn| load(conn, &config.name))
+            .map_err(db_err)?;
         let mut keys = Vec::new();
-        {
-            let mut st = conn
-                .prepare("SELECT id, credential FROM propagated_keys ORDER BY id")
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .map_err(db_err)?;
-            for row in rows {
-                let (id, bytes) = row.map_err(db_err)?;
-                match postcard::from_bytes::<Credential>(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| c.to_key())
-                {
-                    Ok(k) => keys.push(k),
-                    Err(e) => {
-                        tracing::warn!(key = %id, error = %e, "skipping an unreadable propagated key")
-                    }
+        for (id, bytes) in rows {
+            match postcard::from_bytes::<Credential>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.to_key())
+            {
+                Ok(k) => keys.push(k),
+                Err(e) => {
+                    tracing::warn!(key = %id, error = %e, "skipping an unreadable propagated key")
                 }
             }
         }
-        let partial = conn
-            .query_row(
-                "SELECT total, next_index, credentials FROM propagation_snapshot WHERE target = ?1",
-                params![config.name],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(db_err)?
-            .and_then(|(total, next, bytes)| {
-                Some(Partial {
-                    total: u32::try_from(total).ok()?,
-                    next: u32::try_from(next).ok()?,
-                    credentials: postcard::from_bytes(&bytes).ok()?,
-                })
-            });
+        let partial = snapshot.and_then(|(total, next, bytes)| {
+            Some(Partial {
+                total: u32::try_from(total).ok()?,
+                next: u32::try_from(next).ok()?,
+                credentials: postcard::from_bytes(&bytes).ok()?,
+            })
+        });
         // A key configured locally since it was received: the local one wins.
         keys.retain(
             |k| match store.check_propagated(&PropagatedChange::Upsert(k.clone())) {
@@ -214,12 +188,8 @@ impl PropagationTarget {
             freshness: config.freshness,
             name: config.name,
             store,
-            state: Mutex::new(State {
-                conn,
-                cursor,
-                partial,
-            }),
-            db_path: path,
+            state: Mutex::new(State { cursor, partial }),
+            db: db.clone(),
         }))
     }
 
@@ -341,16 +311,13 @@ impl PropagationTarget {
             acks.push(ack);
         }
         if cursor != state.cursor {
-            if let Err(source) = persist(
-                &mut state.conn,
-                &self.name,
-                cursor,
-                &staged,
-                partial.as_ref(),
-            ) {
+            let persisted = self.db.with_connection(|conn| {
+                persist(conn, &self.name, cursor, &staged, partial.as_ref())
+            });
+            if let Err(source) = persisted {
                 tracing::error!(target_name = %self.name, error = %source, "cannot persist propagated keys; nothing applied");
                 return Err(TargetError::Database {
-                    path: self.db_path.clone(),
+                    path: self.db.path().to_owned(),
                     source,
                 });
             }
@@ -443,13 +410,39 @@ fn stage(
     }
 }
 
-fn open_db(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
+/// A stored snapshot in progress: (total, next index, credentials).
+type StoredPartial = (i64, i64, Vec<u8>);
+
+/// What the target keeps: its cursor, the propagated keys (id, encoded
+/// credential) and a snapshot in progress.
+#[allow(clippy::type_complexity)]
+fn load(
+    conn: &mut Connection,
+    name: &str,
+) -> rusqlite::Result<(u64, Vec<(String, Vec<u8>)>, Option<StoredPartial>)> {
+    let cursor: u64 = conn
+        .query_row(
+            "SELECT seq FROM propagation_cursor WHERE target = ?1",
+            params![name],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(0, |s| s.max(0) as u64);
+    let rows = {
+        let mut st = conn.prepare("SELECT id, credential FROM propagated_keys ORDER BY id")?;
+        st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let partial = conn
+        .query_row(
+            "SELECT total, next_index, credentials FROM propagation_snapshot WHERE target = ?1",
+            params![name],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    Ok((cursor, rows, partial))
 }
 
 fn persist(

@@ -79,6 +79,7 @@ pub use options::{
 pub use server::{Server, ServerBuilder, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};
 pub use shared::ReloadSource;
+pub use state::StateDatabase;
 
 /// For the fuzz targets under `fuzz/` only (feature `fuzzing`): feeds
 /// `data` to the authentication exchange as a first frame. Not API.

@@ -13,7 +13,7 @@ use crate::sessions::SessionSelector;
 use crate::shared::Shared;
 
 impl ServerHandle {
-    /// Reloads from the [`reload_source`](ServerBuilder::reload_source):
+    /// Reloads from the [`reload_source`](crate::ServerBuilder::reload_source):
     /// new handshakes use the new material; sessions over newly revoked
     /// certificates end. On error the last good configuration stays.
     pub async fn reload(&self) -> Result<usize, ServerError> {

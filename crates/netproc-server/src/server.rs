@@ -31,6 +31,7 @@ use crate::options::{InvalidOption, ServerOptions};
 use crate::scripts::Definitions;
 use crate::sessions::{Control, SessionInfo, SessionSelector, SessionTable};
 use crate::shared::{ReloadSource, Shared};
+use crate::state::StateDatabase;
 
 /// Entry point: [`Server::builder`].
 #[derive(Debug)]
@@ -64,7 +65,7 @@ impl Server {
             extensions: HashMap::new(),
             clock: Arc::new(SystemClock),
             scripts: None,
-            state_dir: None,
+            state: None,
             reload_source: None,
             errors: Vec::new(),
         }
@@ -87,7 +88,7 @@ pub struct ServerBuilder {
     extensions: HashMap<String, Extension>,
     clock: Arc<dyn Clock>,
     scripts: Option<netproc_script::ScriptRuntime>,
-    state_dir: Option<std::path::PathBuf>,
+    state: Option<StateSource>,
     reload_source: Option<ReloadSource>,
     errors: Vec<ServerError>,
 }
@@ -200,7 +201,15 @@ impl ServerBuilder {
     /// constants) in a SQLite database in `dir` (created if missing), so
     /// they survive restarts. Without it they live in memory.
     pub fn state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
-        self.state_dir = Some(dir.into());
+        self.state = Some(StateSource::Dir(dir.into()));
+        self
+    }
+
+    /// Like [`state_dir`](Self::state_dir), with a state database already
+    /// open — shared with the crates built on the server (credential
+    /// propagation keeps its tables there).
+    pub fn state(mut self, db: StateDatabase) -> Self {
+        self.state = Some(StateSource::Open(db));
         self
     }
 
@@ -281,9 +290,9 @@ impl ServerBuilder {
             &self.crls,
             &self.tls_options,
         )?;
-        let state = match self.state_dir {
+        let state = match self.state {
             None => None,
-            Some(dir) => Some(open_state(dir).await?),
+            Some(source) => Some(open_state(source).await?),
         };
         let listener = TcpListener::bind(self.bind)
             .await
@@ -311,7 +320,7 @@ impl ServerBuilder {
             defs: Arc::new(Definitions {
                 registry: Registry::new(self.functions, guards, self.extensions, self.constants),
                 scripts: self.scripts.map(crate::scripts::Scripts::new),
-                state: state.as_ref().map(|(db, _)| Arc::clone(db)),
+                state: state.as_ref().map(|(db, _)| Arc::clone(&db.db)),
             }),
             authenticator: self.authenticator,
             sessions: SessionTable::default(),
@@ -341,31 +350,39 @@ type Stored = (
     Vec<crate::state::StoredFunction>,
 );
 
+/// Where the state database comes from.
+enum StateSource {
+    /// Opened at start, in this directory.
+    Dir(std::path::PathBuf),
+    /// Opened by the caller.
+    Open(StateDatabase),
+}
+
 /// Opens the state database and reads what it holds, off the runtime threads.
-async fn open_state(
-    dir: std::path::PathBuf,
-) -> Result<(Arc<crate::state::StateDb>, Stored), ServerError> {
-    let path = dir.clone();
-    let state = |source: Box<dyn std::error::Error + Send + Sync>| ServerError::State {
-        path: path.clone(),
-        source,
-    };
-    let opened = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir).map_err(|e| Box::new(e) as Box<_>)?;
-        let db = crate::state::StateDb::open(&dir).map_err(|e| Box::new(e) as Box<_>)?;
+async fn open_state(source: StateSource) -> Result<(StateDatabase, Stored), ServerError> {
+    tokio::task::spawn_blocking(move || {
+        let db = match source {
+            StateSource::Dir(dir) => StateDatabase::open(&dir)?,
+            StateSource::Open(db) => db,
+        };
         let stored = (|| {
             Ok::<_, rusqlite::Error>((
-                db.load_constants()?,
-                db.load_dependencies()?,
-                db.load_functions()?,
+                db.db.load_constants()?,
+                db.db.load_dependencies()?,
+                db.db.load_functions()?,
             ))
         })()
-        .map_err(|e| Box::new(e) as Box<_>)?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((Arc::new(db), stored))
+        .map_err(|e| ServerError::State {
+            path: db.path().to_owned(),
+            source: Box::new(e),
+        })?;
+        Ok((db, stored))
     })
     .await
-    .map_err(|e| state(Box::new(e)))?;
-    opened.map_err(state)
+    .map_err(|e| ServerError::State {
+        path: std::path::PathBuf::new(),
+        source: Box::new(e),
+    })?
 }
 
 /// Applies stored definitions at start (recompiling on a blocking thread).

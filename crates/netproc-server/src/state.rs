@@ -6,8 +6,9 @@
 //! its transaction commits. All access goes through `spawn_blocking`, never
 //! a runtime thread.
 
-use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use netproc_wire::{Value, ValueLimits};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -56,6 +57,7 @@ pub(crate) struct StoredDependency {
 
 pub(crate) struct StateDb {
     conn: Mutex<Connection>,
+    path: PathBuf,
 }
 
 /// Why the state database could not be used.
@@ -64,7 +66,11 @@ pub(crate) type DbResult<T> = Result<T, rusqlite::Error>;
 impl StateDb {
     /// Opens (or creates) `<dir>/netproc.db` and brings its schema up to date.
     pub(crate) fn open(dir: &Path) -> DbResult<StateDb> {
-        let mut conn = Connection::open(dir.join("netproc.db"))?;
+        let path = dir.join("netproc.db");
+        let mut conn = Connection::open(&path)?;
+        // Other owners' work (a delivery's transaction) can hold the write
+        // lock briefly: wait for it rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -92,6 +98,7 @@ impl StateDb {
         }
         Ok(StateDb {
             conn: Mutex::new(conn),
+            path,
         })
     }
 
@@ -213,5 +220,116 @@ impl StateDb {
             }
             Ok(out)
         })
+    }
+}
+
+/// The server's state database: one SQLite file, `<state dir>/netproc.db`,
+/// in WAL mode with `synchronous=NORMAL`, opened once and shared by the
+/// server and the crates built on it. Each owner keeps its own tables and
+/// brings them up to date with [`migrate`](Self::migrate); all access goes
+/// through one connection ([`with_connection`](Self::with_connection)).
+///
+/// Every method blocks on SQLite: call them before the server starts or
+/// from `tokio::task::spawn_blocking`, never on a runtime thread.
+///
+/// ```
+/// use netproc_server::StateDatabase;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let db = StateDatabase::open(dir.path()).unwrap();
+/// db.migrate("example", &["CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)"])
+///     .unwrap();
+/// db.with_connection(|c| c.execute("INSERT INTO notes (text) VALUES ('hi')", []))
+///     .unwrap();
+/// // Steps that already ran are not run again.
+/// db.migrate("example", &["CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)"])
+///     .unwrap();
+/// ```
+#[derive(Clone)]
+pub struct StateDatabase {
+    pub(crate) db: Arc<StateDb>,
+}
+
+impl fmt::Debug for StateDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateDatabase")
+            .field("path", &self.db.path)
+            .finish()
+    }
+}
+
+/// The owner name of the server's own tables (kept in the original
+/// `schema_version` table).
+const SERVER_OWNER: &str = "netproc-server";
+
+impl StateDatabase {
+    /// Opens (or creates) `<dir>/netproc.db` — creating `dir` if needed —
+    /// and brings the server's own tables up to date.
+    pub fn open(dir: &Path) -> Result<StateDatabase, crate::ServerError> {
+        let state = |source: Box<dyn std::error::Error + Send + Sync>| crate::ServerError::State {
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| state(Box::new(e)))?;
+        let db = StateDb::open(dir).map_err(|e| state(Box::new(e)))?;
+        Ok(StateDatabase { db: Arc::new(db) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.db.path
+    }
+
+    /// Brings `owner`'s tables up to date: `steps[i]` is schema version
+    /// `i + 1`; each step that has not run yet runs once, in a transaction
+    /// with the new version. Steps are only ever appended. `owner` names a
+    /// crate or component (`netproc-server` is the server's own).
+    pub fn migrate(&self, owner: &str, steps: &[&str]) -> rusqlite::Result<()> {
+        if owner == SERVER_OWNER {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "{owner} is the server's own schema"
+            )));
+        }
+        self.with_connection(|conn| {
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_versions (
+                    owner TEXT PRIMARY KEY,
+                    version INTEGER NOT NULL
+                )",
+                [],
+            )?;
+            let current: i64 = conn
+                .query_row(
+                    "SELECT version FROM schema_versions WHERE owner = ?1",
+                    params![owner],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            for (i, sql) in steps
+                .iter()
+                .enumerate()
+                .skip(usize::try_from(current).unwrap_or(0))
+            {
+                let tx = conn.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_versions (owner, version) VALUES (?1, ?2)
+                     ON CONFLICT(owner) DO UPDATE SET version = excluded.version",
+                    params![owner, i as i64 + 1],
+                )?;
+                tx.commit()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` with the database's connection (held exclusively for the
+    /// call). A change is durable once `f`'s transaction commits.
+    pub fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.db.with(f)
     }
 }

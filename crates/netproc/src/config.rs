@@ -363,13 +363,17 @@ impl ServerFile {
         let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
         let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
         // Propagation: the target holds received keys in the state directory.
-        let state_dir = self.state_dir.as_ref().map(|d| self.resolve(d));
-        if let Some(dir) = &state_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| err(&format!("state_dir {}: {e}", dir.display())))?;
-        }
-        let target = match (self.propagation.as_ref().filter(|p| p.enabled), &state_dir) {
-            (Some(p), Some(dir)) => {
+        // One state database, shared by the server and the propagation
+        // target (each with its own tables).
+        let state = match self.state_dir.as_ref().map(|d| self.resolve(d)) {
+            Some(dir) => Some(
+                crate::server::StateDatabase::open(&dir)
+                    .map_err(|e| err(&format!("state_dir: {e}")))?,
+            ),
+            None => None,
+        };
+        let target = match (self.propagation.as_ref().filter(|p| p.enabled), &state) {
+            (Some(p), Some(db)) => {
                 let mut target = crate::propagation::TargetConfig::new(
                     p.target_name.clone().unwrap_or_else(|| self.name.clone()),
                     p.public_keys().map_err(|e| err(&e))?,
@@ -378,7 +382,7 @@ impl ServerFile {
                     target.freshness = Duration::from_millis(ms);
                 }
                 Some(
-                    crate::propagation::PropagationTarget::open(target, Arc::clone(&keys), dir)
+                    crate::propagation::PropagationTarget::open(target, Arc::clone(&keys), db)
                         .map_err(|e| err(&e))?,
                 )
             }
@@ -435,8 +439,8 @@ impl ServerFile {
         if let Some(target) = &target {
             builder = target.install(builder);
         }
-        if let Some(dir) = state_dir {
-            builder = builder.state_dir(dir);
+        if let Some(db) = state {
+            builder = builder.state(db);
         }
         Ok((builder, keys))
     }

@@ -86,7 +86,7 @@ fn fleet(names: &[&str]) -> Fleet {
         let t = PropagationTarget::open(
             TargetConfig::new(*n, vec![key.public_key()]),
             Arc::clone(&store),
-            &state,
+            &netproc_server::StateDatabase::open(&state).unwrap(),
         )
         .unwrap();
         local.add(t);
@@ -416,7 +416,7 @@ fn a_snapshot_in_parts_survives_a_restart_between_parts() {
         PropagationTarget::open(
             TargetConfig::new("a", vec![authority.public_key()]),
             store,
-            dir.path(),
+            &netproc_server::StateDatabase::open(dir.path()).unwrap(),
         )
         .unwrap()
     };

@@ -69,10 +69,11 @@ pub(crate) async fn start_node(
             ),
         )
         .unwrap();
+    let db = netproc_server::StateDatabase::open(state).unwrap();
     let target = PropagationTarget::open(
         TargetConfig::new(name, vec![trusted]),
         Arc::clone(&keys),
-        state,
+        &db,
     )
     .unwrap();
     let mut builder = Server::builder(
@@ -81,7 +82,7 @@ pub(crate) async fn start_node(
         pki.ca.trust_anchors(),
         Arc::clone(&keys),
     )
-    .state_dir(state)
+    .state(db)
     .function("whoami", |ctx: CallContext, (): ()| async move {
         Ok::<_, CallError>(ctx.principal().id.clone())
     })
@@ -420,10 +421,11 @@ async fn a_down_target_waits_while_the_others_succeed_then_sync_delivers() {
     let b = {
         let state = dir.path().join("b");
         std::fs::create_dir_all(&state).unwrap();
+        let db = netproc_server::StateDatabase::open(&state).unwrap();
         let target = PropagationTarget::open(
             TargetConfig::new("b", vec![authority.public_key()]),
             Arc::clone(&b_key_store),
-            &state,
+            &db,
         )
         .unwrap();
         let builder = Server::builder(
@@ -433,7 +435,7 @@ async fn a_down_target_waits_while_the_others_succeed_then_sync_delivers() {
             Arc::clone(&b_key_store),
         )
         .bind(b_addr)
-        .state_dir(&state)
+        .state(db)
         .function("whoami", |ctx: CallContext, (): ()| async move {
             Ok::<_, CallError>(ctx.principal().id.clone())
         });
@@ -702,7 +704,7 @@ async fn a_new_target_gets_a_snapshot_and_a_restarted_target_keeps_keys_and_curs
     let restarted = PropagationTarget::open(
         TargetConfig::new("c", vec![authority.public_key()]),
         Arc::new(ApiKeyStore::in_memory()),
-        &state,
+        &netproc_server::StateDatabase::open(&state).unwrap(),
     )
     .unwrap();
     assert_eq!(restarted.cursor(), cursor);

@@ -73,10 +73,11 @@ async fn start_server(
     ))?;
     let dir = state.join(name);
     std::fs::create_dir_all(&dir)?;
+    let db = netproc::server::StateDatabase::open(&dir)?;
     let target = PropagationTarget::open(
         TargetConfig::new(name, vec![authority_key]),
         Arc::clone(&keys),
-        &dir,
+        &db,
     )?;
     let cert = ca.issue(&LeafParams::server(name, ["localhost", "127.0.0.1"]))?;
     let builder = Server::builder(
@@ -85,7 +86,7 @@ async fn start_server(
         ca.trust_anchors(),
         Arc::clone(&keys),
     )
-    .state_dir(dir);
+    .state(db);
     let server = target
         .install(builder)
         .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
