@@ -54,7 +54,7 @@ mod window;
 // The public interface.
 pub use blocklist::{BlockedEntry, Blocklist, BlocklistConfig, FailureRecorded};
 pub use bucket::TokenBucket;
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{AdvanceHook, Clock, ManualClock, SystemClock};
 pub use gate::{Gate, GatePermit};
 pub use ip::ip_key;
 pub use table::{Idle, KeyedTable, TableFull};

@@ -65,6 +65,7 @@ mod session;
 mod sessions;
 mod shared;
 mod state;
+mod time;
 
 // The public interface.
 pub use abuse::AbuseMetrics;

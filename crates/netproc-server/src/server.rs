@@ -313,6 +313,7 @@ impl ServerBuilder {
         let shared = Arc::new(Shared {
             name: self.name,
             liveness: crate::liveness::LivenessTracker::new(Arc::clone(&self.clock)),
+            time: crate::time::Time::new(Arc::clone(&self.clock)),
             abuse: Abuse::new(self.options, self.clock),
             tls: arc_swap::ArcSwap::from_pointee(tls),
             tls_options: self.tls_options,

@@ -73,11 +73,12 @@ impl Session {
         let options = shared.options();
         let sc = &options.session_controls;
         let gate = Gate::new(&shared.abuse);
+        let now = shared.time.now();
         let pings = TokenBucket::new(
             sc.max_pings_per_second,
             Duration::from_secs(1),
             sc.ping_burst,
-            Instant::now(),
+            now,
         );
         Session {
             shared,
@@ -89,7 +90,7 @@ impl Session {
             pings,
             in_flight,
             activity,
-            last_activity: Instant::now(),
+            last_activity: now,
         }
     }
 
@@ -111,15 +112,15 @@ impl Session {
         let options = self.shared.options_arc();
         let budget = options.session_controls.max_outbound_bytes_per_connection as usize;
         let idle = Duration::from_millis(options.session_controls.idle_timeout_ms);
-        let mut idle_timer = pin!(tokio::time::sleep(if idle.is_zero() {
-            Duration::MAX / 4
-        } else {
-            idle
-        }));
+        // Deadlines in the server's clock (a manual clock in tests).
+        let time = self.shared.time.clone();
+        let never = Duration::from_secs(100 * 365 * 86_400);
+        let mut idle_timer =
+            Box::pin(time.sleep_until(time.now() + if idle.is_zero() { never } else { idle }));
         // The session ends when its certificate (if configured) or its
         // credential expires.
         let (expiry, expiry_reason) = self.expiry(options.session_controls.close_on_cert_expiry);
-        let mut expiry_timer = pin!(tokio::time::sleep_until(expiry));
+        let mut expiry_timer = pin!(time.sleep_until(expiry));
         let dead = self.outbox.dead().clone();
         let end = loop {
             let out_full = self.outbox.pending() > budget;
@@ -147,7 +148,7 @@ impl Session {
                     match read {
                         Ok(0) | Err(_) => break End::Now,
                         Ok(_) => {
-                            self.last_activity = Instant::now();
+                            self.last_activity = time.now();
                             self.shared.liveness.touch(&self.activity);
                             if let Some(end) = self.drain_frames(decoder) {
                                 break end;
@@ -167,14 +168,14 @@ impl Session {
                     break End::Now;
                 }
                 () = &mut idle_timer => {
-                    let quiet = self.last_activity.elapsed();
+                    let quiet = time.now().saturating_duration_since(self.last_activity);
                     if !idle.is_zero() && quiet >= idle && self.calls.is_empty() {
                         audit::session_closed(&self.facts, ErrorCode::IdleTimeout);
                         self.close_with(ErrorCode::IdleTimeout, format!("no activity for {} ms", idle.as_millis()));
                         break End::Now;
                     }
                     let next = if quiet >= idle { idle } else { idle - quiet };
-                    idle_timer.as_mut().reset(tokio::time::Instant::now() + next);
+                    idle_timer = Box::pin(time.sleep_until(time.now() + next));
                 }
             }
             // One wake of the writer per batch of work.
@@ -203,11 +204,10 @@ impl Session {
     /// When the session must end on its own: the earlier of the client
     /// certificate's end of validity (if `close_on_cert_expiry`) and the
     /// credential's expiry, with the reason to give.
-    fn expiry(&self, close_on_cert_expiry: bool) -> (tokio::time::Instant, ErrorCode) {
-        let now_wall = SystemTime::now();
-        let now = tokio::time::Instant::now();
-        let until = |t: SystemTime| now + t.duration_since(now_wall).unwrap_or(Duration::ZERO);
-        let far = now + Duration::from_secs(100 * 365 * 86_400);
+    fn expiry(&self, close_on_cert_expiry: bool) -> (Instant, ErrorCode) {
+        let time = &self.shared.time;
+        let until = |t: SystemTime| time.when(t);
+        let far = time.now() + Duration::from_secs(100 * 365 * 86_400);
         let cert = close_on_cert_expiry.then(|| until(self.facts.cert.not_after));
         let key = self.facts.principal.expires_at.map(until);
         match (cert, key) {
@@ -266,7 +266,7 @@ impl Session {
                     }
                 }
                 Ok(ClientMessage::Ping { nonce }) => {
-                    if let Err(retry) = self.pings.try_acquire(Instant::now()) {
+                    if let Err(retry) = self.pings.try_acquire(self.shared.time.now()) {
                         audit::session_closed(&self.facts, ErrorCode::RateLimited);
                         let body = crate::abuse::rate_limited("pings", retry, "too many pings");
                         self.answer_in_flight(ErrorCode::RateLimited, &body.message);

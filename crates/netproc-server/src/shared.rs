@@ -24,6 +24,8 @@ pub type ReloadSource =
 
 /// State shared by the accept loop and every session.
 pub(crate) struct Shared {
+    /// The server's clock, for every session decision and deadline.
+    pub(crate) time: crate::time::Time,
     pub(crate) name: String,
     pub(crate) abuse: Abuse,
     /// The TLS configuration in force: swapped whole on reload, read at

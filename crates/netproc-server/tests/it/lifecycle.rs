@@ -321,3 +321,121 @@ async fn the_client_queues_under_the_announced_limit_and_refuses_past_its_queue(
     }
     assert_eq!((ok, overloaded), (5, 1));
 }
+
+/// Session timers run on the server's clock: with a manual clock, the idle
+/// timeout, the ping bucket and a key's expiry move only when the clock is
+/// advanced — no real sleeps.
+mod manual_clock {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use netproc_auth::{ApiKeyStore, KeySpec};
+    use netproc_limits::ManualClock;
+    use netproc_server::{ServerHandle, ServerOptions};
+    use netproc_wire::{ClientMessage, ErrorCode, ServerMessage};
+
+    use crate::support::*;
+
+    async fn server(
+        pki: &Pki,
+        keys: Arc<ApiKeyStore>,
+        clock: &Arc<ManualClock>,
+        f: impl FnOnce(&mut ServerOptions),
+    ) -> ServerHandle {
+        let mut options = ServerOptions::default();
+        f(&mut options);
+        builder(pki, "s1", keys)
+            .options(options)
+            .clock(Arc::clone(clock) as Arc<dyn netproc_limits::Clock>)
+            .start()
+            .await
+            .unwrap()
+    }
+
+    fn go_away(msg: Option<ServerMessage>) -> ErrorCode {
+        match msg {
+            Some(ServerMessage::GoAway(g)) => g.reason,
+            other => panic!("expected GoAway, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_idle_timeout_follows_the_server_clock() {
+        let pki = Pki::new();
+        let keys = Arc::new(ApiKeyStore::in_memory());
+        let key = key(&keys, "invoke_functions");
+        let clock = Arc::new(ManualClock::new());
+        let server = server(&pki, keys, &clock, |o| {
+            o.session_controls.idle_timeout_ms = 60_000;
+            o.session_controls.unstable_after_ms = 1_000;
+            o.session_controls.offline_after_ms = 2_000;
+        })
+        .await;
+        let mut raw = Raw::connect(&pki, &server).await;
+        raw.auth(&key).await;
+        // Activity at +50 s pushes the deadline to +110 s.
+        clock.advance(Duration::from_secs(50));
+        raw.send(&ClientMessage::Ping { nonce: 1 }).await;
+        assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 1 }));
+        clock.advance(Duration::from_secs(50));
+        raw.send(&ClientMessage::Ping { nonce: 2 }).await;
+        assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 2 }));
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(go_away(raw.recv().await), ErrorCode::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn the_ping_bucket_refills_on_the_server_clock() {
+        let pki = Pki::new();
+        let keys = Arc::new(ApiKeyStore::in_memory());
+        let key = key(&keys, "invoke_functions");
+        let clock = Arc::new(ManualClock::new());
+        let server = server(&pki, keys, &clock, |o| {
+            o.session_controls.max_pings_per_second = 1;
+            o.session_controls.ping_burst = 2;
+        })
+        .await;
+        let mut raw = Raw::connect(&pki, &server).await;
+        raw.auth(&key).await;
+        for round in 0..3u64 {
+            for n in 0..2 {
+                let nonce = round * 10 + n;
+                raw.send(&ClientMessage::Ping { nonce }).await;
+                assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce }));
+            }
+            // However long this takes in real time, the bucket refills only
+            // when the server's clock moves.
+            clock.advance(Duration::from_secs(2));
+        }
+        raw.send(&ClientMessage::Ping { nonce: 100 }).await;
+        raw.send(&ClientMessage::Ping { nonce: 101 }).await;
+        raw.send(&ClientMessage::Ping { nonce: 102 }).await;
+        assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 100 }));
+        assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 101 }));
+        match raw.recv().await {
+            Some(ServerMessage::Error(e)) => assert_eq!(e.code, ErrorCode::RateLimited),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_expiry_ends_the_session_when_the_server_clock_reaches_it() {
+        let pki = Pki::new();
+        let keys = Arc::new(ApiKeyStore::in_memory());
+        let (_, key) = keys
+            .create(
+                KeySpec::new("invoke_functions".parse().unwrap())
+                    .expires_at(SystemTime::now() + Duration::from_secs(600)),
+            )
+            .unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let server = server(&pki, keys, &clock, |_| {}).await;
+        let mut raw = Raw::connect(&pki, &server).await;
+        raw.auth(&key).await;
+        clock.advance(Duration::from_secs(300));
+        raw.send(&ClientMessage::Ping { nonce: 1 }).await;
+        assert_eq!(raw.recv().await, Some(ServerMessage::Pong { nonce: 1 }));
+        clock.advance(Duration::from_secs(301));
+        assert_eq!(go_away(raw.recv().await), ErrorCode::CredentialRevoked);
+    }
+}
