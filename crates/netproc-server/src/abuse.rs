@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::lograte::{LOG_INTERVAL, LogLimiter, MAX_KINDS};
 use crate::options::{BucketControls, ServerOptions};
+use crate::refusal::Refused;
 
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident, )*) => {
@@ -138,27 +139,30 @@ pub(crate) struct Refusal {
     pub(crate) disconnect: bool,
 }
 
-pub(crate) fn rate_limited(scope: &'static str, retry_after: Duration, message: &str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::RateLimited, message).with_details(retry_details(scope, retry_after))
+pub(crate) fn rate_limited(
+    scope: &'static str,
+    retry_after: Duration,
+    message: &'static str,
+) -> ErrorBody {
+    Refused::RateLimited {
+        scope,
+        retry_after,
+        message,
+    }
+    .into_body()
 }
 
-/// `{scope, retry_after_ms}`: the details of every refusal with a retry.
-pub(crate) fn retry_details(scope: &str, retry_after: Duration) -> Value {
-    let ms = u64::try_from(retry_after.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    Value::Map(BTreeMap::from([
-        (
-            "retry_after_ms".to_owned(),
-            Value::Int(i64::try_from(ms).unwrap_or(i64::MAX)),
-        ),
-        ("scope".to_owned(), Value::from(scope)),
-    ]))
-}
-
-pub(crate) fn throttled(retry_after: Duration, message: &str, scope: &'static str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::AuthThrottled, message)
-        .with_details(retry_details(scope, retry_after))
+pub(crate) fn throttled(
+    retry_after: Duration,
+    message: &'static str,
+    scope: &'static str,
+) -> ErrorBody {
+    Refused::AuthThrottled {
+        scope,
+        retry_after,
+        message,
+    }
+    .into_body()
 }
 
 /// A bucket in a shared table, with the settings version it was made under.

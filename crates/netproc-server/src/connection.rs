@@ -35,6 +35,7 @@ use crate::shared::Shared;
 mod auth_exchange;
 
 use crate::frames::{ReadError, error_msg, farewell, read_frame};
+use crate::refusal::Refused;
 use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
 #[cfg(feature = "fuzzing")]
 pub(crate) use auth_exchange::exercise as exercise_auth_exchange;
@@ -109,10 +110,7 @@ pub(crate) async fn run_connection(
     let Some(unauthenticated) = shared.abuse.unauthenticated.try_enter() else {
         shared.abuse.count(Counter::handshake_limited_count);
         connection_refused(&shared, peer, "max_unauthenticated_sessions reached");
-        let msg = error_msg(
-            ErrorCode::HandshakeLimited,
-            "too many unauthenticated sessions",
-        );
+        let msg = ServerMessage::Error(Refused::HandshakeLimited.into_body());
         farewell(&mut wr, msg, pre_limit).await;
         return;
     };
@@ -199,7 +197,7 @@ pub(crate) async fn run_connection(
             );
             let answer = match shared.abuse.auth_failed(peer.ip(), key) {
                 Some(throttled) => ServerMessage::Error(throttled),
-                None => error_msg(ErrorCode::AuthenticationFailed, "authentication failed"),
+                None => ServerMessage::Error(Refused::AuthenticationFailed.into_body()),
             };
             refuse(
                 ErrorCode::AuthenticationFailed,
@@ -260,10 +258,10 @@ pub(crate) async fn run_connection(
     match shared.sessions.register(entry, max_sessions, single_active) {
         None => {
             audit::session_closed(&facts, ErrorCode::TooManySessions);
-            let msg = format!("the principal already has {max_sessions} sessions");
+            let refused = Refused::TooManySessions { max: max_sessions };
             farewell(
                 &mut wr,
-                error_msg(ErrorCode::TooManySessions, msg),
+                ServerMessage::Error(refused.into_body()),
                 post_limit,
             )
             .await;

@@ -58,6 +58,7 @@ mod lograte;
 
 mod options;
 mod outbox;
+mod refusal;
 mod reload;
 mod scripts;
 mod server;

@@ -6,11 +6,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use netproc_wire::{
-    EncodeError, ErrorBody, ErrorCode, FrameError, Outcome, Response, ServerMessage, Value,
-};
+use netproc_wire::{EncodeError, FrameError, Outcome, Response, ServerMessage};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
+
+use crate::refusal::Refused;
 use tokio_util::sync::CancellationToken;
 
 /// Beyond this, a buffer's spare capacity is returned to the allocator
@@ -70,19 +70,14 @@ impl Outbox {
             msg.encode(&mut st.buf, self.frame_limit)
             && let ServerMessage::Response(r) = msg
         {
-            let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
-            let details = Value::Map(std::collections::BTreeMap::from([
-                ("limit".to_owned(), int(u64::from(limit))),
-                ("size".to_owned(), int(declared)),
-            ]));
             let replacement = ServerMessage::Response(Response {
                 id: r.id,
                 outcome: Outcome::Err(
-                    ErrorBody::new(
-                        ErrorCode::FrameTooLarge,
-                        "the result is larger than the client's frame limit",
-                    )
-                    .with_details(details),
+                    Refused::ResultTooLarge {
+                        limit,
+                        size: declared,
+                    }
+                    .into_body(),
                 ),
             });
             // A short error always fits.

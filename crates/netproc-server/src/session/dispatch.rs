@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use netproc_auth::{BoxFuture, authorize_privilege};
-use netproc_wire::{ErrorBody, ErrorCode, Operation, Outcome, Request, ServerMessage, Value};
+use netproc_wire::{ErrorCode, Operation, Outcome, Request, ServerMessage, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::gate::Decision;
 use super::{End, Session};
 use crate::audit::{self, sanitize};
 use crate::function::{CallContext, CallError};
+use crate::refusal::Refused;
 
 impl Session {
     /// Carries out a decision of the gate for a frame that did not run:
@@ -323,7 +324,7 @@ impl Session {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_default();
                     tracing::error!(session_id = facts.session_id, request_id = id, panic = %what, "a function panicked");
-                    Outcome::Err(ErrorBody::new(ErrorCode::Internal, "internal error"))
+                    Outcome::Err(Refused::Internal.into_body())
                 }
             };
             let mut guarded = AssertUnwindSafe(fut).catch_unwind();
@@ -333,15 +334,12 @@ impl Session {
             }
             let outcome = tokio::select! {
                 biased;
-                () = token.cancelled() => Outcome::Err(ErrorBody::new(ErrorCode::Cancelled, "the call was cancelled")),
+                () = token.cancelled() => Outcome::Err(Refused::Cancelled.into_body()),
                 r = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), guarded) => match r {
                     Ok(r) => finished(r),
                     Err(_) => {
                         token.cancel();
-                        Outcome::Err(ErrorBody::new(
-                            ErrorCode::Timeout,
-                            format!("the call did not finish within {} ms", limit.as_millis()),
-                        ))
+                        Outcome::Err(Refused::CallTimeout { limit }.into_body())
                     }
                 },
             };

@@ -10,16 +10,16 @@
 //! per-connection refusal budget; without one it is answered `rate_limited`
 //! (scope `refusals`) instead.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use netproc_auth::{Principal, authorize};
 use netproc_limits::TokenBucket;
-use netproc_wire::{ErrorBody, ErrorCode, Operation, Value};
+use netproc_wire::{ErrorBody, ErrorCode, Operation};
 
 use crate::abuse::{Abuse, Counter, new_bucket};
 use crate::options::ServerOptions;
+use crate::refusal::Refused;
 
 /// An answer the session sends for a refused frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,13 +90,8 @@ impl Gate {
             return refused;
         }
         if let Err(denied) = authorize(principal, op) {
-            return self.refuse(
-                abuse,
-                options,
-                Some(id),
-                ErrorCode::InsufficientPrivileges,
-                denied.to_string(),
-            );
+            let body = Refused::InsufficientPrivileges(denied.to_string()).into_body();
+            return self.refuse_with(abuse, options, Some(id), body);
         }
         let rc = &options.request_controls;
         if in_flight >= rc.max_in_flight_requests_per_connection as usize {
@@ -121,7 +116,7 @@ impl Gate {
             // The client gave the call no time at all.
             return Decision::Answer(Reply {
                 id: Some(id),
-                body: ErrorBody::new(ErrorCode::Timeout, "the request's deadline is 0 ms"),
+                body: Refused::ZeroDeadline.into_body(),
             });
         }
         let server_limit = Duration::from_millis(rc.request_timeout_ms);
@@ -146,17 +141,7 @@ impl Gate {
             self.last_id = Some(id);
             return Ok(());
         }
-        let message = if id == 0 {
-            "request ids start at 1".to_owned()
-        } else {
-            format!("request id {id} is not above the previous id {last}")
-        };
-        let int = |n: u64| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
-        let details = Value::Map(BTreeMap::from([
-            ("id".to_owned(), int(id)),
-            ("last_id".to_owned(), int(last)),
-        ]));
-        let body = ErrorBody::new(ErrorCode::InvalidRequest, message).with_details(details);
+        let body = Refused::InvalidRequestId { id, last_id: last }.into_body();
         Err(self.refuse_with(abuse, options, None, body))
     }
 
@@ -224,6 +209,7 @@ mod tests {
     use std::sync::Arc;
 
     use netproc_limits::ManualClock;
+    use netproc_wire::Value;
 
     use super::*;
 
