@@ -101,8 +101,7 @@ impl Session {
                 Outcome::Ok(shared.abuse.options_value())
             }
             Operation::SetLimits { limits } => {
-                let applied = netproc_wire::from_value::<crate::ServerOptions>(limits)
-                    .map_err(|e| format!("invalid limits: {e}"))
+                let applied = parse_limits(limits)
                     .and_then(|o| shared.set_options(o).map_err(|e| e.to_string()));
                 match applied {
                     Ok(()) => {
@@ -127,4 +126,33 @@ struct ServerInfoReply<'a> {
     protocol_version: u32,
     uptime_ms: u64,
     sessions: usize,
+}
+
+/// The limits of a `set_limits` request, in the shape `get_limits` returns,
+/// validated: the error names the field.
+fn parse_limits(limits: Value) -> Result<crate::ServerOptions, String> {
+    let options = netproc_wire::from_value::<crate::ServerOptions>(limits)
+        .map_err(|e| format!("invalid limits: {e}"))?;
+    options.validate().map_err(|e| e.to_string())?;
+    Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use netproc_wire::to_value;
+
+    use super::*;
+
+    #[test]
+    fn set_limits_takes_what_get_limits_gives_and_names_a_bad_field() {
+        let mut o = crate::ServerOptions::default();
+        o.request_controls.per_ip.burst_tokens = 7;
+        let parsed = parse_limits(to_value(&o).unwrap()).unwrap();
+        assert_eq!(parsed, o);
+        o.request_controls.per_ip.interval_ms = 0;
+        let err = parse_limits(to_value(&o).unwrap()).unwrap_err();
+        assert!(err.contains("request_controls.per_ip.interval_ms"), "{err}");
+        let err = parse_limits(Value::from("no")).unwrap_err();
+        assert!(err.starts_with("invalid limits"), "{err}");
+    }
 }
