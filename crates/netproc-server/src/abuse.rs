@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use netproc_limits::{
     Blocklist, BlocklistConfig, Clock, Gate, GatePermit, KeyedTable, SlidingWindow, TokenBucket,
     ip_key,
@@ -16,7 +15,7 @@ use netproc_wire::{ErrorBody, ErrorCode, Value, to_value};
 use serde::Serialize;
 
 use crate::lograte::{LOG_INTERVAL, LogLimiter, MAX_KINDS};
-use crate::options::{BucketControls, ServerOptions};
+use crate::options::{BucketControls, ServerOptions, Settings};
 use crate::refusal::Refused;
 
 macro_rules! counters {
@@ -195,8 +194,8 @@ pub(crate) struct Admitted {
 /// The server's abuse-control state.
 pub(crate) struct Abuse {
     pub(crate) clock: Arc<dyn Clock>,
-    options: ArcSwap<ServerOptions>,
-    version: AtomicU64,
+    /// The server's settings, read here, owned by the server.
+    settings: Arc<Settings>,
     sockets: Gate,
     handshakes: Gate,
     pub(crate) unauthenticated: Gate,
@@ -232,7 +231,8 @@ fn blocklist_config(o: &ServerOptions) -> BlocklistConfig {
 }
 
 impl Abuse {
-    pub(crate) fn new(options: ServerOptions, clock: Arc<dyn Clock>) -> Abuse {
+    pub(crate) fn new(settings: Arc<Settings>, clock: Arc<dyn Clock>) -> Abuse {
+        let options = settings.load_full();
         let c = &options.connection_controls;
         let tracked_ips = c.max_tracked_ips as usize;
         let tracked_keys = options.auth_controls.max_tracked_api_keys as usize;
@@ -254,8 +254,7 @@ impl Abuse {
             request_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             auth_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             connection_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
-            version: AtomicU64::new(0),
-            options: ArcSwap::from_pointee(options),
+            settings,
             clock,
         }
     }
@@ -263,12 +262,12 @@ impl Abuse {
     /// The settings in force. A guard, not a clone: reading it on the
     /// request path touches no reference count shared between connections.
     pub(crate) fn options(&self) -> arc_swap::Guard<Arc<ServerOptions>> {
-        self.options.load()
+        self.settings.load()
     }
 
-    /// Replaces the settings at run time (already validated). Caps and
+    /// Follows new settings (already validated, not yet in force): caps and
     /// windows apply at once; buckets are reconfigured on their next use.
-    pub(crate) fn set_options(&self, options: ServerOptions) {
+    pub(crate) fn reconfigure(&self, options: &ServerOptions) {
         let c = &options.connection_controls;
         self.sockets.set_max(c.max_concurrent_sockets as usize);
         self.handshakes
@@ -282,13 +281,11 @@ impl Abuse {
                 Duration::from_millis(c.global_connection_window_ms),
                 c.global_max_new_connections_per_window,
             );
-        self.blocklist.reconfigure(blocklist_config(&options));
-        self.options.store(Arc::new(options));
-        self.version.fetch_add(1, Ordering::AcqRel);
+        self.blocklist.reconfigure(blocklist_config(options));
     }
 
     pub(crate) fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+        self.settings.version()
     }
 
     pub(crate) fn count(&self, c: Counter) {
@@ -726,7 +723,10 @@ mod tests {
     #[test]
     fn made_up_key_ids_at_default_sizes_lock_no_valid_key_out() {
         let clock = Arc::new(ManualClock::new());
-        let abuse = Abuse::new(ServerOptions::default(), clock.clone());
+        let abuse = Abuse::new(
+            Arc::new(Settings::new(ServerOptions::default())),
+            clock.clone(),
+        );
         let store = ApiKeyStore::in_memory();
         let (admin, _) = store
             .create(KeySpec::new("admin_privileges".parse().unwrap()))
@@ -756,7 +756,10 @@ mod tests {
     #[test]
     fn a_spray_of_v6_prefixes_at_default_sizes_locks_no_new_address_out() {
         let clock = Arc::new(ManualClock::new());
-        let abuse = Abuse::new(ServerOptions::default(), clock.clone());
+        let abuse = Abuse::new(
+            Arc::new(Settings::new(ServerOptions::default())),
+            clock.clone(),
+        );
         let store = ApiKeyStore::in_memory();
         let (user, _) = store
             .create(KeySpec::new("invoke_functions".parse().unwrap()))
@@ -776,7 +779,10 @@ mod tests {
     #[test]
     fn a_known_key_that_fails_is_blocked_on_its_own_window() {
         let clock = Arc::new(ManualClock::new());
-        let abuse = Abuse::new(ServerOptions::default(), clock.clone());
+        let abuse = Abuse::new(
+            Arc::new(Settings::new(ServerOptions::default())),
+            clock.clone(),
+        );
         let store = ApiKeyStore::in_memory();
         let (victim, _) = store
             .create(KeySpec::new("invoke_functions".parse().unwrap()))

@@ -517,6 +517,47 @@ impl ServerOptions {
     }
 }
 
+/// The settings in force, swappable at run time, with a version that
+/// per-connection and per-key buckets follow (they are reconfigured on
+/// their next use after a change). Owned by the server; the abuse layer
+/// and the sessions read it through an `Arc`.
+pub(crate) struct Settings {
+    current: arc_swap::ArcSwap<ServerOptions>,
+    version: std::sync::atomic::AtomicU64,
+}
+
+impl Settings {
+    pub(crate) fn new(options: ServerOptions) -> Settings {
+        Settings {
+            current: arc_swap::ArcSwap::from_pointee(options),
+            version: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The settings in force. A guard, not a clone: reading it on the
+    /// request path touches no reference count shared between connections.
+    pub(crate) fn load(&self) -> arc_swap::Guard<std::sync::Arc<ServerOptions>> {
+        self.current.load()
+    }
+
+    /// The settings in force, to hold across awaits.
+    pub(crate) fn load_full(&self) -> std::sync::Arc<ServerOptions> {
+        self.current.load_full()
+    }
+
+    /// Replaces the settings (already validated) and bumps the version.
+    pub(crate) fn replace(&self, options: ServerOptions) {
+        self.current.store(std::sync::Arc::new(options));
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Incremented by each change.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

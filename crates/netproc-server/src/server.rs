@@ -310,11 +310,13 @@ impl ServerBuilder {
             .into_iter()
             .map(|(name, limits)| (name, FunctionGuard::new(&limits, now)))
             .collect();
+        let settings = Arc::new(crate::options::Settings::new(self.options));
         let shared = Arc::new(Shared {
+            abuse: Abuse::new(Arc::clone(&settings), Arc::clone(&self.clock)),
+            settings,
             name: self.name,
             liveness: crate::liveness::LivenessTracker::new(Arc::clone(&self.clock)),
             time: crate::time::Time::new(Arc::clone(&self.clock)),
-            abuse: Abuse::new(self.options, self.clock),
             tls: arc_swap::ArcSwap::from_pointee(tls),
             tls_options: self.tls_options,
             reload_source: self.reload_source,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::abuse::{Abuse, AbuseMetrics};
-use crate::options::{InvalidOption, ServerOptions};
+use crate::options::{InvalidOption, ServerOptions, Settings};
 use crate::scripts::Definitions;
 use crate::sessions::{Control, SessionSelector, SessionTable};
 
@@ -24,6 +24,8 @@ pub type ReloadSource =
 
 /// State shared by the accept loop and every session.
 pub(crate) struct Shared {
+    /// The settings in force (also read by the abuse layer).
+    pub(crate) settings: Arc<Settings>,
     /// The server's clock, for every session decision and deadline.
     pub(crate) time: crate::time::Time,
     pub(crate) name: String,
@@ -54,18 +56,20 @@ impl Shared {
     /// The settings in force (they can change at run time), for a short
     /// synchronous read.
     pub(crate) fn options(&self) -> arc_swap::Guard<Arc<ServerOptions>> {
-        self.abuse.options()
+        self.settings.load()
     }
 
     /// The settings in force, to hold across awaits (once per connection).
     pub(crate) fn options_arc(&self) -> Arc<ServerOptions> {
-        arc_swap::Guard::into_inner(self.abuse.options())
+        self.settings.load_full()
     }
 
-    /// Validates and applies new settings.
+    /// Validates and applies new settings: the abuse layer's caps and
+    /// windows follow at once, buckets on their next use.
     pub(crate) fn set_options(&self, options: ServerOptions) -> Result<(), InvalidOption> {
         options.validate()?;
-        self.abuse.set_options(options);
+        self.abuse.reconfigure(&options);
+        self.settings.replace(options);
         Ok(())
     }
 

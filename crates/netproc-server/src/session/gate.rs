@@ -225,7 +225,10 @@ mod tests {
         let mut options = ServerOptions::default();
         f(&mut options);
         let clock = Arc::new(ManualClock::new());
-        let abuse = Abuse::new(options, clock.clone());
+        let abuse = Abuse::new(
+            Arc::new(crate::options::Settings::new(options)),
+            clock.clone(),
+        );
         let gate = Gate::new(&abuse);
         let principal = Principal::new("k1", "invoke_functions".parse().unwrap()).with_key("k1", 1);
         Bench {
