@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::authority::AuthorityError;
+use crate::types::AuthorityError;
 
 /// Jobs in one transaction, at most.
 const MAX_JOBS_PER_COMMIT: usize = 512;

@@ -63,16 +63,20 @@
 
 mod authority;
 mod db;
+mod delivery;
 mod event;
+mod store;
 mod target;
 mod transport;
+mod types;
 mod wire;
 
-pub use authority::{
-    Authority, AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DeliveryState,
-    Ensured, SyncReport, TargetDelivery, TargetState, TargetSync,
-};
+pub use authority::Authority;
 pub use transport::{LocalTransport, NetprocTransport, Transport, TransportError};
+pub use types::{
+    AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DeliveryState, Ensured,
+    SyncReport, TargetDelivery, TargetState, TargetSync,
+};
 
 pub use event::{
     Ack, Check, Credential, EncodeError, Event, EventKind, RejectReason, SignedEvent, Verifier,

@@ -1,0 +1,253 @@
+//! The authority's public types: configuration, specs, errors, reports.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use netproc_auth::{ApiKey, CertBinding, PrivilegeSet};
+
+/// What went wrong in an authority operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthorityError {
+    /// No credential with this id.
+    #[error("no credential with id {0:?}")]
+    UnknownCredential(String),
+    /// No target with this name.
+    #[error("no target named {0:?}")]
+    UnknownTarget(String),
+    /// The credential or its targets are not valid.
+    #[error("invalid credential: {0}")]
+    Invalid(String),
+    /// The credential is an Ed25519 key: it has no secret to rotate.
+    #[error("credential {0} is an Ed25519 key; register a new public key with ensure instead")]
+    NotAnApiKey(String),
+    /// The database failed; nothing was changed.
+    #[error("authority database: {0}")]
+    Database(String),
+    /// The authority is shutting down.
+    #[error("the authority is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for AuthorityError {
+    fn from(e: rusqlite::Error) -> Self {
+        AuthorityError::Database(e.to_string())
+    }
+}
+
+/// How an authority runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AuthorityConfig {
+    /// The SQLite database file (created if missing).
+    pub database: PathBuf,
+    /// The targets' names, as the transport knows them. A name seen for
+    /// the first time gets a snapshot first.
+    pub targets: Vec<String>,
+    /// Targets delivered to at once, at most (16).
+    pub max_concurrent_deliveries: usize,
+    /// How long one delivery may take before it counts as failed (5 s).
+    pub delivery_timeout: Duration,
+    /// The first retry delay after a failure (200 ms); doubles per failure,
+    /// with jitter, up to `max_backoff` (60 s).
+    pub base_backoff: Duration,
+    /// The longest retry delay.
+    pub max_backoff: Duration,
+    /// How often [`Authority::run`] looks for work written by another
+    /// process (250 ms), and how often it probes every target's cursor (60 s).
+    pub poll_interval: Duration,
+    /// See `poll_interval`.
+    pub probe_interval: Duration,
+    /// A snapshot larger than this (encoded credentials, bytes) is sent in
+    /// parts (512 KiB; a part must fit the server's frame limit, 1 MiB by
+    /// default).
+    pub snapshot_part_bytes: usize,
+}
+
+impl AuthorityConfig {
+    /// Defaults for a database at `database` and these targets.
+    pub fn new(database: impl Into<PathBuf>, targets: Vec<String>) -> AuthorityConfig {
+        AuthorityConfig {
+            database: database.into(),
+            targets,
+            max_concurrent_deliveries: 16,
+            delivery_timeout: Duration::from_secs(5),
+            base_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(250),
+            probe_interval: Duration::from_secs(60),
+            snapshot_part_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// What a credential should be: [`Authority::ensure`]'s input.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CredentialSpec {
+    /// The key id: 1 to 64 characters of `[a-z0-9-]`.
+    pub id: String,
+    /// For an Ed25519 credential, its public key; `None` for an API key
+    /// (whose secret the authority generates).
+    pub ed25519_public_key: Option<[u8; 32]>,
+    /// Its privileges.
+    pub privileges: PrivilegeSet,
+    /// If set, the only functions it may call.
+    pub functions: Option<BTreeSet<String>>,
+    /// If set, the certificate it must be presented over.
+    pub binding: Option<CertBinding>,
+    /// If set, when it stops working.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl CredentialSpec {
+    /// An API key with id `id` and these privileges.
+    pub fn api_key(id: impl Into<String>, privileges: PrivilegeSet) -> CredentialSpec {
+        CredentialSpec {
+            id: id.into(),
+            ed25519_public_key: None,
+            privileges,
+            functions: None,
+            binding: None,
+            expires_at: None,
+        }
+    }
+
+    /// An Ed25519 key with id `id`, this public key and these privileges.
+    pub fn ed25519(
+        id: impl Into<String>,
+        public_key: [u8; 32],
+        privileges: PrivilegeSet,
+    ) -> CredentialSpec {
+        CredentialSpec {
+            ed25519_public_key: Some(public_key),
+            ..CredentialSpec::api_key(id, privileges)
+        }
+    }
+
+    /// Restricts the functions it may call.
+    pub fn functions<I: IntoIterator<Item = S>, S: Into<String>>(mut self, f: I) -> Self {
+        self.functions = Some(f.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Binds it to a certificate.
+    pub fn binding(mut self, binding: CertBinding) -> Self {
+        self.binding = Some(binding);
+        self
+    }
+
+    /// Makes it expire.
+    pub fn expires_at(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+}
+
+/// What [`Authority::ensure`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Ensured {
+    /// The credential was created.
+    pub created: bool,
+    /// Something changed (false: it was already as asked; nothing is sent).
+    pub changed: bool,
+    /// A new API key's only copy, when one was created.
+    pub api_key: Option<ApiKey>,
+}
+
+/// Where one credential stands on one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryState {
+    /// Waiting to be sent.
+    Pending,
+    /// Being delivered now.
+    Sent,
+    /// The target holds the latest change.
+    Success,
+    /// The last attempt failed.
+    Error {
+        /// Why (a transport error, or the target's rejection reason).
+        reason: String,
+        /// Failed attempts in a row.
+        attempts: u32,
+        /// When the last attempt was made.
+        last_attempt: Option<SystemTime>,
+    },
+}
+
+/// One target's row in [`Authority::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetDelivery {
+    /// The target.
+    pub target: String,
+    /// Where the credential stands there.
+    pub state: DeliveryState,
+}
+
+/// One target as [`Authority::targets`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetState {
+    /// Its name.
+    pub name: String,
+    /// The last `seq` it acknowledged.
+    pub acked_seq: u64,
+    /// The last `seq` allocated for it.
+    pub last_seq: u64,
+    /// Events waiting for it.
+    pub pending_events: u64,
+    /// It gets a snapshot next.
+    pub snapshot_needed: bool,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// One credential as [`Authority::credentials`] lists it (never a secret
+/// or its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CredentialInfo {
+    /// The key id.
+    pub id: String,
+    /// `api_key` or `ed25519`.
+    pub kind: &'static str,
+    /// Its generation.
+    pub generation: u64,
+    /// Its privilege names.
+    pub privileges: Vec<String>,
+    /// The targets it is on.
+    pub targets: Vec<String>,
+}
+
+/// One target's outcome in a [`SyncReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetSync {
+    /// The target.
+    pub target: String,
+    /// Events it acknowledged in this sync.
+    pub delivered: usize,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// What [`Authority::sync`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncReport {
+    /// Per target.
+    pub targets: Vec<TargetSync>,
+}
+
+impl SyncReport {
+    /// Every target answered.
+    pub fn all_ok(&self) -> bool {
+        self.targets.iter().all(|t| t.error.is_none())
+    }
+}
