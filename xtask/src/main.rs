@@ -2,24 +2,29 @@
 //!
 //! - `cargo xtask pki [--out DIR] [--force]`: write the dev PKI, with its
 //!   negative fixtures, to `fixtures/pki` (or DIR).
+//! - `cargo xtask check-modules`: each documented crate's module graph is
+//!   the one `docs/ARCHITECTURE.md` lists, with no import cycle.
 //! - `cargo xtask fuzz <target> <seconds>`: run one cargo-fuzz target
 //!   (installs cargo-fuzz if missing; sets `RUSTC_BOOTSTRAP=1` so its nightly
 //!   flags work on the stable toolchain).
 
 mod dev_pki;
+mod modules;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage:
   cargo xtask pki [--out DIR] [--force]   write the dev PKI (default DIR: fixtures/pki)
-  cargo xtask fuzz <target> <seconds>     run a fuzz target (targets: frame_decoder, message_decode)";
+  cargo xtask check-modules               check the documented module graphs (docs/ARCHITECTURE.md)
+  cargo xtask fuzz <target> <seconds>     run a fuzz target (targets: frame_decoder, message_decode, auth_exchange)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("pki") => pki(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("check-modules") => modules::check(&workspace_root()),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

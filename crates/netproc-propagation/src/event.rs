@@ -279,7 +279,7 @@ impl Verifier {
         ) {
             return reject(RejectReason::BadSignature);
         }
-        let event: Event = match crate::wire::decode_exact(&signed.body) {
+        let event: Event = match decode_exact(&signed.body) {
             Ok(e) => e,
             Err(_) => return reject(RejectReason::Malformed),
         };
@@ -304,4 +304,17 @@ impl Verifier {
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Decodes a `T` that must use all of `bytes`: postcard's `from_bytes`
+/// ignores trailing bytes, every decoder of peer bytes here refuses them.
+pub(crate) fn decode_exact<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+) -> Result<T, postcard::Error> {
+    let (value, rest) = postcard::take_from_bytes(bytes)?;
+    if rest.is_empty() {
+        Ok(value)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
 }

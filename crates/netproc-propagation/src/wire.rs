@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::decode_exact;
 use crate::{Ack, SignedEvent};
 
 /// The extension operation's name.
@@ -62,18 +63,5 @@ impl DeliveryReply {
     /// Decodes a reply; trailing bytes are an error.
     pub fn decode(bytes: &[u8]) -> Result<DeliveryReply, postcard::Error> {
         decode_exact(bytes)
-    }
-}
-
-/// Decodes a `T` that must use all of `bytes`: postcard's `from_bytes`
-/// ignores trailing bytes, every decoder of peer bytes here refuses them.
-pub(crate) fn decode_exact<T: for<'de> Deserialize<'de>>(
-    bytes: &[u8],
-) -> Result<T, postcard::Error> {
-    let (value, rest) = postcard::take_from_bytes(bytes)?;
-    if rest.is_empty() {
-        Ok(value)
-    } else {
-        Err(postcard::Error::DeserializeBadEncoding)
     }
 }

@@ -8,7 +8,6 @@ mod compat;
 mod fanout;
 mod identity;
 mod lifecycle;
-mod modules;
 mod negative;
 mod persistence;
 mod protocol;
