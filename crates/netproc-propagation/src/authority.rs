@@ -18,6 +18,8 @@ pub(crate) struct Inner {
     pub(crate) db: Db,
     pub(crate) key: Ed25519Key,
     pub(crate) transport: Arc<dyn Transport>,
+    /// The next delivery's correlation id.
+    pub(crate) correlation: std::sync::atomic::AtomicU64,
     pub(crate) config: AuthorityConfig,
 
     /// One delivery at a time per target (one lock per configured target).
@@ -72,6 +74,7 @@ impl Authority {
                 db,
                 key: signing_key,
                 transport,
+                correlation: std::sync::atomic::AtomicU64::new(1),
                 config,
 
                 delivering,

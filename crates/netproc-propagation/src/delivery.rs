@@ -11,6 +11,7 @@ use rusqlite::params;
 
 use crate::authority::Authority;
 use crate::store::*;
+use crate::transport::{Outgoing, TransportError};
 use crate::types::*;
 use crate::wire::{Delivery, DeliveryReply};
 use crate::{Event, EventKind, sign};
@@ -143,13 +144,20 @@ impl Authority {
                 Ok(Err(e)) => return (delivered, Some(e)),
                 Err(e) => return (delivered, Some(e.to_string())),
             };
-            let answer = tokio::time::timeout(
-                self.inner.config.delivery_timeout,
-                self.inner.transport.deliver(name, request),
-            )
-            .await;
+            let timeout = self.inner.config.delivery_timeout;
+            let correlation_id = self
+                .inner
+                .correlation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let outgoing = Outgoing::new(name, correlation_id, request, timeout);
+            let answer =
+                tokio::time::timeout(timeout, self.inner.transport.deliver(outgoing)).await;
             let reply = match answer {
-                Err(_) => Err("delivery timed out".to_owned()),
+                Err(_) => Err(TransportError::TimedOut {
+                    target: name.to_owned(),
+                    after: timeout,
+                }
+                .to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Ok(Ok(bytes)) => {
                     DeliveryReply::decode(&bytes).map_err(|e| format!("unreadable reply: {e}"))

@@ -72,7 +72,7 @@ mod types;
 mod wire;
 
 pub use authority::Authority;
-pub use transport::{LocalTransport, NetprocTransport, Transport, TransportError};
+pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
 pub use types::{
     AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DeliveryState, Ensured,
     SyncReport, TargetDelivery, TargetState, TargetSync,

@@ -1,10 +1,17 @@
 //! How deliveries reach targets. The authority and the target only see
 //! bytes in and bytes out, so another carrier (a message broker) is one
 //! more implementation of [`Transport`].
+//!
+//! What a broker needs is in the seam: each [`Outgoing`] delivery is
+//! addressed to a target and carries a correlation id, so an answer that
+//! comes later and out of band (on a reply queue) finds its request; and a
+//! timeout, after which the authority drops the delivery's future — the
+//! transport then forgets the correlation id (clean up on `Drop`) — and
+//! records [`TransportError::TimedOut`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use netproc_auth::BoxFuture;
 use netproc_client::Client;
@@ -13,20 +20,91 @@ use netproc_wire::{Operation, Value};
 use crate::target::PropagationTarget;
 use crate::wire::{Delivery, EXTENSION};
 
-/// A delivery did not get an answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct TransportError(pub String);
+/// One delivery on its way to a target.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Outgoing {
+    /// The target's name, as the transport knows it.
+    pub target: String,
+    /// Unique among one authority process's deliveries: an answer carries
+    /// it back, so it finds its request even late or out of order.
+    pub correlation_id: u64,
+    /// The encoded [`Delivery`].
+    pub request: Vec<u8>,
+    /// How long the authority waits for the answer before it drops the
+    /// delivery's future and records [`TransportError::TimedOut`].
+    pub timeout: Duration,
+}
 
-/// Carries one encoded [`Delivery`] to a named target and brings back its
+impl Outgoing {
+    /// A delivery of `request` to `target`.
+    pub fn new(
+        target: impl Into<String>,
+        correlation_id: u64,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Outgoing {
+        Outgoing {
+            target: target.into(),
+            correlation_id,
+            request,
+            timeout,
+        }
+    }
+}
+
+/// A delivery did not get an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The transport knows no target of this name.
+    #[error("no target named {0:?}")]
+    UnknownTarget(String),
+    /// The delivery could not be made or was refused on the way.
+    #[error("delivery to {target} failed: {source}")]
+    Failed {
+        /// The target.
+        target: String,
+        /// Why (a client error, a broker error…).
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// No answer within the delivery's timeout.
+    #[error("delivery to {target} timed out: no answer within {} ms", after.as_millis())]
+    TimedOut {
+        /// The target.
+        target: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// An answer came, but it is not a delivery reply.
+    #[error("delivery to {target}: the answer is not a delivery reply: {reason}")]
+    BadReply {
+        /// The target.
+        target: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+impl TransportError {
+    /// A failed delivery to `target`, for `source`.
+    pub fn failed(
+        target: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> TransportError {
+        TransportError::Failed {
+            target: target.into(),
+            source: Arc::from(source.into()),
+        }
+    }
+}
+
+/// Carries one encoded [`Delivery`] to its target and brings back the
 /// encoded [`DeliveryReply`](crate::DeliveryReply).
 pub trait Transport: Send + Sync + 'static {
-    /// Delivers `request` to `target`.
-    fn deliver<'a>(
-        &'a self,
-        target: &'a str,
-        request: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>>;
+    /// Delivers `delivery`. The future may be dropped (past the timeout):
+    /// an implementation then forgets the delivery's correlation id.
+    fn deliver<'a>(&'a self, delivery: Outgoing) -> BoxFuture<'a, Result<Vec<u8>, TransportError>>;
 }
 
 /// The direct transport: netproc's own mTLS channel. The authority is a
@@ -46,24 +124,25 @@ impl NetprocTransport {
 }
 
 impl Transport for NetprocTransport {
-    fn deliver<'a>(
-        &'a self,
-        target: &'a str,
-        request: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+    fn deliver<'a>(&'a self, delivery: Outgoing) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
         Box::pin(async move {
+            let target = delivery.target;
             let server = self
                 .client
-                .server(target)
-                .map_err(|e| TransportError(e.to_string()))?;
+                .server(&target)
+                .map_err(|_| TransportError::UnknownTarget(target.clone()))?;
             let op = Operation::Extension {
                 name: EXTENSION.into(),
-                payload: request,
+                payload: delivery.request,
             };
+            // The answer is the call's own response: no correlation needed.
             match server.execute(op).await {
                 Ok(Value::Bytes(reply)) => Ok(reply),
-                Ok(_) => Err(TransportError("the target's reply is not bytes".into())),
-                Err(e) => Err(TransportError(e.to_string())),
+                Ok(_) => Err(TransportError::BadReply {
+                    target,
+                    reason: "not bytes".into(),
+                }),
+                Err(e) => Err(TransportError::failed(target, e)),
             }
         })
     }
@@ -89,23 +168,21 @@ impl LocalTransport {
 }
 
 impl Transport for LocalTransport {
-    fn deliver<'a>(
-        &'a self,
-        target: &'a str,
-        request: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+    fn deliver<'a>(&'a self, delivery: Outgoing) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
         Box::pin(async move {
+            let target = delivery.target;
             let t = self
                 .targets
-                .get(target)
-                .ok_or_else(|| TransportError(format!("no target named {target:?}")))?;
-            let delivery = Delivery::decode(&request).map_err(|e| TransportError(e.to_string()))?;
+                .get(&target)
+                .ok_or_else(|| TransportError::UnknownTarget(target.clone()))?;
+            let request = Delivery::decode(&delivery.request)
+                .map_err(|e| TransportError::failed(target.clone(), e))?;
             let t = Arc::clone(t);
-            tokio::task::spawn_blocking(move || t.deliver(&delivery, SystemTime::now()))
+            tokio::task::spawn_blocking(move || t.deliver(&request, SystemTime::now()))
                 .await
-                .map_err(|e| TransportError(e.to_string()))?
+                .map_err(|e| TransportError::failed(target.clone(), e))?
                 .map(|r| r.encode())
-                .map_err(|e| TransportError(e.to_string()))
+                .map_err(|e| TransportError::failed(target, e))
         })
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use netproc_auth::{ApiKey, ApiKeyStore, BoxFuture, KeySpec};
 use netproc_pki::{CaParams, CertIdentity, CertificateAuthority, Ed25519Key, LeafParams};
 use netproc_propagation::{
-    Authority, AuthorityConfig, CredentialSpec, DeliveryState, LocalTransport, PropagationTarget,
-    TargetConfig, Transport, TransportError,
+    Authority, AuthorityConfig, CredentialSpec, DeliveryState, LocalTransport, Outgoing,
+    PropagationTarget, TargetConfig, Transport, TransportError,
 };
 use proptest::prelude::*;
 
@@ -38,29 +38,26 @@ struct Lossy {
 }
 
 impl Transport for Lossy {
-    fn deliver<'a>(
-        &'a self,
-        target: &'a str,
-        request: Vec<u8>,
-    ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+    fn deliver<'a>(&'a self, delivery: Outgoing) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
         Box::pin(async move {
+            let target = delivery.target.clone();
             let fate = self
                 .fate
                 .lock()
                 .unwrap()
-                .get(target)
+                .get(&target)
                 .copied()
                 .unwrap_or(Fate::Deliver);
             self.last
                 .lock()
                 .unwrap()
-                .insert(target.to_owned(), request.clone());
+                .insert(target.clone(), delivery.request.clone());
             match fate {
-                Fate::DropRequest => Err(TransportError("request lost".into())),
-                Fate::Deliver => self.inner.deliver(target, request).await,
+                Fate::DropRequest => Err(TransportError::failed(target, "request lost")),
+                Fate::Deliver => self.inner.deliver(delivery).await,
                 Fate::DropReply => {
-                    self.inner.deliver(target, request).await?;
-                    Err(TransportError("reply lost".into()))
+                    self.inner.deliver(delivery).await?;
+                    Err(TransportError::failed(target, "reply lost"))
                 }
             }
         })
@@ -321,7 +318,9 @@ async fn run_ops(ops: Vec<Op>) {
                     .get(TARGETS[target])
                     .cloned();
                 if let Some(request) = last {
-                    let _ = f.transport.inner.deliver(TARGETS[target], request).await;
+                    let outgoing =
+                        Outgoing::new(TARGETS[target], 0, request, Duration::from_secs(5));
+                    let _ = f.transport.inner.deliver(outgoing).await;
                 }
             }
         }
@@ -614,4 +613,55 @@ async fn a_target_far_behind_gets_a_snapshot_instead_of_its_backlog() {
                 .is_ok()
         );
     }
+}
+
+/// The transport seam: each delivery carries its own correlation id, and a
+/// delivery with no answer within the timeout is dropped (the transport
+/// forgets it) and recorded as timed out.
+#[tokio::test]
+async fn a_delivery_without_an_answer_times_out_and_is_dropped() {
+    struct Dropped(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    #[derive(Default)]
+    struct Silent {
+        dropped: Arc<std::sync::atomic::AtomicUsize>,
+        ids: Mutex<Vec<u64>>,
+    }
+    impl Transport for Silent {
+        fn deliver<'a>(
+            &'a self,
+            delivery: Outgoing,
+        ) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+            self.ids.lock().unwrap().push(delivery.correlation_id);
+            let guard = Dropped(Arc::clone(&self.dropped));
+            Box::pin(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                unreachable!()
+            })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let silent = Arc::new(Silent::default());
+    let mut config = AuthorityConfig::new(dir.path().join("authority.db"), vec!["a".into()]);
+    config.delivery_timeout = Duration::from_millis(50);
+    let authority = Authority::open(
+        config,
+        Ed25519Key::generate().unwrap(),
+        Arc::clone(&silent) as Arc<dyn Transport>,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let report = authority.sync().await;
+        let error = report.targets[0].error.clone().unwrap_or_default();
+        assert!(error.contains("timed out"), "{report:?}");
+    }
+    let ids = silent.ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(ids[0], ids[1], "correlation ids are unique");
+    assert_eq!(silent.dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use netproc_auth::{ApiKey, ApiKeyStore, CertBinding, KeySpec, PrivilegeSet};
 use netproc_client::{Client, ClientError, ServerEndpoint, ServerRef};
 use netproc_pki::{CaParams, CertificateAuthority, Ed25519Key, IssuedCert, LeafParams};
+use netproc_propagation::TransportError;
 use netproc_propagation::{
     Ack, Authority, AuthorityConfig, Credential, CredentialSpec, Delivery, DeliveryReply,
     DeliveryState, EXTENSION, Event, EventKind, NetprocTransport, PropagationTarget, RejectReason,
@@ -592,13 +593,21 @@ async fn delivery_needs_receive_credentials() {
     );
     let transport = NetprocTransport::new(client);
     let err = transport
-        .deliver("a", Delivery::default().encode())
+        .deliver(netproc_propagation::Outgoing::new(
+            "a",
+            1,
+            Delivery::default().encode(),
+            Duration::from_secs(5),
+        ))
         .await
         .unwrap_err();
+    // The cause is kept, typed: the client's insufficient_privileges.
     assert!(
-        err.0.contains("requires privilege \"receive_credentials\""),
+        err.to_string()
+            .contains("requires privilege \"receive_credentials\""),
         "{err}"
     );
+    assert!(matches!(err, TransportError::Failed { .. }), "{err:?}");
     // admin_privileges also satisfies it.
     let admin = start_node(
         &pki,
@@ -618,7 +627,12 @@ async fn delivery_needs_receive_credentials() {
         )],
     );
     let reply = NetprocTransport::new(client)
-        .deliver("b", Delivery::default().encode())
+        .deliver(netproc_propagation::Outgoing::new(
+            "b",
+            2,
+            Delivery::default().encode(),
+            Duration::from_secs(5),
+        ))
         .await
         .unwrap();
     assert_eq!(DeliveryReply::decode(&reply).unwrap().cursor, 0);
