@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::types::AuthorityError;
+use crate::types::{AuthorityError, DatabaseError};
 
 /// Jobs in one transaction, at most.
 const MAX_JOBS_PER_COMMIT: usize = 512;
@@ -64,7 +64,7 @@ struct Job {
     /// Runs inside the shared transaction; `false` rolls its savepoint back.
     work: Box<dyn FnOnce(&Connection) -> bool + Send>,
     /// Answers the caller once the commit's outcome is known.
-    finish: Box<dyn FnOnce(Option<String>) + Send>,
+    finish: Box<dyn FnOnce(Option<DatabaseError>) + Send>,
 }
 
 pub(crate) struct Db {
@@ -76,8 +76,9 @@ impl Db {
     /// Registers `targets` that the database does not know yet (each gets
     /// a snapshot first).
     pub(crate) fn open(path: &Path, targets: &[String]) -> Result<Db, AuthorityError> {
-        let db_err =
-            |e: rusqlite::Error| AuthorityError::Database(format!("{}: {e}", path.display()));
+        let db_err = |e: rusqlite::Error| {
+            AuthorityError::Database(DatabaseError::new(path.display().to_string(), e))
+        };
         let conn = Connection::open(path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -98,7 +99,7 @@ impl Db {
             .name("netproc-authority-db".into())
             .spawn(move || actor(&conn, &rx))
             .map_err(|e| {
-                AuthorityError::Database(format!("cannot start the database thread: {e}"))
+                AuthorityError::Database(DatabaseError::new("cannot start the database thread", e))
             })?;
         Ok(Db {
             jobs: Mutex::new(tx),
@@ -125,7 +126,10 @@ impl Db {
                 let out = match (commit_error, r) {
                     (Some(e), _) => Err(AuthorityError::Database(e)),
                     (None, Some(r)) => r,
-                    (None, None) => Err(AuthorityError::Database("the change did not run".into())),
+                    (None, None) => Err(AuthorityError::Database(DatabaseError::new(
+                        "",
+                        "the change did not run",
+                    ))),
                 };
                 let _ = tx.send(out);
             }),
@@ -149,18 +153,18 @@ fn actor(conn: &Connection, rx: &mpsc::Receiver<Job>) {
             }
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let e = e.to_string();
+            let e = DatabaseError::new("begin", e);
             for j in jobs {
                 (j.finish)(Some(e.clone()));
             }
             continue;
         }
         let mut finishers = Vec::with_capacity(jobs.len());
-        let mut failed: Option<String> = None;
+        let mut failed: Option<DatabaseError> = None;
         for j in jobs {
             if failed.is_none() {
                 if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                    failed = Some(e.to_string());
+                    failed = Some(DatabaseError::new("", e));
                 } else {
                     let ok = (j.work)(conn);
                     let end = if ok {
@@ -169,7 +173,7 @@ fn actor(conn: &Connection, rx: &mpsc::Receiver<Job>) {
                         "ROLLBACK TO job; RELEASE job"
                     };
                     if let Err(e) = conn.execute_batch(end) {
-                        failed = Some(e.to_string());
+                        failed = Some(DatabaseError::new("", e));
                     }
                 }
             }
@@ -177,7 +181,9 @@ fn actor(conn: &Connection, rx: &mpsc::Receiver<Job>) {
         }
         let outcome = match failed {
             Some(e) => Err(e),
-            None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+            None => conn
+                .execute_batch("COMMIT")
+                .map_err(|e| DatabaseError::new("commit", e)),
         };
         if let Err(e) = outcome {
             let _ = conn.execute_batch("ROLLBACK");

@@ -74,8 +74,8 @@ mod wire;
 pub use authority::Authority;
 pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
 pub use types::{
-    AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DeliveryState, Ensured,
-    SyncReport, TargetDelivery, TargetState, TargetSync,
+    AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DatabaseError, DeliveryState,
+    Ensured, SyncReport, TargetDelivery, TargetState, TargetSync,
 };
 
 pub use event::{

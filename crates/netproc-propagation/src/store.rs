@@ -45,11 +45,11 @@ pub(crate) fn valid_target_name(name: &str) -> bool {
 
 pub(crate) fn decode_credential(bytes: &[u8]) -> Result<Credential, AuthorityError> {
     postcard::from_bytes(bytes)
-        .map_err(|e| AuthorityError::Database(format!("unreadable credential: {e}")))
+        .map_err(|e| AuthorityError::Database(DatabaseError::new("unreadable credential", e)))
 }
 
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, AuthorityError> {
-    postcard::to_stdvec(v).map_err(|e| AuthorityError::Database(e.to_string()))
+    postcard::to_stdvec(v).map_err(|e| AuthorityError::Database(DatabaseError::new("", e)))
 }
 
 pub(crate) fn load_credential(
@@ -352,8 +352,9 @@ pub(crate) fn prepare(
             break;
         }
         bytes += kind.len() + 128;
-        let kind: EventKind = postcard::from_bytes(&kind)
-            .map_err(|e| AuthorityError::Database(format!("unreadable queued event: {e}")))?;
+        let kind: EventKind = postcard::from_bytes(&kind).map_err(|e| {
+            AuthorityError::Database(DatabaseError::new("unreadable queued event", e))
+        })?;
         events.push((seq, change_id, kind));
     }
     Ok(Batch { events })

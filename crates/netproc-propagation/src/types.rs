@@ -24,7 +24,7 @@ pub enum AuthorityError {
     NotAnApiKey(String),
     /// The database failed; nothing was changed.
     #[error("authority database: {0}")]
-    Database(String),
+    Database(DatabaseError),
     /// The authority is shutting down.
     #[error("the authority is closed")]
     Closed,
@@ -32,9 +32,55 @@ pub enum AuthorityError {
 
 impl From<rusqlite::Error> for AuthorityError {
     fn from(e: rusqlite::Error) -> Self {
-        AuthorityError::Database(e.to_string())
+        AuthorityError::Database(DatabaseError::new("", e))
     }
 }
+
+/// A failure of the authority's database (or of decoding what it holds),
+/// with its cause kept as the error's source.
+#[derive(Debug, Clone)]
+pub struct DatabaseError {
+    context: String,
+    source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+}
+
+impl DatabaseError {
+    /// `source`, with what was being done (may be empty).
+    pub fn new(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> DatabaseError {
+        DatabaseError {
+            context: context.into(),
+            source: std::sync::Arc::from(source.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for DatabaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.context.is_empty() {
+            write!(f, "{}", self.source)
+        } else {
+            write!(f, "{}: {}", self.context, self.source)
+        }
+    }
+}
+
+impl std::error::Error for DatabaseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Equal when they say the same (the causes are not comparable).
+impl PartialEq for DatabaseError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for DatabaseError {}
 
 /// How an authority runs.
 #[derive(Debug, Clone)]
