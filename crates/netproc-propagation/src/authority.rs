@@ -5,18 +5,17 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use netproc_auth::{ApiKey, valid_key_id};
-use netproc_pki::Ed25519Key;
 use rusqlite::params;
 
-use crate::EventKind;
 use crate::db::Db;
 use crate::store::*;
 use crate::transport::Transport;
 use crate::types::*;
+use crate::{EventKind, Signer};
 
 pub(crate) struct Inner {
     pub(crate) db: Db,
-    pub(crate) key: Ed25519Key,
+    pub(crate) key: Arc<dyn Signer>,
     pub(crate) transport: Arc<dyn Transport>,
     /// The next delivery's correlation id.
     pub(crate) correlation: std::sync::atomic::AtomicU64,
@@ -51,11 +50,13 @@ impl std::fmt::Debug for Authority {
 
 impl Authority {
     /// Opens (or creates) the authority's database and registers the
-    /// configured targets. `signing_key` signs every event; targets must
-    /// trust its public key. Blocking for the open only.
+    /// configured targets. `signer` signs every event (an
+    /// [`Ed25519Key`](netproc_pki::Ed25519Key)
+    /// from a file, or another [`Signer`]); targets must trust its public
+    /// key. Blocking for the open only.
     pub fn open(
         config: AuthorityConfig,
-        signing_key: Ed25519Key,
+        signer: impl Signer,
         transport: Arc<dyn Transport>,
     ) -> Result<Authority, AuthorityError> {
         if let Some(bad) = config.targets.iter().find(|t| !valid_target_name(t)) {
@@ -72,7 +73,7 @@ impl Authority {
         Ok(Authority {
             inner: Arc::new(Inner {
                 db,
-                key: signing_key,
+                key: Arc::new(signer),
                 transport,
                 correlation: std::sync::atomic::AtomicU64::new(1),
                 config,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures_util::StreamExt;
-use netproc_pki::Ed25519Key;
 use rusqlite::params;
 
 use crate::authority::Authority;
@@ -14,7 +13,7 @@ use crate::store::*;
 use crate::transport::{Outgoing, TransportError};
 use crate::types::*;
 use crate::wire::{Delivery, DeliveryReply};
-use crate::{Event, EventKind, sign};
+use crate::{Event, EventKind, Signer, sign};
 
 impl Authority {
     /// Delivers everything pending to every target now (ignoring backoff),
@@ -137,7 +136,7 @@ impl Authority {
             let inner = Arc::clone(&self.inner);
             let target = name.to_owned();
             let signed =
-                tokio::task::spawn_blocking(move || sign_batch(&inner.key, &target, batch.events))
+                tokio::task::spawn_blocking(move || sign_batch(&*inner.key, &target, batch.events))
                     .await;
             let (request, sent) = match signed {
                 Ok(Ok(signed)) => signed,
@@ -200,7 +199,7 @@ pub(crate) type Sent = Vec<(u64, Option<(String, bool)>)>;
 
 /// Signs a batch for `target` now: the encoded request and what it holds.
 pub(crate) fn sign_batch(
-    key: &Ed25519Key,
+    key: &dyn Signer,
     target: &str,
     events: Vec<(u64, u64, EventKind)>,
 ) -> Result<(Vec<u8>, Sent), String> {

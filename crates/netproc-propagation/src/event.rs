@@ -173,13 +173,44 @@ pub struct SignedEvent {
 #[error("cannot encode the event: {0}")]
 pub struct EncodeError(String);
 
-/// Encodes and signs `event` with the authority's key.
-pub fn sign(event: &Event, key: &Ed25519Key) -> Result<SignedEvent, EncodeError> {
+/// What signs an authority's events: a key in a file today
+/// ([`Ed25519Key`]); a hardware key or a KMS later, behind the same seam.
+/// Run one signing key per authority process — several processes each with
+/// their own key, every one trusted by the targets — so a key never has to
+/// be shared between hosts, and one can be removed on its own.
+pub trait Signer: Send + Sync + 'static {
+    /// The Ed25519 public key targets trust for this signer.
+    fn public_key(&self) -> [u8; 32];
+
+    /// An Ed25519 signature (64 bytes) of `message`.
+    fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError>;
+}
+
+/// A signer could not sign (a device or service failed).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("signing failed: {0}")]
+pub struct SignError(pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl Signer for Ed25519Key {
+    fn public_key(&self) -> [u8; 32] {
+        Ed25519Key::public_key(self)
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<[u8; 64], SignError> {
+        Ok(Ed25519Key::sign(self, message))
+    }
+}
+
+/// Encodes and signs `event` with the authority's signer.
+pub fn sign<S: Signer + ?Sized>(event: &Event, signer: &S) -> Result<SignedEvent, EncodeError> {
     let body = postcard::to_stdvec(event).map_err(|e| EncodeError(e.to_string()))?;
-    let signature = key.sign(&signed_bytes(&body)).to_vec();
+    let signature = signer
+        .sign(&signed_bytes(&body))
+        .map_err(|e| EncodeError(e.to_string()))?
+        .to_vec();
     Ok(SignedEvent {
         body,
-        signer: key.public_key(),
+        signer: signer.public_key(),
         signature,
     })
 }

@@ -79,8 +79,8 @@ pub use types::{
 };
 
 pub use event::{
-    Ack, Check, Credential, EncodeError, Event, EventKind, RejectReason, SignedEvent, Verifier,
-    sign,
+    Ack, Check, Credential, EncodeError, Event, EventKind, RejectReason, SignError, SignedEvent,
+    Signer, Verifier, sign,
 };
 pub use target::{DEFAULT_FRESHNESS, PropagationTarget, TargetConfig, TargetError};
 pub use wire::{Delivery, DeliveryReply, EXTENSION, MAX_EVENTS_PER_DELIVERY};

@@ -100,7 +100,7 @@ pub struct AuthorityConfig {
     pub base_backoff: Duration,
     /// The longest retry delay.
     pub max_backoff: Duration,
-    /// How often [`Authority::run`] looks for work written by another
+    /// How often [`Authority::run`](crate::Authority::run) looks for work written by another
     /// process (250 ms), and how often it probes every target's cursor (60 s).
     pub poll_interval: Duration,
     /// See `poll_interval`.
@@ -128,7 +128,7 @@ impl AuthorityConfig {
     }
 }
 
-/// What a credential should be: [`Authority::ensure`]'s input.
+/// What a credential should be: [`Authority::ensure`](crate::Authority::ensure)'s input.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CredentialSpec {
@@ -191,7 +191,7 @@ impl CredentialSpec {
     }
 }
 
-/// What [`Authority::ensure`] did.
+/// What [`Authority::ensure`](crate::Authority::ensure) did.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Ensured {
@@ -224,7 +224,7 @@ pub enum DeliveryState {
     },
 }
 
-/// One target's row in [`Authority::status`].
+/// One target's row in [`Authority::status`](crate::Authority::status).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TargetDelivery {
@@ -234,7 +234,7 @@ pub struct TargetDelivery {
     pub state: DeliveryState,
 }
 
-/// One target as [`Authority::targets`] lists it.
+/// One target as [`Authority::targets`](crate::Authority::targets) lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TargetState {
@@ -254,7 +254,7 @@ pub struct TargetState {
     pub last_error: Option<String>,
 }
 
-/// One credential as [`Authority::credentials`] lists it (never a secret
+/// One credential as [`Authority::credentials`](crate::Authority::credentials) lists it (never a secret
 /// or its hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -283,7 +283,7 @@ pub struct TargetSync {
     pub error: Option<String>,
 }
 
-/// What [`Authority::sync`] did.
+/// What [`Authority::sync`](crate::Authority::sync) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SyncReport {
