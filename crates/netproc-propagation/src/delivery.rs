@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures_util::StreamExt;
-use rusqlite::params;
 
 use crate::authority::Authority;
 use crate::store::*;
@@ -71,18 +70,7 @@ impl Authority {
     /// Configured targets with work to do whose backoff has passed.
     async fn due_targets(&self) -> Result<Vec<String>, AuthorityError> {
         let names = self.inner.config.targets.clone();
-        self.inner
-            .db
-            .run(move |c| {
-                let mut st = c.prepare_cached(
-                    "SELECT name FROM targets t WHERE next_attempt_ms <= ?1 AND (snapshot_needed != 0
-                       OR EXISTS (SELECT 1 FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq))",
-                )?;
-                let rows = st.query_map(params![i64_of(now_ms())], |r| r.get::<_, String>(0))?;
-                let due: Vec<String> = rows.collect::<Result<_, _>>()?;
-                Ok(due.into_iter().filter(|n| names.contains(n)).collect())
-            })
-            .await
+        self.inner.store.due_targets(names, now_ms()).await
     }
 
     async fn deliver_all(&self, names: Vec<String>, probe: bool) -> SyncReport {
@@ -119,12 +107,7 @@ impl Authority {
         for _ in 0..10_000 {
             let target = name.to_owned();
             let part_bytes = self.inner.config.snapshot_part_bytes;
-            let batch = match self
-                .inner
-                .db
-                .run(move |c| prepare(c, &target, part_bytes))
-                .await
-            {
+            let batch = match self.inner.store.prepare(target, part_bytes).await {
                 Ok(b) => b,
                 Err(e) => return (delivered, Some(e.to_string())),
             };
@@ -165,11 +148,7 @@ impl Authority {
             let target = name.to_owned();
             let config = self.inner.config.clone();
 
-            let done = self
-                .inner
-                .db
-                .run(move |c| complete(c, &target, &config, &sent, reply))
-                .await;
+            let done = self.inner.store.complete(target, config, sent, reply).await;
             match done {
                 Ok(Progress {
                     acked,
@@ -192,10 +171,6 @@ impl Authority {
         (delivered, None)
     }
 }
-
-/// What was sent: each event's seq, and its credential id with whether it
-/// was a deletion (`None` for a snapshot).
-pub(crate) type Sent = Vec<(u64, Option<(String, bool)>)>;
 
 /// Signs a batch for `target` now: the encoded request and what it holds.
 pub(crate) fn sign_batch(

@@ -1,13 +1,15 @@
-//! What the authority persists, in SQLite: credentials, targets, per-target
-//! seq and cursor, the outbox, delivery state and snapshots. Every function
-//! runs inside a transaction of the database thread ([`crate::db`]).
+//! What the authority persists — credentials, targets, per-target seq and
+//! cursor, the outbox, delivery state and snapshots — behind the [`Store`]
+//! seam, and its SQLite implementation ([`SqliteStore`]): every function
+//! here runs inside a transaction of the database thread ([`crate::db`]).
 
-use std::collections::BTreeSet;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use netproc_auth::ApiKey;
+use netproc_auth::{ApiKey, BoxFuture};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::db::Db;
 use crate::types::*;
 use crate::wire::DeliveryReply;
 use crate::{Ack, Credential, EventKind, RejectReason};
@@ -529,4 +531,274 @@ pub(crate) fn fail(
         error: Some(reason),
         more: false,
     })
+}
+
+/// What was sent: each event's seq, and its credential id with whether it
+/// was a deletion (`None` for a snapshot).
+pub(crate) type Sent = Vec<(u64, Option<(String, bool)>)>;
+
+/// Everything the authority persists — credentials, targets, per-target seq
+/// and cursor, the outbox, delivery state, snapshots — behind one seam, so
+/// another backend (PostgreSQL) can stand in for SQLite. Every method
+/// commits before it answers; changes that arrive together may share a
+/// commit.
+pub(crate) trait Store: Send + Sync + 'static {
+    /// Creates or updates a credential and its targets (see
+    /// [`Authority::ensure`](crate::Authority::ensure)).
+    fn ensure(
+        &self,
+        spec: CredentialSpec,
+        targets: BTreeSet<String>,
+    ) -> BoxFuture<'_, Result<Ensured, AuthorityError>>;
+    /// Gives an API key a new secret, queued for its targets.
+    fn rotate(
+        &self,
+        id: String,
+        overlap: Option<Duration>,
+    ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>>;
+    /// Removes a credential, queuing its deletion for its targets.
+    fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>>;
+    /// Where credential `id` stands on each target; `in_flight` names the
+    /// targets being delivered to now.
+    fn status(
+        &self,
+        id: String,
+        in_flight: HashSet<String>,
+    ) -> BoxFuture<'_, Result<Vec<TargetDelivery>, AuthorityError>>;
+    /// Every known target's delivery state.
+    fn targets(&self) -> BoxFuture<'_, Result<Vec<TargetState>, AuthorityError>>;
+    /// Every credential, without secrets.
+    fn credentials(&self) -> BoxFuture<'_, Result<Vec<CredentialInfo>, AuthorityError>>;
+    /// Targets among `names` with work to do whose backoff has passed at
+    /// `now_ms`.
+    fn due_targets(
+        &self,
+        names: Vec<String>,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, AuthorityError>>;
+    /// The next batch for `target`: its events, or a snapshot.
+    fn prepare(
+        &self,
+        target: String,
+        part_bytes: usize,
+    ) -> BoxFuture<'_, Result<Batch, AuthorityError>>;
+    /// Records a delivery's outcome (acks, cursor, errors, backoff).
+    fn complete(
+        &self,
+        target: String,
+        config: AuthorityConfig,
+        sent: Sent,
+        reply: Result<DeliveryReply, String>,
+    ) -> BoxFuture<'_, Result<Progress, AuthorityError>>;
+}
+
+/// The embedded store: one SQLite file, one writer thread with group
+/// commit ([`Db`]).
+pub(crate) struct SqliteStore {
+    db: Db,
+}
+
+impl SqliteStore {
+    pub(crate) fn open(
+        path: &std::path::Path,
+        targets: &[String],
+    ) -> Result<SqliteStore, AuthorityError> {
+        Ok(SqliteStore {
+            db: Db::open(path, targets)?,
+        })
+    }
+}
+
+impl Store for SqliteStore {
+    fn ensure(
+        &self,
+        spec: CredentialSpec,
+        targets: BTreeSet<String>,
+    ) -> BoxFuture<'_, Result<Ensured, AuthorityError>> {
+        Box::pin(self.db.run(move |c| ensure_in(c, &spec, &targets)))
+    }
+
+    fn rotate(
+        &self,
+        id: String,
+        overlap: Option<Duration>,
+    ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            let mut cred = load_credential(c, &id)?
+                .ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
+            let Some(old_hash) = cred.secret_sha256 else {
+                return Err(AuthorityError::NotAnApiKey(id.clone()));
+            };
+            let (key, hash) =
+                ApiKey::generate(&id).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
+            cred.previous = overlap.map(|d| {
+                (
+                    old_hash,
+                    cred.generation,
+                    now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                )
+            });
+            cred.secret_sha256 = Some(hash);
+            cred.generation += 1;
+            save_and_send(
+                c,
+                &cred,
+                &credential_targets(c, &id)?,
+                &BTreeSet::new(),
+                true,
+            )?;
+            Ok(key)
+        }))
+    }
+
+    fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            if load_credential(c, &id)?.is_none() {
+                return Err(AuthorityError::UnknownCredential(id.clone()));
+            }
+            let targets = credential_targets(c, &id)?;
+            c.execute("DELETE FROM credentials WHERE id = ?1", params![id])?;
+            c.execute(
+                "DELETE FROM credential_targets WHERE credential_id = ?1",
+                params![id],
+            )?;
+            let change_id = next_change_id(c)?;
+            for t in &targets {
+                enqueue(c, t, change_id, &id, &EventKind::Delete { id: id.clone() })?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn status(
+        &self,
+        id: String,
+        in_flight: HashSet<String>,
+    ) -> BoxFuture<'_, Result<Vec<TargetDelivery>, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT d.target, d.seq, d.error, t.acked_seq, t.attempts, t.last_error, t.last_attempt_ms
+                     FROM delivery d JOIN targets t ON t.name = d.target
+                     WHERE d.credential_id = ?1 ORDER BY d.target",
+                )?;
+                let rows = st.query_map(params![id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        u64_of(r.get(1)?),
+                        r.get::<_, Option<String>>(2)?,
+                        u64_of(r.get(3)?),
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
+                    ))
+                })?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (target, seq, error, acked, attempts, last_error, last_ms) = row?;
+                    let last_attempt = last_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(u64_of(ms)));
+                    let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                    let state = if let Some(reason) = error {
+                        DeliveryState::Error { reason, attempts: attempts.max(1), last_attempt }
+                    } else if acked >= seq {
+                        DeliveryState::Success
+                    } else if in_flight.contains(&target) {
+                        DeliveryState::Sent
+                    } else if let Some(reason) = last_error.filter(|_| attempts > 0) {
+                        DeliveryState::Error { reason, attempts, last_attempt }
+                    } else {
+                        DeliveryState::Pending
+                    };
+                    out.push(TargetDelivery { target, state });
+                }
+                if out.is_empty() && load_credential(c, &id)?.is_none() {
+                    return Err(AuthorityError::UnknownCredential(id.clone()));
+                }
+                Ok(out)
+            }))
+    }
+
+    fn targets(&self) -> BoxFuture<'_, Result<Vec<TargetState>, AuthorityError>> {
+        Box::pin(self.db.run(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT name, acked_seq, next_seq, snapshot_needed, attempts, last_error,
+                       (SELECT COUNT(*) FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq)
+                     FROM targets t ORDER BY name",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok(TargetState {
+                        name: r.get(0)?,
+                        acked_seq: u64_of(r.get(1)?),
+                        last_seq: u64_of(r.get::<_, i64>(2)?.saturating_sub(1)),
+                        snapshot_needed: r.get::<_, i64>(3)? != 0,
+                        attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
+                        last_error: r.get(5)?,
+                        pending_events: u64_of(r.get(6)?),
+                    })
+                })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }))
+    }
+
+    fn credentials(&self) -> BoxFuture<'_, Result<Vec<CredentialInfo>, AuthorityError>> {
+        Box::pin(self.db.run(|c| {
+            let mut st = c.prepare_cached("SELECT id, credential FROM credentials ORDER BY id")?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, bytes) = row?;
+                let cred = decode_credential(&bytes)?;
+                out.push(CredentialInfo {
+                    kind: if cred.ed25519_public_key.is_some() {
+                        "ed25519"
+                    } else {
+                        "api_key"
+                    },
+                    generation: cred.generation,
+                    privileges: cred.privileges,
+                    targets: credential_targets(c, &id)?.into_iter().collect(),
+                    id,
+                });
+            }
+            Ok(out)
+        }))
+    }
+
+    fn due_targets(
+        &self,
+        names: Vec<String>,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT name FROM targets t WHERE next_attempt_ms <= ?1 AND (snapshot_needed != 0
+                       OR EXISTS (SELECT 1 FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq))",
+                )?;
+                let rows = st.query_map(params![i64_of(now_ms)], |r| r.get::<_, String>(0))?;
+                let due: Vec<String> = rows.collect::<Result<_, _>>()?;
+                Ok(due.into_iter().filter(|n| names.contains(n)).collect())
+            }))
+    }
+
+    fn prepare(
+        &self,
+        target: String,
+        part_bytes: usize,
+    ) -> BoxFuture<'_, Result<Batch, AuthorityError>> {
+        Box::pin(self.db.run(move |c| prepare(c, &target, part_bytes)))
+    }
+
+    fn complete(
+        &self,
+        target: String,
+        config: AuthorityConfig,
+        sent: Sent,
+        reply: Result<DeliveryReply, String>,
+    ) -> BoxFuture<'_, Result<Progress, AuthorityError>> {
+        Box::pin(
+            self.db
+                .run(move |c| complete(c, &target, &config, &sent, reply)),
+        )
+    }
 }
