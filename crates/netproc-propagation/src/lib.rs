@@ -65,6 +65,7 @@ mod authority;
 mod db;
 mod delivery;
 mod event;
+mod plan;
 mod store;
 mod target;
 mod transport;

@@ -10,15 +10,10 @@ use netproc_auth::{ApiKey, BoxFuture};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::db::Db;
+use crate::plan::{BATCH_EVENTS, backoff, batch_len, wants_snapshot};
 use crate::types::*;
 use crate::wire::DeliveryReply;
 use crate::{Ack, Credential, EventKind, RejectReason};
-
-/// Events per delivery request, at most.
-pub(crate) const BATCH_EVENTS: usize = 256;
-/// Encoded events per delivery request, at most (the server's default
-/// frame limit after authentication is 1 MiB).
-pub(crate) const BATCH_BYTES: usize = 768 * 1024;
 
 pub(crate) fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
@@ -308,13 +303,14 @@ pub(crate) fn far_behind(c: &Connection, target: &str, acked: u64) -> Result<boo
     let backlog: i64 = c
         .prepare_cached("SELECT COUNT(*) FROM outbox WHERE target = ?1 AND seq > ?2")?
         .query_row(params![target, i64_of(acked)], |r| r.get(0))?;
+    // Short backlogs never get a snapshot: skip counting what it holds.
     if u64_of(backlog) <= BATCH_EVENTS as u64 {
         return Ok(false);
     }
     let held: i64 = c
         .prepare_cached("SELECT COUNT(*) FROM credential_targets WHERE target = ?1")?
         .query_row(params![target], |r| r.get(0))?;
-    Ok(backlog > held)
+    Ok(wants_snapshot(false, u64_of(backlog), u64_of(held)))
 }
 
 /// The next batch for `target`: a snapshot first if it needs one (or is
@@ -336,7 +332,6 @@ pub(crate) fn prepare(
         queue_snapshot(c, target, acked, part_bytes)?;
     }
     let mut events = Vec::new();
-    let mut bytes = 0;
     let after = acked;
     let mut st = c.prepare_cached(
         "SELECT seq, change_id, kind FROM outbox WHERE target = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -348,12 +343,9 @@ pub(crate) fn prepare(
             r.get::<_, Vec<u8>>(2)?,
         ))
     })?;
-    for row in rows {
-        let (seq, change_id, kind) = row?;
-        if bytes + kind.len() > BATCH_BYTES && !events.is_empty() {
-            break;
-        }
-        bytes += kind.len() + 128;
+    let rows = rows.collect::<Result<Vec<_>, _>>()?;
+    let n = batch_len(rows.iter().map(|(_, _, kind)| kind.len()));
+    for (seq, change_id, kind) in rows.into_iter().take(n) {
         let kind: EventKind = postcard::from_bytes(&kind).map_err(|e| {
             AuthorityError::Database(DatabaseError::new("unreadable queued event", e))
         })?;
@@ -513,15 +505,15 @@ pub(crate) fn fail(
     reason: String,
 ) -> Result<Progress, AuthorityError> {
     let attempts = attempts.saturating_add(1);
-    let base = u64::try_from(config.base_backoff.as_millis()).unwrap_or(u64::MAX);
-    let max = u64::try_from(config.max_backoff.as_millis()).unwrap_or(u64::MAX);
-    let delay = base
-        .saturating_mul(1u64 << attempts.min(20).saturating_sub(1))
-        .min(max);
     let mut r = [0u8; 2];
     let _ = netproc_pki::random_bytes(&mut r);
-    let jitter = u64::from(u16::from_le_bytes(r));
-    let delay = delay / 2 + (delay / 2).saturating_mul(jitter) / u64::from(u16::MAX);
+    let delay = backoff(
+        attempts,
+        config.base_backoff,
+        config.max_backoff,
+        u16::from_le_bytes(r),
+    );
+    let delay = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
     c.execute(
         "UPDATE targets SET attempts = ?2, last_error = ?3, last_attempt_ms = ?4, next_attempt_ms = ?5 WHERE name = ?1",
         params![target, i64::from(attempts), reason, i64_of(now), i64_of(now.saturating_add(delay))],
