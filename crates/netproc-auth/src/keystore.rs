@@ -143,6 +143,13 @@ pub struct KeySpec {
     pub single_active_session: Option<bool>,
 }
 
+impl From<PrivilegeSet> for KeySpec {
+    /// A key with these privileges and nothing else.
+    fn from(privileges: PrivilegeSet) -> KeySpec {
+        KeySpec::new(privileges)
+    }
+}
+
 impl KeySpec {
     /// A key with these privileges.
     pub fn new(privileges: PrivilegeSet) -> KeySpec {

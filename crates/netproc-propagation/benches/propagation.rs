@@ -138,7 +138,12 @@ async fn throughput(a: &Authority, target: &str, events: usize, round: usize) ->
         let target = target.to_owned();
         pending.push(tokio::spawn(async move {
             a.ensure(
-                CredentialSpec::api_key(id, "invoke_functions".parse().unwrap()),
+                CredentialSpec::api_key(
+                    id,
+                    "invoke_functions"
+                        .parse::<netproc_auth::PrivilegeSet>()
+                        .unwrap(),
+                ),
                 &[target.as_str()],
             )
             .await
@@ -187,7 +192,7 @@ fn main() {
         let tls = authority(dir.path(), "tls.db", signing, &fleet.names, Arc::new(NetprocTransport::new(fleet.client.clone())));
         let names: Vec<&str> = fleet.names.iter().map(String::as_str).collect();
         let started = Instant::now();
-        tls.ensure(CredentialSpec::api_key("svc", "invoke_functions".parse().unwrap()), &names)
+        tls.ensure(CredentialSpec::api_key("svc", "invoke_functions".parse::<netproc_auth::PrivilegeSet>().unwrap()), &names)
             .await
             .unwrap();
         assert!(tls.sync().await.all_ok());

@@ -104,6 +104,13 @@ impl Authority {
                 spec.id.chars().take(64).collect::<String>()
             )));
         }
+        let k = &spec.key;
+        if k.label.is_some() || k.max_sessions.is_some() || k.single_active_session.is_some() {
+            return Err(AuthorityError::Invalid(
+                "label and session policy are not propagated: set them on a server's own key store"
+                    .into(),
+            ));
+        }
         let wanted: BTreeSet<String> = targets.iter().map(|t| (*t).to_owned()).collect();
         let result = self.inner.store.ensure(spec, wanted).await?;
         if result.changed {

@@ -46,7 +46,7 @@
 //! let config = AuthorityConfig::new(dir.path().join("authority.db"), vec!["server_1".into()]);
 //! let authority = Authority::open(config, signing, Arc::new(transport))?;
 //! let created = authority
-//!     .ensure(CredentialSpec::api_key("billing", "invoke_functions".parse()?), &["server_1"])
+//!     .ensure(CredentialSpec::api_key("billing", "invoke_functions".parse::<netproc_auth::PrivilegeSet>()?), &["server_1"])
 //!     .await?;
 //! let key = created.api_key.expect("a new API key is returned once");
 //! assert!(authority.sync().await.all_ok());

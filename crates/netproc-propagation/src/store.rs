@@ -172,10 +172,15 @@ pub(crate) fn ensure_in(
             c
         }
     };
-    cred.privileges = spec.privileges.names();
-    cred.functions = spec.functions.as_ref().map(|f| f.iter().cloned().collect());
-    cred.binding = spec.binding.as_ref().map(ToString::to_string);
+    cred.privileges = spec.key.privileges.names();
+    cred.functions = spec
+        .key
+        .functions
+        .as_ref()
+        .map(|f| f.iter().cloned().collect());
+    cred.binding = spec.key.binding.as_ref().map(ToString::to_string);
     cred.expires_at = spec
+        .key
         .expires_at
         .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
     let credential_changed = old.as_ref() != Some(&cred);

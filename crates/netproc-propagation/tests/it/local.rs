@@ -665,3 +665,25 @@ async fn a_delivery_without_an_answer_times_out_and_is_dropped() {
     assert_ne!(ids[0], ids[1], "correlation ids are unique");
     assert_eq!(silent.dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// A credential's spec is the key store's own `KeySpec`; what is not
+/// propagated (label, session policy) is refused rather than dropped.
+#[tokio::test]
+async fn what_is_not_propagated_is_refused_not_dropped() {
+    let f = fleet(&["a"]);
+    let spec = CredentialSpec::api_key(
+        "svc",
+        netproc_auth::KeySpec::new(privileges(false)).label("ci"),
+    );
+    match f.authority.ensure(spec, &["a"]).await {
+        Err(netproc_propagation::AuthorityError::Invalid(m)) => {
+            assert!(m.contains("not propagated"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let spec = CredentialSpec::api_key(
+        "svc",
+        netproc_auth::KeySpec::new(privileges(false)).functions(["add"]),
+    );
+    f.authority.ensure(spec, &["a"]).await.unwrap();
+}

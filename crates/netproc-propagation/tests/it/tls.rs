@@ -224,7 +224,14 @@ fn states(status: Vec<netproc_propagation::TargetDelivery>) -> BTreeMap<String, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_rotate_and_revoke_across_three_servers_end_live_sessions() {
     let f = fleet(&["a", "b", "c"]).await;
-    let spec = || CredentialSpec::api_key("billing", "invoke_functions".parse().unwrap());
+    let spec = || {
+        CredentialSpec::api_key(
+            "billing",
+            "invoke_functions"
+                .parse::<netproc_auth::PrivilegeSet>()
+                .unwrap(),
+        )
+    };
     let key = f
         .authority
         .ensure(spec(), &["a", "b", "c"])
@@ -270,7 +277,12 @@ async fn ensure_rotate_and_revoke_across_three_servers_end_live_sessions() {
     // A privilege change ends the sessions too (privileges are fixed per session).
     f.authority
         .ensure(
-            CredentialSpec::api_key("billing", "define_functions".parse().unwrap()),
+            CredentialSpec::api_key(
+                "billing",
+                "define_functions"
+                    .parse::<netproc_auth::PrivilegeSet>()
+                    .unwrap(),
+            ),
             &["a", "b", "c"],
         )
         .await
@@ -319,7 +331,12 @@ async fn a_rotation_with_overlap_keeps_both_secrets_until_the_window_ends() {
     let key = f
         .authority
         .ensure(
-            CredentialSpec::api_key("svc", "invoke_functions".parse().unwrap()),
+            CredentialSpec::api_key(
+                "svc",
+                "invoke_functions"
+                    .parse::<netproc_auth::PrivilegeSet>()
+                    .unwrap(),
+            ),
             &["a"],
         )
         .await
@@ -383,7 +400,12 @@ async fn a_down_target_waits_while_the_others_succeed_then_sync_delivers() {
     );
     let key = authority
         .ensure(
-            CredentialSpec::api_key("svc", "invoke_functions".parse().unwrap()),
+            CredentialSpec::api_key(
+                "svc",
+                "invoke_functions"
+                    .parse::<netproc_auth::PrivilegeSet>()
+                    .unwrap(),
+            ),
             &["a", "b"],
         )
         .await
@@ -646,7 +668,12 @@ async fn a_new_target_gets_a_snapshot_and_a_restarted_target_keeps_keys_and_curs
         let k = f
             .authority
             .ensure(
-                CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap()),
+                CredentialSpec::api_key(
+                    format!("k{i}"),
+                    "invoke_functions"
+                        .parse::<netproc_auth::PrivilegeSet>()
+                        .unwrap(),
+                ),
                 &["a"],
             )
             .await
@@ -687,7 +714,12 @@ async fn a_new_target_gets_a_snapshot_and_a_restarted_target_keeps_keys_and_curs
     for i in 0..4 {
         authority
             .ensure(
-                CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap()),
+                CredentialSpec::api_key(
+                    format!("k{i}"),
+                    "invoke_functions"
+                        .parse::<netproc_auth::PrivilegeSet>()
+                        .unwrap(),
+                ),
                 &["a", "c"],
             )
             .await
@@ -796,7 +828,12 @@ async fn the_authority_survives_kill_9_in_the_middle_of_a_sync() {
         async move {
             authority
                 .ensure(
-                    CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap()),
+                    CredentialSpec::api_key(
+                        format!("k{i}"),
+                        "invoke_functions"
+                            .parse::<netproc_auth::PrivilegeSet>()
+                            .unwrap(),
+                    ),
                     &["a", "b"],
                 )
                 .await
@@ -885,7 +922,13 @@ async fn an_ed25519_credential_travels_as_its_public_key() {
     let f = fleet(&["a"]).await;
     let robot = Arc::new(Ed25519Key::generate().unwrap());
     let spec = |k: &Ed25519Key| {
-        CredentialSpec::ed25519("robot", k.public_key(), "invoke_functions".parse().unwrap())
+        CredentialSpec::ed25519(
+            "robot",
+            k.public_key(),
+            "invoke_functions"
+                .parse::<netproc_auth::PrivilegeSet>()
+                .unwrap(),
+        )
     };
     let made = f.authority.ensure(spec(&robot), &["a"]).await.unwrap();
     assert!(
@@ -945,8 +988,11 @@ async fn a_snapshot_larger_than_a_frame_arrives_in_parts() {
     // About 4,000 × 650 bytes ≈ 2.5 MiB: far over the 1 MiB frame limit.
     let changes = (0..4_000).map(|i| {
         let authority = f.authority.clone();
-        let spec = CredentialSpec::api_key(format!("k{i}"), "invoke_functions".parse().unwrap())
-            .functions(functions.clone());
+        let spec = CredentialSpec::api_key(
+            format!("k{i}"),
+            netproc_auth::KeySpec::new("invoke_functions".parse().unwrap())
+                .functions(functions.clone()),
+        );
         async move { authority.ensure(spec, &["a"]).await.unwrap() }
     });
     // Queued before the target's first delivery, so they travel as its snapshot.

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use netproc::auth::{CertBinding, PrivilegeSet};
+use netproc::auth::{CertBinding, KeySpec, PrivilegeSet};
 use netproc::config::AuthorityFile;
 use netproc::propagation::{Authority, CredentialSpec, DeliveryState};
 use serde_json::json;
@@ -174,29 +174,30 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
         } => {
             let (file, authority) = open(&config)?;
             let privileges: PrivilegeSet = privileges.parse().map_err(usage)?;
-            let mut spec = match ed25519_public_key {
-                Some(pk) => {
-                    let pk: netproc::pki::Fingerprint = pk
-                        .parse()
-                        .map_err(|_| usage("--ed25519-public-key: expected 64 hex digits"))?;
-                    CredentialSpec::ed25519(&id, *pk.as_bytes(), privileges)
-                }
-                None => CredentialSpec::api_key(&id, privileges),
-            };
+            let mut key = KeySpec::new(privileges);
             match (bind_cert, bind) {
                 (Some(f), None) => {
-                    spec = spec.binding(CertBinding::Fingerprint(load_cert(&f)?.fingerprint));
+                    key = key.binding(CertBinding::Fingerprint(load_cert(&f)?.fingerprint));
                 }
-                (None, Some(b)) => spec = spec.binding(b.parse().map_err(usage)?),
+                (None, Some(b)) => key = key.binding(b.parse().map_err(usage)?),
                 (None, None) => {}
                 _ => return Err(usage("give --bind-cert or --bind, not both")),
             }
             if let Some(days) = expires_days {
-                spec = spec.expires_at(SystemTime::now() + Duration::from_secs(days * 86_400));
+                key = key.expires_at(SystemTime::now() + Duration::from_secs(days * 86_400));
             }
             if let Some(f) = functions {
-                spec = spec.functions(list(&f));
+                key = key.functions(list(&f));
             }
+            let spec = match ed25519_public_key {
+                Some(pk) => {
+                    let pk: netproc::pki::Fingerprint = pk
+                        .parse()
+                        .map_err(|_| usage("--ed25519-public-key: expected 64 hex digits"))?;
+                    CredentialSpec::ed25519(&id, *pk.as_bytes(), key)
+                }
+                None => CredentialSpec::api_key(&id, key),
+            };
             let targets =
                 targets.map_or_else(|| file.targets.keys().cloned().collect(), |t| list(&t));
             let names: Vec<&str> = targets.iter().map(String::as_str).collect();

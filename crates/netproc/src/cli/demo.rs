@@ -194,7 +194,8 @@ pub(crate) async fn demo() -> Result<(), Error> {
     );
     let authority = Authority::open(config, signing, Arc::new(NetprocTransport::new(transport)))?;
     let both = ["server_1", "server_2"];
-    let privileges = "invoke_functions,define_constants,define_functions".parse()?;
+    let privileges: netproc::auth::PrivilegeSet =
+        "invoke_functions,define_constants,define_functions".parse()?;
     let key = authority
         .ensure(CredentialSpec::api_key("alice", privileges), &both)
         .await?
@@ -202,7 +203,10 @@ pub(crate) async fn demo() -> Result<(), Error> {
         .ok_or("the authority returned no key")?;
     let weak_key = authority
         .ensure(
-            CredentialSpec::api_key("read-only", "invoke_functions".parse()?),
+            CredentialSpec::api_key(
+                "read-only",
+                "invoke_functions".parse::<netproc_auth::PrivilegeSet>()?,
+            ),
             &both,
         )
         .await?
