@@ -7,6 +7,7 @@ use std::time::Duration;
 use netproc_auth::{ApiKey, valid_key_id};
 
 use crate::Signer;
+use crate::sqlite::*;
 use crate::store::*;
 use crate::transport::Transport;
 use crate::types::*;

@@ -66,6 +66,7 @@ mod db;
 mod delivery;
 mod event;
 mod plan;
+mod sqlite;
 mod store;
 mod target;
 mod transport;
