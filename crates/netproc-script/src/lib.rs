@@ -47,6 +47,7 @@
 
 mod convert;
 mod error;
+mod host;
 mod lang;
 mod limits;
 mod rhai_lang;
@@ -54,6 +55,6 @@ mod runtime;
 
 // The public interface.
 pub use error::ScriptError;
+pub use host::{HostModule, MAX_HOST_ARGS};
 pub use limits::ScriptLimits;
-pub use rhai::Module;
 pub use runtime::{DependencySource, ScriptFunction, ScriptRuntime, ScriptRuntimeBuilder};

@@ -13,6 +13,7 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Module, Position,
 
 use crate::convert::{from_dynamic, to_dynamic};
 use crate::error::classify;
+use crate::host::{HostFn, HostModule, MAX_HOST_ARGS};
 use crate::lang::{Compiled, Control, Language, Worker};
 use crate::{DependencySource, ScriptError, ScriptLimits};
 
@@ -35,7 +36,10 @@ pub(crate) struct RhaiLanguage {
 }
 
 impl RhaiLanguage {
-    pub(crate) fn new(limits: ScriptLimits, host_modules: HashMap<String, Module>) -> RhaiLanguage {
+    pub(crate) fn new(
+        limits: ScriptLimits,
+        host_modules: HashMap<String, HostModule>,
+    ) -> RhaiLanguage {
         let (mut compiler, compiler_output) = sandbox_engine(&limits);
         compiler.set_optimization_level(rhai::OptimizationLevel::Simple);
         RhaiLanguage {
@@ -45,12 +49,49 @@ impl RhaiLanguage {
                 deps: ArcSwap::from_pointee(HashMap::new()),
                 host_modules: host_modules
                     .into_iter()
-                    .map(|(k, m)| (k, m.into()))
+                    .map(|(k, m)| (k, to_rhai(&m).into()))
                     .collect(),
                 limits,
             }),
         }
     }
+}
+
+/// A host module as a Rhai module: each function registered for 0 to
+/// [`MAX_HOST_ARGS`] arguments, converting through `Value`.
+fn to_rhai(host: &HostModule) -> Module {
+    let mut module = Module::new();
+    for (name, f) in &host.functions {
+        let call = |f: &HostFn, args: Vec<Dynamic>| -> Result<Dynamic, Box<EvalAltResult>> {
+            let values = args
+                .into_iter()
+                .map(|d| from_dynamic(d, 0))
+                .collect::<Result<Vec<Value>, ScriptError>>()
+                .map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
+            f(&values)
+                .map(|v| to_dynamic(&v))
+                .map_err(|e| -> Box<EvalAltResult> { e.into() })
+        };
+        let f0 = Arc::clone(f);
+        module.set_native_fn(name.as_str(), move || call(&f0, vec![]));
+        let f1 = Arc::clone(f);
+        module.set_native_fn(name.as_str(), move |a: Dynamic| call(&f1, vec![a]));
+        let f2 = Arc::clone(f);
+        module.set_native_fn(name.as_str(), move |a: Dynamic, b: Dynamic| {
+            call(&f2, vec![a, b])
+        });
+        let f3 = Arc::clone(f);
+        module.set_native_fn(name.as_str(), move |a: Dynamic, b: Dynamic, c: Dynamic| {
+            call(&f3, vec![a, b, c])
+        });
+        let f4 = Arc::clone(f);
+        module.set_native_fn(
+            name.as_str(),
+            move |a: Dynamic, b: Dynamic, c: Dynamic, d: Dynamic| call(&f4, vec![a, b, c, d]),
+        );
+    }
+    debug_assert_eq!(MAX_HOST_ARGS, 4);
+    module
 }
 
 /// Resolves `import "alias"` to defined dependencies only: no file system,

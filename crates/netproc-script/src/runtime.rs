@@ -12,10 +12,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use netproc_wire::Value;
-use rhai::Module;
 use tokio::sync::oneshot;
 
 use crate::ScriptError;
+use crate::host::HostModule;
 use crate::lang::{Compiled, Control, Language};
 use crate::limits::ScriptLimits;
 use crate::rhai_lang::RhaiLanguage;
@@ -75,7 +75,7 @@ pub struct ScriptRuntimeBuilder {
     workers: usize,
     queue: usize,
     limits: ScriptLimits,
-    host_modules: HashMap<String, Module>,
+    host_modules: HashMap<String, HostModule>,
 }
 
 impl fmt::Debug for ScriptRuntimeBuilder {
@@ -111,7 +111,7 @@ impl ScriptRuntimeBuilder {
     /// Exposes a native module to scripts, importable once a dependency
     /// names it (`define_dependency(alias, Host(name))`). Nothing native is
     /// exposed otherwise: this is the allow-list.
-    pub fn host_module(mut self, name: impl Into<String>, module: Module) -> Self {
+    pub fn host_module(mut self, name: impl Into<String>, module: HostModule) -> Self {
         self.host_modules.insert(name.into(), module);
         self
     }

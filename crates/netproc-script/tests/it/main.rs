@@ -225,8 +225,10 @@ async fn path_imports_cannot_reach_the_disk() {
 
 #[tokio::test]
 async fn dependencies_host_modules_and_constants() {
-    let mut m = Module::new();
-    m.set_native_fn("triple", |x: i64| Ok(x * 3));
+    let m = HostModule::new().function("triple", |args| match args {
+        [Value::Int(x)] => Ok(Value::Int(x * 3)),
+        _ => Err("triple(x) takes one integer".into()),
+    });
     let rt = ScriptRuntime::builder()
         .workers(1)
         .host_module("math", m)
@@ -529,5 +531,28 @@ async fn a_map_grown_by_index_holds_exactly_its_limit() {
             ),
             "{src}: {err:?}"
         );
+    }
+}
+
+/// A host function's error is thrown into the script (`operation_failed`,
+/// its message), whatever the number of arguments it was called with.
+#[tokio::test]
+async fn a_host_function_error_is_a_thrown_error() {
+    let m = HostModule::new().function("count", |args| match args.len() {
+        0..=2 => Ok(Value::Int(args.len() as i64)),
+        n => Err(format!("count takes at most 2 arguments, got {n}")),
+    });
+    let rt = ScriptRuntime::builder()
+        .workers(1)
+        .host_module("util", m)
+        .build();
+    rt.define_dependency("u", &DependencySource::Host("util".into()))
+        .unwrap();
+    let ok = r#"fn f() { import "u" as u; u::count() + u::count(1, 2) }"#;
+    assert_eq!(run(&rt, "f", ok, vec![]).await.unwrap(), Value::Int(2));
+    let bad = r#"fn g() { import "u" as u; u::count(1, 2, 3) }"#;
+    match run(&rt, "g", bad, vec![]).await.unwrap_err() {
+        ScriptError::Thrown { message } => assert!(message.contains("at most 2"), "{message}"),
+        other => panic!("{other:?}"),
     }
 }
