@@ -12,7 +12,17 @@ use std::path::Path;
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
 /// The crates whose module graphs are documented.
-const CRATES: &[&str] = &["netproc-server", "netproc-propagation"];
+const CRATES: &[&str] = &[
+    "netproc-wire",
+    "netproc-pki",
+    "netproc-auth",
+    "netproc-limits",
+    "netproc-script",
+    "netproc-server",
+    "netproc-client",
+    "netproc-propagation",
+    "netproc",
+];
 
 /// Names the crate root re-exports, and the module each comes from
 /// (`pub use module::{A, B};`), so `crate::A` counts as an edge to it.
@@ -87,7 +97,9 @@ fn actual(src: &Path) -> Result<Graph, String> {
                 .to_string_lossy()
                 .trim_end_matches(".rs")
                 .to_owned();
-            if module == "lib" {
+            // Crate roots (a library's lib.rs, a binary's main.rs) only
+            // declare and re-export.
+            if module == "lib" || module == "main" {
                 continue;
             }
             let text =
@@ -107,6 +119,12 @@ fn actual(src: &Path) -> Result<Graph, String> {
                 }
             }
         }
+    }
+    // Names that are not modules of this crate (re-exported crates such as
+    // the facade's `crate::server`) are not edges between its modules.
+    let modules: BTreeSet<String> = graph.keys().cloned().collect();
+    for uses in graph.values_mut() {
+        uses.retain(|m| modules.contains(m));
     }
     Ok(graph)
 }

@@ -3,203 +3,24 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use netproc_pki::{Ed25519Key, Identity, Pin, TlsOptions, TrustAnchors};
-use netproc_wire::{
-    DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DefineFunction, DependencySource, Operation, SecretString,
-    Value, from_value, to_value,
-};
+use netproc_pki::{Identity, TrustAnchors};
+use netproc_wire::{DefineFunction, DependencySource, Operation, Value, from_value, to_value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::connection::{Connection, connect};
+use crate::endpoint::ServerEndpoint;
 use crate::error::ClientError;
 
 /// The reserved name that means "every configured server".
 pub const ALL_SERVERS: &str = "all_servers";
-
-/// How to reach and authenticate to one server.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct ServerEndpoint {
-    /// The server's address.
-    pub addr: SocketAddr,
-    /// The name its certificate must be valid for (SNI).
-    pub server_name: String,
-    pub(crate) identity: Identity,
-    pub(crate) roots: TrustAnchors,
-    pub(crate) pins: Vec<Pin>,
-    pub(crate) tls_options: TlsOptions,
-    pub(crate) credential: Credential,
-
-    /// A local address to connect from (e.g. `127.0.0.2` in tests, or an
-    /// interface in deployments).
-    pub bind: Option<IpAddr>,
-    /// Connect + TLS + authentication limit. Default 10 s.
-    pub connect_timeout: Duration,
-    /// A call's default deadline. Default 30 s.
-    pub request_timeout: Duration,
-    /// Largest frame accepted from the server. Default 1 MiB.
-    pub max_frame_bytes: u32,
-    /// Calls that may wait locally for an in-flight slot; past it calls fail
-    /// `overloaded` at once. Default 10 000.
-    pub max_queued_calls: usize,
-    /// A name sent in `Auth`, for the server's logs.
-    pub client_name: Option<String>,
-    /// A `Ping` after this long without sending anything, so the server
-    /// sees the client alive and never idles the session out; `None` = no
-    /// heartbeats. Default 30 s. Kept below the idle timeout the server
-    /// announces (clamped to half of it, with a warning).
-    pub heartbeat_interval: Option<Duration>,
-}
-
-/// How an endpoint authenticates inside the channel.
-#[derive(Clone)]
-pub(crate) enum Credential {
-    ApiKey(SecretString),
-    Ed25519 {
-        key_id: String,
-        key: Arc<Ed25519Key>,
-    },
-}
-
-impl fmt::Debug for ServerEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerEndpoint")
-            .field("addr", &self.addr)
-            .field("server_name", &self.server_name)
-            .field("identity", &self.identity)
-            .field("credential", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerEndpoint {
-    /// An endpoint: the server's address and certificate name, this
-    /// client's certificate identity, the CA(s) that must have signed the
-    /// server's certificate, and the API key.
-    ///
-    /// Trust anchors are required: a client never dials without one.
-    pub fn new(
-        addr: SocketAddr,
-        server_name: impl Into<String>,
-        identity: Identity,
-        server_roots: TrustAnchors,
-        api_key: SecretString,
-    ) -> ServerEndpoint {
-        ServerEndpoint::with_credential(
-            addr,
-            server_name.into(),
-            identity,
-            server_roots,
-            Credential::ApiKey(api_key),
-        )
-    }
-
-    /// An endpoint that authenticates with an Ed25519 key registered on
-    /// the server under `key_id`, instead of an API key: each connection
-    /// signs its own TLS exporter value, so no secret crosses the wire and
-    /// a captured proof is useless on any other connection.
-    pub fn with_ed25519(
-        addr: SocketAddr,
-        server_name: impl Into<String>,
-        identity: Identity,
-        server_roots: TrustAnchors,
-        key_id: impl Into<String>,
-        key: Arc<Ed25519Key>,
-    ) -> ServerEndpoint {
-        ServerEndpoint::with_credential(
-            addr,
-            server_name.into(),
-            identity,
-            server_roots,
-            Credential::Ed25519 {
-                key_id: key_id.into(),
-                key,
-            },
-        )
-    }
-
-    fn with_credential(
-        addr: SocketAddr,
-        server_name: String,
-        identity: Identity,
-        server_roots: TrustAnchors,
-        credential: Credential,
-    ) -> ServerEndpoint {
-        ServerEndpoint {
-            addr,
-            server_name,
-            identity,
-            roots: server_roots,
-            pins: Vec::new(),
-            tls_options: TlsOptions::default(),
-            credential,
-            bind: None,
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            heartbeat_interval: Some(Duration::from_secs(30)),
-            max_frame_bytes: DEFAULT_MAX_POST_AUTH_FRAME_BYTES,
-            max_queued_calls: 10_000,
-            client_name: None,
-        }
-    }
-
-    /// Also requires the server's certificate to match one of `pins`.
-    pub fn pins(mut self, pins: Vec<Pin>) -> Self {
-        self.pins = pins;
-        self
-    }
-
-    /// TLS options (e.g. allowing TLS 1.2).
-    pub fn tls_options(mut self, options: TlsOptions) -> Self {
-        self.tls_options = options;
-        self
-    }
-
-    /// Connects from this local address.
-    pub fn bind(mut self, ip: IpAddr) -> Self {
-        self.bind = Some(ip);
-        self
-    }
-
-    /// Sets the connect + TLS + authentication limit.
-    pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
-        self
-    }
-
-    /// Sets the default call deadline.
-    pub fn request_timeout(mut self, t: Duration) -> Self {
-        self.request_timeout = t;
-        self
-    }
-
-    /// Sets the local queue bound.
-    pub fn max_queued_calls(mut self, n: usize) -> Self {
-        self.max_queued_calls = n;
-        self
-    }
-
-    /// Sets the name sent in `Auth`.
-    pub fn client_name(mut self, name: impl Into<String>) -> Self {
-        self.client_name = Some(name.into());
-        self
-    }
-
-    /// Sets the heartbeat interval (`None`: no heartbeats).
-    pub fn heartbeat_interval(mut self, interval: Option<Duration>) -> Self {
-        self.heartbeat_interval = interval.filter(|d| !d.is_zero());
-        self
-    }
-}
 
 /// Reconnection backoff: 100 ms doubling to 5 s, with jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);

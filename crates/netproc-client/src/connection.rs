@@ -20,8 +20,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::ServerEndpoint;
-use crate::client::Credential;
+use crate::endpoint::{Credential, ServerEndpoint};
 use crate::error::{ClientError, classify_tls};
 
 type Reply = oneshot::Sender<Result<Value, ErrorBody>>;

@@ -49,10 +49,10 @@
 
 mod client;
 mod connection;
+mod endpoint;
 mod error;
 
 // The public interface.
-pub use client::{
-    ALL_SERVERS, AllServers, Client, ClientBuilder, FanOut, ServerEndpoint, ServerRef,
-};
+pub use client::{ALL_SERVERS, AllServers, Client, ClientBuilder, FanOut, ServerRef};
+pub use endpoint::ServerEndpoint;
 pub use error::{ClientError, ServerOutcome, TlsFailure};

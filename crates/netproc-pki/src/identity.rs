@@ -121,17 +121,6 @@ impl CertIdentity {
         Self::parse(der, "<memory: certificate>")
     }
 
-    /// Parses the first certificate of PEM text (any certificate: a CA or
-    /// a leaf). `origin` names where it came from in errors (a path).
-    pub fn from_pem(pem: &[u8], origin: &str) -> Result<CertIdentity, PkiError> {
-        let certs = crate::pem::parse_certs(pem, origin)?;
-        // parse_certs never returns an empty list.
-        let first = certs.first().ok_or_else(|| PkiError::NoCertificate {
-            origin: origin.to_owned(),
-        })?;
-        Self::parse(first, origin)
-    }
-
     pub(crate) fn parse(der: &[u8], origin: &str) -> Result<CertIdentity, PkiError> {
         let bad = |reason: String| PkiError::BadCertificate {
             origin: origin.to_owned(),

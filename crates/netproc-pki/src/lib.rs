@@ -56,6 +56,7 @@ mod fingerprint;
 mod generate;
 mod identity;
 mod pem;
+mod provider;
 mod tls;
 
 // The public interface.
@@ -66,13 +67,13 @@ pub use fingerprint::Fingerprint;
 pub use generate::{CaParams, CertificateAuthority, IssuedCert, LeafParams, Validity};
 pub use identity::{CertIdentity, KeyPurpose, SubjectAltName};
 pub use pem::{Crl, Identity, TrustAnchors};
+pub use provider::{crypto_provider, random_bytes};
 pub use tls::{
-    Pin, PinMismatch, TlsOptions, client_config, client_config_with, crypto_provider,
-    server_config, server_config_with,
+    Pin, PinMismatch, TlsOptions, client_config, client_config_with, server_config,
+    server_config_with,
 };
 
 pub use pem::{read_secret_file, write_secret_file};
-pub use tls::random_bytes;
 
 /// Re-exports of the rustls types that appear in this crate's API.
 pub mod rustls {

@@ -14,9 +14,10 @@ use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 use zeroize::Zeroizing;
 
+use crate::CertIdentity;
 use crate::error::PkiError;
 use crate::identity::unix_to_system;
-use crate::{CertIdentity, crypto_provider};
+use crate::provider::crypto_provider;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
@@ -466,6 +467,19 @@ pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+impl CertIdentity {
+    /// Parses the first certificate of PEM text (any certificate: a CA or
+    /// a leaf). `origin` names where it came from in errors (a path).
+    pub fn from_pem(pem: &[u8], origin: &str) -> Result<CertIdentity, PkiError> {
+        let certs = parse_certs(pem, origin)?;
+        // parse_certs never returns an empty list.
+        let first = certs.first().ok_or_else(|| PkiError::NoCertificate {
+            origin: origin.to_owned(),
+        })?;
+        Self::parse(first, origin)
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,11 @@
 //! Strict rustls configurations for netproc's mutual TLS.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use netproc_wire::ALPN_PROTOCOL;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, ServerConfig,
@@ -15,24 +14,8 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::PkiError;
+use crate::provider::crypto_provider;
 use crate::{CertIdentity, Crl, Fingerprint, Identity, TrustAnchors};
-
-/// The one crypto provider netproc uses: ring.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
-}
-
-/// Fills `buf` from the crypto provider's CSPRNG (ring's system RNG).
-pub fn random_bytes(buf: &mut [u8]) -> Result<(), PkiError> {
-    crypto_provider()
-        .secure_random
-        .fill(buf)
-        .map_err(|_| PkiError::Generate {
-            what: "random bytes",
-            reason: "the system random number generator failed".into(),
-        })
-}
 
 /// Options beyond the secure defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

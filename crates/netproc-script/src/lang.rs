@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use netproc_wire::Value;
 
-use crate::{DependencySource, ScriptError};
+use crate::ScriptError;
 
 /// What bounds one call, beyond the language's own sandbox limits.
 pub(crate) struct Control {
@@ -59,4 +59,14 @@ pub(crate) trait Worker {
         args: &[Value],
         control: Control,
     ) -> Result<Value, ScriptError>;
+}
+
+/// Where a dependency's module comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DependencySource {
+    /// Script source, defined at run time.
+    Script(String),
+    /// A module the embedding application registered under this name.
+    Host(String),
 }

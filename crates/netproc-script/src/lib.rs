@@ -56,5 +56,6 @@ mod runtime;
 // The public interface.
 pub use error::ScriptError;
 pub use host::{HostModule, MAX_HOST_ARGS};
+pub use lang::DependencySource;
 pub use limits::ScriptLimits;
-pub use runtime::{DependencySource, ScriptFunction, ScriptRuntime, ScriptRuntimeBuilder};
+pub use runtime::{ScriptFunction, ScriptRuntime, ScriptRuntimeBuilder};

@@ -14,8 +14,8 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Module, Position,
 use crate::convert::{from_dynamic, to_dynamic};
 use crate::error::classify;
 use crate::host::{HostFn, HostModule, MAX_HOST_ARGS};
-use crate::lang::{Compiled, Control, Language, Worker};
-use crate::{DependencySource, ScriptError, ScriptLimits};
+use crate::lang::{Compiled, Control, DependencySource, Language, Worker};
+use crate::{ScriptError, ScriptLimits};
 
 /// A module shared between workers.
 type SharedModule = Shared<Module>;

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::ScriptError;
 use crate::host::HostModule;
-use crate::lang::{Compiled, Control, Language};
+use crate::lang::{Compiled, Control, DependencySource, Language};
 use crate::limits::ScriptLimits;
 use crate::rhai_lang::RhaiLanguage;
 
@@ -51,16 +51,6 @@ impl ScriptFunction {
     pub fn imports(&self) -> &[String] {
         &self.compiled.imports
     }
-}
-
-/// Where a dependency's module comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DependencySource {
-    /// Script source, defined at run time.
-    Script(String),
-    /// A module the embedding application registered under this name.
-    Host(String),
 }
 
 struct Job {

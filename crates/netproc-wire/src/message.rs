@@ -11,7 +11,6 @@
 //! announced in `AuthOk`, error details as a [`Value`] and the
 //! [`Operation::Extension`] escape hatch for higher layers.
 
-use std::cell::Cell;
 use std::fmt;
 
 use bytes::{BufMut, BytesMut};
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::frame::{FRAME_HEADER_LEN, FrameError, check_body_len};
+use crate::value::take_value_error;
 use crate::{ErrorCode, Value};
 
 /// The protocol version this crate speaks, sent in `Auth` and `AuthOk`.
@@ -811,21 +811,6 @@ impl DecodeError {
             DecodeError::Malformed { .. } | DecodeError::UnsupportedVersion { .. }
         )
     }
-}
-
-thread_local! {
-    /// The reason the last `Value` decode on this thread failed. postcard
-    /// drops the text of custom serde errors, so `Value`'s decoder leaves it
-    /// here for the message decoder to report.
-    static VALUE_ERROR: Cell<Option<&'static str>> = const { Cell::new(None) };
-}
-
-pub(crate) fn set_value_error(reason: &'static str) {
-    VALUE_ERROR.with(|c| c.set(Some(reason)));
-}
-
-pub(crate) fn take_value_error() -> Option<&'static str> {
-    VALUE_ERROR.with(Cell::take)
 }
 
 /// What a peer is told about bytes that did not decode: the contract's own

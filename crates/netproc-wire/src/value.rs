@@ -8,8 +8,6 @@ use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, Variant
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::message::{set_value_error, take_value_error};
-
 /// Fails a value decode with `reason`, keeping the reason where the message
 /// decoder can find it (postcard drops the text of custom errors).
 fn fail<E: de::Error>(reason: &'static str) -> E {
@@ -419,6 +417,21 @@ impl<'de> Visitor<'de> for MapSeed<'_> {
         }
         Ok(out)
     }
+}
+
+thread_local! {
+    /// The reason the last `Value` decode on this thread failed. postcard
+    /// drops the text of custom serde errors, so `Value`'s decoder leaves it
+    /// here for the message decoder to report.
+    static VALUE_ERROR: Cell<Option<&'static str>> = const { Cell::new(None) };
+}
+
+pub(crate) fn set_value_error(reason: &'static str) {
+    VALUE_ERROR.with(|c| c.set(Some(reason)));
+}
+
+pub(crate) fn take_value_error() -> Option<&'static str> {
+    VALUE_ERROR.with(Cell::take)
 }
 
 #[cfg(test)]
