@@ -1,5 +1,6 @@
 //! The built-in API-key store.
 
+use netproc_wire::unix_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -446,10 +447,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn from_hex32(s: &str) -> Option<[u8; 32]> {
     s.parse::<Fingerprint>().ok().map(|f| *f.as_bytes())
 }
@@ -612,7 +609,7 @@ impl ApiKeyStore {
     ) -> Result<KeyInfo, KeyStoreError> {
         // An unguessable placeholder for the API secret, then discarded.
         let placeholder = zeroize::Zeroizing::new(random_string(SECRET_ALPHABET, SECRET_LEN)?);
-        self.insert_new(spec, &placeholder, Some(to_hex(&public_key)))
+        self.insert_new(spec, &placeholder, Some(hex::encode(public_key)))
     }
 
     fn insert_new(
@@ -631,7 +628,7 @@ impl ApiKeyStore {
         let hash = sha256(secret.as_bytes());
         let record = Record {
             id: id.clone(),
-            secret_sha256: to_hex(&hash),
+            secret_sha256: hex::encode(hash),
             generation: 1,
             privileges: spec.privileges,
             functions: spec.functions,
@@ -669,7 +666,7 @@ impl ApiKeyStore {
         }
         let previous = record.clone();
         record.hash = sha256(secret.as_bytes());
-        record.secret_sha256 = to_hex(&record.hash);
+        record.secret_sha256 = hex::encode(record.hash);
         record.generation += 1;
         if let Err(e) = self.persist(&keys) {
             keys.insert(id.to_owned(), previous);
@@ -797,11 +794,6 @@ impl ApiKeyStore {
 /// How far an Ed25519 proof's timestamp may be from the server's clock.
 pub const ED25519_FRESHNESS: Duration = Duration::from_secs(30);
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// The checks after the credential itself: expiry, certificate binding.
 fn admit(
     record: &Record,
@@ -828,9 +820,7 @@ fn admit(
     principal.functions = record.functions.clone();
     principal.max_sessions = record.max_sessions;
     principal.single_active_session = record.single_active_session;
-    principal.expires_at = record
-        .expiry_ms()
-        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    principal.expires_at = record.expiry_ms().map(netproc_wire::from_unix_ms);
     Ok(principal)
 }
 

@@ -506,14 +506,7 @@ impl ServerRef {
 
 /// The operation defining script function `name`, with its source's SHA-256.
 fn define_function_op(name: &str, source: &str) -> Operation {
-    use sha2::Digest;
-    Operation::DefineFunction(DefineFunction {
-        name: name.to_owned(),
-        source: source.to_owned(),
-        source_sha256: sha2::Sha256::digest(source.as_bytes()).into(),
-        description: None,
-        limits: None,
-    })
+    Operation::DefineFunction(DefineFunction::new(name, source))
 }
 
 /// Every configured server at once. Each method runs on all servers

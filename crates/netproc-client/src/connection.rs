@@ -141,9 +141,7 @@ pub(crate) async fn connect(
                 .map_err(|e| ClientError::Config {
                     message: format!("{name}: TLS exporter unavailable: {e}"),
                 })?;
-            let timestamp_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let timestamp_ms = netproc_wire::unix_ms(std::time::SystemTime::now());
             let message = Ed25519Proof::signed_message(key_id, &binding, timestamp_ms);
             AuthMethod::Ed25519(Ed25519Proof {
                 key_id: key_id.clone(),

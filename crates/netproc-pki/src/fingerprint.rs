@@ -94,21 +94,8 @@ impl FromStr for Fingerprint {
             return Err(invalid());
         }
         let mut out = [0u8; 32];
-        for (i, pair) in digits.chunks_exact(2).enumerate() {
-            let hi = hex_digit(pair[0]).ok_or_else(invalid)?;
-            let lo = hex_digit(pair[1]).ok_or_else(invalid)?;
-            out[i] = hi << 4 | lo;
-        }
+        hex::decode_to_slice(&digits, &mut out).map_err(|_| invalid())?;
         Ok(Fingerprint(out))
-    }
-}
-
-fn hex_digit(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -551,7 +551,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 16);
         assert!(a[0] & 0x80 == 0 && a[0] != 0);
-        assert_eq!(crate::identity::hex_lower(&a).len(), 32);
+        assert_eq!(hex::encode(a).len(), 32);
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl CertIdentity {
             common_name,
             issuer: cert.issuer().to_string(),
             sans,
-            serial: hex_lower(cert.raw_serial()),
+            serial: hex::encode(cert.raw_serial()),
             not_before: unix_to_system(cert.validity().not_before.timestamp()),
             not_after: unix_to_system(cert.validity().not_after.timestamp()),
             fingerprint: Fingerprint::of(der),
@@ -199,10 +199,6 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
         16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
         _ => None,
     }
-}
-
-pub(crate) fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) fn unix_to_system(secs: i64) -> SystemTime {

@@ -80,10 +80,7 @@ pub(crate) fn write_file(
         .map_or_else(|| "netproc".into(), |n| n.to_string_lossy().into_owned());
     let mut nonce = [0u8; 8];
     crate::random_bytes(&mut nonce)?;
-    let tmp = dir.join(format!(
-        ".{name}.{}.tmp",
-        crate::identity::hex_lower(&nonce)
-    ));
+    let tmp = dir.join(format!(".{name}.{}.tmp", hex::encode(nonce)));
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -392,7 +389,7 @@ impl Crl {
         let issuer = crl.issuer().to_string();
         let revoked_serials = crl
             .iter_revoked_certificates()
-            .map(|r| crate::identity::hex_lower(r.raw_serial()))
+            .map(|r| hex::encode(r.raw_serial()))
             .collect();
         Ok(Crl {
             issuer,

@@ -1,6 +1,7 @@
 //! The signed event envelope and the target-side check.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use netproc_wire::unix_ms;
+use std::time::{Duration, SystemTime};
 
 use netproc_pki::{Ed25519Key, verify_ed25519};
 use serde::{Deserialize, Serialize};
@@ -330,11 +331,6 @@ impl Verifier {
         }
         Check::Apply(Box::new(event))
     }
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Decodes a `T` that must use all of `bytes`: postcard's `from_bytes`

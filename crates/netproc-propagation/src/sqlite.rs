@@ -5,6 +5,7 @@
 //! Over 600 lines on purpose: it is the SQL of every store operation in one
 //! place — the reference a second backend is written and reviewed against.
 
+use netproc_wire::unix_ms;
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,11 +21,6 @@ use crate::{Ack, Credential, EventKind, RejectReason};
 
 pub(crate) fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
-}
-
-pub(crate) fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 pub(crate) fn i64_of(v: u64) -> i64 {
@@ -624,7 +620,7 @@ impl Store for SqliteStore {
                 let mut out = Vec::new();
                 for row in rows {
                     let (target, seq, error, acked, attempts, last_error, last_ms) = row?;
-                    let last_attempt = last_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(u64_of(ms)));
+                    let last_attempt = last_ms.map(|ms| netproc_wire::from_unix_ms(u64_of(ms)));
                     let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
                     let state = if let Some(reason) = error {
                         DeliveryState::Error { reason, attempts: attempts.max(1), last_attempt }

@@ -3,7 +3,7 @@
 //! database.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use netproc_auth::{ApiKeyStore, PropagatedChange, PropagationError};
 use netproc_server::{CallContext, CallError, ExtensionHandler, ServerBuilder, StateDatabase};
@@ -513,7 +513,7 @@ fn schedule_expiry(store: &Arc<ApiKeyStore>, key: &netproc_auth::PropagatedKey) 
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let until = UNIX_EPOCH + Duration::from_millis(previous.valid_until_ms);
+    let until = netproc_wire::from_unix_ms(previous.valid_until_ms);
     let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
     let store = Arc::downgrade(store);
     let id = key.id.clone();

@@ -36,10 +36,11 @@ mod auth_exchange;
 
 use crate::frames::{ReadError, error_msg, farewell, read_frame};
 use crate::refusal::Refused;
-use crate::sessions::{Control, Entry, SessionInfo, SessionSelector, unix_ms};
+use crate::sessions::{Control, Entry, SessionInfo, SessionSelector};
 #[cfg(feature = "fuzzing")]
 pub(crate) use auth_exchange::exercise as exercise_auth_exchange;
 use auth_exchange::{Answer, Attempt, Failure, FirstRead};
+use netproc_wire::unix_ms;
 
 /// The audit line of a connection refused after accept, aggregated per reason.
 fn connection_refused(shared: &Shared, peer: SocketAddr, reason: &'static str) {

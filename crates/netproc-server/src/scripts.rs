@@ -11,12 +11,11 @@ use netproc_script::{
     DependencySource as ScriptSource, ScriptError, ScriptFunction, ScriptRuntime,
 };
 use netproc_wire::{DefineFunction, DependencySource, ErrorCode, Privilege, Value};
-use sha2::{Digest, Sha256};
 
 use crate::audit::sanitize;
 use crate::function::{CallError, FunctionGuard, valid_name};
-use crate::sessions::unix_ms;
 use crate::state::{StateDb, StoredDependency, StoredFunction};
+use netproc_wire::unix_ms;
 
 /// Runs a state-database write off the runtime threads; without a state
 /// directory, does nothing. The caller applies the change only after this
@@ -78,10 +77,6 @@ pub(crate) fn script_error(e: ScriptError) -> CallError {
     CallError::with_code(e.code(), e.to_string()).details(details)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn who(principal: &Principal) -> String {
     principal
         .key_id
@@ -121,13 +116,13 @@ impl Scripts {
                 "\"{name}\" belongs to a native function and cannot be redefined"
             )));
         }
-        let digest: [u8; 32] = Sha256::digest(def.source.as_bytes()).into();
-        if digest != def.source_sha256 {
+        if !def.source_matches() {
             return Err(CallError::invalid_argument(
                 "source_sha256 does not match the SHA-256 of the source",
             ));
         }
         let _ordered = scripts.define.lock().await;
+        let digest = def.source_sha256;
         if scripts.get(&name).is_some_and(|e| e.sha256 == digest) {
             return Ok(Value::Null);
         }
@@ -175,7 +170,7 @@ impl Scripts {
             event = "define_function",
             outcome = "ok",
             function = %name,
-            source_sha256 = %hex(&digest),
+            source_sha256 = %hex::encode(digest),
             key_id = %who(&principal),
         );
         Ok(Value::Null)
@@ -354,7 +349,7 @@ impl Scripts {
         for f in functions {
             match self.runtime.compile(&f.name, &f.source) {
                 Ok(function) => {
-                    let sha256: [u8; 32] = Sha256::digest(f.source.as_bytes()).into();
+                    let sha256 = DefineFunction::source_digest(&f.source);
                     let entry = ScriptEntry {
                         function: Arc::new(function),
                         sha256,
@@ -387,7 +382,10 @@ impl Scripts {
                 let mut m = BTreeMap::from([
                     ("kind".to_owned(), Value::from("script")),
                     ("name".to_owned(), Value::from(n.as_str())),
-                    ("source_sha256".to_owned(), Value::from(hex(&e.sha256))),
+                    (
+                        "source_sha256".to_owned(),
+                        Value::from(hex::encode(e.sha256)),
+                    ),
                     ("defined_by".to_owned(), Value::from(e.defined_by.as_str())),
                     (
                         "defined_at_unix_ms".to_owned(),

@@ -67,6 +67,7 @@ mod error_code;
 mod frame;
 mod message;
 mod privilege;
+mod time;
 mod value;
 
 // The public interface.
@@ -85,6 +86,7 @@ pub use message::{
     RateLimit, Request, Response, SecretString, ServerMessage,
 };
 pub use privilege::{Privilege, UnknownPrivilege};
+pub use time::{from_unix_ms, unix_ms};
 pub use value::{
     DEFAULT_MAX_VALUE_DEPTH, DEFAULT_MAX_VALUE_NODES, Value, ValueDecodeError, ValueLimits,
 };

@@ -383,6 +383,41 @@ pub struct DefineFunction {
     pub limits: Option<FunctionLimits>,
 }
 
+impl DefineFunction {
+    /// A definition of `name` from `source`, its SHA-256 filled in, with no
+    /// description or limits of its own.
+    ///
+    /// ```
+    /// use netproc_wire::DefineFunction;
+    ///
+    /// let def = DefineFunction::new("double", "fn double(x) { x * 2 }");
+    /// assert!(def.source_matches());
+    /// ```
+    pub fn new(name: impl Into<String>, source: impl Into<String>) -> Self {
+        let source = source.into();
+        DefineFunction {
+            name: name.into(),
+            source_sha256: Self::source_digest(&source),
+            source,
+            description: None,
+            limits: None,
+        }
+    }
+
+    /// The SHA-256 of a function's source as UTF-8: what `source_sha256`
+    /// holds and what a server compares definitions by.
+    pub fn source_digest(source: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(source.as_bytes()).into()
+    }
+
+    /// Whether `source_sha256` is the SHA-256 of `source`; a server refuses
+    /// a definition where it is not.
+    pub fn source_matches(&self) -> bool {
+        Self::source_digest(&self.source) == self.source_sha256
+    }
+}
+
 /// Limits a function declares for itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionLimits {

@@ -249,41 +249,22 @@ impl PropagationConfig {
     }
 }
 
-/// Exactly 64 hex digits into `out` (which may be a zeroizing buffer, for
-/// a seed); false if `text` is anything else.
-fn decode_hex32(text: &str, out: &mut [u8; 32]) -> bool {
-    // Hex digits only (`from_str_radix` alone would take "+f").
-    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return false;
-    }
-    for (i, b) in out.iter_mut().enumerate() {
-        match u8::from_str_radix(&text[2 * i..2 * i + 2], 16) {
-            Ok(v) => *b = v,
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
 /// 64 hex digits (surrounding whitespace ignored) → 32 bytes.
 fn parse_hex32(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    decode_hex32(text.trim(), &mut out).then_some(out)
+    hex::decode_to_slice(text.trim(), &mut out)
+        .ok()
+        .map(|()| out)
 }
 
 /// Appends `bytes` as lowercase hex, with no intermediate strings (the
 /// bytes may be a secret seed).
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    use std::fmt::Write;
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
+fn push_hex(out: &mut String, bytes: &[u8; 32]) {
+    let mut digits = zeroize::Zeroizing::new([0u8; 64]);
+    // 64 digits for 32 bytes: the lengths match, so encoding cannot fail.
+    if hex::encode_to_slice(bytes, &mut digits[..]).is_ok() {
+        out.extend(digits.iter().map(|&d| char::from(d)));
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut out, bytes);
-    out
 }
 
 impl ServerFile {
@@ -642,7 +623,7 @@ impl AuthorityFile {
             crate::pki::write_secret_file(&path, text.as_bytes(), false)
                 .map_err(|e| e.to_string())?;
         }
-        Ok(to_hex(&self.signing_key()?.public_key()))
+        Ok(hex::encode(self.signing_key()?.public_key()))
     }
 
     fn signing_key(&self) -> Result<Ed25519Key, String> {
@@ -650,7 +631,7 @@ impl AuthorityFile {
         let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         let text = std::str::from_utf8(&bytes).unwrap_or("");
-        if !decode_hex32(text.trim(), &mut seed) {
+        if hex::decode_to_slice(text.trim(), &mut *seed).is_err() {
             return Err(format!("{}: expected 64 hex digits", path.display()));
         }
         Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
@@ -747,7 +728,7 @@ fn parse_ed25519_credential(text: &str) -> Option<Result<(String, Ed25519Key), S
     let parsed = (|| {
         let (id, hex) = rest.split_once('_').ok_or("expected npe_<id>_<seed>")?;
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        if !decode_hex32(hex, &mut seed) {
+        if hex::decode_to_slice(hex, &mut *seed).is_err() {
             return Err("the Ed25519 seed must be 64 hex digits");
         }
         let key = Ed25519Key::from_seed(&seed).map_err(|_| "invalid Ed25519 seed")?;

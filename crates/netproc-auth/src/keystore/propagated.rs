@@ -4,12 +4,11 @@
 //! never written to its file (the receiving server persists them in its own
 //! state), and cannot take over a local key's id.
 
+use netproc_wire::unix_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-use super::{
-    ApiKeyStore, CertBinding, KeyChange, Record, to_hex, unix_ms, unix_secs, valid_key_id,
-};
+use super::{ApiKeyStore, CertBinding, KeyChange, Record, unix_secs, valid_key_id};
 use crate::PrivilegeSet;
 
 /// How a propagated key proves itself. Never a secret: a hash or a public key.
@@ -110,11 +109,11 @@ impl PropagatedKey {
             PropagatedSecret::ApiKey { secret_sha256 } => (secret_sha256, None),
             // `verify` refuses API keys for an Ed25519 record before the
             // hash matters; all zeros is no secret's SHA-256.
-            PropagatedSecret::Ed25519 { public_key } => ([0; 32], Some(to_hex(&public_key))),
+            PropagatedSecret::Ed25519 { public_key } => ([0; 32], Some(hex::encode(public_key))),
         };
         Record {
             id: self.id.clone(),
-            secret_sha256: to_hex(&hash),
+            secret_sha256: hex::encode(hash),
             generation: self.generation,
             privileges: self.privileges,
             functions: self.functions.clone(),

@@ -411,13 +411,7 @@ async fn a_session_over_the_principal_cap_is_refused_and_the_others_are_kept() {
 }
 
 fn unix_ms_now() -> u64 {
-    u64::try_from(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
+    netproc_wire::unix_ms(SystemTime::now())
 }
 
 /// Sends an Ed25519 proof over `raw` and returns the server's answer.

@@ -7,7 +7,7 @@
 //! `list`). SQLite in WAL mode lets them share the file.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use netproc::auth::{CertBinding, KeySpec, PrivilegeSet};
 use netproc::config::AuthorityFile;
@@ -104,11 +104,6 @@ fn open(config: &Path) -> Result<(AuthorityFile, Authority), Failure> {
     Ok((file, authority))
 }
 
-fn ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn hand_out(id: &str, key: &str, key_out: Option<&Path>, what: &str) -> Result<(), Failure> {
     if let Some(path) = key_out {
         netproc::pki::write_secret_file(path, key.as_bytes(), false).map_err(failed)?;
@@ -136,17 +131,13 @@ pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
     println!(
         "authority for {} target(s); public key {}",
         file.targets.len(),
-        hex(&authority.public_key())
+        hex::encode(authority.public_key())
     );
     authority
         .run(async { while let super::Signal::Reload = super::wait_for_signal().await {} })
         .await;
     tracing::info!("authority stopped");
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
@@ -244,7 +235,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                         last_attempt,
                     } => json!({
                         "target": r.target, "state": "error", "reason": reason,
-                        "attempts": attempts, "last_attempt_ms": last_attempt.map(ms),
+                        "attempts": attempts, "last_attempt_ms": last_attempt.map(netproc_wire::unix_ms),
                     }),
                     DeliveryState::Pending => json!({"target": r.target, "state": "pending"}),
                     DeliveryState::Sent => json!({"target": r.target, "state": "sent"}),

@@ -294,14 +294,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let source = std::fs::read_to_string(&source)
                 .map_err(|e| usage(format!("{}: {e}", source.display())))?;
-            use sha_helper::digest;
-            let op = Operation::DefineFunction(netproc::wire::DefineFunction {
-                source_sha256: digest(&source),
-                name,
-                source,
-                description: None,
-                limits: None,
-            });
+            let op = Operation::DefineFunction(netproc::wire::DefineFunction::new(name, source));
             execute(&target, op).await
         }
         Command::Undefine { target, name } => {
@@ -411,13 +404,6 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             json: as_json,
         } => metrics(&target, as_json).await,
         Command::Bench(args) => bench::run(args).await,
-    }
-}
-
-mod sha_helper {
-    /// SHA-256 of a function's source, as `DefineFunction` carries it.
-    pub(super) fn digest(source: &str) -> [u8; 32] {
-        *netproc::pki::Fingerprint::of(source.as_bytes()).as_bytes()
     }
 }
 
