@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use netproc_wire::{
-    Auth, AuthMethod, AuthOk, AuthWithOptions, ClientMessage, Ed25519Proof, ErrorBody, ErrorCode,
-    FrameDecoder, GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, ServerMessage, Value,
+    Auth, AuthMethod, AuthOk, AuthWithOptions, ClientMessage, CodecError, Ed25519Proof, ErrorBody,
+    ErrorCode, FrameDecoder, GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, ServerMessage,
+    Value,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
@@ -75,18 +76,10 @@ async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     dec: &mut FrameDecoder,
 ) -> std::io::Result<Option<Bytes>> {
-    loop {
-        match dec.next_frame() {
-            Ok(Some(f)) => return Ok(Some(f)),
-            Ok(None) => {}
-            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        }
-        let buf = dec.buffer_mut();
-        buf.reserve(16 * 1024);
-        if rd.read_buf(buf).await? == 0 {
-            return Ok(None);
-        }
-    }
+    dec.read_frame(rd).await.map_err(|e| match e {
+        CodecError::Io(e) => e,
+        e => std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// Dials, handshakes, authenticates. Success is declared only after the

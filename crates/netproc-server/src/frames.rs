@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use netproc_wire::{ErrorBody, ErrorCode, FrameDecoder, FrameError, ServerMessage};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use netproc_wire::{CodecError, ErrorBody, ErrorCode, FrameDecoder, FrameError, ServerMessage};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-/// Read chunk: enough for many small requests per read.
+/// Read chunk of the session loop: enough for many small requests per
+/// read (the same size as `FrameDecoder::read_frame` asks for).
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// How long a best-effort error frame may take to send before closing.
@@ -22,16 +23,11 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     dec: &mut FrameDecoder,
 ) -> Result<Bytes, ReadError> {
-    loop {
-        if let Some(frame) = dec.next_frame().map_err(ReadError::Frame)? {
-            return Ok(frame);
-        }
-        let buf = dec.buffer_mut();
-        buf.reserve(READ_CHUNK);
-        match rd.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(ReadError::Closed),
-            Ok(_) => {}
-        }
+    match dec.read_frame(rd).await {
+        Ok(Some(frame)) => Ok(frame),
+        Err(CodecError::Frame(e)) => Err(ReadError::Frame(e)),
+        // An end or a transport failure: either way the peer is gone.
+        Ok(None) | Err(_) => Err(ReadError::Closed),
     }
 }
 

@@ -1,9 +1,52 @@
-//! A `tokio_util::codec` adapter for frames (feature `codec`).
+//! Frames over tokio (feature `codec`): a `tokio_util::codec` adapter and
+//! [`FrameDecoder::read_frame`], the one framed reader of the server and
+//! the client.
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::frame::{FrameError, encode_frame, split_frame};
+use crate::frame::{FrameDecoder, FrameError, encode_frame, split_frame};
+
+/// How much room a read asks for: enough for many small frames per read.
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+
+impl FrameDecoder {
+    /// Reads from `rd` until a whole frame is buffered and returns its
+    /// body; `Ok(None)` when `rd` ends first (a clean close, or one inside
+    /// a frame). Frames already buffered are returned without reading.
+    ///
+    /// Cancel-safe: bytes read before a cancellation stay buffered.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use bytes::BytesMut;
+    /// use netproc_wire::{FrameDecoder, encode_frame};
+    ///
+    /// let mut wire = BytesMut::new();
+    /// encode_frame(b"hello", &mut wire, 1024).unwrap();
+    /// let mut rd = &wire[..];
+    /// let mut decoder = FrameDecoder::new(1024);
+    /// assert_eq!(decoder.read_frame(&mut rd).await.unwrap().unwrap().as_ref(), b"hello");
+    /// assert!(decoder.read_frame(&mut rd).await.unwrap().is_none());
+    /// # });
+    /// ```
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+    ) -> Result<Option<Bytes>, CodecError> {
+        loop {
+            if let Some(frame) = self.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let buf = self.buffer_mut();
+            buf.reserve(READ_CHUNK);
+            if rd.read_buf(buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
 
 /// Frames as a `tokio_util` codec: decodes frame bodies, encodes byte slices
 /// as frames. Same rules as [`FrameDecoder`](crate::FrameDecoder).

@@ -55,7 +55,9 @@
 //!
 //! # Features
 //!
-//! - `codec`: [`FrameCodec`], a `tokio_util::codec::{Decoder, Encoder}` for frames.
+//! - `codec`: [`FrameCodec`], a `tokio_util::codec::{Decoder, Encoder}` for frames,
+//!   and `FrameDecoder::read_frame`, which reads one frame from a tokio
+//!   `AsyncRead` (the server's and the client's framed reader).
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
