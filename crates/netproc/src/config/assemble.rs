@@ -1,0 +1,126 @@
+//! A server file made into a server: TLS material loaded, key store opened,
+//! scripts, state and propagation wired, reload sources set.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ConfigError, PropagationConfig, ScriptsConfig, ServerFile, invalid};
+use crate::auth::ApiKeyStore;
+use crate::pki::{Crl, Identity, TrustAnchors};
+use crate::script::{ScriptLimits, ScriptRuntime};
+use crate::server::{Server, ServerBuilder};
+
+impl ServerFile {
+    /// Reads the TLS files (for a start or a reload).
+    pub fn tls_material(&self) -> Result<(Identity, TrustAnchors, Vec<Crl>), String> {
+        let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
+            .map_err(|e| format!("tls.cert / tls.key: {e}"))?;
+        let roots = TrustAnchors::load(self.resolve(&self.tls.client_ca))
+            .map_err(|e| format!("tls.client_ca: {e}"))?;
+        let crls = self
+            .tls
+            .crls
+            .iter()
+            .map(|p| Crl::load(self.resolve(p)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("tls.crls: {e}"))?;
+        Ok((identity, roots, crls))
+    }
+
+    /// A server builder from this file: TLS files loaded, key store opened,
+    /// scripts and state directory set, and a reload source re-reading the
+    /// TLS files and the key store. Add native functions, then `start`; call
+    /// `follow_key_store` with the returned store so revocations end live
+    /// sessions.
+    pub fn builder(
+        &self,
+        config_path: &Path,
+    ) -> Result<(ServerBuilder, Arc<ApiKeyStore>), ConfigError> {
+        let err = |e: &dyn fmt::Display| invalid(config_path, e);
+        let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
+        let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
+        // Propagation: the target holds received keys in the state directory.
+        // One state database, shared by the server and the propagation
+        // target (each with its own tables).
+        let state = match self.state_dir.as_ref().map(|d| self.resolve(d)) {
+            Some(dir) => Some(
+                crate::server::StateDatabase::open(&dir)
+                    .map_err(|e| err(&format!("state_dir: {e}")))?,
+            ),
+            None => None,
+        };
+        let target = match (self.propagation.as_ref().filter(|p| p.enabled), &state) {
+            (Some(p), Some(db)) => {
+                let mut target = crate::propagation::TargetConfig::new(
+                    p.target_name.clone().unwrap_or_else(|| self.name.clone()),
+                    p.public_keys().map_err(|e| err(&e))?,
+                );
+                if let Some(ms) = p.freshness_ms {
+                    target.freshness = Duration::from_millis(ms);
+                }
+                Some(
+                    crate::propagation::PropagationTarget::open(target, Arc::clone(&keys), db)
+                        .map_err(|e| err(&e))?,
+                )
+            }
+            _ => None,
+        };
+        // A reload re-reads the key store, the TLS files and, with
+        // propagation, the trusted authority keys from this file.
+        let reload_keys = Arc::clone(&keys);
+        let file = self.clone();
+        let reload_target = target.clone();
+        let path = config_path.to_owned();
+        let source: crate::server::ReloadSource = Arc::new(move || {
+            if let Some(target) = &reload_target {
+                let now = ServerFile::load(&path).map_err(|e| e.to_string())?;
+                let trusted = now
+                    .propagation
+                    .as_ref()
+                    .filter(|p| p.enabled)
+                    .map(PropagationConfig::public_keys)
+                    .transpose()?
+                    .unwrap_or_default();
+                target
+                    .set_authority_keys(trusted)
+                    .map_err(|e| e.to_string())?;
+            }
+            reload_keys.reload().map_err(|e| e.to_string())?;
+            file.tls_material()
+        });
+        let mut builder = Server::builder(self.name.clone(), identity, roots, Arc::clone(&keys))
+            .reload_source(source)
+            .bind(self.bind)
+            .crls(crls)
+            .options(self.options());
+        let scripts = self.scripts.clone().unwrap_or(ScriptsConfig {
+            enabled: true,
+            workers: None,
+            max_operations: None,
+            wall_clock_ms: None,
+        });
+        if scripts.enabled {
+            let mut limits = ScriptLimits::default();
+            if let Some(n) = scripts.max_operations {
+                limits.max_operations = n;
+            }
+            if let Some(ms) = scripts.wall_clock_ms {
+                limits.wall_clock_ms = ms;
+            }
+            let mut rt = ScriptRuntime::builder().limits(limits);
+            if let Some(n) = scripts.workers {
+                rt = rt.workers(n);
+            }
+            builder = builder.scripts(rt.build());
+        }
+        if let Some(target) = &target {
+            builder = target.install(builder);
+        }
+        if let Some(db) = state {
+            builder = builder.state(db);
+        }
+        Ok((builder, keys))
+    }
+}

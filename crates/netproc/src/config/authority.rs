@@ -1,0 +1,123 @@
+//! The propagation authority's file (`netproc creds --config`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    ClientFile, ClientServer, ConfigError, LogFormat, invalid, push_hex, read, relative_to,
+};
+use crate::pki::Ed25519Key;
+
+/// An authority configuration file: its database, its signing key, and
+/// how to reach each target (the same fields as a client file's servers;
+/// the API key there must hold `receive_credentials` on that server).
+///
+/// ```toml
+/// database = "authority.db"
+/// signing_key = "authority.ed25519"   # made by `netproc creds init`
+///
+/// [targets.server_1]
+/// address = "127.0.0.1:6767"
+/// server_name = "localhost"
+/// cert = "pki/authority.crt"
+/// key = "pki/authority.key"
+/// ca = "pki/ca.crt"
+/// api_key_file = "authority-server_1.key.txt"
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthorityFile {
+    /// The authority's SQLite database (created if missing).
+    pub database: PathBuf,
+    /// A file holding the authority's Ed25519 signing key (64 hex digits of
+    /// seed, mode 0600).
+    pub signing_key: PathBuf,
+    /// Log format. Default text.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Targets delivered to at once, at most. Default 16.
+    pub max_concurrent_deliveries: Option<usize>,
+    /// How long one delivery may take, ms. Default 5 000.
+    pub delivery_timeout_ms: Option<u64>,
+    /// The targets, by name (the name each server's propagation expects:
+    /// its `propagation.target_name`, or its `name`).
+    #[serde(default)]
+    pub targets: BTreeMap<String, ClientServer>,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+impl AuthorityFile {
+    /// Reads an authority file.
+    pub fn load(path: impl AsRef<Path>) -> Result<AuthorityFile, ConfigError> {
+        let path = path.as_ref();
+        let mut file: AuthorityFile = read(path)?;
+        file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(file)
+    }
+
+    /// The signing key file, resolved.
+    pub fn signing_key_path(&self) -> PathBuf {
+        relative_to(&self.dir, &self.signing_key)
+    }
+
+    /// Creates the signing key file if it does not exist; returns the
+    /// public key (hex), for the servers' `authority_public_keys`.
+    pub fn init_signing_key(&self) -> Result<String, String> {
+        let path = self.signing_key_path();
+        if !path.exists() {
+            let key = Ed25519Key::generate().map_err(|e| e.to_string())?;
+            let mut text = zeroize::Zeroizing::new(String::with_capacity(64));
+            push_hex(&mut text, key.seed());
+            crate::pki::write_secret_file(&path, text.as_bytes(), false)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(hex::encode(self.signing_key()?.public_key()))
+    }
+
+    fn signing_key(&self) -> Result<Ed25519Key, String> {
+        let path = self.signing_key_path();
+        let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        let text = std::str::from_utf8(&bytes).unwrap_or("");
+        if hex::decode_to_slice(text.trim(), &mut *seed).is_err() {
+            return Err(format!("{}: expected 64 hex digits", path.display()));
+        }
+        Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
+    }
+
+    /// Opens the authority: database, signing key, and a netproc client of
+    /// every target. Blocking (opens the database).
+    pub fn authority(
+        &self,
+        config_path: &Path,
+    ) -> Result<crate::propagation::Authority, ConfigError> {
+        let err = |e: &dyn fmt::Display| invalid(config_path, e);
+        let key = self
+            .signing_key()
+            .map_err(|e| err(&format!("signing_key: {e}")))?;
+        let clients = ClientFile {
+            servers: self.targets.clone(),
+            dir: self.dir.clone(),
+        };
+        let client = clients.client_in(config_path, "targets")?;
+        let mut config = crate::propagation::AuthorityConfig::new(
+            relative_to(&self.dir, &self.database),
+            self.targets.keys().cloned().collect(),
+        );
+        if let Some(n) = self.max_concurrent_deliveries {
+            config.max_concurrent_deliveries = n.max(1);
+        }
+        if let Some(ms) = self.delivery_timeout_ms {
+            config.delivery_timeout = Duration::from_millis(ms.max(1));
+        }
+        let transport = Arc::new(crate::propagation::NetprocTransport::new(client));
+        crate::propagation::Authority::open(config, key, transport).map_err(|e| err(&e))
+    }
+}

@@ -1,0 +1,211 @@
+//! The server file (`netproc serve --config`): its tables and checks.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid, parse_hex32, read, relative_to};
+use crate::server::{
+    AuthControls, ConnectionControls, RequestControls, ServerOptions, SessionControls,
+};
+
+/// `[tls]` of a server file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerTls {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// The CA bundle client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// CRLs for client certificates.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+}
+
+/// `[scripts]` of a server file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ScriptsConfig {
+    /// Whether clients may define script functions. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Worker threads. Default: the available cores.
+    pub workers: Option<usize>,
+    /// Operations per call. Default 1 000 000.
+    pub max_operations: Option<u64>,
+    /// Wall-clock limit per call, ms. Default 1000.
+    pub wall_clock_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A server configuration file (`netproc serve --config netproc.toml`).
+///
+/// ```toml
+/// name = "server_1"
+/// bind = "127.0.0.1:6767"
+/// key_store = "keys.json"
+/// state_dir = "state"            # optional: persist run-time definitions
+/// log_format = "text"            # or "json"
+/// metrics_addr = "127.0.0.1:9464"  # optional Prometheus endpoint
+///
+/// [tls]
+/// cert = "pki/server.crt"
+/// key = "pki/server.key"
+/// client_ca = "pki/ca.crt"
+/// crls = ["pki/ca.crl"]
+///
+/// [request_controls.per_connection]   # any abuse-control knob; defaults otherwise
+/// burst_tokens = 800
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ServerFile {
+    /// The server's name, announced to clients.
+    pub name: String,
+    /// Listen address.
+    pub bind: SocketAddr,
+    /// TLS files.
+    pub tls: ServerTls,
+    /// The API-key store (JSON, mode 0600; see `netproc keys`).
+    pub key_store: PathBuf,
+    /// Where run-time definitions are kept; in memory when absent.
+    pub state_dir: Option<PathBuf>,
+    /// Log format. Default text.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Script functions. Enabled with defaults when absent.
+    pub scripts: Option<ScriptsConfig>,
+    /// Admission, handshake and framing limits.
+    #[serde(default)]
+    pub connection_controls: ConnectionControls,
+    /// Failed-authentication limits.
+    #[serde(default)]
+    pub auth_controls: AuthControls,
+    /// Request limits.
+    #[serde(default)]
+    pub request_controls: RequestControls,
+    /// Session limits.
+    #[serde(default)]
+    pub session_controls: SessionControls,
+    /// Reload when the TLS files or the key store change, checking every
+    /// this many milliseconds. Off when absent (SIGHUP and
+    /// `netproc admin reload` always work).
+    pub watch_interval_ms: Option<u64>,
+    /// Receive credentials from a propagation authority.
+    pub propagation: Option<PropagationConfig>,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+/// `[propagation]` of a server file: this server receives credentials
+/// from an authority (see `docs/propagation.md`). Needs `state_dir`, where
+/// the received keys and the cursor are kept.
+///
+/// ```toml
+/// [propagation]
+/// enabled = true
+/// authority_public_keys = ["<64 hex digits, from `netproc creds init`>"]
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PropagationConfig {
+    /// Off unless true.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Authority public keys (hex) whose events are accepted; several while
+    /// the authority's key is being replaced.
+    #[serde(default)]
+    pub authority_public_keys: Vec<String>,
+    /// The name the authority addresses this server by; the server's `name`
+    /// when absent.
+    pub target_name: Option<String>,
+    /// How far an event's signing time may be from this server's clock, ms.
+    /// Default 300 000.
+    pub freshness_ms: Option<u64>,
+}
+
+impl PropagationConfig {
+    /// The trusted keys, decoded.
+    pub(super) fn public_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+        self.authority_public_keys
+            .iter()
+            .map(|k| {
+                parse_hex32(k).ok_or_else(|| {
+                    format!("propagation.authority_public_keys: {k:?} is not 64 hex digits")
+                })
+            })
+            .collect()
+    }
+}
+
+impl ServerFile {
+    /// Reads and checks a server file.
+    pub fn load(path: impl AsRef<Path>) -> Result<ServerFile, ConfigError> {
+        let path = path.as_ref();
+        let mut file: ServerFile = read(path)?;
+        file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        file.options().validate().map_err(|e| invalid(path, e))?;
+        if let Some(p) = file.propagation.as_ref().filter(|p| p.enabled) {
+            if file.state_dir.is_none() {
+                return Err(invalid(
+                    path,
+                    "propagation.enabled needs state_dir (received keys and the cursor are kept there)",
+                ));
+            }
+            if p.public_keys().map_err(|e| invalid(path, e))?.is_empty() {
+                return Err(invalid(
+                    path,
+                    "propagation.authority_public_keys: at least one key is needed",
+                ));
+            }
+        }
+        Ok(file)
+    }
+    pub(super) fn resolve(&self, p: &Path) -> PathBuf {
+        relative_to(&self.dir, p)
+    }
+
+    /// The abuse-control and session settings.
+    pub fn options(&self) -> ServerOptions {
+        let mut o = ServerOptions::default();
+        o.connection_controls = self.connection_controls.clone();
+        o.auth_controls = self.auth_controls.clone();
+        o.request_controls = self.request_controls.clone();
+        o.session_controls = self.session_controls.clone();
+        o
+    }
+
+    /// The files a reload re-reads: certificate, key, CA bundle, CRLs, key store.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let t = &self.tls;
+        [&t.cert, &t.key, &t.client_ca]
+            .into_iter()
+            .chain(&t.crls)
+            .chain([&self.key_store])
+            .map(|p| self.resolve(p))
+            .collect()
+    }
+}
