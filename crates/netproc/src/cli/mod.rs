@@ -102,40 +102,32 @@ enum Command {
         /// The function's name.
         name: String,
     },
-    /// List, set or unset constants.
+    /// List, set or unset constants (`list` when no action is given).
     Constants {
         #[command(flatten)]
         target: Target,
-        /// `set NAME JSON`, `unset NAME`, or nothing to list.
-        action: Vec<String>,
+        #[command(subcommand)]
+        action: Option<ConstantsAction>,
     },
     /// List the functions you may call.
     Functions {
         #[command(flatten)]
         target: Target,
     },
-    /// Define or remove a dependency scripts can import.
+    /// Define, remove or list the dependencies scripts can import (`list`
+    /// when no action is given).
     Dependency {
         #[command(flatten)]
         target: Target,
-        /// `define ALIAS --source FILE`, `define ALIAS --host NAME`, `undefine ALIAS [--force]`, or `list`.
-        action: Vec<String>,
-        /// Rhai source for `define`.
-        #[arg(long)]
-        source: Option<PathBuf>,
-        /// A host module name for `define`.
-        #[arg(long)]
-        host: Option<String>,
-        /// Remove even if functions import it.
-        #[arg(long)]
-        force: bool,
+        #[command(subcommand)]
+        action: Option<DependencyAction>,
     },
-    /// Administer a server: info, sessions, disconnect-session ID, disconnect-principal ID, blocked, unblock ENTRY, limits, metrics, reload.
+    /// Administer a server (needs the admin privileges).
     Admin {
         #[command(flatten)]
         target: Target,
-        /// The operation and its argument.
-        op: Vec<String>,
+        #[command(subcommand)]
+        op: AdminOp,
     },
     /// The abuse-control metrics of a server.
     Metrics {
@@ -157,6 +149,80 @@ pub(crate) struct Target {
     pub(crate) config: PathBuf,
     /// A server name from the file, or all_servers.
     pub(crate) server: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConstantsAction {
+    /// List the constants.
+    List,
+    /// Set a constant.
+    Set {
+        /// The constant's name.
+        name: String,
+        /// Its value, as JSON.
+        value: String,
+    },
+    /// Remove a constant.
+    Unset {
+        /// The constant's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DependencyAction {
+    /// List the dependencies.
+    List,
+    /// Define a dependency from a Rhai source file or a host module.
+    Define {
+        /// The name scripts import it by.
+        alias: String,
+        /// Rhai source file.
+        #[arg(long, conflicts_with = "host", required_unless_present = "host")]
+        source: Option<PathBuf>,
+        /// A host module the server provides.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Remove a dependency.
+    Undefine {
+        /// The dependency's alias.
+        alias: String,
+        /// Remove even if functions import it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminOp {
+    /// The server's name, version, uptime and counts.
+    Info,
+    /// The live sessions.
+    Sessions,
+    /// End one session.
+    DisconnectSession {
+        /// The session id, from `sessions`.
+        id: u64,
+    },
+    /// End every session of a principal.
+    DisconnectPrincipal {
+        /// The principal (key id or certificate identity).
+        principal: String,
+    },
+    /// The blocked addresses and principals.
+    Blocked,
+    /// Lift a block.
+    Unblock {
+        /// The entry, as `blocked` lists it.
+        entry: String,
+    },
+    /// The abuse-control limits in force.
+    Limits,
+    /// The abuse-control metrics, as JSON.
+    Metrics,
+    /// Re-read TLS files, the key store and propagation keys.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,100 +368,63 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Functions { target } => execute(&target, Operation::ListFunctions).await,
         Command::Constants { target, action } => {
-            let op = match action
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .as_slice()
-            {
-                [] | ["list"] => Operation::ListConstants,
-                ["set", name, value] => {
-                    let j: serde_json::Value = serde_json::from_str(value)
+            let op = match action.unwrap_or(ConstantsAction::List) {
+                ConstantsAction::List => Operation::ListConstants,
+                ConstantsAction::Set { name, value } => {
+                    let j: serde_json::Value = serde_json::from_str(&value)
                         .map_err(|e| usage(format!("value is not JSON: {e}")))?;
                     Operation::DefineConstant {
-                        name: (*name).to_owned(),
+                        name,
                         value: json::to_value(j).map_err(usage)?,
                     }
                 }
-                ["unset", name] => Operation::UndefineConstant {
-                    name: (*name).to_owned(),
-                },
-                _ => {
-                    return Err(usage(
-                        "constants: expected `set NAME JSON`, `unset NAME` or nothing",
-                    ));
-                }
+                ConstantsAction::Unset { name } => Operation::UndefineConstant { name },
             };
             execute(&target, op).await
         }
-        Command::Dependency {
-            target,
-            action,
-            source,
-            host,
-            force,
-        } => {
-            let op = match action
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .as_slice()
-            {
-                ["list"] | [] => Operation::ListDependencies,
-                ["define", alias] => {
+        Command::Dependency { target, action } => {
+            let op = match action.unwrap_or(DependencyAction::List) {
+                DependencyAction::List => Operation::ListDependencies,
+                DependencyAction::Define {
+                    alias,
+                    source,
+                    host,
+                } => {
                     let source = match (source, host) {
-                        (Some(file), None) => DependencySource::Script(
+                        (Some(file), _) => DependencySource::Script(
                             std::fs::read_to_string(&file)
                                 .map_err(|e| usage(format!("{}: {e}", file.display())))?,
                         ),
                         (None, Some(h)) => DependencySource::Host(h),
-                        _ => {
+                        (None, None) => {
                             return Err(usage(
                                 "dependency define: give --source FILE or --host NAME",
                             ));
                         }
                     };
-                    Operation::DefineDependency {
-                        alias: (*alias).to_owned(),
-                        source,
-                    }
+                    Operation::DefineDependency { alias, source }
                 }
-                ["undefine", alias] => Operation::UndefineDependency {
-                    alias: (*alias).to_owned(),
-                    force,
-                },
-                _ => {
-                    return Err(usage(
-                        "dependency: expected `define ALIAS`, `undefine ALIAS` or `list`",
-                    ));
+                DependencyAction::Undefine { alias, force } => {
+                    Operation::UndefineDependency { alias, force }
                 }
             };
             execute(&target, op).await
         }
         Command::Admin { target, op } => {
-            let op = match op.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-                ["info"] => Operation::ServerInfo,
-                ["sessions"] => Operation::ListSessions,
-                ["disconnect-session", id] => Operation::DisconnectSession {
-                    session_id: id
-                        .parse()
-                        .map_err(|_| usage("disconnect-session: ID is a number"))?,
-                },
-                ["disconnect-principal", p] => Operation::DisconnectPrincipal {
-                    principal: (*p).to_owned(),
-                },
-                ["blocked"] => Operation::ListBlocked,
-                ["unblock", entry] => Operation::Unblock {
-                    entry: (*entry).to_owned(),
-                },
-                ["limits"] => Operation::GetLimits,
-                ["metrics"] => Operation::AbuseMetrics,
-                ["reload"] => Operation::Reload,
-                _ => {
-                    return Err(usage(
-                        "admin: info | sessions | disconnect-session ID | disconnect-principal ID | blocked | unblock ENTRY | limits | metrics | reload",
-                    ));
+            let op = match op {
+                AdminOp::Info => Operation::ServerInfo,
+                AdminOp::Sessions => Operation::ListSessions,
+                AdminOp::DisconnectSession { id } => {
+                    Operation::DisconnectSession { session_id: id }
                 }
+                AdminOp::DisconnectPrincipal { principal } => {
+                    Operation::DisconnectPrincipal { principal }
+                }
+                AdminOp::Blocked => Operation::ListBlocked,
+                AdminOp::Unblock { entry } => Operation::Unblock { entry },
+                AdminOp::Limits => Operation::GetLimits,
+                AdminOp::Metrics => Operation::AbuseMetrics,
+                AdminOp::Reload => Operation::Reload,
             };
             execute(&target, op).await
         }
@@ -756,4 +785,104 @@ pub(crate) async fn wait_for_signal() -> Signal {
     }
     let _ = tokio::signal::ctrl_c().await;
     Signal::Stop
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn parse(line: &str) -> Command {
+        let args = std::iter::once("netproc").chain(line.split_whitespace());
+        match Cli::try_parse_from(args) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("{line}: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_model_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every form docs/operations.md shows parses into the operation it names.
+    #[test]
+    fn documented_command_lines_parse() {
+        let c = "--config client.toml server_1";
+        assert!(matches!(
+            parse(&format!("constants {c} set limit 10")),
+            Command::Constants { action: Some(ConstantsAction::Set { name, value }), .. }
+                if name == "limit" && value == "10"
+        ));
+        assert!(matches!(
+            parse(&format!("constants {c}")),
+            Command::Constants { action: None, .. }
+        ));
+        assert!(matches!(
+            parse(&format!("constants {c} unset limit")),
+            Command::Constants {
+                action: Some(ConstantsAction::Unset { .. }),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&format!("dependency {c} define geo --source geo.rhai")),
+            Command::Dependency { action: Some(DependencyAction::Define { alias, source: Some(_), host: None }), .. }
+                if alias == "geo"
+        ));
+        assert!(matches!(
+            parse(&format!("dependency {c} define text --host text")),
+            Command::Dependency {
+                action: Some(DependencyAction::Define {
+                    source: None,
+                    host: Some(_),
+                    ..
+                }),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&format!("dependency {c} undefine geo --force")),
+            Command::Dependency {
+                action: Some(DependencyAction::Undefine { force: true, .. }),
+                ..
+            }
+        ));
+        for (op, want) in [
+            ("info", "Info"),
+            ("sessions", "Sessions"),
+            ("blocked", "Blocked"),
+            ("limits", "Limits"),
+            ("metrics", "Metrics"),
+            ("reload", "Reload"),
+            ("disconnect-session 42", "DisconnectSession { id: 42 }"),
+            (
+                "disconnect-principal alice",
+                "DisconnectPrincipal { principal: \"alice\" }",
+            ),
+            ("unblock 203.0.113.7", "Unblock { entry: \"203.0.113.7\" }"),
+        ] {
+            let Command::Admin { target, op: got } = parse(&format!("admin {c} {op}")) else {
+                panic!("{op}")
+            };
+            assert_eq!(format!("{got:?}"), want);
+            assert_eq!(target.server, "server_1");
+        }
+    }
+
+    #[test]
+    fn malformed_command_lines_are_usage_errors() {
+        for line in [
+            "admin --config c.toml s1",
+            "admin --config c.toml s1 disconnect-session forty-two",
+            "admin --config c.toml s1 bogus",
+            "constants --config c.toml s1 set limit",
+            "dependency --config c.toml s1 define geo",
+            "dependency --config c.toml s1 define geo --source a.rhai --host text",
+        ] {
+            let args = std::iter::once("netproc").chain(line.split_whitespace());
+            assert!(Cli::try_parse_from(args).is_err(), "{line}");
+        }
+    }
 }
