@@ -13,8 +13,10 @@
 //! - [`wire`]: the netproc/1 protocol, sans-I/O.
 //! - [`limits`]: rate-limiting building blocks.
 //! - [`script`]: the sandboxed script runtime for run-time defined functions.
-//! - [`config`]: TOML files for servers and clients, as `netproc serve` and
-//!   `netproc call` read them.
+//! - [`propagation`]: credential propagation from an authority to a fleet
+//!   of servers (signed events, delivery, the receiving target).
+//! - [`config`]: TOML files for servers, clients and the authority, as
+//!   `netproc serve`, `netproc call` and `netproc authority` read them.
 //!
 //! # Example
 //!
