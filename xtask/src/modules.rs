@@ -11,18 +11,20 @@ use std::path::Path;
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
-/// The crates whose module graphs are documented.
-const CRATES: &[&str] = &[
-    "netproc-wire",
-    "netproc-pki",
-    "netproc-auth",
-    "netproc-limits",
-    "netproc-script",
-    "netproc-server",
-    "netproc-client",
-    "netproc-propagation",
-    "netproc",
-];
+/// Every crate of the workspace (each directory under `crates/`), sorted:
+/// all of them must have a documented module graph.
+fn crates(root: &Path) -> Result<Vec<String>, String> {
+    let dir = root.join("crates");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        if entry.path().join("src").is_dir() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
 
 /// Names the crate root re-exports, and the module each comes from
 /// (`pub use module::{A, B};`), so `crate::A` counts as an edge to it.
@@ -192,7 +194,7 @@ fn cycle(graph: &Graph) -> Option<Vec<String>> {
 pub(crate) fn check(root: &Path) -> Result<(), String> {
     let doc = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md"))
         .map_err(|e| format!("docs/ARCHITECTURE.md: {e}"))?;
-    for krate in CRATES {
+    for krate in &crates(root)? {
         let actual = actual(&root.join("crates").join(krate).join("src"))?;
         let documented = documented(&doc, krate)?;
         let modules: BTreeSet<&String> = actual.keys().collect();

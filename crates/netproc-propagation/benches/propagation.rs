@@ -11,34 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netproc_auth::{ApiKeyStore, KeySpec};
-use netproc_client::{Client, ServerEndpoint};
-use netproc_pki::{CaParams, CertificateAuthority, Ed25519Key, LeafParams};
+use netproc_client::Client;
+use netproc_pki::Ed25519Key;
 use netproc_propagation::{
     Authority, AuthorityConfig, CredentialSpec, DeliveryState, LocalTransport, NetprocTransport,
     PropagationTarget, TargetConfig, Transport,
 };
-use netproc_server::{Server, ServerHandle};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Process CPU time (user + system) from /proc/self/stat, in microseconds.
-fn cpu_micros() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) * 10_000
-}
+use netproc_server::ServerHandle;
+use netproc_testkit::{TestPki, cpu_micros, env_or, median};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -52,11 +32,8 @@ struct Fleet {
 }
 
 async fn fleet(n: usize, dir: &std::path::Path, trusted: [u8; 32]) -> Fleet {
-    let ca = CertificateAuthority::generate(&CaParams::new("bench CA")).unwrap();
-    let server_cert = ca
-        .issue(&LeafParams::server("server", ["localhost"]))
-        .unwrap();
-    let authority_cert = ca.issue(&LeafParams::client("authority")).unwrap();
+    let pki = TestPki::new();
+    let authority_cert = pki.client_cert("authority");
     let mut servers = Vec::new();
     let mut targets = Vec::new();
     let mut names = Vec::new();
@@ -76,24 +53,12 @@ async fn fleet(n: usize, dir: &std::path::Path, trusted: [u8; 32]) -> Fleet {
             &db,
         )
         .unwrap();
-        let builder = Server::builder(
-            &name,
-            server_cert.identity().unwrap(),
-            ca.trust_anchors(),
-            Arc::clone(&keys),
-        )
-        .state(db);
+        let builder = pki.server_builder(&name, Arc::clone(&keys)).state(db);
         let server = target.install(builder).start().await.unwrap();
         server.follow_key_store(&keys);
         client = client.server(
             &name,
-            ServerEndpoint::new(
-                server.local_addr(),
-                "localhost",
-                authority_cert.identity().unwrap(),
-                ca.trust_anchors(),
-                key.to_secret(),
-            ),
+            pki.endpoint(&authority_cert, server.local_addr(), &key),
         );
         servers.push(server);
         targets.push(target);
@@ -169,11 +134,6 @@ async fn throughput(a: &Authority, target: &str, events: usize, round: usize) ->
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,8 +141,8 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let rounds = env("NETPROC_BENCH_ROUNDS", 20);
-        let events = env("NETPROC_BENCH_EVENTS", 20_000);
+        let rounds = env_or("NETPROC_BENCH_ROUNDS", 20);
+        let events = env_or("NETPROC_BENCH_EVENTS", 20_000);
         let dir = tempfile::tempdir().unwrap();
         let signing = Ed25519Key::generate().unwrap();
         let seed = *signing.seed();

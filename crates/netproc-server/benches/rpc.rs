@@ -13,36 +13,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use netproc_auth::{ApiKeyStore, KeySpec, PrivilegeSet};
-use netproc_client::{Client, ServerEndpoint};
-use netproc_pki::{CaParams, CertificateAuthority, IssuedCert, LeafParams};
-use netproc_server::{CallContext, CallError, Server, ServerHandle};
+use netproc_client::Client;
+use netproc_server::{CallContext, CallError, ServerHandle};
+use netproc_testkit::{TestPki, cpu_micros, env_or, median, percentile};
 use netproc_wire::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const PAYLOAD: usize = 64;
-
-struct Pki {
-    ca: CertificateAuthority,
-    server: IssuedCert,
-    client: IssuedCert,
-}
-
-/// Process CPU time (user + system), from /proc/self/stat, in microseconds.
-fn cpu_micros() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here; 100 ticks/s.
-    (ticks(11) + ticks(12)) * 10_000
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -60,14 +38,6 @@ impl Run {
     fn cpu_per_call(&self) -> f64 {
         self.cpu_us as f64 / self.calls.max(1) as f64
     }
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
 // ---------------------------------------------------------------- raw echo
@@ -179,7 +149,7 @@ async fn raw_client_conn(
     }
 }
 
-async fn run_raw(pki: &Pki, c: usize, k: usize, secs: f64) -> Run {
+async fn run_raw(pki: &TestPki, c: usize, k: usize, secs: f64) -> Run {
     let server_cfg = netproc_pki::server_config(
         &pki.server.identity().unwrap(),
         &pki.ca.trust_anchors(),
@@ -244,37 +214,29 @@ async fn run_raw(pki: &Pki, c: usize, k: usize, secs: f64) -> Run {
 
 // ---------------------------------------------------------------- netproc
 
-async fn start_netproc(pki: &Pki) -> (ServerHandle, netproc_auth::ApiKey) {
-    let keys = ApiKeyStore::in_memory();
+async fn start_netproc(pki: &TestPki) -> (ServerHandle, netproc_auth::ApiKey) {
+    let keys = Arc::new(ApiKeyStore::in_memory());
     let (_, key) = keys.create(KeySpec::new(PrivilegeSet::all())).unwrap();
     // The reference's request buckets allow 200 calls/s per connection:
     // raise them out of the way, as a load test must.
-    let mut options = netproc_server::ServerOptions::default();
-    options.request_controls.per_connection = netproc_server::BucketControls::disabled();
-    options.request_controls.per_api_key = netproc_server::BucketControls::disabled();
-    options.request_controls.per_ip = netproc_server::BucketControls::disabled();
-    let server = Server::builder(
-        "bench",
-        pki.server.identity().unwrap(),
-        pki.ca.trust_anchors(),
-        keys,
-    )
-    .options(options)
-    .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
-        Ok::<_, CallError>(a + b)
-    })
-    .scripts(netproc_script::ScriptRuntime::builder().build())
-    .function("echo", |_: CallContext, (v,): (Value,)| async move {
-        Ok::<_, CallError>(v)
-    })
-    .start()
-    .await
-    .unwrap();
+    let server = pki
+        .server_builder("bench", keys)
+        .options(netproc_testkit::unlimited())
+        .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
+            Ok::<_, CallError>(a + b)
+        })
+        .scripts(netproc_script::ScriptRuntime::builder().build())
+        .function("echo", |_: CallContext, (v,): (Value,)| async move {
+            Ok::<_, CallError>(v)
+        })
+        .start()
+        .await
+        .unwrap();
     (server, key)
 }
 
 async fn run_netproc(
-    pki: &Pki,
+    pki: &TestPki,
     server: &ServerHandle,
     key: &netproc_auth::ApiKey,
     c: usize,
@@ -287,13 +249,7 @@ async fn run_netproc(
     for i in 0..c {
         builder = builder.server(
             format!("c{i}"),
-            ServerEndpoint::new(
-                server.local_addr(),
-                "localhost",
-                pki.client.identity().unwrap(),
-                pki.ca.trust_anchors(),
-                key.to_secret(),
-            ),
+            pki.endpoint(&pki.client, server.local_addr(), key),
         );
     }
     let client = builder.build().unwrap();
@@ -358,36 +314,20 @@ async fn run_netproc(
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     // `cargo test --all-targets` runs benches as tests with `--bench` absent: do nothing then.
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let secs: f64 = std::env::var("NETPROC_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
-    let rounds: usize = std::env::var("NETPROC_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let secs: f64 = env_or("NETPROC_BENCH_SECS", 5.0);
+    let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let ca = CertificateAuthority::generate(&CaParams::new("bench CA")).unwrap();
-        let pki = Pki {
-            server: ca.issue(&LeafParams::server("bench", ["localhost"])).unwrap(),
-            client: ca.issue(&LeafParams::client("bench")).unwrap(),
-            ca,
-        };
+        let pki = TestPki::new();
         let (server, key) = start_netproc(&pki).await;
         for (c, k) in [(4usize, 32usize), (1, 1)] {
             let mut raw_runs = Vec::new();
@@ -422,13 +362,7 @@ fn main() {
         let definer = Client::builder()
             .server(
                 "s",
-                ServerEndpoint::new(
-                    server.local_addr(),
-                    "localhost",
-                    pki.client.identity().unwrap(),
-                    pki.ca.trust_anchors(),
-                    key.to_secret(),
-                ),
+                pki.endpoint(&pki.client, server.local_addr(), &key),
             )
             .build()
             .unwrap();

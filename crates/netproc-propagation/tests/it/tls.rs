@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use netproc_auth::{ApiKey, ApiKeyStore, CertBinding, KeySpec, PrivilegeSet};
 use netproc_client::{Client, ClientError, ServerEndpoint, ServerRef};
-use netproc_pki::{CaParams, CertificateAuthority, Ed25519Key, IssuedCert, LeafParams};
+use netproc_pki::{Ed25519Key, IssuedCert};
 use netproc_propagation::TransportError;
 use netproc_propagation::{
     Ack, Authority, AuthorityConfig, Credential, CredentialSpec, Delivery, DeliveryReply,
@@ -17,27 +17,32 @@ use netproc_propagation::{
     TargetConfig, Transport, sign,
 };
 use netproc_server::{CallContext, CallError, Server, ServerHandle};
+use netproc_testkit::TestPki;
 use netproc_wire::{ErrorCode, Operation, Value};
 use tokio::task::JoinHandle;
 
+/// The workspace's test PKI plus the authority's and a user's certificates.
 pub(crate) struct Pki {
-    pub(crate) ca: CertificateAuthority,
-    pub(crate) server: IssuedCert,
+    kit: TestPki,
     pub(crate) authority: IssuedCert,
     pub(crate) user: IssuedCert,
 }
 
 impl Pki {
     pub(crate) fn new() -> Pki {
-        let ca = CertificateAuthority::generate(&CaParams::new("fleet CA")).unwrap();
+        let kit = TestPki::new();
         Pki {
-            server: ca
-                .issue(&LeafParams::server("server", ["localhost", "127.0.0.1"]))
-                .unwrap(),
-            authority: ca.issue(&LeafParams::client("authority")).unwrap(),
-            user: ca.issue(&LeafParams::client("user")).unwrap(),
-            ca,
+            authority: kit.client_cert("authority"),
+            user: kit.client_cert("user"),
+            kit,
         }
+    }
+}
+
+impl std::ops::Deref for Pki {
+    type Target = TestPki;
+    fn deref(&self) -> &TestPki {
+        &self.kit
     }
 }
 
@@ -77,20 +82,16 @@ pub(crate) async fn start_node(
         &db,
     )
     .unwrap();
-    let mut builder = Server::builder(
-        name,
-        pki.server.identity().unwrap(),
-        pki.ca.trust_anchors(),
-        Arc::clone(&keys),
-    )
-    .state(db)
-    .function("whoami", |ctx: CallContext, (): ()| async move {
-        Ok::<_, CallError>(ctx.principal().id.clone())
-    })
-    .function("sleep_ms", |_: CallContext, (ms,): (u64,)| async move {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok::<_, CallError>(ms)
-    });
+    let mut builder = pki
+        .server_builder(name, Arc::clone(&keys))
+        .state(db)
+        .function("whoami", |ctx: CallContext, (): ()| async move {
+            Ok::<_, CallError>(ctx.principal().id.clone())
+        })
+        .function("sleep_ms", |_: CallContext, (ms,): (u64,)| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, CallError>(ms)
+        });
     if let Some(addr) = bind {
         builder = builder.bind(addr);
     }
@@ -107,15 +108,8 @@ pub(crate) async fn start_node(
 }
 
 fn endpoint(pki: &Pki, cert: &IssuedCert, addr: SocketAddr, key: &ApiKey) -> ServerEndpoint {
-    ServerEndpoint::new(
-        addr,
-        "localhost",
-        cert.identity().unwrap(),
-        pki.ca.trust_anchors(),
-        key.to_secret(),
-    )
-    .connect_timeout(Duration::from_secs(2))
-    .request_timeout(Duration::from_secs(10))
+    pki.endpoint(cert, addr, key)
+        .connect_timeout(Duration::from_secs(2))
 }
 
 /// The authority's client: one server per target, each with its key there.

@@ -6,30 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use netproc_auth::{ApiKey, ApiKeyStore, KeySpec, PrivilegeSet};
+use netproc_auth::{ApiKey, ApiKeyStore};
 use netproc_client::{Client, ServerEndpoint};
-use netproc_pki::{CaParams, CertificateAuthority, IssuedCert, LeafParams};
-use netproc_server::{CallContext, CallError, Server, ServerBuilder, ServerHandle, ServerOptions};
+use netproc_pki::IssuedCert;
+use netproc_server::{CallContext, CallError, ServerBuilder, ServerHandle, ServerOptions};
 use netproc_wire::{ClientMessage, FrameDecoder, ServerMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::client::TlsStream;
 
-pub(crate) struct Pki {
-    pub(crate) ca: CertificateAuthority,
-    pub(crate) server: IssuedCert,
-    pub(crate) client: IssuedCert,
-}
-
-impl Pki {
-    pub(crate) fn new() -> Pki {
-        let ca = CertificateAuthority::generate(&CaParams::new("test CA")).unwrap();
-        let server = ca
-            .issue(&LeafParams::server("server", ["localhost", "127.0.0.1"]))
-            .unwrap();
-        let client = ca.issue(&LeafParams::client("client")).unwrap();
-        Pki { ca, server, client }
-    }
-}
+/// The test PKI of the whole workspace: a CA, a server and a client
+/// certificate.
+pub(crate) use netproc_testkit::{TestPki as Pki, key, only, unlimited};
 
 /// Set by `cancellable` when its future is dropped or sees cancellation.
 pub(crate) static CANCEL_SEEN: AtomicBool = AtomicBool::new(false);
@@ -43,43 +30,38 @@ impl Drop for DropFlag {
 
 /// A server with the test functions, over `keys`.
 pub(crate) fn builder(pki: &Pki, name: &str, keys: Arc<ApiKeyStore>) -> ServerBuilder {
-    Server::builder(
-        name,
-        pki.server.identity().unwrap(),
-        pki.ca.trust_anchors(),
-        keys,
-    )
-    .function("ping_fn", |_: CallContext, (): ()| async move {
-        Ok::<_, CallError>("ok")
-    })
-    .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
-        Ok::<_, CallError>(a + b)
-    })
-    .function(
-        "echo",
-        |_: CallContext, (v,): (netproc_wire::Value,)| async move { Ok::<_, CallError>(v) },
-    )
-    .function("sleep_ms", |_: CallContext, (ms,): (u64,)| async move {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok::<_, CallError>(ms)
-    })
-    .function("fail", |_: CallContext, (msg,): (String,)| async move {
-        Err::<(), _>(CallError::new(msg))
-    })
-    .function("boom", |_: CallContext, (): ()| async move {
-        if true {
-            panic!("secret internal detail");
-        }
-        Ok::<(), CallError>(())
-    })
-    .function("whoami", |ctx: CallContext, (): ()| async move {
-        Ok::<_, CallError>(ctx.principal().id.clone())
-    })
-    .function("cancellable", |ctx: CallContext, (): ()| async move {
-        let _flag = DropFlag;
-        ctx.cancellation().cancelled().await;
-        Ok::<(), CallError>(())
-    })
+    pki.server_builder(name, keys)
+        .function("ping_fn", |_: CallContext, (): ()| async move {
+            Ok::<_, CallError>("ok")
+        })
+        .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
+            Ok::<_, CallError>(a + b)
+        })
+        .function(
+            "echo",
+            |_: CallContext, (v,): (netproc_wire::Value,)| async move { Ok::<_, CallError>(v) },
+        )
+        .function("sleep_ms", |_: CallContext, (ms,): (u64,)| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, CallError>(ms)
+        })
+        .function("fail", |_: CallContext, (msg,): (String,)| async move {
+            Err::<(), _>(CallError::new(msg))
+        })
+        .function("boom", |_: CallContext, (): ()| async move {
+            if true {
+                panic!("secret internal detail");
+            }
+            Ok::<(), CallError>(())
+        })
+        .function("whoami", |ctx: CallContext, (): ()| async move {
+            Ok::<_, CallError>(ctx.principal().id.clone())
+        })
+        .function("cancellable", |ctx: CallContext, (): ()| async move {
+            let _flag = DropFlag;
+            ctx.cancellation().cancelled().await;
+            Ok::<(), CallError>(())
+        })
 }
 
 pub(crate) async fn start(pki: &Pki, name: &str, keys: Arc<ApiKeyStore>) -> ServerHandle {
@@ -98,21 +80,6 @@ pub(crate) async fn start_with(
         .unwrap()
 }
 
-/// Default options with the request buckets off (for load-style tests).
-pub(crate) fn unlimited() -> ServerOptions {
-    let mut o = ServerOptions::default();
-    o.request_controls.per_connection = netproc_server::BucketControls::disabled();
-    o.request_controls.per_api_key = netproc_server::BucketControls::disabled();
-    o.request_controls.per_ip = netproc_server::BucketControls::disabled();
-    o
-}
-
-pub(crate) fn key(keys: &ApiKeyStore, privileges: &str) -> ApiKey {
-    keys.create(KeySpec::new(privileges.parse::<PrivilegeSet>().unwrap()))
-        .unwrap()
-        .1
-}
-
 pub(crate) fn endpoint(pki: &Pki, server: &ServerHandle, key: &ApiKey) -> ServerEndpoint {
     endpoint_as(pki, &pki.client, server, key)
 }
@@ -123,31 +90,13 @@ pub(crate) fn endpoint_as(
     server: &ServerHandle,
     key: &ApiKey,
 ) -> ServerEndpoint {
-    ServerEndpoint::new(
-        server.local_addr(),
-        "localhost",
-        cert.identity().unwrap(),
-        pki.ca.trust_anchors(),
-        key.to_secret(),
-    )
-    .connect_timeout(Duration::from_secs(5))
-    .request_timeout(Duration::from_secs(10))
+    pki.endpoint(cert, server.local_addr(), key)
 }
 
 pub(crate) fn client(pki: &Pki, server: &ServerHandle, key: &ApiKey) -> Client {
     Client::builder()
         .server("s1", endpoint(pki, server, key))
         .build()
-        .unwrap()
-}
-
-/// A client of one server, named "s1".
-pub(crate) fn only(endpoint: ServerEndpoint) -> netproc_client::ServerRef {
-    Client::builder()
-        .server("s1", endpoint)
-        .build()
-        .unwrap()
-        .server("s1")
         .unwrap()
 }
 
