@@ -51,8 +51,13 @@ mod client;
 mod connection;
 mod endpoint;
 mod error;
+mod fan_out;
+mod server_ref;
+mod slot;
 
 // The public interface.
-pub use client::{ALL_SERVERS, AllServers, Client, ClientBuilder, FanOut, ServerRef};
+pub use client::{ALL_SERVERS, Client, ClientBuilder};
 pub use endpoint::ServerEndpoint;
 pub use error::{ClientError, ServerOutcome, TlsFailure};
+pub use fan_out::{AllServers, FanOut};
+pub use server_ref::ServerRef;
