@@ -14,7 +14,9 @@ use netproc::config::AuthorityFile;
 use netproc::propagation::{Authority, CredentialSpec, DeliveryState};
 use serde_json::json;
 
-use super::{Failure, failed, init_logging, load_cert, print_json, usage};
+use super::pki::load_cert;
+use super::serve::{Signal, init_logging, wait_for_signal};
+use super::{Failure, failed, print_json, usage};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum CredsCommand {
@@ -134,7 +136,7 @@ pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
         hex::encode(authority.public_key())
     );
     authority
-        .run(async { while let super::Signal::Reload = super::wait_for_signal().await {} })
+        .run(async { while let Signal::Reload = wait_for_signal().await {} })
         .await;
     tracing::info!("authority stopped");
     Ok(())

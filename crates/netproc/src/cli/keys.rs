@@ -1,0 +1,153 @@
+//! `netproc keys`: manage an API-key store file.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use netproc::auth::{ApiKeyStore, CertBinding, KeySpec, PrivilegeSet};
+
+use super::pki::load_cert;
+use super::{Failure, failed, print_json, usage};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create a key; it is printed once, only its hash is stored.
+    Create {
+        #[arg(long)]
+        store: PathBuf,
+        /// Comma-separated privileges.
+        #[arg(long, default_value = "invoke_functions")]
+        privileges: String,
+        /// Bind the key to this certificate (PEM file).
+        #[arg(long)]
+        bind_cert: Option<PathBuf>,
+        /// Bind the key to a SAN or fingerprint (dns:…, uri:…, sha256:…).
+        #[arg(long)]
+        bind: Option<String>,
+        /// Expire after this many days.
+        #[arg(long)]
+        expires_days: Option<u64>,
+        /// Comma-separated function allow-list.
+        #[arg(long)]
+        functions: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        /// Also write the key to this file (mode 0600), for `api_key_file`.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
+        /// Make an Ed25519 key instead of an API key: only its public half is
+        /// stored; the private credential (`npe_…`) works in `api_key_file`.
+        #[arg(long)]
+        ed25519: bool,
+        /// This key's own cap on concurrent sessions (0 = none), over the server's.
+        #[arg(long)]
+        max_sessions: Option<u32>,
+        /// One active session for this key: a new one replaces the old.
+        #[arg(long)]
+        single_active_session: bool,
+    },
+    /// List keys (never secrets).
+    List {
+        #[arg(long)]
+        store: PathBuf,
+    },
+    /// Delete a key.
+    Revoke {
+        #[arg(long)]
+        store: PathBuf,
+        id: String,
+    },
+    /// New secret for a key; printed once.
+    Rotate {
+        #[arg(long)]
+        store: PathBuf,
+        id: String,
+    },
+}
+
+pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
+    match cmd {
+        KeysCommand::Create {
+            store,
+            privileges,
+            bind_cert,
+            bind,
+            expires_days,
+            functions,
+            label,
+            key_out,
+            ed25519,
+            max_sessions,
+            single_active_session,
+        } => {
+            let keys = ApiKeyStore::open(&store).map_err(failed)?;
+            let privileges: PrivilegeSet = privileges.parse().map_err(usage)?;
+            let mut spec = KeySpec::new(privileges);
+            match (bind_cert, bind) {
+                (Some(file), None) => {
+                    spec = spec.binding(CertBinding::Fingerprint(load_cert(&file)?.fingerprint))
+                }
+                (None, Some(b)) => spec = spec.binding(b.parse().map_err(usage)?),
+                (None, None) => {}
+                _ => return Err(usage("give --bind-cert or --bind, not both")),
+            }
+            if let Some(days) = expires_days {
+                spec = spec.expires_at(SystemTime::now() + Duration::from_secs(days * 86_400));
+            }
+            if let Some(f) = functions {
+                spec = spec.functions(f.split(',').map(str::trim).filter(|s| !s.is_empty()));
+            }
+            if let Some(l) = label {
+                spec = spec.label(l);
+            }
+            spec = spec.session_policy(max_sessions, single_active_session.then_some(true));
+            let (info, key) = if ed25519 {
+                let signing = netproc::pki::Ed25519Key::generate().map_err(failed)?;
+                let info = keys
+                    .register_ed25519(spec, signing.public_key())
+                    .map_err(failed)?;
+                let text = netproc::config::format_ed25519_credential(&info.id, &signing);
+                (info, netproc::wire::SecretString::new(text.to_string()))
+            } else {
+                let (info, key) = keys.create(spec).map_err(failed)?;
+                (info, key.to_secret())
+            };
+            if let Some(path) = key_out {
+                netproc::pki::write_secret_file(&path, key.expose().as_bytes(), false)
+                    .map_err(failed)?;
+                eprintln!(
+                    "created key {} ({}); written to {} (0600)",
+                    info.id,
+                    info.privileges,
+                    path.display()
+                );
+            } else {
+                eprintln!(
+                    "created key {} ({}); the key is shown once:",
+                    info.id, info.privileges
+                );
+                println!("{}", key.expose());
+            }
+        }
+        KeysCommand::List { store } => {
+            let keys = ApiKeyStore::open(&store).map_err(failed)?;
+            print_json(&serde_json::to_value(keys.list()).unwrap_or_default());
+        }
+        KeysCommand::Revoke { store, id } => {
+            ApiKeyStore::open(&store)
+                .map_err(failed)?
+                .revoke(&id)
+                .map_err(failed)?;
+            eprintln!("revoked {id}");
+        }
+        KeysCommand::Rotate { store, id } => {
+            let key = ApiKeyStore::open(&store)
+                .map_err(failed)?
+                .rotate(&id)
+                .map_err(failed)?;
+            eprintln!("rotated {id}; the new key is shown once:");
+            println!("{}", key.expose());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! `netproc pki`: make and inspect certificates.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use clap::Subcommand;
+use netproc::pki::{
+    CaParams, CertIdentity, CertificateAuthority, LeafParams, SubjectAltName, Validity,
+};
+
+use super::{Failure, failed, usage};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PkiCommand {
+    /// A new CA: ca.crt and ca.key (0600) in --out.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "netproc CA")]
+        name: String,
+        #[arg(long, default_value_t = 3652)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// A server certificate for DNS names and IPs, signed by the CA in --ca-dir.
+    IssueServer {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Written as NAME.crt and NAME.key in --ca-dir.
+        #[arg(long)]
+        name: String,
+        /// DNS names and IP addresses (repeat).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// A client certificate, signed by the CA in --ca-dir.
+    IssueClient {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Common name; written as NAME.crt and NAME.key in --ca-dir.
+        #[arg(long)]
+        name: String,
+        /// Extra SANs: uri:…, dns:…, email:…, ip:… (repeat).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Subject, SANs, validity, EKUs and fingerprint of a PEM certificate.
+    Inspect { file: PathBuf },
+    /// The SHA-256 fingerprint of a PEM certificate.
+    Fingerprint { file: PathBuf },
+}
+
+pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
+    let validity = |days: u32| Validity::days_from_now(days);
+    match cmd {
+        PkiCommand::Init {
+            out,
+            name,
+            days,
+            force,
+        } => {
+            std::fs::create_dir_all(&out).map_err(|e| failed(format!("{}: {e}", out.display())))?;
+            let ca = CertificateAuthority::generate(&CaParams::new(name).validity(validity(days)))
+                .map_err(failed)?;
+            ca.save(out.join("ca.crt"), out.join("ca.key"), force)
+                .map_err(failed)?;
+            print_identity("ca", ca.cert_identity());
+        }
+        PkiCommand::IssueServer {
+            ca_dir,
+            name,
+            sans,
+            days,
+            force,
+        } => {
+            let ca = CertificateAuthority::load(ca_dir.join("ca.crt"), ca_dir.join("ca.key"))
+                .map_err(failed)?;
+            let cert = ca
+                .issue(&LeafParams::server(name.clone(), sans).validity(validity(days)))
+                .map_err(failed)?;
+            cert.save(
+                ca_dir.join(format!("{name}.crt")),
+                ca_dir.join(format!("{name}.key")),
+                force,
+            )
+            .map_err(failed)?;
+            print_identity(&name, cert.cert_identity());
+        }
+        PkiCommand::IssueClient {
+            ca_dir,
+            name,
+            sans,
+            days,
+            force,
+        } => {
+            let ca = CertificateAuthority::load(ca_dir.join("ca.crt"), ca_dir.join("ca.key"))
+                .map_err(failed)?;
+            let mut params = LeafParams::client(name.clone()).validity(validity(days));
+            for san in sans {
+                params = params.san(san.parse::<SubjectAltName>().map_err(usage)?);
+            }
+            let cert = ca.issue(&params).map_err(failed)?;
+            cert.save(
+                ca_dir.join(format!("{name}.crt")),
+                ca_dir.join(format!("{name}.key")),
+                force,
+            )
+            .map_err(failed)?;
+            print_identity(&name, cert.cert_identity());
+        }
+        PkiCommand::Inspect { file } => {
+            print_identity(&file.display().to_string(), &load_cert(&file)?)
+        }
+        PkiCommand::Fingerprint { file } => println!("{}", load_cert(&file)?.fingerprint),
+    }
+    Ok(())
+}
+
+pub(crate) fn load_cert(file: &Path) -> Result<CertIdentity, Failure> {
+    let pem = std::fs::read(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
+    CertIdentity::from_pem(&pem, &file.display().to_string()).map_err(failed)
+}
+
+fn date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("unix {secs}")
+}
+
+fn print_identity(name: &str, id: &CertIdentity) {
+    println!("{name}");
+    println!("  subject      {}", id.subject);
+    println!("  issuer       {}", id.issuer);
+    let sans: Vec<String> = id.sans.iter().map(ToString::to_string).collect();
+    println!(
+        "  sans         {}",
+        if sans.is_empty() {
+            "-".into()
+        } else {
+            sans.join(", ")
+        }
+    );
+    let ekus: Vec<String> = id.key_purposes.iter().map(ToString::to_string).collect();
+    println!(
+        "  key usage    {}",
+        if ekus.is_empty() {
+            "-".into()
+        } else {
+            ekus.join(", ")
+        }
+    );
+    println!("  ca           {}", id.is_ca);
+    println!("  serial       {}", id.serial);
+    println!(
+        "  valid        {} .. {}",
+        date(id.not_before),
+        date(id.not_after)
+    );
+    println!("  sha256       {}", id.fingerprint);
+}

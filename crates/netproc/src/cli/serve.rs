@@ -1,0 +1,105 @@
+//! `netproc serve`: run a server from its file, logging, signals.
+
+use std::path::Path;
+use std::time::Duration;
+
+use netproc::config::{LogFormat, ServerFile};
+use netproc::server::{CallContext, CallError};
+use netproc::wire::Value;
+
+use super::{Failure, failed, usage};
+
+pub(crate) fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NETPROC_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+}
+
+pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
+    let file = ServerFile::load(config).map_err(usage)?;
+    init_logging(file.log_format);
+    if let Some(addr) = file.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| failed(format!("metrics endpoint {addr}: {e}")))?;
+        tracing::info!(%addr, "Prometheus metrics at /metrics");
+    }
+    let (builder, keys) = file.builder(config).map_err(usage)?;
+    let server = builder
+        // A built-in diagnostic function, for `netproc bench`.
+        .function("echo", |_: CallContext, (v,): (Value,)| async move {
+            Ok::<_, CallError>(v)
+        })
+        .start()
+        .await
+        .map_err(failed)?;
+    server.follow_key_store(&keys);
+    if let Some(ms) = file.watch_interval_ms {
+        server.watch_files(file.watched_files(), Duration::from_millis(ms.max(100)));
+    }
+    println!("listening on {}", server.local_addr());
+    // SIGHUP reloads; SIGINT or SIGTERM ends the loop.
+    while let Signal::Reload = wait_for_signal().await {
+        match server.reload().await {
+            Ok(closed) => tracing::info!(
+                sessions_closed = closed,
+                "reloaded certificates, CRLs and keys"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "reload refused; the last good configuration stays")
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    server.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+pub(crate) enum Signal {
+    /// SIGHUP: reload certificates, CRLs and the key store.
+    Reload,
+    /// SIGINT or SIGTERM: stop gracefully.
+    Stop,
+}
+
+pub(crate) async fn wait_for_signal() -> Signal {
+    #[cfg(unix)]
+    {
+        use std::sync::OnceLock;
+        use tokio::signal::unix::{Signal as Unix, SignalKind, signal};
+        use tokio::sync::Mutex;
+        // Registered once, kept for the process: a signal between two waits is not lost.
+        static SIGNALS: OnceLock<Option<Mutex<(Unix, Unix, Unix)>>> = OnceLock::new();
+        let signals = SIGNALS.get_or_init(|| {
+            match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(i), Ok(t), Ok(h)) => Some(Mutex::new((i, t, h))),
+                _ => None,
+            }
+        });
+        if let Some(signals) = signals {
+            let mut guard = signals.lock().await;
+            let (int, term, hup) = &mut *guard;
+            return tokio::select! {
+                _ = int.recv() => Signal::Stop,
+                _ = term.recv() => Signal::Stop,
+                _ = hup.recv() => Signal::Reload,
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    Signal::Stop
+}
