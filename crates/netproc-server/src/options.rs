@@ -3,6 +3,11 @@
 //! The three abuse-control groups and their knobs are the reference's, with
 //! the same names and defaults; `session_controls` and the `max_tracked_*`
 //! bounds are netproc's additions.
+//!
+//! Over 600 lines on purpose: it is the table of every knob (unit, default,
+//! cost, validation) that `docs/operations.md` and the TOML file follow, and
+//! an operator or reviewer reads it top to bottom; the tests (about 115
+//! lines) check the table against the file format.
 
 use netproc_wire::{DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DEFAULT_MAX_PRE_AUTH_FRAME_BYTES};
 use serde::{Deserialize, Deserializer, Serialize};
