@@ -1,7 +1,10 @@
 //! Tests of netproc-propagation: the signed envelope, the authority and
 //! targets in one process, and the whole thing over real TLS.
 
+mod durability;
 mod envelope;
+mod fleet;
 mod local;
 mod tls;
+mod tls_refusals;
 mod vectors;
