@@ -2,6 +2,8 @@
 //! process, the real client.
 
 mod abuse;
+mod abuse_auth;
+mod abuse_live;
 mod auth;
 mod calls;
 mod compat;
