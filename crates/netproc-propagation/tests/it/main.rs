@@ -5,6 +5,7 @@ mod durability;
 mod envelope;
 mod fleet;
 mod local;
+mod local_props;
 mod tls;
 mod tls_refusals;
 mod vectors;
