@@ -4,15 +4,20 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};
 
 use netproc_auth::*;
-use netproc_pki::{CaParams, CertIdentity, CertificateAuthority, LeafParams, SubjectAltName};
+use netproc_pki::{CertIdentity, LeafParams, SubjectAltName};
+use netproc_testkit::TestPki;
 
 fn certs() -> (CertIdentity, CertIdentity) {
-    let ca = CertificateAuthority::generate(&CaParams::new("ca")).unwrap();
-    let a = ca
+    // The workspace's test CA; `a` needs a URI SAN of its own.
+    let pki = TestPki::new();
+    let a = pki
+        .ca
         .issue(&LeafParams::client("a").san(SubjectAltName::Uri("spiffe://t/a".into())))
         .unwrap();
-    let b = ca.issue(&LeafParams::client("b")).unwrap();
-    (a.cert_identity().clone(), b.cert_identity().clone())
+    (
+        a.cert_identity().clone(),
+        pki.client.cert_identity().clone(),
+    )
 }
 
 #[test]

@@ -7,16 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use netproc_auth::{ApiKeyStore, BoxFuture, KeySpec};
-use netproc_pki::{CaParams, CertIdentity, CertificateAuthority, Ed25519Key, LeafParams};
+use netproc_pki::{CertIdentity, Ed25519Key};
 use netproc_propagation::{
     Authority, AuthorityConfig, CredentialSpec, DeliveryState, LocalTransport, Outgoing,
     PropagationTarget, TargetConfig, Transport, TransportError,
 };
 
 pub(crate) fn cert() -> CertIdentity {
-    let ca = CertificateAuthority::generate(&CaParams::new("ca")).unwrap();
-    ca.issue(&LeafParams::client("c"))
-        .unwrap()
+    netproc_testkit::TestPki::new()
+        .client
         .cert_identity()
         .clone()
 }
