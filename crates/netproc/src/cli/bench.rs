@@ -220,13 +220,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             "max_us": h.max(),
             "errors": errors,
         });
-        println!("{line}");
+        outln!("{line}");
     } else {
-        println!(
+        outln!(
             "{calls} calls in {:.2} s: {rate:.0} calls/s",
             elapsed.as_secs_f64()
         );
-        println!(
+        outln!(
             "latency µs: p50 {} p90 {} p99 {} max {}",
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.9),
@@ -234,7 +234,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             h.max()
         );
         for (code, n) in &errors {
-            println!("errors {code}: {n}");
+            outln!("errors {code}: {n}");
         }
     }
     Ok(())
@@ -271,7 +271,7 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
         held.len(),
         opened_in.as_secs_f64()
     );
-    println!(
+    outln!(
         "{}",
         serde_json::json!({"held": held.len(), "open_s": opened_in.as_secs_f64(), "errors": failures})
     );

@@ -112,7 +112,7 @@ fn hand_out(id: &str, key: &str, key_out: Option<&Path>, what: &str) -> Result<(
         eprintln!("{what} {id}; written to {} (0600)", path.display());
     } else {
         eprintln!("{what} {id}; the key is shown once:");
-        println!("{key}");
+        outln!("{key}");
     }
     Ok(())
 }
@@ -130,7 +130,7 @@ pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
     let file = AuthorityFile::load(config).map_err(usage)?;
     init_logging(file.log_format);
     let authority = file.authority(config).map_err(usage)?;
-    println!(
+    outln!(
         "authority for {} target(s); public key {}",
         file.targets.len(),
         hex::encode(authority.public_key())
@@ -151,7 +151,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                 "signing key in {}; put this public key in each server's propagation.authority_public_keys:",
                 file.signing_key_path().display()
             );
-            println!("{public}");
+            outln!("{public}");
         }
         CredsCommand::Ensure {
             config,

@@ -40,9 +40,9 @@ impl Out {
     fn step(&mut self, text: &str) {
         self.step += 1;
         if self.color {
-            println!("\x1b[1m[{}]\x1b[0m {text}", self.step);
+            outln!("\x1b[1m[{}]\x1b[0m {text}", self.step);
         } else {
-            println!("[{}] {text}", self.step);
+            outln!("[{}] {text}", self.step);
         }
     }
 
@@ -52,7 +52,7 @@ impl Out {
         } else {
             "ok"
         };
-        println!("    {mark} {text}");
+        outln!("    {mark} {text}");
     }
 }
 
@@ -140,7 +140,7 @@ pub(crate) async fn demo() -> Result<(), Error> {
         color: std::io::stdout().is_terminal(),
         step: 0,
     };
-    println!("netproc demo: secure remote procedure calls over mutual TLS\n");
+    outln!("netproc demo: secure remote procedure calls over mutual TLS\n");
 
     out.step("a throwaway private CA, and a client certificate for alice");
     let ca = CertificateAuthority::generate(&CaParams::new("netproc demo CA"))?;
@@ -248,7 +248,7 @@ pub(crate) async fn demo() -> Result<(), Error> {
         .into_iter()
         .map(|(k, v)| (k, ServerOutcome::from(v)))
         .collect();
-    println!("    {}", serde_json::to_string(&json)?);
+    outln!("    {}", serde_json::to_string(&json)?);
     out.step("alice defines a sandboxed script function on all_servers and calls it everywhere");
     let source = "fn greet(name) { `hello ${name}, the answer is ${constant(\"answer\")}` }";
     client.all_servers().define_constant("answer", 42).await;
@@ -371,11 +371,11 @@ pub(crate) async fn demo() -> Result<(), Error> {
     }
     out.ok("both servers stopped; later calls fail with unavailable / shutting_down");
 
-    println!("\nall steps behaved as expected.");
-    println!("next: cargo test --workspace        the test suite");
-    println!("      cargo xtask pki               a dev PKI in fixtures/pki");
-    println!("      cargo doc --workspace --open  the API, with runnable examples");
-    println!(
+    outln!("\nall steps behaved as expected.");
+    outln!("next: cargo test --workspace        the test suite");
+    outln!("      cargo xtask pki               a dev PKI in fixtures/pki");
+    outln!("      cargo doc --workspace --open  the API, with runnable examples");
+    outln!(
         "also: `netproc serve|call|pki|keys|admin|metrics|bench` (docs/operations.md), `netproc authority|creds` (docs/propagation.md)."
     );
     Ok(())

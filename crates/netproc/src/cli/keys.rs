@@ -126,7 +126,7 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
                     "created key {} ({}); the key is shown once:",
                     info.id, info.privileges
                 );
-                println!("{}", key.expose());
+                outln!("{}", key.expose());
             }
         }
         KeysCommand::List { store } => {
@@ -146,7 +146,7 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
                 .rotate(&id)
                 .map_err(failed)?;
             eprintln!("rotated {id}; the new key is shown once:");
-            println!("{}", key.expose());
+            outln!("{}", key.expose());
         }
     }
     Ok(())

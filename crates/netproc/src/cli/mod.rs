@@ -2,6 +2,15 @@
 //! constants, dependency, admin, metrics) and their output. `pki`, `keys`,
 //! `serve`, `creds`, `bench` and `demo` live in their own modules.
 
+/// `println!` for command output, except that a closed stdout (`netproc …
+/// | head -c 1`) ends the process quietly with exit 0, as Unix tools do,
+/// instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod bench;
 mod creds;
 mod demo;
@@ -34,6 +43,20 @@ pub(crate) enum Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure::Failed(e.to_string())
+    }
+}
+
+/// Writes command output to stdout. A closed pipe ends the process with
+/// exit 0 (the reader has what it wanted); any other write error with 1.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -340,7 +363,7 @@ fn client(target: &Target) -> Result<Client, Failure> {
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Runs an operation on one server or all, prints JSON, and fails with the
@@ -384,10 +407,10 @@ async fn metrics(target: &Target, as_json: bool) -> Result<(), Failure> {
         .map_err(|e| failed(describe(&e)))?;
     let j = json::from_value(v);
     if as_json || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        println!("{j}");
+        outln!("{j}");
     } else if let serde_json::Value::Object(m) = j {
         for (k, v) in m {
-            println!("{k:<44} {v}");
+            outln!("{k:<44} {v}");
         }
     }
     Ok(())

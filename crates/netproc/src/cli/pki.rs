@@ -120,7 +120,7 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
         PkiCommand::Inspect { file } => {
             print_identity(&file.display().to_string(), &load_cert(&file)?)
         }
-        PkiCommand::Fingerprint { file } => println!("{}", load_cert(&file)?.fingerprint),
+        PkiCommand::Fingerprint { file } => outln!("{}", load_cert(&file)?.fingerprint),
     }
     Ok(())
 }
@@ -138,11 +138,11 @@ fn date(t: SystemTime) -> String {
 }
 
 fn print_identity(name: &str, id: &CertIdentity) {
-    println!("{name}");
-    println!("  subject      {}", id.subject);
-    println!("  issuer       {}", id.issuer);
+    outln!("{name}");
+    outln!("  subject      {}", id.subject);
+    outln!("  issuer       {}", id.issuer);
     let sans: Vec<String> = id.sans.iter().map(ToString::to_string).collect();
-    println!(
+    outln!(
         "  sans         {}",
         if sans.is_empty() {
             "-".into()
@@ -151,7 +151,7 @@ fn print_identity(name: &str, id: &CertIdentity) {
         }
     );
     let ekus: Vec<String> = id.key_purposes.iter().map(ToString::to_string).collect();
-    println!(
+    outln!(
         "  key usage    {}",
         if ekus.is_empty() {
             "-".into()
@@ -159,12 +159,12 @@ fn print_identity(name: &str, id: &CertIdentity) {
             ekus.join(", ")
         }
     );
-    println!("  ca           {}", id.is_ca);
-    println!("  serial       {}", id.serial);
-    println!(
+    outln!("  ca           {}", id.is_ca);
+    outln!("  serial       {}", id.serial);
+    outln!(
         "  valid        {} .. {}",
         date(id.not_before),
         date(id.not_after)
     );
-    println!("  sha256       {}", id.fingerprint);
+    outln!("  sha256       {}", id.fingerprint);
 }

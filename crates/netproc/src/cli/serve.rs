@@ -47,7 +47,7 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
     if let Some(ms) = file.watch_interval_ms {
         server.watch_files(file.watched_files(), Duration::from_millis(ms.max(100)));
     }
-    println!("listening on {}", server.local_addr());
+    outln!("listening on {}", server.local_addr());
     // SIGHUP reloads; SIGINT or SIGTERM ends the loop.
     while let Signal::Reload = wait_for_signal().await {
         match server.reload().await {

@@ -483,3 +483,29 @@ fn a_leaf_certificate_as_a_trust_anchor_exits_2_naming_the_field() {
         "{err}"
     );
 }
+
+/// `netproc … | head -c 1`: a reader that closes the pipe early ends the
+/// command quietly with exit 0, never with a panic (exit 101).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("keys.json");
+    let store = store.to_str().unwrap();
+    for _ in 0..3 {
+        let out = netproc(&["keys", "create", "--store", store]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args(["keys", "list", "--store", store])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the command writes: its first write fails
+    // with a broken pipe.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
