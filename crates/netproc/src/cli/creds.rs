@@ -147,6 +147,13 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
         CredsCommand::Init { config } => {
             let file = AuthorityFile::load(&config).map_err(usage)?;
             let public = file.init_signing_key().map_err(failed)?;
+            // Blocking: SQLite.
+            let init = file.clone();
+            let path = config.clone();
+            tokio::task::spawn_blocking(move || init.init_database(&path))
+                .await
+                .map_err(failed)?
+                .map_err(usage)?;
             eprintln!(
                 "signing key in {}; put this public key in each server's propagation.authority_public_keys:",
                 file.signing_key_path().display()

@@ -1,6 +1,6 @@
 //! `netproc keys`: manage an API-key store file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
@@ -130,24 +130,31 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
             }
         }
         KeysCommand::List { store } => {
-            let keys = ApiKeyStore::open(&store).map_err(failed)?;
+            let keys = existing_store(&store)?;
             print_json(&serde_json::to_value(keys.list()).unwrap_or_default());
         }
         KeysCommand::Revoke { store, id } => {
-            ApiKeyStore::open(&store)
-                .map_err(failed)?
-                .revoke(&id)
-                .map_err(failed)?;
+            existing_store(&store)?.revoke(&id).map_err(failed)?;
             eprintln!("revoked {id}");
         }
         KeysCommand::Rotate { store, id } => {
-            let key = ApiKeyStore::open(&store)
-                .map_err(failed)?
-                .rotate(&id)
-                .map_err(failed)?;
+            let key = existing_store(&store)?.rotate(&id).map_err(failed)?;
             eprintln!("rotated {id}; the new key is shown once:");
             outln!("{}", key.expose());
         }
     }
     Ok(())
+}
+
+/// The key store at `store`, which must exist: only `keys create` makes
+/// one, so a mistyped path is an error (exit 2), not an empty store.
+fn existing_store(store: &Path) -> Result<ApiKeyStore, Failure> {
+    if !store.exists() {
+        return Err(usage(format!(
+            "--store {}: no such file; `netproc keys create --store {}` creates it",
+            store.display(),
+            store.display()
+        )));
+    }
+    ApiKeyStore::open(store).map_err(failed)
 }

@@ -40,7 +40,17 @@ impl ServerFile {
     ) -> Result<(ServerBuilder, Arc<ApiKeyStore>), ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
         let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
-        let keys = Arc::new(ApiKeyStore::open(self.resolve(&self.key_store)).map_err(|e| err(&e))?);
+        let key_store = self.resolve(&self.key_store);
+        if !key_store.exists() {
+            // A server over no keys would refuse every client with
+            // `authentication_failed` and say nothing: refuse to start.
+            return Err(err(&format!(
+                "key_store: {}: no such file; `netproc keys create --store {}` creates it",
+                key_store.display(),
+                key_store.display()
+            )));
+        }
+        let keys = Arc::new(ApiKeyStore::open(key_store).map_err(|e| err(&e))?);
         // Propagation: the target holds received keys in the state directory.
         // One state database, shared by the server and the propagation
         // target (each with its own tables).

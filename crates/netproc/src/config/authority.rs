@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::{
     ClientFile, ClientServer, ConfigError, LogFormat, invalid, push_hex, read, relative_to,
 };
+use crate::client::Client;
 use crate::pki::Ed25519Key;
 
 /// An authority configuration file: its database, its signing key, and
@@ -33,7 +34,8 @@ use crate::pki::Ed25519Key;
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct AuthorityFile {
-    /// The authority's SQLite database (created if missing).
+    /// The authority's SQLite database; `netproc creds init` creates it,
+    /// every other command refuses a missing one.
     pub database: PathBuf,
     /// A file holding the authority's Ed25519 signing key (64 hex digits of
     /// seed, mode 0600).
@@ -93,20 +95,52 @@ impl AuthorityFile {
     }
 
     /// Opens the authority: database, signing key, and a netproc client of
-    /// every target. Blocking (opens the database).
+    /// every target. Blocking (opens the database). A missing database is
+    /// an error naming the field: only [`init_database`](Self::init_database)
+    /// (`netproc creds init`) creates one, so a mistyped path cannot start
+    /// an empty authority.
     pub fn authority(
         &self,
         config_path: &Path,
     ) -> Result<crate::propagation::Authority, ConfigError> {
-        let err = |e: &dyn fmt::Display| invalid(config_path, e);
-        let key = self
-            .signing_key()
-            .map_err(|e| err(&format!("signing_key: {e}")))?;
+        let database = relative_to(&self.dir, &self.database);
+        if !database.exists() {
+            return Err(invalid(
+                config_path,
+                format!(
+                    "database: {}: no such file; `netproc creds init --config {}` creates it",
+                    database.display(),
+                    config_path.display()
+                ),
+            ));
+        }
         let clients = ClientFile {
             servers: self.targets.clone(),
             dir: self.dir.clone(),
         };
         let client = clients.client_in(config_path, "targets")?;
+        self.open(config_path, client)
+    }
+
+    /// Creates the authority's database if it does not exist (and its
+    /// tables); needs the signing key, not the targets' files. Blocking.
+    pub fn init_database(&self, config_path: &Path) -> Result<(), ConfigError> {
+        // No deliveries happen here: a client of no server is enough.
+        let client = Client::builder()
+            .build()
+            .map_err(|e| invalid(config_path, e))?;
+        self.open(config_path, client).map(drop)
+    }
+
+    fn open(
+        &self,
+        config_path: &Path,
+        client: Client,
+    ) -> Result<crate::propagation::Authority, ConfigError> {
+        let err = |e: &dyn fmt::Display| invalid(config_path, e);
+        let key = self
+            .signing_key()
+            .map_err(|e| err(&format!("signing_key: {e}")))?;
         let mut config = crate::propagation::AuthorityConfig::new(
             relative_to(&self.dir, &self.database),
             self.targets.keys().cloned().collect(),

@@ -509,3 +509,75 @@ fn a_closed_stdout_ends_the_command_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+/// Missing files are errors naming the field, exit 2: a server over a
+/// mistyped key store, `keys list` of a mistyped store, an authority over
+/// a mistyped database. Only `keys create` and `creds init` create them.
+#[test]
+fn missing_files_are_errors_naming_the_field_not_empty_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 1);
+    let server_toml = dir.path().join("server.toml");
+    let config = std::fs::read_to_string(&server_toml).unwrap();
+    std::fs::write(
+        &server_toml,
+        config.replace("key_store = \"keys.json\"", "key_store = \"nokeys.json\""),
+    )
+    .unwrap();
+    let out = netproc(&["serve", "--config", server_toml.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("key_store") && err.contains("nokeys.json"),
+        "{err}"
+    );
+
+    let missing = dir.path().join("nothere").join("keys.json");
+    for args in [
+        vec!["keys", "list", "--store"],
+        vec!["keys", "revoke", "--store"],
+        vec!["keys", "rotate", "--store"],
+    ] {
+        let mut args = args.clone();
+        args.push(missing.to_str().unwrap());
+        if args[1] != "list" {
+            args.push("someid");
+        }
+        let out = netproc(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("--store"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(!missing.exists(), "{args:?} created the store");
+    }
+
+    let authority = dir.path().join("authority.toml");
+    std::fs::write(
+        &authority,
+        "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\n",
+    )
+    .unwrap();
+    let a = authority.to_str().unwrap();
+    let out = netproc(&["creds", "list", "--config", a]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("database"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.path().join("authority.db").exists());
+    // `creds init` creates the signing key and the database; then it works.
+    let out = netproc(&["creds", "init", "--config", a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.path().join("authority.db").exists());
+    let out = netproc(&["creds", "list", "--config", a]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
