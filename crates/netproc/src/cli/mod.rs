@@ -358,6 +358,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn client(target: &Target) -> Result<Client, Failure> {
+    serve::init_client_logging();
     let file = ClientFile::load(&target.config).map_err(usage)?;
     file.client(&target.config).map_err(usage)
 }

@@ -10,16 +10,31 @@ use netproc::wire::Value;
 use super::{Failure, failed, usage};
 
 pub(crate) fn init_logging(format: LogFormat) {
+    init_logging_at(format, "info");
+}
+
+/// Logging for the client commands: warnings only unless `NETPROC_LOG` or
+/// `RUST_LOG` says otherwise (so a config warning, such as an inline
+/// `api_key`, reaches the operator).
+pub(crate) fn init_client_logging() {
+    init_logging_at(LogFormat::Text, "warn");
+}
+
+fn init_logging_at(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETPROC_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            // Colour only on a terminal, and never under NO_COLOR.
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
             .try_init(),
     };
 }

@@ -99,7 +99,7 @@ impl ClientFile {
                     String::from_utf8_lossy(&bytes).trim().to_owned()
                 }
                 (None, Some(var), None) => {
-                    std::env::var(var).map_err(|e| err("api_key_env", &e))?
+                    std::env::var(var).map_err(|e| err("api_key_env", &format!("{var}: {e}")))?
                 }
                 (None, None, Some(inline)) => {
                     tracing::warn!(server = %name, "an inline api_key is readable by anyone who can read the config; prefer api_key_file or api_key_env");

@@ -581,3 +581,52 @@ fn missing_files_are_errors_naming_the_field_not_empty_stores() {
     let out = netproc(&["creds", "list", "--config", a]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Client config problems are named: an unset `api_key_env` names the
+/// variable (exit 2); an inline `api_key` is warned about on stderr.
+#[test]
+fn client_key_sources_are_named_and_an_inline_key_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    // A port nothing listens on: the call fails, after the config is read.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!(
+        "[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\n"
+    );
+    let env_toml = dir.path().join("env.toml");
+    std::fs::write(
+        &env_toml,
+        format!("{server}api_key_env = \"NETPROC_TEST_UNSET_KEY_VAR\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args(["functions", "--config", env_toml.to_str().unwrap(), "s1"])
+        .env_remove("NETPROC_TEST_UNSET_KEY_VAR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("api_key_env") && err.contains("NETPROC_TEST_UNSET_KEY_VAR"),
+        "{err}"
+    );
+
+    let inline_toml = dir.path().join("inline.toml");
+    std::fs::write(
+        &inline_toml,
+        format!("{server}api_key = \"npk_abcdefghijkl_0123456789abcdefghijABCDEFGHIJ0123\"\n"),
+    )
+    .unwrap();
+    let out = netproc(&["functions", "--config", inline_toml.to_str().unwrap(), "s1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("inline api_key"), "{err}");
+    assert!(
+        !err.contains("npk_abcdefghijkl"),
+        "the key itself is never logged: {err}"
+    );
+}
