@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use netproc::client::{Client, ClientError, ServerOutcome};
 use netproc::config::{ClientFile, json};
-use netproc::wire::{DependencySource, Operation};
+use netproc::wire::{DependencySource, Operation, Value};
 
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -386,13 +386,47 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
         };
     }
     let server = client.server(&target.server).map_err(usage)?;
+    let done = done(&op);
     match server.execute(op).await {
         Ok(v) => {
-            print_json(&json::from_value(v));
+            match (done, v) {
+                // A change: say what was done, not `null`.
+                (Some(what), Value::Null) => outln!("{what} on {}", target.server),
+                (Some(what), Value::Int(n)) => {
+                    outln!("{what} on {}: {n} session(s) closed", target.server);
+                }
+                (Some(what), Value::Bool(changed)) => {
+                    let what = if changed {
+                        what
+                    } else {
+                        format!("nothing to do: not {what}")
+                    };
+                    outln!("{what} on {}", target.server);
+                }
+                (_, v) => print_json(&json::from_value(v)),
+            }
             Ok(())
         }
         Err(e) => Err(failed(describe(&e))),
     }
+}
+
+/// What a changing operation did, for its success line; `None` for the
+/// operations whose answer is the output (listings, calls).
+fn done(op: &Operation) -> Option<String> {
+    Some(match op {
+        Operation::DefineFunction(def) => format!("defined function {}", def.name),
+        Operation::UndefineFunction { name } => format!("removed function {name}"),
+        Operation::DefineConstant { name, .. } => format!("set constant {name}"),
+        Operation::UndefineConstant { name } => format!("removed constant {name}"),
+        Operation::DefineDependency { alias, .. } => format!("defined dependency {alias}"),
+        Operation::UndefineDependency { alias, .. } => format!("removed dependency {alias}"),
+        Operation::DisconnectSession { session_id } => format!("disconnected session {session_id}"),
+        Operation::DisconnectPrincipal { principal } => format!("disconnected {principal}"),
+        Operation::Unblock { entry } => format!("unblocked {entry}"),
+        Operation::Reload => "reloaded TLS files and keys".to_owned(),
+        _ => return None,
+    })
 }
 
 fn describe(e: &ClientError) -> String {

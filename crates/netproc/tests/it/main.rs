@@ -222,19 +222,18 @@ fn keys_then_serve_then_call_end_to_end() {
     // A script function, then all_servers.
     let src = dir.path().join("double.rhai");
     std::fs::write(&src, "fn double(x) { x * 2 }").unwrap();
-    assert!(
-        netproc(&[
-            "define",
-            "--config",
-            c,
-            "s1",
-            "double",
-            "--source",
-            src.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    let out = netproc(&[
+        "define",
+        "--config",
+        c,
+        "s1",
+        "double",
+        "--source",
+        src.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A change says what it did, not `null`.
+    assert_eq!(text(&out.stdout).trim(), "defined function double on s1");
     let out = netproc(&["call", "--config", c, "all_servers", "double", "21"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, serde_json::json!({"s1": {"state": "ok", "result": 42}}));
@@ -317,6 +316,11 @@ fn keys_then_serve_then_call_end_to_end() {
     };
     let out = netproc(&["admin", "--config", c, "s1", "reload"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("reloaded TLS files and keys on s1: "),
+        "{}",
+        text(&out.stdout)
+    );
     assert_eq!(reloads(), 2);
     #[cfg(unix)]
     {
