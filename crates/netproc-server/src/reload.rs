@@ -43,48 +43,43 @@ impl ServerHandle {
     /// been stable for one interval. A bad file is refused by the reload,
     /// and the last good configuration stays. Stops at shutdown.
     pub fn watch_files(&self, paths: Vec<std::path::PathBuf>, interval: Duration) {
-        let shared = Arc::downgrade(&self.inner.shared);
-        // The baseline is taken now (a few `stat`s), so any change after
-        // this call is seen.
-        let mut seen: Vec<_> = paths.iter().map(|p| file_stamp(p)).collect();
-        tokio::spawn(async move {
-            let stamp = move || {
-                let paths = paths.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        paths.iter().map(|p| file_stamp(p)).collect::<Vec<_>>()
-                    })
-                    .await
-                    .unwrap_or_default()
+        watch(&self.inner.shared, paths, interval, |shared| async move {
+            match shared.reload().await {
+                Ok(closed) => {
+                    tracing::info!(server = %shared.name, sessions_closed = closed, "reloaded after a file change")
                 }
-            };
-            let mut pending: Option<Vec<Option<FileStamp>>> = None;
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                if shared.shutdown.is_cancelled() {
-                    return;
+                Err(e) => {
+                    tracing::warn!(server = %shared.name, error = %e, "reload after a file change refused; the last good configuration stays")
                 }
-                let now = stamp().await;
-                if now == seen {
-                    pending = None;
-                    continue;
-                }
-                if pending.as_ref() != Some(&now) {
-                    // Changed: wait until it stops changing.
-                    pending = Some(now);
-                    continue;
-                }
-                pending = None;
-                seen = now;
-                match shared.reload().await {
-                    Ok(closed) => {
-                        tracing::info!(server = %shared.name, sessions_closed = closed, "reloaded after a file change")
+            }
+        });
+    }
+
+    /// Watches the key store's file at `path` (as [`watch_files`] does) and
+    /// re-reads `store` from it when it changes, so keys created, rotated or
+    /// revoked by another process (`netproc keys …`) take effect without a
+    /// reload; with [`follow_key_store`] the sessions of a revoked or
+    /// rotated key end. A file that does not load is refused and the last
+    /// good keys stay. Stops at shutdown.
+    ///
+    /// [`watch_files`]: ServerHandle::watch_files
+    /// [`follow_key_store`]: ServerHandle::follow_key_store
+    pub fn watch_key_store(
+        &self,
+        store: Arc<netproc_auth::ApiKeyStore>,
+        path: std::path::PathBuf,
+        interval: Duration,
+    ) {
+        watch(&self.inner.shared, vec![path], interval, move |shared| {
+            let store = Arc::clone(&store);
+            async move {
+                match tokio::task::spawn_blocking(move || store.reload()).await {
+                    Ok(Ok(())) => tracing::info!(server = %shared.name, "key store reloaded"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(server = %shared.name, error = %e, "key store reload refused; the last good keys stay")
                     }
                     Err(e) => {
-                        tracing::warn!(server = %shared.name, error = %e, "reload after a file change refused; the last good configuration stays")
+                        tracing::warn!(server = %shared.name, error = %e, "key store reload failed; the last good keys stay")
                     }
                 }
             }
@@ -118,6 +113,58 @@ impl ServerHandle {
             }
         });
     }
+}
+
+/// Polls `paths`' metadata every `interval` and runs `on_change` once a
+/// change has been stable for one interval; stops when the server is gone
+/// or shutting down. The baseline is taken now (a few `stat`s), so any
+/// change after the call is seen.
+fn watch<F, Fut>(
+    shared: &Arc<Shared>,
+    paths: Vec<std::path::PathBuf>,
+    interval: Duration,
+    on_change: F,
+) where
+    F: Fn(Arc<Shared>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let shared = Arc::downgrade(shared);
+    let mut seen: Vec<_> = paths.iter().map(|p| file_stamp(p)).collect();
+    tokio::spawn(async move {
+        let stamp = move || {
+            let paths = paths.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    paths.iter().map(|p| file_stamp(p)).collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default()
+            }
+        };
+        let mut pending: Option<Vec<Option<FileStamp>>> = None;
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if shared.shutdown.is_cancelled() {
+                return;
+            }
+            let now = stamp().await;
+            if now == seen {
+                pending = None;
+                continue;
+            }
+            if pending.as_ref() != Some(&now) {
+                // Changed: wait until it stops changing.
+                pending = Some(now);
+                continue;
+            }
+            pending = None;
+            seen = now;
+            on_change(shared).await;
+        }
+    });
 }
 
 /// What a file watcher compares.

@@ -135,11 +135,15 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
         }
         KeysCommand::Revoke { store, id } => {
             existing_store(&store)?.revoke(&id).map_err(failed)?;
-            eprintln!("revoked {id}");
+            eprintln!(
+                "revoked {id}; a running `netproc serve` over this store applies it within about a second (it watches the file) and ends the key's sessions"
+            );
         }
         KeysCommand::Rotate { store, id } => {
             let key = existing_store(&store)?.rotate(&id).map_err(failed)?;
-            eprintln!("rotated {id}; the new key is shown once:");
+            eprintln!(
+                "rotated {id} (running servers over this store apply it within about a second); the new key is shown once:"
+            );
             outln!("{}", key.expose());
         }
     }

@@ -9,6 +9,10 @@ use netproc::wire::Value;
 
 use super::{Failure, failed, usage};
 
+/// How often `serve` checks the key store's file when `watch_interval_ms`
+/// is not set.
+const KEY_STORE_POLL: Duration = Duration::from_secs(1);
+
 pub(crate) fn init_logging(format: LogFormat) {
     init_logging_at(format, "info");
 }
@@ -59,6 +63,13 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
         .await
         .map_err(failed)?;
     server.follow_key_store(&keys);
+    // The key store is always watched (each `netproc keys …` change takes
+    // effect within about a second, and a bad file keeps the last good
+    // keys); the TLS files only when asked.
+    let key_interval = file
+        .watch_interval_ms
+        .map_or(KEY_STORE_POLL, |ms| Duration::from_millis(ms.max(100)));
+    server.watch_key_store(keys, file.key_store_path(), key_interval);
     if let Some(ms) = file.watch_interval_ms {
         server.watch_files(file.watched_files(), Duration::from_millis(ms.max(100)));
     }

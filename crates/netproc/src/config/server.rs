@@ -109,9 +109,10 @@ pub struct ServerFile {
     /// Session limits.
     #[serde(default)]
     pub session_controls: SessionControls,
-    /// Reload when the TLS files or the key store change, checking every
-    /// this many milliseconds. Off when absent (SIGHUP and
-    /// `netproc admin reload` always work).
+    /// Reload when the TLS files change, checking every this many
+    /// milliseconds; off when absent (SIGHUP and `netproc admin reload`
+    /// always work). The key store is watched in any case: every second,
+    /// or at this interval when set.
     pub watch_interval_ms: Option<u64>,
     /// Receive credentials from a propagation authority.
     pub propagation: Option<PropagationConfig>,
@@ -198,14 +199,19 @@ impl ServerFile {
         o
     }
 
-    /// The files a reload re-reads: certificate, key, CA bundle, CRLs, key store.
+    /// The TLS files a reload re-reads: certificate, key, CA bundle, CRLs
+    /// (the key store is watched on its own: [`key_store_path`](Self::key_store_path)).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let t = &self.tls;
         [&t.cert, &t.key, &t.client_ca]
             .into_iter()
             .chain(&t.crls)
-            .chain([&self.key_store])
             .map(|p| self.resolve(p))
             .collect()
+    }
+
+    /// The key store's path, resolved against the file's directory.
+    pub fn key_store_path(&self) -> PathBuf {
+        self.resolve(&self.key_store)
     }
 }

@@ -634,3 +634,48 @@ fn client_key_sources_are_named_and_an_inline_key_is_warned_about() {
         "the key itself is never logged: {err}"
     );
 }
+
+/// `keys revoke` against a running `netproc serve`: the server watches its
+/// key store, so the revocation takes effect without a reload.
+#[test]
+fn a_key_revoked_with_the_cli_stops_working_on_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (_server, _port) = serve(dir.path());
+    let client_toml = dir.path().join("client.toml");
+    let c = client_toml.to_str().unwrap();
+    let call = || netproc(&["call", "--config", c, "s1", "echo", "\"x\""]);
+    let out = call();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let key = std::fs::read_to_string(dir.path().join("client.apikey")).unwrap();
+    let id = key.trim().split('_').nth(1).unwrap().to_owned();
+    let store = dir.path().join("keys.json");
+    let out = netproc(&["keys", "revoke", "--store", store.to_str().unwrap(), &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("within about a second"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Another process changed the file: poll the server (bounded) until the
+    // key is refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let out = call();
+        if !out.status.success() {
+            assert!(
+                text(&out.stderr).contains("authentication"),
+                "{}",
+                text(&out.stderr)
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked key still works"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
