@@ -111,6 +111,8 @@ pub(crate) struct Abuse {
     pub(crate) auth_log: LogLimiter<(IpAddr, ErrorCode)>,
     /// Audit lines of connections refused after accept, per reason.
     pub(crate) connection_log: LogLimiter<&'static str>,
+    /// WARN lines of new blocks, per kind (ip, api_key).
+    block_log: LogLimiter<&'static str>,
 }
 
 fn blocklist_config(o: &ServerOptions) -> BlocklistConfig {
@@ -151,6 +153,7 @@ impl Abuse {
             request_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             auth_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             connection_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
+            block_log: LogLimiter::new(LOG_INTERVAL, MAX_KINDS),
             settings,
             clock,
         }
@@ -284,6 +287,21 @@ impl Abuse {
     }
 
     /// A WARN line (rate-limited) for an overflow state.
+    /// A new block, at WARN (rate-limited per kind): what, for how long,
+    /// and how to lift it. Key ids are not secrets.
+    fn log_block(&self, kind: &'static str, entry: &str, blocked_for: Duration, now: Instant) {
+        if let Some(suppressed) = self.block_log.check(&kind, now) {
+            tracing::warn!(
+                kind,
+                entry,
+                blocked_for_s = blocked_for.as_secs(),
+                suppressed,
+                "blocked after too many failed authentications; connections from it are refused \
+                 until then (lift with `netproc admin … unblock <entry>`)"
+            );
+        }
+    }
+
     fn overflowed(&self, what: &'static str, now: Instant) {
         if let Some(suppressed) = self.overflow_log.check(&what, now) {
             tracing::warn!(
@@ -362,7 +380,17 @@ impl Abuse {
     pub(crate) fn auth_failed(&self, peer: IpAddr, key: Option<&str>) -> Option<ErrorBody> {
         self.count(Counter::auth_failure_count);
         let now = self.clock.now();
+        let ip_was_blocked = self.blocklist.ip_blocked(peer, now).is_some();
+        let key_was_blocked = key.is_some_and(|k| self.blocklist.key_blocked(k, now).is_some());
         let recorded = self.blocklist.record_failure(peer, key, now);
+        if !ip_was_blocked && let Some(until) = self.blocklist.ip_blocked(peer, now) {
+            self.log_block("ip", &peer.to_string(), until, now);
+        }
+        if let Some(k) = key.filter(|_| !key_was_blocked)
+            && let Some(until) = self.blocklist.key_blocked(k, now)
+        {
+            self.log_block("api_key", k, until, now);
+        }
         if recorded.ip_overflow {
             self.count(Counter::auth_failure_overflow_count);
             self.overflowed("failed_auth_per_ip", now);

@@ -94,7 +94,11 @@ impl Session {
             }
             Operation::Unblock { entry } => {
                 audit::admin_action(&self.facts, "unblock", &entry);
-                Outcome::Ok(Value::Bool(shared.abuse.blocklist.unblock(&entry)))
+                let lifted = shared.abuse.blocklist.unblock(&entry);
+                if lifted {
+                    tracing::warn!(server = %shared.name, entry = %entry, "unblocked by an administrator");
+                }
+                Outcome::Ok(Value::Bool(lifted))
             }
             Operation::GetLimits => {
                 audit::admin_action(&self.facts, "get_limits", "");

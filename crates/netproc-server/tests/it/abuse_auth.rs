@@ -332,3 +332,40 @@ async fn full_limiter_tables_never_refuse_a_correct_credential() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A new block is logged at WARN with what is blocked, for how long and
+/// how to lift it (the operator who is locked out needs that line).
+#[tokio::test]
+async fn a_new_block_is_logged_with_its_entry_and_duration() {
+    let capture = crate::auth::audit_capture();
+    let mut o = unlimited();
+    o.auth_controls.max_failed_auth_per_ip_per_window = 2;
+    o.auth_controls.block_duration_ms = 10_000;
+    let t = setup(o).await;
+    for _ in 0..2 {
+        let err = client_from(&t.pki, &t.server, &bad_key(), 97)
+            .server("s1")
+            .unwrap()
+            .call::<i64>("add", (1, 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::AuthenticationFailed { .. }),
+            "{err:?}"
+        );
+    }
+    assert_eq!(t.server.abuse_metrics().blocked_ip_count, 1);
+    let all = String::from_utf8(capture.lock().unwrap().clone()).unwrap();
+    let line = all
+        .lines()
+        .find(|l| l.contains("entry=\"127.0.0.97\"") && l.contains("blocked after"))
+        .unwrap_or_else(|| panic!("no block line in:\n{all}"));
+    assert!(
+        line.contains("WARN") && line.contains("kind=\"ip\""),
+        "{line}"
+    );
+    assert!(
+        line.contains("blocked_for_s=10") && line.contains("unblock"),
+        "{line}"
+    );
+}
