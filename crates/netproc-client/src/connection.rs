@@ -58,10 +58,28 @@ fn io_error(server: &str, e: &std::io::Error, during: &str) -> ClientError {
             message: tls.to_string(),
         };
     }
+    // A connection closed or reset before the handshake completes is how a
+    // server refuses an address (blocked after failed authentications, or
+    // over a connection limit): it says nothing before TLS. Say so.
+    let refused_quietly = during == "TLS handshake"
+        && matches!(
+            e.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+        );
+    let hint = if refused_quietly {
+        " (the server closed the connection before TLS completed: it may refuse this \
+         address after failed authentications or over a connection limit; an administrator \
+         can check with `netproc admin … blocked` and the server's log)"
+    } else {
+        ""
+    };
     ClientError::Connect {
         server: server.to_owned(),
         kind: e.kind(),
-        message: format!("{during}: {e}"),
+        message: format!("{during}: {e}{hint}"),
     }
 }
 

@@ -355,6 +355,19 @@ async fn a_new_block_is_logged_with_its_entry_and_duration() {
         );
     }
     assert_eq!(t.server.abuse_metrics().blocked_ip_count, 1);
+    // The blocked client is told what probably happened and how to check.
+    let err = client_from(&t.pki, &t.server, &bad_key(), 97)
+        .server("s1")
+        .unwrap()
+        .call::<i64>("add", (1, 1))
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Connect { message, .. } => {
+            assert!(message.contains("admin … blocked"), "{message}");
+        }
+        other => panic!("expected a refused connection, got {other:?}"),
+    }
     let all = String::from_utf8(capture.lock().unwrap().clone()).unwrap();
     let line = all
         .lines()
