@@ -82,8 +82,7 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
             days,
             force,
         } => {
-            let ca = CertificateAuthority::load(ca_dir.join("ca.crt"), ca_dir.join("ca.key"))
-                .map_err(failed)?;
+            let ca = load_ca(&ca_dir)?;
             let cert = ca
                 .issue(&LeafParams::server(name.clone(), sans).validity(validity(days)))
                 .map_err(failed)?;
@@ -102,8 +101,7 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
             days,
             force,
         } => {
-            let ca = CertificateAuthority::load(ca_dir.join("ca.crt"), ca_dir.join("ca.key"))
-                .map_err(failed)?;
+            let ca = load_ca(&ca_dir)?;
             let mut params = LeafParams::client(name.clone()).validity(validity(days));
             for san in sans {
                 params = params.san(san.parse::<SubjectAltName>().map_err(usage)?);
@@ -125,9 +123,17 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A certificate file named on the command line: missing, unreadable or
+/// not a certificate is bad input (exit 2), naming the file.
 pub(crate) fn load_cert(file: &Path) -> Result<CertIdentity, Failure> {
-    let pem = std::fs::read(file).map_err(|e| failed(format!("{}: {e}", file.display())))?;
-    CertIdentity::from_pem(&pem, &file.display().to_string()).map_err(failed)
+    let pem = std::fs::read(file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+    CertIdentity::from_pem(&pem, &file.display().to_string()).map_err(usage)
+}
+
+/// The CA in `--ca-dir`: a missing or unusable CA is bad input (exit 2).
+fn load_ca(ca_dir: &Path) -> Result<CertificateAuthority, Failure> {
+    CertificateAuthority::load(ca_dir.join("ca.crt"), ca_dir.join("ca.key"))
+        .map_err(|e| usage(format!("--ca-dir {}: {e}", ca_dir.display())))
 }
 
 fn date(t: SystemTime) -> String {

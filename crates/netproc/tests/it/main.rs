@@ -679,3 +679,39 @@ fn a_key_revoked_with_the_cli_stops_working_on_a_running_server() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// Bad files named on the command line are usage errors (exit 2) naming the
+/// file, in `pki` as in `serve` and `keys`.
+#[test]
+fn pki_commands_name_bad_files_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(netproc(&["pki", "init", "--out", d]).status.success());
+    let key = dir.path().join("ca.key");
+    let out = netproc(&["pki", "inspect", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("ca.key") && err.contains("no certificate"),
+        "{err}"
+    );
+    let missing = dir.path().join("nothere.crt");
+    let out = netproc(&["pki", "fingerprint", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("nothere.crt"));
+    let no_ca = dir.path().join("no-ca");
+    let out = netproc(&[
+        "pki",
+        "issue-client",
+        "--ca-dir",
+        no_ca.to_str().unwrap(),
+        "--name",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--ca-dir"),
+        "{}",
+        text(&out.stderr)
+    );
+}
