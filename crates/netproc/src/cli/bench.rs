@@ -41,6 +41,10 @@ pub(crate) struct BenchArgs {
     /// One JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// Fail (exit 1) when more than this fraction of calls fail, after
+    /// printing the report. Default 0.01 (1 %).
+    #[arg(long, default_value_t = 0.01)]
+    max_error_rate: f64,
     /// Instead of calling: open this many authenticated connections and
     /// hold them for --duration (to measure the server's memory per idle
     /// connection; raise `ulimit -n` first).
@@ -97,6 +101,9 @@ impl Shared {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
+    if !(0.0..=1.0).contains(&args.max_error_rate) {
+        return Err(usage("--max-error-rate is a fraction from 0 to 1"));
+    }
     if args.target.server == netproc::client::ALL_SERVERS {
         return Err(usage("bench runs against one server"));
     }
@@ -204,7 +211,16 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let rate = calls as f64 / elapsed.as_secs_f64();
+    // Only successful calls count as throughput; latency is of successes.
+    let ok = h.len();
+    let failed_calls: u64 = errors.values().sum();
+    let rate = ok as f64 / elapsed.as_secs_f64();
+    let error_rate = if calls == 0 {
+        0.0
+    } else {
+        failed_calls as f64 / calls as f64
+    };
+    let quantile = |q: f64| (ok > 0).then(|| h.value_at_quantile(q));
     if args.json {
         let line = serde_json::json!({
             "function": args.function,
@@ -213,29 +229,47 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             "new_connections": args.new_connections,
             "duration_s": elapsed.as_secs_f64(),
             "calls": calls,
+            "ok_calls": ok,
+            "failed_calls": failed_calls,
+            "error_rate": error_rate,
             "calls_per_s": rate,
-            "p50_us": h.value_at_quantile(0.5),
-            "p90_us": h.value_at_quantile(0.9),
-            "p99_us": h.value_at_quantile(0.99),
-            "max_us": h.max(),
+            "p50_us": quantile(0.5),
+            "p90_us": quantile(0.9),
+            "p99_us": quantile(0.99),
+            "max_us": (ok > 0).then(|| h.max()),
             "errors": errors,
         });
         outln!("{line}");
     } else {
         outln!(
-            "{calls} calls in {:.2} s: {rate:.0} calls/s",
-            elapsed.as_secs_f64()
+            "{ok} successful calls in {:.2} s: {rate:.0} calls/s ({failed_calls} failed of {calls}, {:.1} %)",
+            elapsed.as_secs_f64(),
+            error_rate * 100.0
         );
-        outln!(
-            "latency µs: p50 {} p90 {} p99 {} max {}",
-            h.value_at_quantile(0.5),
-            h.value_at_quantile(0.9),
-            h.value_at_quantile(0.99),
-            h.max()
-        );
+        if ok > 0 {
+            outln!(
+                "latency µs (successes): p50 {} p90 {} p99 {} max {}",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.9),
+                h.value_at_quantile(0.99),
+                h.max()
+            );
+        }
         for (code, n) in &errors {
             outln!("errors {code}: {n}");
         }
+    }
+    if error_rate > args.max_error_rate {
+        return Err(failed(format!(
+            "{:.1} % of calls failed (over --max-error-rate {}): the figures above are not the server's throughput{}",
+            error_rate * 100.0,
+            args.max_error_rate,
+            if errors.contains_key("rate_limited") {
+                "; `rate_limited` means the server's request buckets refused the load (see request_controls)"
+            } else {
+                ""
+            }
+        )));
     }
     Ok(())
 }

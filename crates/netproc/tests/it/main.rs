@@ -715,3 +715,53 @@ fn pki_commands_name_bad_files_and_exit_2() {
         text(&out.stderr)
     );
 }
+
+/// `bench` counts only successful calls as throughput, reports failures
+/// apart, and exits 1 when too many calls fail.
+#[test]
+fn bench_reports_failures_apart_and_fails_above_the_error_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (_server, _port) = serve(dir.path());
+    let client_toml = dir.path().join("client.toml");
+    let c = client_toml.to_str().unwrap();
+    let bench = |function: &str| {
+        let out = netproc(&[
+            "bench",
+            "--config",
+            c,
+            "s1",
+            "--function",
+            function,
+            "--duration",
+            "300ms",
+            "--connections",
+            "1",
+            "--in-flight",
+            "4",
+            "--json",
+        ]);
+        let line = text(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("{e}: {line} / {}", text(&out.stderr)));
+        (out, v)
+    };
+    let (out, v) = bench("echo");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(v["ok_calls"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["failed_calls"], 0, "{v}");
+    assert!(v["calls_per_s"].as_f64().unwrap() > 0.0, "{v}");
+
+    // Every call fails: no throughput, no latency, exit 1.
+    let (out, v) = bench("no_such_function");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(v["ok_calls"], 0, "{v}");
+    assert_eq!(v["calls_per_s"].as_f64(), Some(0.0), "{v}");
+    assert!(v["p50_us"].is_null(), "{v}");
+    assert_eq!(v["error_rate"].as_f64(), Some(1.0), "{v}");
+    assert!(
+        text(&out.stderr).contains("max-error-rate"),
+        "{}",
+        text(&out.stderr)
+    );
+}
