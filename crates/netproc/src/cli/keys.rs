@@ -62,6 +62,10 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         store: PathBuf,
         id: String,
+        /// Write the new key to this file (mode 0600, replacing it
+        /// atomically), for `api_key_file`, instead of printing it.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
     },
 }
 
@@ -139,12 +143,21 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
                 "revoked {id}; a running `netproc serve` over this store applies it within about a second (it watches the file) and ends the key's sessions"
             );
         }
-        KeysCommand::Rotate { store, id } => {
+        KeysCommand::Rotate { store, id, key_out } => {
             let key = existing_store(&store)?.rotate(&id).map_err(failed)?;
-            eprintln!(
-                "rotated {id} (running servers over this store apply it within about a second); the new key is shown once:"
-            );
-            outln!("{}", key.expose());
+            if let Some(path) = key_out {
+                netproc::pki::write_secret_file(&path, key.expose().as_bytes(), true)
+                    .map_err(failed)?;
+                eprintln!(
+                    "rotated {id}; the new key is written to {} (0600); running servers over this store apply it within about a second",
+                    path.display()
+                );
+            } else {
+                eprintln!(
+                    "rotated {id} (running servers over this store apply it within about a second); the new key is shown once:"
+                );
+                outln!("{}", key.expose());
+            }
         }
     }
     Ok(())

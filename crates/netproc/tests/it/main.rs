@@ -765,3 +765,29 @@ fn bench_reports_failures_apart_and_fails_above_the_error_rate() {
         text(&out.stderr)
     );
 }
+
+/// `keys rotate --key-out` writes the new key to the file (as `keys create`
+/// does) instead of printing it.
+#[test]
+fn keys_rotate_writes_the_new_key_to_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("keys.json");
+    let file = dir.path().join("svc.apikey");
+    let (s, f) = (store.to_str().unwrap(), file.to_str().unwrap());
+    let out = netproc(&["keys", "create", "--store", s, "--key-out", f]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let old = std::fs::read_to_string(&file).unwrap();
+    let id = old.trim().split('_').nth(1).unwrap().to_owned();
+    let out = netproc(&["keys", "rotate", "--store", s, &id, "--key-out", f]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty(), "the key is not printed");
+    let new = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(old, new);
+    assert!(new.starts_with(&format!("npk_{id}_")), "{new}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
