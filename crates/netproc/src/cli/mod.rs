@@ -101,6 +101,10 @@ enum Command {
         /// The server configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Check the configuration and every file it names (TLS files, CRLs,
+        /// key store), print what was found and exit, without binding.
+        #[arg(long)]
+        check: bool,
     },
     /// Call a function on a server or on all_servers; prints the result as JSON.
     Call {
@@ -256,7 +260,14 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Demo => demo::demo().await.map_err(Failure::from),
         Command::Pki(cmd) => pki(cmd),
         Command::Keys(cmd) => keys(cmd),
-        Command::Serve { config } => serve(&config).await,
+        Command::Serve {
+            config,
+            check: true,
+        } => serve::check(&config),
+        Command::Serve {
+            config,
+            check: false,
+        } => serve(&config).await,
         Command::Authority { config } => creds::authority(&config).await,
         Command::Creds(cmd) => creds::creds(cmd).await,
         Command::Call {

@@ -43,6 +43,39 @@ fn init_logging_at(format: LogFormat, default_level: &str) {
     };
 }
 
+/// `serve --check`: the configuration and every file it names, without
+/// binding or creating anything. Problems are usage errors (exit 2).
+pub(crate) fn check(config: &Path) -> Result<(), Failure> {
+    let file = ServerFile::load(config).map_err(usage)?;
+    let (identity, _roots, crls) = file
+        .tls_material()
+        .map_err(|e| usage(format!("{}: {e}", config.display())))?;
+    let cert = identity.cert_identity();
+    let key_store = file.key_store_path();
+    if !key_store.exists() {
+        return Err(usage(format!(
+            "{}: key_store: {}: no such file",
+            config.display(),
+            key_store.display()
+        )));
+    }
+    let keys = netproc::auth::ApiKeyStore::open(&key_store)
+        .map_err(|e| usage(format!("{}: key_store: {e}", config.display())))?;
+    let days_left = cert
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .map_or(0, |d| d.as_secs() / 86_400);
+    outln!("{}: ok", config.display());
+    outln!(
+        "  certificate  {} ({} days left)",
+        cert.fingerprint,
+        days_left
+    );
+    outln!("  CRLs         {}", crls.len());
+    outln!("  keys         {}", keys.list().len());
+    Ok(())
+}
+
 pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
     let file = ServerFile::load(config).map_err(usage)?;
     init_logging(file.log_format);

@@ -791,3 +791,30 @@ fn keys_rotate_writes_the_new_key_to_its_file() {
         assert_eq!(mode & 0o777, 0o600);
     }
 }
+
+/// `serve --check` reads the config and every file it names, reports, and
+/// exits without binding; a bad file is exit 2 naming the field.
+#[test]
+fn serve_check_validates_every_file_without_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 1);
+    let server_toml = dir.path().join("server.toml");
+    let s = server_toml.to_str().unwrap();
+    let out = netproc(&["serve", "--config", s, "--check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(": ok") && report.contains("keys         1"),
+        "{report}"
+    );
+    // A key that does not match the certificate.
+    std::fs::copy(dir.path().join("client.key"), dir.path().join("server.key")).unwrap();
+    let out = netproc(&["serve", "--config", s, "--check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("tls.cert / tls.key"),
+        "{}",
+        text(&out.stderr)
+    );
+}
