@@ -169,6 +169,12 @@ enum Command {
     },
     /// A load generator: calls/s and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Print a shell completion script, e.g.
+    /// `netproc completions bash > ~/.local/share/bash-completion/completions/netproc`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Which server(s), from which client file.
@@ -365,6 +371,17 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             json: as_json,
         } => metrics(&target, as_json).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "netproc",
+                &mut script,
+            );
+            write_stdout(format_args!("{}", String::from_utf8_lossy(&script)));
+            Ok(())
+        }
     }
 }
 

@@ -818,3 +818,23 @@ fn serve_check_validates_every_file_without_binding() {
         text(&out.stderr)
     );
 }
+
+/// Completion scripts come from the clap model, for the usual shells.
+#[test]
+fn completions_are_generated_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = netproc(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in [
+            "netproc",
+            "disconnect-session",
+            "issue-client",
+            "max-error-rate",
+        ] {
+            assert!(script.contains(word), "{shell}: no {word}");
+        }
+    }
+    let out = netproc(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+}
