@@ -115,8 +115,15 @@ impl ClientFile {
                     ));
                 }
             };
-            let identity = Identity::load(self.resolve(&s.cert), self.resolve(&s.key))
-                .map_err(|e| err("cert", &e))?;
+            // The error names the file; the field names both halves (a key
+            // that does not match is a problem of the pair).
+            let identity =
+                Identity::load(self.resolve(&s.cert), self.resolve(&s.key)).map_err(|e| {
+                    invalid(
+                        config_path,
+                        format!("{} / {}: {e}", field("cert"), field("key")),
+                    )
+                })?;
             let roots = TrustAnchors::load(self.resolve(&s.ca)).map_err(|e| err("ca", &e))?;
             // `npe_<id>_<seed hex>` (from `keys create --ed25519`) is an
             // Ed25519 key; anything else is an API key.

@@ -619,6 +619,22 @@ fn client_key_sources_are_named_and_an_inline_key_is_warned_about() {
         "{err}"
     );
 
+    // A key that does not match its certificate names both fields and the file.
+    let mismatched = dir.path().join("mismatched.toml");
+    std::fs::write(
+        &mismatched,
+        format!("{server}api_key_env = \"PATH\"\n")
+            .replace("key = \"client.key\"", "key = \"server.key\""),
+    )
+    .unwrap();
+    let out = netproc(&["functions", "--config", mismatched.to_str().unwrap(), "s1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("servers.s1.cert / servers.s1.key") && err.contains("server.key"),
+        "{err}"
+    );
+
     let inline_toml = dir.path().join("inline.toml");
     std::fs::write(
         &inline_toml,
