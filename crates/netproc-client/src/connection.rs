@@ -52,10 +52,18 @@ fn io_error(server: &str, e: &std::io::Error, during: &str) -> ClientError {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
+        // TLS has one alert for both ends of the validity window: say so.
+        let hint = match tls {
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => {
+                " (the server refused this client's certificate as expired or not yet \
+                 valid: check its validity window and both clocks)"
+            }
+            _ => "",
+        };
         return ClientError::Tls {
             server: server.to_owned(),
             reason: classify_tls(tls),
-            message: tls.to_string(),
+            message: format!("{tls}{hint}"),
         };
     }
     // A connection closed or reset before the handshake completes is how a

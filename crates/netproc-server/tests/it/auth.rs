@@ -64,6 +64,37 @@ async fn an_expired_client_cert_is_refused() {
         matches!(&err, ClientError::Tls { reason: TlsFailure::RejectedByServer(a), .. } if a == "CertificateExpired"),
         "{err:?}"
     );
+    // One TLS alert covers both ends of the window: the message says so.
+    assert!(err.to_string().contains("not yet valid"), "{err}");
+}
+
+#[tokio::test]
+async fn a_not_yet_valid_client_cert_is_refused_with_both_ends_named() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let early = pki
+        .ca
+        .issue(&LeafParams::client("early").validity(Validity::new(now + day, now + 10 * day)))
+        .unwrap();
+    let err = Client::builder()
+        .server("s1", endpoint_as(&pki, &early, &server, &key))
+        .build()
+        .unwrap()
+        .server("s1")
+        .unwrap()
+        .call::<String>("ping_fn", ())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, ClientError::Tls { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("expired or not yet valid") && message.contains("clock"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
