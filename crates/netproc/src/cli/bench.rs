@@ -52,7 +52,7 @@ pub(crate) struct BenchArgs {
     hold: Option<usize>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(
         s.find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(s.len()),
@@ -153,6 +153,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
                 args.target.server.clone(),
             );
             let new_connections = args.new_connections;
+            let timeout = args.target.timeout;
             tasks.push(tokio::spawn(async move {
                 while !shared.stop.load(Ordering::Relaxed)
                     && shared.calls.load(Ordering::Relaxed) < max
@@ -161,13 +162,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
                     let result = if new_connections {
                         match file.client(&config) {
                             Ok(c) => match c.server(&name) {
-                                Ok(s) => s.execute(op.clone()).await,
+                                Ok(s) => call(&s, op.clone(), timeout).await,
                                 Err(e) => Err(e),
                             },
                             Err(_) => break,
                         }
                     } else {
-                        server.execute(op.clone()).await
+                        call(&server, op.clone(), timeout).await
                     };
                     shared.record(t, result);
                 }
@@ -312,4 +313,16 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
     tokio::time::sleep(args.duration).await;
     drop(held);
     Ok(())
+}
+
+/// One call under `--timeout` if given.
+async fn call(
+    server: &netproc::client::ServerRef,
+    op: Operation,
+    timeout: Option<Duration>,
+) -> Result<Value, netproc::client::ClientError> {
+    match timeout {
+        Some(t) => server.execute_with_timeout(op, t).await,
+        None => server.execute(op).await,
+    }
 }

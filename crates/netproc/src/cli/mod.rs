@@ -24,6 +24,7 @@ use serve::serve;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use netproc::client::{Client, ClientError, ServerOutcome};
@@ -185,6 +186,27 @@ pub(crate) struct Target {
     pub(crate) config: PathBuf,
     /// A server name from the file, or all_servers.
     pub(crate) server: String,
+    /// The deadline of each operation (500ms, 5s, 1m); the server is told
+    /// it. Default: the file's `request_timeout_ms`, else 30 s.
+    #[arg(long, value_parser = bench::parse_duration)]
+    pub(crate) timeout: Option<Duration>,
+    /// More log output on stderr: -v info, -vv debug (NETPROC_LOG overrides).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+}
+
+impl Target {
+    /// Runs `op` on one server under `--timeout` if given.
+    pub(crate) async fn run_on(
+        &self,
+        server: &netproc::client::ServerRef,
+        op: Operation,
+    ) -> Result<Value, ClientError> {
+        match self.timeout {
+            Some(t) => server.execute_with_timeout(op, t).await,
+            None => server.execute(op).await,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -386,7 +408,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn client(target: &Target) -> Result<Client, Failure> {
-    serve::init_client_logging();
+    serve::init_client_logging(target.verbose);
     let file = ClientFile::load(&target.config).map_err(usage)?;
     file.client(&target.config).map_err(usage)
 }
@@ -400,7 +422,15 @@ pub(crate) fn print_json(v: &serde_json::Value) {
 async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
     let client = client(target)?;
     if target.server == netproc::client::ALL_SERVERS {
-        let results = client.all_servers().execute(op).await;
+        let all = client.all_servers();
+        let results = match target.timeout {
+            Some(t) => tokio::time::timeout(t, all.execute(op))
+                .await
+                .map_err(|_| {
+                    failed(format!("timeout: no answer from every server within {t:?}"))
+                })?,
+            None => all.execute(op).await,
+        };
         let any_error = results.values().any(Result::is_err);
         let out: BTreeMap<String, ServerOutcome<serde_json::Value>> = results
             .into_iter()
@@ -415,7 +445,7 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
     }
     let server = client.server(&target.server).map_err(usage)?;
     let done = done(&op);
-    match server.execute(op).await {
+    match target.run_on(&server, op).await {
         Ok(v) => {
             match (done, v) {
                 // A change: say what was done, not `null`.
@@ -464,8 +494,8 @@ fn describe(e: &ClientError) -> String {
 async fn metrics(target: &Target, as_json: bool) -> Result<(), Failure> {
     let client = client(target)?;
     let server = client.server(&target.server).map_err(usage)?;
-    let v = server
-        .execute(Operation::AbuseMetrics)
+    let v = target
+        .run_on(&server, Operation::AbuseMetrics)
         .await
         .map_err(|e| failed(describe(&e)))?;
     let j = json::from_value(v);
@@ -561,6 +591,36 @@ mod tests {
             assert_eq!(format!("{got:?}"), want);
             assert_eq!(target.server, "server_1");
         }
+    }
+
+    #[test]
+    fn remote_commands_take_a_timeout_and_verbosity() {
+        let Command::Call { target, .. } = parse("call --config c.toml s1 echo 1 --timeout 2s -vv")
+        else {
+            panic!()
+        };
+        assert_eq!(target.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(target.verbose, 2);
+        let Command::Admin { target, .. } =
+            parse("admin --config c.toml s1 -v --timeout 500ms info")
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (target.timeout, target.verbose),
+            (Some(Duration::from_millis(500)), 1)
+        );
+        let args = [
+            "netproc",
+            "call",
+            "--config",
+            "c.toml",
+            "s1",
+            "f",
+            "--timeout",
+            "soon",
+        ];
+        assert!(Cli::try_parse_from(args).is_err());
     }
 
     #[test]

@@ -17,11 +17,16 @@ pub(crate) fn init_logging(format: LogFormat) {
     init_logging_at(format, "info");
 }
 
-/// Logging for the client commands: warnings only unless `NETPROC_LOG` or
-/// `RUST_LOG` says otherwise (so a config warning, such as an inline
-/// `api_key`, reaches the operator).
-pub(crate) fn init_client_logging() {
-    init_logging_at(LogFormat::Text, "warn");
+/// Logging for the client commands: warnings (so a config warning, such as
+/// an inline `api_key`, reaches the operator), info with `-v`, debug with
+/// `-vv`; `NETPROC_LOG` or `RUST_LOG` override.
+pub(crate) fn init_client_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    init_logging_at(LogFormat::Text, level);
 }
 
 fn init_logging_at(format: LogFormat, default_level: &str) {

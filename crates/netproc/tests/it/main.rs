@@ -660,7 +660,19 @@ fn a_key_revoked_with_the_cli_stops_working_on_a_running_server() {
     let (_server, _port) = serve(dir.path());
     let client_toml = dir.path().join("client.toml");
     let c = client_toml.to_str().unwrap();
-    let call = || netproc(&["call", "--config", c, "s1", "echo", "\"x\""]);
+    let call = || {
+        netproc(&[
+            "call",
+            "--config",
+            c,
+            "s1",
+            "echo",
+            "\"x\"",
+            "--timeout",
+            "5s",
+            "-v",
+        ])
+    };
     let out = call();
     assert!(out.status.success(), "{}", text(&out.stderr));
 
