@@ -115,6 +115,10 @@ enum Command {
         function: String,
         /// Arguments, each a JSON value.
         args: Vec<String>,
+        /// All the arguments as one JSON array instead: inline, `@FILE`, or
+        /// `@-` for standard input (e.g. `-d @args.json`).
+        #[arg(short = 'd', long = "data", conflicts_with = "args")]
+        data: Option<String>,
     },
     /// Define a script function from a source file.
     Define {
@@ -302,15 +306,19 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             target,
             function,
             args,
+            data,
         } => {
-            let args = args
-                .iter()
-                .map(|a| {
-                    let j: serde_json::Value = serde_json::from_str(a)
-                        .map_err(|e| usage(format!("argument {a:?} is not JSON: {e}")))?;
-                    json::to_value(j).map_err(usage)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let args = match data {
+                Some(data) => data_args(&data)?,
+                None => args
+                    .iter()
+                    .map(|a| {
+                        let j: serde_json::Value = serde_json::from_str(a)
+                            .map_err(|e| usage(format!("argument {a:?} is not JSON: {e}")))?;
+                        json::to_value(j).map_err(usage)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
             execute(&target, Operation::Invoke { function, args }).await
         }
         Command::Define {
@@ -485,6 +493,25 @@ fn done(op: &Operation) -> Option<String> {
         Operation::Reload => "reloaded TLS files and keys".to_owned(),
         _ => return None,
     })
+}
+
+/// `--data`: a JSON array of arguments, inline, from `@FILE` or from `@-`
+/// (standard input).
+fn data_args(data: &str) -> Result<Vec<Value>, Failure> {
+    let text = match data.strip_prefix('@') {
+        Some("-") => std::io::read_to_string(std::io::stdin())
+            .map_err(|e| usage(format!("--data @-: {e}")))?,
+        Some(file) => {
+            std::fs::read_to_string(file).map_err(|e| usage(format!("--data @{file}: {e}")))?
+        }
+        None => data.to_owned(),
+    };
+    let j: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| usage(format!("--data is not JSON: {e}")))?;
+    match json::to_value(j).map_err(usage)? {
+        Value::List(args) => Ok(args),
+        _ => Err(usage("--data must be a JSON array of the arguments")),
+    }
 }
 
 fn describe(e: &ClientError) -> String {

@@ -675,6 +675,29 @@ fn a_key_revoked_with_the_cli_stops_working_on_a_running_server() {
     };
     let out = call();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // Arguments as one JSON array: inline, from a file, from stdin.
+    let args_file = dir.path().join("args.json");
+    std::fs::write(&args_file, "[\"from a file\"]").unwrap();
+    let at_file = format!("@{}", args_file.display());
+    for (data, want) in [
+        ("[\"inline\"]", "inline"),
+        (at_file.as_str(), "from a file"),
+    ] {
+        let out = netproc(&["call", "--config", c, "s1", "echo", "-d", data]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), format!("\"{want}\""));
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args(["call", "--config", c, "s1", "echo", "-d", "@-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"[\"from stdin\"]").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), "\"from stdin\"");
+    let out = netproc(&["call", "--config", c, "s1", "echo", "-d", "{}"]);
+    assert_eq!(out.status.code(), Some(2), "not an array");
 
     let key = std::fs::read_to_string(dir.path().join("client.apikey")).unwrap();
     let id = key.trim().split('_').nth(1).unwrap().to_owned();
