@@ -107,7 +107,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
     if args.target.server == netproc::client::ALL_SERVERS {
         return Err(usage("bench runs against one server"));
     }
-    let file = ClientFile::load(&args.target.config).map_err(usage)?;
+    let file = super::load_client_file(&args.target.config)?;
     let make_client = || file.client(&args.target.config).map_err(usage);
     if let Some(n) = args.hold {
         return hold(&file, &args, n).await;

@@ -23,7 +23,7 @@ use pki::{PkiCommand, pki};
 use serve::serve;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -185,8 +185,10 @@ enum Command {
 /// Which server(s), from which client file.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Target {
-    /// The client configuration.
-    #[arg(long)]
+    /// The client configuration. Default: `NETPROC_CONFIG`, else
+    /// `$XDG_CONFIG_HOME/netproc/client.toml` (`~/.config/…`), which must
+    /// not be writable by group or others.
+    #[arg(long, default_value_os_t = default_client_config())]
     pub(crate) config: PathBuf,
     /// A server name from the file, or all_servers.
     pub(crate) server: String,
@@ -417,8 +419,47 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn client(target: &Target) -> Result<Client, Failure> {
     serve::init_client_logging(target.verbose);
-    let file = ClientFile::load(&target.config).map_err(usage)?;
+    let file = load_client_file(&target.config)?;
     file.client(&target.config).map_err(usage)
+}
+
+/// The per-user client file: `$XDG_CONFIG_HOME/netproc/client.toml`, or
+/// `~/.config/netproc/client.toml`.
+fn user_client_config() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("netproc").join("client.toml"))
+}
+
+/// `--config`'s default: `NETPROC_CONFIG`, else the per-user file.
+fn default_client_config() -> PathBuf {
+    std::env::var_os("NETPROC_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(user_client_config)
+        .unwrap_or_else(|| PathBuf::from("client.toml"))
+}
+
+/// Loads a client file; the per-user default is refused if group or
+/// others can write it (anyone who can edit it can point the client at
+/// their server).
+pub(crate) fn load_client_file(path: &Path) -> Result<ClientFile, Failure> {
+    #[cfg(unix)]
+    if user_client_config().as_deref() == Some(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o022 != 0
+        {
+            return Err(usage(format!(
+                "{}: group or others can write it; `chmod go-w {}`",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    ClientFile::load(path).map_err(usage)
 }
 
 pub(crate) fn print_json(v: &serde_json::Value) {

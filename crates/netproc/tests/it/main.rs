@@ -889,3 +889,58 @@ fn completions_are_generated_for_each_shell() {
     let out = netproc(&["completions", "tcsh"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Without `--config`: `NETPROC_CONFIG`, else the per-user file under
+/// `XDG_CONFIG_HOME`, refused when group or others can write it.
+#[cfg(unix)]
+#[test]
+fn the_client_config_defaults_to_netproc_config_then_the_user_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    // A port nothing listens on: reaching the connect step proves the file
+    // was found and loaded (exit 1, unavailable), a refused file is exit 2.
+    write_configs(dir.path(), 1);
+    let xdg = dir.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("netproc")).unwrap();
+    let user_file = xdg.join("netproc").join("client.toml");
+    let body = std::fs::read_to_string(dir.path().join("client.toml"))
+        .unwrap()
+        .replace("\"client.", &format!("\"{}/client.", dir.path().display()))
+        .replace(
+            "\"ca.crt\"",
+            &format!("\"{}/ca.crt\"", dir.path().display()),
+        );
+    std::fs::write(&user_file, body).unwrap();
+    let run = |netproc_config: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netproc"));
+        cmd.args(["functions", "s1", "--timeout", "2s"])
+            .env("XDG_CONFIG_HOME", &xdg)
+            .env_remove("NETPROC_CONFIG");
+        if let Some(p) = netproc_config {
+            cmd.env("NETPROC_CONFIG", p);
+        }
+        cmd.output().unwrap()
+    };
+    std::fs::set_permissions(&user_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unavailable"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::set_permissions(&user_file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("chmod go-w"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // NETPROC_CONFIG wins over the user file.
+    let out = run(Some(&dir.path().join("client.toml")));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+}
