@@ -57,6 +57,26 @@ pub(crate) enum PkiCommand {
     Inspect { file: PathBuf },
     /// The SHA-256 fingerprint of a PEM certificate.
     Fingerprint { file: PathBuf },
+    /// Revoke a certificate: its serial is added to `ca.crl` in --ca-dir
+    /// (created if missing), which servers list in `tls.crls`.
+    Revoke {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The certificate to revoke (PEM).
+        cert: PathBuf,
+        /// Days until the CRL's nextUpdate; re-run `pki crl` before then.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Write (or refresh) `ca.crl` in --ca-dir, keeping the certificates it
+    /// already revokes; an empty CRL when there is none yet.
+    Crl {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Days until the CRL's nextUpdate.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
 }
 
 pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
@@ -119,6 +139,21 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
             print_identity(&file.display().to_string(), &load_cert(&file)?)
         }
         PkiCommand::Fingerprint { file } => outln!("{}", load_cert(&file)?.fingerprint),
+        PkiCommand::Revoke { ca_dir, cert, days } => {
+            let serial = load_cert(&cert)?.serial;
+            let n = write_crl(&ca_dir, Some(&serial), days)?;
+            eprintln!(
+                "revoked serial {serial}; {} now lists {n} certificate(s) — servers apply it at their next reload (SIGHUP, `netproc admin … reload`, or watch_interval_ms)",
+                ca_dir.join("ca.crl").display()
+            );
+        }
+        PkiCommand::Crl { ca_dir, days } => {
+            let n = write_crl(&ca_dir, None, days)?;
+            eprintln!(
+                "wrote {} ({n} revoked, valid {days} days)",
+                ca_dir.join("ca.crl").display()
+            );
+        }
     }
     Ok(())
 }
@@ -128,6 +163,30 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
 pub(crate) fn load_cert(file: &Path) -> Result<CertIdentity, Failure> {
     let pem = std::fs::read(file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
     CertIdentity::from_pem(&pem, &file.display().to_string()).map_err(usage)
+}
+
+/// Re-issues `ca.crl` in `ca_dir` with the serials it already lists, plus
+/// `add`; returns how many it lists.
+fn write_crl(ca_dir: &Path, add: Option<&str>, days: u32) -> Result<usize, Failure> {
+    let ca = load_ca(ca_dir)?;
+    let path = ca_dir.join("ca.crl");
+    let mut serials: Vec<String> = if path.exists() {
+        netproc::pki::Crl::load(&path)
+            .map_err(|e| usage(format!("{}: {e}", path.display())))?
+            .revoked_serials()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    if let Some(serial) = add
+        && !serials.iter().any(|s| s.eq_ignore_ascii_case(serial))
+    {
+        serials.push(serial.to_owned());
+    }
+    let refs: Vec<&str> = serials.iter().map(String::as_str).collect();
+    let crl = ca.crl(&refs, days).map_err(failed)?;
+    crl.save(&path, true).map_err(failed)?;
+    Ok(serials.len())
 }
 
 /// The CA in `--ca-dir`: a missing or unusable CA is bad input (exit 2).

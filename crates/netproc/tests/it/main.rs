@@ -944,3 +944,51 @@ fn the_client_config_defaults_to_netproc_config_then_the_user_file() {
     let out = run(Some(&dir.path().join("client.toml")));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
 }
+
+/// `pki crl` and `pki revoke` make the `ca.crl` a server's `tls.crls` names.
+#[test]
+fn pki_revoke_and_crl_maintain_the_ca_crl() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert!(netproc(&["pki", "init", "--out", d]).status.success());
+    for name in ["c1", "c2"] {
+        let out = netproc(&["pki", "issue-client", "--ca-dir", d, "--name", name]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let crl_path = dir.path().join("ca.crl");
+    let revoked = || {
+        let crl = netproc::pki::Crl::load(&crl_path).unwrap();
+        crl.revoked_serials().to_vec()
+    };
+    let serial = |name: &str| {
+        let pem = std::fs::read(dir.path().join(format!("{name}.crt"))).unwrap();
+        netproc::pki::CertIdentity::from_pem(&pem, name)
+            .unwrap()
+            .serial
+    };
+    let out = netproc(&["pki", "crl", "--ca-dir", d]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(revoked().is_empty());
+    let c1 = dir.path().join("c1.crt");
+    for _ in 0..2 {
+        let out = netproc(&["pki", "revoke", "--ca-dir", d, c1.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(
+        revoked(),
+        vec![serial("c1")],
+        "revoking twice lists it once"
+    );
+    let c2 = dir.path().join("c2.crt");
+    let out = netproc(&["pki", "revoke", "--ca-dir", d, c2.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut all = revoked();
+    all.sort();
+    let mut want = vec![serial("c1"), serial("c2")];
+    want.sort();
+    assert_eq!(all, want);
+    // A refresh keeps them.
+    let out = netproc(&["pki", "crl", "--ca-dir", d, "--days", "7"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(revoked().len(), 2);
+}
