@@ -13,6 +13,13 @@ fn netproc(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Replaces `from` with `to` in the file at `path`, which must contain it.
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{}: no {from:?}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -451,12 +458,11 @@ fn a_leaf_certificate_as_a_trust_anchor_exits_2_naming_the_field() {
     setup(dir.path());
     write_configs(dir.path(), 1);
     let server = dir.path().join("server.toml");
-    let text_of = std::fs::read_to_string(&server).unwrap();
-    std::fs::write(
+    edit(
         &server,
-        text_of.replace("client_ca = \"ca.crt\"", "client_ca = \"client.crt\""),
-    )
-    .unwrap();
+        "client_ca = \"ca.crt\"",
+        "client_ca = \"client.crt\"",
+    );
     let out = netproc(&["serve", "--config", server.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
@@ -466,12 +472,7 @@ fn a_leaf_certificate_as_a_trust_anchor_exits_2_naming_the_field() {
     );
     // The client side: `ca` of a server.
     let client = dir.path().join("client.toml");
-    let text_of = std::fs::read_to_string(&client).unwrap();
-    std::fs::write(
-        &client,
-        text_of.replace("ca = \"ca.crt\"", "ca = \"client.crt\""),
-    )
-    .unwrap();
+    edit(&client, "ca = \"ca.crt\"", "ca = \"client.crt\"");
     let out = netproc(&[
         "call",
         "--config",
@@ -523,12 +524,11 @@ fn missing_files_are_errors_naming_the_field_not_empty_stores() {
     setup(dir.path());
     write_configs(dir.path(), 1);
     let server_toml = dir.path().join("server.toml");
-    let config = std::fs::read_to_string(&server_toml).unwrap();
-    std::fs::write(
+    edit(
         &server_toml,
-        config.replace("key_store = \"keys.json\"", "key_store = \"nokeys.json\""),
-    )
-    .unwrap();
+        "key_store = \"keys.json\"",
+        "key_store = \"nokeys.json\"",
+    );
     let out = netproc(&["serve", "--config", server_toml.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
