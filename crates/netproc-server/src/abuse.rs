@@ -286,7 +286,6 @@ impl Abuse {
             })
     }
 
-    /// A WARN line (rate-limited) for an overflow state.
     /// A new block, at WARN (rate-limited per kind): what, for how long,
     /// and how to lift it. Key ids are not secrets.
     fn log_block(&self, kind: &'static str, entry: &str, blocked_for: Duration, now: Instant) {
@@ -302,6 +301,7 @@ impl Abuse {
         }
     }
 
+    /// A WARN line (rate-limited) for an overflow state.
     fn overflowed(&self, what: &'static str, now: Instant) {
         if let Some(suppressed) = self.overflow_log.check(&what, now) {
             tracing::warn!(
