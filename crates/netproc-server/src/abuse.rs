@@ -25,6 +25,50 @@ use crate::refusal::Refused;
 
 mod counters;
 
+/// The Prometheus names of the counters, by `Counter` (made once).
+static METRIC_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    Counter::ALL
+        .iter()
+        .map(|c| counters::prometheus_name(c.field()))
+        .collect()
+});
+
+/// The liveness gauges (set by the liveness scan), with their help text.
+const LIVENESS_GAUGES: &[(&str, &str)] = &[
+    ("netproc_online_principal_count", "Principals online now."),
+    (
+        "netproc_unstable_principal_count",
+        "Principals unstable now.",
+    ),
+    (
+        "netproc_offline_principal_count",
+        "Principals offline now that still have a session open.",
+    ),
+];
+
+/// The gauges a snapshot sets, with their help text (in snapshot order).
+const GAUGES: &[(&str, &str)] = &[
+    ("netproc_active_socket_count", "Sockets open now."),
+    (
+        "netproc_active_handshake_count",
+        "TLS handshakes in progress now.",
+    ),
+    (
+        "netproc_active_unauthenticated_session_count",
+        "TLS sessions not yet authenticated now.",
+    ),
+    (
+        "netproc_active_session_count",
+        "Authenticated sessions now.",
+    ),
+    (
+        "netproc_in_flight_request_count",
+        "Requests running now, across all sessions.",
+    ),
+    ("netproc_blocked_ip_count", "Addresses blocked now."),
+    ("netproc_blocked_api_key_count", "API keys blocked now."),
+];
+
 pub use counters::AbuseMetrics;
 use counters::COUNTERS;
 pub(crate) use counters::Counter;
@@ -190,7 +234,21 @@ impl Abuse {
 
     pub(crate) fn count(&self, c: Counter) {
         self.counters[c as usize].fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(c.metric_name()).increment(1);
+        metrics::counter!(METRIC_NAMES[c as usize].as_str()).increment(1);
+    }
+
+    /// Registers every series with the installed `metrics` recorder, with
+    /// its help text, so a scrape shows them all from the start (counters
+    /// at 0, gauges at their current value).
+    pub(crate) fn describe_metrics(&self) {
+        for c in Counter::ALL {
+            let name = METRIC_NAMES[c as usize].as_str();
+            metrics::describe_counter!(name, c.help());
+            metrics::counter!(name).increment(0);
+        }
+        for (name, help) in GAUGES.iter().chain(LIVENESS_GAUGES) {
+            metrics::describe_gauge!(*name, *help);
+        }
     }
 
     /// Admission at accept, in the reference's order: blocked address,
@@ -575,19 +633,16 @@ impl Abuse {
             ("connection_limited".to_owned(), m.connection_limited_count),
             ("handshake_limited".to_owned(), m.handshake_limited_count),
         ]);
-        for (name, v) in [
-            ("netproc_active_socket_count", m.active_socket_count),
-            ("netproc_active_handshake_count", m.active_handshake_count),
-            (
-                "netproc_active_unauthenticated_session_count",
-                m.active_unauthenticated_session_count,
-            ),
-            ("netproc_active_session_count", m.active_session_count),
-            ("netproc_in_flight_request_count", m.in_flight_request_count),
-            ("netproc_blocked_ip_count", m.blocked_ip_count),
-            ("netproc_blocked_api_key_count", m.blocked_api_key_count),
-        ] {
-            metrics::gauge!(name).set(v as f64);
+        for ((name, _), v) in GAUGES.iter().zip([
+            m.active_socket_count,
+            m.active_handshake_count,
+            m.active_unauthenticated_session_count,
+            m.active_session_count,
+            m.in_flight_request_count,
+            m.blocked_ip_count,
+            m.blocked_api_key_count,
+        ]) {
+            metrics::gauge!(*name).set(v as f64);
         }
         m
     }

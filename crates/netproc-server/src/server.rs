@@ -336,6 +336,10 @@ impl ServerBuilder {
             restore(&shared.defs, stored).await;
         }
         tokio::spawn(scan_liveness(Arc::downgrade(&shared)));
+        // Every series from the start, and gauges current at each scrape
+        // (refreshed every second) when a `metrics` recorder is installed.
+        shared.abuse.describe_metrics();
+        tokio::spawn(refresh_gauges(Arc::downgrade(&shared)));
         let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener));
         tracing::info!(server = %shared.name, addr = %local_addr, "listening");
         Ok(ServerHandle {
@@ -432,6 +436,26 @@ async fn scan_liveness(shared: std::sync::Weak<Shared>) {
         drop(options);
         drop(shared);
         tokio::time::sleep(period).await;
+    }
+}
+
+/// How often the exported gauges are brought up to date.
+const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sets the exported gauges from a fresh snapshot every [`GAUGE_REFRESH`]
+/// until the server stops (a few atomic loads and lock-free reads).
+async fn refresh_gauges(shared: std::sync::Weak<Shared>) {
+    loop {
+        {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if shared.shutdown.is_cancelled() {
+                return;
+            }
+            let _ = shared.metrics();
+        }
+        tokio::time::sleep(GAUGE_REFRESH).await;
     }
 }
 

@@ -16,8 +16,19 @@ macro_rules! counters {
         pub(super) const COUNTERS: usize = [$( stringify!($name), )*].len();
 
         impl Counter {
-            pub(super) fn metric_name(self) -> &'static str {
-                match self { $( Counter::$name => concat!("netproc_", stringify!($name)), )* }
+            /// Every counter, in order.
+            pub(super) const ALL: [Counter; COUNTERS] = [$( Counter::$name, )*];
+
+            /// The field name of [`AbuseMetrics`] (the reference's, for the
+            /// admin JSON).
+            pub(super) fn field(self) -> &'static str {
+                match self { $( Counter::$name => stringify!($name), )* }
+            }
+
+            /// The counter's help text: its doc comment, one line.
+            pub(super) fn help(self) -> String {
+                let docs: &[&str] = match self { $( Counter::$name => &[$( stringify!($doc) ),*], )* };
+                help_of(docs)
             }
         }
 
@@ -118,4 +129,49 @@ counters! {
     /// Frames refused before they ran, with their own code: privilege
     /// denials, `invalid_operation`, `invalid_request`, unknown kinds.
     request_refused_count,
+}
+
+/// A counter's doc comment as one line, from its `doc = "…"` attributes.
+fn help_of(docs: &[&str]) -> String {
+    docs.iter()
+        .map(|d| {
+            d.trim_start_matches("doc")
+                .trim_start()
+                .trim_start_matches('=')
+                .trim()
+                // `"…"`, or a raw string `r"…"` / `r#"…"#`.
+                .trim_start_matches('r')
+                .trim_matches('#')
+                .trim_matches('"')
+                .trim()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The Prometheus name of a counter field: `netproc_<field>` with `_count`
+/// replaced by `_total`, as Prometheus names counters.
+pub(super) fn prometheus_name(field: &str) -> String {
+    format!(
+        "netproc_{}_total",
+        field.strip_suffix("_count").unwrap_or(field)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_help_come_from_the_list() {
+        assert_eq!(
+            prometheus_name(Counter::auth_failure_count.field()),
+            "netproc_auth_failure_total"
+        );
+        assert_eq!(
+            Counter::connection_accepted_count.help(),
+            "Connections admitted at accept."
+        );
+        assert!(Counter::ALL.iter().all(|c| !c.help().is_empty()));
+    }
 }

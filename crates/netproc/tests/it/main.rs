@@ -992,3 +992,47 @@ fn pki_revoke_and_crl_maintain_the_ca_crl() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(revoked().len(), 2);
 }
+
+/// Prometheus: every series from the start (counters at 0, `_total`
+/// names), with `# HELP` and `# TYPE`, and the gauges current.
+#[test]
+fn prometheus_shows_every_series_from_the_start_with_help_and_type() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (_server, _port) = serve(dir.path());
+    let port: u16 = std::fs::read_to_string(dir.path().join("metrics.port"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let scrape = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let mut body = String::new();
+                tcp.read_to_string(&mut body).unwrap();
+                if body.contains("netproc_active_session_count") {
+                    return body;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no metrics at :{port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let body = scrape();
+    for line in [
+        "# TYPE netproc_auth_failure_total counter",
+        "netproc_auth_failure_total 0",
+        "# HELP netproc_connection_accepted_total Connections admitted at accept.",
+        "# TYPE netproc_active_session_count gauge",
+        "# HELP netproc_active_session_count Authenticated sessions now.",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+    }
+}
