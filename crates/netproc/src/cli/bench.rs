@@ -289,28 +289,41 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
             let name = args.target.server.clone();
             pending.spawn(async move {
                 let server = client.server(&name)?;
-                server.session().await?;
-                Ok::<_, netproc::client::ClientError>(client)
+                let (session_id, _) = server.session().await?;
+                Ok::<_, netproc::client::ClientError>((server, session_id))
             });
             launched += 1;
         }
         match pending.join_next().await {
-            Some(Ok(Ok(client))) => held.push(client),
+            Some(Ok(Ok(opened))) => held.push(opened),
             Some(Ok(Err(e))) => *failures.entry(e.code().to_string()).or_default() += 1,
             Some(Err(_)) | None => break,
         }
     }
     let opened_in = started.elapsed();
+    let opened = held.len();
     eprintln!(
-        "holding {} connections (opened in {:.1} s); failures {failures:?}",
-        held.len(),
+        "holding {opened} connections (opened in {:.1} s); failures {failures:?}",
         opened_in.as_secs_f64()
     );
+    tokio::time::sleep(args.duration).await;
+    // Held means the same session at the end: a connection the server
+    // closed meanwhile comes back with a new session id (or not at all).
+    let mut still = 0;
+    for (server, session_id) in &held {
+        if matches!(server.session().await, Ok((id, _)) if id == *session_id) {
+            still += 1;
+        }
+    }
     outln!(
         "{}",
-        serde_json::json!({"held": held.len(), "open_s": opened_in.as_secs_f64(), "errors": failures})
+        serde_json::json!({
+            "opened": opened,
+            "held": still,
+            "open_s": opened_in.as_secs_f64(),
+            "errors": failures,
+        })
     );
-    tokio::time::sleep(args.duration).await;
     drop(held);
     Ok(())
 }

@@ -1036,3 +1036,51 @@ fn prometheus_shows_every_series_from_the_start_with_help_and_type() {
         assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
     }
 }
+
+/// `bench --hold` reports the connections still held at the end, not the
+/// ones opened: sessions an administrator ended are not counted.
+#[test]
+fn bench_hold_counts_only_connections_still_held() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (_server, _port) = serve(dir.path());
+    let client_toml = dir.path().join("client.toml");
+    let c = client_toml.to_str().unwrap();
+    let hold = |duration: &str| {
+        Command::new(env!("CARGO_BIN_EXE_netproc"))
+            .args([
+                "bench",
+                "--config",
+                c,
+                "s1",
+                "--hold",
+                "2",
+                "--duration",
+                duration,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let report = |child: Child| {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["opened"].as_u64().unwrap(), v["held"].as_u64().unwrap())
+    };
+    assert_eq!(report(hold("200ms")), (2, 2));
+
+    // Open two, then end their sessions while they are held.
+    let mut child = hold("2s");
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("holding 2 connections"), "{line}");
+    let key = std::fs::read_to_string(dir.path().join("client.apikey")).unwrap();
+    let id = key.trim().split('_').nth(1).unwrap().to_owned();
+    let out = netproc(&["admin", "--config", c, "s1", "disconnect-principal", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(report(child), (2, 0));
+}
