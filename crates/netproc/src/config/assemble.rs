@@ -84,6 +84,21 @@ impl ServerFile {
         let reload_target = target.clone();
         let path = config_path.to_owned();
         let source: crate::server::ReloadSource = Arc::new(move || {
+            // Say plainly which changed settings this reload does not apply.
+            match ServerFile::load(&path) {
+                Ok(now) => {
+                    let changed = file.restart_required(&now);
+                    if !changed.is_empty() {
+                        tracing::warn!(
+                            fields = ?changed,
+                            "these settings changed in the file and apply only after a restart"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the server file no longer loads; the running settings stay")
+                }
+            }
             if let Some(target) = &reload_target {
                 let now = ServerFile::load(&path).map_err(|e| e.to_string())?;
                 let trusted = now

@@ -210,8 +210,96 @@ impl ServerFile {
             .collect()
     }
 
+    /// The settings of `now` (the file as it reads today) that differ from
+    /// this one's and that a running server applies only after a restart:
+    /// a reload applies the TLS files, CRLs, the key store and the trusted
+    /// authority keys, nothing else.
+    pub fn restart_required(&self, now: &ServerFile) -> Vec<&'static str> {
+        fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+            format!("{a:?}") != format!("{b:?}")
+        }
+        let without_keys = |p: &Option<PropagationConfig>| {
+            p.clone().map(|mut p| {
+                p.authority_public_keys.clear();
+                p
+            })
+        };
+        let mut changed = Vec::new();
+        let mut check = |field: &'static str, differ: bool| {
+            if differ {
+                changed.push(field);
+            }
+        };
+        check("name", self.name != now.name);
+        check("bind", self.bind != now.bind);
+        check("tls", differs(&self.tls, &now.tls));
+        check("key_store", self.key_store != now.key_store);
+        check("state_dir", self.state_dir != now.state_dir);
+        check("log_format", self.log_format != now.log_format);
+        check("metrics_addr", self.metrics_addr != now.metrics_addr);
+        check("scripts", differs(&self.scripts, &now.scripts));
+        check(
+            "connection_controls",
+            self.connection_controls != now.connection_controls,
+        );
+        check("auth_controls", self.auth_controls != now.auth_controls);
+        check(
+            "request_controls",
+            self.request_controls != now.request_controls,
+        );
+        check(
+            "session_controls",
+            self.session_controls != now.session_controls,
+        );
+        check(
+            "watch_interval_ms",
+            self.watch_interval_ms != now.watch_interval_ms,
+        );
+        check(
+            "propagation",
+            differs(
+                &without_keys(&self.propagation),
+                &without_keys(&now.propagation),
+            ),
+        );
+        changed
+    }
+
     /// The key store's path, resolved against the file's directory.
     pub fn key_store_path(&self) -> PathBuf {
         self.resolve(&self.key_store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "name = \"s\"\nbind = \"127.0.0.1:7000\"\nkey_store = \"k.json\"\nstate_dir = \"st\"\n[tls]\ncert = \"a\"\nkey = \"b\"\nclient_ca = \"c\"\n";
+
+    fn file(text: &str) -> ServerFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, text).unwrap();
+        ServerFile::load(&path).unwrap()
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_only_a_restart_applies() {
+        let before = file(BASE);
+        assert!(before.restart_required(&file(BASE)).is_empty());
+        let key = "0".repeat(64);
+        let with_propagation = format!(
+            "{}[propagation]\nenabled = true\nauthority_public_keys = [\"{key}\"]\n",
+            BASE.replace("7000", "7001")
+        );
+        assert_eq!(
+            before.restart_required(&file(&with_propagation)),
+            vec!["bind", "propagation"]
+        );
+        // The trusted keys are applied by a reload: not a restart field.
+        let propagating = file(&with_propagation);
+        let other_key = with_propagation.replace(&key, &"1".repeat(64));
+        assert!(propagating.restart_required(&file(&other_key)).is_empty());
     }
 }
