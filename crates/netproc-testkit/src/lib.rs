@@ -2,8 +2,8 @@
 //!
 //! Every crate's integration tests and benches build the same things: a
 //! private CA with a server and a client certificate, a server over real
-//! TLS on 127.0.0.1 port 0, an endpoint and a client to it, API keys, and —
-//! in benches — process CPU time and medians. They come from here, so a
+//! TLS on 127.0.0.1 port 0, an endpoint and a client to it, API keys, a
+//! capture of the log, and — in benches — process CPU time and medians. They come from here, so a
 //! change to how a server or an endpoint is made lands once.
 //!
 //! Everything here panics on failure: it is scaffolding for tests, where a
@@ -35,8 +35,10 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod logs;
 mod pki;
 mod stats;
 
+pub use logs::log_capture;
 pub use pki::{TestPki, key, only, unlimited};
 pub use stats::{cpu_micros, env_or, median, percentile};

@@ -330,34 +330,9 @@ async fn a_full_queue_answers_overloaded() {
     }
 }
 
-/// One global subscriber for this test binary, capturing the script
-/// target into a buffer.
+/// The test binary's captured log (DEBUG and above: `debug()` output).
 fn script_log() -> &'static std::sync::Mutex<Vec<u8>> {
-    use std::sync::Mutex;
-    #[derive(Clone)]
-    struct Capture(&'static Mutex<Vec<u8>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    static BUF: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
-    BUF.get_or_init(|| {
-        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
-        let writer = Capture(buf);
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .finish();
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        tracing::callsite::rebuild_interest_cache();
-        buf
-    })
+    netproc_testkit::log_capture(tracing::Level::DEBUG)
 }
 
 #[tokio::test]

@@ -389,34 +389,9 @@ async fn a_panicking_or_failing_authenticator_refuses_and_the_server_keeps_servi
     assert_eq!(who, "client");
 }
 
-/// One global subscriber for the whole test binary, capturing into a
-/// buffer. (A thread-local `set_default` is unreliable here: callsite
-/// interest can be cached by a concurrent test while no subscriber is set.)
+/// The test binary's captured log (INFO and above).
 pub(crate) fn audit_capture() -> &'static Mutex<Vec<u8>> {
-    #[derive(Clone)]
-    struct Capture(&'static Mutex<Vec<u8>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    static BUF: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
-    BUF.get_or_init(|| {
-        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
-        let writer = Capture(buf);
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .finish();
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        tracing::callsite::rebuild_interest_cache();
-        buf
-    })
+    netproc_testkit::log_capture(tracing::Level::INFO)
 }
 
 #[tokio::test]
