@@ -102,17 +102,8 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
             days,
             force,
         } => {
-            let ca = load_ca(&ca_dir)?;
-            let cert = ca
-                .issue(&LeafParams::server(name.clone(), sans).validity(validity(days)))
-                .map_err(failed)?;
-            cert.save(
-                ca_dir.join(format!("{name}.crt")),
-                ca_dir.join(format!("{name}.key")),
-                force,
-            )
-            .map_err(failed)?;
-            print_identity(&name, cert.cert_identity());
+            let params = LeafParams::server(name.clone(), sans).validity(validity(days));
+            issue_into(&ca_dir, &name, &params, force)?;
         }
         PkiCommand::IssueClient {
             ca_dir,
@@ -121,19 +112,11 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
             days,
             force,
         } => {
-            let ca = load_ca(&ca_dir)?;
             let mut params = LeafParams::client(name.clone()).validity(validity(days));
             for san in sans {
                 params = params.san(san.parse::<SubjectAltName>().map_err(usage)?);
             }
-            let cert = ca.issue(&params).map_err(failed)?;
-            cert.save(
-                ca_dir.join(format!("{name}.crt")),
-                ca_dir.join(format!("{name}.key")),
-                force,
-            )
-            .map_err(failed)?;
-            print_identity(&name, cert.cert_identity());
+            issue_into(&ca_dir, &name, &params, force)?;
         }
         PkiCommand::Inspect { file } => {
             print_identity(&file.display().to_string(), &load_cert(&file)?)
@@ -187,6 +170,20 @@ fn write_crl(ca_dir: &Path, add: Option<&str>, days: u32) -> Result<usize, Failu
     let crl = ca.crl(&refs, days).map_err(failed)?;
     crl.save(&path, true).map_err(failed)?;
     Ok(serials.len())
+}
+
+/// Issues a leaf from the CA in `ca_dir` and writes it there as
+/// `NAME.crt` / `NAME.key`, then shows it.
+fn issue_into(ca_dir: &Path, name: &str, params: &LeafParams, force: bool) -> Result<(), Failure> {
+    let cert = load_ca(ca_dir)?.issue(params).map_err(failed)?;
+    cert.save(
+        ca_dir.join(format!("{name}.crt")),
+        ca_dir.join(format!("{name}.key")),
+        force,
+    )
+    .map_err(failed)?;
+    print_identity(name, cert.cert_identity());
+    Ok(())
 }
 
 /// The CA in `--ca-dir`: a missing or unusable CA is bad input (exit 2).
