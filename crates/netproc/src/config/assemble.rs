@@ -84,10 +84,12 @@ impl ServerFile {
         let reload_target = target.clone();
         let path = config_path.to_owned();
         let source: crate::server::ReloadSource = Arc::new(move || {
-            // Say plainly which changed settings this reload does not apply.
-            match ServerFile::load(&path) {
+            // The file is read once: to say plainly which changed settings
+            // this reload does not apply, and for the trusted authority keys.
+            let now = ServerFile::load(&path);
+            match &now {
                 Ok(now) => {
-                    let changed = file.restart_required(&now);
+                    let changed = file.restart_required(now);
                     if !changed.is_empty() {
                         tracing::warn!(
                             fields = ?changed,
@@ -100,7 +102,7 @@ impl ServerFile {
                 }
             }
             if let Some(target) = &reload_target {
-                let now = ServerFile::load(&path).map_err(|e| e.to_string())?;
+                let now = now.map_err(|e| e.to_string())?;
                 let trusted = now
                     .propagation
                     .as_ref()
