@@ -56,16 +56,7 @@ pub(crate) fn check(config: &Path) -> Result<(), Failure> {
         .tls_material()
         .map_err(|e| usage(format!("{}: {e}", config.display())))?;
     let cert = identity.cert_identity();
-    let key_store = file.key_store_path();
-    if !key_store.exists() {
-        return Err(usage(format!(
-            "{}: key_store: {}: no such file",
-            config.display(),
-            key_store.display()
-        )));
-    }
-    let keys = netproc::auth::ApiKeyStore::open(&key_store)
-        .map_err(|e| usage(format!("{}: key_store: {e}", config.display())))?;
+    let keys = file.open_key_store(config).map_err(usage)?;
     let days_left = cert
         .not_after
         .duration_since(std::time::SystemTime::now())

@@ -29,6 +29,24 @@ impl ServerFile {
         Ok((identity, roots, crls))
     }
 
+    /// Opens the key store the file names. It must exist: a server over no
+    /// keys would refuse every client with `authentication_failed` and say
+    /// nothing, so a missing file is an error naming `key_store`.
+    pub fn open_key_store(&self, config_path: &Path) -> Result<ApiKeyStore, ConfigError> {
+        let path = self.resolve(&self.key_store);
+        if !path.exists() {
+            return Err(invalid(
+                config_path,
+                format!(
+                    "key_store: {}: no such file; `netproc keys create --store {}` creates it",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        ApiKeyStore::open(path).map_err(|e| invalid(config_path, format!("key_store: {e}")))
+    }
+
     /// A server builder from this file: TLS files loaded, key store opened,
     /// scripts and state directory set, and a reload source re-reading the
     /// TLS files and the key store. Add native functions, then `start`; call
@@ -40,17 +58,7 @@ impl ServerFile {
     ) -> Result<(ServerBuilder, Arc<ApiKeyStore>), ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
         let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
-        let key_store = self.resolve(&self.key_store);
-        if !key_store.exists() {
-            // A server over no keys would refuse every client with
-            // `authentication_failed` and say nothing: refuse to start.
-            return Err(err(&format!(
-                "key_store: {}: no such file; `netproc keys create --store {}` creates it",
-                key_store.display(),
-                key_store.display()
-            )));
-        }
-        let keys = Arc::new(ApiKeyStore::open(key_store).map_err(|e| err(&e))?);
+        let keys = Arc::new(self.open_key_store(config_path)?);
         // Propagation: the target holds received keys in the state directory.
         // One state database, shared by the server and the propagation
         // target (each with its own tables).
