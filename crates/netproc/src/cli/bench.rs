@@ -10,7 +10,7 @@ use netproc::client::Client;
 use netproc::config::ClientFile;
 use netproc::wire::{Operation, Value};
 
-use super::{Failure, Target, failed, usage};
+use super::{Failure, Target, failed, run_on, usage};
 
 /// Options of `netproc bench`.
 #[derive(Debug, clap::Args)]
@@ -162,13 +162,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
                     let result = if new_connections {
                         match file.client(&config) {
                             Ok(c) => match c.server(&name) {
-                                Ok(s) => call(&s, op.clone(), timeout).await,
+                                Ok(s) => run_on(&s, op.clone(), timeout).await,
                                 Err(e) => Err(e),
                             },
                             Err(_) => break,
                         }
                     } else {
-                        call(&server, op.clone(), timeout).await
+                        run_on(&server, op.clone(), timeout).await
                     };
                     shared.record(t, result);
                 }
@@ -326,16 +326,4 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
     );
     drop(held);
     Ok(())
-}
-
-/// One call under `--timeout` if given.
-async fn call(
-    server: &netproc::client::ServerRef,
-    op: Operation,
-    timeout: Option<Duration>,
-) -> Result<Value, netproc::client::ClientError> {
-    match timeout {
-        Some(t) => server.execute_with_timeout(op, t).await,
-        None => server.execute(op).await,
-    }
 }

@@ -201,17 +201,15 @@ pub(crate) struct Target {
     pub(crate) verbose: u8,
 }
 
-impl Target {
-    /// Runs `op` on one server under `--timeout` if given.
-    pub(crate) async fn run_on(
-        &self,
-        server: &netproc::client::ServerRef,
-        op: Operation,
-    ) -> Result<Value, ClientError> {
-        match self.timeout {
-            Some(t) => server.execute_with_timeout(op, t).await,
-            None => server.execute(op).await,
-        }
+/// Runs `op` on one server, under `timeout` (`--timeout`) if given.
+pub(crate) async fn run_on(
+    server: &netproc::client::ServerRef,
+    op: Operation,
+    timeout: Option<Duration>,
+) -> Result<Value, ClientError> {
+    match timeout {
+        Some(t) => server.execute_with_timeout(op, t).await,
+        None => server.execute(op).await,
     }
 }
 
@@ -494,7 +492,7 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
     }
     let server = client.server(&target.server).map_err(usage)?;
     let done = done(&op);
-    match target.run_on(&server, op).await {
+    match run_on(&server, op, target.timeout).await {
         Ok(v) => {
             match (done, v) {
                 // A change: say what was done, not `null`.
@@ -562,8 +560,7 @@ fn describe(e: &ClientError) -> String {
 async fn metrics(target: &Target, as_json: bool) -> Result<(), Failure> {
     let client = client(target)?;
     let server = client.server(&target.server).map_err(usage)?;
-    let v = target
-        .run_on(&server, Operation::AbuseMetrics)
+    let v = run_on(&server, Operation::AbuseMetrics, target.timeout)
         .await
         .map_err(|e| failed(describe(&e)))?;
     let j = json::from_value(v);
