@@ -336,10 +336,9 @@ impl ServerBuilder {
             restore(&shared.defs, stored).await;
         }
         tokio::spawn(scan_liveness(Arc::downgrade(&shared)));
-        // Every series from the start, and gauges current at each scrape
-        // (refreshed every second) when a `metrics` recorder is installed.
+        // Every series from the start, when a `metrics` recorder is
+        // installed (gauges stay current with `refresh_gauges_every`).
         shared.abuse.describe_metrics();
-        tokio::spawn(refresh_gauges(Arc::downgrade(&shared)));
         let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener));
         tracing::info!(server = %shared.name, addr = %local_addr, "listening");
         Ok(ServerHandle {
@@ -439,12 +438,9 @@ async fn scan_liveness(shared: std::sync::Weak<Shared>) {
     }
 }
 
-/// How often the exported gauges are brought up to date.
-const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Sets the exported gauges from a fresh snapshot every [`GAUGE_REFRESH`]
-/// until the server stops (a few atomic loads and lock-free reads).
-async fn refresh_gauges(shared: std::sync::Weak<Shared>) {
+/// Sets the exported gauges from a fresh snapshot every `every` until the
+/// server stops.
+async fn refresh_gauges(shared: std::sync::Weak<Shared>, every: std::time::Duration) {
     loop {
         {
             let Some(shared) = shared.upgrade() else {
@@ -455,7 +451,7 @@ async fn refresh_gauges(shared: std::sync::Weak<Shared>) {
             }
             let _ = shared.metrics();
         }
-        tokio::time::sleep(GAUGE_REFRESH).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -525,6 +521,18 @@ impl fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
+    /// Keeps the gauges exported through the `metrics` facade current (for
+    /// a Prometheus exporter): sets them from a fresh snapshot every `every`
+    /// until the server stops. Counters need nothing: they are exported as
+    /// they count. Without a call the gauges change only when the abuse
+    /// metrics are read (`abuse_metrics`, the admin operation).
+    pub fn refresh_gauges_every(&self, every: std::time::Duration) {
+        tokio::spawn(refresh_gauges(
+            Arc::downgrade(&self.inner.shared),
+            every.max(std::time::Duration::from_millis(100)),
+        ));
+    }
+
     /// The address the server listens on (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr

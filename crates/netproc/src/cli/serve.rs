@@ -92,6 +92,10 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
         .await
         .map_err(failed)?;
     server.follow_key_store(&keys);
+    if file.metrics_addr.is_some() {
+        // Gauges current at each scrape.
+        server.refresh_gauges_every(Duration::from_secs(1));
+    }
     // The key store is always watched (each `netproc keys …` change takes
     // effect within about a second, and a bad file keeps the last good
     // keys); the TLS files only when asked.
