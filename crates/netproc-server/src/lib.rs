@@ -80,7 +80,7 @@ pub use options::{
 };
 pub use server::{Server, ServerBuilder, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};
-pub use shared::ReloadSource;
+pub use shared::{ReloadMaterial, ReloadReport, ReloadSource};
 pub use state::StateDatabase;
 
 /// For the fuzz targets under `fuzz/` only (feature `fuzzing`): feeds

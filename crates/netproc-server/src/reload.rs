@@ -10,13 +10,15 @@ use netproc_wire::ErrorCode;
 use crate::error::{ReloadError, ServerError};
 use crate::server::ServerHandle;
 use crate::sessions::SessionSelector;
-use crate::shared::Shared;
+use crate::shared::{ReloadReport, Shared};
 
 impl ServerHandle {
     /// Reloads from the [`reload_source`](crate::ServerBuilder::reload_source):
     /// new handshakes use the new material; sessions over newly revoked
-    /// certificates end. On error the last good configuration stays.
-    pub async fn reload(&self) -> Result<usize, ServerError> {
+    /// certificates end; the report also names the changed settings the
+    /// source says need a restart. On error the last good configuration
+    /// stays.
+    pub async fn reload(&self) -> Result<ReloadReport, ServerError> {
         self.inner.shared.reload().await
     }
 
@@ -45,8 +47,8 @@ impl ServerHandle {
     pub fn watch_files(&self, paths: Vec<std::path::PathBuf>, interval: Duration) {
         watch(&self.inner.shared, paths, interval, |shared| async move {
             match shared.reload().await {
-                Ok(closed) => {
-                    tracing::info!(server = %shared.name, sessions_closed = closed, "reloaded after a file change")
+                Ok(report) => {
+                    tracing::info!(server = %shared.name, sessions_closed = report.sessions_closed, "reloaded after a file change")
                 }
                 Err(e) => {
                     tracing::warn!(server = %shared.name, error = %e, "reload after a file change refused; the last good configuration stays")
@@ -180,13 +182,27 @@ fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
 }
 
 impl Shared {
-    pub(crate) async fn reload(self: &Arc<Self>) -> Result<usize, ServerError> {
+    pub(crate) async fn reload(self: &Arc<Self>) -> Result<ReloadReport, ServerError> {
         let Some(source) = self.reload_source.clone() else {
             return Err(ServerError::Reload(ReloadError::NoSource));
         };
         let read = tokio::task::spawn_blocking(move || source()).await;
         match read {
-            Ok(Ok((identity, roots, crls))) => self.reload_tls(&identity, &roots, &crls),
+            Ok(Ok(material)) => {
+                let sessions_closed =
+                    self.reload_tls(&material.identity, &material.client_roots, &material.crls)?;
+                if !material.restart_required.is_empty() {
+                    tracing::warn!(
+                        server = %self.name,
+                        fields = ?material.restart_required,
+                        "reloaded; these changed settings apply only after a restart"
+                    );
+                }
+                Ok(ReloadReport {
+                    sessions_closed,
+                    restart_required: material.restart_required,
+                })
+            }
             Ok(Err(e)) => {
                 tracing::warn!(server = %self.name, error = %e, "reload refused; keeping the last good configuration");
                 self.abuse

@@ -19,8 +19,63 @@ use crate::sessions::{Control, SessionSelector, SessionTable};
 
 /// Reads fresh TLS material for a reload (and may reload other sources,
 /// such as a key store file, as a side effect). Runs on a blocking thread.
-pub type ReloadSource =
-    Arc<dyn Fn() -> Result<(Identity, TrustAnchors, Vec<Crl>), String> + Send + Sync>;
+pub type ReloadSource = Arc<dyn Fn() -> Result<ReloadMaterial, String> + Send + Sync>;
+
+/// What a [`ReloadSource`] read: the TLS material to put in force, and the
+/// changed settings this reload cannot apply.
+///
+/// ```
+/// # use netproc_pki::{CaParams, CertificateAuthority, LeafParams};
+/// use netproc_server::ReloadMaterial;
+///
+/// # let ca = CertificateAuthority::generate(&CaParams::new("example CA")).unwrap();
+/// # let identity = ca.issue(&LeafParams::server("server", ["localhost"])).unwrap();
+/// # let roots = ca.trust_anchors();
+/// let material = ReloadMaterial::new(identity, roots, Vec::new())
+///     .with_restart_required(vec!["bind".to_owned()]);
+/// assert_eq!(material.restart_required, ["bind"]);
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ReloadMaterial {
+    /// The server's certificate and key.
+    pub identity: Identity,
+    /// The CAs client certificates must chain to.
+    pub client_roots: TrustAnchors,
+    /// The CRLs in force.
+    pub crls: Vec<Crl>,
+    /// Settings that changed at the source but apply only after a restart
+    /// (by name, e.g. `"propagation"`): reported in the reload's answer.
+    pub restart_required: Vec<String>,
+}
+
+impl ReloadMaterial {
+    /// TLS material with no restart-only change.
+    pub fn new(identity: Identity, client_roots: TrustAnchors, crls: Vec<Crl>) -> ReloadMaterial {
+        ReloadMaterial {
+            identity,
+            client_roots,
+            crls,
+            restart_required: Vec::new(),
+        }
+    }
+
+    /// Names the changed settings that only a restart applies.
+    pub fn with_restart_required(mut self, fields: Vec<String>) -> ReloadMaterial {
+        self.restart_required = fields;
+        self
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ReloadReport {
+    /// Sessions closed because a new CRL revokes their certificate.
+    pub sessions_closed: usize,
+    /// Changed settings the reload did not apply: they need a restart.
+    pub restart_required: Vec<String>,
+}
 
 /// State shared by the accept loop and every session.
 pub(crate) struct Shared {

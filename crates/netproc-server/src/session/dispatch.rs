@@ -146,7 +146,23 @@ impl Session {
                     shared
                         .reload()
                         .await
-                        .map(|closed| Value::Int(closed as i64))
+                        .map(|report| {
+                            let fields = report
+                                .restart_required
+                                .into_iter()
+                                .map(Value::String)
+                                .collect();
+                            Value::Map(
+                                [
+                                    (
+                                        "sessions_closed".to_owned(),
+                                        Value::Int(report.sessions_closed as i64),
+                                    ),
+                                    ("restart_required".to_owned(), Value::List(fields)),
+                                ]
+                                .into(),
+                            )
+                        })
                         .map_err(|e| {
                             CallError::with_code(ErrorCode::InvalidArgument, e.to_string())
                         })

@@ -210,7 +210,11 @@ async fn a_watched_certificate_replaced_by_rename_is_served_without_a_reload_cal
             let identity =
                 netproc_pki::Identity::load(&cert, &key_file).map_err(|e| e.to_string())?;
             let roots = netproc_pki::TrustAnchors::load(&ca).map_err(|e| e.to_string())?;
-            Ok((identity, roots, Vec::new()))
+            Ok(netproc_server::ReloadMaterial::new(
+                identity,
+                roots,
+                Vec::new(),
+            ))
         })
     };
     let server = builder(&pki, "s1", keys)

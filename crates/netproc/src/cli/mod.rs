@@ -497,6 +497,9 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
             match (done, v) {
                 // A change: say what was done, not `null`.
                 (Some(what), Value::Null) => outln!("{what} on {}", target.server),
+                (Some(what), Value::Map(report)) if report.contains_key("restart_required") => {
+                    outln!("{}", reload_line(&what, &target.server, &report));
+                }
                 (Some(what), Value::Int(n)) => {
                     outln!("{what} on {}: {n} session(s) closed", target.server);
                 }
@@ -532,6 +535,32 @@ fn done(op: &Operation) -> Option<String> {
         Operation::Reload => "reloaded TLS files and keys".to_owned(),
         _ => return None,
     })
+}
+
+/// The success line of `admin reload`: sessions closed, and the changed
+/// settings that need a restart, said plainly.
+fn reload_line(what: &str, server: &str, report: &BTreeMap<String, Value>) -> String {
+    let closed = match report.get("sessions_closed") {
+        Some(Value::Int(n)) => *n,
+        _ => 0,
+    };
+    let mut line = format!("{what} on {server}: {closed} session(s) closed");
+    if let Some(Value::List(fields)) = report.get("restart_required")
+        && !fields.is_empty()
+    {
+        let names: Vec<String> = fields
+            .iter()
+            .map(|f| match f {
+                Value::String(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        line.push_str(&format!(
+            "; restart_required: {} (changed in the file; they apply only after a restart)",
+            names.join(", ")
+        ));
+    }
+    line
 }
 
 /// `--data`: a JSON array of arguments, inline, from `@FILE` or from `@-`

@@ -110,8 +110,8 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
     // SIGHUP reloads; SIGINT or SIGTERM ends the loop.
     while let Signal::Reload = wait_for_signal().await {
         match server.reload().await {
-            Ok(closed) => tracing::info!(
-                sessions_closed = closed,
+            Ok(report) => tracing::info!(
+                sessions_closed = report.sessions_closed,
                 "reloaded certificates, CRLs and keys"
             ),
             Err(e) => {

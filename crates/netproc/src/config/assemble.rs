@@ -93,22 +93,20 @@ impl ServerFile {
         let path = config_path.to_owned();
         let source: crate::server::ReloadSource = Arc::new(move || {
             // The file is read once: to say plainly which changed settings
-            // this reload does not apply, and for the trusted authority keys.
+            // this reload does not apply (in the log and in the reply), and
+            // for the trusted authority keys.
             let now = ServerFile::load(&path);
-            match &now {
-                Ok(now) => {
-                    let changed = file.restart_required(now);
-                    if !changed.is_empty() {
-                        tracing::warn!(
-                            fields = ?changed,
-                            "these settings changed in the file and apply only after a restart"
-                        );
-                    }
-                }
+            let restart_required = match &now {
+                Ok(now) => file
+                    .restart_required(now)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "the server file no longer loads; the running settings stay")
+                    tracing::warn!(error = %e, "the server file no longer loads; the running settings stay");
+                    Vec::new()
                 }
-            }
+            };
             if let Some(target) = &reload_target {
                 let now = now.map_err(|e| e.to_string())?;
                 let trusted = now
@@ -123,7 +121,9 @@ impl ServerFile {
                     .map_err(|e| e.to_string())?;
             }
             reload_keys.reload().map_err(|e| e.to_string())?;
-            file.tls_material()
+            let (identity, roots, crls) = file.tls_material()?;
+            Ok(crate::server::ReloadMaterial::new(identity, roots, crls)
+                .with_restart_required(restart_required))
         });
         let mut builder = Server::builder(self.name.clone(), identity, roots, Arc::clone(&keys))
             .reload_source(source)

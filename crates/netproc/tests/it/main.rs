@@ -329,6 +329,22 @@ fn keys_then_serve_then_call_end_to_end() {
         text(&out.stdout)
     );
     assert_eq!(reloads(), 2);
+    // A changed setting a reload cannot apply is named in the reply.
+    let server_toml = dir.path().join("server.toml");
+    let before = std::fs::read_to_string(&server_toml).unwrap();
+    std::fs::write(
+        &server_toml,
+        before.replace("name = \"s1\"", "name = \"renamed\""),
+    )
+    .unwrap();
+    let out = netproc(&["admin", "--config", c, "s1", "reload"]);
+    std::fs::write(&server_toml, before).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("restart_required: name"),
+        "{}",
+        text(&out.stdout)
+    );
     #[cfg(unix)]
     {
         let pid = server.0.id().to_string();
@@ -343,12 +359,12 @@ fn keys_then_serve_then_call_end_to_end() {
         let mut seen = 0;
         for _ in 0..50 {
             seen = reloads();
-            if seen == 3 {
+            if seen == 4 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        assert_eq!(seen, 3, "SIGHUP did not reload");
+        assert_eq!(seen, 4, "SIGHUP did not reload");
     }
 }
 
