@@ -29,7 +29,7 @@ pub type ReloadSource = Arc<dyn Fn() -> Result<ReloadMaterial, String> + Send + 
 /// use netproc_server::ReloadMaterial;
 ///
 /// # let ca = CertificateAuthority::generate(&CaParams::new("example CA")).unwrap();
-/// # let identity = ca.issue(&LeafParams::server("server", ["localhost"])).unwrap();
+/// # let identity = ca.issue(&LeafParams::server("server", ["localhost"])).unwrap().identity().unwrap();
 /// # let roots = ca.trust_anchors();
 /// let material = ReloadMaterial::new(identity, roots, Vec::new())
 ///     .with_restart_required(vec!["bind".to_owned()]);
