@@ -77,6 +77,9 @@ pub struct Principal {
     pub max_sessions: Option<u32>,
     /// Overrides the server's `single_active_session`.
     pub single_active_session: Option<bool>,
+    /// The certificate its key is bound to, as written in the key store
+    /// (`sha256:…`, `dns:…`, …), if any: for `whoami`.
+    pub cert_binding: Option<String>,
 }
 
 impl Principal {
@@ -91,6 +94,7 @@ impl Principal {
             key_generation: None,
             max_sessions: None,
             single_active_session: None,
+            cert_binding: None,
         }
     }
 

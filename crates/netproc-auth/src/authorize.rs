@@ -52,6 +52,7 @@ pub fn required_privilege(op: &Operation) -> Option<Privilege> {
         Operation::ListFunctions
         | Operation::ListConstants
         | Operation::ListDependencies
+        | Operation::WhoAmI
         | Operation::Extension { .. } => return None,
         // A future operation this version does not know is admin-only.
         _ => Privilege::AdminPrivileges,

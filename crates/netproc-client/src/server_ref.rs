@@ -185,6 +185,15 @@ impl ServerRef {
         decode_result(&self.slot.name, v)
     }
 
+    /// Who the server takes this client to be (principal, key, privileges,
+    /// allow-list, expiry, certificate binding) and the server's clock. Any
+    /// authenticated caller may ask; a server that predates the operation
+    /// answers [`ErrorCode::InvalidOperation`](netproc_wire::ErrorCode::InvalidOperation).
+    pub async fn who_am_i(&self) -> Result<netproc_wire::WhoAmI, ClientError> {
+        let v = self.execute(Operation::WhoAmI).await?;
+        decode_result(&self.slot.name, v)
+    }
+
     /// Admin: the server's name, version, uptime and session count.
     pub async fn server_info(&self) -> Result<Value, ClientError> {
         self.execute(Operation::ServerInfo).await

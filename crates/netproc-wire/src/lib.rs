@@ -85,7 +85,7 @@ pub use message::{
     ALPN_PROTOCOL, AnnouncedLimits, Auth, AuthMethod, AuthOk, AuthWithOptions, ClientMessage,
     DecodeError, DefineFunction, DependencySource, Ed25519Proof, EncodeError, ErrorBody,
     FunctionLimits, GoAway, MIN_ANNOUNCED_FRAME_BYTES, Operation, Outcome, PROTOCOL_VERSION,
-    RateLimit, Request, Response, SecretString, ServerMessage,
+    RateLimit, Request, Response, SecretString, ServerMessage, WhoAmI,
 };
 pub use privilege::{Privilege, UnknownPrivilege};
 pub use time::{from_unix_ms, unix_ms};

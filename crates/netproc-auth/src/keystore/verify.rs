@@ -129,6 +129,7 @@ fn admit(
     principal.functions = record.functions.clone();
     principal.max_sessions = record.max_sessions;
     principal.single_active_session = record.single_active_session;
+    principal.cert_binding = record.binding.as_ref().map(ToString::to_string);
     principal.expires_at = record.expiry_ms().map(netproc_wire::from_unix_ms);
     Ok(principal)
 }

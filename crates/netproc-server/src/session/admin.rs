@@ -51,6 +51,27 @@ impl Session {
                     .as_ref()
                     .map_or(Value::List(Vec::new()), |s| s.list_dependencies()),
             ),
+            Operation::WhoAmI => {
+                let cert = &self.facts.cert;
+                let me = netproc_wire::WhoAmI {
+                    principal: principal.id.clone(),
+                    key_id: principal.key_id.clone(),
+                    key_generation: principal.key_generation,
+                    privileges: principal.privileges.names(),
+                    functions: principal
+                        .functions
+                        .as_ref()
+                        .map(|f| f.iter().cloned().collect()),
+                    expires_at_ms: principal.expires_at.map(netproc_wire::unix_ms),
+                    cert_binding: principal.cert_binding.clone(),
+                    cert_fingerprint: cert.fingerprint.to_string(),
+                    cert_not_after_ms: netproc_wire::unix_ms(cert.not_after),
+                    session_id: self.facts.session_id,
+                    server_name: shared.name.clone(),
+                    server_time_ms: netproc_wire::unix_ms(std::time::SystemTime::now()),
+                };
+                Outcome::Ok(to_value(&me).unwrap_or_default())
+            }
             Operation::ServerInfo => {
                 audit::admin_action(&self.facts, "server_info", "");
                 let info = ServerInfoReply {

@@ -187,10 +187,17 @@ async fn legacy_server(pki: &Pki) -> (std::net::SocketAddr, tokio::task::JoinHan
                 .unwrap();
             while let Some(body) = next(&mut tls).await {
                 if let Ok(ClientMessage::Request(r)) = ClientMessage::decode(&body) {
-                    let answer = ServerMessage::Response(Response {
-                        id: r.id,
-                        outcome: Outcome::Ok(Value::Int(7)),
-                    });
+                    // Tag 21 (WhoAmI) is past its last operation: it
+                    // answers as every server does an unknown tag.
+                    let outcome = if matches!(r.op, Operation::WhoAmI) {
+                        Outcome::Err(ErrorBody::new(
+                            ErrorCode::InvalidOperation,
+                            "unknown operation",
+                        ))
+                    } else {
+                        Outcome::Ok(Value::Int(7))
+                    };
+                    let answer = ServerMessage::Response(Response { id: r.id, outcome });
                     tls.write_all(&reply(answer)).await.unwrap();
                 }
             }
@@ -219,6 +226,12 @@ async fn the_new_client_falls_back_to_plain_auth_with_an_older_server() {
     let s = c.server("old").unwrap();
     let got: Result<i64, ClientError> = s.call("anything", ()).await;
     assert_eq!(got.unwrap(), 7);
+    // `whoami` (tag 21) against a server that predates it: a typed
+    // `invalid_operation`, and the session carries on.
+    let err = s.who_am_i().await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidOperation, "{err}");
+    let got: i64 = s.call("anything", ()).await.unwrap();
+    assert_eq!(got, 7);
     c.flush_all();
     drop(c);
     // One refusal of the new message, then plain Auth.

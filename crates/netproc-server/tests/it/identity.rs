@@ -193,3 +193,46 @@ async fn rotating_a_key_ends_only_the_sessions_on_the_old_secret() {
     assert_eq!(new.call::<i64>("add", (1, 2)).await.unwrap(), 3);
     assert_eq!(new.session().await.unwrap().0, new_session);
 }
+
+/// `whoami` tells any caller, whatever its privileges, how the server sees
+/// it: principal, key, privileges, allow-list, expiry, binding, and the
+/// server's clock.
+#[tokio::test]
+async fn whoami_reports_the_callers_principal_binding_and_the_server_clock() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let expires = SystemTime::now() + Duration::from_secs(3600);
+    let client_fp = pki.client.cert_identity().fingerprint;
+    let (info, key) = keys
+        .create(
+            KeySpec::new(netproc_auth::PrivilegeSet::empty())
+                .functions(["add"])
+                .expires_at(expires)
+                .binding(netproc_auth::CertBinding::Fingerprint(client_fp.clone())),
+        )
+        .unwrap();
+    let server = start(&pki, "s1", keys).await;
+    let c = client(&pki, &server, &key);
+    let s = c.server("s1").unwrap();
+    let before = netproc_wire::unix_ms(SystemTime::now());
+    let me = s.who_am_i().await.unwrap();
+    let after = netproc_wire::unix_ms(SystemTime::now());
+    assert_eq!(me.principal, info.id);
+    assert_eq!(me.key_id.as_deref(), Some(info.id.as_str()));
+    assert_eq!(me.key_generation, Some(info.generation));
+    assert!(me.privileges.is_empty(), "{me:?}");
+    assert_eq!(me.functions, Some(vec!["add".to_owned()]));
+    let expiry = me.expires_at_ms.unwrap();
+    assert!(
+        expiry.abs_diff(netproc_wire::unix_ms(expires)) < 1000,
+        "{me:?}"
+    );
+    assert_eq!(me.cert_binding, Some(format!("sha256:{client_fp}")));
+    assert_eq!(me.cert_fingerprint, client_fp.to_string());
+    assert_eq!(
+        me.cert_not_after_ms,
+        netproc_wire::unix_ms(pki.client.cert_identity().not_after)
+    );
+    assert_eq!(me.server_name, "s1");
+    assert!((before..=after).contains(&me.server_time_ms), "{me:?}");
+}

@@ -309,10 +309,15 @@ pub enum Operation {
     /// Tag 20 (admin): reload the server's certificate, client CAs, CRLs and
     /// key store from their sources.
     Reload,
+    /// Tag 21: who the server takes the caller to be (principal, key,
+    /// privileges, allow-list, expiry, certificate binding) and the
+    /// server's clock. Any authenticated caller may ask. A server that
+    /// predates it answers `invalid_operation`.
+    WhoAmI,
 }
 
 /// Number of operation tags this version knows.
-pub(crate) const OPERATION_COUNT: u32 = 21;
+pub(crate) const OPERATION_COUNT: u32 = 22;
 
 impl Operation {
     /// The operation's name, as used in messages and audit events.
@@ -339,6 +344,7 @@ impl Operation {
             Operation::SetLimits { .. } => "set_limits",
             Operation::Extension { .. } => "extension",
             Operation::Reload => "reload",
+            Operation::WhoAmI => "whoami",
         }
     }
 }

@@ -16,6 +16,7 @@
 mod client;
 mod codec;
 mod server;
+mod whoami;
 
 pub use client::{
     Auth, AuthMethod, AuthWithOptions, ClientMessage, DefineFunction, DependencySource,
@@ -24,6 +25,7 @@ pub use client::{
 };
 pub use codec::{DecodeError, EncodeError};
 pub use server::{AnnouncedLimits, AuthOk, ErrorBody, GoAway, Outcome, Response, ServerMessage};
+pub use whoami::WhoAmI;
 
 /// The protocol version this crate speaks, sent in `Auth` and `AuthOk`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -89,7 +91,7 @@ mod tests {
     fn operation_count_matches_the_last_tag() {
         let msg = ClientMessage::Request(Request {
             id: 0,
-            op: Operation::Reload,
+            op: Operation::WhoAmI,
             deadline_ms: None,
         });
         // kind, id, tag
@@ -124,10 +126,14 @@ mod tests {
             ClientMessage::decode(&[1, 5]),
             Err(DecodeError::InvalidRequest { id: 5, .. })
         ));
-        // Request 5, unknown tag.
+        // Request 5, a tag past the last this version knows.
+        let unknown = OPERATION_COUNT as u8;
         assert_eq!(
-            ClientMessage::decode(&[1, 5, 21]),
-            Err(DecodeError::InvalidOperation { id: 5, tag: 21 })
+            ClientMessage::decode(&[1, 5, unknown, 0]),
+            Err(DecodeError::InvalidOperation {
+                id: 5,
+                tag: OPERATION_COUNT
+            })
         );
         // Request 5, Invoke with a truncated payload.
         assert!(matches!(

@@ -101,6 +101,7 @@ fn arb_operation() -> impl Strategy<Value = Operation> {
         (name(), vec(any::<u8>(), 0..32))
             .prop_map(|(name, payload)| Operation::Extension { name, payload }),
         Just(Operation::Reload),
+        Just(Operation::WhoAmI),
     ]
 }
 

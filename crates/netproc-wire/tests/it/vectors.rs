@@ -251,6 +251,15 @@ fn cases() -> Vec<(&'static str, &'static str, Msg)> {
                 .with_max_inbound_frame_bytes(4 << 20),
             )),
         ),
+        (
+            "request_whoami",
+            "Request id 11: whoami (operation tag 21), no deadline",
+            C(ClientMessage::Request(Request {
+                id: 11,
+                op: Operation::WhoAmI,
+                deadline_ms: None,
+            })),
+        ),
     ]
 }
 
