@@ -208,7 +208,7 @@ async fn whoami_reports_the_callers_principal_binding_and_the_server_clock() {
             KeySpec::new(netproc_auth::PrivilegeSet::empty())
                 .functions(["add"])
                 .expires_at(expires)
-                .binding(netproc_auth::CertBinding::Fingerprint(client_fp.clone())),
+                .binding(netproc_auth::CertBinding::Fingerprint(client_fp)),
         )
         .unwrap();
     let server = start(&pki, "s1", keys).await;
