@@ -24,11 +24,11 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(cli::Failure::Usage(msg)) => {
-            eprintln!("error: {msg}");
+            eprintln!("{}", cli::output::error_line(&msg, 2));
             ExitCode::from(2)
         }
         Err(cli::Failure::Failed(msg)) => {
-            eprintln!("error: {msg}");
+            eprintln!("{}", cli::output::error_line(&msg, 1));
             ExitCode::FAILURE
         }
     }

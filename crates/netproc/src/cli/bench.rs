@@ -38,9 +38,6 @@ pub(crate) struct BenchArgs {
     /// Stop after this many calls.
     #[arg(long, default_value_t = 100_000_000)]
     max_calls: u64,
-    /// One JSON line instead of text.
-    #[arg(long)]
-    json: bool,
     /// Fail (exit 1) when more than this fraction of calls fail, after
     /// printing the report. Default 0.01 (1 %).
     #[arg(long, default_value_t = 0.01)]
@@ -175,8 +172,8 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             }));
         }
     }
-    let progress =
-        (!args.json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+    let progress = (!super::output::json() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| {
             let bar = indicatif::ProgressBar::new(args.duration.as_millis() as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
@@ -222,7 +219,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
         failed_calls as f64 / calls as f64
     };
     let quantile = |q: f64| (ok > 0).then(|| h.value_at_quantile(q));
-    if args.json {
+    if super::output::json() {
         let line = serde_json::json!({
             "function": args.function,
             "connections": workers,

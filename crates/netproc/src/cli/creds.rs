@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::pki::load_cert;
 use super::serve::{Signal, init_logging, wait_for_signal};
-use super::{Failure, failed, print_json, usage};
+use super::{Failure, failed, output, usage};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum CredsCommand {
@@ -252,7 +252,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                     _ => json!({"target": r.target, "state": "unknown"}),
                 })
                 .collect();
-            print_json(&json!(out));
+            output::show(&json!(out));
         }
         CredsCommand::Sync { config } => {
             let (_, authority) = open(&config)?;
@@ -262,7 +262,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                 .iter()
                 .map(|t| json!({"target": t.target, "delivered": t.delivered, "error": t.error}))
                 .collect();
-            print_json(&json!(out));
+            output::show(&json!(out));
             if !report.all_ok() {
                 return Err(failed(
                     "some targets were not reached; they are retried by the next sync",
@@ -284,7 +284,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                     })
                 })
                 .collect();
-            print_json(&json!(out));
+            output::show(&json!(out));
         }
         CredsCommand::List { config } => {
             let (_, authority) = open(&config)?;
@@ -300,7 +300,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                     })
                 })
                 .collect();
-            print_json(&json!(out));
+            output::show(&json!(out));
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use netproc::auth::{ApiKeyStore, CertBinding, KeySpec, PrivilegeSet};
 
 use super::pki::load_cert;
-use super::{Failure, failed, print_json, usage};
+use super::{Failure, failed, output, usage};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
@@ -119,11 +119,19 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
             if let Some(path) = key_out {
                 netproc::pki::write_secret_file(&path, key.expose().as_bytes(), false)
                     .map_err(failed)?;
-                eprintln!(
-                    "created key {} ({}); written to {} (0600)",
-                    info.id,
-                    info.privileges,
-                    path.display()
+                output::done(
+                    &format!(
+                        "created key {} ({}); written to {} (0600)",
+                        info.id,
+                        info.privileges,
+                        path.display()
+                    ),
+                    serde_json::json!({"id": info.id, "file": path}),
+                );
+            } else if output::json() {
+                output::done(
+                    &format!("created key {} ({})", info.id, info.privileges),
+                    serde_json::json!({"id": info.id, "key": key.expose()}),
                 );
             } else {
                 eprintln!(
@@ -134,13 +142,36 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
             }
         }
         KeysCommand::List { store } => {
-            let keys = existing_store(&store)?;
-            print_json(&serde_json::to_value(keys.list()).unwrap_or_default());
+            let keys = existing_store(&store)?.list();
+            if output::for_scripts() {
+                output::show(&serde_json::to_value(keys).unwrap_or_default());
+            } else {
+                // The columns an operator scans; `--json` has every field.
+                let rows: Vec<serde_json::Value> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id,
+                            "kind": if k.ed25519_public_key.is_some() { "ed25519" } else { "api_key" },
+                            "privileges": k.privileges.to_string(),
+                            "functions": k.functions,
+                            "binding": k.binding.as_ref().map(ToString::to_string),
+                            "expires": k.expires_at_ms.map(output::rfc3339_ms),
+                            "created": output::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(k.created_at)),
+                            "label": k.label,
+                        })
+                    })
+                    .collect();
+                output::show(&serde_json::Value::Array(rows));
+            }
         }
         KeysCommand::Revoke { store, id } => {
             existing_store(&store)?.revoke(&id).map_err(failed)?;
-            eprintln!(
-                "revoked {id}; a running `netproc serve` over this store applies it within about a second (it watches the file) and ends the key's sessions"
+            output::done(
+                &format!(
+                    "revoked {id}; a running `netproc serve` over this store applies it within about a second (it watches the file) and ends the key's sessions"
+                ),
+                serde_json::json!({"id": id}),
             );
         }
         KeysCommand::Rotate { store, id, key_out } => {
@@ -148,9 +179,17 @@ pub(crate) fn keys(cmd: KeysCommand) -> Result<(), Failure> {
             if let Some(path) = key_out {
                 netproc::pki::write_secret_file(&path, key.expose().as_bytes(), true)
                     .map_err(failed)?;
-                eprintln!(
-                    "rotated {id}; the new key is written to {} (0600); running servers over this store apply it within about a second",
-                    path.display()
+                output::done(
+                    &format!(
+                        "rotated {id}; the new key is written to {} (0600); running servers over this store apply it within about a second",
+                        path.display()
+                    ),
+                    serde_json::json!({"id": id, "file": path}),
+                );
+            } else if output::json() {
+                output::done(
+                    &format!("rotated {id}"),
+                    serde_json::json!({"id": id, "key": key.expose()}),
                 );
             } else {
                 eprintln!(

@@ -15,6 +15,7 @@ mod bench;
 mod creds;
 mod demo;
 mod keys;
+pub(crate) mod output;
 mod pki;
 mod serve;
 
@@ -73,6 +74,10 @@ pub(crate) fn failed(e: impl std::fmt::Display) -> Failure {
 #[derive(Debug, Parser)]
 #[command(name = "netproc", version, about)]
 pub(crate) struct Cli {
+    /// JSON output (and errors as JSON on stderr) instead of tables and
+    /// sentences. Output that is not a terminal is JSON anyway.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,9 +173,6 @@ enum Command {
     Metrics {
         #[command(flatten)]
         target: Target,
-        /// One JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// A load generator: calls/s and latency percentiles.
     Bench(bench::BenchArgs),
@@ -288,6 +290,7 @@ enum AdminOp {
 }
 
 pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
+    output::set_json(cli.json);
     match cli.command {
         Command::Demo => demo::demo().await.map_err(Failure::from),
         Command::Pki(cmd) => pki(cmd),
@@ -396,10 +399,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             };
             execute(&target, op).await
         }
-        Command::Metrics {
-            target,
-            json: as_json,
-        } => metrics(&target, as_json).await,
+        Command::Metrics { target } => metrics(&target).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Completions { shell } => {
             let mut script = Vec::new();
@@ -460,10 +460,6 @@ pub(crate) fn load_client_file(path: &Path) -> Result<ClientFile, Failure> {
     ClientFile::load(path).map_err(usage)
 }
 
-pub(crate) fn print_json(v: &serde_json::Value) {
-    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
 /// Runs an operation on one server or all, prints JSON, and fails with the
 /// error's code on stderr.
 async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
@@ -483,7 +479,7 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
             .into_iter()
             .map(|(k, r)| (k, ServerOutcome::from(r.map(json::from_value))))
             .collect();
-        print_json(&serde_json::to_value(&out).unwrap_or_default());
+        output::show(&serde_json::to_value(&out).unwrap_or_default());
         return if any_error {
             Err(failed("some servers failed"))
         } else {
@@ -492,31 +488,38 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
     }
     let server = client.server(&target.server).map_err(usage)?;
     let done = done(&op);
-    match run_on(&server, op, target.timeout).await {
-        Ok(v) => {
-            match (done, v) {
-                // A change: say what was done, not `null`.
-                (Some(what), Value::Null) => outln!("{what} on {}", target.server),
-                (Some(what), Value::Map(report)) if report.contains_key("restart_required") => {
-                    outln!("{}", reload_line(&what, &target.server, &report));
-                }
-                (Some(what), Value::Int(n)) => {
-                    outln!("{what} on {}: {n} session(s) closed", target.server);
-                }
-                (Some(what), Value::Bool(changed)) => {
-                    let what = if changed {
-                        what
-                    } else {
-                        format!("nothing to do: not {what}")
-                    };
-                    outln!("{what} on {}", target.server);
-                }
-                (_, v) => print_json(&json::from_value(v)),
-            }
-            Ok(())
+    let is_call = matches!(op, Operation::Invoke { .. });
+    let v = run_on(&server, op, target.timeout)
+        .await
+        .map_err(|e| failed(describe(&e)))?;
+    let on = &target.server;
+    let message = match (done, &v) {
+        // A change: say what was done, not `null`.
+        (Some(what), Value::Null) => format!("{what} on {on}"),
+        (Some(what), Value::Map(report)) if report.contains_key("restart_required") => {
+            reload_line(&what, on, report)
         }
-        Err(e) => Err(failed(describe(&e))),
-    }
+        (Some(what), Value::Int(n)) => format!("{what} on {on}: {n} session(s) closed"),
+        (Some(what), Value::Bool(true)) => format!("{what} on {on}"),
+        (Some(what), Value::Bool(false)) => format!("nothing to do: not {what} on {on}"),
+        // A call's result is the function's value: JSON, always.
+        (_, _) if is_call => {
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&json::from_value(v)).unwrap_or_default()
+            );
+            return Ok(());
+        }
+        (_, _) => {
+            output::show(&json::from_value(v));
+            return Ok(());
+        }
+    };
+    output::done(
+        &message,
+        serde_json::json!({"server": on, "result": json::from_value(v)}),
+    );
+    Ok(())
 }
 
 /// What a changing operation did, for its success line; `None` for the
@@ -586,20 +589,13 @@ fn describe(e: &ClientError) -> String {
     format!("{}: {e}", e.code())
 }
 
-async fn metrics(target: &Target, as_json: bool) -> Result<(), Failure> {
+async fn metrics(target: &Target) -> Result<(), Failure> {
     let client = client(target)?;
     let server = client.server(&target.server).map_err(usage)?;
     let v = run_on(&server, Operation::AbuseMetrics, target.timeout)
         .await
         .map_err(|e| failed(describe(&e)))?;
-    let j = json::from_value(v);
-    if as_json || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        outln!("{j}");
-    } else if let serde_json::Value::Object(m) = j {
-        for (k, v) in m {
-            outln!("{k:<44} {v}");
-        }
-    }
+    output::show(&json::from_value(v));
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use netproc::pki::{
     CaParams, CertIdentity, CertificateAuthority, LeafParams, SubjectAltName, Validity,
 };
 
-use super::{Failure, failed, usage};
+use super::{Failure, failed, output, usage};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PkiCommand {
@@ -125,16 +125,22 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
         PkiCommand::Revoke { ca_dir, cert, days } => {
             let serial = load_cert(&cert)?.serial;
             let n = write_crl(&ca_dir, Some(&serial), days)?;
-            eprintln!(
-                "revoked serial {serial}; {} now lists {n} certificate(s) — servers apply it at their next reload (SIGHUP, `netproc admin … reload`, or watch_interval_ms)",
-                ca_dir.join("ca.crl").display()
+            output::done(
+                &format!(
+                    "revoked serial {serial}; {} now lists {n} certificate(s) — servers apply it at their next reload (SIGHUP, `netproc admin … reload`, or watch_interval_ms)",
+                    ca_dir.join("ca.crl").display()
+                ),
+                serde_json::json!({"serial": serial, "revoked": n}),
             );
         }
         PkiCommand::Crl { ca_dir, days } => {
             let n = write_crl(&ca_dir, None, days)?;
-            eprintln!(
-                "wrote {} ({n} revoked, valid {days} days)",
-                ca_dir.join("ca.crl").display()
+            output::done(
+                &format!(
+                    "wrote {} ({n} revoked, valid {days} days)",
+                    ca_dir.join("ca.crl").display()
+                ),
+                serde_json::json!({"revoked": n}),
             );
         }
     }
@@ -192,41 +198,56 @@ fn load_ca(ca_dir: &Path) -> Result<CertificateAuthority, Failure> {
         .map_err(|e| usage(format!("--ca-dir {}: {e}", ca_dir.display())))
 }
 
-fn date(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("unix {secs}")
+/// A certificate's facts, as `--json` prints them (dates in RFC 3339).
+pub(crate) fn identity_json(id: &CertIdentity) -> serde_json::Value {
+    serde_json::json!({
+        "subject": id.subject,
+        "issuer": id.issuer,
+        "sans": id.sans.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "key_usage": id.key_purposes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ca": id.is_ca,
+        "serial": id.serial,
+        "not_before": output::rfc3339(id.not_before),
+        "not_after": output::rfc3339(id.not_after),
+        "sha256": id.fingerprint.to_string(),
+    })
 }
 
 fn print_identity(name: &str, id: &CertIdentity) {
+    if output::json() {
+        let mut j = identity_json(id);
+        j["name"] = serde_json::Value::from(name);
+        outln!("{j}");
+        return;
+    }
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let days_left = id.not_after.duration_since(SystemTime::now()).map_or_else(
+        |_| "expired".to_owned(),
+        |d| format!("{} days left", d.as_secs() / 86_400),
+    );
     outln!("{name}");
     outln!("  subject      {}", id.subject);
     outln!("  issuer       {}", id.issuer);
-    let sans: Vec<String> = id.sans.iter().map(ToString::to_string).collect();
     outln!(
         "  sans         {}",
-        if sans.is_empty() {
-            "-".into()
-        } else {
-            sans.join(", ")
-        }
+        list(id.sans.iter().map(ToString::to_string).collect())
     );
-    let ekus: Vec<String> = id.key_purposes.iter().map(ToString::to_string).collect();
     outln!(
         "  key usage    {}",
-        if ekus.is_empty() {
-            "-".into()
-        } else {
-            ekus.join(", ")
-        }
+        list(id.key_purposes.iter().map(ToString::to_string).collect())
     );
     outln!("  ca           {}", id.is_ca);
     outln!("  serial       {}", id.serial);
     outln!(
-        "  valid        {} .. {}",
-        date(id.not_before),
-        date(id.not_after)
+        "  valid        {} .. {} ({days_left})",
+        output::rfc3339(id.not_before),
+        output::rfc3339(id.not_after)
     );
     outln!("  sha256       {}", id.fingerprint);
 }

@@ -721,9 +721,9 @@ fn a_key_revoked_with_the_cli_stops_working_on_a_running_server() {
     let out = netproc(&["keys", "revoke", "--store", store.to_str().unwrap(), &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr).contains("within about a second"),
+        text(&out.stdout).contains("within about a second"),
         "{}",
-        text(&out.stderr)
+        text(&out.stdout)
     );
 
     // Another process changed the file: poll the server (bounded) until the
@@ -847,8 +847,16 @@ fn keys_rotate_writes_the_new_key_to_its_file() {
     let id = old.trim().split('_').nth(1).unwrap().to_owned();
     let out = netproc(&["keys", "rotate", "--store", s, &id, "--key-out", f]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(out.stdout.is_empty(), "the key is not printed");
     let new = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text(&out.stdout).contains(new.trim()),
+        "the key is not printed"
+    );
+    assert!(
+        text(&out.stdout).contains("written to"),
+        "{}",
+        text(&out.stdout)
+    );
     assert_ne!(old, new);
     assert!(new.starts_with(&format!("npk_{id}_")), "{new}");
     #[cfg(unix)]
@@ -1099,4 +1107,51 @@ fn bench_hold_counts_only_connections_still_held() {
     let out = netproc(&["admin", "--config", c, "s1", "disconnect-principal", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(report(child), (2, 0));
+}
+
+/// `--json` everywhere: listings, `pki inspect` (RFC 3339 dates), changes
+/// (`{"ok": true, "message": …}`) and errors (`{"error": …}` on stderr).
+#[test]
+fn json_output_for_listings_changes_inspect_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = netproc(&["pki", "init", "--out", d, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&["pki", "inspect", &format!("{d}/ca.crt"), "--json"]);
+    let ca: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let not_after = ca["not_after"].as_str().unwrap();
+    assert!(
+        not_after.len() == 20 && not_after.ends_with('Z') && not_after.as_bytes()[10] == b'T',
+        "{ca}"
+    );
+    assert_eq!(ca["ca"], true);
+
+    let store = dir.path().join("keys.json");
+    let s = store.to_str().unwrap();
+    let out = netproc(&["keys", "create", "--store", s, "--json"]);
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["ok"], true);
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(created["key"].as_str().unwrap().starts_with("npk_"));
+    let out = netproc(&["keys", "list", "--store", s, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    let out = netproc(&["--json", "keys", "revoke", "--store", s, &id]);
+    let revoked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (revoked["ok"].clone(), revoked["id"].clone()),
+        (true.into(), id.into())
+    );
+
+    let out = netproc(&["keys", "list", "--store", "nothere.json", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(err["error"]["exit_code"], 2);
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothere.json"),
+        "{err}"
+    );
 }
