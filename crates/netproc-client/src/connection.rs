@@ -108,6 +108,30 @@ async fn read_frame<R: AsyncRead + Unpin>(
     })
 }
 
+/// Opens a TCP connection to `addr`, from the endpoint's bind address if set.
+async fn dial(
+    name: &str,
+    ep: &ServerEndpoint,
+    addr: std::net::SocketAddr,
+    limit: Instant,
+) -> Result<TcpStream, ClientError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| io_error(name, &e, "socket"))?;
+    if let Some(ip) = ep.bind {
+        socket
+            .bind((ip, 0).into())
+            .map_err(|e| io_error(name, &e, "binding the local address"))?;
+    }
+    tokio::time::timeout_at(limit, socket.connect(addr))
+        .await
+        .map_err(|_| timeout_error(name, "connecting"))?
+        .map_err(|e| io_error(name, &e, "connecting"))
+}
+
 /// Dials, handshakes, authenticates. Success is declared only after the
 /// server's first answer: in TLS 1.3 a refused client certificate shows only
 /// on the client's first read.
@@ -123,21 +147,28 @@ pub(crate) async fn connect(
     plain_auth: bool,
 ) -> Result<Arc<Connection>, ClientError> {
     let limit = deadline.min(Instant::now() + ep.connect_timeout);
-    let socket = if ep.addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| io_error(name, &e, "socket"))?;
-    if let Some(ip) = ep.bind {
-        socket
-            .bind((ip, 0).into())
-            .map_err(|e| io_error(name, &e, "binding the local address"))?;
-    }
-    let tcp: TcpStream = tokio::time::timeout_at(limit, socket.connect(ep.addr))
+    // A host name is resolved at every connect (and so at every
+    // reconnect); each address is tried in turn until one answers.
+    let addrs = tokio::time::timeout_at(limit, ep.addr.resolve())
         .await
-        .map_err(|_| timeout_error(name, "connecting"))?
-        .map_err(|e| io_error(name, &e, "connecting"))?;
+        .map_err(|_| timeout_error(name, "resolving the server's address"))?
+        .map_err(|e| io_error(name, &e, &format!("resolving {}", ep.addr)))?;
+    let mut last_error = None;
+    let mut connected = None;
+    for addr in addrs {
+        match dial(name, ep, addr, limit).await {
+            Ok(tcp) => {
+                connected = Some(tcp);
+                break;
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let tcp = match (connected, last_error) {
+        (Some(tcp), _) => tcp,
+        (None, Some(e)) => return Err(e),
+        (None, None) => return Err(timeout_error(name, "connecting")),
+    };
     let _ = tcp.set_nodelay(true);
     let server_name =
         rustls_pki_types::ServerName::try_from(ep.server_name.clone()).map_err(|_| {

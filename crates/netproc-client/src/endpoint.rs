@@ -3,18 +3,120 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use netproc_pki::{Ed25519Key, Identity, Pin, TlsOptions, TrustAnchors};
 use netproc_wire::{DEFAULT_MAX_POST_AUTH_FRAME_BYTES, SecretString};
 
+/// Where a server listens: a socket address, or a host name and port that
+/// is resolved at every connect and reconnect (so a changed DNS record is
+/// followed; the TLS `server_name` stays separate).
+///
+/// ```
+/// use netproc_client::ServerAddr;
+///
+/// let ip: ServerAddr = "127.0.0.1:6767".parse().unwrap();
+/// assert!(matches!(ip, ServerAddr::Socket(_)));
+/// let host: ServerAddr = "localhost:6767".parse().unwrap();
+/// assert_eq!(host.to_string(), "localhost:6767");
+/// assert!("localhost".parse::<ServerAddr>().is_err(), "a port is required");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ServerAddr {
+    /// An IP address and port.
+    Socket(SocketAddr),
+    /// A host name and port, resolved at each connect.
+    Host {
+        /// The host name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// A server address that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid server address {input:?}: expected host:port, ip:port or [ipv6]:port")]
+pub struct InvalidServerAddr {
+    /// The text, cut to 100 characters.
+    pub input: String,
+}
+
+impl FromStr for ServerAddr {
+    type Err = InvalidServerAddr;
+
+    fn from_str(s: &str) -> Result<ServerAddr, InvalidServerAddr> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ServerAddr::Socket(addr));
+        }
+        let bad = || InvalidServerAddr {
+            input: s.chars().take(100).collect(),
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        // A DNS name: letters, digits, '-', '.', '_' (no brackets, no
+        // colons: an IPv6 literal without brackets is refused).
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !valid {
+            return Err(bad());
+        }
+        Ok(ServerAddr::Host {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Socket(a) => write!(f, "{a}"),
+            ServerAddr::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for ServerAddr {
+    fn from(addr: SocketAddr) -> ServerAddr {
+        ServerAddr::Socket(addr)
+    }
+}
+
+impl ServerAddr {
+    /// The socket addresses to try, in order: itself, or what the host
+    /// name resolves to now.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        match self {
+            ServerAddr::Socket(a) => Ok(vec![*a]),
+            ServerAddr::Host { host, port } => {
+                let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
+                    .await?
+                    .collect();
+                if found.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{host} has no address"),
+                    ));
+                }
+                Ok(found)
+            }
+        }
+    }
+}
+
 /// How to reach and authenticate to one server.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct ServerEndpoint {
     /// The server's address.
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// The name its certificate must be valid for (SNI).
     pub server_name: String,
     pub(crate) identity: Identity,
@@ -72,14 +174,14 @@ impl ServerEndpoint {
     ///
     /// Trust anchors are required: a client never dials without one.
     pub fn new(
-        addr: SocketAddr,
+        addr: impl Into<ServerAddr>,
         server_name: impl Into<String>,
         identity: Identity,
         server_roots: TrustAnchors,
         api_key: SecretString,
     ) -> ServerEndpoint {
         ServerEndpoint::with_credential(
-            addr,
+            addr.into(),
             server_name.into(),
             identity,
             server_roots,
@@ -92,7 +194,7 @@ impl ServerEndpoint {
     /// signs its own TLS exporter value, so no secret crosses the wire and
     /// a captured proof is useless on any other connection.
     pub fn with_ed25519(
-        addr: SocketAddr,
+        addr: impl Into<ServerAddr>,
         server_name: impl Into<String>,
         identity: Identity,
         server_roots: TrustAnchors,
@@ -100,7 +202,7 @@ impl ServerEndpoint {
         key: Arc<Ed25519Key>,
     ) -> ServerEndpoint {
         ServerEndpoint::with_credential(
-            addr,
+            addr.into(),
             server_name.into(),
             identity,
             server_roots,
@@ -112,7 +214,7 @@ impl ServerEndpoint {
     }
 
     fn with_credential(
-        addr: SocketAddr,
+        addr: ServerAddr,
         server_name: String,
         identity: Identity,
         server_roots: TrustAnchors,

@@ -57,7 +57,7 @@ mod slot;
 
 // The public interface.
 pub use client::{ALL_SERVERS, Client, ClientBuilder};
-pub use endpoint::ServerEndpoint;
+pub use endpoint::{InvalidServerAddr, ServerAddr, ServerEndpoint};
 pub use error::{ClientError, ServerOutcome, TlsFailure};
 pub use fan_out::{AllServers, FanOut};
 pub use server_ref::ServerRef;

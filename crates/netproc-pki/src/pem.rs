@@ -319,6 +319,82 @@ impl TrustAnchors {
         &self.certs
     }
 
+    /// Checks that `chain` (leaf first, then intermediates) is a client
+    /// certificate these anchors accept at `now`: the chain, validity and
+    /// the clientAuth key usage, as a server verifies it in the handshake
+    /// (without CRLs). For diagnostics (`netproc doctor`).
+    ///
+    /// ```
+    /// use std::time::SystemTime;
+    /// use netproc_pki::{CaParams, CertificateAuthority, LeafParams};
+    ///
+    /// let ca = CertificateAuthority::generate(&CaParams::new("ca")).unwrap();
+    /// let other = CertificateAuthority::generate(&CaParams::new("other")).unwrap();
+    /// let leaf = ca.issue(&LeafParams::client("alice")).unwrap();
+    /// let chain = [leaf.certificate().clone()];
+    /// assert!(ca.trust_anchors().verify_client(&chain, SystemTime::now()).is_ok());
+    /// assert!(other.trust_anchors().verify_client(&chain, SystemTime::now()).is_err());
+    /// ```
+    pub fn verify_client(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: SystemTime,
+    ) -> Result<(), PkiError> {
+        let bad = |reason: String| PkiError::BadCertificate {
+            origin: "<client certificate chain>".into(),
+            reason,
+        };
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| bad("no certificate".into()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::clone(&self.store),
+            crypto_provider(),
+        )
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+        verifier
+            .verify_client_cert(leaf, intermediates, unix_time(now))
+            .map(|_| ())
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Checks that `chain` is a server certificate these anchors accept at
+    /// `now` for `server_name` (chain, validity, serverAuth, name). For
+    /// diagnostics (`netproc doctor`).
+    pub fn verify_server(
+        &self,
+        chain: &[CertificateDer<'static>],
+        server_name: &str,
+        now: SystemTime,
+    ) -> Result<(), PkiError> {
+        let bad = |reason: String| PkiError::BadCertificate {
+            origin: "<server certificate chain>".into(),
+            reason,
+        };
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| bad("no certificate".into()))?;
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|e| bad(format!("server name {server_name:?}: {e}")))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::clone(&self.store),
+            crypto_provider(),
+        )
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            verifier.as_ref(),
+            leaf,
+            intermediates,
+            &name,
+            &[],
+            unix_time(now),
+        )
+        .map(|_| ())
+        .map_err(|e| bad(e.to_string()))
+    }
+
     pub(crate) fn store(&self) -> Arc<RootCertStore> {
         Arc::clone(&self.store)
     }
@@ -494,4 +570,8 @@ mod tests {
             }
         }
     }
+}
+
+fn unix_time(t: SystemTime) -> rustls_pki_types::UnixTime {
+    rustls_pki_types::UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
 }

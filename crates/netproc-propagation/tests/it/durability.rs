@@ -36,7 +36,7 @@ async fn authority_child() {
             parts.next().unwrap(),
         );
         let endpoint = ServerEndpoint::new(
-            addr.parse().unwrap(),
+            addr.parse::<std::net::SocketAddr>().unwrap(),
             "localhost",
             identity.clone(),
             roots.clone(),

@@ -150,7 +150,7 @@ async fn a_killed_server_keeps_every_acknowledged_definition() {
             .server(
                 "child",
                 ServerEndpoint::new(
-                    ([127, 0, 0, 1], port).into(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], port)),
                     "localhost",
                     pki.client.identity().unwrap(),
                     pki.ca.trust_anchors(),

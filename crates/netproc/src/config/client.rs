@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,10 @@ use crate::wire::SecretString;
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ClientServer {
-    /// The server's address.
-    pub address: SocketAddr,
+    /// The server's address: `ip:port`, `[ipv6]:port` or `host:port` (a
+    /// host name is resolved at each connect and reconnect).
+    #[serde(deserialize_with = "server_addr")]
+    pub address: crate::client::ServerAddr,
     /// The name its certificate must be valid for.
     pub server_name: String,
     /// This client's certificate (PEM).
@@ -129,7 +131,7 @@ impl ClientFile {
             // Ed25519 key; anything else is an API key.
             let mut ep = match parse_ed25519_credential(&key) {
                 Some(Ok((id, signing))) => ServerEndpoint::with_ed25519(
-                    s.address,
+                    s.address.clone(),
                     s.server_name.clone(),
                     identity,
                     roots,
@@ -138,7 +140,7 @@ impl ClientFile {
                 ),
                 Some(Err(e)) => return Err(err("api_key", &e)),
                 None => ServerEndpoint::new(
-                    s.address,
+                    s.address.clone(),
                     s.server_name.clone(),
                     identity,
                     roots,
@@ -155,6 +157,15 @@ impl ClientFile {
         }
         builder.build().map_err(|e| invalid(config_path, e))
     }
+}
+
+/// `address`: parsed with [`ServerAddr`](crate::client::ServerAddr)'s rules,
+/// the error naming what was expected.
+fn server_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<crate::client::ServerAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 /// Parses an `npe_<key id>_<64 hex digits of seed>` credential; `None` when

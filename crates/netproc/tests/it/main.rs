@@ -1155,3 +1155,28 @@ fn json_output_for_listings_changes_inspect_and_errors() {
         "{err}"
     );
 }
+
+/// `address = "localhost:PORT"`: a host name is accepted and resolved at
+/// connect time (each resolved address tried in turn); a malformed one is a
+/// usage error naming the field.
+#[test]
+fn a_host_name_address_is_resolved_at_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (_server, port) = serve(dir.path());
+    write_configs(dir.path(), port);
+    let client = dir.path().join("client.toml");
+    edit(&client, "127.0.0.1:", "localhost:");
+    let c = client.to_str().unwrap();
+    let out = netproc(&["call", "--config", c, "s1", "echo", "\"by name\""]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "\"by name\"");
+    edit(&client, "localhost:", "local host:");
+    let out = netproc(&["call", "--config", c, "s1", "echo", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("address"),
+        "{}",
+        text(&out.stderr)
+    );
+}
