@@ -555,6 +555,10 @@ impl CertIdentity {
     }
 }
 
+fn unix_time(t: SystemTime) -> rustls_pki_types::UnixTime {
+    rustls_pki_types::UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,8 +574,4 @@ mod tests {
             }
         }
     }
-}
-
-fn unix_time(t: SystemTime) -> rustls_pki_types::UnixTime {
-    rustls_pki_types::UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
 }
