@@ -28,7 +28,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(cli::Failure::Failed(msg)) => {
-            eprintln!("{}", cli::output::error_line(&msg, 1));
+            // An empty message: the command has said why (e.g. `doctor`).
+            if !msg.is_empty() {
+                eprintln!("{}", cli::output::error_line(&msg, 1));
+            }
             ExitCode::FAILURE
         }
     }

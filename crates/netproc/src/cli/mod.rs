@@ -14,6 +14,7 @@ macro_rules! outln {
 mod bench;
 mod creds;
 mod demo;
+mod doctor;
 mod keys;
 pub(crate) mod output;
 mod pki;
@@ -176,6 +177,29 @@ enum Command {
     },
     /// A load generator: calls/s and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Check a client file and the servers it names (files, certificates,
+    /// address, TCP, TLS, authentication, privileges, clock skew), or a
+    /// server file with --server-config; each problem with a fix. Exit 0
+    /// all good, 1 problems found, 2 bad usage.
+    ///
+    /// Examples: `netproc doctor`, `netproc doctor --config client.toml server_1`,
+    /// `netproc doctor --server-config netproc.toml --json`.
+    Doctor {
+        /// The client configuration (default as for the remote commands).
+        #[arg(long, default_value_os_t = default_client_config(), conflicts_with = "server_config")]
+        config: PathBuf,
+        /// Only this server of the client file (default: every one).
+        server: Option<String>,
+        /// Check this server configuration instead of a client file.
+        #[arg(long)]
+        server_config: Option<PathBuf>,
+    },
+    /// Who a server takes you to be: principal, key, privileges,
+    /// allow-list, expiry, certificate binding, and the server's clock.
+    Whoami {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print a shell completion script, e.g.
     /// `netproc completions bash > ~/.local/share/bash-completion/completions/netproc`.
     Completions {
@@ -401,6 +425,15 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Metrics { target } => metrics(&target).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Doctor {
+            server_config: Some(path),
+            ..
+        } => doctor::server(&path),
+        Command::Doctor { config, server, .. } => {
+            serve::init_client_logging(0);
+            doctor::client(&config, server.as_deref()).await
+        }
+        Command::Whoami { target } => whoami(&target).await,
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(
@@ -587,6 +620,29 @@ fn data_args(data: &str) -> Result<Vec<Value>, Failure> {
 
 fn describe(e: &ClientError) -> String {
     format!("{}: {e}", e.code())
+}
+
+async fn whoami(target: &Target) -> Result<(), Failure> {
+    let client = client(target)?;
+    let server = client.server(&target.server).map_err(usage)?;
+    let me = match target.timeout {
+        Some(t) => tokio::time::timeout(t, server.who_am_i())
+            .await
+            .map_err(|_| failed(format!("timeout: no answer within {t:?}")))?,
+        None => server.who_am_i().await,
+    }
+    .map_err(|e| failed(describe(&e)))?;
+    let mut j = serde_json::to_value(&me).unwrap_or_default();
+    if !output::for_scripts() {
+        // Times for people.
+        for field in ["expires_at_ms", "cert_not_after_ms", "server_time_ms"] {
+            if let Some(ms) = j[field].as_u64() {
+                j[field] = output::rfc3339_ms(ms).into();
+            }
+        }
+    }
+    output::show(&j);
+    Ok(())
 }
 
 async fn metrics(target: &Target) -> Result<(), Failure> {

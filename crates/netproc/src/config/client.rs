@@ -73,7 +73,9 @@ impl ClientFile {
         file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(file)
     }
-    fn resolve(&self, p: &Path) -> PathBuf {
+    /// A path from the file, as the client reads it: relative paths are
+    /// from the file's directory.
+    pub fn path_of(&self, p: &Path) -> PathBuf {
         relative_to(&self.dir, p)
     }
 
@@ -96,7 +98,7 @@ impl ClientFile {
                 |f: &str, e: &dyn fmt::Display| invalid(config_path, format!("{}: {e}", field(f)));
             let key = match (&s.api_key_file, &s.api_key_env, &s.api_key) {
                 (Some(file), None, None) => {
-                    let bytes = crate::pki::read_secret_file(&self.resolve(file))
+                    let bytes = crate::pki::read_secret_file(&self.path_of(file))
                         .map_err(|e| err("api_key_file", &e))?;
                     String::from_utf8_lossy(&bytes).trim().to_owned()
                 }
@@ -120,13 +122,13 @@ impl ClientFile {
             // The error names the file; the field names both halves (a key
             // that does not match is a problem of the pair).
             let identity =
-                Identity::load(self.resolve(&s.cert), self.resolve(&s.key)).map_err(|e| {
+                Identity::load(self.path_of(&s.cert), self.path_of(&s.key)).map_err(|e| {
                     invalid(
                         config_path,
                         format!("{} / {}: {e}", field("cert"), field("key")),
                     )
                 })?;
-            let roots = TrustAnchors::load(self.resolve(&s.ca)).map_err(|e| err("ca", &e))?;
+            let roots = TrustAnchors::load(self.path_of(&s.ca)).map_err(|e| err("ca", &e))?;
             // `npe_<id>_<seed hex>` (from `keys create --ed25519`) is an
             // Ed25519 key; anything else is an API key.
             let mut ep = match parse_ed25519_credential(&key) {

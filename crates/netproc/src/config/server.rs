@@ -149,8 +149,8 @@ pub struct PropagationConfig {
 }
 
 impl PropagationConfig {
-    /// The trusted keys, decoded.
-    pub(super) fn public_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+    /// The trusted authority keys, decoded; the error names the bad one.
+    pub fn public_keys(&self) -> Result<Vec<[u8; 32]>, String> {
         self.authority_public_keys
             .iter()
             .map(|k| {

@@ -1180,3 +1180,106 @@ fn a_host_name_address_is_resolved_at_connect() {
         text(&out.stderr)
     );
 }
+
+/// `netproc doctor`: all good against a running server (through to
+/// `whoami` and the clock), and each problem found with a fix hint: a key
+/// file others can read, a server that is not running, a bad server file.
+#[test]
+fn doctor_checks_a_client_file_through_to_whoami_and_names_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (server, port) = serve(dir.path());
+    write_configs(dir.path(), port);
+    let client = dir.path().join("client.toml");
+    let c = client.to_str().unwrap();
+    let checks = |out: &Output| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+        v["checks"].as_array().unwrap().clone()
+    };
+    let find = |checks: &[serde_json::Value], name: &str| {
+        checks
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {checks:?}"))
+            .clone()
+    };
+    let out = netproc(&["doctor", "--config", c, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let all = checks(&out);
+    for name in [
+        "files",
+        "cert and key",
+        "validity",
+        "chain",
+        "address",
+        "tcp",
+        "tls",
+        "auth",
+        "privileges",
+        "clock",
+    ] {
+        assert_eq!(find(&all, name)["status"], "ok", "{name}: {all:?}");
+    }
+    assert!(
+        find(&all, "auth")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("authenticated as"),
+        "{all:?}"
+    );
+
+    // `whoami` on its own.
+    let out = netproc(&["whoami", "--config", c, "s1", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let me: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(me["server_name"], "s1");
+    assert!(
+        me["privileges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "admin_privileges"),
+        "{me}"
+    );
+
+    // The server side, from its file.
+    let out = netproc(&[
+        "doctor",
+        "--server-config",
+        dir.path().join("server.toml").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert_eq!(find(&checks(&out), "key store")["status"], "ok");
+
+    // A stopped server: TCP fails, with a hint; exit 1.
+    drop(server);
+    let out = netproc(&["doctor", "--config", c, "s1", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let tcp = find(&checks(&out), "tcp");
+    assert_eq!(tcp["status"], "fail");
+    assert!(tcp["hint"].as_str().unwrap().contains("running"), "{tcp}");
+
+    // A key others can read: named, with the chmod that fixes it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.path().join("client.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = netproc(&["doctor", "--config", c, "--json"]);
+        assert_eq!(out.status.code(), Some(1));
+        let bad = checks(&out)
+            .into_iter()
+            .find(|c| c["status"] == "fail")
+            .unwrap();
+        assert!(
+            bad["detail"].as_str().unwrap().contains("servers.s1.key")
+                && bad["hint"].as_str().unwrap().starts_with("chmod 600"),
+            "{bad}"
+        );
+    }
+    // An unknown server name is bad usage.
+    let out = netproc(&["doctor", "--config", c, "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+}
