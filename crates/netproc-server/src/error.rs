@@ -47,6 +47,10 @@ pub enum ServerError {
     /// not read its material. The last good configuration stays in force.
     #[error("reload refused, the last good configuration stays: {0}")]
     Reload(ReloadError),
+    /// The local admin socket could not be set up (nothing was created).
+    #[cfg(unix)]
+    #[error(transparent)]
+    AdminSocket(AdminSocketError),
 }
 
 /// What is wrong with a registration.
@@ -80,4 +84,45 @@ pub enum ReloadError {
     /// The reload source failed (its message: which file, what was wrong).
     #[error("{0}")]
     Source(String),
+}
+
+/// Why the admin socket could not be set up.
+#[cfg(unix)]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminSocketError {
+    /// The path has no parent directory, or the directory is missing.
+    #[error("admin_socket {path}: the directory does not exist")]
+    NoDirectory {
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// Group or others can write the directory: they could replace the socket.
+    #[error(
+        "admin_socket {path}: group or others can write its directory (mode {mode:o}); use a directory only the server's user can write (e.g. chmod 700 {dir})"
+    )]
+    UnsafeDirectory {
+        /// The socket's path.
+        path: PathBuf,
+        /// The directory.
+        dir: PathBuf,
+        /// The directory's permission bits.
+        mode: u32,
+    },
+    /// Something other than a socket of the server's user is at the path.
+    #[error(
+        "admin_socket {path}: exists and is not a socket owned by this user; remove it or choose another path"
+    )]
+    Occupied {
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// Creating or binding the socket failed.
+    #[error("admin_socket {path}: {source}")]
+    Io {
+        /// The socket's path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
 }

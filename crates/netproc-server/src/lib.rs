@@ -48,6 +48,9 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod abuse;
+mod admin_ops;
+#[cfg(unix)]
+mod admin_socket;
 mod audit;
 mod connection;
 mod error;
@@ -71,6 +74,8 @@ mod time;
 // The public interface.
 pub use abuse::AbuseMetrics;
 pub use audit::AUDIT_TARGET;
+#[cfg(unix)]
+pub use error::AdminSocketError;
 pub use error::{RegistrationProblem, ReloadError, ServerError};
 pub use function::{CallContext, CallError, ExtensionHandler, NativeFunction};
 pub use liveness::{Liveness, LivenessEvent};

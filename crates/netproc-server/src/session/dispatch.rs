@@ -140,34 +140,15 @@ impl Session {
                 self.spawn_definition(id, Box::pin(fut), limit);
             }
             Operation::Reload => {
-                audit::admin_action(&self.facts, "reload", "");
-                let shared = Arc::clone(&self.shared);
-                let fut = async move {
-                    shared
-                        .reload()
-                        .await
-                        .map(|report| {
-                            let fields = report
-                                .restart_required
-                                .into_iter()
-                                .map(Value::String)
-                                .collect();
-                            Value::Map(
-                                [
-                                    (
-                                        "sessions_closed".to_owned(),
-                                        Value::Int(report.sessions_closed as i64),
-                                    ),
-                                    ("restart_required".to_owned(), Value::List(fields)),
-                                ]
-                                .into(),
-                            )
-                        })
-                        .map_err(|e| {
-                            CallError::with_code(ErrorCode::InvalidArgument, e.to_string())
-                        })
-                };
-                self.spawn_definition(id, Box::pin(fut), limit);
+                let facts = &self.facts;
+                let audit = |op: &'static str, target: &str| audit::admin_action(facts, op, target);
+                match crate::admin_ops::run(&self.shared, Operation::Reload, &audit) {
+                    crate::admin_ops::AdminAnswer::Later(fut) => {
+                        self.spawn_definition(id, fut, limit);
+                    }
+                    crate::admin_ops::AdminAnswer::Now(outcome) => self.respond(id, outcome),
+                    crate::admin_ops::AdminAnswer::NotAdmin(_) => {}
+                }
             }
             Operation::DefineDependency { alias, source } => {
                 let (ctx, token, deadline) = self.context(limit);

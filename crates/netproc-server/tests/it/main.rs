@@ -4,6 +4,8 @@
 mod abuse;
 mod abuse_auth;
 mod abuse_live;
+#[cfg(unix)]
+mod admin_socket;
 mod auth;
 mod calls;
 mod compat;

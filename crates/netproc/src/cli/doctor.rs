@@ -710,12 +710,7 @@ pub(crate) fn server(config: &Path) -> Result<(), Failure> {
     report.finish()
 }
 
-fn check_crl(
-    report: &mut Report,
-    path: &Path,
-    next_update: Option<SystemTime>,
-    now: SystemTime,
-) {
+fn check_crl(report: &mut Report, path: &Path, next_update: Option<SystemTime>, now: SystemTime) {
     let hint = "refresh it (`netproc pki crl --ca-dir …`) and reload";
     match next_update {
         None => report.ok("crl", format!("{}: no nextUpdate", path.display())),

@@ -11,6 +11,8 @@ macro_rules! outln {
     };
 }
 
+#[cfg(unix)]
+mod admin_socket;
 mod bench;
 mod creds;
 mod demo;
@@ -163,10 +165,30 @@ enum Command {
         #[command(subcommand)]
         action: Option<DependencyAction>,
     },
-    /// Administer a server (needs the admin privileges).
+    /// Administer a server: with a key that has admin_privileges, or on
+    /// the server's machine through its local admin socket (`--socket`).
+    ///
+    /// Examples: `netproc admin --config client.toml server_1 blocked`,
+    /// `netproc admin --socket /run/netproc/admin.sock unblock <key id>`.
     Admin {
-        #[command(flatten)]
-        target: Target,
+        /// The client configuration (see `call`); not with --socket.
+        #[arg(long, default_value_os_t = default_client_config())]
+        config: PathBuf,
+        /// A server name from the file, or all_servers; not with --socket.
+        #[arg(required_unless_present = "socket")]
+        server: Option<String>,
+        /// The server's local admin socket (its `admin_socket`): no
+        /// certificate or key, for the server's own user (and
+        /// `admin_socket_uids`); failed logins from the network cannot
+        /// block it.
+        #[arg(long, conflicts_with = "server")]
+        socket: Option<PathBuf>,
+        /// The deadline of the operation (500ms, 5s, 1m).
+        #[arg(long, value_parser = bench::parse_duration)]
+        timeout: Option<Duration>,
+        /// More log output on stderr: -v info, -vv debug.
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
         #[command(subcommand)]
         op: AdminOp,
     },
@@ -405,7 +427,14 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
             };
             execute(&target, op).await
         }
-        Command::Admin { target, op } => {
+        Command::Admin {
+            config,
+            server,
+            socket,
+            timeout,
+            verbose,
+            op,
+        } => {
             let op = match op {
                 AdminOp::Info => Operation::ServerInfo,
                 AdminOp::Sessions => Operation::ListSessions,
@@ -421,7 +450,25 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
                 AdminOp::Metrics => Operation::AbuseMetrics,
                 AdminOp::Reload => Operation::Reload,
             };
-            execute(&target, op).await
+            match (socket, server) {
+                (Some(path), _) => {
+                    serve::init_client_logging(verbose);
+                    let done = done(&op);
+                    let v = admin_socket::run(&path, op, timeout).await?;
+                    report(done, "the admin socket", false, v);
+                    Ok(())
+                }
+                (None, Some(server)) => {
+                    let target = Target {
+                        config,
+                        server,
+                        timeout,
+                        verbose,
+                    };
+                    execute(&target, op).await
+                }
+                (None, None) => Err(usage("admin: give a server name or --socket PATH")),
+            }
         }
         Command::Metrics { target } => metrics(&target).await,
         Command::Bench(args) => bench::run(args).await,
@@ -525,7 +572,13 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
     let v = run_on(&server, op, target.timeout)
         .await
         .map_err(|e| failed(describe(&e)))?;
-    let on = &target.server;
+    report(done, &target.server, is_call, v);
+    Ok(())
+}
+
+/// Prints an operation's answer: for a change, what was done (`done`) on
+/// `on`; a call's result as JSON; anything else with [`output::show`].
+fn report(done: Option<String>, on: &str, is_call: bool, v: Value) {
     let message = match (done, &v) {
         // A change: say what was done, not `null`.
         (Some(what), Value::Null) => format!("{what} on {on}"),
@@ -541,18 +594,17 @@ async fn execute(target: &Target, op: Operation) -> Result<(), Failure> {
                 "{}",
                 serde_json::to_string_pretty(&json::from_value(v)).unwrap_or_default()
             );
-            return Ok(());
+            return;
         }
         (_, _) => {
             output::show(&json::from_value(v));
-            return Ok(());
+            return;
         }
     };
     output::done(
         &message,
         serde_json::json!({"server": on, "result": json::from_value(v)}),
     );
-    Ok(())
 }
 
 /// What a changing operation did, for its success line; `None` for the
@@ -731,11 +783,25 @@ mod tests {
             ),
             ("unblock 203.0.113.7", "Unblock { entry: \"203.0.113.7\" }"),
         ] {
-            let Command::Admin { target, op: got } = parse(&format!("admin {c} {op}")) else {
+            let Command::Admin {
+                server, op: got, ..
+            } = parse(&format!("admin {c} {op}"))
+            else {
                 panic!("{op}")
             };
             assert_eq!(format!("{got:?}"), want);
-            assert_eq!(target.server, "server_1");
+            assert_eq!(server.as_deref(), Some("server_1"));
+            // The same through the local admin socket.
+            let Command::Admin {
+                server: None,
+                socket: Some(_),
+                op: got,
+                ..
+            } = parse(&format!("admin --socket /run/netproc/admin.sock {op}"))
+            else {
+                panic!("--socket {op}")
+            };
+            assert_eq!(format!("{got:?}"), want);
         }
     }
 
@@ -747,15 +813,13 @@ mod tests {
         };
         assert_eq!(target.timeout, Some(Duration::from_secs(2)));
         assert_eq!(target.verbose, 2);
-        let Command::Admin { target, .. } =
-            parse("admin --config c.toml s1 -v --timeout 500ms info")
+        let Command::Admin {
+            timeout, verbose, ..
+        } = parse("admin --config c.toml s1 -v --timeout 500ms info")
         else {
             panic!()
         };
-        assert_eq!(
-            (target.timeout, target.verbose),
-            (Some(Duration::from_millis(500)), 1)
-        );
+        assert_eq!((timeout, verbose), (Some(Duration::from_millis(500)), 1));
         let args = [
             "netproc",
             "call",

@@ -92,6 +92,13 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
         .await
         .map_err(failed)?;
     server.follow_key_store(&keys);
+    #[cfg(unix)]
+    if let Some(path) = file.admin_socket_path()
+        && let Err(e) = server.serve_admin_socket(&path, file.admin_socket_uids.clone())
+    {
+        server.shutdown(Duration::from_secs(1)).await;
+        return Err(usage(format!("{}: {e}", config.display())));
+    }
     if file.metrics_addr.is_some() {
         // Gauges current at each scrape.
         server.refresh_gauges_every(Duration::from_secs(1));

@@ -116,6 +116,14 @@ pub struct ServerFile {
     pub watch_interval_ms: Option<u64>,
     /// Receive credentials from a propagation authority.
     pub propagation: Option<PropagationConfig>,
+    /// A local Unix socket for the admin operations (`netproc admin
+    /// --socket PATH`), for the server's own user and `admin_socket_uids`:
+    /// the way in when the admin's key is blocked. Off when absent. Its
+    /// directory must not be writable by group or others.
+    pub admin_socket: Option<PathBuf>,
+    /// Other user ids allowed on `admin_socket`.
+    #[serde(default)]
+    pub admin_socket_uids: Vec<u32>,
     #[serde(skip)]
     dir: PathBuf,
 }
@@ -255,6 +263,11 @@ impl ServerFile {
             "watch_interval_ms",
             self.watch_interval_ms != now.watch_interval_ms,
         );
+        check("admin_socket", self.admin_socket != now.admin_socket);
+        check(
+            "admin_socket_uids",
+            self.admin_socket_uids != now.admin_socket_uids,
+        );
         check(
             "propagation",
             differs(
@@ -263,6 +276,11 @@ impl ServerFile {
             ),
         );
         changed
+    }
+
+    /// The admin socket's path, resolved against the file's directory.
+    pub fn admin_socket_path(&self) -> Option<PathBuf> {
+        self.admin_socket.as_deref().map(|p| self.resolve(p))
     }
 
     /// The key store's path, resolved against the file's directory.

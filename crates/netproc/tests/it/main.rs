@@ -1283,3 +1283,58 @@ fn doctor_checks_a_client_file_through_to_whoami_and_names_problems() {
     let out = netproc(&["doctor", "--config", c, "nope"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `admin_socket` in the server file and `netproc admin --socket`: admin
+/// operations on the server's machine without a certificate or key.
+#[cfg(unix)]
+#[test]
+fn admin_over_the_local_socket_needs_no_certificate_or_key() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 0);
+    let server_toml = dir.path().join("server.toml");
+    let body = std::fs::read_to_string(&server_toml).unwrap();
+    std::fs::write(
+        &server_toml,
+        body.replace(
+            "key_store = ",
+            "admin_socket = \"admin.sock\"\nkey_store = ",
+        ),
+    )
+    .unwrap();
+    let (_server, _port) =
+        spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
+    let socket = dir.path().join("admin.sock");
+    let s = socket.to_str().unwrap();
+    let out = netproc(&["admin", "--socket", s, "info", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["name"], "s1");
+    let out = netproc(&["admin", "--socket", s, "reload"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("reloaded TLS files and keys on the admin socket"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = netproc(&["admin", "--socket", s, "unblock", "203.0.113.9"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("nothing to do"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A path with no socket: bad usage, with a hint.
+    let out = netproc(&[
+        "admin",
+        "--socket",
+        dir.path().join("none.sock").to_str().unwrap(),
+        "info",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("admin_socket"),
+        "{}",
+        text(&out.stderr)
+    );
+}
