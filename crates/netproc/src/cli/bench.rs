@@ -68,6 +68,8 @@ struct Shared {
     histogram: std::sync::Mutex<Histogram<u64>>,
     errors: std::sync::Mutex<BTreeMap<String, u64>>,
     calls: AtomicU64,
+    /// Of `calls`, those that failed (for the progress line).
+    failed: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -85,6 +87,7 @@ impl Shared {
                     .record(us);
             }
             Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
                 *self
                     .errors
                     .lock()
@@ -115,6 +118,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
         ),
         errors: std::sync::Mutex::new(BTreeMap::new()),
         calls: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
     let op = Operation::Invoke {
@@ -128,7 +132,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
     } else {
         (args.connections.max(1), args.in_flight.max(1))
     };
-    for _ in 0..workers {
+    for worker in 0..workers {
         let client: Client = make_client()?;
         let server = client.server(&args.target.server).map_err(usage)?;
         if !args.new_connections {
@@ -136,6 +140,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
                 .session()
                 .await
                 .map_err(|e| failed(format!("{}: {e}", e.code())))?;
+        }
+        if worker == 0 {
+            warn_about_limits(&server, workers).await;
         }
         for _ in 0..per_worker {
             let (shared, op, server, max) = (
@@ -181,15 +188,39 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             );
             bar
         });
+    // Text progress where there is no terminal (a log, CI): a line a second.
+    let lines = progress.is_none() && !super::output::json();
+    let mut next_line = Duration::from_secs(1);
+    let mut interrupted = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     while started.elapsed() < args.duration && shared.calls.load(Ordering::Relaxed) < args.max_calls
     {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = &mut ctrl_c => {
+                interrupted = true;
+                break;
+            }
+        }
+        let calls = shared.calls.load(Ordering::Relaxed);
+        let failed_now = shared.failed.load(Ordering::Relaxed);
         if let Some(bar) = &progress {
             bar.set_position(started.elapsed().as_millis() as u64);
-            let rate =
-                shared.calls.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-            bar.set_message(format!("{rate:.0} calls/s"));
+            let rate = (calls - failed_now) as f64 / started.elapsed().as_secs_f64();
+            bar.set_message(format!("{rate:.0} ok calls/s, {failed_now} failed"));
+        } else if lines && started.elapsed() >= next_line {
+            eprintln!(
+                "bench: {:.0} s of {:.0} s: {} ok, {failed_now} failed",
+                started.elapsed().as_secs_f64(),
+                args.duration.as_secs_f64(),
+                calls - failed_now
+            );
+            next_line += Duration::from_secs(1);
         }
+    }
+    if interrupted {
+        eprintln!("bench: interrupted; the figures are of the calls made so far");
     }
     shared.stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
@@ -236,6 +267,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
             "p99_us": quantile(0.99),
             "max_us": (ok > 0).then(|| h.max()),
             "errors": errors,
+            "interrupted": interrupted,
         });
         outln!("{line}");
     } else {
@@ -270,6 +302,53 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
         )));
     }
     Ok(())
+}
+
+/// Says before the run when the server's request buckets will refuse a
+/// closed-loop load (every call is sent as soon as the last is answered):
+/// from `get_limits` when the key may read them, else the defaults.
+async fn warn_about_limits(server: &netproc::client::ServerRef, connections: usize) {
+    let known = server.execute(Operation::GetLimits).await.ok();
+    let limits = known
+        .as_ref()
+        .map(|v| netproc::config::json::from_value(v.clone()));
+    let bucket = |name: &str, default: u64| -> Option<u64> {
+        match &limits {
+            Some(l) => {
+                let b = &l["request_controls"][name];
+                (b["enabled"] != false).then(|| {
+                    let per = b["interval_ms"].as_u64().unwrap_or(1000).max(1);
+                    b["tokens_per_interval"].as_u64().unwrap_or(default) * 1000 / per
+                })
+            }
+            None => Some(default),
+        }
+    };
+    let per_connection = bucket("per_connection", 200);
+    let caps: Vec<String> = [
+        per_connection.map(|n| {
+            format!(
+                "{n}/s per connection ({} for {connections})",
+                n * connections as u64
+            )
+        }),
+        bucket("per_ip", 500).map(|n| format!("{n}/s per address")),
+        bucket("per_api_key", 1000).map(|n| format!("{n}/s per key")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !caps.is_empty() {
+        eprintln!(
+            "bench: the server limits requests to {}{}; a closed-loop run exceeds them, and calls over them fail rate_limited. For a throughput test, disable or raise [request_controls] on the server under test.",
+            caps.join(", "),
+            if known.is_none() {
+                " (its defaults: this key may not read the limits in force)"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Opens `n` authenticated connections (8 at a time), holds them for the

@@ -1338,3 +1338,75 @@ fn admin_over_the_local_socket_needs_no_certificate_or_key() {
         text(&out.stderr)
     );
 }
+
+/// `bench` warns before the run when the server's request limits will
+/// refuse a closed-loop load, prints a progress line a second where there
+/// is no terminal, and on Ctrl-C prints the summary of what it did.
+#[cfg(unix)]
+#[test]
+fn bench_warns_about_limits_shows_progress_and_reports_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 0);
+    // The server's default request limits this time.
+    let server_toml = dir.path().join("server.toml");
+    let body = std::fs::read_to_string(&server_toml).unwrap();
+    let cut = body.find("[request_controls").unwrap();
+    std::fs::write(&server_toml, &body[..cut]).unwrap();
+    let (_server, line) = spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    let client = dir.path().join("client.toml");
+    std::fs::write(
+        &client,
+        format!("[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"client.apikey\"\n"),
+    )
+    .unwrap();
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args([
+            "bench",
+            "--config",
+            client.to_str().unwrap(),
+            "s1",
+            "--duration",
+            "30s",
+            "--connections",
+            "1",
+            "--in-flight",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(bench.stderr.take().unwrap());
+    let mut seen = String::new();
+    // The warning, then the first progress line (about a second in).
+    while !seen.contains("bench: 1 s of 30 s") {
+        let mut l = String::new();
+        assert!(
+            stderr.read_line(&mut l).unwrap() > 0,
+            "stderr ended: {seen}"
+        );
+        seen.push_str(&l);
+    }
+    assert!(
+        seen.contains("200/s per connection") && seen.contains("rate_limited"),
+        "{seen}"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &bench.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = bench.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert!(
+        text(&out.stdout).contains("successful calls in"),
+        "{}",
+        text(&out.stdout)
+    );
+}
