@@ -1,14 +1,13 @@
 //! `cargo xtask`: development tasks for netproc.
 //!
-//! - `cargo xtask pki [--out DIR] [--force]`: write the dev PKI, with its
-//!   negative fixtures, to `fixtures/pki` (or DIR).
+//! - `cargo xtask pki [--out DIR] [--force]`: `netproc pki dev`, writing the
+//!   dev PKI with its negative fixtures to `fixtures/pki` (or DIR).
 //! - `cargo xtask check-modules`: each documented crate's module graph is
 //!   the one `docs/ARCHITECTURE.md` lists, with no import cycle.
 //! - `cargo xtask fuzz <target> <seconds>`: run one cargo-fuzz target
 //!   (installs cargo-fuzz if missing; sets `RUSTC_BOOTSTRAP=1` so its nightly
 //!   flags work on the stable toolchain).
 
-mod dev_pki;
 mod modules;
 
 use std::path::{Path, PathBuf};
@@ -46,21 +45,33 @@ fn workspace_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
+/// `netproc pki dev`, with `fixtures/pki` as the default directory.
 fn pki(args: &[String]) -> Result<(), String> {
-    let mut out = workspace_root().join("fixtures/pki");
-    let mut force = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
-            "--force" => force = true,
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
+    let mut forwarded: Vec<String> = args.to_vec();
+    if !args.iter().any(|a| a == "--out") {
+        forwarded.push("--out".into());
+        forwarded.push(workspace_root().join("fixtures/pki").display().to_string());
     }
-    let written = dev_pki::write(&out, force).map_err(|e| e.to_string())?;
-    println!("dev PKI written to {}\n", out.display());
-    println!("{}", dev_pki::table(&written));
-    Ok(())
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "netproc",
+            "--",
+            "pki",
+            "dev",
+        ])
+        .args(&forwarded)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err("netproc pki dev failed".into())
+    }
 }
 
 fn fuzz(args: &[String]) -> Result<(), String> {

@@ -16,6 +16,7 @@ mod admin_socket;
 mod bench;
 mod creds;
 mod demo;
+mod dev_pki;
 mod doctor;
 mod keys;
 pub(crate) mod output;

@@ -53,6 +53,21 @@ pub(crate) enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// A complete development PKI in --out: a CA, a server certificate for
+    /// localhost / 127.0.0.1 / ::1, clients (client, client2, admin), the
+    /// negative cases tests need (a rogue CA and client; expired, not yet
+    /// valid, wrong-key-usage and revoked clients) and ca.crl. Not for
+    /// production: the CA key is written beside the rest.
+    ///
+    /// Example: `netproc pki dev --out fixtures/pki`.
+    Dev {
+        /// The directory (created if missing).
+        #[arg(long, default_value = "fixtures/pki")]
+        out: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Subject, SANs, validity, EKUs and fingerprint of a PEM certificate.
     Inspect { file: PathBuf },
     /// The SHA-256 fingerprint of a PEM certificate.
@@ -117,6 +132,22 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
                 params = params.san(san.parse::<SubjectAltName>().map_err(usage)?);
             }
             issue_into(&ca_dir, &name, &params, force)?;
+        }
+        PkiCommand::Dev { out, force } => {
+            let written = super::dev_pki::write(&out, force).map_err(|e| match e {
+                netproc::pki::PkiError::AlreadyExists { .. } => usage(e),
+                e => failed(e),
+            })?;
+            if output::json() {
+                let names: Vec<&str> = written.iter().map(|w| w.name).collect();
+                output::done(
+                    &format!("dev PKI written to {}", out.display()),
+                    serde_json::json!({"dir": out, "written": names}),
+                );
+            } else {
+                outln!("dev PKI written to {}\n", out.display());
+                outln!("{}", super::dev_pki::table(&written));
+            }
         }
         PkiCommand::Inspect { file } => {
             print_identity(&file.display().to_string(), &load_cert(&file)?)

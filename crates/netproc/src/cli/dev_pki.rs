@@ -3,9 +3,9 @@
 //! clients and a CRL).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use netproc_pki::{
+use netproc::pki::{
     CaParams, CertIdentity, CertificateAuthority, IssuedCert, KeyPurpose, LeafParams, PkiError,
     SubjectAltName, Validity,
 };
@@ -119,23 +119,9 @@ pub(crate) fn write(dir: &Path, force: bool) -> Result<Vec<Written>, PkiError> {
     Ok(written)
 }
 
+/// A day, as `2026-11-28`.
 fn date(t: SystemTime) -> String {
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let days = secs.div_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    super::output::rfc3339(t)[..10].to_owned()
 }
 
 /// A table of what was written: name, subject, fingerprint, validity.
@@ -182,15 +168,6 @@ mod tests {
         assert!(
             t.contains("revoked-client") && t.contains("CN=netproc dev CA"),
             "{t}"
-        );
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(date(UNIX_EPOCH), "1970-01-01");
-        assert_eq!(
-            date(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29"
         );
     }
 
