@@ -373,7 +373,7 @@ pub(crate) async fn demo() -> Result<(), Error> {
 
     outln!("\nall steps behaved as expected.");
     outln!("next: cargo test --workspace        the test suite");
-    outln!("      cargo xtask pki               a dev PKI in fixtures/pki");
+    outln!("      netproc pki dev --out DIR     a dev PKI (CA, server, clients, negative cases)");
     outln!("      cargo doc --workspace --open  the API, with runnable examples");
     outln!(
         "also: `netproc serve|call|pki|keys|admin|metrics|bench` (docs/operations.md), `netproc authority|creds` (docs/propagation.md)."

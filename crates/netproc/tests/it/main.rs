@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
+mod docs;
 mod propagation;
 
 fn netproc(args: &[&str]) -> Output {
