@@ -22,13 +22,19 @@ use super::{Failure, failed, output, usage};
 pub(crate) enum CredsCommand {
     /// Create the authority's signing key if missing; print its public key
     /// (for the servers' `propagation.authority_public_keys`).
+    #[command(after_help = "Example: netproc creds init --config authority.toml > authority.pub")]
     Init {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
     },
     /// Create or update a credential on a set of targets. A new API key is
     /// printed once (only its hash is kept).
+    #[command(
+        after_help = "Example: netproc creds ensure --config authority.toml billing --privileges invoke_functions --targets server_1 --key-out billing.key"
+    )]
     Ensure {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
         /// The key id: 1 to 64 of [a-z0-9-].
@@ -60,9 +66,14 @@ pub(crate) enum CredsCommand {
         key_out: Option<PathBuf>,
     },
     /// Give an API key a new secret, printed once.
+    #[command(
+        after_help = "Example: netproc creds rotate --config authority.toml billing --overlap-secs 300 --key-out billing.key.new"
+    )]
     Rotate {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
+        /// The credential's id.
         id: String,
         /// Keep the old secret working this many seconds after the rotation.
         #[arg(long)]
@@ -72,29 +83,41 @@ pub(crate) enum CredsCommand {
         key_out: Option<PathBuf>,
     },
     /// Remove a credential from every target.
+    #[command(after_help = "Example: netproc creds revoke --config authority.toml billing")]
     Revoke {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
+        /// The credential's id.
         id: String,
     },
     /// Where a credential stands on each target (JSON).
+    #[command(after_help = "Example: netproc creds status --config authority.toml billing")]
     Status {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
+        /// The credential's id.
         id: String,
     },
     /// Deliver everything pending now; exit 1 if a target failed.
+    #[command(after_help = "Example: netproc creds sync --config authority.toml")]
     Sync {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
     },
     /// Every target's delivery state (JSON).
+    #[command(after_help = "Example: netproc creds targets --config authority.toml")]
     Targets {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
     },
     /// Every credential, without secrets (JSON).
+    #[command(after_help = "Example: netproc creds list --config authority.toml")]
     List {
+        /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
     },

@@ -12,7 +12,11 @@ use super::{Failure, failed, output, usage};
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
     /// Create a key; it is printed once, only its hash is stored.
+    #[command(
+        after_help = "Example: netproc keys create --store keys.json --privileges invoke_functions --bind-cert pki/alice.crt --key-out alice.apikey"
+    )]
     Create {
+        /// The key store file (JSON, mode 0600).
         #[arg(long)]
         store: PathBuf,
         /// Comma-separated privileges.
@@ -30,6 +34,7 @@ pub(crate) enum KeysCommand {
         /// Comma-separated function allow-list.
         #[arg(long)]
         functions: Option<String>,
+        /// A note for `keys list` (who or what the key is for).
         #[arg(long)]
         label: Option<String>,
         /// Also write the key to this file (mode 0600), for `api_key_file`.
@@ -47,20 +52,30 @@ pub(crate) enum KeysCommand {
         single_active_session: bool,
     },
     /// List keys (never secrets).
+    #[command(after_help = "Example: netproc keys list --store keys.json")]
     List {
+        /// The key store file (JSON, mode 0600).
         #[arg(long)]
         store: PathBuf,
     },
     /// Delete a key.
+    #[command(after_help = "Example: netproc keys revoke --store keys.json k3x9q2m7w1ab")]
     Revoke {
+        /// The key store file (JSON, mode 0600).
         #[arg(long)]
         store: PathBuf,
+        /// The key's id (`keys list`; in a key `npk_<id>_…`).
         id: String,
     },
     /// New secret for a key; printed once.
+    #[command(
+        after_help = "Example: netproc keys rotate --store keys.json k3x9q2m7w1ab --key-out alice.apikey"
+    )]
     Rotate {
+        /// The key store file (JSON, mode 0600).
         #[arg(long)]
         store: PathBuf,
+        /// The key's id (`keys list`; in a key `npk_<id>_…`).
         id: String,
         /// Write the new key to this file (mode 0600, replacing it
         /// atomically), for `api_key_file`, instead of printing it.

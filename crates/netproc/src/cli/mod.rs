@@ -89,6 +89,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Two servers in-process with a throwaway PKI: calls, all_servers, a script, refused clients.
+    #[command(after_help = "Example: netproc demo")]
     Demo,
     /// Make and inspect certificates.
     #[command(subcommand)]
@@ -98,6 +99,7 @@ enum Command {
     Keys(KeysCommand),
     /// Run a credential-propagation authority from a TOML file: deliver
     /// changes made with `netproc creds` to every target, until SIGINT or SIGTERM.
+    #[command(after_help = "Example: netproc authority --config authority.toml")]
     Authority {
         /// The authority configuration.
         #[arg(long)]
@@ -107,6 +109,9 @@ enum Command {
     #[command(subcommand)]
     Creds(creds::CredsCommand),
     /// Run a server from a TOML file.
+    #[command(
+        after_help = "Example: netproc serve --config netproc.toml --check && netproc serve --config netproc.toml"
+    )]
     Serve {
         /// The server configuration.
         #[arg(long)]
@@ -117,6 +122,9 @@ enum Command {
         check: bool,
     },
     /// Call a function on a server or on all_servers; prints the result as JSON.
+    #[command(
+        after_help = "Example: netproc call --config client.toml server_1 echo '\"hi\"'; netproc call all_servers add -d '[2, 3]' (with NETPROC_CONFIG set)"
+    )]
     Call {
         #[command(flatten)]
         target: Target,
@@ -130,6 +138,9 @@ enum Command {
         data: Option<String>,
     },
     /// Define a script function from a source file.
+    #[command(
+        after_help = "Example: netproc define --config client.toml all_servers double --source double.rhai"
+    )]
     Define {
         #[command(flatten)]
         target: Target,
@@ -140,6 +151,7 @@ enum Command {
         source: PathBuf,
     },
     /// Remove a script function.
+    #[command(after_help = "Example: netproc undefine --config client.toml all_servers double")]
     Undefine {
         #[command(flatten)]
         target: Target,
@@ -154,6 +166,7 @@ enum Command {
         action: Option<ConstantsAction>,
     },
     /// List the functions you may call.
+    #[command(after_help = "Example: netproc functions --config client.toml server_1")]
     Functions {
         #[command(flatten)]
         target: Target,
@@ -194,11 +207,15 @@ enum Command {
         op: AdminOp,
     },
     /// The abuse-control metrics of a server.
+    #[command(after_help = "Example: netproc metrics --config client.toml server_1 --json")]
     Metrics {
         #[command(flatten)]
         target: Target,
     },
     /// A load generator: calls/s and latency percentiles.
+    #[command(
+        after_help = "Example: netproc bench --config client.toml server_1 --connections 4 --in-flight 32 --duration 5s"
+    )]
     Bench(bench::BenchArgs),
     /// Check a client file and the servers it names (files, certificates,
     /// address, TCP, TLS, authentication, privileges, clock skew), or a
@@ -219,12 +236,16 @@ enum Command {
     },
     /// Who a server takes you to be: principal, key, privileges,
     /// allow-list, expiry, certificate binding, and the server's clock.
+    #[command(after_help = "Example: netproc whoami --config client.toml server_1")]
     Whoami {
         #[command(flatten)]
         target: Target,
     },
     /// Print a shell completion script, e.g.
     /// `netproc completions bash > ~/.local/share/bash-completion/completions/netproc`.
+    #[command(
+        after_help = "Example: netproc completions bash > ~/.local/share/bash-completion/completions/netproc"
+    )]
     Completions {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -265,8 +286,10 @@ pub(crate) async fn run_on(
 #[derive(Debug, Subcommand)]
 enum ConstantsAction {
     /// List the constants.
+    #[command(after_help = "Example: netproc constants --config client.toml server_1 list")]
     List,
     /// Set a constant.
+    #[command(after_help = "Example: netproc constants --config client.toml server_1 set limit 10")]
     Set {
         /// The constant's name.
         name: String,
@@ -274,6 +297,7 @@ enum ConstantsAction {
         value: String,
     },
     /// Remove a constant.
+    #[command(after_help = "Example: netproc constants --config client.toml server_1 unset limit")]
     Unset {
         /// The constant's name.
         name: String,
@@ -283,8 +307,12 @@ enum ConstantsAction {
 #[derive(Debug, Subcommand)]
 enum DependencyAction {
     /// List the dependencies.
+    #[command(after_help = "Example: netproc dependency --config client.toml server_1 list")]
     List,
     /// Define a dependency from a Rhai source file or a host module.
+    #[command(
+        after_help = "Example: netproc dependency --config client.toml server_1 define geo --source geo.rhai"
+    )]
     Define {
         /// The name scripts import it by.
         alias: String,
@@ -296,6 +324,9 @@ enum DependencyAction {
         host: Option<String>,
     },
     /// Remove a dependency.
+    #[command(
+        after_help = "Example: netproc dependency --config client.toml server_1 undefine geo --force"
+    )]
     Undefine {
         /// The dependency's alias.
         alias: String,
@@ -308,31 +339,46 @@ enum DependencyAction {
 #[derive(Debug, Subcommand)]
 enum AdminOp {
     /// The server's name, version, uptime and counts.
+    #[command(after_help = "Example: netproc admin --config client.toml server_1 info")]
     Info,
     /// The live sessions.
+    #[command(after_help = "Example: netproc admin --config client.toml server_1 sessions")]
     Sessions,
     /// End one session.
+    #[command(
+        after_help = "Example: netproc admin --config client.toml server_1 disconnect-session 42"
+    )]
     DisconnectSession {
         /// The session id, from `sessions`.
         id: u64,
     },
     /// End every session of a principal.
+    #[command(
+        after_help = "Example: netproc admin --config client.toml server_1 disconnect-principal k3x9q2m7w1ab"
+    )]
     DisconnectPrincipal {
         /// The principal (key id or certificate identity).
         principal: String,
     },
     /// The blocked addresses and principals.
+    #[command(after_help = "Example: netproc admin --socket run/admin.sock blocked")]
     Blocked,
     /// Lift a block.
+    #[command(
+        after_help = "Example: netproc admin --config client.toml server_1 unblock 203.0.113.7"
+    )]
     Unblock {
         /// The entry, as `blocked` lists it.
         entry: String,
     },
     /// The abuse-control limits in force.
+    #[command(after_help = "Example: netproc admin --config client.toml server_1 limits --json")]
     Limits,
     /// The abuse-control metrics, as JSON.
+    #[command(after_help = "Example: netproc admin --config client.toml server_1 metrics")]
     Metrics,
     /// Re-read TLS files, the key store and propagation keys.
+    #[command(after_help = "Example: netproc admin --config client.toml server_1 reload")]
     Reload,
 }
 
@@ -725,6 +771,48 @@ mod tests {
     #[test]
     fn the_model_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `--help` tells the whole story: every argument has a description,
+    /// every command that does something an example.
+    #[test]
+    fn every_flag_is_described_and_every_command_has_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name()).trim().to_owned();
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    problems.push(format!("{path}: argument {id} has no description"));
+                }
+            }
+            if cmd.get_about().is_none() && path != "netproc" {
+                problems.push(format!("{path}: no description"));
+            }
+            let text = format!(
+                "{}{}",
+                cmd.get_long_about()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                cmd.get_after_help()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            let has_subcommands = cmd.get_subcommands().next().is_some();
+            if !has_subcommands && path != "netproc" && !text.contains("Example") {
+                problems.push(format!("{path}: no example"));
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, problems);
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        walk(&Cli::command(), "", &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 
     /// Every form docs/operations.md shows parses into the operation it names.

@@ -13,18 +13,27 @@ use super::{Failure, failed, output, usage};
 #[derive(Debug, Subcommand)]
 pub(crate) enum PkiCommand {
     /// A new CA: ca.crt and ca.key (0600) in --out.
+    #[command(after_help = "Example: netproc pki init --out pki")]
     Init {
+        /// The directory for ca.crt and ca.key (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// The CA's common name.
         #[arg(long, default_value = "netproc CA")]
         name: String,
+        /// Validity in days.
         #[arg(long, default_value_t = 3652)]
         days: u32,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
     /// A server certificate for DNS names and IPs, signed by the CA in --ca-dir.
+    #[command(
+        after_help = "Example: netproc pki issue-server --ca-dir pki --name server --san api.internal --san 10.0.0.5"
+    )]
     IssueServer {
+        /// The CA's directory (ca.crt, ca.key, ca.crl).
         #[arg(long)]
         ca_dir: PathBuf,
         /// Written as NAME.crt and NAME.key in --ca-dir.
@@ -33,13 +42,19 @@ pub(crate) enum PkiCommand {
         /// DNS names and IP addresses (repeat).
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
+        /// Validity in days.
         #[arg(long, default_value_t = 90)]
         days: u32,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
     /// A client certificate, signed by the CA in --ca-dir.
+    #[command(
+        after_help = "Example: netproc pki issue-client --ca-dir pki --name alice --san uri:spiffe://example/alice"
+    )]
     IssueClient {
+        /// The CA's directory (ca.crt, ca.key, ca.crl).
         #[arg(long)]
         ca_dir: PathBuf,
         /// Common name; written as NAME.crt and NAME.key in --ca-dir.
@@ -48,8 +63,10 @@ pub(crate) enum PkiCommand {
         /// Extra SANs: uri:…, dns:…, email:…, ip:… (repeat).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Validity in days.
         #[arg(long, default_value_t = 90)]
         days: u32,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
@@ -69,12 +86,22 @@ pub(crate) enum PkiCommand {
         force: bool,
     },
     /// Subject, SANs, validity, EKUs and fingerprint of a PEM certificate.
-    Inspect { file: PathBuf },
+    #[command(after_help = "Example: netproc pki inspect pki/alice.crt --json")]
+    Inspect {
+        /// The certificate (PEM).
+        file: PathBuf,
+    },
     /// The SHA-256 fingerprint of a PEM certificate.
-    Fingerprint { file: PathBuf },
+    #[command(after_help = "Example: netproc pki fingerprint pki/alice.crt")]
+    Fingerprint {
+        /// The certificate (PEM).
+        file: PathBuf,
+    },
     /// Revoke a certificate: its serial is added to `ca.crl` in --ca-dir
     /// (created if missing), which servers list in `tls.crls`.
+    #[command(after_help = "Example: netproc pki revoke --ca-dir pki pki/bob.crt")]
     Revoke {
+        /// The CA's directory (ca.crt, ca.key, ca.crl).
         #[arg(long)]
         ca_dir: PathBuf,
         /// The certificate to revoke (PEM).
@@ -85,7 +112,9 @@ pub(crate) enum PkiCommand {
     },
     /// Write (or refresh) `ca.crl` in --ca-dir, keeping the certificates it
     /// already revokes; an empty CRL when there is none yet.
+    #[command(after_help = "Example: netproc pki crl --ca-dir pki --days 30")]
     Crl {
+        /// The CA's directory (ca.crt, ca.key, ca.crl).
         #[arg(long)]
         ca_dir: PathBuf,
         /// Days until the CRL's nextUpdate.
