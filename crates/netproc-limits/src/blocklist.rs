@@ -140,6 +140,9 @@ pub struct FailureRecorded {
 /// list.record_failure(ip, None, now);
 /// assert_eq!(list.ip_blocked(ip, now), Some(Duration::from_secs(60)));
 /// assert!(list.ip_blocked(ip, now + Duration::from_secs(60)).is_none());
+/// // A block decided elsewhere in the fleet:
+/// assert!(list.block_key("k1", now + Duration::from_secs(5), now));
+/// assert_eq!(list.key_blocked("k1", now), Some(Duration::from_secs(5)));
 /// ```
 #[derive(Debug)]
 pub struct Blocklist {
@@ -258,6 +261,36 @@ impl Blocklist {
             }
         }
         out
+    }
+
+    /// Blocks `ip` until `until`, as another server decided (a fleet-wide
+    /// block): kept like a local one. `false` when the table is full of
+    /// active entries and cannot hold it.
+    pub fn block_ip(&self, ip: IpAddr, until: Instant, now: Instant) -> bool {
+        let cfg = self.config();
+        let key = ip_key(ip, cfg.v6_prefix_len);
+        self.ips
+            .with(
+                &key,
+                now,
+                || Failures::new(cfg.failed_auth_window, cfg.max_failed_per_ip),
+                |f| f.blocked_until = f.blocked_until.max(Some(until)),
+            )
+            .is_ok()
+    }
+
+    /// Blocks API key `key_id` until `until`, as another server decided.
+    /// `false` when the table cannot hold it.
+    pub fn block_key(&self, key_id: &str, until: Instant, now: Instant) -> bool {
+        let cfg = self.config();
+        self.keys
+            .with(
+                &key_id.to_owned(),
+                now,
+                || Failures::new(cfg.failed_auth_window, cfg.max_failed_per_key),
+                |f| f.blocked_until = f.blocked_until.max(Some(until)),
+            )
+            .is_ok()
     }
 
     /// Addresses and keys tracked now, for metrics: (addresses, keys).

@@ -48,6 +48,7 @@ mod bucket;
 mod clock;
 mod gate;
 mod ip;
+mod lease;
 mod table;
 mod window;
 
@@ -57,5 +58,6 @@ pub use bucket::TokenBucket;
 pub use clock::{AdvanceHook, Clock, ManualClock, SystemClock};
 pub use gate::{Gate, GatePermit};
 pub use ip::ip_key;
+pub use lease::{Lease, SharedBucket, Take};
 pub use table::{Idle, KeyedTable, TableFull};
 pub use window::{FixedWindow, SlidingWindow};
