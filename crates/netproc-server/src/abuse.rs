@@ -67,6 +67,10 @@ const GAUGES: &[(&str, &str)] = &[
     ),
     ("netproc_blocked_ip_count", "Addresses blocked now."),
     ("netproc_blocked_api_key_count", "API keys blocked now."),
+    (
+        "netproc_shared_limits_connected",
+        "1 while request limits and blocks are shared with the fleet through Redis; 0 when unreachable (fallback share) or not configured.",
+    ),
 ];
 
 pub use counters::AbuseMetrics;
@@ -74,6 +78,34 @@ use counters::COUNTERS;
 pub(crate) use counters::Counter;
 
 /// Which limit refused a request.
+/// Limits shared by a fleet of servers (Redis, with the feature
+/// `shared-limits`): request buckets leased from the fleet's, failures
+/// counted fleet-wide, blocks announced to every server.
+pub(crate) trait Fleet: Send + Sync {
+    /// A token of API key `key`'s fleet bucket; `None` when that scope is
+    /// not shared (the local bucket applies).
+    fn take_key(
+        &self,
+        key: &str,
+        spec: &BucketControls,
+        now: Instant,
+    ) -> Option<Result<(), Duration>>;
+    /// A token of address `ip`'s fleet bucket (`ip` already reduced to its
+    /// prefix); `None` when not shared.
+    fn take_ip(
+        &self,
+        ip: IpAddr,
+        spec: &BucketControls,
+        now: Instant,
+    ) -> Option<Result<(), Duration>>;
+    /// A failed authentication (after the local blocklist counted it).
+    fn auth_failed(&self, ip: IpAddr, key: Option<&str>, options: &ServerOptions);
+    /// An administrator lifted a block here: lift it fleet-wide.
+    fn unblocked(&self, entry: &str);
+    /// Whether the shared store is reachable now (the gauge).
+    fn connected(&self) -> bool;
+}
+
 pub(crate) struct Refusal {
     pub(crate) body: ErrorBody,
     pub(crate) disconnect: bool,
@@ -143,7 +175,9 @@ pub(crate) struct Abuse {
     global_window: Mutex<SlidingWindow>,
     per_ip_connections: KeyedTable<IpAddr, SlidingWindow>,
     pending_auth: KeyedTable<IpAddr, SlidingWindow>,
-    pub(crate) blocklist: Blocklist,
+    pub(crate) blocklist: Arc<Blocklist>,
+    /// Limits shared with the rest of the fleet, when configured.
+    pub(crate) fleet: std::sync::OnceLock<Arc<dyn Fleet>>,
     per_key: KeyedTable<String, Versioned>,
     per_ip: KeyedTable<IpAddr, Versioned>,
     counters: [AtomicU64; COUNTERS],
@@ -189,7 +223,8 @@ impl Abuse {
             )),
             per_ip_connections: KeyedTable::new(tracked_ips),
             pending_auth: KeyedTable::new(tracked_ips),
-            blocklist: Blocklist::new(blocklist_config(&options)),
+            blocklist: Arc::new(Blocklist::new(blocklist_config(&options))),
+            fleet: std::sync::OnceLock::new(),
             per_key: KeyedTable::new(tracked_keys),
             per_ip: KeyedTable::new(tracked_ips),
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -441,6 +476,9 @@ impl Abuse {
         let ip_was_blocked = self.blocklist.ip_blocked(peer, now).is_some();
         let key_was_blocked = key.is_some_and(|k| self.blocklist.key_blocked(k, now).is_some());
         let recorded = self.blocklist.record_failure(peer, key, now);
+        if let Some(fleet) = self.fleet.get() {
+            fleet.auth_failed(peer, key, &self.options());
+        }
         if !ip_was_blocked && let Some(until) = self.blocklist.ip_blocked(peer, now) {
             self.log_block("ip", &peer.to_string(), until, now);
         }
@@ -525,9 +563,13 @@ impl Abuse {
                 disconnect: r.per_connection.disconnect_on_limit,
             });
         }
+        let fleet = self.fleet.get();
         if r.per_api_key.enabled
-            && let Err(retry) =
-                self.shared_bucket(&self.per_key, &key_id.to_owned(), &r.per_api_key, now)
+            && let Err(retry) = fleet
+                .and_then(|f| f.take_key(key_id, &r.per_api_key, now))
+                .unwrap_or_else(|| {
+                    self.shared_bucket(&self.per_key, &key_id.to_owned(), &r.per_api_key, now)
+                })
         {
             self.count(Counter::rate_limited_per_api_key_count);
             return Err(Refusal {
@@ -541,7 +583,10 @@ impl Abuse {
         }
         if r.per_ip.enabled {
             let key = ip_key(peer, o.connection_controls.ipv6_prefix_len);
-            if let Err(retry) = self.shared_bucket(&self.per_ip, &key, &r.per_ip, now) {
+            let taken = fleet
+                .and_then(|f| f.take_ip(key, &r.per_ip, now))
+                .unwrap_or_else(|| self.shared_bucket(&self.per_ip, &key, &r.per_ip, now));
+            if let Err(retry) = taken {
                 self.count(Counter::rate_limited_per_ip_count);
                 return Err(Refusal {
                     body: rate_limited("per_ip", retry, "per-address request rate limit exceeded"),
@@ -628,6 +673,7 @@ impl Abuse {
         m.in_flight_request_count = in_flight as u64;
         m.blocked_ip_count = ips as u64;
         m.blocked_api_key_count = keys as u64;
+        m.shared_limits_connected = self.fleet.get().is_some_and(|f| f.connected()).into();
         m.refused_by_code = BTreeMap::from([
             ("auth_throttled".to_owned(), m.auth_throttled_count),
             ("connection_limited".to_owned(), m.connection_limited_count),
@@ -641,6 +687,7 @@ impl Abuse {
             m.in_flight_request_count,
             m.blocked_ip_count,
             m.blocked_api_key_count,
+            m.shared_limits_connected,
         ]) {
             metrics::gauge!(*name).set(v as f64);
         }

@@ -73,6 +73,9 @@ pub(crate) fn run(
         Operation::Unblock { entry } => {
             audit("unblock", &entry);
             let lifted = shared.abuse.blocklist.unblock(&entry);
+            if let Some(fleet) = shared.abuse.fleet.get() {
+                fleet.unblocked(&entry);
+            }
             if lifted {
                 tracing::warn!(server = %shared.name, entry = %entry, "unblocked by an administrator");
             }

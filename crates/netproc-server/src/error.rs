@@ -47,6 +47,10 @@ pub enum ServerError {
     /// not read its material. The last good configuration stays in force.
     #[error("reload refused, the last good configuration stays: {0}")]
     Reload(ReloadError),
+    /// Shared limits are misconfigured (the Redis URL or the fleet name);
+    /// the message never carries a password.
+    #[error("{0}")]
+    SharedLimits(String),
     /// The local admin socket could not be set up (nothing was created).
     #[cfg(unix)]
     #[error(transparent)]

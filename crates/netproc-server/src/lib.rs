@@ -54,6 +54,8 @@ mod admin_socket;
 mod audit;
 mod connection;
 mod error;
+#[cfg(feature = "shared-limits")]
+mod fleet;
 mod frames;
 mod function;
 mod liveness;
@@ -77,6 +79,8 @@ pub use audit::AUDIT_TARGET;
 #[cfg(unix)]
 pub use error::AdminSocketError;
 pub use error::{RegistrationProblem, ReloadError, ServerError};
+#[cfg(feature = "shared-limits")]
+pub use fleet::SharedLimits;
 pub use function::{CallContext, CallError, ExtensionHandler, NativeFunction};
 pub use liveness::{Liveness, LivenessEvent};
 pub use options::{

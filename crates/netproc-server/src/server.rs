@@ -67,6 +67,8 @@ impl Server {
             scripts: None,
             state: None,
             reload_source: None,
+            #[cfg(feature = "shared-limits")]
+            shared_limits: None,
             errors: Vec::new(),
         }
     }
@@ -90,6 +92,8 @@ pub struct ServerBuilder {
     scripts: Option<netproc_script::ScriptRuntime>,
     state: Option<StateSource>,
     reload_source: Option<ReloadSource>,
+    #[cfg(feature = "shared-limits")]
+    shared_limits: Option<crate::fleet::SharedLimits>,
     errors: Vec<ServerError>,
 }
 
@@ -210,6 +214,17 @@ impl ServerBuilder {
     /// propagation keeps its tables there).
     pub fn state(mut self, db: StateDatabase) -> Self {
         self.state = Some(StateSource::Open(db));
+        self
+    }
+
+    /// Shares the per-key and per-address request budgets, failed-login
+    /// counts and blocks with every server of the same fleet, through
+    /// Redis (feature `shared-limits`; `docs/fleet.md`). The server starts
+    /// whether or not Redis is up, limiting on its fallback share until it
+    /// is.
+    #[cfg(feature = "shared-limits")]
+    pub fn shared_limits(mut self, shared: crate::fleet::SharedLimits) -> Self {
+        self.shared_limits = Some(shared);
         self
     }
 
@@ -334,6 +349,12 @@ impl ServerBuilder {
         });
         if let Some((_, stored)) = state {
             restore(&shared.defs, stored).await;
+        }
+        #[cfg(feature = "shared-limits")]
+        if let Some(config) = self.shared_limits {
+            let fleet = crate::fleet::RedisFleet::new(config, &shared)?;
+            fleet.start(shared.shutdown.clone());
+            let _ = shared.abuse.fleet.set(Arc::new(fleet));
         }
         tokio::spawn(scan_liveness(Arc::downgrade(&shared)));
         // Every series from the start, when a `metrics` recorder is

@@ -45,7 +45,9 @@ pub async fn service_or_skip(what: &str, url: &str, default_port: u16, test: &st
         return true;
     }
     if std::env::var_os("NETPROC_REQUIRE_SERVICES").is_some_and(|v| !v.is_empty()) {
-        panic!("{test}: {what} is required (NETPROC_REQUIRE_SERVICES) but nothing answers at {addr}");
+        panic!(
+            "{test}: {what} is required (NETPROC_REQUIRE_SERVICES) but nothing answers at {addr}"
+        );
     }
     println!("skipped {test}: no {what} at {addr} (set its URL, or start it)");
     false
@@ -55,7 +57,9 @@ pub async fn service_or_skip(what: &str, url: &str, default_port: u16, test: &st
 /// `redis://127.0.0.1:6379`), or `None` after printing a skip line.
 pub async fn redis_or_skip(test: &str) -> Option<String> {
     let url = service_url("NETPROC_TEST_REDIS_URL", "redis://127.0.0.1:6379");
-    service_or_skip("Redis", &url, 6379, test).await.then_some(url)
+    service_or_skip("Redis", &url, 6379, test)
+        .await
+        .then_some(url)
 }
 
 /// A TCP proxy on 127.0.0.1 to `target`, for outages on demand: [`cut`]
@@ -82,7 +86,9 @@ struct ProxyState {
 impl TcpProxy {
     /// Starts a proxy to `target` (a `host:port`).
     pub async fn start(target: &str) -> TcpProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
         let addr = listener.local_addr().expect("the proxy's address");
         let (tx, _) = watch::channel((0u64, false));
         let state = Arc::new(ProxyState {
@@ -126,7 +132,10 @@ impl TcpProxy {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
-        let creds = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
+        let creds = authority
+            .rsplit_once('@')
+            .map(|(c, _)| format!("{c}@"))
+            .unwrap_or_default();
         format!("{scheme}://{creds}{}{path}", self.addr)
     }
 
@@ -138,13 +147,17 @@ impl TcpProxy {
 
     /// Stops forwarding; connections stay open.
     pub fn stall(&self) {
-        self.state.generation.send_modify(|(_, stalled)| *stalled = true);
+        self.state
+            .generation
+            .send_modify(|(_, stalled)| *stalled = true);
     }
 
     /// Forwards again and accepts new connections.
     pub fn resume(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
-        self.state.generation.send_modify(|(_, stalled)| *stalled = false);
+        self.state
+            .generation
+            .send_modify(|(_, stalled)| *stalled = false);
     }
 }
 
@@ -216,7 +229,11 @@ mod tests {
             }
         });
         let proxy = TcpProxy::start(&target).await;
-        assert!(proxy.url("redis://:pw@127.0.0.1:6379/0").ends_with(&format!("@{}/0", proxy.addr())));
+        assert!(
+            proxy
+                .url("redis://:pw@127.0.0.1:6379/0")
+                .ends_with(&format!("@{}/0", proxy.addr()))
+        );
         let mut c = TcpStream::connect(proxy.addr()).await.unwrap();
         c.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];

@@ -55,6 +55,10 @@ macro_rules! counters {
             pub blocked_ip_count: u64,
             /// API keys blocked now.
             pub blocked_api_key_count: u64,
+            /// 1 while limits are shared with the fleet through Redis, 0
+            /// when the store is unreachable (the server is on its fallback
+            /// share) or shared limits are not configured.
+            pub shared_limits_connected: u64,
             /// Principals `online` now.
             pub online_principal_count: u64,
             /// Principals `unstable` now.
@@ -129,6 +133,9 @@ counters! {
     /// Frames refused before they ran, with their own code: privilege
     /// denials, `invalid_operation`, `invalid_request`, unknown kinds.
     request_refused_count,
+    /// Request-bucket decisions made on the local fallback share because
+    /// the fleet's store was unreachable or held a foreign value.
+    shared_limits_fallback_count,
 }
 
 /// A counter's doc comment as one line, from its `doc = "…"` attributes.

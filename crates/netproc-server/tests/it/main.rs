@@ -11,6 +11,7 @@ mod calls;
 mod compat;
 mod ed25519;
 mod fanout;
+mod fleet;
 mod identity;
 mod lifecycle;
 mod liveness;

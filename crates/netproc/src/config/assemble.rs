@@ -13,6 +13,70 @@ use crate::script::{ScriptLimits, ScriptRuntime};
 use crate::server::{Server, ServerBuilder};
 
 impl ServerFile {
+    /// `[shared_limits]` as the server takes it: the password put into the
+    /// URL, the CA read, the scopes checked (errors name the field).
+    fn shared_limits(
+        &self,
+        c: &crate::config::SharedLimitsConfig,
+        config_path: &Path,
+    ) -> Result<crate::server::SharedLimits, ConfigError> {
+        let err = |field: &str, e: &dyn std::fmt::Display| {
+            invalid(config_path, format!("shared_limits.{field}: {e}"))
+        };
+        let password = match (&c.password_env, &c.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "password_env",
+                    &"give password_env or password_file, not both",
+                ));
+            }
+            (Some(var), None) => {
+                Some(std::env::var(var).map_err(|e| err("password_env", &format!("{var}: {e}")))?)
+            }
+            (None, Some(file)) => {
+                let bytes = crate::pki::read_secret_file(&self.resolve(file))
+                    .map_err(|e| err("password_file", &e))?;
+                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        let url = match password {
+            Some(pw) => with_password(&c.redis_url, &pw).map_err(|e| err("redis_url", &e))?,
+            None => c.redis_url.clone(),
+        };
+        let mut shared = crate::server::SharedLimits::new(url, c.fleet.clone());
+        for scope in &c.share {
+            if !["per_api_key", "per_ip", "failed_auth"].contains(&scope.as_str()) {
+                return Err(err(
+                    "share",
+                    &format!("{scope:?}: expected per_api_key, per_ip or failed_auth"),
+                ));
+            }
+        }
+        let has = |s: &str| c.share.iter().any(|x| x == s);
+        shared = shared
+            .share_keys(has("per_api_key"))
+            .share_addresses(has("per_ip"))
+            .share_failures(has("failed_auth"));
+        if let Some(e) = c.epsilon {
+            if !(0.001..=0.5).contains(&e) {
+                return Err(err("epsilon", &"between 0.001 and 0.5"));
+            }
+            shared = shared.epsilon(e);
+        }
+        if let Some(f) = c.fallback_share {
+            if !(0.001..=1.0).contains(&f) {
+                return Err(err("fallback_share", &"between 0.001 and 1"));
+            }
+            shared = shared.fallback_share(f);
+        }
+        if let Some(ca) = &c.ca {
+            let pem = std::fs::read(self.resolve(ca)).map_err(|e| err("ca", &e))?;
+            shared = shared.ca_pem(pem);
+        }
+        Ok(shared)
+    }
+
     /// Reads the TLS files (for a start or a reload).
     pub fn tls_material(&self) -> Result<(Identity, TrustAnchors, Vec<Crl>), String> {
         let identity = Identity::load(self.resolve(&self.tls.cert), self.resolve(&self.tls.key))
@@ -153,9 +217,47 @@ impl ServerFile {
         if let Some(target) = &target {
             builder = target.install(builder);
         }
+        if let Some(shared) = &self.shared_limits {
+            builder = builder.shared_limits(self.shared_limits(shared, config_path)?);
+        }
         if let Some(db) = state {
             builder = builder.state(db);
         }
         Ok((builder, keys))
+    }
+}
+
+/// `redis://host…` with `:password@` put in (percent-encoded); refused when
+/// the URL already has one.
+fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "expected redis://… or rediss://…".to_owned())?;
+    if rest.split('/').next().unwrap_or("").contains('@') {
+        return Err("the URL has credentials already; give the password in one place".into());
+    }
+    let mut encoded = String::new();
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://:{encoded}@{rest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_is_encoded_into_the_url_once() {
+        assert_eq!(
+            with_password("redis://h:6379/0", "p@ss:w/rd").unwrap(),
+            "redis://:p%40ss%3Aw%2Frd@h:6379/0"
+        );
+        assert!(with_password("redis://:x@h:6379", "y").is_err());
+        assert!(with_password("h:6379", "y").is_err());
     }
 }

@@ -17,7 +17,9 @@ mod server;
 
 pub use authority::AuthorityFile;
 pub use client::{ClientFile, ClientServer, format_ed25519_credential};
-pub use server::{LogFormat, PropagationConfig, ScriptsConfig, ServerFile, ServerTls};
+pub use server::{
+    LogFormat, PropagationConfig, ScriptsConfig, ServerFile, ServerTls, SharedLimitsConfig,
+};
 
 /// A configuration file could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -124,8 +124,52 @@ pub struct ServerFile {
     /// Other user ids allowed on `admin_socket`.
     #[serde(default)]
     pub admin_socket_uids: Vec<u32>,
+    /// Share request budgets, failed logins and blocks with the fleet
+    /// through Redis (docs/fleet.md).
+    pub shared_limits: Option<SharedLimitsConfig>,
     #[serde(skip)]
     dir: PathBuf,
+}
+
+/// `[shared_limits]` of a server file: one budget across every server of
+/// a fleet, through Redis (docs/fleet.md).
+///
+/// ```toml
+/// [shared_limits]
+/// redis_url = "redis://10.0.0.9:6379"      # or rediss://… with `ca`
+/// password_env = "NETPROC_REDIS_PASSWORD"  # or password_file, or in the URL
+/// fleet = "payments"
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SharedLimitsConfig {
+    /// `redis://host:port[/db]` or `rediss://…`; a password may be in it,
+    /// but is better in `password_env` or `password_file`. Never logged.
+    pub redis_url: String,
+    /// An environment variable holding the password.
+    pub password_env: Option<String>,
+    /// A file holding the password (mode 0600).
+    pub password_file: Option<PathBuf>,
+    /// The fleet's name: servers with the same Redis and name share limits.
+    pub fleet: String,
+    /// For `rediss://`: the CA that signs Redis's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// What is shared: any of `per_api_key`, `per_ip`, `failed_auth`
+    /// (failed-login windows and blocks). Default: all three.
+    #[serde(default = "all_scopes")]
+    pub share: Vec<String>,
+    /// The overshoot bound as a share of a bucket's burst. Default 0.05.
+    pub epsilon: Option<f64>,
+    /// Each server's share of a budget while Redis is unreachable.
+    /// Default 1 / the servers last seen.
+    pub fallback_share: Option<f64>,
+}
+
+fn all_scopes() -> Vec<String> {
+    ["per_api_key", "per_ip", "failed_auth"]
+        .map(str::to_owned)
+        .to_vec()
 }
 
 /// `[propagation]` of a server file: this server receives credentials
@@ -264,6 +308,7 @@ impl ServerFile {
             self.watch_interval_ms != now.watch_interval_ms,
         );
         check("admin_socket", self.admin_socket != now.admin_socket);
+        check("shared_limits", self.shared_limits != now.shared_limits);
         check(
             "admin_socket_uids",
             self.admin_socket_uids != now.admin_socket_uids,

@@ -1411,3 +1411,77 @@ fn bench_warns_about_limits_shows_progress_and_reports_on_ctrl_c() {
         text(&out.stdout)
     );
 }
+
+/// `[shared_limits]` in the server file: a bad setting is a usage error
+/// naming the field; a good one connects to Redis (the gauge reads 1).
+#[test]
+fn shared_limits_from_the_server_file() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 0);
+    let server_toml = dir.path().join("server.toml");
+    let body = std::fs::read_to_string(&server_toml).unwrap();
+    let cut = body.find("[request_controls").unwrap();
+    let with = |extra: &str| format!("{}{extra}\n{}", &body[..cut], &body[cut..]);
+    std::fs::write(
+        &server_toml,
+        with("[shared_limits]\nredis_url = \"redis://127.0.0.1:6379\"\nfleet = \"x\"\npassword_env = \"NETPROC_TEST_NO_SUCH_VAR\"\n"),
+    )
+    .unwrap();
+    let out = netproc(&["serve", "--config", server_toml.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("shared_limits.password_env"),
+        "{}",
+        text(&out.stderr)
+    );
+    let url =
+        std::env::var("NETPROC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:6379".parse().unwrap(),
+        std::time::Duration::from_secs(1),
+    )
+    .is_ok();
+    if !reachable || !url.starts_with("redis://127.0.0.1:6379") {
+        assert!(
+            std::env::var_os("NETPROC_REQUIRE_SERVICES").is_none()
+                || !url.starts_with("redis://127.0.0.1:6379"),
+            "Redis is required but not reachable"
+        );
+        println!(
+            "skipped the connected half of shared_limits_from_the_server_file: no Redis at 127.0.0.1:6379"
+        );
+        return;
+    }
+    let fleet = format!("cli-{}", std::process::id());
+    std::fs::write(
+        &server_toml,
+        with(&format!(
+            "[shared_limits]\nredis_url = \"{url}\"\nfleet = \"{fleet}\"\n"
+        )),
+    )
+    .unwrap();
+    let (_server, line) = spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    write_configs(dir.path(), port);
+    let c = dir.path().join("client.toml");
+    let mut connected = false;
+    for _ in 0..100 {
+        let out = netproc(&["metrics", "--config", c.to_str().unwrap(), "s1", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["shared_limits_connected"] == 1 {
+            connected = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(connected, "the server never connected to Redis");
+    drop(_server);
+    // The test's keys go with it (the heartbeat set would expire anyway).
+    use std::io::{Read, Write};
+    let key = format!("netproc:{fleet}:servers");
+    let mut redis = std::net::TcpStream::connect("127.0.0.1:6379").unwrap();
+    write!(redis, "*2\r\n$3\r\nDEL\r\n${}\r\n{key}\r\n", key.len()).unwrap();
+    let mut reply = [0u8; 8];
+    let _ = redis.read(&mut reply).unwrap();
+}
