@@ -207,9 +207,7 @@ impl Blocklist {
     /// If API key `key_id` is blocked at `now`, for how much longer. Tracked
     /// keys only.
     pub fn key_blocked(&self, key_id: &str, now: Instant) -> Option<Duration> {
-        self.keys
-            .get(&key_id.to_owned(), |f| f.blocked_for(now))
-            .flatten()
+        self.keys.get(key_id, |f| f.blocked_for(now)).flatten()
     }
 
     /// Records a failed authentication from `ip`, against `key_id` too if
@@ -246,7 +244,7 @@ impl Blocklist {
         }
         if let Some(id) = key_id {
             let tracked = self.keys.with(
-                &id.to_owned(),
+                id,
                 now,
                 || Failures::new(window, max_key),
                 |f| f.fail(now, max_key, &cfg),
@@ -285,7 +283,7 @@ impl Blocklist {
         let cfg = self.config();
         self.keys
             .with(
-                &key_id.to_owned(),
+                key_id,
                 now,
                 || Failures::new(cfg.failed_auth_window, cfg.max_failed_per_key),
                 |f| f.blocked_until = f.blocked_until.max(Some(until)),

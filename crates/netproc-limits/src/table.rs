@@ -99,7 +99,7 @@ impl<K: Hash + Eq + Clone, S: Idle> KeyedTable<K, S> {
         self.max_keys
     }
 
-    fn shard_index(&self, key: &K) -> usize {
+    fn shard_index<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
         (self.hasher.hash_one(key) as usize) % SHARDS
     }
 
@@ -112,14 +112,20 @@ impl<K: Hash + Eq + Clone, S: Idle> KeyedTable<K, S> {
             .is_ok()
     }
 
-    /// Runs `f` on `key`'s state, creating it with `new` if absent.
-    pub fn with<R>(
+    /// Runs `f` on `key`'s state, creating it with `new` if absent. `key`
+    /// may be a borrowed form (`&str` for `String` keys): it is copied only
+    /// when an entry is created.
+    pub fn with<Q, R>(
         &self,
-        key: &K,
+        key: &Q,
         now: Instant,
         new: impl FnOnce() -> S,
         f: impl FnOnce(&mut S) -> R,
-    ) -> Result<R, TableFull> {
+    ) -> Result<R, TableFull>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let home = self.shard_index(key);
         {
             let mut shard = lock(&self.shards[home]);
@@ -152,21 +158,29 @@ impl<K: Hash + Eq + Clone, S: Idle> KeyedTable<K, S> {
         Err(TableFull)
     }
 
-    fn insert<R>(
+    fn insert<Q, R>(
         shard: &mut Shard<K, S>,
-        key: &K,
+        key: &Q,
         new: impl FnOnce() -> S,
         f: impl FnOnce(&mut S) -> R,
-    ) -> R {
+    ) -> R
+    where
+        Q: ToOwned<Owned = K> + ?Sized,
+    {
         let mut state = new();
         let r = f(&mut state);
+        let key = key.to_owned();
         shard.map.insert(key.clone(), state);
-        shard.order.push_back(key.clone());
+        shard.order.push_back(key);
         r
     }
 
     /// Runs `f` on `key`'s state if it exists; never creates one.
-    pub fn get<R>(&self, key: &K, f: impl FnOnce(&mut S) -> R) -> Option<R> {
+    pub fn get<Q, R>(&self, key: &Q, f: impl FnOnce(&mut S) -> R) -> Option<R>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         lock(&self.shards[self.shard_index(key)])
             .map
             .get_mut(key)

@@ -504,13 +504,17 @@ impl Abuse {
         ))
     }
 
-    fn shared_bucket<K: std::hash::Hash + Eq + Clone>(
+    fn shared_bucket<K, Q>(
         &self,
         table: &KeyedTable<K, Versioned>,
-        key: &K,
+        key: &Q,
         spec: &BucketControls,
         now: Instant,
-    ) -> Result<(), Duration> {
+    ) -> Result<(), Duration>
+    where
+        K: std::hash::Hash + Eq + Clone + std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let version = self.version();
         table
             .with(
@@ -567,9 +571,7 @@ impl Abuse {
         if r.per_api_key.enabled
             && let Err(retry) = fleet
                 .and_then(|f| f.take_key(key_id, &r.per_api_key, now))
-                .unwrap_or_else(|| {
-                    self.shared_bucket(&self.per_key, &key_id.to_owned(), &r.per_api_key, now)
-                })
+                .unwrap_or_else(|| self.shared_bucket(&self.per_key, key_id, &r.per_api_key, now))
         {
             self.count(Counter::rate_limited_per_api_key_count);
             return Err(Refusal {

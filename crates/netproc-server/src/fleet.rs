@@ -568,14 +568,18 @@ impl RedisFleet {
     }
 
     /// A token from a shared bucket through its lease; `refill` asks Redis.
-    fn take<K: std::hash::Hash + Eq + Clone + Send + 'static>(
+    fn take<K, Q>(
         self: &Arc<Self>,
         scope_of: ScopeOf<K>,
-        key: &K,
+        key: &Q,
         redis_key: impl FnOnce() -> String,
         spec: &BucketControls,
         now: Instant,
-    ) -> Result<(), Duration> {
+    ) -> Result<(), Duration>
+    where
+        K: std::hash::Hash + Eq + Clone + Send + 'static + std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let scope = scope_of(self);
         let (table, fallback) = (&scope.leases, &scope.fallback);
         if !self.connected.load(Ordering::Relaxed) {
@@ -606,24 +610,28 @@ impl RedisFleet {
         match take {
             Take::Granted => Ok(()),
             Take::GrantedRefill(n) => {
-                self.spawn_refill(scope_of, key.clone(), redis_key(), n, spec.clone());
+                self.spawn_refill(scope_of, key.to_owned(), redis_key(), n, spec.clone());
                 Ok(())
             }
             Take::Refused(retry) => Err(retry),
             Take::RefusedRefill(n, retry) => {
-                self.spawn_refill(scope_of, key.clone(), redis_key(), n, spec.clone());
+                self.spawn_refill(scope_of, key.to_owned(), redis_key(), n, spec.clone());
                 Err(retry)
             }
         }
     }
 
-    fn fallback<K: std::hash::Hash + Eq + Clone>(
+    fn fallback<K, Q>(
         &self,
         table: &KeyedTable<K, Fallback>,
-        key: &K,
+        key: &Q,
         spec: &BucketControls,
         now: Instant,
-    ) -> Result<(), Duration> {
+    ) -> Result<(), Duration>
+    where
+        K: std::hash::Hash + Eq + Clone + std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         self.count(Counter::shared_limits_fallback_count);
         let share = self.fallback_share();
         let share_millis = (share * 1000.0).round() as u32;
@@ -773,10 +781,9 @@ impl Fleet for Arc<RedisFleet> {
         if !self.config.share_keys {
             return None;
         }
-        let owned = key.to_owned();
         Some(self.take(
             |f| &f.keys,
-            &owned,
+            key,
             || format!("{}bucket:key:{key}", self.prefix),
             spec,
             now,

@@ -115,7 +115,26 @@ fn client_to(pki: &Pki, server: &ServerHandle, key: &SecretString) -> Client {
 /// three gets the fleet budget (within ε × burst), not three times it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_share_one_per_key_budget() {
-    let Some(url) = redis_or_skip("three_servers_share_one_per_key_budget").await else {
+    share_one_budget("three_servers_share_one_per_key_budget", |o| {
+        &mut o.request_controls.per_api_key
+    })
+    .await;
+}
+
+/// The same for the per-address budget (every client here is 127.0.0.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_one_per_address_budget() {
+    share_one_budget("three_servers_share_one_per_address_budget", |o| {
+        &mut o.request_controls.per_ip
+    })
+    .await;
+}
+
+async fn share_one_budget(
+    test: &str,
+    bucket: fn(&mut ServerOptions) -> &mut netproc_server::BucketControls,
+) {
+    let Some(url) = redis_or_skip(test).await else {
         return;
     };
     let name = fleet_name("budget");
@@ -131,10 +150,11 @@ async fn three_servers_share_one_per_key_budget() {
         ])))
         .unwrap();
     let mut o = options();
-    o.request_controls.per_api_key.enabled = true;
-    o.request_controls.per_api_key.tokens_per_interval = 100;
-    o.request_controls.per_api_key.interval_ms = 1000;
-    o.request_controls.per_api_key.burst_tokens = 200;
+    let b = bucket(&mut o);
+    b.enabled = true;
+    b.tokens_per_interval = 100;
+    b.interval_ms = 1000;
+    b.burst_tokens = 200;
     let servers = fleet(&pki, &keys, &url, &name, 3, &o).await;
     let secret = key.to_secret();
     let clients: Vec<Client> = servers
