@@ -63,6 +63,7 @@ mod lograte;
 
 mod options;
 mod outbox;
+mod proxy_protocol;
 mod refusal;
 mod reload;
 mod scripts;
@@ -87,6 +88,7 @@ pub use options::{
     AuthControls, BucketControls, ConnectionControls, InvalidOption, PrincipalSource,
     RequestControls, ServerOptions, SessionControls,
 };
+pub use proxy_protocol::{InvalidTrustedProxy, TrustedProxy};
 pub use server::{Server, ServerBuilder, ServerHandle};
 pub use sessions::{SessionInfo, SessionSelector};
 pub use shared::{ReloadMaterial, ReloadReport, ReloadSource};

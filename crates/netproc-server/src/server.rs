@@ -67,6 +67,7 @@ impl Server {
             scripts: None,
             state: None,
             reload_source: None,
+            trusted_proxies: Vec::new(),
             #[cfg(feature = "shared-limits")]
             shared_limits: None,
             errors: Vec::new(),
@@ -92,6 +93,7 @@ pub struct ServerBuilder {
     scripts: Option<netproc_script::ScriptRuntime>,
     state: Option<StateSource>,
     reload_source: Option<ReloadSource>,
+    trusted_proxies: Vec<crate::proxy_protocol::TrustedProxy>,
     #[cfg(feature = "shared-limits")]
     shared_limits: Option<crate::fleet::SharedLimits>,
     errors: Vec<ServerError>,
@@ -228,6 +230,19 @@ impl ServerBuilder {
         self
     }
 
+    /// Connections from these addresses or networks (load balancers) start
+    /// with a PROXY protocol v2 header, whose source address then counts
+    /// as the peer's for admission, per-address limits, blocks and the
+    /// audit log. Connections from anywhere else are never read for one.
+    /// A trusted peer without a valid v2 header is closed.
+    pub fn proxy_protocol_from(
+        mut self,
+        trusted: Vec<crate::proxy_protocol::TrustedProxy>,
+    ) -> Self {
+        self.trusted_proxies = trusted;
+        self
+    }
+
     /// Where [`ServerHandle::reload`] and the admin `reload` operation read
     /// new TLS material from (typically: the files, re-read).
     pub fn reload_source(mut self, source: ReloadSource) -> Self {
@@ -335,6 +350,7 @@ impl ServerBuilder {
             tls: arc_swap::ArcSwap::from_pointee(tls),
             tls_options: self.tls_options,
             reload_source: self.reload_source,
+            trusted_proxies: self.trusted_proxies,
             defs: Arc::new(Definitions {
                 registry: Registry::new(self.functions, guards, self.extensions, self.constants),
                 scripts: self.scripts.map(crate::scripts::Scripts::new),
@@ -483,6 +499,30 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => r,
         };
         match accepted {
+            Ok((tcp, peer)) if shared.trusted_proxies.iter().any(|p| p.contains(peer.ip())) => {
+                // The header is read on the connection's own task: a slow
+                // balancer never holds the accept loop.
+                let shared2 = Arc::clone(&shared);
+                shared.tracker.spawn(async move {
+                    let mut tcp = tcp;
+                    let timeout = Duration::from_millis(
+                        shared2.options().connection_controls.tls_handshake_timeout_ms,
+                    );
+                    let peer = match crate::proxy_protocol::read_header(&mut tcp, timeout).await {
+                        Ok(Some(source)) => source,
+                        Ok(None) => peer,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = ?e, "a trusted proxy's connection had no valid PROXY v2 header");
+                            shared2.abuse.count(crate::abuse::Counter::connection_rejected_count);
+                            return;
+                        }
+                    };
+                    match shared2.abuse.admit(peer.ip()) {
+                        Err(code) => tracing::debug!(%peer, %code, "connection refused at admission"),
+                        Ok(admitted) => run_connection(Arc::clone(&shared2), tcp, peer, admitted).await,
+                    }
+                });
+            }
             Ok((tcp, peer)) => match shared.abuse.admit(peer.ip()) {
                 // Refused before any TLS work; nothing is sent.
                 Err(code) => {

@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     pub(crate) tls_options: TlsOptions,
     /// Where reloads read new material from.
     pub(crate) reload_source: Option<ReloadSource>,
+    /// Load balancers whose connections carry a PROXY v2 header.
+    pub(crate) trusted_proxies: Vec<crate::proxy_protocol::TrustedProxy>,
     /// Natives, constants, run-time definitions and the state database.
     pub(crate) defs: Arc<Definitions>,
     pub(crate) authenticator: Arc<dyn Authenticator>,

@@ -481,3 +481,70 @@ async fn a_foreign_value_under_a_netproc_key_falls_back_to_local_limits() {
     let log = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
     assert!(log.contains("foreign value"), "no warning in the log");
 }
+
+/// A PROXY v2 header for TCP over IPv4 from `src`.
+fn proxy_header(src: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend([0x21, 0x11, 0, 12]);
+    h.extend(src);
+    h.extend([127, 0, 0, 1]);
+    h.extend(port.to_be_bytes());
+    h.extend(6767u16.to_be_bytes());
+    h
+}
+
+/// Behind a load balancer: a PROXY v2 header from a trusted address gives
+/// the client's address (sessions, per-address limits, blocks see it); a
+/// trusted peer without one is closed; from anyone else a header is never
+/// read (it only breaks their TLS).
+#[tokio::test]
+async fn proxy_protocol_v2_from_trusted_balancers_only() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = builder(&pki, "s1", Arc::clone(&keys))
+        .options(unlimited())
+        .proxy_protocol_from(vec!["127.0.0.0/8".parse().unwrap()])
+        .start()
+        .await
+        .unwrap();
+    let mut raw = Raw::connect_after(&pki, &server, &proxy_header([203, 0, 113, 7], 5555)).await;
+    raw.auth(&key).await;
+    let peers: Vec<String> = server.sessions().into_iter().map(|s| s.peer).collect();
+    assert_eq!(peers, ["203.0.113.7:5555"]);
+    drop(raw);
+
+    // A trusted peer that sends TLS at once (no header) is closed.
+    let cfg = netproc_pki::client_config(
+        &pki.client.identity().unwrap(),
+        &pki.ca.trust_anchors(),
+        &[],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(cfg.clone()))
+        .connect(name.clone(), tcp)
+        .await;
+    assert!(
+        refused.is_err(),
+        "a trusted peer without a header got a handshake"
+    );
+
+    // A server that trusts no balancer never reads a header: it is just
+    // bytes that break the client's TLS, never a changed address.
+    let plain = start(&pki, "s2", Arc::clone(&keys)).await;
+    let mut tcp = tokio::net::TcpStream::connect(plain.local_addr())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &proxy_header([198, 51, 100, 1], 1))
+        .await
+        .unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await;
+    assert!(refused.is_err());
+    assert!(plain.sessions().is_empty());
+}

@@ -108,6 +108,12 @@ pub(crate) struct Raw {
 
 impl Raw {
     pub(crate) async fn connect(pki: &Pki, server: &ServerHandle) -> Raw {
+        Raw::connect_after(pki, server, &[]).await
+    }
+
+    /// Like `connect`, sending `prefix` on the TCP connection before TLS
+    /// (a load balancer's PROXY header).
+    pub(crate) async fn connect_after(pki: &Pki, server: &ServerHandle, prefix: &[u8]) -> Raw {
         let cfg = netproc_pki::client_config(
             &pki.client.identity().unwrap(),
             &pki.ca.trust_anchors(),
@@ -115,7 +121,10 @@ impl Raw {
         )
         .unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        let mut tcp = tokio::net::TcpStream::connect(server.local_addr())
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, prefix)
             .await
             .unwrap();
         let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();

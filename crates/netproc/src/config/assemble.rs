@@ -217,6 +217,15 @@ impl ServerFile {
         if let Some(target) = &target {
             builder = target.install(builder);
         }
+        if !self.proxy_protocol_from.is_empty() {
+            let trusted = self
+                .proxy_protocol_from
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(config_path, format!("proxy_protocol_from: {e}")))?;
+            builder = builder.proxy_protocol_from(trusted);
+        }
         if let Some(shared) = &self.shared_limits {
             builder = builder.shared_limits(self.shared_limits(shared, config_path)?);
         }

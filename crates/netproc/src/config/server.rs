@@ -127,6 +127,11 @@ pub struct ServerFile {
     /// Share request budgets, failed logins and blocks with the fleet
     /// through Redis (docs/fleet.md).
     pub shared_limits: Option<SharedLimitsConfig>,
+    /// Load balancers (addresses or networks, `10.0.0.2`, `10.1.0.0/16`)
+    /// whose connections start with a PROXY protocol v2 header giving the
+    /// client's address. Empty: none (the default).
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
     #[serde(skip)]
     dir: PathBuf,
 }
@@ -309,6 +314,10 @@ impl ServerFile {
         );
         check("admin_socket", self.admin_socket != now.admin_socket);
         check("shared_limits", self.shared_limits != now.shared_limits);
+        check(
+            "proxy_protocol_from",
+            self.proxy_protocol_from != now.proxy_protocol_from,
+        );
         check(
             "admin_socket_uids",
             self.admin_socket_uids != now.admin_socket_uids,

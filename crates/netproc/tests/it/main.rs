@@ -1485,3 +1485,24 @@ fn shared_limits_from_the_server_file() {
     let mut reply = [0u8; 8];
     let _ = redis.read(&mut reply).unwrap();
 }
+
+/// `proxy_protocol_from` entries are checked: a bad one names the field.
+#[test]
+fn proxy_protocol_from_names_a_bad_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    write_configs(dir.path(), 0);
+    let server_toml = dir.path().join("server.toml");
+    edit(
+        &server_toml,
+        "key_store = ",
+        "proxy_protocol_from = [\"10.0.0.0/24\", \"balancer.internal\"]\nkey_store = ",
+    );
+    let out = netproc(&["serve", "--config", server_toml.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("proxy_protocol_from") && err.contains("balancer.internal"),
+        "{err}"
+    );
+}
