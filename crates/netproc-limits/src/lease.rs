@@ -63,8 +63,17 @@ pub struct Lease {
     max_lease: u32,
     /// A request to the shared bucket is in flight.
     pending: bool,
-    /// Spent since the last grant (sizes the next request).
-    spent: u32,
+    /// What that request asked for.
+    asked: u32,
+    /// The last grant's size: asking again at half of it keeps a steady
+    /// caller supplied without a request per few calls.
+    last_grant: u32,
+    /// Calls since the last grant, granted or refused: the demand that
+    /// sizes the next request.
+    demand: u32,
+    /// The demand between the two grants before (a request asked at once
+    /// after a grant would otherwise see almost none).
+    prev_demand: u32,
     /// No request before this (the bucket said it was empty).
     not_before: Option<Instant>,
 }
@@ -78,7 +87,10 @@ impl Lease {
             debt: 0,
             max_lease: max_lease.max(1),
             pending: false,
-            spent: 0,
+            asked: 0,
+            last_grant: 0,
+            demand: 0,
+            prev_demand: 0,
             not_before: None,
         }
     }
@@ -104,10 +116,14 @@ impl Lease {
         self.pending
     }
 
-    /// How many to ask for: the debt, plus twice what was spent since the
-    /// last grant, within `1..=max_lease`.
-    fn ask(&self) -> u32 {
-        self.debt + (self.spent.saturating_mul(2)).clamp(1, self.max_lease)
+    /// How many to ask for: the debt, plus four times the demand in the
+    /// last request's time (so a busy key's leases grow until `max_lease`
+    /// and round trips become rare), within `1..=max_lease`.
+    fn ask(&mut self) -> u32 {
+        self.pending = true;
+        let recent = self.demand.max(self.prev_demand);
+        self.asked = self.debt + recent.saturating_mul(4).clamp(1, self.max_lease);
+        self.asked
     }
 
     fn may_ask(&self, now: Instant) -> bool {
@@ -116,12 +132,12 @@ impl Lease {
 
     /// One call at `now`.
     pub fn take(&mut self, now: Instant) -> Take {
+        self.demand = self.demand.saturating_add(1);
         if self.tokens > 0 {
             self.tokens -= 1;
-            self.spent = self.spent.saturating_add(1);
-            // Ask ahead, at half a lease, so a steady caller never waits.
-            if self.tokens <= self.max_lease / 2 && self.may_ask(now) {
-                self.pending = true;
+            // Ask ahead, at half the last grant, so a steady caller never
+            // waits.
+            if self.tokens <= (self.last_grant / 2).min(self.max_lease / 2) && self.may_ask(now) {
                 return Take::GrantedRefill(self.ask());
             }
             return Take::Granted;
@@ -129,9 +145,7 @@ impl Lease {
         // Credit: only while nothing says the bucket is empty.
         if self.debt < self.max_lease && self.not_before.is_none() {
             self.debt += 1;
-            self.spent = self.spent.saturating_add(1);
             if self.may_ask(now) {
-                self.pending = true;
                 return Take::GrantedRefill(self.ask());
             }
             return Take::Granted;
@@ -141,29 +155,32 @@ impl Lease {
                 .max(Duration::from_millis(1))
         });
         if self.may_ask(now) {
-            self.pending = true;
             return Take::RefusedRefill(self.ask(), retry);
         }
         Take::Refused(retry)
     }
 
     /// The shared bucket granted `got` tokens; when it had fewer than asked
-    /// it said `wait` until the next would be there. Grants pay the debt
+    /// it said `wait` until the next would be there, and until then this
+    /// account spends no credit and asks nothing. Grants pay the debt
     /// first.
     pub fn granted(&mut self, got: u32, wait: Duration, now: Instant) {
         self.pending = false;
-        self.spent = 0;
+        self.prev_demand = std::mem::take(&mut self.demand);
         let paid = got.min(self.debt);
         self.debt -= paid;
         self.tokens = self.tokens.saturating_add(got - paid);
-        self.not_before =
-            (self.debt > 0 || got == 0).then(|| now + wait.max(Duration::from_millis(1)));
+        self.last_grant = got;
+        // Only a short grant says the bucket is empty: a debt run up while
+        // the request was in flight is simply asked for next.
+        self.not_before = (got < self.asked).then(|| now + wait.max(Duration::from_millis(1)));
     }
 
     /// The request failed (the store is unreachable): nothing was granted;
     /// the next request may go at once.
     pub fn failed(&mut self) {
         self.pending = false;
+        self.prev_demand = std::mem::take(&mut self.demand);
     }
 
     /// Takes the unspent tokens out, to give back to the shared bucket (an
