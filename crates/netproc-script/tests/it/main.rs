@@ -338,7 +338,12 @@ fn script_log() -> &'static std::sync::Mutex<Vec<u8>> {
 #[tokio::test]
 async fn print_and_debug_output_is_capped_per_call_and_escaped() {
     let log = script_log();
-    let rt = runtime(limits(|l| l.max_operations = 10_000_000));
+    // 50,000 iterations take a while in a debug build on a busy machine:
+    // this test is about output, not the wall clock.
+    let rt = runtime(limits(|l| {
+        l.max_operations = 10_000_000;
+        l.wall_clock_ms = 60_000;
+    }));
     let src = r#"fn printer(n) { let i = 0; while i < n { print("line " + i + "\n\x1b[31mforged"); debug(i); i += 1; } n }"#;
     assert_eq!(
         run(&rt, "printer", src, vec![Value::Int(50_000)])
