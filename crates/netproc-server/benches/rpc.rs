@@ -6,6 +6,18 @@
 //!
 //! Both systems use the same PKI, TLS 1.3 with client certificates, 64-byte
 //! payloads. The raw echo does no dispatch at all: it is the floor.
+//!
+//! Two layouts: one 2-thread runtime for clients and servers, and separate
+//! 2-thread runtimes (servers on one, clients on the other). Allocations
+//! per call (client and server together: one process) are counted by an
+//! instrumented global allocator (`stats_alloc`).
+
+#[global_allocator]
+static ALLOC: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+fn allocations() -> usize {
+    ALLOC.stats().allocations
+}
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +41,7 @@ struct Run {
     cpu_us: u64,
     p50_us: f64,
     p99_us: f64,
+    allocs: u64,
 }
 
 impl Run {
@@ -37,6 +50,9 @@ impl Run {
     }
     fn cpu_per_call(&self) -> f64 {
         self.cpu_us as f64 / self.calls.max(1) as f64
+    }
+    fn allocs_per_call(&self) -> f64 {
+        self.allocs as f64 / self.calls.max(1) as f64
     }
 }
 
@@ -149,7 +165,13 @@ async fn raw_client_conn(
     }
 }
 
-async fn run_raw(pki: &TestPki, c: usize, k: usize, secs: f64) -> Run {
+async fn run_raw(
+    pki: &TestPki,
+    c: usize,
+    k: usize,
+    secs: f64,
+    server_rt: &tokio::runtime::Handle,
+) -> Run {
     let server_cfg = netproc_pki::server_config(
         &pki.server.identity().unwrap(),
         &pki.ca.trust_anchors(),
@@ -158,7 +180,7 @@ async fn run_raw(pki: &TestPki, c: usize, k: usize, secs: f64) -> Run {
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(raw_server(
+    let server = server_rt.spawn(raw_server(
         listener,
         tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
     ));
@@ -189,11 +211,19 @@ async fn run_raw(pki: &TestPki, c: usize, k: usize, secs: f64) -> Run {
     if let Some(l) = &lat {
         l.lock().unwrap().clear();
     }
-    let (start_calls, start_cpu, start) =
-        (calls.load(Ordering::Relaxed), cpu_micros(), Instant::now());
+    let (start_calls, start_cpu, start, start_allocs) = (
+        calls.load(Ordering::Relaxed),
+        cpu_micros(),
+        Instant::now(),
+        allocations(),
+    );
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let (end_calls, end_cpu, elapsed) =
-        (calls.load(Ordering::Relaxed), cpu_micros(), start.elapsed());
+    let (end_calls, end_cpu, elapsed, end_allocs) = (
+        calls.load(Ordering::Relaxed),
+        cpu_micros(),
+        start.elapsed(),
+        allocations(),
+    );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -209,6 +239,7 @@ async fn run_raw(pki: &TestPki, c: usize, k: usize, secs: f64) -> Run {
         cpu_us: end_cpu - start_cpu,
         p50_us: percentile(&sorted, 0.5),
         p99_us: percentile(&sorted, 0.99),
+        allocs: (end_allocs - start_allocs) as u64,
     }
 }
 
@@ -292,11 +323,19 @@ async fn run_netproc(
     if let Some(l) = &lat {
         l.lock().unwrap().clear();
     }
-    let (start_calls, start_cpu, start) =
-        (calls.load(Ordering::Relaxed), cpu_micros(), Instant::now());
+    let (start_calls, start_cpu, start, start_allocs) = (
+        calls.load(Ordering::Relaxed),
+        cpu_micros(),
+        Instant::now(),
+        allocations(),
+    );
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let (end_calls, end_cpu, elapsed) =
-        (calls.load(Ordering::Relaxed), cpu_micros(), start.elapsed());
+    let (end_calls, end_cpu, elapsed, end_allocs) = (
+        calls.load(Ordering::Relaxed),
+        cpu_micros(),
+        start.elapsed(),
+        allocations(),
+    );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -311,6 +350,64 @@ async fn run_netproc(
         cpu_us: end_cpu - start_cpu,
         p50_us: percentile(&sorted, 0.5),
         p99_us: percentile(&sorted, 0.99),
+        allocs: (end_allocs - start_allocs) as u64,
+    }
+}
+
+/// C=4 K=32 and C=1 K=1, raw then netproc, `rounds` times; clients run
+/// on `client_rt`, servers were started on `server_rt`.
+fn compare(
+    layout: &str,
+    pki: &TestPki,
+    (server, key): (&ServerHandle, &netproc_auth::ApiKey),
+    client_rt: &tokio::runtime::Runtime,
+    server_rt: &tokio::runtime::Handle,
+    (secs, rounds): (f64, usize),
+) {
+    for (c, k) in [(4usize, 32usize), (1, 1)] {
+        let mut raw_runs = Vec::new();
+        let mut np_runs = Vec::new();
+        for round in 0..rounds {
+            let r = client_rt.block_on(run_raw(pki, c, k, secs, server_rt));
+            let echo = vec![Value::Bytes(vec![7u8; PAYLOAD])];
+            let n = client_rt.block_on(run_netproc(pki, server, key, c, k, secs, ("echo", echo)));
+            println!(
+                "{layout} C={c} K={k} round {round}: raw {:>9.0} calls/s {:>5.1} µs CPU/call {:>5.1} allocs/call p50 {:>6.1} µs | netproc {:>9.0} calls/s {:>5.1} µs CPU/call {:>5.1} allocs/call p50 {:>6.1} µs",
+                r.rate(),
+                r.cpu_per_call(),
+                r.allocs_per_call(),
+                r.p50_us,
+                n.rate(),
+                n.cpu_per_call(),
+                n.allocs_per_call(),
+                n.p50_us
+            );
+            raw_runs.push(r);
+            np_runs.push(n);
+        }
+        let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let (rr, nr) = (m(&raw_runs, Run::rate), m(&np_runs, Run::rate));
+        let (rc, nc) = (
+            m(&raw_runs, Run::cpu_per_call),
+            m(&np_runs, Run::cpu_per_call),
+        );
+        let (ra, na) = (
+            m(&raw_runs, Run::allocs_per_call),
+            m(&np_runs, Run::allocs_per_call),
+        );
+        println!(
+            "{layout} C={c} K={k} median: raw {rr:.0} calls/s, {rc:.1} µs CPU/call, {ra:.1} allocs/call | netproc {nr:.0} calls/s, {nc:.1} µs CPU/call, {na:.1} allocs/call | throughput ratio {:.2}x, CPU/call ratio {:.2}x",
+            nr / rr,
+            nc / rc
+        );
+        if k == 1 {
+            let (rp, np) = (m(&raw_runs, |r| r.p50_us), m(&np_runs, |r| r.p50_us));
+            let (rp99, np99) = (m(&raw_runs, |r| r.p99_us), m(&np_runs, |r| r.p99_us));
+            println!(
+                "{layout} C={c} K={k} latency: raw p50 {rp:.1} µs p99 {rp99:.1} µs | netproc p50 {np:.1} µs p99 {np99:.1} µs | p50 ratio {:.2}x",
+                np / rp
+            );
+        }
     }
 }
 
@@ -321,43 +418,39 @@ fn main() {
     }
     let secs: f64 = env_or("NETPROC_BENCH_SECS", 5.0);
     let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let pki = TestPki::new();
+    // Layout 1: one runtime for everything.
+    let rt = runtime();
+    let (server, key) = rt.block_on(start_netproc(&pki));
+    compare(
+        "one-runtime",
+        &pki,
+        (&server, &key),
+        &rt,
+        rt.handle(),
+        (secs, rounds),
+    );
+    // Layout 2: servers on one runtime, clients on another.
+    let server_rt = runtime();
+    let client_rt = runtime();
+    let (server2, key2) = server_rt.block_on(start_netproc(&pki));
+    compare(
+        "two-runtimes",
+        &pki,
+        (&server2, &key2),
+        &client_rt,
+        server_rt.handle(),
+        (secs, rounds),
+    );
+    server_rt.block_on(server2.shutdown(Duration::from_secs(1)));
     rt.block_on(async {
-        let pki = TestPki::new();
-        let (server, key) = start_netproc(&pki).await;
-        for (c, k) in [(4usize, 32usize), (1, 1)] {
-            let mut raw_runs = Vec::new();
-            let mut np_runs = Vec::new();
-            let only_netproc = std::env::var_os("NETPROC_BENCH_ONLY_NETPROC").is_some();
-            for round in 0..rounds {
-                let r = if only_netproc {
-                    Run { calls: 1, secs: 1.0, cpu_us: 1, p50_us: 1.0, p99_us: 1.0 }
-                } else {
-                    run_raw(&pki, c, k, secs).await
-                };
-                let echo = vec![Value::Bytes(vec![7u8; PAYLOAD])];
-                let n = run_netproc(&pki, &server, &key, c, k, secs, ("echo", echo)).await;
-                println!(
-                    "C={c} K={k} round {round}: raw {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs | netproc {:>9.0} calls/s {:>6.1} µs CPU/call p50 {:>6.1} µs",
-                    r.rate(), r.cpu_per_call(), r.p50_us, n.rate(), n.cpu_per_call(), n.p50_us
-                );
-                raw_runs.push(r);
-                np_runs.push(n);
-            }
-            let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
-            let (rr, nr) = (m(&raw_runs, Run::rate), m(&np_runs, Run::rate));
-            let (rc, nc) = (m(&raw_runs, Run::cpu_per_call), m(&np_runs, Run::cpu_per_call));
-            println!("C={c} K={k} median: raw {rr:.0} calls/s, {rc:.1} µs CPU/call | netproc {nr:.0} calls/s, {nc:.1} µs CPU/call | throughput ratio {:.2}x, CPU/call ratio {:.2}x", nr / rr, nc / rc);
-            if k == 1 {
-                let (rp, np) = (m(&raw_runs, |r| r.p50_us), m(&np_runs, |r| r.p50_us));
-                let (rp99, np99) = (m(&raw_runs, |r| r.p99_us), m(&np_runs, |r| r.p99_us));
-                println!("C={c} K={k} latency: raw p50 {rp:.1} µs p99 {rp99:.1} µs | netproc p50 {np:.1} µs p99 {np99:.1} µs | p50 ratio {:.2}x", np / rp);
-            }
-        }
         // A trivial script function against the same function in Rust.
         let definer = Client::builder()
             .server(
