@@ -2,7 +2,6 @@
 //! ids allocated and encoded under one lock so they reach the server in
 //! increasing order, and a reader task routes responses back.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -29,8 +28,8 @@ type Reply = oneshot::Sender<Result<Value, ErrorBody>>;
 struct State {
     buf: BytesMut,
     next_id: u64,
-    pending: HashMap<u64, Reply>,
-    pings: HashMap<u64, oneshot::Sender<()>>,
+    pending: netproc_wire::RequestIdMap<Reply>,
+    pings: netproc_wire::RequestIdMap<oneshot::Sender<()>>,
     /// Set when no new request may be sent: why.
     closed: Option<ErrorBody>,
 }
@@ -257,8 +256,8 @@ pub(crate) async fn connect(
         state: Mutex::new(State {
             buf: BytesMut::new(),
             next_id: 1,
-            pending: HashMap::new(),
-            pings: HashMap::new(),
+            pending: netproc_wire::RequestIdMap::default(),
+            pings: netproc_wire::RequestIdMap::default(),
             closed: None,
         }),
         wake_writer: Notify::new(),

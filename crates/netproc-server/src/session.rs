@@ -9,7 +9,6 @@ mod admin;
 mod dispatch;
 mod gate;
 
-use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +41,7 @@ pub(crate) struct Session {
     facts: Arc<SessionFacts>,
     outbox: Arc<Outbox>,
     calls: FuturesUnordered<CallFuture>,
-    cancels: HashMap<u64, CancellationToken>,
+    cancels: netproc_wire::RequestIdMap<CancellationToken>,
     /// The request gate's state: last id, request bucket, refusal budget.
     gate: Gate,
     pings: TokenBucket,
@@ -85,7 +84,7 @@ impl Session {
             facts,
             outbox,
             calls: FuturesUnordered::new(),
-            cancels: HashMap::new(),
+            cancels: netproc_wire::RequestIdMap::default(),
             gate,
             pings,
             in_flight,

@@ -67,6 +67,7 @@ mod codec;
 mod convert;
 mod error_code;
 mod frame;
+mod idmap;
 mod message;
 mod privilege;
 mod time;
@@ -81,6 +82,7 @@ pub use frame::{
     DEFAULT_MAX_POST_AUTH_FRAME_BYTES, DEFAULT_MAX_PRE_AUTH_FRAME_BYTES, FRAME_HEADER_LEN,
     FrameDecoder, FrameError, encode_frame,
 };
+pub use idmap::{RequestIdHasher, RequestIdMap};
 pub use message::{
     ALPN_PROTOCOL, AnnouncedLimits, Auth, AuthMethod, AuthOk, AuthWithOptions, ClientMessage,
     DecodeError, DefineFunction, DependencySource, Ed25519Proof, EncodeError, ErrorBody,
