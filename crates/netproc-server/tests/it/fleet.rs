@@ -46,6 +46,42 @@ impl Drop for Cleanup {
     }
 }
 
+/// What every Redis test starts with: the URL (or a skip), its own fleet
+/// name whose keys go at the end, a PKI and a key store with one key that
+/// may invoke.
+struct Env {
+    url: String,
+    name: String,
+    pki: Pki,
+    keys: Arc<ApiKeyStore>,
+    info: netproc_auth::KeyInfo,
+    key: netproc_auth::ApiKey,
+    _cleanup: Cleanup,
+}
+
+async fn env(test: &str, tag: &str) -> Option<Env> {
+    let url = redis_or_skip(test).await?;
+    let name = fleet_name(tag);
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (info, key) = keys
+        .create(KeySpec::new(PrivilegeSet::from([
+            Privilege::InvokeFunctions,
+        ])))
+        .unwrap();
+    Some(Env {
+        _cleanup: Cleanup {
+            url: url.clone(),
+            fleet: name.clone(),
+        },
+        url,
+        name,
+        pki: Pki::new(),
+        keys,
+        info,
+        key,
+    })
+}
+
 async fn redis_keys(url: &str, pattern: &str) -> Vec<String> {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -134,33 +170,28 @@ async fn share_one_budget(
     test: &str,
     bucket: fn(&mut ServerOptions) -> &mut netproc_server::BucketControls,
 ) {
-    let Some(url) = redis_or_skip(test).await else {
+    let Some(env) = env(test, "budget").await else {
         return;
     };
-    let name = fleet_name("budget");
-    let _cleanup = Cleanup {
-        url: url.clone(),
-        fleet: name.clone(),
-    };
-    let pki = Pki::new();
-    let keys = Arc::new(ApiKeyStore::in_memory());
-    let (_, key) = keys
-        .create(KeySpec::new(PrivilegeSet::from([
-            Privilege::InvokeFunctions,
-        ])))
-        .unwrap();
+    let Env {
+        url,
+        name,
+        pki,
+        keys,
+        info: _,
+        key,
+        ..
+    } = &env;
+    let (url, name) = (url.clone(), name.clone());
     let mut o = options();
     let b = bucket(&mut o);
     b.enabled = true;
     b.tokens_per_interval = 100;
     b.interval_ms = 1000;
     b.burst_tokens = 200;
-    let servers = fleet(&pki, &keys, &url, &name, 3, &o).await;
+    let servers = fleet(pki, keys, &url, &name, 3, &o).await;
     let secret = key.to_secret();
-    let clients: Vec<Client> = servers
-        .iter()
-        .map(|s| client_to(&pki, s, &secret))
-        .collect();
+    let clients: Vec<Client> = servers.iter().map(|s| client_to(pki, s, &secret)).collect();
     for c in &clients {
         c.server("s").unwrap().session().await.unwrap();
     }
@@ -217,32 +248,33 @@ async fn share_one_budget(
 /// never reach Redis; `admin unblock` on one server lifts it everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide() {
-    let Some(url) =
-        redis_or_skip("a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide").await
+    let Some(env) = env(
+        "a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide",
+        "blocks",
+    )
+    .await
     else {
         return;
     };
-    let name = fleet_name("blocks");
-    let _cleanup = Cleanup {
-        url: url.clone(),
-        fleet: name.clone(),
-    };
-    let pki = Pki::new();
-    let keys = Arc::new(ApiKeyStore::in_memory());
-    let (info, good) = keys
-        .create(KeySpec::new(PrivilegeSet::from([
-            Privilege::InvokeFunctions,
-        ])))
-        .unwrap();
+    let Env {
+        url,
+        name,
+        pki,
+        keys,
+        info,
+        key: good,
+        ..
+    } = &env;
+    let (url, name) = (url.clone(), name.clone());
     let mut o = options();
     o.auth_controls.max_failed_auth_per_api_key_per_window = 3;
     o.auth_controls.max_failed_auth_per_ip_per_window = 1000;
     o.auth_controls.block_duration_ms = 60_000;
-    let servers = fleet(&pki, &keys, &url, &name, 3, &o).await;
+    let servers = fleet(pki, keys, &url, &name, 3, &o).await;
     let wrong = |id: &str| SecretString::new(format!("npk_{id}_{}", "Z".repeat(32)));
     // One failure on each server: three in the fleet's window.
     for s in &servers {
-        let err = client_to(&pki, s, &wrong(&info.id))
+        let err = client_to(pki, s, &wrong(&info.id))
             .server("s")
             .unwrap()
             .call::<i64>("add", (1, 1))
@@ -258,7 +290,7 @@ async fn a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide() {
     let started = Instant::now();
     for s in &servers {
         loop {
-            let got = client_to(&pki, s, &good.to_secret())
+            let got = client_to(pki, s, &good.to_secret())
                 .server("s")
                 .unwrap()
                 .call::<i64>("add", (1, 1))
@@ -277,7 +309,7 @@ async fn a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide() {
     }
     println!("block reached every server in {:?}", started.elapsed());
     // Made-up ids leave no trace in Redis.
-    let _ = client_to(&pki, &servers[0], &wrong("madeup123456"))
+    let _ = client_to(pki, &servers[0], &wrong("madeup123456"))
         .server("s")
         .unwrap()
         .call::<i64>("add", (1, 1))
@@ -297,7 +329,7 @@ async fn a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide() {
             Privilege::AdminPrivileges,
         ])))
         .unwrap();
-    let lifted: bool = client_to(&pki, &servers[1], &admin.to_secret())
+    let lifted: bool = client_to(pki, &servers[1], &admin.to_secret())
         .server("s")
         .unwrap()
         .execute(netproc_wire::Operation::Unblock {
@@ -310,7 +342,7 @@ async fn a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide() {
     let started = Instant::now();
     for s in &servers {
         loop {
-            let got = client_to(&pki, s, &good.to_secret())
+            let got = client_to(pki, s, &good.to_secret())
                 .server("s")
                 .unwrap()
                 .call::<i64>("add", (1, 1))
@@ -334,40 +366,34 @@ async fn a_block_on_one_server_holds_on_every_server_and_unblocks_fleet_wide() {
 /// back; a server started while it is down starts and converges later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_fall_back_while_redis_is_cut_and_converge_when_it_returns() {
-    let Some(url) =
-        redis_or_skip("servers_fall_back_while_redis_is_cut_and_converge_when_it_returns").await
+    let Some(env) = env(
+        "servers_fall_back_while_redis_is_cut_and_converge_when_it_returns",
+        "outage",
+    )
+    .await
     else {
         return;
     };
-    let name = fleet_name("outage");
-    let _cleanup = Cleanup {
-        url: url.clone(),
-        fleet: name.clone(),
-    };
-    let target = url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    let target = target
-        .rsplit_once('@')
-        .map_or(target.clone(), |(_, h)| h.to_owned());
-    let proxy = TcpProxy::start(&target).await;
-    let via = proxy.url(&url);
-    let pki = Pki::new();
-    let keys = Arc::new(ApiKeyStore::in_memory());
-    let (_, key) = keys
-        .create(KeySpec::new(PrivilegeSet::from([
-            Privilege::InvokeFunctions,
-        ])))
-        .unwrap();
+    let Env {
+        url,
+        name,
+        pki,
+        keys,
+        key,
+        ..
+    } = &env;
+    // The proxy stands between the servers and Redis's host:port.
+    let authority = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let authority = authority.split('/').next().unwrap_or(authority);
+    let target = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let proxy = TcpProxy::start(target).await;
+    let via = proxy.url(url);
     let mut o = options();
     o.request_controls.per_api_key.enabled = true;
     o.request_controls.per_api_key.tokens_per_interval = 10_000;
     o.request_controls.per_api_key.burst_tokens = 10_000;
-    let servers = fleet(&pki, &keys, &via, &name, 2, &o).await;
-    let s0 = client_to(&pki, &servers[0], &key.to_secret());
+    let servers = fleet(pki, keys, &via, name, 2, &o).await;
+    let s0 = client_to(pki, &servers[0], &key.to_secret());
     assert_eq!(
         s0.server("s")
             .unwrap()
@@ -393,13 +419,15 @@ async fn servers_fall_back_while_redis_is_cut_and_converge_when_it_returns() {
     }
     assert!(servers[0].abuse_metrics().shared_limits_fallback_count > 0);
     // A server started during the outage starts.
-    let late = builder(&pki, "late", Arc::clone(&keys))
+    let late = builder(pki, "late", Arc::clone(keys))
         .options(o.clone())
-        .shared_limits(SharedLimits::new(&via, &name).heartbeat(Duration::from_millis(100)))
+        .shared_limits(
+            SharedLimits::new(via.as_str(), name.as_str()).heartbeat(Duration::from_millis(100)),
+        )
         .start()
         .await
         .unwrap();
-    let c = client_to(&pki, &late, &key.to_secret());
+    let c = client_to(pki, &late, &key.to_secret());
     assert_eq!(
         c.server("s")
             .unwrap()
@@ -428,23 +456,24 @@ async fn servers_fall_back_while_redis_is_cut_and_converge_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_value_under_a_netproc_key_falls_back_to_local_limits() {
     let capture = crate::auth::audit_capture();
-    let Some(url) =
-        redis_or_skip("a_foreign_value_under_a_netproc_key_falls_back_to_local_limits").await
+    let Some(env) = env(
+        "a_foreign_value_under_a_netproc_key_falls_back_to_local_limits",
+        "foreign",
+    )
+    .await
     else {
         return;
     };
-    let name = fleet_name("foreign");
-    let _cleanup = Cleanup {
-        url: url.clone(),
-        fleet: name.clone(),
-    };
-    let pki = Pki::new();
-    let keys = Arc::new(ApiKeyStore::in_memory());
-    let (info, key) = keys
-        .create(KeySpec::new(PrivilegeSet::from([
-            Privilege::InvokeFunctions,
-        ])))
-        .unwrap();
+    let Env {
+        url,
+        name,
+        pki,
+        keys,
+        info,
+        key,
+        ..
+    } = &env;
+    let (url, name) = (url.clone(), name.clone());
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = conn
@@ -460,8 +489,8 @@ async fn a_foreign_value_under_a_netproc_key_falls_back_to_local_limits() {
     o.request_controls.per_api_key.tokens_per_interval = 5;
     o.request_controls.per_api_key.interval_ms = 60_000;
     o.request_controls.per_api_key.burst_tokens = 5;
-    let servers = fleet(&pki, &keys, &url, &name, 1, &o).await;
-    let c = client_to(&pki, &servers[0], &key.to_secret());
+    let servers = fleet(pki, keys, &url, &name, 1, &o).await;
+    let c = client_to(pki, &servers[0], &key.to_secret());
     let s = c.server("s").unwrap();
     let (mut ok, mut limited) = (0, 0);
     for _ in 0..40 {

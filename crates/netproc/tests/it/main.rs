@@ -438,6 +438,36 @@ fn calling_a_stopped_server_fails_with_unavailable() {
     );
 }
 
+/// Starts `netproc serve` on the test configs with the server file changed
+/// by `change` first, and points `client.toml` at it.
+fn serve_changed(dir: &Path, change: impl FnOnce(String) -> String) -> (Serve, u16) {
+    write_configs(dir, 0);
+    let server_toml = dir.join("server.toml");
+    let body = std::fs::read_to_string(&server_toml).unwrap();
+    std::fs::write(&server_toml, change(body)).unwrap();
+    let (server, line) = spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{line}"));
+    let client = std::fs::read_to_string(dir.join("client.toml")).unwrap();
+    std::fs::write(
+        dir.join("client.toml"),
+        client.replace("127.0.0.1:0\"", &format!("127.0.0.1:{port}\"")),
+    )
+    .unwrap();
+    (server, port)
+}
+
+/// The server file without its `[request_controls…]` tables: the
+/// server's default request limits.
+fn default_limits(body: String) -> String {
+    let cut = body.find("[request_controls").unwrap_or(body.len());
+    body[..cut].to_owned()
+}
+
 /// Starts `netproc <args>` and returns it with the port its first stdout
 /// line ends with (or the line).
 fn spawn_reading_line(args: &[&str]) -> (Serve, String) {
@@ -1292,19 +1322,12 @@ fn doctor_checks_a_client_file_through_to_whoami_and_names_problems() {
 fn admin_over_the_local_socket_needs_no_certificate_or_key() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
-    write_configs(dir.path(), 0);
-    let server_toml = dir.path().join("server.toml");
-    let body = std::fs::read_to_string(&server_toml).unwrap();
-    std::fs::write(
-        &server_toml,
+    let (_server, _port) = serve_changed(dir.path(), |body| {
         body.replace(
             "key_store = ",
             "admin_socket = \"admin.sock\"\nkey_store = ",
-        ),
-    )
-    .unwrap();
-    let (_server, _port) =
-        spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
+        )
+    });
     let socket = dir.path().join("admin.sock");
     let s = socket.to_str().unwrap();
     let out = netproc(&["admin", "--socket", s, "info", "--json"]);
@@ -1348,20 +1371,9 @@ fn admin_over_the_local_socket_needs_no_certificate_or_key() {
 fn bench_warns_about_limits_shows_progress_and_reports_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     setup(dir.path());
-    write_configs(dir.path(), 0);
     // The server's default request limits this time.
-    let server_toml = dir.path().join("server.toml");
-    let body = std::fs::read_to_string(&server_toml).unwrap();
-    let cut = body.find("[request_controls").unwrap();
-    std::fs::write(&server_toml, &body[..cut]).unwrap();
-    let (_server, line) = spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
-    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    let (_server, _port) = serve_changed(dir.path(), default_limits);
     let client = dir.path().join("client.toml");
-    std::fs::write(
-        &client,
-        format!("[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"client.apikey\"\n"),
-    )
-    .unwrap();
     let mut bench = Command::new(env!("CARGO_BIN_EXE_netproc"))
         .args([
             "bench",
@@ -1454,16 +1466,14 @@ fn shared_limits_from_the_server_file() {
         return;
     }
     let fleet = format!("cli-{}", std::process::id());
-    std::fs::write(
-        &server_toml,
-        with(&format!(
-            "[shared_limits]\nredis_url = \"{url}\"\nfleet = \"{fleet}\"\n"
-        )),
-    )
-    .unwrap();
-    let (_server, line) = spawn_reading_line(&["serve", "--config", server_toml.to_str().unwrap()]);
-    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
-    write_configs(dir.path(), port);
+    let (_server, _port) = serve_changed(dir.path(), |body| {
+        let cut = body.find("[request_controls").unwrap_or(body.len());
+        format!(
+            "{}[shared_limits]\nredis_url = \"{url}\"\nfleet = \"{fleet}\"\n\n{}",
+            &body[..cut],
+            &body[cut..]
+        )
+    });
     let c = dir.path().join("client.toml");
     let mut connected = false;
     for _ in 0..100 {
