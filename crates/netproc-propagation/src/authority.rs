@@ -7,7 +7,7 @@ use std::time::Duration;
 use netproc_auth::{ApiKey, valid_key_id};
 
 use crate::Signer;
-use crate::sqlite::*;
+use crate::sql::*;
 use crate::store::*;
 use crate::transport::Transport;
 use crate::types::*;
@@ -64,7 +64,7 @@ impl Authority {
                 "target name {bad:?}: expected 1 to 128 characters of [A-Za-z0-9._:-]"
             )));
         }
-        let store = SqliteStore::open(&config.database, &config.targets)?;
+        let store = SqlStore::new(crate::sqlite::open(&config.database, &config.targets)?);
         let delivering = config
             .targets
             .iter()

@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 use futures_util::StreamExt;
 
 use crate::authority::Authority;
-use crate::sqlite::*;
+use crate::sql::*;
 use crate::store::*;
 use crate::transport::{Outgoing, TransportError};
 use crate::types::*;

@@ -66,6 +66,8 @@ mod db;
 mod delivery;
 mod event;
 mod plan;
+mod query;
+mod sql;
 mod sqlite;
 mod store;
 mod target;

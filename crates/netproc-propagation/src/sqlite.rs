@@ -1,729 +1,141 @@
-//! The embedded [`Store`]: SQLite, one writer thread with group commit
-//! ([`crate::db`]). Every function here runs inside a transaction of that
-//! thread.
-//!
-//! Over 600 lines on purpose: it is the SQL of every store operation in one
-//! place — the reference a second backend is written and reviewed against.
+//! The embedded backend: one SQLite file (WAL, `synchronous=NORMAL`),
+//! driven by the database thread ([`crate::db`]).
 
-use netproc_wire::unix_ms;
-use std::collections::{BTreeSet, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::Duration;
 
-use netproc_auth::{ApiKey, BoxFuture};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
+use rusqlite::types::{ToSqlOutput, Value as SqliteValue, ValueRef};
 
-use crate::db::Db;
-use crate::plan::{BATCH_EVENTS, backoff, batch_len, wants_snapshot};
-use crate::store::{Batch, Progress, Sent, Store};
-use crate::types::*;
-use crate::wire::DeliveryReply;
-use crate::{Ack, Credential, EventKind, RejectReason};
+use crate::db::{Conn, Db};
+use crate::query::{Arg, Cell, Row, Sql};
+use crate::types::{AuthorityError, DatabaseError};
 
-pub(crate) fn now_ms() -> u64 {
-    unix_ms(SystemTime::now())
-}
-
-pub(crate) fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-/// Target names: 1 to 128 of `[A-Za-z0-9._:-]`.
-pub(crate) fn valid_target_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-}
-
-pub(crate) fn decode_credential(bytes: &[u8]) -> Result<Credential, AuthorityError> {
-    postcard::from_bytes(bytes)
-        .map_err(|e| AuthorityError::Database(DatabaseError::new("unreadable credential", e)))
-}
-
-pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, AuthorityError> {
-    postcard::to_stdvec(v).map_err(|e| AuthorityError::Database(DatabaseError::new("", e)))
-}
-
-pub(crate) fn load_credential(
-    c: &Connection,
-    id: &str,
-) -> Result<Option<Credential>, AuthorityError> {
-    c.query_row(
-        "SELECT credential FROM credentials WHERE id = ?1",
-        params![id],
-        |r| r.get::<_, Vec<u8>>(0),
-    )
-    .optional()?
-    .map(|b| decode_credential(&b))
-    .transpose()
-}
-
-pub(crate) fn credential_targets(
-    c: &Connection,
-    id: &str,
-) -> Result<BTreeSet<String>, AuthorityError> {
-    let mut st =
-        c.prepare_cached("SELECT target FROM credential_targets WHERE credential_id = ?1")?;
-    let rows = st.query_map(params![id], |r| r.get::<_, String>(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-pub(crate) fn next_change_id(c: &Connection) -> Result<u64, AuthorityError> {
-    Ok(u64_of(c.query_row(
-        "UPDATE meta SET value = value + 1 WHERE key = 'change_id' RETURNING value",
-        [],
-        |r| r.get::<_, i64>(0),
-    )?))
-}
-
-pub(crate) fn allocate_seq(c: &Connection, target: &str) -> Result<u64, AuthorityError> {
-    c.query_row(
-        "UPDATE targets SET next_seq = next_seq + 1 WHERE name = ?1 RETURNING next_seq - 1",
-        params![target],
-        |r| r.get::<_, i64>(0),
-    )
-    .optional()?
-    .map(u64_of)
-    .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))
-}
-
-/// Queues `kind` for `target` under a new seq, and records it as the
-/// credential's latest change there.
-pub(crate) fn enqueue(
-    c: &Connection,
-    target: &str,
-    change_id: u64,
-    credential_id: &str,
-    kind: &EventKind,
-) -> Result<(), AuthorityError> {
-    let seq = i64_of(allocate_seq(c, target)?);
-    c.prepare_cached(
-        "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![target, seq, i64_of(change_id), credential_id, encode(kind)?])?;
-    c.prepare_cached(
-        "INSERT INTO delivery (target, credential_id, seq, error) VALUES (?1, ?2, ?3, NULL)
-         ON CONFLICT(target, credential_id) DO UPDATE SET seq = excluded.seq, error = NULL",
-    )?
-    .execute(params![target, credential_id, seq])?;
-    Ok(())
-}
-
-pub(crate) fn ensure_in(
-    c: &Connection,
-    spec: &CredentialSpec,
-    wanted: &BTreeSet<String>,
-) -> Result<Ensured, AuthorityError> {
-    for t in wanted {
-        let known: Option<i64> = c
-            .query_row("SELECT 1 FROM targets WHERE name = ?1", params![t], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if known.is_none() {
-            return Err(AuthorityError::UnknownTarget(t.clone()));
-        }
-    }
-    let old = load_credential(c, &spec.id)?;
-    let old_targets = credential_targets(c, &spec.id)?;
-    let mut api_key = None;
-    let mut cred = match &old {
-        Some(o) => {
-            if o.ed25519_public_key.is_some() != spec.ed25519_public_key.is_some() {
-                return Err(AuthorityError::Invalid(format!(
-                    "credential {} exists as another kind (API key vs Ed25519); revoke it first",
-                    spec.id
-                )));
-            }
-            let mut c = o.clone();
-            if spec.ed25519_public_key.is_some() && spec.ed25519_public_key != o.ed25519_public_key
-            {
-                c.ed25519_public_key = spec.ed25519_public_key;
-                c.generation += 1;
-            }
-            c
-        }
-        None => {
-            let mut c = Credential {
-                id: spec.id.clone(),
-                generation: 1,
-                ..Credential::default()
-            };
-            match spec.ed25519_public_key {
-                Some(pk) => c.ed25519_public_key = Some(pk),
-                None => {
-                    let (key, hash) = ApiKey::generate(&spec.id)
-                        .map_err(|e| AuthorityError::Invalid(e.to_string()))?;
-                    c.secret_sha256 = Some(hash);
-                    api_key = Some(key);
-                }
-            }
-            c
-        }
-    };
-    cred.privileges = spec.key.privileges.names();
-    cred.functions = spec
-        .key
-        .functions
-        .as_ref()
-        .map(|f| f.iter().cloned().collect());
-    cred.binding = spec.key.binding.as_ref().map(ToString::to_string);
-    cred.expires_at = spec
-        .key
-        .expires_at
-        .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
-    let credential_changed = old.as_ref() != Some(&cred);
-    let changed = credential_changed || &old_targets != wanted;
-    if changed {
-        save_and_send(c, &cred, wanted, &old_targets, credential_changed)?;
-    }
-    Ok(Ensured {
-        created: old.is_none(),
-        changed,
-        api_key,
-    })
-}
-
-/// Stores `cred` on `targets` and queues: an upsert for each target that
-/// needs it (all of them if the credential changed, the new ones
-/// otherwise), a delete for each target in `old_targets` it left.
-pub(crate) fn save_and_send(
-    c: &Connection,
-    cred: &Credential,
-    targets: &BTreeSet<String>,
-    old_targets: &BTreeSet<String>,
-    credential_changed: bool,
-) -> Result<(), AuthorityError> {
-    c.execute(
-        "INSERT INTO credentials (id, credential, updated_at_ms) VALUES (?1, ?2, ?3)
-         ON CONFLICT(id) DO UPDATE SET credential = excluded.credential, updated_at_ms = excluded.updated_at_ms",
-        params![cred.id, encode(cred)?, i64_of(now_ms())],
-    )?;
-    c.execute(
-        "DELETE FROM credential_targets WHERE credential_id = ?1",
-        params![cred.id],
-    )?;
-    let change_id = next_change_id(c)?;
-    for t in targets {
-        c.prepare_cached("INSERT INTO credential_targets (credential_id, target) VALUES (?1, ?2)")?
-            .execute(params![cred.id, t])?;
-        if credential_changed || !old_targets.contains(t) {
-            enqueue(c, t, change_id, &cred.id, &EventKind::Upsert(cred.clone()))?;
-        }
-    }
-    for t in old_targets.difference(targets) {
-        enqueue(
-            c,
-            t,
-            change_id,
-            &cred.id,
-            &EventKind::Delete {
-                id: cred.id.clone(),
-            },
-        )?;
-    }
-    Ok(())
-}
-
-/// Queues a snapshot of everything `target` should hold, in parts of about
-/// `part_bytes`, superseding everything queued before it.
-pub(crate) fn queue_snapshot(
-    c: &Connection,
-    target: &str,
-    acked: u64,
-    part_bytes: usize,
-) -> Result<(), AuthorityError> {
-    let mut st = c.prepare_cached(
-        "SELECT c.credential FROM credentials c JOIN credential_targets ct ON ct.credential_id = c.id
-         WHERE ct.target = ?1 ORDER BY c.id",
-    )?;
-    let rows = st.query_map(params![target], |r| r.get::<_, Vec<u8>>(0))?;
-    let mut parts: Vec<Vec<Credential>> = vec![Vec::new()];
-    let mut size = 0;
-    for row in rows {
-        let row = row?;
-        let last = parts.last().map_or(0, Vec::len);
-        if last > 0 && size + row.len() > part_bytes {
-            parts.push(Vec::new());
-            size = 0;
-        }
-        size += row.len();
-        if let Some(p) = parts.last_mut() {
-            p.push(decode_credential(&row)?);
-        }
-    }
-    let total = u32::try_from(parts.len())
-        .map_err(|_| AuthorityError::Invalid("snapshot too large".into()))?;
-    let mut first = None;
-    let mut last = 0;
-    for (index, credentials) in (0..total).zip(parts) {
-        let kind = if total == 1 {
-            EventKind::Snapshot(credentials)
-        } else {
-            EventKind::SnapshotPart {
-                index,
-                total,
-                credentials,
-            }
-        };
-        last = allocate_seq(c, target)?;
-        first.get_or_insert(last);
-        c.prepare_cached(
-            "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES (?1, ?2, 0, '', ?3)",
-        )?
-        .execute(params![target, i64_of(last), encode(&kind)?])?;
-    }
-    let first = first.unwrap_or(last);
-    c.execute(
-        "DELETE FROM outbox WHERE target = ?1 AND seq < ?2",
-        params![target, i64_of(first)],
-    )?;
-    c.execute(
-        "UPDATE delivery SET seq = ?2, error = NULL WHERE target = ?1 AND seq > ?3",
-        params![target, i64_of(last), i64_of(acked)],
-    )?;
-    c.execute(
-        "UPDATE targets SET snapshot_needed = 0 WHERE name = ?1",
-        params![target],
-    )?;
-    Ok(())
-}
-
-/// Whether `target`'s backlog is longer than a snapshot would be: more
-/// queued events than one batch and than the credentials it should hold.
-/// (Many changes to few credentials while it was away: one snapshot says
-/// it all.)
-pub(crate) fn far_behind(c: &Connection, target: &str, acked: u64) -> Result<bool, AuthorityError> {
-    let backlog: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM outbox WHERE target = ?1 AND seq > ?2")?
-        .query_row(params![target, i64_of(acked)], |r| r.get(0))?;
-    // Short backlogs never get a snapshot: skip counting what it holds.
-    if u64_of(backlog) <= BATCH_EVENTS as u64 {
-        return Ok(false);
-    }
-    let held: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM credential_targets WHERE target = ?1")?
-        .query_row(params![target], |r| r.get(0))?;
-    Ok(wants_snapshot(false, u64_of(backlog), u64_of(held)))
-}
-
-/// The next batch for `target`: a snapshot first if it needs one (or is
-/// far behind), then queued events in order.
-pub(crate) fn prepare(
-    c: &Connection,
-    target: &str,
-    part_bytes: usize,
-) -> Result<Batch, AuthorityError> {
-    let (acked, snapshot_needed): (u64, bool) = c
-        .query_row(
-            "SELECT acked_seq, snapshot_needed FROM targets WHERE name = ?1",
-            params![target],
-            |r| Ok((u64_of(r.get(0)?), r.get::<_, i64>(1)? != 0)),
-        )
-        .optional()?
-        .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))?;
-    if snapshot_needed || far_behind(c, target, acked)? {
-        queue_snapshot(c, target, acked, part_bytes)?;
-    }
-    let mut events = Vec::new();
-    let after = acked;
-    let mut st = c.prepare_cached(
-        "SELECT seq, change_id, kind FROM outbox WHERE target = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-    )?;
-    let rows = st.query_map(params![target, i64_of(after), BATCH_EVENTS as i64], |r| {
-        Ok((
-            u64_of(r.get(0)?),
-            u64_of(r.get(1)?),
-            r.get::<_, Vec<u8>>(2)?,
-        ))
-    })?;
-    let rows = rows.collect::<Result<Vec<_>, _>>()?;
-    let n = batch_len(rows.iter().map(|(_, _, kind)| kind.len()));
-    for (seq, change_id, kind) in rows.into_iter().take(n) {
-        let kind: EventKind = postcard::from_bytes(&kind).map_err(|e| {
-            AuthorityError::Database(DatabaseError::new("unreadable queued event", e))
-        })?;
-        events.push((seq, change_id, kind));
-    }
-    Ok(Batch { events })
-}
-
-/// Records a target's answer (or the failure to get one).
-pub(crate) fn complete(
-    c: &Connection,
-    target: &str,
-    config: &AuthorityConfig,
-    sent: &[(u64, Option<(String, bool)>)],
-    reply: Result<DeliveryReply, String>,
-) -> Result<Progress, AuthorityError> {
-    let now = now_ms();
-    let (acked, next_seq, attempts): (u64, u64, u32) = c.query_row(
-        "SELECT acked_seq, next_seq, attempts FROM targets WHERE name = ?1",
-        params![target],
-        |r| {
-            Ok((
-                u64_of(r.get(0)?),
-                u64_of(r.get(1)?),
-                u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
-            ))
-        },
-    )?;
-    let reply = match reply {
-        Ok(r) if r.acks.len() == sent.len() => r,
-        Ok(_) => {
-            return fail(
-                c,
-                target,
-                config,
-                attempts,
-                now,
-                "the reply does not answer every event".into(),
-            );
-        }
-        Err(e) => return fail(c, target, config, attempts, now, e),
-    };
-    let mut snapshot_needed = None;
-    let mut refusal = None;
-    let mut acked_now = 0;
-    for ((seq, credential), ack) in sent.iter().zip(&reply.acks) {
-        match ack {
-            Ack::Applied | Ack::Duplicate => acked_now += 1,
-            Ack::NeedsSnapshot => snapshot_needed = Some(true),
-            Ack::Rejected(reason @ (RejectReason::Conflict | RejectReason::Malformed))
-                if *seq <= reply.cursor =>
-            {
-                acked_now += 1;
-                if let Some((id, _)) = credential {
-                    c.execute(
-                        "UPDATE delivery SET error = ?3 WHERE target = ?1 AND credential_id = ?2 AND seq = ?4",
-                        params![target, id, reason.to_string(), i64_of(*seq)],
-                    )?;
-                }
-            }
-            Ack::Rejected(reason) => refusal = Some(format!("rejected: {reason}")),
-        }
-    }
-    for id in &reply.conflicts {
-        c.execute(
-            "UPDATE delivery SET error = 'conflict' WHERE target = ?1 AND credential_id = ?2",
-            params![target, id],
-        )?;
-    }
-    let mut new_acked = acked.max(reply.cursor);
-    if reply.cursor >= next_seq {
-        // The target is ahead of this database (restored from a backup?):
-        // continue above its cursor, from a snapshot.
-        c.execute(
-            "UPDATE targets SET next_seq = ?2 WHERE name = ?1",
-            params![target, i64_of(reply.cursor + 1)],
-        )?;
-        snapshot_needed = Some(true);
-    } else if reply.cursor < acked {
-        // The target lost its state: bring it back with a snapshot.
-        new_acked = reply.cursor;
-        snapshot_needed = Some(true);
-    }
-    c.execute(
-        "UPDATE targets SET acked_seq = ?2 WHERE name = ?1",
-        params![target, i64_of(new_acked)],
-    )?;
-    if let Some(needed) = snapshot_needed {
-        c.execute(
-            "UPDATE targets SET snapshot_needed = ?2 WHERE name = ?1",
-            params![target, i64::from(needed)],
-        )?;
-    }
-    c.execute(
-        "DELETE FROM outbox WHERE target = ?1 AND seq <= ?2",
-        params![target, i64_of(new_acked)],
-    )?;
-    // Forget delivered deletions (their credential is gone): by id for the
-    // deletes in this batch, by a scan after a snapshot (which may have
-    // superseded any number of them).
-    for (seq, credential) in sent {
-        if let Some((id, true)) = credential
-            && *seq <= new_acked
-        {
-            c.prepare_cached(
-                "DELETE FROM delivery WHERE target = ?1 AND credential_id = ?2 AND seq <= ?3 AND error IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM credential_targets WHERE credential_id = ?2 AND target = ?1)",
-            )?
-            .execute(params![target, id, i64_of(new_acked)])?;
-        }
-    }
-    let snapshot_delivered = sent
-        .iter()
-        .any(|(seq, credential)| credential.is_none() && *seq <= new_acked);
-    if snapshot_delivered {
-        c.execute(
-            "DELETE FROM delivery WHERE target = ?1 AND seq <= ?2 AND error IS NULL AND credential_id NOT IN
-               (SELECT credential_id FROM credential_targets WHERE target = ?1)",
-            params![target, i64_of(new_acked)],
-        )?;
-    }
-    if let Some(reason) = refusal {
-        let mut p = fail(c, target, config, attempts, now, reason)?;
-        p.acked = acked_now;
-        return Ok(p);
-    }
-    c.execute(
-        "UPDATE targets SET attempts = 0, last_error = NULL, last_attempt_ms = ?2, next_attempt_ms = 0 WHERE name = ?1",
-        params![target, i64_of(now)],
-    )?;
-    let more: bool = c.query_row(
-        "SELECT snapshot_needed != 0 OR EXISTS (SELECT 1 FROM outbox WHERE target = ?1 AND seq > ?2) FROM targets WHERE name = ?1",
-        params![target, i64_of(new_acked)],
-        |r| r.get(0),
-    )?;
-    Ok(Progress {
-        acked: acked_now,
-        error: None,
-        more: more && (acked_now > 0 || snapshot_needed == Some(true)),
-    })
-}
-
-/// Counts a failed attempt and schedules the next with exponential backoff
-/// and jitter (between half and all of the doubled delay).
-pub(crate) fn fail(
-    c: &Connection,
-    target: &str,
-    config: &AuthorityConfig,
-    attempts: u32,
-    now: u64,
-    reason: String,
-) -> Result<Progress, AuthorityError> {
-    let attempts = attempts.saturating_add(1);
-    let mut r = [0u8; 2];
-    let _ = netproc_pki::random_bytes(&mut r);
-    let delay = backoff(
-        attempts,
-        config.base_backoff,
-        config.max_backoff,
-        u16::from_le_bytes(r),
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS meta (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
     );
-    let delay = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-    c.execute(
-        "UPDATE targets SET attempts = ?2, last_error = ?3, last_attempt_ms = ?4, next_attempt_ms = ?5 WHERE name = ?1",
-        params![target, i64::from(attempts), reason, i64_of(now), i64_of(now.saturating_add(delay))],
-    )?;
-    Ok(Progress {
-        acked: 0,
-        error: Some(reason),
-        more: false,
-    })
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('change_id', 0);
+    CREATE TABLE IF NOT EXISTS credentials (
+        id TEXT PRIMARY KEY,
+        credential BLOB NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS targets (
+        name TEXT PRIMARY KEY,
+        next_seq INTEGER NOT NULL DEFAULT 1,
+        acked_seq INTEGER NOT NULL DEFAULT 0,
+        snapshot_needed INTEGER NOT NULL DEFAULT 1,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_attempt_ms INTEGER,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE IF NOT EXISTS credential_targets (
+        credential_id TEXT NOT NULL,
+        target TEXT NOT NULL,
+        PRIMARY KEY (credential_id, target)
+    );
+    CREATE INDEX IF NOT EXISTS credential_targets_by_target ON credential_targets (target);
+    CREATE TABLE IF NOT EXISTS outbox (
+        target TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        change_id INTEGER NOT NULL,
+        credential_id TEXT NOT NULL,
+        kind BLOB NOT NULL,
+        PRIMARY KEY (target, seq)
+    );
+    CREATE TABLE IF NOT EXISTS delivery (
+        target TEXT NOT NULL,
+        credential_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        error TEXT,
+        PRIMARY KEY (target, credential_id)
+    );";
+
+/// `$1`-style placeholders as SQLite's `?1`.
+fn sqlite_placeholders(sql: &str) -> String {
+    sql.replace('$', "?")
 }
 
-/// The embedded store: one SQLite file, one writer thread with group
-/// commit ([`Db`]).
-pub(crate) struct SqliteStore {
-    db: Db,
-}
-
-impl SqliteStore {
-    pub(crate) fn open(
-        path: &std::path::Path,
-        targets: &[String],
-    ) -> Result<SqliteStore, AuthorityError> {
-        Ok(SqliteStore {
-            db: Db::open(path, targets)?,
+impl rusqlite::ToSql for Arg<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Arg::I(v) => ToSqlOutput::Owned(SqliteValue::Integer(*v)),
+            Arg::S(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
+            Arg::B(v) => ToSqlOutput::Borrowed(ValueRef::Blob(v)),
         })
     }
 }
 
-impl Store for SqliteStore {
-    fn ensure(
-        &self,
-        spec: CredentialSpec,
-        targets: BTreeSet<String>,
-    ) -> BoxFuture<'_, Result<Ensured, AuthorityError>> {
-        Box::pin(self.db.run(move |c| ensure_in(c, &spec, &targets)))
+struct SqliteConn(Connection);
+
+fn cell(v: ValueRef<'_>) -> Cell {
+    match v {
+        ValueRef::Null => Cell::Null,
+        ValueRef::Integer(i) => Cell::I(i),
+        ValueRef::Real(f) => Cell::I(f as i64),
+        ValueRef::Text(t) => Cell::S(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Cell::B(b.to_vec()),
+    }
+}
+
+impl Sql for SqliteConn {
+    fn exec(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, AuthorityError> {
+        let mut st = self.0.prepare_cached(&sqlite_placeholders(sql))?;
+        Ok(st.execute(rusqlite::params_from_iter(args.iter()))? as u64)
     }
 
-    fn rotate(
-        &self,
-        id: String,
-        overlap: Option<Duration>,
-    ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>> {
-        Box::pin(self.db.run(move |c| {
-            let mut cred = load_credential(c, &id)?
-                .ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
-            let Some(old_hash) = cred.secret_sha256 else {
-                return Err(AuthorityError::NotAnApiKey(id.clone()));
-            };
-            let (key, hash) =
-                ApiKey::generate(&id).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
-            cred.previous = overlap.map(|d| {
-                (
-                    old_hash,
-                    cred.generation,
-                    now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                )
-            });
-            cred.secret_sha256 = Some(hash);
-            cred.generation += 1;
-            save_and_send(
-                c,
-                &cred,
-                &credential_targets(c, &id)?,
-                &BTreeSet::new(),
-                true,
-            )?;
-            Ok(key)
-        }))
-    }
-
-    fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
-        Box::pin(self.db.run(move |c| {
-            if load_credential(c, &id)?.is_none() {
-                return Err(AuthorityError::UnknownCredential(id.clone()));
+    fn query(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>, AuthorityError> {
+        let mut st = self.0.prepare_cached(&sqlite_placeholders(sql))?;
+        let n = st.column_count();
+        let mut rows = st.query(rusqlite::params_from_iter(args.iter()))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut row = Vec::with_capacity(n);
+            for i in 0..n {
+                row.push(cell(r.get_ref(i)?));
             }
-            let targets = credential_targets(c, &id)?;
-            c.execute("DELETE FROM credentials WHERE id = ?1", params![id])?;
-            c.execute(
-                "DELETE FROM credential_targets WHERE credential_id = ?1",
-                params![id],
-            )?;
-            let change_id = next_change_id(c)?;
-            for t in &targets {
-                enqueue(c, t, change_id, &id, &EventKind::Delete { id: id.clone() })?;
-            }
-            Ok(())
-        }))
+            out.push(Row(row));
+        }
+        Ok(out)
+    }
+}
+
+impl Conn for SqliteConn {
+    fn batch(&mut self, sql: &str) -> Result<(), DatabaseError> {
+        self.0
+            .execute_batch(sql)
+            .map_err(|e| DatabaseError::new(sql.split(' ').next().unwrap_or(""), e))
     }
 
-    fn status(
-        &self,
-        id: String,
-        in_flight: HashSet<String>,
-    ) -> BoxFuture<'_, Result<Vec<TargetDelivery>, AuthorityError>> {
-        Box::pin(self.db.run(move |c| {
-                let mut st = c.prepare_cached(
-                    "SELECT d.target, d.seq, d.error, t.acked_seq, t.attempts, t.last_error, t.last_attempt_ms
-                     FROM delivery d JOIN targets t ON t.name = d.target
-                     WHERE d.credential_id = ?1 ORDER BY d.target",
-                )?;
-                let rows = st.query_map(params![id], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        u64_of(r.get(1)?),
-                        r.get::<_, Option<String>>(2)?,
-                        u64_of(r.get(3)?),
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, Option<String>>(5)?,
-                        r.get::<_, Option<i64>>(6)?,
-                    ))
-                })?;
-                let mut out = Vec::new();
-                for row in rows {
-                    let (target, seq, error, acked, attempts, last_error, last_ms) = row?;
-                    let last_attempt = last_ms.map(|ms| netproc_wire::from_unix_ms(u64_of(ms)));
-                    let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                    let state = if let Some(reason) = error {
-                        DeliveryState::Error { reason, attempts: attempts.max(1), last_attempt }
-                    } else if acked >= seq {
-                        DeliveryState::Success
-                    } else if in_flight.contains(&target) {
-                        DeliveryState::Sent
-                    } else if let Some(reason) = last_error.filter(|_| attempts > 0) {
-                        DeliveryState::Error { reason, attempts, last_attempt }
-                    } else {
-                        DeliveryState::Pending
-                    };
-                    out.push(TargetDelivery { target, state });
-                }
-                if out.is_empty() && load_credential(c, &id)?.is_none() {
-                    return Err(AuthorityError::UnknownCredential(id.clone()));
-                }
-                Ok(out)
-            }))
+    fn begin(&self) -> &'static str {
+        "BEGIN IMMEDIATE"
     }
+}
 
-    fn targets(&self) -> BoxFuture<'_, Result<Vec<TargetState>, AuthorityError>> {
-        Box::pin(self.db.run(|c| {
-                let mut st = c.prepare_cached(
-                    "SELECT name, acked_seq, next_seq, snapshot_needed, attempts, last_error,
-                       (SELECT COUNT(*) FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq)
-                     FROM targets t ORDER BY name",
-                )?;
-                let rows = st.query_map([], |r| {
-                    Ok(TargetState {
-                        name: r.get(0)?,
-                        acked_seq: u64_of(r.get(1)?),
-                        last_seq: u64_of(r.get::<_, i64>(2)?.saturating_sub(1)),
-                        snapshot_needed: r.get::<_, i64>(3)? != 0,
-                        attempts: u32::try_from(r.get::<_, i64>(4)?).unwrap_or(u32::MAX),
-                        last_error: r.get(5)?,
-                        pending_events: u64_of(r.get(6)?),
-                    })
-                })?;
-                Ok(rows.collect::<Result<_, _>>()?)
-            }))
+/// Opens (or creates) the database at `path` and starts its thread.
+/// Registers `targets` the database does not know yet (each gets a
+/// snapshot first).
+pub(crate) fn open(path: &Path, targets: &[String]) -> Result<Db, AuthorityError> {
+    let db_err = |e: rusqlite::Error| {
+        AuthorityError::Database(DatabaseError::new(path.display().to_string(), e))
+    };
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db_err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(db_err)?;
+    conn.execute_batch(SCHEMA).map_err(db_err)?;
+    {
+        let mut st = conn
+            .prepare("INSERT OR IGNORE INTO targets (name) VALUES (?1)")
+            .map_err(db_err)?;
+        for t in targets {
+            st.execute([t]).map_err(db_err)?;
+        }
     }
-
-    fn credentials(&self) -> BoxFuture<'_, Result<Vec<CredentialInfo>, AuthorityError>> {
-        Box::pin(self.db.run(|c| {
-            let mut st = c.prepare_cached("SELECT id, credential FROM credentials ORDER BY id")?;
-            let rows = st.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, bytes) = row?;
-                let cred = decode_credential(&bytes)?;
-                out.push(CredentialInfo {
-                    kind: if cred.ed25519_public_key.is_some() {
-                        "ed25519"
-                    } else {
-                        "api_key"
-                    },
-                    generation: cred.generation,
-                    privileges: cred.privileges,
-                    targets: credential_targets(c, &id)?.into_iter().collect(),
-                    id,
-                });
-            }
-            Ok(out)
-        }))
-    }
-
-    fn due_targets(
-        &self,
-        names: Vec<String>,
-        now_ms: u64,
-    ) -> BoxFuture<'_, Result<Vec<String>, AuthorityError>> {
-        Box::pin(self.db.run(move |c| {
-                let mut st = c.prepare_cached(
-                    "SELECT name FROM targets t WHERE next_attempt_ms <= ?1 AND (snapshot_needed != 0
-                       OR EXISTS (SELECT 1 FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq))",
-                )?;
-                let rows = st.query_map(params![i64_of(now_ms)], |r| r.get::<_, String>(0))?;
-                let due: Vec<String> = rows.collect::<Result<_, _>>()?;
-                Ok(due.into_iter().filter(|n| names.contains(n)).collect())
-            }))
-    }
-
-    fn prepare(
-        &self,
-        target: String,
-        part_bytes: usize,
-    ) -> BoxFuture<'_, Result<Batch, AuthorityError>> {
-        Box::pin(self.db.run(move |c| prepare(c, &target, part_bytes)))
-    }
-
-    fn complete(
-        &self,
-        target: String,
-        config: AuthorityConfig,
-        sent: Sent,
-        reply: Result<DeliveryReply, String>,
-    ) -> BoxFuture<'_, Result<Progress, AuthorityError>> {
-        Box::pin(
-            self.db
-                .run(move |c| complete(c, &target, &config, &sent, reply)),
-        )
-    }
+    Db::spawn(SqliteConn(conn), "netproc-authority-db")
 }

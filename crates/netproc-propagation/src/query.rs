@@ -1,0 +1,126 @@
+//! The seam under the authority's SQL: statements with `$1` placeholders,
+//! arguments and rows in a few plain types, so one body of SQL
+//! ([`crate::sql`]) runs on SQLite and PostgreSQL.
+
+use crate::types::{AuthorityError, DatabaseError};
+
+/// A statement's argument.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    I(i64),
+    S(&'a str),
+    B(&'a [u8]),
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Arg::I(v)
+    }
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Arg::S(v)
+    }
+}
+
+impl<'a> From<&'a String> for Arg<'a> {
+    fn from(v: &'a String) -> Self {
+        Arg::S(v)
+    }
+}
+
+impl<'a> From<&'a [u8]> for Arg<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Arg::B(v)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Arg<'a> {
+    fn from(v: &'a Vec<u8>) -> Self {
+        Arg::B(v)
+    }
+}
+
+/// `[Arg]` from values: `args![target, i64_of(seq)]`.
+macro_rules! args {
+    ($($v:expr),* $(,)?) => { &[$(crate::query::Arg::from($v)),*] };
+}
+pub(crate) use args;
+
+/// A value read back.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Cell {
+    Null,
+    I(i64),
+    // Produced by backends with a boolean type (PostgreSQL).
+    #[allow(dead_code)]
+    Bool(bool),
+    S(String),
+    B(Vec<u8>),
+}
+
+/// One row of a result.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Row(pub(crate) Vec<Cell>);
+
+fn bad_cell(i: usize, want: &str) -> AuthorityError {
+    AuthorityError::Database(DatabaseError::new(
+        "",
+        format!("column {i}: expected {want}"),
+    ))
+}
+
+impl Row {
+    pub(crate) fn i64(&self, i: usize) -> Result<i64, AuthorityError> {
+        match self.0.get(i) {
+            Some(Cell::I(v)) => Ok(*v),
+            Some(Cell::Bool(b)) => Ok(i64::from(*b)),
+            _ => Err(bad_cell(i, "an integer")),
+        }
+    }
+    pub(crate) fn opt_i64(&self, i: usize) -> Result<Option<i64>, AuthorityError> {
+        match self.0.get(i) {
+            Some(Cell::Null) => Ok(None),
+            _ => self.i64(i).map(Some),
+        }
+    }
+    pub(crate) fn bool(&self, i: usize) -> Result<bool, AuthorityError> {
+        match self.0.get(i) {
+            Some(Cell::Bool(b)) => Ok(*b),
+            Some(Cell::I(v)) => Ok(*v != 0),
+            _ => Err(bad_cell(i, "a boolean")),
+        }
+    }
+    pub(crate) fn string(&self, i: usize) -> Result<String, AuthorityError> {
+        match self.0.get(i) {
+            Some(Cell::S(v)) => Ok(v.clone()),
+            _ => Err(bad_cell(i, "text")),
+        }
+    }
+    pub(crate) fn opt_string(&self, i: usize) -> Result<Option<String>, AuthorityError> {
+        match self.0.get(i) {
+            Some(Cell::Null) => Ok(None),
+            _ => self.string(i).map(Some),
+        }
+    }
+    pub(crate) fn bytes(&self, i: usize) -> Result<Vec<u8>, AuthorityError> {
+        match self.0.get(i) {
+            Some(Cell::B(v)) => Ok(v.clone()),
+            _ => Err(bad_cell(i, "bytes")),
+        }
+    }
+}
+
+/// What the store needs of a database, inside one transaction: run a
+/// statement, read rows. Statements use `$1`, `$2`, … placeholders.
+pub(crate) trait Sql {
+    /// Runs a statement; how many rows it changed.
+    fn exec(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, AuthorityError>;
+    /// Runs a query; every row.
+    fn query(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>, AuthorityError>;
+    /// Runs a query; its first row, if any.
+    fn first(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Option<Row>, AuthorityError> {
+        Ok(self.query(sql, args)?.into_iter().next())
+    }
+}

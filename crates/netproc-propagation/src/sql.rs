@@ -1,0 +1,757 @@
+//! The authority's store in SQL, once for every backend: every function
+//! here runs inside one transaction of a backend's database thread
+//! ([`crate::db`]), through the small [`Sql`] seam (statements with `$1`
+//! placeholders; rows of integers, text, bytes, booleans). SQLite and
+//! PostgreSQL differ only below that seam and in their schema.
+//!
+//! Over 600 lines on purpose: it is the SQL of every store operation in one
+//! place.
+
+use netproc_wire::unix_ms;
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use netproc_auth::{ApiKey, BoxFuture};
+
+use crate::db::Db;
+use crate::plan::{BATCH_EVENTS, backoff, batch_len, wants_snapshot};
+use crate::query::{Arg, Sql, args};
+use crate::store::{Batch, Progress, Sent, Store};
+use crate::types::*;
+use crate::wire::DeliveryReply;
+use crate::{Ack, Credential, EventKind, RejectReason};
+
+pub(crate) fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+pub(crate) fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Target names: 1 to 128 of `[A-Za-z0-9._:-]`.
+pub(crate) fn valid_target_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+pub(crate) fn decode_credential(bytes: &[u8]) -> Result<Credential, AuthorityError> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| AuthorityError::Database(DatabaseError::new("unreadable credential", e)))
+}
+
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, AuthorityError> {
+    postcard::to_stdvec(v).map_err(|e| AuthorityError::Database(DatabaseError::new("", e)))
+}
+
+pub(crate) fn load_credential(
+    c: &mut dyn Sql,
+    id: &str,
+) -> Result<Option<Credential>, AuthorityError> {
+    c.first(
+        "SELECT credential FROM credentials WHERE id = $1",
+        args![id],
+    )?
+    .map(|r| decode_credential(&r.bytes(0)?))
+    .transpose()
+}
+
+pub(crate) fn credential_targets(
+    c: &mut dyn Sql,
+    id: &str,
+) -> Result<BTreeSet<String>, AuthorityError> {
+    c.query(
+        "SELECT target FROM credential_targets WHERE credential_id = $1",
+        args![id],
+    )?
+    .iter()
+    .map(|r| r.string(0))
+    .collect()
+}
+
+pub(crate) fn next_change_id(c: &mut dyn Sql) -> Result<u64, AuthorityError> {
+    let row = c
+        .first(
+            "UPDATE meta SET value = value + 1 WHERE key = 'change_id' RETURNING value",
+            &[],
+        )?
+        .ok_or_else(|| AuthorityError::Database(DatabaseError::new("", "no change counter")))?;
+    Ok(u64_of(row.i64(0)?))
+}
+
+/// The next seq for `target`. The counter row stays locked until the
+/// transaction ends (PostgreSQL: a row lock; SQLite: the one writer), so
+/// seqs and snapshots are serialised per target across processes.
+pub(crate) fn allocate_seq(c: &mut dyn Sql, target: &str) -> Result<u64, AuthorityError> {
+    c.first(
+        "UPDATE targets SET next_seq = next_seq + 1 WHERE name = $1 RETURNING next_seq - 1",
+        args![target],
+    )?
+    .map(|r| r.i64(0).map(u64_of))
+    .transpose()?
+    .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))
+}
+
+/// Queues `kind` for `target` under a new seq, and records it as the
+/// credential's latest change there.
+pub(crate) fn enqueue(
+    c: &mut dyn Sql,
+    target: &str,
+    change_id: u64,
+    credential_id: &str,
+    kind: &EventKind,
+) -> Result<(), AuthorityError> {
+    let seq = i64_of(allocate_seq(c, target)?);
+    let kind = encode(kind)?;
+    c.exec(
+        "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES ($1, $2, $3, $4, $5)",
+        args![target, seq, i64_of(change_id), credential_id, &kind],
+    )?;
+    c.exec(
+        "INSERT INTO delivery (target, credential_id, seq, error) VALUES ($1, $2, $3, NULL)
+         ON CONFLICT (target, credential_id) DO UPDATE SET seq = excluded.seq, error = NULL",
+        args![target, credential_id, seq],
+    )?;
+    Ok(())
+}
+
+pub(crate) fn ensure_in(
+    c: &mut dyn Sql,
+    spec: &CredentialSpec,
+    wanted: &BTreeSet<String>,
+) -> Result<Ensured, AuthorityError> {
+    for t in wanted {
+        if c.first("SELECT 1 FROM targets WHERE name = $1", args![t])?
+            .is_none()
+        {
+            return Err(AuthorityError::UnknownTarget(t.clone()));
+        }
+    }
+    let old = load_credential(c, &spec.id)?;
+    let old_targets = credential_targets(c, &spec.id)?;
+    let mut api_key = None;
+    let mut cred = match &old {
+        Some(o) => {
+            if o.ed25519_public_key.is_some() != spec.ed25519_public_key.is_some() {
+                return Err(AuthorityError::Invalid(format!(
+                    "credential {} exists as another kind (API key vs Ed25519); revoke it first",
+                    spec.id
+                )));
+            }
+            let mut c = o.clone();
+            if spec.ed25519_public_key.is_some() && spec.ed25519_public_key != o.ed25519_public_key
+            {
+                c.ed25519_public_key = spec.ed25519_public_key;
+                c.generation += 1;
+            }
+            c
+        }
+        None => {
+            let mut c = Credential {
+                id: spec.id.clone(),
+                generation: 1,
+                ..Credential::default()
+            };
+            match spec.ed25519_public_key {
+                Some(pk) => c.ed25519_public_key = Some(pk),
+                None => {
+                    let (key, hash) = ApiKey::generate(&spec.id)
+                        .map_err(|e| AuthorityError::Invalid(e.to_string()))?;
+                    c.secret_sha256 = Some(hash);
+                    api_key = Some(key);
+                }
+            }
+            c
+        }
+    };
+    cred.privileges = spec.key.privileges.names();
+    cred.functions = spec
+        .key
+        .functions
+        .as_ref()
+        .map(|f| f.iter().cloned().collect());
+    cred.binding = spec.key.binding.as_ref().map(ToString::to_string);
+    cred.expires_at = spec
+        .key
+        .expires_at
+        .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    let credential_changed = old.as_ref() != Some(&cred);
+    let changed = credential_changed || &old_targets != wanted;
+    if changed {
+        save_and_send(c, &cred, wanted, &old_targets, credential_changed)?;
+    }
+    Ok(Ensured {
+        created: old.is_none(),
+        changed,
+        api_key,
+    })
+}
+
+/// Stores `cred` on `targets` and queues: an upsert for each target that
+/// needs it (all of them if the credential changed, the new ones
+/// otherwise), a delete for each target in `old_targets` it left.
+pub(crate) fn save_and_send(
+    c: &mut dyn Sql,
+    cred: &Credential,
+    targets: &BTreeSet<String>,
+    old_targets: &BTreeSet<String>,
+    credential_changed: bool,
+) -> Result<(), AuthorityError> {
+    let bytes = encode(cred)?;
+    c.exec(
+        "INSERT INTO credentials (id, credential, updated_at_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (id) DO UPDATE SET credential = excluded.credential, updated_at_ms = excluded.updated_at_ms",
+        args![&cred.id, &bytes, i64_of(now_ms())],
+    )?;
+    c.exec(
+        "DELETE FROM credential_targets WHERE credential_id = $1",
+        args![&cred.id],
+    )?;
+    let change_id = next_change_id(c)?;
+    for t in targets {
+        c.exec(
+            "INSERT INTO credential_targets (credential_id, target) VALUES ($1, $2)",
+            args![&cred.id, t],
+        )?;
+        if credential_changed || !old_targets.contains(t) {
+            enqueue(c, t, change_id, &cred.id, &EventKind::Upsert(cred.clone()))?;
+        }
+    }
+    for t in old_targets.difference(targets) {
+        enqueue(
+            c,
+            t,
+            change_id,
+            &cred.id,
+            &EventKind::Delete {
+                id: cred.id.clone(),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Queues a snapshot of everything `target` should hold, in parts of about
+/// `part_bytes`, superseding everything queued before it. Its content is
+/// read in the transaction that assigns its seqs, after the target's
+/// counter row is locked: a change that commits first is in it, one that
+/// commits later gets a later seq.
+pub(crate) fn queue_snapshot(
+    c: &mut dyn Sql,
+    target: &str,
+    acked: u64,
+    part_bytes: usize,
+) -> Result<(), AuthorityError> {
+    // Lock the counter row first (a no-op update), then read.
+    c.exec(
+        "UPDATE targets SET next_seq = next_seq WHERE name = $1",
+        args![target],
+    )?;
+    let rows = c.query(
+        "SELECT c.credential FROM credentials c JOIN credential_targets ct ON ct.credential_id = c.id
+         WHERE ct.target = $1 ORDER BY c.id",
+        args![target],
+    )?;
+    let mut parts: Vec<Vec<Credential>> = vec![Vec::new()];
+    let mut size = 0;
+    for row in rows {
+        let row = row.bytes(0)?;
+        let last = parts.last().map_or(0, Vec::len);
+        if last > 0 && size + row.len() > part_bytes {
+            parts.push(Vec::new());
+            size = 0;
+        }
+        size += row.len();
+        if let Some(p) = parts.last_mut() {
+            p.push(decode_credential(&row)?);
+        }
+    }
+    let total = u32::try_from(parts.len())
+        .map_err(|_| AuthorityError::Invalid("snapshot too large".into()))?;
+    let mut first = None;
+    let mut last = 0;
+    for (index, credentials) in (0..total).zip(parts) {
+        let kind = if total == 1 {
+            EventKind::Snapshot(credentials)
+        } else {
+            EventKind::SnapshotPart {
+                index,
+                total,
+                credentials,
+            }
+        };
+        last = allocate_seq(c, target)?;
+        first.get_or_insert(last);
+        let kind = encode(&kind)?;
+        c.exec(
+            "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES ($1, $2, 0, '', $3)",
+            args![target, i64_of(last), &kind],
+        )?;
+    }
+    let first = first.unwrap_or(last);
+    c.exec(
+        "DELETE FROM outbox WHERE target = $1 AND seq < $2",
+        args![target, i64_of(first)],
+    )?;
+    c.exec(
+        "UPDATE delivery SET seq = $2, error = NULL WHERE target = $1 AND seq > $3",
+        args![target, i64_of(last), i64_of(acked)],
+    )?;
+    c.exec(
+        "UPDATE targets SET snapshot_needed = 0 WHERE name = $1",
+        args![target],
+    )?;
+    Ok(())
+}
+
+/// Whether `target`'s backlog is longer than a snapshot would be: more
+/// queued events than one batch and than the credentials it should hold.
+/// (Many changes to few credentials while it was away: one snapshot says
+/// it all.)
+pub(crate) fn far_behind(
+    c: &mut dyn Sql,
+    target: &str,
+    acked: u64,
+) -> Result<bool, AuthorityError> {
+    let count = |c: &mut dyn Sql, sql: &str, args: &[Arg<'_>]| -> Result<u64, AuthorityError> {
+        Ok(c.first(sql, args)?
+            .map(|r| r.i64(0))
+            .transpose()?
+            .map_or(0, u64_of))
+    };
+    let backlog = count(
+        c,
+        "SELECT COUNT(*) FROM outbox WHERE target = $1 AND seq > $2",
+        args![target, i64_of(acked)],
+    )?;
+    // Short backlogs never get a snapshot: skip counting what it holds.
+    if backlog <= BATCH_EVENTS as u64 {
+        return Ok(false);
+    }
+    let held = count(
+        c,
+        "SELECT COUNT(*) FROM credential_targets WHERE target = $1",
+        args![target],
+    )?;
+    Ok(wants_snapshot(false, backlog, held))
+}
+
+/// The next batch for `target`: a snapshot first if it needs one (or is
+/// far behind), then queued events in order.
+pub(crate) fn prepare(
+    c: &mut dyn Sql,
+    target: &str,
+    part_bytes: usize,
+) -> Result<Batch, AuthorityError> {
+    let row = c
+        .first(
+            "SELECT acked_seq, snapshot_needed FROM targets WHERE name = $1",
+            args![target],
+        )?
+        .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))?;
+    let (acked, snapshot_needed) = (u64_of(row.i64(0)?), row.bool(1)?);
+    if snapshot_needed || far_behind(c, target, acked)? {
+        queue_snapshot(c, target, acked, part_bytes)?;
+    }
+    let rows = c.query(
+        "SELECT seq, change_id, kind FROM outbox WHERE target = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        args![target, i64_of(acked), BATCH_EVENTS as i64],
+    )?;
+    let rows = rows
+        .iter()
+        .map(|r| Ok((u64_of(r.i64(0)?), u64_of(r.i64(1)?), r.bytes(2)?)))
+        .collect::<Result<Vec<_>, AuthorityError>>()?;
+    let n = batch_len(rows.iter().map(|(_, _, kind)| kind.len()));
+    let mut events = Vec::new();
+    for (seq, change_id, kind) in rows.into_iter().take(n) {
+        let kind: EventKind = postcard::from_bytes(&kind).map_err(|e| {
+            AuthorityError::Database(DatabaseError::new("unreadable queued event", e))
+        })?;
+        events.push((seq, change_id, kind));
+    }
+    Ok(Batch { events })
+}
+
+/// Records a target's answer (or the failure to get one).
+pub(crate) fn complete(
+    c: &mut dyn Sql,
+    target: &str,
+    config: &AuthorityConfig,
+    sent: &[(u64, Option<(String, bool)>)],
+    reply: Result<DeliveryReply, String>,
+) -> Result<Progress, AuthorityError> {
+    let now = now_ms();
+    let row = c
+        .first(
+            "SELECT acked_seq, next_seq, attempts FROM targets WHERE name = $1",
+            args![target],
+        )?
+        .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))?;
+    let (acked, next_seq, attempts) = (
+        u64_of(row.i64(0)?),
+        u64_of(row.i64(1)?),
+        u32::try_from(row.i64(2)?).unwrap_or(u32::MAX),
+    );
+    let reply = match reply {
+        Ok(r) if r.acks.len() == sent.len() => r,
+        Ok(_) => {
+            return fail(
+                c,
+                target,
+                config,
+                attempts,
+                now,
+                "the reply does not answer every event".into(),
+            );
+        }
+        Err(e) => return fail(c, target, config, attempts, now, e),
+    };
+    let mut snapshot_needed = None;
+    let mut refusal = None;
+    let mut acked_now = 0;
+    for ((seq, credential), ack) in sent.iter().zip(&reply.acks) {
+        match ack {
+            Ack::Applied | Ack::Duplicate => acked_now += 1,
+            Ack::NeedsSnapshot => snapshot_needed = Some(true),
+            Ack::Rejected(reason @ (RejectReason::Conflict | RejectReason::Malformed))
+                if *seq <= reply.cursor =>
+            {
+                acked_now += 1;
+                if let Some((id, _)) = credential {
+                    let reason = reason.to_string();
+                    c.exec(
+                        "UPDATE delivery SET error = $3 WHERE target = $1 AND credential_id = $2 AND seq = $4",
+                        args![target, id, &reason, i64_of(*seq)],
+                    )?;
+                }
+            }
+            Ack::Rejected(reason) => refusal = Some(format!("rejected: {reason}")),
+        }
+    }
+    for id in &reply.conflicts {
+        c.exec(
+            "UPDATE delivery SET error = 'conflict' WHERE target = $1 AND credential_id = $2",
+            args![target, id],
+        )?;
+    }
+    let mut new_acked = acked.max(reply.cursor);
+    if reply.cursor >= next_seq {
+        // The target is ahead of this database (restored from a backup?):
+        // continue above its cursor, from a snapshot.
+        c.exec(
+            "UPDATE targets SET next_seq = $2 WHERE name = $1",
+            args![target, i64_of(reply.cursor + 1)],
+        )?;
+        snapshot_needed = Some(true);
+    } else if reply.cursor < acked {
+        // The target lost its state: bring it back with a snapshot.
+        new_acked = reply.cursor;
+        snapshot_needed = Some(true);
+    }
+    c.exec(
+        "UPDATE targets SET acked_seq = $2 WHERE name = $1",
+        args![target, i64_of(new_acked)],
+    )?;
+    if let Some(needed) = snapshot_needed {
+        c.exec(
+            "UPDATE targets SET snapshot_needed = $2 WHERE name = $1",
+            args![target, i64::from(needed)],
+        )?;
+    }
+    c.exec(
+        "DELETE FROM outbox WHERE target = $1 AND seq <= $2",
+        args![target, i64_of(new_acked)],
+    )?;
+    // Forget delivered deletions (their credential is gone): by id for the
+    // deletes in this batch, by a scan after a snapshot (which may have
+    // superseded any number of them).
+    for (seq, credential) in sent {
+        if let Some((id, true)) = credential
+            && *seq <= new_acked
+        {
+            c.exec(
+                "DELETE FROM delivery WHERE target = $1 AND credential_id = $2 AND seq <= $3 AND error IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM credential_targets WHERE credential_id = $2 AND target = $1)",
+                args![target, id, i64_of(new_acked)],
+            )?;
+        }
+    }
+    let snapshot_delivered = sent
+        .iter()
+        .any(|(seq, credential)| credential.is_none() && *seq <= new_acked);
+    if snapshot_delivered {
+        c.exec(
+            "DELETE FROM delivery WHERE target = $1 AND seq <= $2 AND error IS NULL AND credential_id NOT IN
+               (SELECT credential_id FROM credential_targets WHERE target = $1)",
+            args![target, i64_of(new_acked)],
+        )?;
+    }
+    if let Some(reason) = refusal {
+        let mut p = fail(c, target, config, attempts, now, reason)?;
+        p.acked = acked_now;
+        return Ok(p);
+    }
+    c.exec(
+        "UPDATE targets SET attempts = 0, last_error = NULL, last_attempt_ms = $2, next_attempt_ms = 0 WHERE name = $1",
+        args![target, i64_of(now)],
+    )?;
+    let more = c
+        .first(
+            "SELECT snapshot_needed != 0 OR EXISTS (SELECT 1 FROM outbox WHERE target = $1 AND seq > $2) FROM targets WHERE name = $1",
+            args![target, i64_of(new_acked)],
+        )?
+        .map(|r| r.bool(0))
+        .transpose()?
+        .unwrap_or(false);
+    Ok(Progress {
+        acked: acked_now,
+        error: None,
+        more: more && (acked_now > 0 || snapshot_needed == Some(true)),
+    })
+}
+
+/// Counts a failed attempt and schedules the next with exponential backoff
+/// and jitter (between half and all of the doubled delay).
+pub(crate) fn fail(
+    c: &mut dyn Sql,
+    target: &str,
+    config: &AuthorityConfig,
+    attempts: u32,
+    now: u64,
+    reason: String,
+) -> Result<Progress, AuthorityError> {
+    let attempts = attempts.saturating_add(1);
+    let mut r = [0u8; 2];
+    let _ = netproc_pki::random_bytes(&mut r);
+    let delay = backoff(
+        attempts,
+        config.base_backoff,
+        config.max_backoff,
+        u16::from_le_bytes(r),
+    );
+    let delay = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    c.exec(
+        "UPDATE targets SET attempts = $2, last_error = $3, last_attempt_ms = $4, next_attempt_ms = $5 WHERE name = $1",
+        args![
+            target,
+            i64::from(attempts),
+            &reason,
+            i64_of(now),
+            i64_of(now.saturating_add(delay))
+        ],
+    )?;
+    Ok(Progress {
+        acked: 0,
+        error: Some(reason),
+        more: false,
+    })
+}
+
+/// The store over a database thread ([`Db`]): SQLite (embedded) or
+/// PostgreSQL, the same SQL.
+pub(crate) struct SqlStore {
+    db: Db,
+}
+
+impl SqlStore {
+    pub(crate) fn new(db: Db) -> SqlStore {
+        SqlStore { db }
+    }
+}
+
+impl Store for SqlStore {
+    fn ensure(
+        &self,
+        spec: CredentialSpec,
+        targets: BTreeSet<String>,
+    ) -> BoxFuture<'_, Result<Ensured, AuthorityError>> {
+        Box::pin(self.db.run(move |c| ensure_in(c, &spec, &targets)))
+    }
+
+    fn rotate(
+        &self,
+        id: String,
+        overlap: Option<Duration>,
+    ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            let mut cred = load_credential(c, &id)?
+                .ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
+            let Some(old_hash) = cred.secret_sha256 else {
+                return Err(AuthorityError::NotAnApiKey(id.clone()));
+            };
+            let (key, hash) =
+                ApiKey::generate(&id).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
+            cred.previous = overlap.map(|d| {
+                (
+                    old_hash,
+                    cred.generation,
+                    now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                )
+            });
+            cred.secret_sha256 = Some(hash);
+            cred.generation += 1;
+            let targets = credential_targets(c, &id)?;
+            save_and_send(c, &cred, &targets, &BTreeSet::new(), true)?;
+            Ok(key)
+        }))
+    }
+
+    fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            if load_credential(c, &id)?.is_none() {
+                return Err(AuthorityError::UnknownCredential(id.clone()));
+            }
+            let targets = credential_targets(c, &id)?;
+            c.exec("DELETE FROM credentials WHERE id = $1", args![&id])?;
+            c.exec(
+                "DELETE FROM credential_targets WHERE credential_id = $1",
+                args![&id],
+            )?;
+            let change_id = next_change_id(c)?;
+            for t in &targets {
+                enqueue(c, t, change_id, &id, &EventKind::Delete { id: id.clone() })?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn status(
+        &self,
+        id: String,
+        in_flight: HashSet<String>,
+    ) -> BoxFuture<'_, Result<Vec<TargetDelivery>, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            let rows = c.query(
+                "SELECT d.target, d.seq, d.error, t.acked_seq, t.attempts, t.last_error, t.last_attempt_ms
+                 FROM delivery d JOIN targets t ON t.name = d.target
+                 WHERE d.credential_id = $1 ORDER BY d.target",
+                args![&id],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let (target, seq, error, acked) =
+                    (r.string(0)?, u64_of(r.i64(1)?), r.opt_string(2)?, u64_of(r.i64(3)?));
+                let (attempts, last_error, last_ms) = (r.i64(4)?, r.opt_string(5)?, r.opt_i64(6)?);
+                let last_attempt = last_ms.map(|ms| netproc_wire::from_unix_ms(u64_of(ms)));
+                let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+                let state = if let Some(reason) = error {
+                    DeliveryState::Error {
+                        reason,
+                        attempts: attempts.max(1),
+                        last_attempt,
+                    }
+                } else if acked >= seq {
+                    DeliveryState::Success
+                } else if in_flight.contains(&target) {
+                    DeliveryState::Sent
+                } else if let Some(reason) = last_error.filter(|_| attempts > 0) {
+                    DeliveryState::Error {
+                        reason,
+                        attempts,
+                        last_attempt,
+                    }
+                } else {
+                    DeliveryState::Pending
+                };
+                out.push(TargetDelivery { target, state });
+            }
+            if out.is_empty() && load_credential(c, &id)?.is_none() {
+                return Err(AuthorityError::UnknownCredential(id.clone()));
+            }
+            Ok(out)
+        }))
+    }
+
+    fn targets(&self) -> BoxFuture<'_, Result<Vec<TargetState>, AuthorityError>> {
+        Box::pin(self.db.run(|c| {
+            let rows = c.query(
+                "SELECT name, acked_seq, next_seq, snapshot_needed, attempts, last_error,
+                   (SELECT COUNT(*) FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq)
+                 FROM targets t ORDER BY name",
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(TargetState {
+                        name: r.string(0)?,
+                        acked_seq: u64_of(r.i64(1)?),
+                        last_seq: u64_of(r.i64(2)?.saturating_sub(1)),
+                        snapshot_needed: r.bool(3)?,
+                        attempts: u32::try_from(r.i64(4)?).unwrap_or(u32::MAX),
+                        last_error: r.opt_string(5)?,
+                        pending_events: u64_of(r.i64(6)?),
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    fn credentials(&self) -> BoxFuture<'_, Result<Vec<CredentialInfo>, AuthorityError>> {
+        Box::pin(self.db.run(|c| {
+            let rows = c.query("SELECT id, credential FROM credentials ORDER BY id", &[])?;
+            let mut out = Vec::new();
+            for r in rows {
+                let (id, bytes) = (r.string(0)?, r.bytes(1)?);
+                let cred = decode_credential(&bytes)?;
+                out.push(CredentialInfo {
+                    kind: if cred.ed25519_public_key.is_some() {
+                        "ed25519"
+                    } else {
+                        "api_key"
+                    },
+                    generation: cred.generation,
+                    privileges: cred.privileges,
+                    targets: credential_targets(c, &id)?.into_iter().collect(),
+                    id,
+                });
+            }
+            Ok(out)
+        }))
+    }
+
+    fn due_targets(
+        &self,
+        names: Vec<String>,
+        now_ms: u64,
+    ) -> BoxFuture<'_, Result<Vec<String>, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            let rows = c.query(
+                "SELECT name FROM targets t WHERE next_attempt_ms <= $1 AND (snapshot_needed != 0
+                   OR EXISTS (SELECT 1 FROM outbox o WHERE o.target = t.name AND o.seq > t.acked_seq))",
+                args![i64_of(now_ms)],
+            )?;
+            let due = rows
+                .iter()
+                .map(|r| r.string(0))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(due.into_iter().filter(|n| names.contains(n)).collect())
+        }))
+    }
+
+    fn prepare(
+        &self,
+        target: String,
+        part_bytes: usize,
+    ) -> BoxFuture<'_, Result<Batch, AuthorityError>> {
+        Box::pin(self.db.run(move |c| prepare(c, &target, part_bytes)))
+    }
+
+    fn complete(
+        &self,
+        target: String,
+        config: AuthorityConfig,
+        sent: Sent,
+        reply: Result<DeliveryReply, String>,
+    ) -> BoxFuture<'_, Result<Progress, AuthorityError>> {
+        Box::pin(
+            self.db
+                .run(move |c| complete(c, &target, &config, &sent, reply.clone())),
+        )
+    }
+}
