@@ -70,7 +70,7 @@ pub use pem::{Crl, Identity, TrustAnchors};
 pub use provider::{crypto_provider, random_bytes};
 pub use tls::{
     Pin, PinMismatch, TlsOptions, client_config, client_config_with, server_config,
-    server_config_with,
+    server_config_with, service_client_config,
 };
 
 pub use pem::{read_secret_file, write_secret_file};

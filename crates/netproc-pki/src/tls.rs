@@ -121,6 +121,21 @@ pub struct PinMismatch {
     pub fingerprint: Fingerprint,
 }
 
+/// A TLS client configuration for a service that authenticates the server
+/// only (a database, a cache): the server's certificate verified against
+/// `server_roots` and the name given at connect time; no client
+/// certificate; the workspace's provider (ring); TLS 1.3 unless `options`
+/// allow 1.2.
+pub fn service_client_config(
+    server_roots: &TrustAnchors,
+    options: &TlsOptions,
+) -> Result<ClientConfig, PkiError> {
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(options.versions())?
+        .with_root_certificates(server_roots.store())
+        .with_no_client_auth())
+}
+
 /// A client's TLS configuration: the client's identity, the server verified
 /// against `server_roots` (and the server name given at connect time), and
 /// optionally restricted to `pins`.

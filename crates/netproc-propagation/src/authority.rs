@@ -64,7 +64,7 @@ impl Authority {
                 "target name {bad:?}: expected 1 to 128 characters of [A-Za-z0-9._:-]"
             )));
         }
-        let store = SqlStore::new(crate::sqlite::open(&config.database, &config.targets)?);
+        let store = SqlStore::new(open_database(&config)?);
         let delivering = config
             .targets
             .iter()
@@ -159,4 +159,24 @@ impl Authority {
     pub async fn credentials(&self) -> Result<Vec<CredentialInfo>, AuthorityError> {
         self.inner.store.credentials().await
     }
+}
+
+/// The store's database: PostgreSQL when configured (or named by a
+/// `postgres://` URL), else the SQLite file.
+fn open_database(config: &AuthorityConfig) -> Result<crate::db::Db, AuthorityError> {
+    #[cfg(feature = "postgres")]
+    {
+        let named = crate::postgres::is_postgres(&config.database)
+            .then(|| crate::PostgresOptions::new(config.database.to_string_lossy()));
+        if let Some(options) = config.postgres.clone().or(named) {
+            return crate::postgres::open(&options, config.create_database, &config.targets);
+        }
+    }
+    let url = config.database.to_string_lossy();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(AuthorityError::Invalid(
+            "database: a PostgreSQL URL needs netproc-propagation's `postgres` feature".into(),
+        ));
+    }
+    crate::sqlite::open(&config.database, &config.targets)
 }

@@ -49,13 +49,33 @@ pub(crate) struct Db {
 impl Db {
     /// Starts the database thread over `conn`.
     pub(crate) fn spawn(conn: impl Conn, name: &str) -> Result<Db, AuthorityError> {
+        Db::spawn_with(name, move || Ok(conn))
+    }
+
+    /// Starts the database thread, which first makes its connection with
+    /// `make` (a client that must not run inside the caller's async
+    /// runtime connects there). Blocks until `make` has answered.
+    pub(crate) fn spawn_with<C: Conn>(
+        name: &str,
+        make: impl FnOnce() -> Result<C, AuthorityError> + Send + 'static,
+    ) -> Result<Db, AuthorityError> {
         let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || actor(conn, &rx))
+            .spawn(move || match make() {
+                Ok(conn) => {
+                    let _ = ready_tx.send(Ok(()));
+                    actor(conn, &rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
             .map_err(|e| {
                 AuthorityError::Database(DatabaseError::new("cannot start the database thread", e))
             })?;
+        ready_rx.recv().map_err(|_| AuthorityError::Closed)??;
         Ok(Db {
             jobs: Mutex::new(tx),
         })

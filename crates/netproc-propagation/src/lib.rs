@@ -66,6 +66,8 @@ mod db;
 mod delivery;
 mod event;
 mod plan;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod query;
 mod sql;
 mod sqlite;
@@ -76,6 +78,8 @@ mod types;
 mod wire;
 
 pub use authority::Authority;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresOptions;
 pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
 pub use types::{
     AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DatabaseError, DeliveryState,

@@ -85,7 +85,8 @@ impl Eq for DatabaseError {}
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct AuthorityConfig {
-    /// The SQLite database file (created if missing).
+    /// The SQLite database file (created if missing), or a `postgres://…`
+    /// URL (feature `postgres`).
     pub database: PathBuf,
     /// The targets' names, as the transport knows them. A name seen for
     /// the first time gets a snapshot first.
@@ -108,6 +109,14 @@ pub struct AuthorityConfig {
     /// parts (512 KiB; a part must fit the server's frame limit, 1 MiB by
     /// default).
     pub snapshot_part_bytes: usize,
+    /// The store on PostgreSQL instead of SQLite (feature `postgres`). A
+    /// `database` of `postgres://…` means the same, with default options.
+    #[cfg(feature = "postgres")]
+    pub postgres: Option<crate::PostgresOptions>,
+    /// PostgreSQL only: create the tables if the database has none (what
+    /// `netproc creds init` does). Without it such a database is refused,
+    /// so a mistyped URL cannot start an empty authority. Default true.
+    pub create_database: bool,
 }
 
 impl AuthorityConfig {
@@ -123,6 +132,9 @@ impl AuthorityConfig {
             poll_interval: Duration::from_millis(250),
             probe_interval: Duration::from_secs(60),
             snapshot_part_bytes: 512 * 1024,
+            #[cfg(feature = "postgres")]
+            postgres: None,
+            create_database: true,
         }
     }
 }

@@ -62,6 +62,19 @@ pub async fn redis_or_skip(test: &str) -> Option<String> {
         .then_some(url)
 }
 
+/// The PostgreSQL URL for tests (`NETPROC_TEST_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`), or `None` after printing a
+/// skip line.
+pub async fn postgres_or_skip(test: &str) -> Option<String> {
+    let url = service_url(
+        "NETPROC_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
+    service_or_skip("PostgreSQL", &url, 5432, test)
+        .await
+        .then_some(url)
+}
+
 /// A TCP proxy on 127.0.0.1 to `target`, for outages on demand: [`cut`]
 /// closes every connection through it and refuses new ones until
 /// [`resume`]; [`stall`] stops forwarding (connections stay open, bytes

@@ -62,14 +62,89 @@ impl Transport for Lossy {
     }
 }
 
+/// Where the authority keeps its state in a test: a SQLite file, or a
+/// schema of its own in PostgreSQL (dropped with the test).
+pub(crate) enum Backend {
+    Sqlite,
+    Postgres(PgSchema),
+}
+
+/// A PostgreSQL schema for one test, dropped at the end (also on failure).
+pub(crate) struct PgSchema {
+    pub(crate) url: String,
+    pub(crate) schema: String,
+}
+
+impl PgSchema {
+    /// A fresh schema, or `None` (after a skip line) without PostgreSQL.
+    pub(crate) async fn new(test: &str) -> Option<PgSchema> {
+        let url = netproc_testkit::postgres_or_skip(test).await?;
+        let mut r = [0u8; 6];
+        netproc_pki::random_bytes(&mut r).unwrap();
+        let schema = format!(
+            "np_{}",
+            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        Some(PgSchema { url, schema })
+    }
+
+    pub(crate) fn options(&self) -> netproc_propagation::PostgresOptions {
+        let mut o = netproc_propagation::PostgresOptions::new(self.url.clone());
+        o.schema = Some(self.schema.clone());
+        o
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        // The blocking client may not run on the test's runtime thread.
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        })
+        .join();
+    }
+}
+
+/// Runs an authority test on SQLite, and on PostgreSQL when it is there.
+macro_rules! on_both_backends {
+    ($(#[$attr:meta])* async fn $name:ident($b:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn case($b: Backend) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                case(Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(pg) = PgSchema::new(concat!(stringify!($name), "::postgres")).await {
+                    case(Backend::Postgres(pg)).await;
+                }
+            }
+        }
+    };
+}
+
 pub(crate) struct Fleet {
     pub(crate) _dir: tempfile::TempDir,
+    pub(crate) _backend: Backend,
     pub(crate) authority: Authority,
     pub(crate) stores: BTreeMap<String, Arc<ApiKeyStore>>,
     pub(crate) transport: Arc<Lossy>,
 }
 
 pub(crate) fn fleet(names: &[&str]) -> Fleet {
+    fleet_on(Backend::Sqlite, names)
+}
+
+pub(crate) fn fleet_on(backend: Backend, names: &[&str]) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let key = Ed25519Key::generate().unwrap();
     let mut local = LocalTransport::new();
@@ -99,10 +174,14 @@ pub(crate) fn fleet(names: &[&str]) -> Fleet {
     config.base_backoff = Duration::from_millis(1);
     // Snapshots of more than one credential come in parts.
     config.snapshot_part_bytes = 120;
+    if let Backend::Postgres(pg) = &backend {
+        config.postgres = Some(pg.options());
+    }
     let authority =
         Authority::open(config, key, Arc::clone(&transport) as Arc<dyn Transport>).unwrap();
     Fleet {
         _dir: dir,
+        _backend: backend,
         authority,
         stores,
         transport,
@@ -119,9 +198,9 @@ pub(crate) fn privileges(admin: bool) -> netproc_auth::PrivilegeSet {
     .unwrap()
 }
 
-#[tokio::test]
-async fn ensure_rotate_and_revoke_reach_every_target() {
-    let f = fleet(&["a", "b", "c"]);
+on_both_backends! {
+    async fn ensure_rotate_and_revoke_reach_every_target(backend) {
+    let f = fleet_on(backend, &["a", "b", "c"]);
     let cert = cert();
     let made = f
         .authority
@@ -203,11 +282,11 @@ async fn ensure_rotate_and_revoke_reach_every_target() {
         assert!(store.propagated_keys().is_empty());
     }
     assert!(f.authority.status("svc").await.is_err());
-}
+}}
 
-#[tokio::test]
-async fn a_local_key_wins_and_the_conflict_is_reported() {
-    let f = fleet(&["a", "b"]);
+on_both_backends! {
+    async fn a_local_key_wins_and_the_conflict_is_reported(backend) {
+    let f = fleet_on(backend, &["a", "b"]);
     let (local, _) = f.stores["a"].create(KeySpec::default()).unwrap();
     f.authority
         .ensure(
@@ -232,11 +311,11 @@ async fn a_local_key_wins_and_the_conflict_is_reported() {
         .unwrap();
     assert!(f.authority.sync().await.all_ok());
     assert!(f.stores["a"].get("other").is_some());
-}
+}}
 
-#[tokio::test]
-async fn a_target_that_cannot_commit_applies_nothing_and_is_retried() {
-    let f = fleet(&["a"]);
+on_both_backends! {
+    async fn a_target_that_cannot_commit_applies_nothing_and_is_retried(backend) {
+    let f = fleet_on(backend, &["a"]);
     assert!(f.authority.sync().await.all_ok());
     // Break the target's table from outside: its next commit fails.
     let db = rusqlite::Connection::open(f._dir.path().join("a/netproc.db")).unwrap();
@@ -269,7 +348,7 @@ async fn a_target_that_cannot_commit_applies_nothing_and_is_retried() {
             .verify(key.expose(), &cert(), SystemTime::now())
             .is_ok()
     );
-}
+}}
 
 #[test]
 fn a_snapshot_in_parts_survives_a_restart_between_parts() {
@@ -373,9 +452,9 @@ fn a_snapshot_in_parts_survives_a_restart_between_parts() {
     assert_eq!(store.propagated_keys().len(), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_delivers_in_the_background_and_a_concurrent_sync_waits_its_turn() {
-    let f = fleet(&["a", "b"]);
+on_both_backends! {
+    async fn run_delivers_in_the_background_and_a_concurrent_sync_waits_its_turn(backend) {
+    let f = fleet_on(backend, &["a", "b"]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let background = {
         let a = f.authority.clone();
@@ -423,11 +502,11 @@ async fn run_delivers_in_the_background_and_a_concurrent_sync_waits_its_turn() {
     }
     stop.send(()).unwrap();
     background.await.unwrap();
-}
+}}
 
-#[tokio::test]
-async fn a_target_far_behind_gets_a_snapshot_instead_of_its_backlog() {
-    let f = fleet(&["a", "b"]);
+on_both_backends! {
+    async fn a_target_far_behind_gets_a_snapshot_instead_of_its_backlog(backend) {
+    let f = fleet_on(backend, &["a", "b"]);
     assert!(f.authority.sync().await.all_ok());
     f.transport
         .fate
@@ -478,7 +557,7 @@ async fn a_target_far_behind_gets_a_snapshot_instead_of_its_backlog() {
                 .is_ok()
         );
     }
-}
+}}
 
 /// The transport seam: each delivery carries its own correlation id, and a
 /// delivery with no answer within the timeout is dropped (the transport
@@ -531,11 +610,11 @@ async fn a_delivery_without_an_answer_times_out_and_is_dropped() {
     assert_eq!(silent.dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
-/// A credential's spec is the key store's own `KeySpec`; what is not
-/// propagated (label, session policy) is refused rather than dropped.
-#[tokio::test]
-async fn what_is_not_propagated_is_refused_not_dropped() {
-    let f = fleet(&["a"]);
+// A credential's spec is the key store's own `KeySpec`; what is not
+// propagated (label, session policy) is refused rather than dropped.
+on_both_backends! {
+    async fn what_is_not_propagated_is_refused_not_dropped(backend) {
+    let f = fleet_on(backend, &["a"]);
     let spec = CredentialSpec::api_key(
         "svc",
         netproc_auth::KeySpec::new(privileges(false)).label("ci"),
@@ -551,4 +630,4 @@ async fn what_is_not_propagated_is_refused_not_dropped() {
         netproc_auth::KeySpec::new(privileges(false)).functions(["add"]),
     );
     f.authority.ensure(spec, &["a"]).await.unwrap();
-}
+}}

@@ -1,0 +1,353 @@
+//! The PostgreSQL backend (feature `postgres`): the same SQL as SQLite
+//! ([`crate::sql`]) over the `postgres` client on the database thread,
+//! versioned migrations, transactions rerun on deadlock or serialization
+//! failure, reconnection, TLS through the workspace's rustls.
+//!
+//! Why the blocking `postgres` client (tokio-postgres underneath): the
+//! authority's store is one writer thread with group commit — jobs queue,
+//! one transaction runs them all, each in a savepoint — and that thread
+//! drives SQLite the same way. With the blocking client the whole store is
+//! one body of SQL over one seam, and the thread's small current-thread
+//! runtime never touches the application's. Connection poolers in
+//! transaction mode are not supported (the thread holds one session).
+
+use std::time::Duration;
+
+use postgres::types::{ToSql, Type};
+use postgres::{Client, Config, NoTls};
+
+use crate::db::{Conn, Db};
+use crate::query::{Arg, Cell, Row, Sql};
+use crate::types::{AuthorityError, DatabaseError};
+
+/// Versioned migrations: each runs once, in order, under an advisory lock
+/// (several authority processes may start together).
+const MIGRATIONS: &[&str] = &[
+    // 1: the store's tables (as SQLite's, in PostgreSQL's types).
+    "CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value BIGINT NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('change_id', 0);
+    CREATE TABLE credentials (
+        id TEXT PRIMARY KEY,
+        credential BYTEA NOT NULL,
+        updated_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE targets (
+        name TEXT PRIMARY KEY,
+        next_seq BIGINT NOT NULL DEFAULT 1,
+        acked_seq BIGINT NOT NULL DEFAULT 0,
+        snapshot_needed BIGINT NOT NULL DEFAULT 1,
+        attempts BIGINT NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_attempt_ms BIGINT,
+        next_attempt_ms BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE credential_targets (
+        credential_id TEXT NOT NULL,
+        target TEXT NOT NULL,
+        PRIMARY KEY (credential_id, target)
+    );
+    CREATE INDEX credential_targets_by_target ON credential_targets (target);
+    CREATE TABLE outbox (
+        target TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        change_id BIGINT NOT NULL,
+        credential_id TEXT NOT NULL,
+        kind BYTEA NOT NULL,
+        PRIMARY KEY (target, seq)
+    );
+    CREATE TABLE delivery (
+        target TEXT NOT NULL,
+        credential_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (target, credential_id)
+    );",
+];
+
+/// Where and how to reach PostgreSQL.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// `postgres://user@host:port/db[?sslmode=…]`. A password may be in
+    /// it, but is better in [`password`](Self::password).
+    pub url: String,
+    /// The password (from an environment variable or a file); never logged.
+    pub password: Option<String>,
+    /// For `sslmode=require` / `verify-full`: the CA that signs the
+    /// server's certificate (PEM). The server's name is always checked.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Tables in this schema instead of the connection's default (created
+    /// if missing): one database can hold several authorities, or tests.
+    pub schema: Option<String>,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresOptions {
+    /// Options for `url`, no password, no CA, the default schema.
+    pub fn new(url: impl Into<String>) -> PostgresOptions {
+        PostgresOptions {
+            url: url.into(),
+            password: None,
+            ca_pem: None,
+            schema: None,
+        }
+    }
+}
+
+/// Whether `database` names PostgreSQL rather than a SQLite file.
+pub(crate) fn is_postgres(database: &std::path::Path) -> bool {
+    let s = database.to_string_lossy();
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+fn db_error(context: &str, e: impl std::fmt::Display) -> AuthorityError {
+    AuthorityError::Database(DatabaseError::new(context.to_owned(), e.to_string()))
+}
+
+fn connect(options: &PostgresOptions) -> Result<Client, AuthorityError> {
+    let mut config: Config = options
+        .url
+        .parse()
+        .map_err(|e| db_error("database URL", e))?;
+    if let Some(pw) = &options.password {
+        config.password(pw.as_bytes());
+    }
+    config.connect_timeout(Duration::from_secs(5));
+    let plain = match config.get_ssl_mode() {
+        postgres::config::SslMode::Disable => true,
+        // libpq's default: TLS when it can be checked (a CA is given).
+        postgres::config::SslMode::Prefer => options.ca_pem.is_none(),
+        _ => false,
+    };
+    let client = match plain {
+        true => config.connect(NoTls),
+        false => {
+            let Some(pem) = &options.ca_pem else {
+                return Err(db_error(
+                    "database",
+                    "sslmode asks for TLS: give the server's CA (database_ca)",
+                ));
+            };
+            let roots =
+                netproc_pki::TrustAnchors::from_pem(pem).map_err(|e| db_error("database_ca", e))?;
+            let tls = netproc_pki::service_client_config(
+                &roots,
+                &netproc_pki::TlsOptions::default().allow_tls12(true),
+            )
+            .map_err(|e| db_error("database TLS", e))?;
+            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+        }
+    }
+    .map_err(|e| db_error("connecting to PostgreSQL", e))?;
+    let mut client = client;
+    if let Some(schema) = &options.schema {
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || schema.is_empty()
+        {
+            return Err(db_error("database schema", "1 or more of [A-Za-z0-9_]"));
+        }
+        client
+            .batch_execute(&format!("SET search_path TO {schema}"))
+            .map_err(|e| db_error("search_path", e))?;
+    }
+    Ok(client)
+}
+
+/// Runs the migrations not yet applied (all of them with `create`; with
+/// `create` false, a database with none is refused: `netproc creds init`
+/// makes it), then registers `targets`.
+fn migrate(
+    client: &mut Client,
+    options: &PostgresOptions,
+    create: bool,
+    targets: &[String],
+) -> Result<(), AuthorityError> {
+    let mut tx = client
+        .transaction()
+        .map_err(|e| db_error("migrations", e))?;
+    if let Some(schema) = &options.schema {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .map_err(|e| db_error("schema", e))?;
+    }
+    // One migrator at a time, across processes.
+    tx.batch_execute("SELECT pg_advisory_xact_lock(7304519245566221)")
+        .map_err(|e| db_error("migration lock", e))?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS netproc_schema (version BIGINT NOT NULL)")
+        .map_err(|e| db_error("migrations", e))?;
+    let version: i64 = tx
+        .query_opt("SELECT version FROM netproc_schema", &[])
+        .map_err(|e| db_error("migrations", e))?
+        .map_or(0, |r| r.get(0));
+    if version == 0 && !create {
+        return Err(db_error(
+            "database",
+            "no netproc authority tables here; `netproc creds init` creates them",
+        ));
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(m)
+            .map_err(|e| db_error(&format!("migration {}", i + 1), e))?;
+    }
+    tx.batch_execute("DELETE FROM netproc_schema")
+        .map_err(|e| db_error("migrations", e))?;
+    tx.execute(
+        "INSERT INTO netproc_schema (version) VALUES ($1)",
+        &[&(MIGRATIONS.len() as i64)],
+    )
+    .map_err(|e| db_error("migrations", e))?;
+    for t in targets {
+        tx.execute(
+            "INSERT INTO targets (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[t],
+        )
+        .map_err(|e| db_error("targets", e))?;
+    }
+    tx.commit().map_err(|e| db_error("migrations", e))
+}
+
+struct PgConn {
+    client: Client,
+    options: PostgresOptions,
+    retry: bool,
+}
+
+impl PgConn {
+    fn check(&mut self, e: postgres::Error) -> AuthorityError {
+        use postgres::error::SqlState;
+        if let Some(code) = e.code()
+            && (*code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE)
+        {
+            self.retry = true;
+        }
+        db_error("", e)
+    }
+}
+
+fn params<'a>(args: &'a [Arg<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    args.iter()
+        .map(|a| -> &(dyn ToSql + Sync) {
+            match a {
+                Arg::I(v) => v,
+                Arg::S(v) => v,
+                Arg::B(v) => v,
+            }
+        })
+        .collect()
+}
+
+fn row(r: &postgres::Row) -> Result<Row, AuthorityError> {
+    let mut out = Vec::with_capacity(r.len());
+    for (i, col) in r.columns().iter().enumerate() {
+        let get_err = |e: postgres::Error| db_error("reading a row", e);
+        let cell = match *col.type_() {
+            Type::INT8 => r
+                .try_get::<_, Option<i64>>(i)
+                .map_err(get_err)?
+                .map(Cell::I),
+            Type::INT4 => r
+                .try_get::<_, Option<i32>>(i)
+                .map_err(get_err)?
+                .map(|v| Cell::I(i64::from(v))),
+            Type::INT2 => r
+                .try_get::<_, Option<i16>>(i)
+                .map_err(get_err)?
+                .map(|v| Cell::I(i64::from(v))),
+            Type::BOOL => r
+                .try_get::<_, Option<bool>>(i)
+                .map_err(get_err)?
+                .map(Cell::Bool),
+            Type::BYTEA => r
+                .try_get::<_, Option<Vec<u8>>>(i)
+                .map_err(get_err)?
+                .map(Cell::B),
+            _ => r
+                .try_get::<_, Option<String>>(i)
+                .map_err(get_err)?
+                .map(Cell::S),
+        };
+        out.push(cell.unwrap_or(Cell::Null));
+    }
+    Ok(Row(out))
+}
+
+impl Sql for PgConn {
+    fn exec(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, AuthorityError> {
+        let p = params(args);
+        match self.client.execute(sql, &p) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.check(e)),
+        }
+    }
+
+    fn query(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>, AuthorityError> {
+        let p = params(args);
+        match self.client.query(sql, &p) {
+            Ok(rows) => rows.iter().map(row).collect(),
+            Err(e) => Err(self.check(e)),
+        }
+    }
+}
+
+impl Conn for PgConn {
+    fn batch(&mut self, sql: &str) -> Result<(), DatabaseError> {
+        // A lost session (PostgreSQL restarted, the network cut): connect
+        // again before the next transaction; the jobs of a transaction in
+        // flight fail and their callers retry.
+        if sql.starts_with("BEGIN") && self.client.is_closed() {
+            match connect(&self.options) {
+                Ok(c) => self.client = c,
+                Err(AuthorityError::Database(e)) => return Err(e),
+                Err(e) => return Err(DatabaseError::new("reconnecting", e.to_string())),
+            }
+        }
+        self.client.batch_execute(sql).map_err(|e| {
+            use postgres::error::SqlState;
+            if e.code().is_some_and(|c| {
+                *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            }) {
+                self.retry = true;
+            }
+            DatabaseError::new(sql.split(' ').next().unwrap_or(""), e.to_string())
+        })
+    }
+
+    fn begin(&self) -> &'static str {
+        "BEGIN ISOLATION LEVEL READ COMMITTED"
+    }
+
+    fn take_retry(&mut self) -> bool {
+        std::mem::take(&mut self.retry)
+    }
+}
+
+/// Connects, migrates (creating the tables only with `create`), registers
+/// `targets`, and starts the database thread. Blocking.
+pub(crate) fn open(
+    options: &PostgresOptions,
+    create: bool,
+    targets: &[String],
+) -> Result<Db, AuthorityError> {
+    let (options, targets) = (options.clone(), targets.to_vec());
+    Db::spawn_with("netproc-authority-pg", move || {
+        let mut client = connect(&options)?;
+        migrate(&mut client, &options, create, &targets)?;
+        Ok(PgConn {
+            client,
+            options,
+            retry: false,
+        })
+    })
+}
