@@ -167,7 +167,7 @@ fn open_database(config: &AuthorityConfig) -> Result<crate::db::Db, AuthorityErr
     #[cfg(feature = "postgres")]
     {
         let named = crate::postgres::is_postgres(&config.database)
-            .then(|| crate::PostgresOptions::new(config.database.to_string_lossy()));
+            .then(|| PostgresOptions::new(config.database.to_string_lossy()));
         if let Some(options) = config.postgres.clone().or(named) {
             return crate::postgres::open(&options, config.create_database, &config.targets);
         }

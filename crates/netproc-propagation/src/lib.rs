@@ -78,12 +78,10 @@ mod types;
 mod wire;
 
 pub use authority::Authority;
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresOptions;
 pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
 pub use types::{
     AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DatabaseError, DeliveryState,
-    Ensured, SyncReport, TargetDelivery, TargetState, TargetSync,
+    Ensured, PostgresOptions, SyncReport, TargetDelivery, TargetState, TargetSync,
 };
 
 pub use event::{

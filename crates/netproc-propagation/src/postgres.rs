@@ -18,7 +18,7 @@ use postgres::{Client, Config, NoTls};
 
 use crate::db::{Conn, Db};
 use crate::query::{Arg, Cell, Row, Sql};
-use crate::types::{AuthorityError, DatabaseError};
+use crate::types::{AuthorityError, DatabaseError, PostgresOptions};
 
 /// Versioned migrations: each runs once, in order, under an advisory lock
 /// (several authority processes may start together).
@@ -66,43 +66,6 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (target, credential_id)
     );",
 ];
-
-/// Where and how to reach PostgreSQL.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct PostgresOptions {
-    /// `postgres://user@host:port/db[?sslmode=…]`. A password may be in
-    /// it, but is better in [`password`](Self::password).
-    pub url: String,
-    /// The password (from an environment variable or a file); never logged.
-    pub password: Option<String>,
-    /// For `sslmode=require` / `verify-full`: the CA that signs the
-    /// server's certificate (PEM). The server's name is always checked.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Tables in this schema instead of the connection's default (created
-    /// if missing): one database can hold several authorities, or tests.
-    pub schema: Option<String>,
-}
-
-impl std::fmt::Debug for PostgresOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresOptions")
-            .field("schema", &self.schema)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PostgresOptions {
-    /// Options for `url`, no password, no CA, the default schema.
-    pub fn new(url: impl Into<String>) -> PostgresOptions {
-        PostgresOptions {
-            url: url.into(),
-            password: None,
-            ca_pem: None,
-            schema: None,
-        }
-    }
-}
 
 /// Whether `database` names PostgreSQL rather than a SQLite file.
 pub(crate) fn is_postgres(database: &std::path::Path) -> bool {

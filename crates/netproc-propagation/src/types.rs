@@ -112,7 +112,7 @@ pub struct AuthorityConfig {
     /// The store on PostgreSQL instead of SQLite (feature `postgres`). A
     /// `database` of `postgres://…` means the same, with default options.
     #[cfg(feature = "postgres")]
-    pub postgres: Option<crate::PostgresOptions>,
+    pub postgres: Option<PostgresOptions>,
     /// PostgreSQL only: create the tables if the database has none (what
     /// `netproc creds init` does). Without it such a database is refused,
     /// so a mistyped URL cannot start an empty authority. Default true.
@@ -296,5 +296,43 @@ impl SyncReport {
     /// Every target answered.
     pub fn all_ok(&self) -> bool {
         self.targets.iter().all(|t| t.error.is_none())
+    }
+}
+
+/// Where and how to reach PostgreSQL (feature `postgres`), for
+/// [`AuthorityConfig::postgres`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct PostgresOptions {
+    /// `postgres://user@host:port/db[?sslmode=…]`. A password may be in
+    /// it, but is better in [`password`](Self::password).
+    pub url: String,
+    /// The password (from an environment variable or a file); never logged.
+    pub password: Option<String>,
+    /// For `sslmode=require` / `verify-full`: the CA that signs the
+    /// server's certificate (PEM). The server's name is always checked.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Tables in this schema instead of the connection's default (created
+    /// if missing): one database can hold several authorities, or tests.
+    pub schema: Option<String>,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresOptions {
+    /// Options for `url`, no password, no CA, the default schema.
+    pub fn new(url: impl Into<String>) -> PostgresOptions {
+        PostgresOptions {
+            url: url.into(),
+            password: None,
+            ca_pem: None,
+            schema: None,
+        }
     }
 }
