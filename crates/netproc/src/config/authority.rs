@@ -34,9 +34,21 @@ use crate::pki::Ed25519Key;
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct AuthorityFile {
-    /// The authority's SQLite database; `netproc creds init` creates it,
-    /// every other command refuses a missing one.
+    /// The authority's SQLite database, or `postgres://user@host/db` for
+    /// PostgreSQL (several authority processes share it); `netproc creds
+    /// init` creates it (or its tables), every other command refuses a
+    /// missing one.
     pub database: PathBuf,
+    /// PostgreSQL: an environment variable holding the password.
+    pub database_password_env: Option<String>,
+    /// PostgreSQL: a file holding the password (mode 0600).
+    pub database_password_file: Option<PathBuf>,
+    /// PostgreSQL with `sslmode=require` or `verify-full`: the CA that
+    /// signs the server's certificate (PEM).
+    pub database_ca: Option<PathBuf>,
+    /// PostgreSQL: the schema holding the tables (default: the
+    /// connection's own).
+    pub database_schema: Option<String>,
     /// A file holding the authority's Ed25519 signing key (64 hex digits of
     /// seed, mode 0600).
     pub signing_key: PathBuf,
@@ -83,6 +95,42 @@ impl AuthorityFile {
         Ok(hex::encode(self.signing_key()?.public_key()))
     }
 
+    /// `database` and its companions as the store takes them; errors name
+    /// the field, and never carry the password.
+    fn postgres_options(
+        &self,
+        config_path: &Path,
+    ) -> Result<crate::propagation::PostgresOptions, ConfigError> {
+        let err = |field: &str, e: &dyn fmt::Display| invalid(config_path, format!("{field}: {e}"));
+        let mut o =
+            crate::propagation::PostgresOptions::new(self.database.to_string_lossy().into_owned());
+        o.password = match (&self.database_password_env, &self.database_password_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "database_password_env",
+                    &"give database_password_env or database_password_file, not both",
+                ));
+            }
+            (Some(var), None) => Some(
+                std::env::var(var)
+                    .map_err(|e| err("database_password_env", &format!("{var}: {e}")))?,
+            ),
+            (None, Some(file)) => {
+                let bytes = crate::pki::read_secret_file(&relative_to(&self.dir, file))
+                    .map_err(|e| err("database_password_file", &e))?;
+                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        if let Some(ca) = &self.database_ca {
+            o.ca_pem = Some(
+                std::fs::read(relative_to(&self.dir, ca)).map_err(|e| err("database_ca", &e))?,
+            );
+        }
+        o.schema = self.database_schema.clone();
+        Ok(o)
+    }
+
     fn signing_key(&self) -> Result<Ed25519Key, String> {
         let path = self.signing_key_path();
         let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
@@ -104,7 +152,7 @@ impl AuthorityFile {
         config_path: &Path,
     ) -> Result<crate::propagation::Authority, ConfigError> {
         let database = relative_to(&self.dir, &self.database);
-        if !database.exists() {
+        if !self.is_postgres() && !database.exists() {
             return Err(invalid(
                 config_path,
                 format!(
@@ -119,7 +167,13 @@ impl AuthorityFile {
             dir: self.dir.clone(),
         };
         let client = clients.client_in(config_path, "targets")?;
-        self.open(config_path, client)
+        self.open(config_path, client, false)
+    }
+
+    /// Whether `database` is a PostgreSQL URL.
+    pub fn is_postgres(&self) -> bool {
+        let s = self.database.to_string_lossy();
+        s.starts_with("postgres://") || s.starts_with("postgresql://")
     }
 
     /// Creates the authority's database if it does not exist (and its
@@ -129,13 +183,14 @@ impl AuthorityFile {
         let client = Client::builder()
             .build()
             .map_err(|e| invalid(config_path, e))?;
-        self.open(config_path, client).map(drop)
+        self.open(config_path, client, true).map(drop)
     }
 
     fn open(
         &self,
         config_path: &Path,
         client: Client,
+        create: bool,
     ) -> Result<crate::propagation::Authority, ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
         let key = self
@@ -150,6 +205,10 @@ impl AuthorityFile {
         }
         if let Some(ms) = self.delivery_timeout_ms {
             config.delivery_timeout = Duration::from_millis(ms.max(1));
+        }
+        config.create_database = create;
+        if self.is_postgres() {
+            config.postgres = Some(self.postgres_options(config_path)?);
         }
         let transport = Arc::new(crate::propagation::NetprocTransport::new(client));
         crate::propagation::Authority::open(config, key, transport).map_err(|e| err(&e))

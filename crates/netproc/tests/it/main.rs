@@ -1516,3 +1516,72 @@ fn proxy_protocol_from_names_a_bad_entry() {
         "{err}"
     );
 }
+
+/// `database = "postgres://…"` in authority.toml: `creds init` creates the
+/// tables (in their own schema here), `creds` works against them, and a
+/// schema without them is refused with the way to make them.
+#[test]
+fn creds_work_against_postgresql() {
+    let url = std::env::var("NETPROC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let reachable = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5432".parse().unwrap(),
+        std::time::Duration::from_secs(1),
+    )
+    .is_ok();
+    if !reachable {
+        assert!(
+            std::env::var_os("NETPROC_REQUIRE_SERVICES").is_none(),
+            "PostgreSQL is required but not reachable"
+        );
+        println!("skipped creds_work_against_postgresql: no PostgreSQL at 127.0.0.1:5432");
+        return;
+    }
+    let schema = format!("np_cli_{}", std::process::id());
+    struct Drop_(String, String);
+    impl Drop for Drop_ {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.0, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.1));
+            }
+        }
+    }
+    let _drop = Drop_(url.clone(), schema.clone());
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let file = |schema: &str| {
+        format!(
+            "database = \"{url}\"\ndatabase_schema = \"{schema}\"\nsigning_key = \"authority.ed25519\"\n\n[targets.s1]\naddress = \"127.0.0.1:1\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"client.apikey\"\n"
+        )
+    };
+    let config = dir.path().join("authority.toml");
+    std::fs::write(&config, file(&schema)).unwrap();
+    let c = config.to_str().unwrap();
+    let out = netproc(&["creds", "init", "--config", c]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&[
+        "creds",
+        "ensure",
+        "--config",
+        c,
+        "billing",
+        "--targets",
+        "s1",
+        "--key-out",
+        dir.path().join("billing.key").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&["creds", "list", "--config", c, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], "billing", "{list}");
+    // A schema without the tables: refused, with the way to make them.
+    std::fs::write(&config, file(&format!("{schema}_typo"))).unwrap();
+    let out = netproc(&["creds", "list", "--config", c]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("creds init"),
+        "{}",
+        text(&out.stderr)
+    );
+}
