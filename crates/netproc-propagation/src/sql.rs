@@ -183,6 +183,20 @@ pub(crate) fn ensure_in(
         .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
     let credential_changed = old.as_ref() != Some(&cred);
     let changed = credential_changed || &old_targets != wanted;
+    if old.is_none() {
+        // Insert-if-absent: with several authority processes, exactly one
+        // creator of an id gets the secret (PostgreSQL makes the second
+        // wait for the first's commit, then finds the row).
+        let bytes = encode(&cred)?;
+        let inserted = c.first(
+            "INSERT INTO credentials (id, credential, updated_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            args![&cred.id, &bytes, i64_of(now_ms())],
+        )?;
+        if inserted.is_none() {
+            return Err(AuthorityError::AlreadyExists(spec.id.clone()));
+        }
+    }
     if changed {
         save_and_send(c, &cred, wanted, &old_targets, credential_changed)?;
     }

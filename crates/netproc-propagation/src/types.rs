@@ -27,6 +27,10 @@ pub enum AuthorityError {
     /// The authority is shutting down.
     #[error("the authority is closed")]
     Closed,
+    /// Another process created this credential first (it has the secret);
+    /// nothing was changed here.
+    #[error("credential {0:?} was just created by another process")]
+    AlreadyExists(String),
 }
 
 impl From<rusqlite::Error> for AuthorityError {
