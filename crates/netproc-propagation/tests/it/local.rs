@@ -710,3 +710,47 @@ async fn two_authorities_on_postgres_create_once_and_never_deadlock() {
     }
     assert_eq!(first.credentials().await.unwrap().len(), 70);
 }
+
+/// Seqs and snapshots stay serialised per target across processes: a
+/// revoke by one authority racing the first snapshot another builds for a
+/// new target never brings the revoked key back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_racing_a_snapshot_on_postgres_leaves_the_key_gone() {
+    for round in 0..5 {
+        let Some(pg) =
+            PgSchema::new("a_revoke_racing_a_snapshot_on_postgres_leaves_the_key_gone").await
+        else {
+            return;
+        };
+        let options = pg.options();
+        let f = fleet_on(Backend::Postgres(pg), &["a", "b"]);
+        let mut config = AuthorityConfig::new("unused", vec!["a".into(), "b".into()]);
+        config.postgres = Some(options);
+        let other = Authority::open(
+            config,
+            Ed25519Key::generate().unwrap(),
+            Arc::clone(&f.transport) as Arc<dyn Transport>,
+        )
+        .unwrap();
+        f.authority
+            .ensure(
+                CredentialSpec::api_key("victim", privileges(false)),
+                &["a", "b"],
+            )
+            .await
+            .unwrap();
+        // The targets are new: their first delivery is a snapshot, built
+        // while the other authority revokes.
+        let (_, revoked) = tokio::join!(f.authority.sync(), other.revoke("victim"));
+        revoked.unwrap();
+        for _ in 0..5 {
+            f.authority.sync().await;
+        }
+        for t in ["a", "b"] {
+            assert!(
+                f.stores[t].get("victim").is_none(),
+                "round {round}: the revoked key came back on {t}"
+            );
+        }
+    }
+}
