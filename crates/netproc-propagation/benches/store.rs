@@ -1,0 +1,122 @@
+//! The authority's store: changes committed per second with group commit,
+//! SQLite against PostgreSQL in the same run (rounds alternated, medians).
+//!
+//! `cargo bench -p netproc-propagation --bench store` (PostgreSQL at
+//! `NETPROC_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`;
+//! SQLite only, with a line, when absent). `NETPROC_BENCH_SECS` (default
+//! 3), `NETPROC_BENCH_ROUNDS` (default 3), `NETPROC_BENCH_TASKS` (callers
+//! at once, default 64).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use netproc_pki::Ed25519Key;
+use netproc_propagation::{
+    Authority, AuthorityConfig, CredentialSpec, LocalTransport, PostgresOptions, Transport,
+};
+use netproc_testkit::{env_or, median, postgres_or_skip};
+
+async fn changes_per_second(authority: Arc<Authority>, tasks: usize, secs: f64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (authority, stop, done) = (Arc::clone(&authority), stop.clone(), done.clone());
+        handles.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("k{t}-{}", i % 100);
+                let privileges = if i.is_multiple_of(2) {
+                    "invoke_functions"
+                } else {
+                    "admin_privileges"
+                };
+                authority
+                    .ensure(
+                        CredentialSpec::api_key(
+                            &id,
+                            privileges.parse::<netproc_auth::PrivilegeSet>().unwrap(),
+                        ),
+                        &["a", "b", "c"],
+                    )
+                    .await
+                    .unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let rate = (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.await;
+    }
+    rate
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs: f64 = env_or("NETPROC_BENCH_SECS", 3.0);
+    let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
+    let tasks: usize = env_or("NETPROC_BENCH_TASKS", 64);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let targets = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = Arc::new(
+            Authority::open(
+                AuthorityConfig::new(dir.path().join("a.db"), targets.clone()),
+                Ed25519Key::generate().unwrap(),
+                Arc::clone(&transport),
+            )
+            .unwrap(),
+        );
+        let pg_url = postgres_or_skip("store bench").await;
+        let schema = format!("np_bench_{}", std::process::id());
+        let pg = pg_url.as_ref().map(|url| {
+            let mut o = PostgresOptions::new(url.clone());
+            o.schema = Some(schema.clone());
+            let mut config = AuthorityConfig::new("unused", targets.clone());
+            config.postgres = Some(o);
+            Arc::new(
+                Authority::open(config, Ed25519Key::generate().unwrap(), Arc::clone(&transport))
+                    .unwrap(),
+            )
+        });
+        let (mut lite, mut post) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let l = changes_per_second(Arc::clone(&sqlite), tasks, secs).await;
+            lite.push(l);
+            let p = match &pg {
+                Some(pg) => changes_per_second(Arc::clone(pg), tasks, secs).await,
+                None => 0.0,
+            };
+            post.push(p);
+            println!("round {round}: SQLite {l:.0} changes/s | PostgreSQL {p:.0} changes/s ({tasks} callers, 3 targets each)");
+        }
+        println!(
+            "median: SQLite {:.0} changes/s | PostgreSQL {:.0} changes/s",
+            median(lite),
+            median(post)
+        );
+        if let Some(url) = pg_url {
+            let _ = std::thread::spawn(move || {
+                if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
+                    let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+                }
+            })
+            .join();
+        }
+    });
+}
