@@ -24,6 +24,8 @@ pub(crate) struct Inner {
     /// One delivery at a time per target (one lock per configured target).
     pub(crate) delivering: std::collections::HashMap<String, tokio::sync::Mutex<()>>,
     pub(crate) wake: tokio::sync::Notify,
+    /// The delivery lease's epoch while this process leads (0 before).
+    pub(crate) epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The authority (full mode). Cheap to clone; every clone is the same
@@ -80,6 +82,7 @@ impl Authority {
 
                 delivering,
                 wake: tokio::sync::Notify::new(),
+                epoch: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

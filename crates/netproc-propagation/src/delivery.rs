@@ -34,27 +34,82 @@ impl Authority {
     pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut last_probe: Option<Instant> = None;
+        let lease = self
+            .inner
+            .config
+            .lease
+            .max(std::time::Duration::from_millis(100));
+        let holder = holder_id();
+        // Delivering only while holding the lease (PostgreSQL: one process
+        // delivers; SQLite: always). The local deadline is taken from
+        // before the renewal was asked, with a margin: a leader that cannot
+        // renew in time stops before the lease ends in the database.
+        let mut leading_until: Option<Instant> = None;
+        let mut renew_at = Instant::now();
         loop {
-            let probe = last_probe.is_none_or(|t| t.elapsed() >= self.inner.config.probe_interval);
-            if probe {
-                last_probe = Some(Instant::now());
-                let report = self
-                    .deliver_all(self.inner.config.targets.clone(), true)
-                    .await;
-                log_report(&report);
-            } else {
-                match self.due_targets().await {
-                    Ok(due) if !due.is_empty() => log_report(&self.deliver_all(due, false).await),
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot read pending deliveries"),
+            if Instant::now() >= renew_at {
+                let asked = Instant::now();
+                let was = leading_until.is_some_and(|t| asked < t);
+                match self.inner.store.lease(holder.clone(), lease).await {
+                    Ok(Some(epoch)) => {
+                        if !was {
+                            tracing::info!(holder = %holder, epoch, "leading deliveries");
+                            // A new term: probe every target at once.
+                            last_probe = None;
+                        }
+                        self.inner
+                            .epoch
+                            .store(epoch, std::sync::atomic::Ordering::Relaxed);
+                        leading_until = Some(asked + lease.mul_f64(0.9));
+                    }
+                    Ok(None) => {
+                        if was {
+                            tracing::warn!(holder = %holder, "another authority process took the delivery lease; standing by");
+                        }
+                        leading_until = None;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot renew the delivery lease; delivering until it runs out");
+                    }
+                }
+                renew_at = asked + lease / 3;
+            }
+            if leading_until.is_some_and(|t| Instant::now() < t) {
+                let probe =
+                    last_probe.is_none_or(|t| t.elapsed() >= self.inner.config.probe_interval);
+                if probe {
+                    last_probe = Some(Instant::now());
+                    let report = self
+                        .deliver_all(self.inner.config.targets.clone(), true)
+                        .await;
+                    log_report(&report);
+                } else {
+                    match self.due_targets().await {
+                        Ok(due) if !due.is_empty() => {
+                            log_report(&self.deliver_all(due, false).await);
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot read pending deliveries"),
+                    }
                 }
             }
+            let nap = self
+                .inner
+                .config
+                .poll_interval
+                .min(renew_at.saturating_duration_since(Instant::now()));
             tokio::select! {
                 () = &mut shutdown => return,
                 () = self.inner.wake.notified() => {}
-                () = tokio::time::sleep(self.inner.config.poll_interval) => {}
+                () = tokio::time::sleep(nap) => {}
             }
         }
+    }
+
+    /// Who holds the delivery lease among the authority processes sharing
+    /// this database (`None` on SQLite, where one process delivers).
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>, AuthorityError> {
+        self.inner.store.leader().await
     }
 
     /// Targets being delivered to now: those whose delivery lock is held
@@ -208,4 +263,19 @@ pub(crate) fn log_report(report: &SyncReport) {
             None => {}
         }
     }
+}
+
+/// This process's name in the lease: host, pid, and a random part (two
+/// authorities in one process are two holders).
+fn holder_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let mut r = [0u8; 4];
+    let _ = netproc_pki::random_bytes(&mut r);
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        u32::from_le_bytes(r)
+    )
 }

@@ -81,7 +81,7 @@ pub use authority::Authority;
 pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
 pub use types::{
     AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DatabaseError, DeliveryState,
-    Ensured, PostgresOptions, SyncReport, TargetDelivery, TargetState, TargetSync,
+    Ensured, LeaderInfo, PostgresOptions, SyncReport, TargetDelivery, TargetState, TargetSync,
 };
 
 pub use event::{

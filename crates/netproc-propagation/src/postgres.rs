@@ -17,7 +17,7 @@ use postgres::types::{ToSql, Type};
 use postgres::{Client, Config, NoTls};
 
 use crate::db::{Conn, Db};
-use crate::query::{Arg, Cell, Row, Sql};
+use crate::query::{Arg, Cell, Dialect, Row, Sql};
 use crate::types::{AuthorityError, DatabaseError, PostgresOptions};
 
 /// Versioned migrations: each runs once, in order, under an advisory lock
@@ -65,6 +65,16 @@ const MIGRATIONS: &[&str] = &[
         error TEXT,
         PRIMARY KEY (target, credential_id)
     );",
+    // 2: the delivery lease (one row): who delivers, in which epoch, until
+    // when — in PostgreSQL's clock, never the processes'.
+    "CREATE TABLE leader (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        since TIMESTAMPTZ NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    INSERT INTO leader (id, holder, epoch, since, expires_at) VALUES (1, '', 0, now(), now());",
 ];
 
 /// Whether `database` names PostgreSQL rather than a SQLite file.
@@ -263,6 +273,10 @@ fn row(r: &postgres::Row) -> Result<Row, AuthorityError> {
 }
 
 impl Sql for PgConn {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
     fn exec(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, AuthorityError> {
         let st = self.statement(sql)?;
         let p = params(args);

@@ -112,9 +112,20 @@ impl Row {
     }
 }
 
+/// Which database a statement runs on, for the few statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
 /// What the store needs of a database, inside one transaction: run a
 /// statement, read rows. Statements use `$1`, `$2`, … placeholders.
 pub(crate) trait Sql {
+    /// The database's dialect.
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
     /// Runs a statement; how many rows it changed.
     fn exec(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, AuthorityError>;
     /// Runs a query; every row.

@@ -15,7 +15,7 @@ use netproc_auth::{ApiKey, BoxFuture};
 
 use crate::db::Db;
 use crate::plan::{BATCH_EVENTS, backoff, batch_len, wants_snapshot};
-use crate::query::{Arg, Sql, args};
+use crate::query::{Arg, Dialect, Sql, args};
 use crate::store::{Batch, Progress, Sent, Store};
 use crate::types::*;
 use crate::wire::DeliveryReply;
@@ -579,7 +579,65 @@ impl SqlStore {
     }
 }
 
+/// Takes or renews the lease (PostgreSQL; SQLite has one delivering
+/// process by design, always epoch 1). Expiry is in the database's clock.
+pub(crate) fn lease_in(
+    c: &mut dyn Sql,
+    holder: &str,
+    ttl: Duration,
+) -> Result<Option<u64>, AuthorityError> {
+    if c.dialect() == Dialect::Sqlite {
+        return Ok(Some(1));
+    }
+    let ms = i64_of(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    let row = c.first(
+        "UPDATE leader SET
+           epoch = CASE WHEN holder = $1 AND expires_at > now() THEN epoch ELSE epoch + 1 END,
+           since = CASE WHEN holder = $1 AND expires_at > now() THEN since ELSE now() END,
+           holder = $1,
+           expires_at = now() + CAST($2 AS BIGINT) * interval '1 millisecond'
+         WHERE id = 1 AND (holder = $1 OR expires_at <= now())
+         RETURNING epoch",
+        args![holder, ms],
+    )?;
+    row.map(|r| r.i64(0).map(u64_of)).transpose()
+}
+
+pub(crate) fn leader_in(c: &mut dyn Sql) -> Result<Option<LeaderInfo>, AuthorityError> {
+    if c.dialect() == Dialect::Sqlite {
+        return Ok(None);
+    }
+    let row = c.first(
+        "SELECT holder, epoch,
+           CAST(EXTRACT(EPOCH FROM since) * 1000 AS BIGINT),
+           CAST(EXTRACT(EPOCH FROM expires_at) * 1000 AS BIGINT)
+         FROM leader WHERE id = 1 AND epoch > 0",
+        &[],
+    )?;
+    row.map(|r| {
+        Ok(LeaderInfo {
+            holder: r.string(0)?,
+            epoch: u64_of(r.i64(1)?),
+            since_ms: u64_of(r.i64(2)?),
+            expires_ms: u64_of(r.i64(3)?),
+        })
+    })
+    .transpose()
+}
+
 impl Store for SqlStore {
+    fn lease(
+        &self,
+        holder: String,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>> {
+        Box::pin(self.db.run(move |c| lease_in(c, &holder, ttl)))
+    }
+
+    fn leader(&self) -> BoxFuture<'_, Result<Option<LeaderInfo>, AuthorityError>> {
+        Box::pin(self.db.run(leader_in))
+    }
+
     fn ensure(
         &self,
         spec: CredentialSpec,

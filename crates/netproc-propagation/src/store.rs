@@ -74,6 +74,15 @@ pub(crate) trait Store: Send + Sync + 'static {
         target: String,
         part_bytes: usize,
     ) -> BoxFuture<'_, Result<Batch, AuthorityError>>;
+    /// Takes or renews the delivery lease for `holder` for `ttl`: the
+    /// epoch when `holder` leads now, `None` when another process does.
+    fn lease(
+        &self,
+        holder: String,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Option<u64>, AuthorityError>>;
+    /// Who holds the delivery lease, if anyone ever did.
+    fn leader(&self) -> BoxFuture<'_, Result<Option<LeaderInfo>, AuthorityError>>;
     /// Records a delivery's outcome (acks, cursor, errors, backoff).
     fn complete(
         &self,

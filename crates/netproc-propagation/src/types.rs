@@ -117,6 +117,10 @@ pub struct AuthorityConfig {
     /// `database` of `postgres://…` means the same, with default options.
     #[cfg(feature = "postgres")]
     pub postgres: Option<PostgresOptions>,
+    /// PostgreSQL: how long the delivery lease lasts (10 s). The leader
+    /// renews it every third of that; a standby takes over once it has
+    /// expired. A leader that cannot renew in time stops delivering.
+    pub lease: Duration,
     /// PostgreSQL only: create the tables if the database has none (what
     /// `netproc creds init` does). Without it such a database is refused,
     /// so a mistyped URL cannot start an empty authority. Default true.
@@ -139,6 +143,7 @@ impl AuthorityConfig {
             #[cfg(feature = "postgres")]
             postgres: None,
             create_database: true,
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -339,4 +344,19 @@ impl PostgresOptions {
             schema: None,
         }
     }
+}
+
+/// Who delivers for the authorities sharing one database
+/// ([`Authority::leader`](crate::Authority::leader)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaderInfo {
+    /// The process holding the lease (host, pid and a random part).
+    pub holder: String,
+    /// Its term: one more at each takeover.
+    pub epoch: u64,
+    /// When it took the lease (unix ms, the database's clock).
+    pub since_ms: u64,
+    /// When the lease ends unless renewed (unix ms, the database's clock).
+    pub expires_ms: u64,
 }

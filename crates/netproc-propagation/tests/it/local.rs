@@ -135,6 +135,9 @@ macro_rules! on_both_backends {
 pub(crate) struct Fleet {
     pub(crate) _dir: tempfile::TempDir,
     pub(crate) _backend: Backend,
+    /// The authority's signing key's seed: another authority process of
+    /// this fleet signs with its own copy.
+    pub(crate) seed: [u8; 32],
     pub(crate) authority: Authority,
     pub(crate) stores: BTreeMap<String, Arc<ApiKeyStore>>,
     pub(crate) transport: Arc<Lossy>,
@@ -177,9 +180,11 @@ pub(crate) fn fleet_on(backend: Backend, names: &[&str]) -> Fleet {
     if let Backend::Postgres(pg) = &backend {
         config.postgres = Some(pg.options());
     }
+    let key_seed = &key.seed().clone();
     let authority =
         Authority::open(config, key, Arc::clone(&transport) as Arc<dyn Transport>).unwrap();
     Fleet {
+        seed: *key_seed,
         _dir: dir,
         _backend: backend,
         authority,
@@ -752,5 +757,121 @@ async fn a_revoke_racing_a_snapshot_on_postgres_leaves_the_key_gone() {
                 "round {round}: the revoked key came back on {t}"
             );
         }
+    }
+}
+
+/// Leadership by lease (PostgreSQL, 1 s): of two authority processes
+/// running, one delivers; when it stops, the other takes over within the
+/// lease with the next epoch, and changes keep reaching the targets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_the_lease_when_the_leader_stops() {
+    let Some(pg) = PgSchema::new("a_standby_takes_the_lease_when_the_leader_stops").await else {
+        return;
+    };
+    let options = pg.options();
+    let f = fleet_on(Backend::Postgres(pg), &["a"]);
+    let standby = {
+        let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
+        config.postgres = Some(options);
+        config.lease = Duration::from_secs(1);
+        config.poll_interval = Duration::from_millis(20);
+        Authority::open(
+            config,
+            Ed25519Key::from_seed(&f.seed).unwrap(),
+            Arc::clone(&f.transport) as Arc<dyn Transport>,
+        )
+        .unwrap()
+    };
+    // Two processes of the same authority (same signing key here, so the
+    // targets trust both), with a 1 s lease; the fleet's own authority
+    // only makes changes and never runs.
+    let leader = {
+        let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
+        config.postgres = standby_options(&f);
+        config.lease = Duration::from_secs(1);
+        config.poll_interval = Duration::from_millis(20);
+        Authority::open(
+            config,
+            Ed25519Key::from_seed(&f.seed).unwrap(),
+            Arc::clone(&f.transport) as Arc<dyn Transport>,
+        )
+        .unwrap()
+    };
+    let (stop_leader, leader_stopped) = tokio::sync::oneshot::channel::<()>();
+    let l = leader.clone();
+    let leader_task = tokio::spawn(async move {
+        l.run(async {
+            let _ = leader_stopped.await;
+        })
+        .await;
+    });
+    // Let the leader take the lease before the standby starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        if let Some(info) = leader.leader().await.unwrap() {
+            break info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let s = standby.clone();
+    let (stop_standby, standby_stopped) = tokio::sync::oneshot::channel::<()>();
+    let standby_task = tokio::spawn(async move {
+        s.run(async {
+            let _ = standby_stopped.await;
+        })
+        .await;
+    });
+    f.authority
+        .ensure(CredentialSpec::api_key("one", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "one").await;
+    assert_eq!(
+        leader.leader().await.unwrap().unwrap().holder,
+        first.holder,
+        "the standby must not take a live lease"
+    );
+
+    // The leader stops (its lease is not renewed): the standby leads
+    // within the lease, in the next epoch, and delivers.
+    let stopped_at = std::time::Instant::now();
+    let _ = stop_leader.send(());
+    leader_task.await.unwrap();
+    f.authority
+        .ensure(CredentialSpec::api_key("two", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "two").await;
+    let now = standby.leader().await.unwrap().unwrap();
+    assert_ne!(now.holder, first.holder);
+    assert_eq!(now.epoch, first.epoch + 1);
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(5),
+        "failover took {:?}",
+        stopped_at.elapsed()
+    );
+    let _ = stop_standby.send(());
+    standby_task.await.unwrap();
+}
+
+fn standby_options(f: &Fleet) -> Option<netproc_propagation::PostgresOptions> {
+    match &f._backend {
+        Backend::Postgres(pg) => Some(pg.options()),
+        Backend::Sqlite => None,
+    }
+}
+
+async fn until_present(f: &Fleet, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.stores["a"].get(id).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never reached the target"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
