@@ -67,6 +67,7 @@ impl Authority {
                             tracing::warn!(holder = %holder, "another authority process took the delivery lease; standing by");
                         }
                         leading_until = None;
+                        metrics::gauge!("netproc_propagation_leading").set(0.0);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot renew the delivery lease; delivering until it runs out");

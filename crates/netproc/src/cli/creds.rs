@@ -114,6 +114,14 @@ pub(crate) enum CredsCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Which authority process delivers (PostgreSQL: the lease's holder,
+    /// epoch, since and until when; SQLite: one process, no lease).
+    #[command(after_help = "Example: netproc creds leader --config authority.toml")]
+    Leader {
+        /// The authority configuration (authority.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Every credential, without secrets (JSON).
     #[command(after_help = "Example: netproc creds list --config authority.toml")]
     List {
@@ -291,6 +299,23 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                     "some targets were not reached; they are retried by the next sync",
                 ));
             }
+        }
+        CredsCommand::Leader { config } => {
+            let (_, authority) = open(&config)?;
+            let leader = authority.leader().await.map_err(failed)?;
+            let out = match leader {
+                Some(l) => json!({
+                    "holder": l.holder,
+                    "epoch": l.epoch,
+                    "since": super::output::rfc3339_ms(l.since_ms),
+                    "until": super::output::rfc3339_ms(l.expires_ms),
+                    "live": l.expires_ms > netproc::wire::unix_ms(std::time::SystemTime::now()),
+                }),
+                None => {
+                    json!({"holder": null, "note": "no delivery lease: SQLite (one delivering process), or no `netproc authority` has run yet"})
+                }
+            };
+            output::show(&out);
         }
         CredsCommand::Targets { config } => {
             let (_, authority) = open(&config)?;

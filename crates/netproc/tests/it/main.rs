@@ -1575,6 +1575,11 @@ fn creds_work_against_postgresql() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["id"], "billing", "{list}");
+    // No `netproc authority` has run: no lease yet, said plainly.
+    let out = netproc(&["creds", "leader", "--config", c, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let leader: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(leader["holder"].is_null(), "{leader}");
     // A schema without the tables: refused, with the way to make them.
     std::fs::write(&config, file(&format!("{schema}_typo"))).unwrap();
     let out = netproc(&["creds", "list", "--config", c]);
