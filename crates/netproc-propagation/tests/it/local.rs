@@ -649,18 +649,8 @@ async fn two_authorities_on_postgres_create_once_and_never_deadlock() {
     else {
         return;
     };
-    let options = pg.options();
     let f = fleet_on(Backend::Postgres(pg), &["a", "b", "c"]);
-    let mut config = AuthorityConfig::new("unused", vec!["a".into(), "b".into(), "c".into()]);
-    config.postgres = Some(options);
-    let second = Arc::new(
-        Authority::open(
-            config,
-            Ed25519Key::generate().unwrap(),
-            Arc::clone(&f.transport) as Arc<dyn Transport>,
-        )
-        .unwrap(),
-    );
+    let second = Arc::new(another_process(&f, Duration::from_secs(10)));
     let first = Arc::new(f.authority.clone());
     for i in 0..20 {
         let id = format!("dup-{i}");
@@ -727,16 +717,8 @@ async fn a_revoke_racing_a_snapshot_on_postgres_leaves_the_key_gone() {
         else {
             return;
         };
-        let options = pg.options();
         let f = fleet_on(Backend::Postgres(pg), &["a", "b"]);
-        let mut config = AuthorityConfig::new("unused", vec!["a".into(), "b".into()]);
-        config.postgres = Some(options);
-        let other = Authority::open(
-            config,
-            Ed25519Key::generate().unwrap(),
-            Arc::clone(&f.transport) as Arc<dyn Transport>,
-        )
-        .unwrap();
+        let other = another_process(&f, Duration::from_secs(10));
         f.authority
             .ensure(
                 CredentialSpec::api_key("victim", privileges(false)),
@@ -768,35 +750,12 @@ async fn a_standby_takes_the_lease_when_the_leader_stops() {
     let Some(pg) = PgSchema::new("a_standby_takes_the_lease_when_the_leader_stops").await else {
         return;
     };
-    let options = pg.options();
     let f = fleet_on(Backend::Postgres(pg), &["a"]);
-    let standby = {
-        let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
-        config.postgres = Some(options);
-        config.lease = Duration::from_secs(1);
-        config.poll_interval = Duration::from_millis(20);
-        Authority::open(
-            config,
-            Ed25519Key::from_seed(&f.seed).unwrap(),
-            Arc::clone(&f.transport) as Arc<dyn Transport>,
-        )
-        .unwrap()
-    };
     // Two processes of the same authority (same signing key here, so the
     // targets trust both), with a 1 s lease; the fleet's own authority
     // only makes changes and never runs.
-    let leader = {
-        let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
-        config.postgres = standby_options(&f);
-        config.lease = Duration::from_secs(1);
-        config.poll_interval = Duration::from_millis(20);
-        Authority::open(
-            config,
-            Ed25519Key::from_seed(&f.seed).unwrap(),
-            Arc::clone(&f.transport) as Arc<dyn Transport>,
-        )
-        .unwrap()
-    };
+    let standby = another_process(&f, Duration::from_secs(1));
+    let leader = another_process(&f, Duration::from_secs(1));
     let (stop_leader, leader_stopped) = tokio::sync::oneshot::channel::<()>();
     let l = leader.clone();
     let leader_task = tokio::spawn(async move {
@@ -858,11 +817,21 @@ async fn a_standby_takes_the_lease_when_the_leader_stops() {
     standby_task.await.unwrap();
 }
 
-fn standby_options(f: &Fleet) -> Option<netproc_propagation::PostgresOptions> {
-    match &f._backend {
-        Backend::Postgres(pg) => Some(pg.options()),
-        Backend::Sqlite => None,
+/// Another process of `f`'s authority: the same database (PostgreSQL) and
+/// signing key, the same transport, a `lease` and a short poll.
+fn another_process(f: &Fleet, lease: Duration) -> Authority {
+    let mut config = AuthorityConfig::new("unused", f.stores.keys().cloned().collect());
+    if let Backend::Postgres(pg) = &f._backend {
+        config.postgres = Some(pg.options());
     }
+    config.lease = lease;
+    config.poll_interval = Duration::from_millis(20);
+    Authority::open(
+        config,
+        Ed25519Key::from_seed(&f.seed).unwrap(),
+        Arc::clone(&f.transport) as Arc<dyn Transport>,
+    )
+    .unwrap()
 }
 
 async fn until_present(f: &Fleet, id: &str) {
