@@ -121,7 +121,7 @@ fn connect(options: &PostgresOptions) -> Result<Client, AuthorityError> {
             config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
         }
     }
-    .map_err(|e| db_error("connecting to PostgreSQL", e))?;
+    .map_err(|e| AuthorityError::Unavailable(format!("connecting to PostgreSQL: {e}")))?;
     let mut client = client;
     if let Some(schema) = &options.schema {
         if !schema

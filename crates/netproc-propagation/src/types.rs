@@ -27,6 +27,10 @@ pub enum AuthorityError {
     /// The authority is shutting down.
     #[error("the authority is closed")]
     Closed,
+    /// The database cannot be reached now (PostgreSQL down, the network
+    /// cut); nothing was changed. Retrying later is safe.
+    #[error("the authority's database cannot be reached: {0}")]
+    Unavailable(String),
     /// Another process created this credential first (it has the secret);
     /// nothing was changed here.
     #[error("credential {0:?} was just created by another process")]

@@ -131,9 +131,18 @@ pub(crate) enum CredsCommand {
     },
 }
 
+/// A database that is down is a failure (exit 1), not bad usage: the file
+/// is fine and a retry later may work.
+fn unavailable_or_usage(e: netproc::config::ConfigError) -> Failure {
+    match e {
+        netproc::config::ConfigError::Unavailable { .. } => failed(e),
+        e => usage(e),
+    }
+}
+
 fn open(config: &Path) -> Result<(AuthorityFile, Authority), Failure> {
     let file = AuthorityFile::load(config).map_err(usage)?;
-    let authority = file.authority(config).map_err(usage)?;
+    let authority = file.authority(config).map_err(unavailable_or_usage)?;
     Ok((file, authority))
 }
 
@@ -160,7 +169,7 @@ fn list(text: &str) -> Vec<String> {
 pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
     let file = AuthorityFile::load(config).map_err(usage)?;
     init_logging(file.log_format);
-    let authority = file.authority(config).map_err(usage)?;
+    let authority = file.authority(config).map_err(unavailable_or_usage)?;
     outln!(
         "authority for {} target(s); public key {}",
         file.targets.len(),

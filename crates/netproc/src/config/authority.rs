@@ -211,6 +211,12 @@ impl AuthorityFile {
             config.postgres = Some(self.postgres_options(config_path)?);
         }
         let transport = Arc::new(crate::propagation::NetprocTransport::new(client));
-        crate::propagation::Authority::open(config, key, transport).map_err(|e| err(&e))
+        crate::propagation::Authority::open(config, key, transport).map_err(|e| match e {
+            crate::propagation::AuthorityError::Unavailable(_) => ConfigError::Unavailable {
+                path: config_path.to_owned(),
+                message: format!("database: {e}"),
+            },
+            e => err(&e),
+        })
     }
 }

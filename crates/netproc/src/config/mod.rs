@@ -41,6 +41,15 @@ pub enum ConfigError {
         /// What is wrong, where.
         message: String,
     },
+    /// A service the file names (the authority's PostgreSQL) cannot be
+    /// reached now: not a mistake in the file; retrying later is safe.
+    #[error("{path}: {message}")]
+    Unavailable {
+        /// The file.
+        path: PathBuf,
+        /// What could not be reached, and why.
+        message: String,
+    },
 }
 
 fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {

@@ -1580,6 +1580,20 @@ fn creds_work_against_postgresql() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let leader: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(leader["holder"].is_null(), "{leader}");
+    // PostgreSQL unreachable: a failure (exit 1) that says so, not a
+    // configuration error.
+    let down = format!(
+        "database = \"postgres://postgres@127.0.0.1:1/test\"\nsigning_key = \"authority.ed25519\"\n"
+    );
+    let down_config = dir.path().join("down.toml");
+    std::fs::write(&down_config, down).unwrap();
+    let out = netproc(&["creds", "list", "--config", down_config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot be reached"),
+        "{}",
+        text(&out.stderr)
+    );
     // A schema without the tables: refused, with the way to make them.
     std::fs::write(&config, file(&format!("{schema}_typo"))).unwrap();
     let out = netproc(&["creds", "list", "--config", c]);
