@@ -1582,9 +1582,7 @@ fn creds_work_against_postgresql() {
     assert!(leader["holder"].is_null(), "{leader}");
     // PostgreSQL unreachable: a failure (exit 1) that says so, not a
     // configuration error.
-    let down = format!(
-        "database = \"postgres://postgres@127.0.0.1:1/test\"\nsigning_key = \"authority.ed25519\"\n"
-    );
+    let down = "database = \"postgres://postgres@127.0.0.1:1/test\"\nsigning_key = \"authority.ed25519\"\n";
     let down_config = dir.path().join("down.toml");
     std::fs::write(&down_config, down).unwrap();
     let out = netproc(&["creds", "list", "--config", down_config.to_str().unwrap()]);
