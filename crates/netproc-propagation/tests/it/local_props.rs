@@ -34,7 +34,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 async fn run_ops(ops: Vec<Op>) {
-    let f = fleet(&TARGETS);
+    run_ops_on(Backend::Sqlite, ops).await;
+}
+
+async fn run_ops_on(backend: Backend, ops: Vec<Op>) {
+    let f = fleet_on(backend, &TARGETS);
     let cert = cert();
     // The latest secret of each live API key.
     let mut keys: BTreeMap<&str, ApiKey> = BTreeMap::new();
@@ -141,5 +145,20 @@ proptest! {
     fn any_interleaving_converges_after_a_final_sync(ops in proptest::collection::vec(op(), 1..24)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(run_ops(ops));
+    }
+}
+
+proptest! {
+    // Each case makes a PostgreSQL schema: at most 32 of them.
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_interleaving_converges_on_postgres_too(ops in proptest::collection::vec(op(), 1..24)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            if let Some(pg) = PgSchema::new("any_interleaving_converges_on_postgres_too").await {
+                run_ops_on(Backend::Postgres(pg), ops).await;
+            }
+        });
     }
 }
