@@ -6,6 +6,11 @@
 //! SQLite only, with a line, when absent). `NETPROC_BENCH_SECS` (default
 //! 3), `NETPROC_BENCH_ROUNDS` (default 3), `NETPROC_BENCH_TASKS` (callers
 //! at once, default 64).
+//!
+//! Then failover on PostgreSQL: two processes of one authority (1 s lease,
+//! `NETPROC_BENCH_FAILOVERS` times, default 10): the leader stops without
+//! releasing its lease (as a killed process would), and the time until the
+//! standby holds it is measured; p50 and p99.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -110,10 +115,64 @@ fn main() {
             median(lite),
             median(post)
         );
+        if let Some(url) = &pg_url {
+            let failovers: usize = env_or("NETPROC_BENCH_FAILOVERS", 10);
+            let mut times = Vec::new();
+            let mut o = PostgresOptions::new(url.clone());
+            o.schema = Some(format!("{schema}_failover"));
+            let process = || {
+                let mut config = AuthorityConfig::new("unused", targets.clone());
+                config.postgres = Some(o.clone());
+                config.lease = Duration::from_secs(1);
+                config.poll_interval = Duration::from_millis(10);
+                Authority::open(config, Ed25519Key::generate().unwrap(), Arc::clone(&transport))
+                    .unwrap()
+            };
+            let mut leader = process();
+            let (mut stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let l = leader.clone();
+            let mut task = tokio::spawn(async move { l.run(async { let _ = stopped.await; }).await });
+            for _ in 0..failovers {
+                // Wait for the current leader to hold the lease.
+                while leader.leader().await.unwrap().is_none_or(|i| i.expires_ms < netproc_wire::unix_ms(std::time::SystemTime::now())) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let before = leader.leader().await.unwrap().unwrap();
+                let standby = process();
+                let (next_stop, next_stopped) = tokio::sync::oneshot::channel::<()>();
+                let s = standby.clone();
+                let next_task = tokio::spawn(async move { s.run(async { let _ = next_stopped.await; }).await });
+                // The leader dies: its lease is not released.
+                let t0 = Instant::now();
+                let _ = stop.send(());
+                let _ = task.await;
+                loop {
+                    if let Some(now) = standby.leader().await.unwrap()
+                        && now.epoch > before.epoch
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                times.push(t0.elapsed().as_nanos() as u64);
+                (leader, stop, task) = (standby, next_stop, next_task);
+            }
+            let _ = stop.send(());
+            let _ = task.await;
+            times.sort_unstable();
+            println!(
+                "failover (1 s lease) over {}: p50 {:.0} ms, p99 {:.0} ms",
+                times.len(),
+                netproc_testkit::percentile(&times, 0.5) / 1000.0,
+                netproc_testkit::percentile(&times, 0.99) / 1000.0
+            );
+        }
         if let Some(url) = pg_url {
             let _ = std::thread::spawn(move || {
                 if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
-                    let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+                    let _ = c.batch_execute(&format!(
+                        "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {schema}_failover CASCADE"
+                    ));
                 }
             })
             .join();
