@@ -46,7 +46,12 @@ impl Authority {
         // renew in time stops before the lease ends in the database.
         let mut leading_until: Option<Instant> = None;
         let mut renew_at = Instant::now();
+        // While the database fails: one ERROR line, the health gauge at 0,
+        // and a growing pause (100 ms doubling to 5 s) instead of the poll.
+        let mut failing: Option<std::time::Duration> = None;
+        metrics::gauge!("netproc_propagation_healthy").set(1.0);
         loop {
+            let mut db_failed = false;
             if Instant::now() >= renew_at {
                 let asked = Instant::now();
                 let was = leading_until.is_some_and(|t| asked < t);
@@ -70,7 +75,10 @@ impl Authority {
                         metrics::gauge!("netproc_propagation_leading").set(0.0);
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot renew the delivery lease; delivering until it runs out");
+                        db_failed = true;
+                        if failing.is_none() {
+                            tracing::error!(error = %e, "cannot renew the delivery lease; delivering until it runs out");
+                        }
                     }
                 }
                 renew_at = asked + lease / 3;
@@ -90,15 +98,35 @@ impl Authority {
                             log_report(&self.deliver_all(due, false).await);
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "cannot read pending deliveries"),
+                        Err(e) => {
+                            db_failed = true;
+                            if failing.is_none() {
+                                tracing::error!(error = %e, "cannot read pending deliveries");
+                            }
+                        }
                     }
                 }
             }
-            let nap = self
-                .inner
-                .config
-                .poll_interval
-                .min(renew_at.saturating_duration_since(Instant::now()));
+            failing = match (db_failed, failing) {
+                (true, None) => {
+                    tracing::error!("the authority's database is failing; retrying with backoff");
+                    metrics::gauge!("netproc_propagation_healthy").set(0.0);
+                    Some(std::time::Duration::from_millis(100))
+                }
+                (true, Some(d)) => Some((d * 2).min(std::time::Duration::from_secs(5))),
+                (false, Some(_)) => {
+                    tracing::info!("the authority's database answers again");
+                    metrics::gauge!("netproc_propagation_healthy").set(1.0);
+                    None
+                }
+                (false, None) => None,
+            };
+            let nap = failing.unwrap_or_else(|| {
+                self.inner
+                    .config
+                    .poll_interval
+                    .min(renew_at.saturating_duration_since(Instant::now()))
+            });
             tokio::select! {
                 () = &mut shutdown => return,
                 () = self.inner.wake.notified() => {}

@@ -143,10 +143,6 @@ pub(crate) struct Fleet {
     pub(crate) transport: Arc<Lossy>,
 }
 
-pub(crate) fn fleet(names: &[&str]) -> Fleet {
-    fleet_on(Backend::Sqlite, names)
-}
-
 pub(crate) fn fleet_on(backend: Backend, names: &[&str]) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let key = Ed25519Key::generate().unwrap();
@@ -843,4 +839,67 @@ async fn until_present(f: &Fleet, id: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// PostgreSQL cut under a running authority (through the TCP proxy): one
+/// ERROR line and a backoff instead of an error per poll; when it is back,
+/// the store reconnects, says so, and delivers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_backs_off_while_postgres_is_cut_and_resumes_after() {
+    let log = netproc_testkit::log_capture(tracing::Level::INFO);
+    let Some(pg) =
+        PgSchema::new("an_authority_backs_off_while_postgres_is_cut_and_resumes_after").await
+    else {
+        return;
+    };
+    let target = pg
+        .url
+        .split_once('@')
+        .map_or("127.0.0.1:5432", |(_, r)| r.split('/').next().unwrap_or(r))
+        .to_owned();
+    let proxy = netproc_testkit::TcpProxy::start(&target).await;
+    let mut options = pg.options();
+    options.url = proxy.url(&pg.url);
+    let f = fleet_on(Backend::Postgres(pg), &["a"]);
+    let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
+    config.postgres = Some(options);
+    config.lease = Duration::from_secs(1);
+    config.poll_interval = Duration::from_millis(10);
+    let through_proxy = Authority::open(
+        config,
+        Ed25519Key::from_seed(&f.seed).unwrap(),
+        Arc::clone(&f.transport) as Arc<dyn Transport>,
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let a = through_proxy.clone();
+    let task = tokio::spawn(async move {
+        a.run(async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    f.authority
+        .ensure(CredentialSpec::api_key("before", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "before").await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let failing = text.matches("the authority's database is failing").count();
+    assert_eq!(failing, 1, "one line per outage, not one per poll:\n{text}");
+    proxy.resume();
+    f.authority
+        .ensure(CredentialSpec::api_key("after", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "after").await;
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("the authority's database answers again"),
+        "{text}"
+    );
+    let _ = stop.send(());
+    task.await.unwrap();
 }
