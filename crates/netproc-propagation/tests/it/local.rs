@@ -895,11 +895,16 @@ async fn an_authority_backs_off_while_postgres_is_cut_and_resumes_after() {
         .await
         .unwrap();
     until_present(&f, "after").await;
-    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
-    assert!(
-        text.contains("the authority's database answers again"),
-        "{text}"
-    );
+    // Said at the end of the loop turn that delivered: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+        if text.contains("the authority's database answers again") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let _ = stop.send(());
     task.await.unwrap();
 }
