@@ -51,12 +51,15 @@ impl Authority {
         let mut failing: Option<std::time::Duration> = None;
         metrics::gauge!("netproc_propagation_healthy").set(1.0);
         loop {
-            let mut db_failed = false;
+            // This turn's calls to the database: none, all answered, or one
+            // failed (a turn without a call says nothing about its health).
+            let mut db: Option<bool> = None;
             if Instant::now() >= renew_at {
                 let asked = Instant::now();
                 let was = leading_until.is_some_and(|t| asked < t);
                 match self.inner.store.lease(holder.clone(), lease).await {
                     Ok(Some(epoch)) => {
+                        db.get_or_insert(true);
                         if !was {
                             tracing::info!(holder = %holder, epoch, "leading deliveries");
                             // A new term: probe every target at once.
@@ -68,6 +71,7 @@ impl Authority {
                         leading_until = Some(asked + lease.mul_f64(0.9));
                     }
                     Ok(None) => {
+                        db.get_or_insert(true);
                         if was {
                             tracing::warn!(holder = %holder, "another authority process took the delivery lease; standing by");
                         }
@@ -75,7 +79,7 @@ impl Authority {
                         metrics::gauge!("netproc_propagation_leading").set(0.0);
                     }
                     Err(e) => {
-                        db_failed = true;
+                        db = Some(false);
                         if failing.is_none() {
                             tracing::error!(error = %e, "cannot renew the delivery lease; delivering until it runs out");
                         }
@@ -95,11 +99,14 @@ impl Authority {
                 } else {
                     match self.due_targets().await {
                         Ok(due) if !due.is_empty() => {
+                            db.get_or_insert(true);
                             log_report(&self.deliver_all(due, false).await);
                         }
-                        Ok(_) => {}
+                        Ok(_) => {
+                            db.get_or_insert(true);
+                        }
                         Err(e) => {
-                            db_failed = true;
+                            db = Some(false);
                             if failing.is_none() {
                                 tracing::error!(error = %e, "cannot read pending deliveries");
                             }
@@ -107,19 +114,19 @@ impl Authority {
                     }
                 }
             }
-            failing = match (db_failed, failing) {
-                (true, None) => {
+            failing = match (db, failing) {
+                (Some(false), None) => {
                     tracing::error!("the authority's database is failing; retrying with backoff");
                     metrics::gauge!("netproc_propagation_healthy").set(0.0);
                     Some(std::time::Duration::from_millis(100))
                 }
-                (true, Some(d)) => Some((d * 2).min(std::time::Duration::from_secs(5))),
-                (false, Some(_)) => {
+                (Some(false), Some(d)) => Some((d * 2).min(std::time::Duration::from_secs(5))),
+                (Some(true), Some(_)) => {
                     tracing::info!("the authority's database answers again");
                     metrics::gauge!("netproc_propagation_healthy").set(1.0);
                     None
                 }
-                (false, None) => None,
+                (_, f) => f,
             };
             let nap = failing.unwrap_or_else(|| {
                 self.inner
