@@ -218,7 +218,13 @@ pub(crate) struct RedisFleet {
     fail_script: Script,
     heartbeat_script: Script,
     warned_foreign: AtomicBool,
+    /// Failure records on their way to Redis; past the cap a failure is
+    /// counted locally only (a flood never grows tasks without bound).
+    failures_in_flight: AtomicU32,
 }
+
+/// Failure records sent to Redis at once, at most.
+const MAX_FAILURES_IN_FLIGHT: u32 = 256;
 
 /// Take up to `want` tokens from the bucket at KEYS[1]. ARGV: rate per
 /// second, capacity, want, TTL ms, refund. Returns {granted, wait ms}.
@@ -343,6 +349,7 @@ impl RedisFleet {
             fail_script: Script::new(FAIL_LUA),
             heartbeat_script: Script::new(HEARTBEAT_LUA),
             warned_foreign: AtomicBool::new(false),
+            failures_in_flight: AtomicU32::new(0),
         }))
     }
 
@@ -741,33 +748,56 @@ impl RedisFleet {
         max: u32,
         block_ms: u64,
     ) {
+        if self.failures_in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_FAILURES_IN_FLIGHT {
+            self.failures_in_flight.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(
+                "shared limits: too many failures in flight; this one is counted locally only"
+            );
+            return;
+        }
         let fleet = Arc::clone(self);
         tokio::spawn(async move {
-            let Some(mut conn) = fleet.connection() else {
-                return;
-            };
-            let counter = format!("{}fail:{kind}:{id}", fleet.prefix);
-            let block = format!("{}block:{kind}:{id}", fleet.prefix);
-            let message = format!("block {kind} {id} {block_ms}");
-            let blocked: redis::RedisResult<i64> = fleet
-                .fail_script
-                .key(&counter)
-                .key(&block)
-                .arg(window_ms.max(1))
-                .arg(max.max(1))
-                .arg(block_ms.max(1))
-                .arg(fleet.channel())
-                .arg(&message)
-                .invoke_async(&mut conn)
+            fleet
+                .record_failure(kind, &id, window_ms, max, block_ms)
                 .await;
-            match blocked {
-                Ok(1) => fleet.apply_block(kind, &id, Duration::from_millis(block_ms)),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "shared limits: a failure was not recorded fleet-wide")
-                }
-            }
+            fleet.failures_in_flight.fetch_sub(1, Ordering::AcqRel);
         });
+    }
+
+    /// One failure into Redis's window; at the threshold the script sets
+    /// and announces the block, which is applied here at once.
+    async fn record_failure(
+        &self,
+        kind: &'static str,
+        id: &str,
+        window_ms: u64,
+        max: u32,
+        block_ms: u64,
+    ) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let counter = format!("{}fail:{kind}:{id}", self.prefix);
+        let block = format!("{}block:{kind}:{id}", self.prefix);
+        let message = format!("block {kind} {id} {block_ms}");
+        let blocked: redis::RedisResult<i64> = self
+            .fail_script
+            .key(&counter)
+            .key(&block)
+            .arg(window_ms.max(1))
+            .arg(max.max(1))
+            .arg(block_ms.max(1))
+            .arg(self.channel())
+            .arg(&message)
+            .invoke_async(&mut conn)
+            .await;
+        match blocked {
+            Ok(1) => self.apply_block(kind, id, Duration::from_millis(block_ms)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "shared limits: a failure was not recorded fleet-wide")
+            }
+        }
     }
 }
 
