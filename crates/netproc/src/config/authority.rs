@@ -49,6 +49,10 @@ pub struct AuthorityFile {
     /// PostgreSQL: the schema holding the tables (default: the
     /// connection's own).
     pub database_schema: Option<String>,
+    /// PostgreSQL: the delivery lease, ms (default 10 000): one `netproc
+    /// authority` delivers; a standby takes over once the leader has not
+    /// renewed for this long.
+    pub lease_ms: Option<u64>,
     /// A file holding the authority's Ed25519 signing key (64 hex digits of
     /// seed, mode 0600).
     pub signing_key: PathBuf,
@@ -207,6 +211,9 @@ impl AuthorityFile {
             config.delivery_timeout = Duration::from_millis(ms.max(1));
         }
         config.create_database = create;
+        if let Some(ms) = self.lease_ms {
+            config.lease = Duration::from_millis(ms.max(100));
+        }
         if self.is_postgres() {
             config.postgres = Some(self.postgres_options(config_path)?);
         }

@@ -175,3 +175,168 @@ fn creds_and_authority_propagate_keys_to_a_served_server() {
     let out = netproc(&["call", "--config", &p("svc2.toml"), "s1", "echo", "\"hi\""]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Two `netproc authority` processes on one PostgreSQL schema (1 s lease):
+/// one delivers; `kill -9` it, and the other takes over within the lease
+/// with the next epoch, and changes keep reaching the served server.
+#[cfg(unix)]
+#[test]
+fn a_killed_leader_is_replaced_by_the_standby_on_postgresql() {
+    let url = std::env::var("NETPROC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    if std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5432".parse().unwrap(),
+        std::time::Duration::from_secs(1),
+    )
+    .is_err()
+    {
+        assert!(
+            std::env::var_os("NETPROC_REQUIRE_SERVICES").is_none(),
+            "PostgreSQL is required but not reachable"
+        );
+        println!("skipped a_killed_leader_is_replaced_by_the_standby_on_postgresql: no PostgreSQL");
+        return;
+    }
+    let schema = format!("np_failover_{}", std::process::id());
+    struct DropSchema(String, String);
+    impl Drop for DropSchema {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.0, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.1));
+            }
+        }
+    }
+    let _drop = DropSchema(url.clone(), schema.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let out = netproc(&[
+        "keys",
+        "create",
+        "--store",
+        &p("keys.json"),
+        "--privileges",
+        "receive_credentials",
+        "--key-out",
+        &p("authority.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let head = format!(
+        "database = \"{url}\"\ndatabase_schema = \"{schema}\"\nlease_ms = 1000\nsigning_key = \"authority.ed25519\"\n"
+    );
+    std::fs::write(d.join("authority.toml"), &head).unwrap();
+    let out = netproc(&["creds", "init", "--config", &p("authority.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let public_key = text(&out.stdout).trim().to_owned();
+    std::fs::write(
+        d.join("server.toml"),
+        format!("name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\nstate_dir = \"state\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n\n[propagation]\nenabled = true\nauthority_public_keys = [\"{public_key}\"]\n"),
+    )
+    .unwrap();
+    let (_server, line) = spawn_reading_line(&["serve", "--config", &p("server.toml")]);
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    let target = |key: &str| {
+        format!(
+            "[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"{key}\"\n"
+        )
+    };
+    std::fs::write(
+        d.join("authority.toml"),
+        format!(
+            "{head}\n{}",
+            target("authority.apikey").replace("[servers.", "[targets.")
+        ),
+    )
+    .unwrap();
+    let mut first = spawn_reading_line(&["authority", "--config", &p("authority.toml")]).0;
+    let mut second = spawn_reading_line(&["authority", "--config", &p("authority.toml")]).0;
+    let leader = || -> serde_json::Value {
+        let out = netproc(&[
+            "creds",
+            "leader",
+            "--config",
+            &p("authority.toml"),
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // A change is delivered (by whichever leads) and works on the server.
+    let works = |id: &str| {
+        std::fs::write(
+            d.join(format!("{id}.toml")),
+            target(&format!("{id}.apikey")),
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = netproc(&[
+                "call",
+                "--config",
+                &p(&format!("{id}.toml")),
+                "s1",
+                "echo",
+                "1",
+            ]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{id} never worked: {}",
+                text(&out.stderr)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let out = netproc(&[
+        "creds",
+        "ensure",
+        "--config",
+        &p("authority.toml"),
+        "one",
+        "--key-out",
+        &p("one.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    works("one");
+    let before = leader();
+    let holder = before["holder"].as_str().unwrap().to_owned();
+    let epoch = before["epoch"].as_u64().unwrap();
+    // kill -9 whichever leads (the holder names its pid).
+    let (dead, standby) = if holder.contains(&format!("-{}-", first.0.id())) {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
+    assert!(holder.contains(&format!("-{}-", dead.0.id())), "{holder}");
+    let killed_at = std::time::Instant::now();
+    dead.0.kill().unwrap();
+    let _ = dead.0.wait();
+    let out = netproc(&[
+        "creds",
+        "ensure",
+        "--config",
+        &p("authority.toml"),
+        "two",
+        "--key-out",
+        &p("two.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    works("two");
+    let after = leader();
+    assert!(
+        after["holder"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("-{}-", standby.0.id())),
+        "{after}"
+    );
+    assert_eq!(after["epoch"].as_u64().unwrap(), epoch + 1, "{after}");
+    println!(
+        "failover and delivery after kill -9: {:?}",
+        killed_at.elapsed()
+    );
+    assert!(killed_at.elapsed() < std::time::Duration::from_secs(10));
+}
