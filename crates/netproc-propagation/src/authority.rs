@@ -26,6 +26,8 @@ pub(crate) struct Inner {
     pub(crate) wake: tokio::sync::Notify,
     /// The delivery lease's epoch while this process leads (0 before).
     pub(crate) epoch: std::sync::atomic::AtomicU64,
+    /// Targets that answered they predate the second event format.
+    pub(crate) first_format_only: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The authority (full mode). Cheap to clone; every clone is the same
@@ -83,6 +85,7 @@ impl Authority {
                 delivering,
                 wake: tokio::sync::Notify::new(),
                 epoch: std::sync::atomic::AtomicU64::new(0),
+                first_format_only: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }

@@ -13,7 +13,7 @@ use crate::store::*;
 use crate::transport::{Outgoing, TransportError};
 use crate::types::*;
 use crate::wire::{Delivery, DeliveryReply};
-use crate::{Event, EventKind, Signer, sign};
+use crate::{Event, EventKind, Signer, sign, sign_with_epoch};
 
 impl Authority {
     /// Delivers everything pending to every target now (ignoring backoff),
@@ -142,6 +142,20 @@ impl Authority {
         }
     }
 
+    /// The epoch this process signs with: its lease's while it leads, else
+    /// the database's current one (a `sync` by a process that does not
+    /// lead delivers in the leader's term), 1 without a lease (SQLite).
+    async fn current_epoch(&self) -> u64 {
+        let mine = self.inner.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if mine > 0 {
+            return mine;
+        }
+        match self.inner.store.leader().await {
+            Ok(Some(l)) => l.epoch.max(1),
+            _ => 1,
+        }
+    }
+
     /// Who holds the delivery lease among the authority processes sharing
     /// this database (`None` on SQLite, where one process delivers).
     pub async fn leader(&self) -> Result<Option<LeaderInfo>, AuthorityError> {
@@ -210,9 +224,22 @@ impl Authority {
             // Signing a full batch takes milliseconds: off the runtime's threads.
             let inner = Arc::clone(&self.inner);
             let target = name.to_owned();
-            let signed =
-                tokio::task::spawn_blocking(move || sign_batch(&*inner.key, &target, batch.events))
-                    .await;
+            // The second format (epochs) unless this target predates it.
+            let with_epoch = !self
+                .inner
+                .first_format_only
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(name);
+            let epoch = with_epoch.then(|| self.current_epoch());
+            let epoch = match epoch {
+                Some(e) => Some(e.await),
+                None => None,
+            };
+            let signed = tokio::task::spawn_blocking(move || {
+                sign_batch(&*inner.key, &target, batch.events, epoch)
+            })
+            .await;
             let (request, sent) = match signed {
                 Ok(Ok(signed)) => signed,
                 Ok(Err(e)) => return (delivered, Some(e)),
@@ -223,9 +250,22 @@ impl Authority {
                 .inner
                 .correlation
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let outgoing = Outgoing::new(name, correlation_id, request, timeout);
+            let mut outgoing = Outgoing::new(name, correlation_id, request, timeout);
+            outgoing.with_epoch = with_epoch;
             let answer =
                 tokio::time::timeout(timeout, self.inner.transport.deliver(outgoing)).await;
+            if let Ok(Err(TransportError::Unsupported { .. })) = &answer {
+                // It predates the second format: from now on it gets the
+                // first, and this batch is sent again at once.
+                tracing::info!(target_name = %name, "the target predates epoch-fenced deliveries; sending it the first format");
+                self.inner
+                    .first_format_only
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.to_owned());
+                probe = true;
+                continue;
+            }
             let reply = match answer {
                 Err(_) => Err(TransportError::TimedOut {
                     target: name.to_owned(),
@@ -265,10 +305,12 @@ impl Authority {
 }
 
 /// Signs a batch for `target` now: the encoded request and what it holds.
+/// Signs a batch: in the second format with `epoch`, else the first.
 pub(crate) fn sign_batch(
     key: &dyn Signer,
     target: &str,
     events: Vec<(u64, u64, EventKind)>,
+    epoch: Option<u64>,
 ) -> Result<(Vec<u8>, Sent), String> {
     let now = SystemTime::now();
     let mut signed = Vec::with_capacity(events.len());
@@ -276,7 +318,11 @@ pub(crate) fn sign_batch(
     for (seq, change_id, kind) in events {
         let mut event = Event::new(target, seq, now, kind);
         event.event_id = change_id;
-        signed.push(sign(&event, key).map_err(|e| e.to_string())?);
+        let one = match epoch {
+            Some(epoch) => sign_with_epoch(&event, epoch, key),
+            None => sign(&event, key),
+        };
+        signed.push(one.map_err(|e| e.to_string())?);
         let credential = match event.kind {
             EventKind::Upsert(c) => Some((c.id, false)),
             EventKind::Delete { id } => Some((id, true)),

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Prefixed to the event bytes before signing: a signature made for
 /// anything else never verifies as an event.
 const DOMAIN: &[u8] = b"netproc-propagation-event-v1\0";
+/// The domain tag of the second format: an [`EpochEvent`].
+const DOMAIN_V2: &[u8] = b"netproc-propagation-event-v2\0";
 
 /// A credential as it travels: everything a target needs to verify it,
 /// and nothing secret.
@@ -202,6 +204,46 @@ impl Signer for Ed25519Key {
     }
 }
 
+/// The second event format: an [`Event`] with the epoch of the authority
+/// process that signed it (its delivery lease's term). A target keeps the
+/// highest epoch it has applied and refuses lower ones
+/// ([`RejectReason::StaleLeader`]), which fences a deposed leader. Sent
+/// only to targets that accept the second delivery extension
+/// ([`EXTENSION_V2`](crate::EXTENSION_V2)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EpochEvent {
+    /// The signer's epoch (1 for an authority without a lease: SQLite).
+    pub epoch: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// Encodes and signs `event` in the second format, with `epoch`.
+pub fn sign_with_epoch<S: Signer + ?Sized>(
+    event: &Event,
+    epoch: u64,
+    signer: &S,
+) -> Result<SignedEvent, EncodeError> {
+    let wrapped = EpochEvent {
+        epoch,
+        event: event.clone(),
+    };
+    let body = postcard::to_stdvec(&wrapped).map_err(|e| EncodeError(e.to_string()))?;
+    let mut message = Vec::with_capacity(DOMAIN_V2.len() + body.len());
+    message.extend_from_slice(DOMAIN_V2);
+    message.extend_from_slice(&body);
+    let signature = signer
+        .sign(&message)
+        .map_err(|e| EncodeError(e.to_string()))?
+        .to_vec();
+    Ok(SignedEvent {
+        body,
+        signer: signer.public_key(),
+        signature,
+    })
+}
+
 /// Encodes and signs `event` with the authority's signer.
 pub fn sign<S: Signer + ?Sized>(event: &Event, signer: &S) -> Result<SignedEvent, EncodeError> {
     let body = postcard::to_stdvec(event).map_err(|e| EncodeError(e.to_string()))?;
@@ -259,6 +301,11 @@ pub enum RejectReason {
     /// The body does not decode.
     #[error("malformed")]
     Malformed,
+    /// Signed by a leader of an earlier epoch than one this target has
+    /// already applied: a deposed leader's late batch (second format
+    /// only). Nothing applied, cursor unchanged.
+    #[error("stale_leader")]
+    StaleLeader,
 }
 
 /// The outcome of [`Verifier::check`] (exhaustive: a target handles both).
@@ -300,18 +347,50 @@ impl Verifier {
     /// a gap (that is its purpose)
     /// but, like any event, not at or below the cursor.
     pub fn check(&self, signed: &SignedEvent, cursor: u64, now: SystemTime) -> Check {
-        let reject = |r| Check::Ack(Ack::Rejected(r));
+        self.check_format(signed, cursor, None, now).0
+    }
+
+    /// [`check`](Self::check) for the second format ([`EpochEvent`]): also
+    /// refuses an epoch below `max_epoch` (the highest this target has
+    /// applied) with [`RejectReason::StaleLeader`]. Returns the event's
+    /// epoch when it is authentic and for this target (0 otherwise).
+    pub fn check_epoch(
+        &self,
+        signed: &SignedEvent,
+        cursor: u64,
+        max_epoch: u64,
+        now: SystemTime,
+    ) -> (Check, u64) {
+        self.check_format(signed, cursor, Some(max_epoch), now)
+    }
+
+    fn check_format(
+        &self,
+        signed: &SignedEvent,
+        cursor: u64,
+        max_epoch: Option<u64>,
+        now: SystemTime,
+    ) -> (Check, u64) {
+        let reject = |r| (Check::Ack(Ack::Rejected(r)), 0);
         if !self.trusted.contains(&signed.signer) {
             return reject(RejectReason::UnknownSigner);
         }
-        if !verify_ed25519(
-            &signed.signer,
-            &signed_bytes(&signed.body),
-            &signed.signature,
-        ) {
+        let domain = if max_epoch.is_some() {
+            DOMAIN_V2
+        } else {
+            DOMAIN
+        };
+        let mut message = Vec::with_capacity(domain.len() + signed.body.len());
+        message.extend_from_slice(domain);
+        message.extend_from_slice(&signed.body);
+        if !verify_ed25519(&signed.signer, &message, &signed.signature) {
             return reject(RejectReason::BadSignature);
         }
-        let event: Event = match decode_exact(&signed.body) {
+        let decoded = match max_epoch {
+            None => decode_exact::<Event>(&signed.body).map(|e| (e, 0)),
+            Some(_) => decode_exact::<EpochEvent>(&signed.body).map(|w| (w.event, w.epoch)),
+        };
+        let (event, epoch) = match decoded {
             Ok(e) => e,
             Err(_) => return reject(RejectReason::Malformed),
         };
@@ -322,14 +401,17 @@ impl Verifier {
         if unix_ms(now).abs_diff(event.issued_at_ms) > window {
             return reject(RejectReason::Stale);
         }
+        if max_epoch.is_some_and(|max| epoch < max) {
+            return reject(RejectReason::StaleLeader);
+        }
         if event.seq <= cursor {
-            return Check::Ack(Ack::Duplicate);
+            return (Check::Ack(Ack::Duplicate), epoch);
         }
         let in_order = event.seq == cursor + 1 || event.kind.starts_snapshot();
         if !in_order {
-            return Check::Ack(Ack::NeedsSnapshot);
+            return (Check::Ack(Ack::NeedsSnapshot), epoch);
         }
-        Check::Apply(Box::new(event))
+        (Check::Apply(Box::new(event)), epoch)
     }
 }
 

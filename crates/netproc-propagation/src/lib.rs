@@ -85,8 +85,8 @@ pub use types::{
 };
 
 pub use event::{
-    Ack, Check, Credential, EncodeError, Event, EventKind, RejectReason, SignError, SignedEvent,
-    Signer, Verifier, sign,
+    Ack, Check, Credential, EncodeError, EpochEvent, Event, EventKind, RejectReason, SignError,
+    SignedEvent, Signer, Verifier, sign, sign_with_epoch,
 };
 pub use target::{DEFAULT_FRESHNESS, PropagationTarget, TargetConfig, TargetError};
-pub use wire::{Delivery, DeliveryReply, EXTENSION, MAX_EVENTS_PER_DELIVERY};
+pub use wire::{Delivery, DeliveryReply, EXTENSION, EXTENSION_V2, MAX_EVENTS_PER_DELIVERY};

@@ -10,7 +10,7 @@ use netproc_server::{CallContext, CallError, ExtensionHandler, ServerBuilder, St
 use netproc_wire::{ErrorCode, Privilege};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::wire::{Delivery, DeliveryReply, EXTENSION, MAX_EVENTS_PER_DELIVERY};
+use crate::wire::{Delivery, DeliveryReply, EXTENSION, EXTENSION_V2, MAX_EVENTS_PER_DELIVERY};
 use crate::{Ack, Check, Credential, EventKind, RejectReason, Verifier};
 
 /// How far an event's signing time may be from the target's clock, unless
@@ -22,7 +22,8 @@ const OWNER: &str = "netproc-propagation.target";
 
 /// The target's tables, beside the server's own, by schema version
 /// (`IF NOT EXISTS`: databases made before versioning already hold them).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE IF NOT EXISTS propagation_cursor (
         target TEXT PRIMARY KEY,
         seq INTEGER NOT NULL
@@ -36,7 +37,13 @@ const MIGRATIONS: &[&str] = &["
         total INTEGER NOT NULL,
         next_index INTEGER NOT NULL,
         credentials BLOB NOT NULL
-    );"];
+    );",
+    "
+    CREATE TABLE IF NOT EXISTS propagation_epoch (
+        target TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL
+    );",
+];
 
 /// Why a target could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +89,9 @@ impl TargetConfig {
 
 struct State {
     cursor: u64,
+    /// The highest authority epoch applied (second event format); lower
+    /// ones are refused as a deposed leader's.
+    epoch: u64,
     /// A multi-part snapshot received up to (not including) part `next`.
     partial: Option<Partial>,
 }
@@ -140,7 +150,7 @@ impl PropagationTarget {
             source,
         };
         db.migrate(OWNER, MIGRATIONS).map_err(db_err)?;
-        let (cursor, rows, snapshot) = db
+        let (cursor, rows, snapshot, epoch) = db
             .with_connection(|conn| load(conn, &config.name))
             .map_err(db_err)?;
         let mut keys = Vec::new();
@@ -188,19 +198,41 @@ impl PropagationTarget {
             freshness: config.freshness,
             name: config.name,
             store,
-            state: Mutex::new(State { cursor, partial }),
+            state: Mutex::new(State {
+                cursor,
+                epoch,
+                partial,
+            }),
             db: db.clone(),
         }))
     }
 
     /// Registers the delivery operation on `builder`, for principals holding
     /// `receive_credentials` (or `admin_privileges` / `all_privileges`).
+    /// Registers both delivery extensions: the first event format, and the
+    /// second (epoch-fenced, [`EXTENSION_V2`]) — registering it is how a
+    /// target announces it accepts that format.
     pub fn install(self: &Arc<Self>, builder: ServerBuilder) -> ServerBuilder {
-        builder.extension(
-            EXTENSION,
-            Privilege::ReceiveCredentials,
-            Arc::clone(self) as Arc<dyn ExtensionHandler>,
-        )
+        builder
+            .extension(
+                EXTENSION,
+                Privilege::ReceiveCredentials,
+                Arc::clone(self) as Arc<dyn ExtensionHandler>,
+            )
+            .extension(
+                EXTENSION_V2,
+                Privilege::ReceiveCredentials,
+                Arc::new(EpochHandler(Arc::clone(self))) as Arc<dyn ExtensionHandler>,
+            )
+    }
+
+    /// The highest authority epoch applied (0 before any event of the
+    /// second format).
+    pub fn epoch(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch
     }
 
     /// The last applied `seq` (0 before any).
@@ -242,15 +274,56 @@ impl PropagationTarget {
         delivery: &Delivery,
         now: SystemTime,
     ) -> Result<DeliveryReply, TargetError> {
+        self.deliver_format(delivery, now, false)
+    }
+
+    /// [`deliver`](Self::deliver) for a delivery whose events are in the
+    /// second format ([`EpochEvent`](crate::EpochEvent)): an event signed in
+    /// an epoch below the highest this target has applied is refused
+    /// ([`RejectReason::StaleLeader`]); a higher epoch is kept with the
+    /// cursor, in the same transaction. Once a target holds an epoch, events
+    /// of the first format (no epoch) are refused the same way: they would
+    /// bypass the fence.
+    pub fn deliver_epoch(
+        &self,
+        delivery: &Delivery,
+        now: SystemTime,
+    ) -> Result<DeliveryReply, TargetError> {
+        self.deliver_format(delivery, now, true)
+    }
+
+    fn deliver_format(
+        &self,
+        delivery: &Delivery,
+        now: SystemTime,
+        with_epoch: bool,
+    ) -> Result<DeliveryReply, TargetError> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut cursor = state.cursor;
+        let mut epoch = state.epoch;
         let mut acks = Vec::with_capacity(delivery.events.len());
         let mut conflicts = Vec::new();
         let mut staged: Vec<Staged> = Vec::new();
         let mut partial = state.partial.clone();
         let verifier = Arc::clone(&self.verifier.read().unwrap_or_else(PoisonError::into_inner));
         for signed in &delivery.events {
-            let event = match verifier.check(signed, cursor, now) {
+            let check = if with_epoch {
+                let (check, signed_in) = verifier.check_epoch(signed, cursor, epoch, now);
+                // Authentic and for this target: its epoch is the newest
+                // this target has seen of the authority.
+                epoch = epoch.max(signed_in);
+                check
+            } else {
+                match verifier.check(signed, cursor, now) {
+                    // Once fenced by epochs, the first format (which has no
+                    // epoch) would bypass the fence: refused.
+                    Check::Apply(_) if epoch > 0 => {
+                        Check::Ack(Ack::Rejected(RejectReason::StaleLeader))
+                    }
+                    other => other,
+                }
+            };
+            let event = match check {
                 Check::Ack(ack) => {
                     acks.push(ack);
                     continue;
@@ -310,9 +383,9 @@ impl PropagationTarget {
             tracing::debug!(target_name = %self.name, seq = event.seq, event_id = event.event_id, ?ack, "propagation event");
             acks.push(ack);
         }
-        if cursor != state.cursor {
+        if cursor != state.cursor || epoch != state.epoch {
             let persisted = self.db.with_connection(|conn| {
-                persist(conn, &self.name, cursor, &staged, partial.as_ref())
+                persist(conn, &self.name, cursor, epoch, &staged, partial.as_ref())
             });
             if let Err(source) = persisted {
                 tracing::error!(target_name = %self.name, error = %source, "cannot persist propagated keys; nothing applied");
@@ -322,6 +395,7 @@ impl PropagationTarget {
                 });
             }
             state.cursor = cursor;
+            state.epoch = epoch;
             state.partial = partial;
             for s in staged {
                 if let PropagatedChange::Upsert(k) = &s.change {
@@ -419,7 +493,7 @@ type StoredPartial = (i64, i64, Vec<u8>);
 fn load(
     conn: &mut Connection,
     name: &str,
-) -> rusqlite::Result<(u64, Vec<(String, Vec<u8>)>, Option<StoredPartial>)> {
+) -> rusqlite::Result<(u64, Vec<(String, Vec<u8>)>, Option<StoredPartial>, u64)> {
     let cursor: u64 = conn
         .query_row(
             "SELECT seq FROM propagation_cursor WHERE target = ?1",
@@ -442,13 +516,22 @@ fn load(
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    Ok((cursor, rows, partial))
+    let epoch: u64 = conn
+        .query_row(
+            "SELECT epoch FROM propagation_epoch WHERE target = ?1",
+            params![name],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(0, |e| e.max(0) as u64);
+    Ok((cursor, rows, partial, epoch))
 }
 
 fn persist(
     conn: &mut Connection,
     name: &str,
     cursor: u64,
+    epoch: u64,
     staged: &[Staged],
     partial: Option<&Partial>,
 ) -> rusqlite::Result<()> {
@@ -499,6 +582,13 @@ fn persist(
          ON CONFLICT(target) DO UPDATE SET seq = excluded.seq",
         params![name, i64::try_from(cursor).unwrap_or(i64::MAX)],
     )?;
+    if epoch > 0 {
+        tx.execute(
+            "INSERT INTO propagation_epoch (target, epoch) VALUES (?1, ?2)
+             ON CONFLICT(target) DO UPDATE SET epoch = max(epoch, excluded.epoch)",
+            params![name, i64::try_from(epoch).unwrap_or(i64::MAX)],
+        )?;
+    }
     tx.commit()
 }
 
@@ -538,6 +628,7 @@ fn record(acks: &[Ack], principal: &str, peer: std::net::SocketAddr) {
             Ack::Rejected(RejectReason::UnknownSigner) => "unknown_signer",
             Ack::Rejected(RejectReason::WrongTarget) => "wrong_target",
             Ack::Rejected(RejectReason::Stale) => "stale",
+            Ack::Rejected(RejectReason::StaleLeader) => "stale_leader",
             Ack::Rejected(_) => "malformed",
         };
         metrics::counter!("netproc_propagation_events_total", "ack" => label).increment(1);
@@ -548,6 +639,7 @@ fn record(acks: &[Ack], principal: &str, peer: std::net::SocketAddr) {
                     | RejectReason::UnknownSigner
                     | RejectReason::WrongTarget
                     | RejectReason::Stale
+                    | RejectReason::StaleLeader
             )
         ) {
             tracing::warn!(target: netproc_server::AUDIT_TARGET, event = "propagation_rejected", reason = label, principal = ?principal, %peer, "a propagation event was refused");
@@ -560,6 +652,30 @@ impl ExtensionHandler for PropagationTarget {
         &self,
         ctx: CallContext,
         payload: Vec<u8>,
+    ) -> netproc_auth::BoxFuture<'static, Result<Vec<u8>, CallError>> {
+        self.handle_format(ctx, payload, false)
+    }
+}
+
+/// The second delivery extension ([`EXTENSION_V2`]): events with epochs.
+struct EpochHandler(Arc<PropagationTarget>);
+
+impl ExtensionHandler for EpochHandler {
+    fn handle(
+        &self,
+        ctx: CallContext,
+        payload: Vec<u8>,
+    ) -> netproc_auth::BoxFuture<'static, Result<Vec<u8>, CallError>> {
+        self.0.handle_format(ctx, payload, true)
+    }
+}
+
+impl PropagationTarget {
+    fn handle_format(
+        &self,
+        ctx: CallContext,
+        payload: Vec<u8>,
+        with_epoch: bool,
     ) -> netproc_auth::BoxFuture<'static, Result<Vec<u8>, CallError>> {
         let principal = ctx.principal().id.clone();
         let peer = ctx.peer();
@@ -577,10 +693,11 @@ impl ExtensionHandler for PropagationTarget {
             }
             let this =
                 this.ok_or_else(|| CallError::with_code(ErrorCode::Unavailable, "shutting down"))?;
-            let reply =
-                tokio::task::spawn_blocking(move || this.deliver(&delivery, SystemTime::now()))
-                    .await
-                    .map_err(|_| CallError::new("the delivery could not be applied"))?;
+            let reply = tokio::task::spawn_blocking(move || {
+                this.deliver_format(&delivery, SystemTime::now(), with_epoch)
+            })
+            .await
+            .map_err(|_| CallError::new("the delivery could not be applied"))?;
             if let Ok(r) = &reply {
                 record(&r.acks, &principal, peer);
             }

@@ -18,7 +18,7 @@ use netproc_client::Client;
 use netproc_wire::{Operation, Value};
 
 use crate::target::PropagationTarget;
-use crate::wire::{Delivery, EXTENSION};
+use crate::wire::{Delivery, EXTENSION, EXTENSION_V2};
 
 /// One delivery on its way to a target.
 #[derive(Debug, Clone)]
@@ -34,6 +34,10 @@ pub struct Outgoing {
     /// How long the authority waits for the answer before it drops the
     /// delivery's future and records [`TransportError::TimedOut`].
     pub timeout: Duration,
+    /// The events are in the second format (epochs): deliver through
+    /// [`EXTENSION_V2`]; a target that does not accept it answers
+    /// [`TransportError::Unsupported`].
+    pub with_epoch: bool,
 }
 
 impl Outgoing {
@@ -49,6 +53,7 @@ impl Outgoing {
             correlation_id,
             request,
             timeout,
+            with_epoch: false,
         }
     }
 }
@@ -83,6 +88,13 @@ pub enum TransportError {
         target: String,
         /// What was wrong with it.
         reason: String,
+    },
+    /// The target does not accept the second event format (it predates
+    /// it): send it the first.
+    #[error("{target} does not accept epoch-fenced deliveries")]
+    Unsupported {
+        /// The target.
+        target: String,
     },
 }
 
@@ -131,8 +143,13 @@ impl Transport for NetprocTransport {
                 .client
                 .server(&target)
                 .map_err(|_| TransportError::UnknownTarget(target.clone()))?;
+            let name = if delivery.with_epoch {
+                EXTENSION_V2
+            } else {
+                EXTENSION
+            };
             let op = Operation::Extension {
-                name: EXTENSION.into(),
+                name: name.into(),
                 payload: delivery.request,
             };
             // The answer is the call's own response: no correlation needed.
@@ -142,6 +159,13 @@ impl Transport for NetprocTransport {
                     target,
                     reason: "not bytes".into(),
                 }),
+                // A server that predates the extension: "no extension named".
+                Err(e)
+                    if delivery.with_epoch
+                        && e.code() == netproc_wire::ErrorCode::InvalidOperation =>
+                {
+                    Err(TransportError::Unsupported { target })
+                }
                 Err(e) => Err(TransportError::failed(target, e)),
             }
         })
@@ -153,6 +177,8 @@ impl Transport for NetprocTransport {
 #[derive(Debug, Clone, Default)]
 pub struct LocalTransport {
     targets: HashMap<String, Arc<PropagationTarget>>,
+    /// Targets that behave as if they predate the second event format.
+    first_format_only: std::collections::HashSet<String>,
 }
 
 impl LocalTransport {
@@ -165,6 +191,13 @@ impl LocalTransport {
     pub fn add(&mut self, target: Arc<PropagationTarget>) {
         self.targets.insert(target.name().to_owned(), target);
     }
+
+    /// Adds a target that accepts only the first event format, as one that
+    /// predates the second would (for compatibility tests).
+    pub fn add_first_format_only(&mut self, target: Arc<PropagationTarget>) {
+        self.first_format_only.insert(target.name().to_owned());
+        self.add(target);
+    }
 }
 
 impl Transport for LocalTransport {
@@ -175,14 +208,24 @@ impl Transport for LocalTransport {
                 .targets
                 .get(&target)
                 .ok_or_else(|| TransportError::UnknownTarget(target.clone()))?;
+            if delivery.with_epoch && self.first_format_only.contains(&target) {
+                return Err(TransportError::Unsupported { target });
+            }
             let request = Delivery::decode(&delivery.request)
                 .map_err(|e| TransportError::failed(target.clone(), e))?;
             let t = Arc::clone(t);
-            tokio::task::spawn_blocking(move || t.deliver(&request, SystemTime::now()))
-                .await
-                .map_err(|e| TransportError::failed(target.clone(), e))?
-                .map(|r| r.encode())
-                .map_err(|e| TransportError::failed(target, e))
+            let with_epoch = delivery.with_epoch;
+            tokio::task::spawn_blocking(move || {
+                if with_epoch {
+                    t.deliver_epoch(&request, SystemTime::now())
+                } else {
+                    t.deliver(&request, SystemTime::now())
+                }
+            })
+            .await
+            .map_err(|e| TransportError::failed(target.clone(), e))?
+            .map(|r| r.encode())
+            .map_err(|e| TransportError::failed(target, e))
         })
     }
 }

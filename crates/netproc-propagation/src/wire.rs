@@ -10,6 +10,14 @@ use crate::{Ack, SignedEvent};
 /// The extension operation's name.
 pub const EXTENSION: &str = "netproc.propagation.deliver";
 
+/// The second delivery extension: the same [`Delivery`] and
+/// [`DeliveryReply`], with every event in the second format
+/// ([`EpochEvent`](crate::EpochEvent), fenced by epoch). A target that
+/// registers it announces the format; one that predates it answers
+/// `invalid_operation` ("no extension named …"), and the authority sends it
+/// the first format.
+pub const EXTENSION_V2: &str = "netproc.propagation.deliver.v2";
+
 /// Events in a request, at most. A larger request is refused whole.
 pub const MAX_EVENTS_PER_DELIVERY: usize = 1024;
 

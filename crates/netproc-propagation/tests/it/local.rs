@@ -908,3 +908,96 @@ async fn an_authority_backs_off_while_postgres_is_cut_and_resumes_after() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+/// Fencing at the target (second event format): an event signed in an
+/// epoch below the highest applied is refused `stale_leader` and moves
+/// nothing; the epoch is kept with the cursor, across a restart.
+#[test]
+fn a_deposed_leaders_events_are_refused_and_the_epoch_survives_a_restart() {
+    use netproc_propagation::{Ack, Delivery, Event, EventKind, RejectReason, sign_with_epoch};
+    let dir = tempfile::tempdir().unwrap();
+    let key = Ed25519Key::generate().unwrap();
+    let open = || {
+        PropagationTarget::open(
+            TargetConfig::new("a", vec![key.public_key()]),
+            Arc::new(ApiKeyStore::in_memory()),
+            &netproc_server::StateDatabase::open(dir.path()).unwrap(),
+        )
+        .unwrap()
+    };
+    let target = open();
+    let event = |seq: u64| {
+        Event::new(
+            "a",
+            seq,
+            SystemTime::now(),
+            EventKind::Delete {
+                id: format!("k{seq}"),
+            },
+        )
+    };
+    let deliver = |t: &PropagationTarget, seq: u64, epoch: u64| {
+        let signed = sign_with_epoch(&event(seq), epoch, &key).unwrap();
+        t.deliver_epoch(&Delivery::new(vec![signed]), SystemTime::now())
+            .unwrap()
+    };
+    assert_eq!(deliver(&target, 1, 2).acks, [Ack::Applied]);
+    assert_eq!(target.epoch(), 2);
+    // The deposed leader (epoch 1) sends the next seq: refused, nothing moves.
+    let reply = deliver(&target, 2, 1);
+    assert_eq!(reply.acks, [Ack::Rejected(RejectReason::StaleLeader)]);
+    assert_eq!((reply.cursor, target.cursor()), (1, 1));
+    // The current leader goes on; a later epoch is taken up.
+    assert_eq!(deliver(&target, 2, 2).acks, [Ack::Applied]);
+    assert_eq!(deliver(&target, 3, 3).acks, [Ack::Applied]);
+    drop(target);
+    let again = open();
+    assert_eq!((again.cursor(), again.epoch()), (3, 3));
+    assert_eq!(
+        deliver(&again, 4, 2).acks,
+        [Ack::Rejected(RejectReason::StaleLeader)]
+    );
+    // Once fenced, the first format (no epoch) cannot bypass the fence.
+    let v1 = netproc_propagation::sign(&event(4), &key).unwrap();
+    let reply = again
+        .deliver(&Delivery::new(vec![v1]), SystemTime::now())
+        .unwrap();
+    assert_eq!(reply.acks, [Ack::Rejected(RejectReason::StaleLeader)]);
+    assert_eq!(reply.cursor, 3);
+}
+
+/// A target that predates the second format gets the first: the authority
+/// falls back when the target answers that it does not take it, and the
+/// target's cursor keeps moving.
+#[tokio::test]
+async fn a_target_that_predates_epochs_gets_the_first_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Ed25519Key::generate().unwrap();
+    let store = Arc::new(ApiKeyStore::in_memory());
+    let old = PropagationTarget::open(
+        TargetConfig::new("old", vec![key.public_key()]),
+        Arc::clone(&store),
+        &netproc_server::StateDatabase::open(dir.path()).unwrap(),
+    )
+    .unwrap();
+    let mut transport = LocalTransport::new();
+    transport.add_first_format_only(Arc::clone(&old));
+    let authority = Authority::open(
+        AuthorityConfig::new(dir.path().join("authority.db"), vec!["old".into()]),
+        key,
+        Arc::new(transport) as Arc<dyn Transport>,
+    )
+    .unwrap();
+    authority
+        .ensure(CredentialSpec::api_key("svc", privileges(false)), &["old"])
+        .await
+        .unwrap();
+    let report = authority.sync().await;
+    assert!(
+        report.targets.iter().all(|t| t.error.is_none()),
+        "{report:?}"
+    );
+    assert!(store.get("svc").is_some());
+    assert!(old.cursor() > 0);
+    assert_eq!(old.epoch(), 0, "it only ever received the first format");
+}

@@ -480,3 +480,61 @@ async fn a_snapshot_larger_than_a_frame_arrives_in_parts() {
         f.authority.targets().await.unwrap()[0].acked_seq
     );
 }
+
+/// Over the network: a server whose target predates the second event
+/// format (only `netproc.propagation.deliver` registered) answers the new
+/// extension `invalid_operation`; the authority falls back to the first
+/// format and the key arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_predates_epochs_gets_the_first_format_over_tls() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signer = Ed25519Key::generate().unwrap();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (_, authority_key) = keys
+        .create(KeySpec::new("receive_credentials".parse().unwrap()))
+        .unwrap();
+    let db = netproc_server::StateDatabase::open(dir.path().join("state").as_path()).unwrap();
+    let target = PropagationTarget::open(
+        TargetConfig::new("old", vec![signer.public_key()]),
+        Arc::clone(&keys),
+        &db,
+    )
+    .unwrap();
+    // The previous release's install: the first extension only.
+    let server = pki
+        .server_builder("old", Arc::clone(&keys))
+        .state(db)
+        .extension(
+            netproc_propagation::EXTENSION,
+            netproc_wire::Privilege::ReceiveCredentials,
+            Arc::clone(&target) as Arc<dyn netproc_server::ExtensionHandler>,
+        )
+        .start()
+        .await
+        .unwrap();
+    let client = authority_client(
+        &pki,
+        &[("old".to_owned(), server.local_addr(), authority_key)],
+    );
+    let authority = open_authority(&dir.path().join("authority.db"), signer, client, &["old"]);
+    authority
+        .ensure(
+            CredentialSpec::api_key(
+                "svc",
+                "invoke_functions"
+                    .parse::<netproc_auth::PrivilegeSet>()
+                    .unwrap(),
+            ),
+            &["old"],
+        )
+        .await
+        .unwrap();
+    let report = authority.sync().await;
+    assert!(
+        report.targets.iter().all(|t| t.error.is_none()),
+        "{report:?}"
+    );
+    assert!(keys.get("svc").is_some());
+    assert_eq!(target.epoch(), 0, "only the first format reached it");
+}

@@ -10,7 +10,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use netproc_pki::Ed25519Key;
 use netproc_propagation::{
-    Ack, Check, Credential, Delivery, DeliveryReply, Event, EventKind, RejectReason, Verifier, sign,
+    Ack, Check, Credential, Delivery, DeliveryReply, Event, EventKind, RejectReason, Verifier,
+    sign, sign_with_epoch,
 };
 use serde::{Deserialize, Serialize};
 
@@ -156,6 +157,24 @@ fn built() -> Vec<Vector> {
                 r.encode()
             },
         ),
+        v(
+            "delivery_epoch_upsert",
+            "Second format (extension netproc.propagation.deliver.v2): delivery of the upsert of billing, seq 1, signed in epoch 3 (EpochEvent body, domain netproc-propagation-event-v2)",
+            Delivery::new(vec![
+                sign_with_epoch(&event(1, EventKind::Upsert(credential())), 3, &k).unwrap(),
+            ])
+            .encode(),
+        ),
+        v(
+            "reply_stale_leader",
+            "Reply (second format only): cursor 5, acks rejected(stale_leader)",
+            {
+                let mut r = DeliveryReply::default();
+                r.cursor = 5;
+                r.acks = vec![Ack::Rejected(RejectReason::StaleLeader)];
+                r.encode()
+            },
+        ),
     ]
 }
 
@@ -194,6 +213,27 @@ fn every_vector_decodes_re_encodes_and_verifies() {
     );
     let upsert = Delivery::decode(&bytes("delivery_upsert")).unwrap();
     assert_eq!(upsert.events[0].body, bytes("event_upsert"));
+    // The second format: verifies with its own domain, carries its epoch,
+    // and is fenced below the target's highest epoch.
+    let fenced = Delivery::decode(&bytes("delivery_epoch_upsert")).unwrap();
+    assert_eq!(
+        verifier.check_epoch(&fenced.events[0], 0, 3, at).1,
+        3,
+        "epoch 3, accepted at a target holding 3"
+    );
+    assert!(matches!(
+        verifier.check_epoch(&fenced.events[0], 0, 3, at).0,
+        Check::Apply(_)
+    ));
+    assert_eq!(
+        verifier.check_epoch(&fenced.events[0], 0, 4, at).0,
+        Check::Ack(Ack::Rejected(RejectReason::StaleLeader))
+    );
+    // Each format's signature is over its own domain: never mistaken.
+    assert_eq!(
+        verifier.check(&fenced.events[0], 0, at),
+        Check::Ack(Ack::Rejected(RejectReason::BadSignature))
+    );
     let reply = bytes("reply_mixed");
     assert_eq!(DeliveryReply::decode(&reply).unwrap().encode(), reply);
     assert!(
