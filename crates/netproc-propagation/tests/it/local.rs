@@ -1001,3 +1001,62 @@ async fn a_target_that_predates_epochs_gets_the_first_format() {
     assert!(old.cursor() > 0);
     assert_eq!(old.epoch(), 0, "it only ever received the first format");
 }
+
+/// A deposed leader that sends anyway (paused, then resumed after the
+/// standby took over) is refused by the targets: `stale_leader`, nothing
+/// applied, the target's cursor where the new leader left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_that_sends_anyway_is_fenced() {
+    let Some(pg) = PgSchema::new("a_deposed_leader_that_sends_anyway_is_fenced").await else {
+        return;
+    };
+    let f = fleet_on(Backend::Postgres(pg), &["a"]);
+    let old = another_process(&f, Duration::from_millis(500));
+    let new = another_process(&f, Duration::from_millis(500));
+    // The old leader leads (epoch 1) and delivers.
+    let (stop_old, old_stopped) = tokio::sync::oneshot::channel::<()>();
+    let o = old.clone();
+    let old_task = tokio::spawn(async move {
+        o.run(async {
+            let _ = old_stopped.await;
+        })
+        .await;
+    });
+    f.authority
+        .ensure(CredentialSpec::api_key("first", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "first").await;
+    // It pauses (its loop stops; its memory keeps epoch 1); the new one
+    // takes over once the lease expires, with epoch 2, and delivers.
+    let _ = stop_old.send(());
+    old_task.await.unwrap();
+    let (stop_new, new_stopped) = tokio::sync::oneshot::channel::<()>();
+    let n = new.clone();
+    let new_task = tokio::spawn(async move {
+        n.run(async {
+            let _ = new_stopped.await;
+        })
+        .await;
+    });
+    f.authority
+        .ensure(CredentialSpec::api_key("second", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "second").await;
+    let _ = stop_new.send(());
+    new_task.await.unwrap();
+    assert_eq!(new.leader().await.unwrap().unwrap().epoch, 2);
+    // The deposed leader resumes and sends what is pending: refused.
+    f.authority
+        .ensure(CredentialSpec::api_key("third", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    let report = old.sync().await;
+    let error = report.targets[0].error.clone().unwrap_or_default();
+    assert!(error.contains("stale_leader"), "{report:?}");
+    assert!(
+        f.stores["a"].get("third").is_none(),
+        "a deposed leader's event landed"
+    );
+}
