@@ -165,6 +165,18 @@ impl Authority {
     pub async fn credentials(&self) -> Result<Vec<CredentialInfo>, AuthorityError> {
         self.inner.store.credentials().await
     }
+
+    /// The newest `limit` recorded changes, newest first — of credential
+    /// `id` only when given: who made each (the process, and on
+    /// PostgreSQL the database role) and when. The newest 100,000 changes
+    /// are kept.
+    pub async fn history(
+        &self,
+        id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ChangeRecord>, AuthorityError> {
+        self.inner.store.history(id.map(str::to_owned), limit).await
+    }
 }
 
 /// The store's database: PostgreSQL when configured (or named by a

@@ -236,6 +236,7 @@ impl Authority {
                 Some(e) => Some(e.await),
                 None => None,
             };
+            audit_batch(name, &batch, epoch);
             let signed = tokio::task::spawn_blocking(move || {
                 sign_batch(&*inner.key, &target, batch.events, epoch)
             })
@@ -331,6 +332,32 @@ pub(crate) fn sign_batch(
         sent.push((seq, credential));
     }
     Ok((Delivery::new(signed).encode(), sent))
+}
+
+/// The audit line of each change before it is signed: what, for which
+/// target, and who made it (recorded with the change, never trusted from
+/// the event).
+fn audit_batch(target: &str, batch: &crate::store::Batch, epoch: Option<u64>) {
+    for ((seq, change_id, kind), (by, role)) in batch.events.iter().zip(&batch.authors) {
+        let (action, credential) = match kind {
+            EventKind::Upsert(c) => ("upsert", c.id.as_str()),
+            EventKind::Delete { id } => ("delete", id.as_str()),
+            EventKind::Snapshot(_) | EventKind::SnapshotPart { .. } => ("snapshot", ""),
+        };
+        tracing::info!(
+            target: netproc_server::AUDIT_TARGET,
+            event = "propagation_sign",
+            target_name = %target,
+            seq,
+            change_id,
+            action,
+            credential,
+            changed_by = by.as_deref().unwrap_or("-"),
+            db_role = role.as_deref().unwrap_or("-"),
+            epoch = epoch.unwrap_or(0),
+            "signing a change for a target"
+        );
+    }
 }
 
 pub(crate) fn log_report(report: &SyncReport) {

@@ -80,8 +80,9 @@ mod wire;
 pub use authority::Authority;
 pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
 pub use types::{
-    AuthorityConfig, AuthorityError, CredentialInfo, CredentialSpec, DatabaseError, DeliveryState,
-    Ensured, LeaderInfo, PostgresOptions, SyncReport, TargetDelivery, TargetState, TargetSync,
+    AuthorityConfig, AuthorityError, ChangeRecord, CredentialInfo, CredentialSpec, DatabaseError,
+    DeliveryState, Ensured, LeaderInfo, PostgresOptions, SyncReport, TargetDelivery, TargetState,
+    TargetSync,
 };
 
 pub use event::{

@@ -75,6 +75,22 @@ const MIGRATIONS: &[&str] = &[
         expires_at TIMESTAMPTZ NOT NULL
     );
     INSERT INTO leader (id, holder, epoch, since, expires_at) VALUES (1, '', 0, now(), now());",
+    // 3: who made each change (the process's name, and the database role
+    // PostgreSQL authenticated), and revoked ids kept as tombstones.
+    "CREATE TABLE changes (
+        change_id BIGINT PRIMARY KEY,
+        credential_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        changed_by TEXT NOT NULL,
+        db_role TEXT DEFAULT current_user,
+        at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX changes_by_credential ON changes (credential_id);
+    CREATE TABLE tombstones (
+        id TEXT PRIMARY KEY,
+        revoked_at_ms BIGINT NOT NULL,
+        revoked_by TEXT NOT NULL
+    );",
 ];
 
 /// Whether `database` names PostgreSQL rather than a SQLite file.

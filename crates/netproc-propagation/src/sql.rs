@@ -75,14 +75,53 @@ pub(crate) fn credential_targets(
     .collect()
 }
 
-pub(crate) fn next_change_id(c: &mut dyn Sql) -> Result<u64, AuthorityError> {
+/// Changes kept in the `changes` table (who made each): the newest this
+/// many; older ones are pruned now and then.
+const CHANGES_KEPT: i64 = 100_000;
+
+/// A new change id, recorded with what it does to which credential and who
+/// asked (PostgreSQL adds the database role it authenticated).
+pub(crate) fn next_change_id(
+    c: &mut dyn Sql,
+    credential_id: &str,
+    action: &str,
+    who: &str,
+) -> Result<u64, AuthorityError> {
     let row = c
         .first(
             "UPDATE meta SET value = value + 1 WHERE key = 'change_id' RETURNING value",
             &[],
         )?
         .ok_or_else(|| AuthorityError::Database(DatabaseError::new("", "no change counter")))?;
-    Ok(u64_of(row.i64(0)?))
+    let id = row.i64(0)?;
+    c.exec(
+        "INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms) VALUES ($1, $2, $3, $4, $5)",
+        args![id, credential_id, action, who, i64_of(now_ms())],
+    )?;
+    if id % 1_000 == 0 {
+        c.exec(
+            "DELETE FROM changes WHERE change_id <= $1",
+            args![id - CHANGES_KEPT],
+        )?;
+    }
+    Ok(u64_of(id))
+}
+
+/// [`load_credential`], locking its row until the transaction ends
+/// (PostgreSQL; SQLite has one writer): a change reads what the one before
+/// it wrote, so each writes only its own fields (a rotation and a
+/// privilege change made at once both stay).
+pub(crate) fn load_credential_for_update(
+    c: &mut dyn Sql,
+    id: &str,
+) -> Result<Option<Credential>, AuthorityError> {
+    let sql = match c.dialect() {
+        Dialect::Sqlite => "SELECT credential FROM credentials WHERE id = $1",
+        Dialect::Postgres => "SELECT credential FROM credentials WHERE id = $1 FOR UPDATE",
+    };
+    c.first(sql, args![id])?
+        .map(|r| decode_credential(&r.bytes(0)?))
+        .transpose()
 }
 
 /// The next seq for `target`. The counter row stays locked until the
@@ -125,6 +164,7 @@ pub(crate) fn ensure_in(
     c: &mut dyn Sql,
     spec: &CredentialSpec,
     wanted: &BTreeSet<String>,
+    who: &str,
 ) -> Result<Ensured, AuthorityError> {
     for t in wanted {
         if c.first("SELECT 1 FROM targets WHERE name = $1", args![t])?
@@ -133,7 +173,17 @@ pub(crate) fn ensure_in(
             return Err(AuthorityError::UnknownTarget(t.clone()));
         }
     }
-    let old = load_credential(c, &spec.id)?;
+    let old = load_credential_for_update(c, &spec.id)?;
+    if old.is_none() {
+        // A revoked id stays revoked unless asked.
+        let revoked = c.first("SELECT 1 FROM tombstones WHERE id = $1", args![&spec.id])?;
+        if revoked.is_some() {
+            if !spec.recreate {
+                return Err(AuthorityError::Revoked(spec.id.clone()));
+            }
+            c.exec("DELETE FROM tombstones WHERE id = $1", args![&spec.id])?;
+        }
+    }
     let old_targets = credential_targets(c, &spec.id)?;
     let mut api_key = None;
     let mut cred = match &old {
@@ -198,7 +248,15 @@ pub(crate) fn ensure_in(
         }
     }
     if changed {
-        save_and_send(c, &cred, wanted, &old_targets, credential_changed)?;
+        let action = if old.is_none() { "create" } else { "update" };
+        save_and_send(
+            c,
+            &cred,
+            wanted,
+            &old_targets,
+            credential_changed,
+            (action, who),
+        )?;
     }
     Ok(Ensured {
         created: old.is_none(),
@@ -216,6 +274,7 @@ pub(crate) fn save_and_send(
     targets: &BTreeSet<String>,
     old_targets: &BTreeSet<String>,
     credential_changed: bool,
+    (action, who): (&str, &str),
 ) -> Result<(), AuthorityError> {
     let bytes = encode(cred)?;
     c.exec(
@@ -227,7 +286,7 @@ pub(crate) fn save_and_send(
         "DELETE FROM credential_targets WHERE credential_id = $1",
         args![&cred.id],
     )?;
-    let change_id = next_change_id(c)?;
+    let change_id = next_change_id(c, &cred.id, action, who)?;
     for t in targets {
         c.exec(
             "INSERT INTO credential_targets (credential_id, target) VALUES ($1, $2)",
@@ -374,22 +433,22 @@ pub(crate) fn prepare(
         queue_snapshot(c, target, acked, part_bytes)?;
     }
     let rows = c.query(
-        "SELECT seq, change_id, kind FROM outbox WHERE target = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        "SELECT o.seq, o.change_id, o.kind, ch.changed_by, ch.db_role FROM outbox o
+         LEFT JOIN changes ch ON ch.change_id = o.change_id
+         WHERE o.target = $1 AND o.seq > $2 ORDER BY o.seq LIMIT $3",
         args![target, i64_of(acked), BATCH_EVENTS as i64],
     )?;
-    let rows = rows
-        .iter()
-        .map(|r| Ok((u64_of(r.i64(0)?), u64_of(r.i64(1)?), r.bytes(2)?)))
-        .collect::<Result<Vec<_>, AuthorityError>>()?;
-    let n = batch_len(rows.iter().map(|(_, _, kind)| kind.len()));
+    let n = batch_len(rows.iter().map(|r| r.bytes(2).map_or(0, |k| k.len())));
     let mut events = Vec::new();
-    for (seq, change_id, kind) in rows.into_iter().take(n) {
-        let kind: EventKind = postcard::from_bytes(&kind).map_err(|e| {
+    let mut authors = Vec::new();
+    for r in rows.iter().take(n) {
+        let kind: EventKind = postcard::from_bytes(&r.bytes(2)?).map_err(|e| {
             AuthorityError::Database(DatabaseError::new("unreadable queued event", e))
         })?;
-        events.push((seq, change_id, kind));
+        events.push((u64_of(r.i64(0)?), u64_of(r.i64(1)?), kind));
+        authors.push((r.opt_string(3)?, r.opt_string(4)?));
     }
-    Ok(Batch { events })
+    Ok(Batch { events, authors })
 }
 
 /// Records a target's answer (or the failure to get one).
@@ -571,12 +630,29 @@ pub(crate) fn fail(
 /// PostgreSQL, the same SQL.
 pub(crate) struct SqlStore {
     db: Db,
+    /// Who this process's changes are recorded as made by.
+    actor: std::sync::Arc<str>,
 }
 
 impl SqlStore {
     pub(crate) fn new(db: Db) -> SqlStore {
-        SqlStore { db }
+        SqlStore {
+            db,
+            actor: actor().into(),
+        }
     }
+}
+
+/// This process, as its changes record it: `user@host pid N` (the
+/// database role PostgreSQL authenticated is recorded beside it).
+fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!("{user}@{host} pid {}", std::process::id())
 }
 
 /// Takes or renews the lease (PostgreSQL; SQLite has one delivering
@@ -643,7 +719,8 @@ impl Store for SqlStore {
         spec: CredentialSpec,
         targets: BTreeSet<String>,
     ) -> BoxFuture<'_, Result<Ensured, AuthorityError>> {
-        Box::pin(self.db.run(move |c| ensure_in(c, &spec, &targets)))
+        let who = std::sync::Arc::clone(&self.actor);
+        Box::pin(self.db.run(move |c| ensure_in(c, &spec, &targets, &who)))
     }
 
     fn rotate(
@@ -651,8 +728,9 @@ impl Store for SqlStore {
         id: String,
         overlap: Option<Duration>,
     ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>> {
+        let who = std::sync::Arc::clone(&self.actor);
         Box::pin(self.db.run(move |c| {
-            let mut cred = load_credential(c, &id)?
+            let mut cred = load_credential_for_update(c, &id)?
                 .ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
             let Some(old_hash) = cred.secret_sha256 else {
                 return Err(AuthorityError::NotAnApiKey(id.clone()));
@@ -669,14 +747,15 @@ impl Store for SqlStore {
             cred.secret_sha256 = Some(hash);
             cred.generation += 1;
             let targets = credential_targets(c, &id)?;
-            save_and_send(c, &cred, &targets, &BTreeSet::new(), true)?;
+            save_and_send(c, &cred, &targets, &BTreeSet::new(), true, ("rotate", &who))?;
             Ok(key)
         }))
     }
 
     fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
+        let who = std::sync::Arc::clone(&self.actor);
         Box::pin(self.db.run(move |c| {
-            if load_credential(c, &id)?.is_none() {
+            if load_credential_for_update(c, &id)?.is_none() {
                 return Err(AuthorityError::UnknownCredential(id.clone()));
             }
             let targets = credential_targets(c, &id)?;
@@ -685,7 +764,13 @@ impl Store for SqlStore {
                 "DELETE FROM credential_targets WHERE credential_id = $1",
                 args![&id],
             )?;
-            let change_id = next_change_id(c)?;
+            // A tombstone: `ensure` does not bring it back unless asked.
+            c.exec(
+                "INSERT INTO tombstones (id, revoked_at_ms, revoked_by) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, revoked_by = excluded.revoked_by",
+                args![&id, i64_of(now_ms()), &*who],
+            )?;
+            let change_id = next_change_id(c, &id, "revoke", &who)?;
             for t in &targets {
                 enqueue(c, t, change_id, &id, &EventKind::Delete { id: id.clone() })?;
             }
@@ -784,6 +869,32 @@ impl Store for SqlStore {
                 });
             }
             Ok(out)
+        }))
+    }
+
+    fn history(
+        &self,
+        id: Option<String>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<ChangeRecord>, AuthorityError>> {
+        Box::pin(self.db.run(move |c| {
+            let rows = c.query(
+                "SELECT change_id, credential_id, action, changed_by, db_role, at_ms FROM changes
+                 WHERE $1 = '' OR credential_id = $1 ORDER BY change_id DESC LIMIT $2",
+                args![id.as_deref().unwrap_or(""), i64::from(limit)],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ChangeRecord {
+                        change_id: u64_of(r.i64(0)?),
+                        credential_id: r.string(1)?,
+                        action: r.string(2)?,
+                        changed_by: r.string(3)?,
+                        db_role: r.opt_string(4)?,
+                        at: netproc_wire::from_unix_ms(u64_of(r.i64(5)?)),
+                    })
+                })
+                .collect()
         }))
     }
 

@@ -52,6 +52,20 @@ const SCHEMA: &str = "
         seq INTEGER NOT NULL,
         error TEXT,
         PRIMARY KEY (target, credential_id)
+    );
+    CREATE TABLE IF NOT EXISTS changes (
+        change_id INTEGER PRIMARY KEY,
+        credential_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        changed_by TEXT NOT NULL,
+        db_role TEXT,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS changes_by_credential ON changes (credential_id);
+    CREATE TABLE IF NOT EXISTS tombstones (
+        id TEXT PRIMARY KEY,
+        revoked_at_ms INTEGER NOT NULL,
+        revoked_by TEXT NOT NULL
     );";
 
 /// `$1`-style placeholders as SQLite's `?1`.

@@ -16,6 +16,9 @@ use crate::wire::DeliveryReply;
 pub(crate) struct Batch {
     /// (seq, change id, kind)
     pub(crate) events: Vec<(u64, u64, EventKind)>,
+    /// Who made each event's change (the process, the database role);
+    /// `None` for snapshots.
+    pub(crate) authors: Vec<(Option<String>, Option<String>)>,
 }
 
 /// What recording a delivery's outcome found.
@@ -61,6 +64,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn targets(&self) -> BoxFuture<'_, Result<Vec<TargetState>, AuthorityError>>;
     /// Every credential, without secrets.
     fn credentials(&self) -> BoxFuture<'_, Result<Vec<CredentialInfo>, AuthorityError>>;
+    /// The newest `limit` recorded changes (of `id` only, when given),
+    /// newest first.
+    fn history(
+        &self,
+        id: Option<String>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<ChangeRecord>, AuthorityError>>;
     /// Targets among `names` with work to do whose backoff has passed at
     /// `now_ms`.
     fn due_targets(

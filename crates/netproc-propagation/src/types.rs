@@ -35,6 +35,12 @@ pub enum AuthorityError {
     /// nothing was changed here.
     #[error("credential {0:?} was just created by another process")]
     AlreadyExists(String),
+    /// This id was revoked; `ensure` brings it back only when asked to
+    /// ([`CredentialSpec::recreate`], `netproc creds ensure --recreate`).
+    #[error(
+        "credential {0:?} was revoked; bring the id back with recreate (`netproc creds ensure --recreate`)"
+    )]
+    Revoked(String),
 }
 
 impl From<rusqlite::Error> for AuthorityError {
@@ -180,6 +186,9 @@ pub struct CredentialSpec {
     pub ed25519_public_key: Option<[u8; 32]>,
     /// What the key may do, and where and until when.
     pub key: KeySpec,
+    /// Bring back an id that was revoked (otherwise refused with
+    /// [`AuthorityError::Revoked`]).
+    pub recreate: bool,
 }
 
 impl CredentialSpec {
@@ -189,7 +198,16 @@ impl CredentialSpec {
             id: id.into(),
             ed25519_public_key: None,
             key: key.into(),
+            recreate: false,
         }
+    }
+
+    /// Allows bringing back an id that was revoked (a new secret, a new
+    /// start on every target); without it such an id is refused.
+    #[must_use]
+    pub fn recreate(mut self, yes: bool) -> CredentialSpec {
+        self.recreate = yes;
+        self
     }
 
     /// An Ed25519 key with id `id` and this public key.
@@ -246,6 +264,26 @@ pub struct TargetDelivery {
     pub target: String,
     /// Where the credential stands there.
     pub state: DeliveryState,
+}
+
+/// One recorded change, as [`Authority::history`](crate::Authority::history)
+/// lists it: who asked for what, when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ChangeRecord {
+    /// The change's number (increasing).
+    pub change_id: u64,
+    /// The credential it changed.
+    pub credential_id: String,
+    /// `create`, `update`, `rotate` or `revoke`.
+    pub action: String,
+    /// The process that made it: `user@host pid N`, as that process says.
+    pub changed_by: String,
+    /// PostgreSQL: the database role that made it (authenticated by the
+    /// database); `None` on SQLite.
+    pub db_role: Option<String>,
+    /// When it was made.
+    pub at: std::time::SystemTime,
 }
 
 /// One target as [`Authority::targets`](crate::Authority::targets) lists it.

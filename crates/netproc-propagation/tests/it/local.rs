@@ -633,6 +633,83 @@ on_both_backends! {
     f.authority.ensure(spec, &["a"]).await.unwrap();
 }}
 
+on_both_backends! {
+    async fn a_revoked_id_stays_revoked_unless_recreated_and_changes_name_their_maker(backend) {
+    let log = netproc_testkit::log_capture(tracing::Level::INFO);
+    let postgres = matches!(backend, Backend::Postgres(_));
+    let f = fleet_on(backend, &["a"]);
+    let spec = || CredentialSpec::api_key("tomb-svc", privileges(false));
+    f.authority.ensure(spec(), &["a"]).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    f.authority.revoke("tomb-svc").await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    // A later ensure of the same id (a script run again, a typo) does not
+    // bring it back.
+    match f.authority.ensure(spec(), &["a"]).await {
+        Err(netproc_propagation::AuthorityError::Revoked(id)) => assert_eq!(id, "tomb-svc"),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.stores["a"].get("tomb-svc").is_none());
+    // Asked for: a new secret, on the target again.
+    let made = f.authority.ensure(spec().recreate(true), &["a"]).await.unwrap();
+    assert!(made.created && made.api_key.is_some());
+    assert!(f.authority.sync().await.all_ok());
+    assert!(f.stores["a"].get("tomb-svc").is_some());
+    // Each change says who made it (and PostgreSQL, as which role).
+    let history = f.authority.history(Some("tomb-svc"), 10).await.unwrap();
+    let actions: Vec<_> = history.iter().map(|c| c.action.as_str()).collect();
+    assert_eq!(actions, ["create", "revoke", "create"], "{history:?}");
+    let me = format!("pid {}", std::process::id());
+    for c in &history {
+        assert!(c.changed_by.ends_with(&me), "{c:?}");
+        assert_eq!(c.db_role.is_some(), postgres, "{c:?}");
+    }
+    assert!(history.windows(2).all(|w| w[0].change_id > w[1].change_id));
+    // The leader audits each change before signing it, with its maker.
+    let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("propagation_sign") && l.contains("credential=\"tomb-svc\"") && l.contains("action=\"delete\""))
+        .unwrap_or_else(|| panic!("no audit line for the revoke in:\n{logged}"));
+    assert!(line.contains(&me), "{line}");
+}}
+
+/// Last writer wins per field, not per row: a rotation by one process and
+/// a privilege change by another made at once both stay (each reads the
+/// row the other wrote, locked until its transaction ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_and_an_update_made_at_once_both_stay() {
+    let Some(pg) = PgSchema::new("a_rotation_and_an_update_made_at_once_both_stay").await else {
+        return;
+    };
+    let f = fleet_on(Backend::Postgres(pg), &["a"]);
+    let other = another_process(&f, Duration::from_secs(10));
+    f.authority
+        .ensure(CredentialSpec::api_key("lww", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    let rounds = 30;
+    for i in 0..rounds {
+        let (rotated, updated) = tokio::join!(
+            f.authority.rotate("lww", None),
+            other.ensure(
+                CredentialSpec::api_key("lww", privileges(i % 2 == 0)),
+                &["a"]
+            ),
+        );
+        rotated.unwrap();
+        updated.unwrap();
+    }
+    let listed = f.authority.credentials().await.unwrap();
+    let lww = listed.iter().find(|c| c.id == "lww").unwrap();
+    assert_eq!(lww.generation, 1 + rounds, "a rotation was lost");
+    assert_eq!(
+        lww.privileges,
+        privileges(false).names(),
+        "an update was lost"
+    );
+}
+
 /// Two authority processes on one PostgreSQL database (two `Authority`s
 /// over one schema here): a new id created by both at once gets exactly
 /// one secret (the other caller is told `AlreadyExists`), and a thousand

@@ -49,11 +49,9 @@ async fn run_ops_on(backend: Backend, ops: Vec<Op>) {
                     .filter(|i| targets & (1 << i) != 0)
                     .map(|i| TARGETS[i])
                     .collect();
-                let r = f
-                    .authority
-                    .ensure(CredentialSpec::api_key(IDS[id], privileges(admin)), &on)
-                    .await
-                    .unwrap();
+                // Ids come back after a revoke in this model.
+                let spec = CredentialSpec::api_key(IDS[id], privileges(admin)).recreate(true);
+                let r = f.authority.ensure(spec, &on).await.unwrap();
                 if let Some(k) = r.api_key {
                     keys.insert(IDS[id], k);
                 }

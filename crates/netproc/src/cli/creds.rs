@@ -64,6 +64,9 @@ pub(crate) enum CredsCommand {
         /// Write a new key to this file (mode 0600) instead of printing it.
         #[arg(long)]
         key_out: Option<PathBuf>,
+        /// Bring back an id that was revoked (refused without it).
+        #[arg(long)]
+        recreate: bool,
     },
     /// Give an API key a new secret, printed once.
     #[command(
@@ -128,6 +131,21 @@ pub(crate) enum CredsCommand {
         /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Who made the latest changes, newest first: the process, and on
+    /// PostgreSQL the database role.
+    #[command(
+        after_help = "Example: netproc creds history --config authority.toml billing --limit 20"
+    )]
+    History {
+        /// The authority configuration (authority.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this credential's changes.
+        id: Option<String>,
+        /// At most this many changes.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -211,6 +229,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
             expires_days,
             ed25519_public_key,
             key_out,
+            recreate,
         } => {
             let (file, authority) = open(&config)?;
             let privileges: PrivilegeSet = privileges.parse().map_err(usage)?;
@@ -237,7 +256,8 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                     CredentialSpec::ed25519(&id, *pk.as_bytes(), key)
                 }
                 None => CredentialSpec::api_key(&id, key),
-            };
+            }
+            .recreate(recreate);
             let targets =
                 targets.map_or_else(|| file.targets.keys().cloned().collect(), |t| list(&t));
             let names: Vec<&str> = targets.iter().map(String::as_str).collect();
@@ -354,6 +374,23 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                     json!({
                         "id": c.id, "kind": c.kind, "generation": c.generation,
                         "privileges": c.privileges, "targets": c.targets,
+                    })
+                })
+                .collect();
+            output::show(&json!(out));
+        }
+        CredsCommand::History { config, id, limit } => {
+            let (_, authority) = open(&config)?;
+            let out: Vec<_> = authority
+                .history(id.as_deref(), limit)
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "change": c.change_id, "credential": c.credential_id, "action": c.action,
+                        "by": c.changed_by, "db_role": c.db_role,
+                        "at": super::output::rfc3339_ms(netproc::wire::unix_ms(c.at)),
                     })
                 })
                 .collect();

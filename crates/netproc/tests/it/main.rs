@@ -1575,6 +1575,12 @@ fn creds_work_against_postgresql() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["id"], "billing", "{list}");
+    // PostgreSQL records the database role beside the process.
+    let out = netproc(&["creds", "history", "--config", c, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let history: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(history[0]["action"], "create", "{history}");
+    assert!(history[0]["db_role"].is_string(), "{history}");
     // No `netproc authority` has run: no lease yet, said plainly.
     let out = netproc(&["creds", "leader", "--config", c, "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

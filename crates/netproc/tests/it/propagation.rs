@@ -122,6 +122,44 @@ fn creds_and_authority_propagate_keys_to_a_served_server() {
         "{}",
         text(&out.stdout)
     );
+    // A revoked id is not brought back by the same `ensure` run again.
+    let (config, key2) = (p("authority.toml"), p("svc-recreated.apikey"));
+    let ensure_svc = |extra: &[&str]| {
+        let mut args = vec!["creds", "ensure", "--config", &config, "svc"];
+        args.extend_from_slice(extra);
+        netproc(&args)
+    };
+    let out = ensure_svc(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--recreate"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = ensure_svc(&["--recreate", "--key-out", &key2]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Who did what, newest first.
+    let out = netproc(&[
+        "--json",
+        "creds",
+        "history",
+        "--config",
+        &p("authority.toml"),
+        "svc",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let history: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let actions: Vec<_> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, ["create", "revoke", "create"], "{history}");
+    assert!(
+        history[0]["by"].as_str().unwrap().contains(" pid "),
+        "{history}"
+    );
 
     // Rotating the authority's signing key: a new key is refused until the
     // server trusts it, which a reload picks up without a restart.
