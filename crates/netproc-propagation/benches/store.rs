@@ -1,6 +1,10 @@
 //! The authority's store: changes committed per second with group commit,
 //! SQLite against PostgreSQL in the same run (rounds alternated, medians).
 //!
+//! Two kinds of change, each its own figure: updates (a privilege change
+//! of an existing id — every change after the first) and creates (a new
+//! API key id: insert-if-absent and a generated secret).
+//!
 //! `cargo bench -p netproc-propagation --bench store` (PostgreSQL at
 //! `NETPROC_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`;
 //! SQLite only, with a line, when absent). `NETPROC_BENCH_SECS` (default
@@ -22,7 +26,15 @@ use netproc_propagation::{
 };
 use netproc_testkit::{env_or, median, postgres_or_skip};
 
-async fn changes_per_second(authority: Arc<Authority>, tasks: usize, secs: f64) -> f64 {
+/// Changes per second by `tasks` callers for `secs`: updates of the ids
+/// `k{task}-{0..100}` (made before), or with `create = Some(round)` new
+/// ids.
+async fn changes_per_second(
+    authority: Arc<Authority>,
+    tasks: usize,
+    secs: f64,
+    create: Option<usize>,
+) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
@@ -31,22 +43,25 @@ async fn changes_per_second(authority: Arc<Authority>, tasks: usize, secs: f64) 
         handles.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let id = format!("k{t}-{}", i % 100);
-                let privileges = if i.is_multiple_of(2) {
-                    "invoke_functions"
-                } else {
-                    "admin_privileges"
+                let id = match create {
+                    Some(round) => format!("n{round}-{t}-{i}"),
+                    None => format!("k{t}-{}", i % 100),
                 };
-                authority
-                    .ensure(
-                        CredentialSpec::api_key(
-                            &id,
-                            privileges.parse::<netproc_auth::PrivilegeSet>().unwrap(),
-                        ),
-                        &["a", "b", "c"],
-                    )
+                // Every ensure is a real change: a new expiry each time.
+                static VERSION: AtomicU64 = AtomicU64::new(0);
+                let expires = std::time::UNIX_EPOCH
+                    + Duration::from_secs(4_000_000_000 + VERSION.fetch_add(1, Ordering::Relaxed));
+                let key = netproc_auth::KeySpec::new(
+                    "invoke_functions"
+                        .parse::<netproc_auth::PrivilegeSet>()
+                        .unwrap(),
+                )
+                .expires_at(expires);
+                let made = authority
+                    .ensure(CredentialSpec::api_key(&id, key), &["a", "b", "c"])
                     .await
                     .unwrap();
+                assert!(made.changed);
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -99,21 +114,37 @@ fn main() {
                     .unwrap(),
             )
         });
-        let (mut lite, mut post) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            let l = changes_per_second(Arc::clone(&sqlite), tasks, secs).await;
-            lite.push(l);
-            let p = match &pg {
-                Some(pg) => changes_per_second(Arc::clone(pg), tasks, secs).await,
-                None => 0.0,
-            };
-            post.push(p);
-            println!("round {round}: SQLite {l:.0} changes/s | PostgreSQL {p:.0} changes/s ({tasks} callers, 3 targets each)");
+        // The ids the updates change, made first (not timed).
+        for authority in std::iter::once(&sqlite).chain(pg.as_ref()) {
+            for t in 0..tasks {
+                for j in 0..100 {
+                    let spec = CredentialSpec::api_key(
+                        format!("k{t}-{j}"),
+                        "admin_privileges".parse::<netproc_auth::PrivilegeSet>().unwrap(),
+                    );
+                    authority.ensure(spec, &["a", "b", "c"]).await.unwrap();
+                }
+            }
         }
+        let mut figures: [Vec<f64>; 4] = Default::default();
+        for round in 0..rounds {
+            let mut line = Vec::new();
+            for (k, create) in [None, Some(round)].into_iter().enumerate() {
+                let l = changes_per_second(Arc::clone(&sqlite), tasks, secs, create).await;
+                let p = match &pg {
+                    Some(pg) => changes_per_second(Arc::clone(pg), tasks, secs, create).await,
+                    None => 0.0,
+                };
+                figures[2 * k].push(l);
+                figures[2 * k + 1].push(p);
+                let what = if create.is_some() { "creates" } else { "updates" };
+                line.push(format!("{what}: SQLite {l:.0}/s, PostgreSQL {p:.0}/s"));
+            }
+            println!("round {round}: {} ({tasks} callers, 3 targets each)", line.join(" | "));
+        }
+        let [lu, pu, lc, pc] = figures.map(median);
         println!(
-            "median: SQLite {:.0} changes/s | PostgreSQL {:.0} changes/s",
-            median(lite),
-            median(post)
+            "median: updates: SQLite {lu:.0}/s, PostgreSQL {pu:.0}/s | creates: SQLite {lc:.0}/s, PostgreSQL {pc:.0}/s"
         );
         if let Some(url) = &pg_url {
             let failovers: usize = env_or("NETPROC_BENCH_FAILOVERS", 10);

@@ -149,18 +149,23 @@ fn actor(mut conn: impl Conn, rx: &mpsc::Receiver<Job>) {
     }
 }
 
-/// One transaction over every job, each in its savepoint; committed.
+/// One transaction over every job, each in its savepoint; committed. The
+/// statements between two jobs go as one batch (one round trip).
 fn transaction(conn: &mut impl Conn, jobs: &mut [Job]) -> Result<(), DatabaseError> {
     let begin = conn.begin();
-    conn.batch(begin)?;
-    for j in jobs.iter_mut() {
-        conn.batch("SAVEPOINT job")?;
+    conn.batch(&format!("{begin}; SAVEPOINT job"))?;
+    let n = jobs.len();
+    for (i, j) in jobs.iter_mut().enumerate() {
         let ok = (j.work)(&mut *conn);
-        conn.batch(if ok {
-            "RELEASE job"
-        } else {
-            "ROLLBACK TO job; RELEASE job"
+        conn.batch(match (ok, i + 1 == n) {
+            (true, false) => "RELEASE job; SAVEPOINT job",
+            (false, false) => "ROLLBACK TO job; RELEASE job; SAVEPOINT job",
+            (true, true) => "RELEASE job; COMMIT",
+            (false, true) => "ROLLBACK TO job; RELEASE job; COMMIT",
         })?;
     }
-    conn.batch("COMMIT")
+    if n == 0 {
+        conn.batch("RELEASE job; COMMIT")?;
+    }
+    Ok(())
 }

@@ -1,23 +1,26 @@
 //! The PostgreSQL backend (feature `postgres`): the same SQL as SQLite
-//! ([`crate::sql`]) over the `postgres` client on the database thread,
+//! ([`crate::sql`]) over `tokio-postgres` on the database thread,
 //! versioned migrations, transactions rerun on deadlock or serialization
 //! failure, reconnection, TLS through the workspace's rustls.
 //!
-//! Why the blocking `postgres` client (tokio-postgres underneath): the
-//! authority's store is one writer thread with group commit — jobs queue,
-//! one transaction runs them all, each in a savepoint — and that thread
-//! drives SQLite the same way. With the blocking client the whole store is
-//! one body of SQL over one seam, and the thread's small current-thread
-//! runtime never touches the application's. Connection poolers in
-//! transaction mode are not supported (the thread holds one session).
+//! Why one thread with its own current-thread runtime (not a pool on the
+//! application's runtime): the authority's store is one writer with group
+//! commit — jobs queue, one transaction runs them all, each in a savepoint
+//! — and that thread drives SQLite the same way, so the whole store is one
+//! body of SQL over one seam; the thread's runtime never touches the
+//! application's. Statements that do not depend on each other's results
+//! are pipelined ([`Sql::pipeline`]): sent together, one round trip.
+//! Connection poolers in transaction mode are not supported (the thread
+//! holds one session).
 
 use std::time::Duration;
 
-use postgres::types::{ToSql, Type};
-use postgres::{Client, Config, NoTls};
+use tokio::runtime::Runtime;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Config, NoTls, Statement};
 
 use crate::db::{Conn, Db};
-use crate::query::{Arg, Cell, Dialect, Row, Sql};
+use crate::query::{Arg, Cell, Dialect, Row, Sql, Stmt};
 use crate::types::{AuthorityError, DatabaseError, PostgresOptions};
 
 /// Versioned migrations: each runs once, in order, under an advisory lock
@@ -99,46 +102,67 @@ pub(crate) fn is_postgres(database: &std::path::Path) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
+/// A PostgreSQL error as text: the server's SQLSTATE and message when it
+/// sent one (tokio-postgres alone says only "db error"), never its detail
+/// (which may quote values).
+struct Pg(tokio_postgres::Error);
+
+impl std::fmt::Display for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => write!(f, "{} ({})", db.message(), db.code().code()),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
 fn db_error(context: &str, e: impl std::fmt::Display) -> AuthorityError {
     AuthorityError::Database(DatabaseError::new(context.to_owned(), e.to_string()))
 }
 
-fn connect(options: &PostgresOptions) -> Result<Client, AuthorityError> {
+fn connect(rt: &Runtime, options: &PostgresOptions) -> Result<Client, AuthorityError> {
     let mut config: Config = options
         .url
         .parse()
-        .map_err(|e| db_error("database URL", e))?;
+        .map_err(|e| db_error("database URL", Pg(e)))?;
     if let Some(pw) = &options.password {
         config.password(pw.as_bytes());
     }
     config.connect_timeout(Duration::from_secs(5));
     let plain = match config.get_ssl_mode() {
-        postgres::config::SslMode::Disable => true,
+        tokio_postgres::config::SslMode::Disable => true,
         // libpq's default: TLS when it can be checked (a CA is given).
-        postgres::config::SslMode::Prefer => options.ca_pem.is_none(),
+        tokio_postgres::config::SslMode::Prefer => options.ca_pem.is_none(),
         _ => false,
     };
-    let client = match plain {
-        true => config.connect(NoTls),
-        false => {
-            let Some(pem) = &options.ca_pem else {
-                return Err(db_error(
-                    "database",
-                    "sslmode asks for TLS: give the server's CA (database_ca)",
-                ));
-            };
-            let roots =
-                netproc_pki::TrustAnchors::from_pem(pem).map_err(|e| db_error("database_ca", e))?;
-            let tls = netproc_pki::service_client_config(
-                &roots,
-                &netproc_pki::TlsOptions::default().allow_tls12(true),
-            )
-            .map_err(|e| db_error("database TLS", e))?;
-            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-        }
-    }
-    .map_err(|e| AuthorityError::Unavailable(format!("connecting to PostgreSQL: {e}")))?;
-    let mut client = client;
+    let unavailable = |e: tokio_postgres::Error| {
+        AuthorityError::Unavailable(format!("connecting to PostgreSQL: {}", Pg(e)))
+    };
+    // The connection's task runs on the thread's runtime whenever the
+    // thread waits on it (`block_on`).
+    let client = if plain {
+        let (client, connection) = rt.block_on(config.connect(NoTls)).map_err(unavailable)?;
+        rt.spawn(connection);
+        client
+    } else {
+        let Some(pem) = &options.ca_pem else {
+            return Err(db_error(
+                "database",
+                "sslmode asks for TLS: give the server's CA (database_ca)",
+            ));
+        };
+        let roots =
+            netproc_pki::TrustAnchors::from_pem(pem).map_err(|e| db_error("database_ca", e))?;
+        let tls = netproc_pki::service_client_config(
+            &roots,
+            &netproc_pki::TlsOptions::default().allow_tls12(true),
+        )
+        .map_err(|e| db_error("database TLS", e))?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+        let (client, connection) = rt.block_on(config.connect(tls)).map_err(unavailable)?;
+        rt.spawn(connection);
+        client
+    };
     if let Some(schema) = &options.schema {
         if !schema
             .chars()
@@ -147,9 +171,8 @@ fn connect(options: &PostgresOptions) -> Result<Client, AuthorityError> {
         {
             return Err(db_error("database schema", "1 or more of [A-Za-z0-9_]"));
         }
-        client
-            .batch_execute(&format!("SET search_path TO {schema}"))
-            .map_err(|e| db_error("search_path", e))?;
+        rt.block_on(client.batch_execute(&format!("SET search_path TO {schema}")))
+            .map_err(|e| db_error("search_path", Pg(e)))?;
     }
     Ok(client)
 }
@@ -158,69 +181,86 @@ fn connect(options: &PostgresOptions) -> Result<Client, AuthorityError> {
 /// `create` false, a database with none is refused: `netproc creds init`
 /// makes it), then registers `targets`.
 fn migrate(
+    rt: &Runtime,
     client: &mut Client,
     options: &PostgresOptions,
     create: bool,
     targets: &[String],
 ) -> Result<(), AuthorityError> {
-    let mut tx = client
-        .transaction()
-        .map_err(|e| db_error("migrations", e))?;
-    if let Some(schema) = &options.schema {
-        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            .map_err(|e| db_error("schema", e))?;
-    }
-    // One migrator at a time, across processes.
-    tx.batch_execute("SELECT pg_advisory_xact_lock(7304519245566221)")
-        .map_err(|e| db_error("migration lock", e))?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS netproc_schema (version BIGINT NOT NULL)")
-        .map_err(|e| db_error("migrations", e))?;
-    let version: i64 = tx
-        .query_opt("SELECT version FROM netproc_schema", &[])
-        .map_err(|e| db_error("migrations", e))?
-        .map_or(0, |r| r.get(0));
-    if version == 0 && !create {
-        return Err(db_error(
-            "database",
-            "no netproc authority tables here; `netproc creds init` creates them",
-        ));
-    }
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.batch_execute(m)
-            .map_err(|e| db_error(&format!("migration {}", i + 1), e))?;
-    }
-    tx.batch_execute("DELETE FROM netproc_schema")
-        .map_err(|e| db_error("migrations", e))?;
-    tx.execute(
-        "INSERT INTO netproc_schema (version) VALUES ($1)",
-        &[&(MIGRATIONS.len() as i64)],
-    )
-    .map_err(|e| db_error("migrations", e))?;
-    for t in targets {
+    rt.block_on(async {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| db_error("migrations", Pg(e)))?;
+        if let Some(schema) = &options.schema {
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .await
+                .map_err(|e| db_error("schema", Pg(e)))?;
+        }
+        // One migrator at a time, across processes.
+        tx.batch_execute("SELECT pg_advisory_xact_lock(7304519245566221)")
+            .await
+            .map_err(|e| db_error("migration lock", Pg(e)))?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS netproc_schema (version BIGINT NOT NULL)")
+            .await
+            .map_err(|e| db_error("migrations", Pg(e)))?;
+        let version: i64 = tx
+            .query_opt("SELECT version FROM netproc_schema", &[])
+            .await
+            .map_err(|e| db_error("migrations", Pg(e)))?
+            .map_or(0, |r| r.get(0));
+        if version == 0 && !create {
+            return Err(db_error(
+                "database",
+                "no netproc authority tables here; `netproc creds init` creates them",
+            ));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(m)
+                .await
+                .map_err(|e| db_error(&format!("migration {}", i + 1), e))?;
+        }
+        tx.batch_execute("DELETE FROM netproc_schema")
+            .await
+            .map_err(|e| db_error("migrations", Pg(e)))?;
         tx.execute(
-            "INSERT INTO targets (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[t],
+            "INSERT INTO netproc_schema (version) VALUES ($1)",
+            &[&(MIGRATIONS.len() as i64)],
         )
-        .map_err(|e| db_error("targets", e))?;
-    }
-    tx.commit().map_err(|e| db_error("migrations", e))
+        .await
+        .map_err(|e| db_error("migrations", Pg(e)))?;
+        for t in targets {
+            tx.execute(
+                "INSERT INTO targets (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[t],
+            )
+            .await
+            .map_err(|e| db_error("targets", Pg(e)))?;
+        }
+        tx.commit().await.map_err(|e| db_error("migrations", Pg(e)))
+    })
 }
 
 struct PgConn {
+    /// Drives the connection; only this thread enters it.
+    rt: Runtime,
     client: Client,
     options: PostgresOptions,
     retry: bool,
     /// Prepared statements by SQL text: one round trip per statement
     /// instead of two. Cleared on reconnection.
-    statements: std::collections::HashMap<String, postgres::Statement>,
+    statements: std::collections::HashMap<String, Statement>,
+    /// Savepoint statements between two jobs, sent with the next job's
+    /// first pipeline rather than in a round trip of their own.
+    deferred: Option<String>,
 }
 
 impl PgConn {
-    fn statement(&mut self, sql: &str) -> Result<postgres::Statement, AuthorityError> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, AuthorityError> {
         if let Some(st) = self.statements.get(sql) {
             return Ok(st.clone());
         }
-        match self.client.prepare(sql) {
+        match self.rt.block_on(self.client.prepare(sql)) {
             Ok(st) => {
                 self.statements.insert(sql.to_owned(), st.clone());
                 Ok(st)
@@ -229,15 +269,15 @@ impl PgConn {
         }
     }
 
-    fn check(&mut self, e: postgres::Error) -> AuthorityError {
-        use postgres::error::SqlState;
+    fn check(&mut self, e: tokio_postgres::Error) -> AuthorityError {
+        use tokio_postgres::error::SqlState;
         if let Some(code) = e.code()
             && (*code == SqlState::T_R_DEADLOCK_DETECTED
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE)
         {
             self.retry = true;
         }
-        db_error("", e)
+        db_error("", Pg(e))
     }
 }
 
@@ -253,10 +293,10 @@ fn params<'a>(args: &'a [Arg<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
         .collect()
 }
 
-fn row(r: &postgres::Row) -> Result<Row, AuthorityError> {
+fn row(r: &tokio_postgres::Row) -> Result<Row, AuthorityError> {
     let mut out = Vec::with_capacity(r.len());
     for (i, col) in r.columns().iter().enumerate() {
-        let get_err = |e: postgres::Error| db_error("reading a row", e);
+        let get_err = |e: tokio_postgres::Error| db_error("reading a row", Pg(e));
         let cell = match *col.type_() {
             Type::INT8 => r
                 .try_get::<_, Option<i64>>(i)
@@ -294,31 +334,109 @@ impl Sql for PgConn {
     }
 
     fn exec(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<u64, AuthorityError> {
+        self.flush()?;
         let st = self.statement(sql)?;
         let p = params(args);
-        match self.client.execute(&st, &p) {
+        match self.rt.block_on(self.client.execute(&st, &p)) {
             Ok(n) => Ok(n),
             Err(e) => Err(self.check(e)),
         }
     }
 
     fn query(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<Row>, AuthorityError> {
+        self.flush()?;
         let st = self.statement(sql)?;
         let p = params(args);
-        match self.client.query(&st, &p) {
+        match self.rt.block_on(self.client.query(&st, &p)) {
             Ok(rows) => rows.iter().map(row).collect(),
             Err(e) => Err(self.check(e)),
+        }
+    }
+
+    fn pipeline_until_error(
+        &mut self,
+        stmts: &[Stmt<'_>],
+    ) -> (Vec<Vec<Row>>, Option<AuthorityError>) {
+        let mut prepared = Vec::with_capacity(stmts.len());
+        for (sql, _) in stmts {
+            match self.statement(sql) {
+                Ok(st) => prepared.push(st),
+                Err(e) => return (Vec::new(), Some(e)),
+            }
+        }
+        let params: Vec<_> = stmts.iter().map(|(_, a)| params(a)).collect();
+        // Polled together, the queries are sent together (tokio-postgres
+        // pipelines them) and run in order.
+        let client = &self.client;
+        let deferred = self.deferred.take();
+        let (before, results) = self.rt.block_on(futures_util::future::join(
+            async {
+                match &deferred {
+                    Some(sql) => client.batch_execute(sql).await,
+                    None => Ok(()),
+                }
+            },
+            futures_util::future::join_all(
+                prepared
+                    .iter()
+                    .zip(&params)
+                    .map(|(st, p)| client.query(st, p)),
+            ),
+        ));
+        if let Err(e) = before {
+            return (Vec::new(), Some(self.check(e)));
+        }
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            let rows = match r {
+                Ok(rows) => rows.iter().map(row).collect::<Result<_, _>>(),
+                // The first failure is the cause; the rest failed after it.
+                Err(e) => Err(self.check(e)),
+            };
+            match rows {
+                Ok(rows) => out.push(rows),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+        (out, None)
+    }
+}
+
+impl PgConn {
+    /// Sends the deferred savepoint statements, if any, on their own.
+    fn flush(&mut self) -> Result<(), AuthorityError> {
+        match self.deferred.take() {
+            Some(sql) => self
+                .rt
+                .block_on(self.client.batch_execute(&sql))
+                .map_err(|e| self.check(e)),
+            None => Ok(()),
         }
     }
 }
 
 impl Conn for PgConn {
     fn batch(&mut self, sql: &str) -> Result<(), DatabaseError> {
+        // Between two jobs: sent with the next job's first pipeline.
+        if sql.ends_with("SAVEPOINT job") && !sql.starts_with("BEGIN") {
+            self.deferred = Some(match self.deferred.take() {
+                Some(before) => format!("{before}; {sql}"),
+                None => sql.to_owned(),
+            });
+            return Ok(());
+        }
+        let sql = match self.deferred.take() {
+            // A new transaction or one undone: nothing left to send.
+            _ if sql == "ROLLBACK" || sql.starts_with("BEGIN") => sql.to_owned(),
+            Some(before) => format!("{before}; {sql}"),
+            None => sql.to_owned(),
+        };
+        let sql = sql.as_str();
         // A lost session (PostgreSQL restarted, the network cut): connect
         // again before the next transaction; the jobs of a transaction in
         // flight fail and their callers retry.
         if sql.starts_with("BEGIN") && self.client.is_closed() {
-            match connect(&self.options) {
+            match connect(&self.rt, &self.options) {
                 Ok(c) => {
                     self.client = c;
                     self.statements.clear();
@@ -327,14 +445,15 @@ impl Conn for PgConn {
                 Err(e) => return Err(DatabaseError::new("reconnecting", e.to_string())),
             }
         }
-        self.client.batch_execute(sql).map_err(|e| {
-            use postgres::error::SqlState;
+        let done = self.rt.block_on(self.client.batch_execute(sql));
+        done.map_err(|e| {
+            use tokio_postgres::error::SqlState;
             if e.code().is_some_and(|c| {
                 *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
             }) {
                 self.retry = true;
             }
-            DatabaseError::new(sql.split(' ').next().unwrap_or(""), e.to_string())
+            DatabaseError::new(sql.split(' ').next().unwrap_or(""), Pg(e).to_string())
         })
     }
 
@@ -356,13 +475,19 @@ pub(crate) fn open(
 ) -> Result<Db, AuthorityError> {
     let (options, targets) = (options.clone(), targets.to_vec());
     Db::spawn_with("netproc-authority-pg", move || {
-        let mut client = connect(&options)?;
-        migrate(&mut client, &options, create, &targets)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| db_error("the database thread's runtime", e))?;
+        let mut client = connect(&rt, &options)?;
+        migrate(&rt, &mut client, &options, create, &targets)?;
         Ok(PgConn {
+            rt,
             client,
             options,
             retry: false,
             statements: std::collections::HashMap::new(),
+            deferred: None,
         })
     })
 }

@@ -135,4 +135,37 @@ pub(crate) trait Sql {
     fn first(&mut self, sql: &str, args: &[Arg<'_>]) -> Result<Option<Row>, AuthorityError> {
         Ok(self.query(sql, args)?.into_iter().next())
     }
+    /// Runs statements in order, in one round trip where the backend can
+    /// (PostgreSQL pipelines them); each one's rows. No statement may
+    /// need an earlier one's result except through the database.
+    fn pipeline(&mut self, stmts: &[Stmt<'_>]) -> Result<Vec<Vec<Row>>, AuthorityError> {
+        match self.pipeline_until_error(stmts) {
+            (_, Some(e)) => Err(e),
+            (rows, None) => Ok(rows),
+        }
+    }
+    /// [`Sql::pipeline`], keeping the rows of the statements before the
+    /// first failure (which may explain it).
+    fn pipeline_until_error(
+        &mut self,
+        stmts: &[Stmt<'_>],
+    ) -> (Vec<Vec<Row>>, Option<AuthorityError>) {
+        let mut out = Vec::with_capacity(stmts.len());
+        for (sql, args) in stmts {
+            match self.query(sql, args) {
+                Ok(rows) => out.push(rows),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+        (out, None)
+    }
 }
+
+/// A statement and its arguments, for [`Sql::pipeline`].
+pub(crate) type Stmt<'a> = (&'static str, Vec<Arg<'a>>);
+
+/// A [`Stmt`]: `stmt!("… $1 …", target)`.
+macro_rules! stmt {
+    ($sql:expr $(, $v:expr)* $(,)?) => { ($sql, vec![$(crate::query::Arg::from($v)),*]) };
+}
+pub(crate) use stmt;

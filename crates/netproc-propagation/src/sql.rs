@@ -15,7 +15,7 @@ use netproc_auth::{ApiKey, BoxFuture};
 
 use crate::db::Db;
 use crate::plan::{BATCH_EVENTS, backoff, batch_len, wants_snapshot};
-use crate::query::{Arg, Dialect, Sql, args};
+use crate::query::{Arg, Dialect, Row, Sql, Stmt, args, stmt};
 use crate::store::{Batch, Progress, Sent, Store};
 use crate::types::*;
 use crate::wire::DeliveryReply;
@@ -79,49 +79,182 @@ pub(crate) fn credential_targets(
 /// many; older ones are pruned now and then.
 const CHANGES_KEPT: i64 = 100_000;
 
-/// A new change id, recorded with what it does to which credential and who
-/// asked (PostgreSQL adds the database role it authenticated).
-pub(crate) fn next_change_id(
-    c: &mut dyn Sql,
-    credential_id: &str,
-    action: &str,
-    who: &str,
-) -> Result<u64, AuthorityError> {
-    let row = c
-        .first(
-            "UPDATE meta SET value = value + 1 WHERE key = 'change_id' RETURNING value",
-            &[],
-        )?
-        .ok_or_else(|| AuthorityError::Database(DatabaseError::new("", "no change counter")))?;
-    let id = row.i64(0)?;
-    c.exec(
-        "INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms) VALUES ($1, $2, $3, $4, $5)",
-        args![id, credential_id, action, who, i64_of(now_ms())],
-    )?;
-    if id % 1_000 == 0 {
-        c.exec(
-            "DELETE FROM changes WHERE change_id <= $1",
-            args![id - CHANGES_KEPT],
-        )?;
-    }
-    Ok(u64_of(id))
+/// The writes of one change, sent as one pipeline: numbering the change,
+/// then queueing its events, then anything else.
+struct Writes<'a> {
+    dialect: Dialect,
+    stmts: Vec<Stmt<'a>>,
+    /// Statements that return a row only when their target exists.
+    checks: Vec<(usize, &'a str)>,
+    /// The statement that returns the new change's id.
+    change_at: Option<usize>,
+    /// The statement that inserts a new credential if no other process
+    /// did: it returns a row only then.
+    absent: Option<(usize, &'a str)>,
 }
 
-/// [`load_credential`], locking its row until the transaction ends
-/// (PostgreSQL; SQLite has one writer): a change reads what the one before
-/// it wrote, so each writes only its own fields (a rotation and a
-/// privilege change made at once both stay).
-pub(crate) fn load_credential_for_update(
-    c: &mut dyn Sql,
-    id: &str,
-) -> Result<Option<Credential>, AuthorityError> {
-    let sql = match c.dialect() {
+impl<'a> Writes<'a> {
+    fn new(c: &dyn Sql) -> Writes<'a> {
+        Writes {
+            dialect: c.dialect(),
+            stmts: Vec::new(),
+            checks: Vec::new(),
+            change_at: None,
+            absent: None,
+        }
+    }
+
+    fn push(&mut self, stmt: Stmt<'a>) {
+        self.stmts.push(stmt);
+    }
+
+    /// Numbers a new change (the `change_id` counter, whose row stays
+    /// locked until the transaction ends) and records what it does to
+    /// which credential and who asked (PostgreSQL adds the database role
+    /// it authenticated).
+    fn change(&mut self, credential_id: &'a str, action: &'a str, who: &'a str, now: i64) {
+        match self.dialect {
+            Dialect::Postgres => self.stmts.push(stmt!(
+                "WITH m AS (UPDATE meta SET value = value + 1 WHERE key = 'change_id' RETURNING value)
+                 INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms)
+                 SELECT value, $1, $2, $3, $4 FROM m RETURNING change_id",
+                credential_id,
+                action,
+                who,
+                now
+            )),
+            Dialect::Sqlite => {
+                self.stmts.push(stmt!(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'change_id'"
+                ));
+                self.stmts.push(stmt!(
+                    "INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms)
+                     SELECT value, $1, $2, $3, $4 FROM meta WHERE key = 'change_id' RETURNING change_id",
+                    credential_id,
+                    action,
+                    who,
+                    now
+                ));
+            }
+        }
+        self.change_at = Some(self.stmts.len() - 1);
+    }
+
+    /// Queues `kind` (encoded) for `target` under its next seq, as part of
+    /// the change numbered before, and records it as the credential's
+    /// latest change there (PostgreSQL: one statement).
+    fn enqueue(&mut self, target: &'a str, credential_id: &'a str, kind: &'a [u8]) {
+        self.checks.push((self.stmts.len(), target));
+        match self.dialect {
+            Dialect::Postgres => self.stmts.push(stmt!(
+                "WITH s AS (UPDATE targets SET next_seq = next_seq + 1 WHERE name = $1
+                            RETURNING name, next_seq - 1 AS seq),
+                 o AS (INSERT INTO outbox (target, seq, change_id, credential_id, kind)
+                       SELECT name, seq, (SELECT value FROM meta WHERE key = 'change_id'), $2, $3 FROM s)
+                 INSERT INTO delivery (target, credential_id, seq, error)
+                 SELECT name, $2, seq, NULL FROM s
+                 ON CONFLICT (target, credential_id) DO UPDATE SET seq = excluded.seq, error = NULL
+                 RETURNING 1",
+                target,
+                credential_id,
+                kind
+            )),
+            Dialect::Sqlite => self.stmts.extend([
+                stmt!(
+                    "UPDATE targets SET next_seq = next_seq + 1 WHERE name = $1 RETURNING 1",
+                    target
+                ),
+                stmt!(
+                    "INSERT INTO outbox (target, seq, change_id, credential_id, kind)
+                     SELECT name, next_seq - 1, (SELECT value FROM meta WHERE key = 'change_id'), $2, $3
+                     FROM targets WHERE name = $1",
+                    target,
+                    credential_id,
+                    kind
+                ),
+                stmt!(
+                    "INSERT INTO delivery (target, credential_id, seq, error)
+                     SELECT name, $2, next_seq - 1, NULL FROM targets WHERE name = $1
+                     ON CONFLICT (target, credential_id) DO UPDATE SET seq = excluded.seq, error = NULL",
+                    target,
+                    credential_id
+                ),
+            ]),
+        }
+    }
+
+    /// Sends it all; `Err(UnknownTarget)` if an event's target does not
+    /// exist. Every thousandth change prunes the oldest change records.
+    fn run(self, c: &mut dyn Sql) -> Result<(), AuthorityError> {
+        let (rows, failed) = c.pipeline_until_error(&self.stmts);
+        // Another process created the id: its credential's later writes
+        // may have failed over that (they roll back with the savepoint).
+        if let Some((i, id)) = self.absent
+            && rows.get(i).is_some_and(Vec::is_empty)
+        {
+            return Err(AuthorityError::AlreadyExists(id.to_owned()));
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        for (i, target) in &self.checks {
+            if rows.get(*i).is_none_or(Vec::is_empty) {
+                return Err(AuthorityError::UnknownTarget((*target).to_owned()));
+            }
+        }
+        let change_id = self
+            .change_at
+            .and_then(|i| rows.get(i)?.first().map(|r| r.i64(0)))
+            .transpose()?;
+        if let Some(id) = change_id.filter(|id| id % 1_000 == 0) {
+            c.exec(
+                "DELETE FROM changes WHERE change_id <= $1",
+                args![id - CHANGES_KEPT],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The statement that reads a credential to change it, locking its row
+/// until the transaction ends (PostgreSQL; SQLite has one writer): a
+/// change reads what the one before it wrote, so each writes only its own
+/// fields (a rotation and a privilege change made at once both stay).
+fn load_for_change(c: &dyn Sql) -> &'static str {
+    match c.dialect() {
         Dialect::Sqlite => "SELECT credential FROM credentials WHERE id = $1",
         Dialect::Postgres => "SELECT credential FROM credentials WHERE id = $1 FOR UPDATE",
-    };
-    c.first(sql, args![id])?
+    }
+}
+
+/// A credential (its row locked, [`load_for_change`]) and its targets.
+fn credential_for_change(
+    c: &mut dyn Sql,
+    id: &str,
+) -> Result<(Option<Credential>, BTreeSet<String>), AuthorityError> {
+    let rows = c.pipeline(&[
+        stmt!(load_for_change(c), id),
+        stmt!(
+            "SELECT target FROM credential_targets WHERE credential_id = $1",
+            id
+        ),
+    ])?;
+    credential_and_targets(&rows[0], &rows[1])
+}
+
+fn credential_and_targets(
+    credential: &[Row],
+    targets: &[Row],
+) -> Result<(Option<Credential>, BTreeSet<String>), AuthorityError> {
+    let cred = credential
+        .first()
         .map(|r| decode_credential(&r.bytes(0)?))
-        .transpose()
+        .transpose()?;
+    let targets = targets
+        .iter()
+        .map(|r| r.string(0))
+        .collect::<Result<_, _>>()?;
+    Ok((cred, targets))
 }
 
 /// The next seq for `target`. The counter row stays locked until the
@@ -137,54 +270,31 @@ pub(crate) fn allocate_seq(c: &mut dyn Sql, target: &str) -> Result<u64, Authori
     .ok_or_else(|| AuthorityError::UnknownTarget(target.to_owned()))
 }
 
-/// Queues `kind` for `target` under a new seq, and records it as the
-/// credential's latest change there.
-pub(crate) fn enqueue(
-    c: &mut dyn Sql,
-    target: &str,
-    change_id: u64,
-    credential_id: &str,
-    kind: &EventKind,
-) -> Result<(), AuthorityError> {
-    let seq = i64_of(allocate_seq(c, target)?);
-    let kind = encode(kind)?;
-    c.exec(
-        "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES ($1, $2, $3, $4, $5)",
-        args![target, seq, i64_of(change_id), credential_id, &kind],
-    )?;
-    c.exec(
-        "INSERT INTO delivery (target, credential_id, seq, error) VALUES ($1, $2, $3, NULL)
-         ON CONFLICT (target, credential_id) DO UPDATE SET seq = excluded.seq, error = NULL",
-        args![target, credential_id, seq],
-    )?;
-    Ok(())
-}
-
 pub(crate) fn ensure_in(
     c: &mut dyn Sql,
     spec: &CredentialSpec,
     wanted: &BTreeSet<String>,
     who: &str,
 ) -> Result<Ensured, AuthorityError> {
-    for t in wanted {
-        if c.first("SELECT 1 FROM targets WHERE name = $1", args![t])?
-            .is_none()
-        {
-            return Err(AuthorityError::UnknownTarget(t.clone()));
-        }
-    }
-    let old = load_credential_for_update(c, &spec.id)?;
-    if old.is_none() {
+    // Every read in one round trip. (Each target the change is sent to is
+    // checked as its event is queued.)
+    let reads = [
+        stmt!(load_for_change(c), &spec.id),
+        stmt!(
+            "SELECT target FROM credential_targets WHERE credential_id = $1",
+            &spec.id
+        ),
+        stmt!("SELECT 1 FROM tombstones WHERE id = $1", &spec.id),
+    ];
+    let rows = c.pipeline(&reads)?;
+    let (old, old_targets) = credential_and_targets(&rows[0], &rows[1])?;
+    if old.is_none() && !rows[2].is_empty() {
         // A revoked id stays revoked unless asked.
-        let revoked = c.first("SELECT 1 FROM tombstones WHERE id = $1", args![&spec.id])?;
-        if revoked.is_some() {
-            if !spec.recreate {
-                return Err(AuthorityError::Revoked(spec.id.clone()));
-            }
-            c.exec("DELETE FROM tombstones WHERE id = $1", args![&spec.id])?;
+        if !spec.recreate {
+            return Err(AuthorityError::Revoked(spec.id.clone()));
         }
+        c.exec("DELETE FROM tombstones WHERE id = $1", args![&spec.id])?;
     }
-    let old_targets = credential_targets(c, &spec.id)?;
     let mut api_key = None;
     let mut cred = match &old {
         Some(o) => {
@@ -233,20 +343,6 @@ pub(crate) fn ensure_in(
         .map(|t| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
     let credential_changed = old.as_ref() != Some(&cred);
     let changed = credential_changed || &old_targets != wanted;
-    if old.is_none() {
-        // Insert-if-absent: with several authority processes, exactly one
-        // creator of an id gets the secret (PostgreSQL makes the second
-        // wait for the first's commit, then finds the row).
-        let bytes = encode(&cred)?;
-        let inserted = c.first(
-            "INSERT INTO credentials (id, credential, updated_at_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-            args![&cred.id, &bytes, i64_of(now_ms())],
-        )?;
-        if inserted.is_none() {
-            return Err(AuthorityError::AlreadyExists(spec.id.clone()));
-        }
-    }
     if changed {
         let action = if old.is_none() { "create" } else { "update" };
         save_and_send(
@@ -267,47 +363,68 @@ pub(crate) fn ensure_in(
 
 /// Stores `cred` on `targets` and queues: an upsert for each target that
 /// needs it (all of them if the credential changed, the new ones
-/// otherwise), a delete for each target in `old_targets` it left.
+/// otherwise), a delete for each target in `current` (where it is now) it
+/// left.
 pub(crate) fn save_and_send(
     c: &mut dyn Sql,
     cred: &Credential,
     targets: &BTreeSet<String>,
-    old_targets: &BTreeSet<String>,
+    current: &BTreeSet<String>,
     credential_changed: bool,
     (action, who): (&str, &str),
 ) -> Result<(), AuthorityError> {
     let bytes = encode(cred)?;
-    c.exec(
-        "INSERT INTO credentials (id, credential, updated_at_ms) VALUES ($1, $2, $3)
-         ON CONFLICT (id) DO UPDATE SET credential = excluded.credential, updated_at_ms = excluded.updated_at_ms",
-        args![&cred.id, &bytes, i64_of(now_ms())],
-    )?;
-    c.exec(
-        "DELETE FROM credential_targets WHERE credential_id = $1",
-        args![&cred.id],
-    )?;
-    let change_id = next_change_id(c, &cred.id, action, who)?;
-    for t in targets {
-        c.exec(
+    let upsert = encode(&EventKind::Upsert(cred.clone()))?;
+    let delete = encode(&EventKind::Delete {
+        id: cred.id.clone(),
+    })?;
+    let now = i64_of(now_ms());
+    // Every write in one round trip.
+    let mut w = Writes::new(c);
+    if action == "create" {
+        // Insert-if-absent: with several authority processes, exactly one
+        // creator of an id gets the secret (PostgreSQL makes the second
+        // wait for the first's commit, then finds the row; its writes
+        // are rolled back with its savepoint).
+        w.absent = Some((w.stmts.len(), &cred.id));
+        w.push(stmt!(
+            "INSERT INTO credentials (id, credential, updated_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            &cred.id,
+            &bytes,
+            now
+        ));
+    } else {
+        w.push(stmt!(
+            "INSERT INTO credentials (id, credential, updated_at_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET credential = excluded.credential, updated_at_ms = excluded.updated_at_ms",
+            &cred.id,
+            &bytes,
+            now
+        ));
+    }
+    w.change(&cred.id, action, who, now);
+    for t in targets.difference(current) {
+        w.push(stmt!(
             "INSERT INTO credential_targets (credential_id, target) VALUES ($1, $2)",
-            args![&cred.id, t],
-        )?;
-        if credential_changed || !old_targets.contains(t) {
-            enqueue(c, t, change_id, &cred.id, &EventKind::Upsert(cred.clone()))?;
+            &cred.id,
+            t
+        ));
+    }
+    for t in current.difference(targets) {
+        w.push(stmt!(
+            "DELETE FROM credential_targets WHERE credential_id = $1 AND target = $2",
+            &cred.id,
+            t
+        ));
+        w.enqueue(t, &cred.id, &delete);
+    }
+    for t in targets {
+        if credential_changed || !current.contains(t) {
+            w.enqueue(t, &cred.id, &upsert);
         }
     }
-    for t in old_targets.difference(targets) {
-        enqueue(
-            c,
-            t,
-            change_id,
-            &cred.id,
-            &EventKind::Delete {
-                id: cred.id.clone(),
-            },
-        )?;
-    }
-    Ok(())
+    w.run(c)
 }
 
 /// Queues a snapshot of everything `target` should hold, in parts of about
@@ -730,8 +847,8 @@ impl Store for SqlStore {
     ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>> {
         let who = std::sync::Arc::clone(&self.actor);
         Box::pin(self.db.run(move |c| {
-            let mut cred = load_credential_for_update(c, &id)?
-                .ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
+            let (cred, targets) = credential_for_change(c, &id)?;
+            let mut cred = cred.ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
             let Some(old_hash) = cred.secret_sha256 else {
                 return Err(AuthorityError::NotAnApiKey(id.clone()));
             };
@@ -746,8 +863,7 @@ impl Store for SqlStore {
             });
             cred.secret_sha256 = Some(hash);
             cred.generation += 1;
-            let targets = credential_targets(c, &id)?;
-            save_and_send(c, &cred, &targets, &BTreeSet::new(), true, ("rotate", &who))?;
+            save_and_send(c, &cred, &targets, &targets, true, ("rotate", &who))?;
             Ok(key)
         }))
     }
@@ -755,26 +871,31 @@ impl Store for SqlStore {
     fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
         let who = std::sync::Arc::clone(&self.actor);
         Box::pin(self.db.run(move |c| {
-            if load_credential_for_update(c, &id)?.is_none() {
+            let (cred, targets) = credential_for_change(c, &id)?;
+            if cred.is_none() {
                 return Err(AuthorityError::UnknownCredential(id.clone()));
             }
-            let targets = credential_targets(c, &id)?;
-            c.exec("DELETE FROM credentials WHERE id = $1", args![&id])?;
-            c.exec(
+            let delete = encode(&EventKind::Delete { id: id.clone() })?;
+            let now = i64_of(now_ms());
+            let mut w = Writes::new(c);
+            w.push(stmt!("DELETE FROM credentials WHERE id = $1", &id));
+            w.push(stmt!(
                 "DELETE FROM credential_targets WHERE credential_id = $1",
-                args![&id],
-            )?;
-            // A tombstone: `ensure` does not bring it back unless asked.
-            c.exec(
+                &id
+            ));
+            // A tombstone: `ensure` does not bring the id back unless asked.
+            w.push(stmt!(
                 "INSERT INTO tombstones (id, revoked_at_ms, revoked_by) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, revoked_by = excluded.revoked_by",
-                args![&id, i64_of(now_ms()), &*who],
-            )?;
-            let change_id = next_change_id(c, &id, "revoke", &who)?;
+                &id,
+                now,
+                &*who
+            ));
+            w.change(&id, "revoke", &who, now);
             for t in &targets {
-                enqueue(c, t, change_id, &id, &EventKind::Delete { id: id.clone() })?;
+                w.enqueue(t, &id, &delete);
             }
-            Ok(())
+            w.run(c)
         }))
     }
 
