@@ -986,6 +986,115 @@ async fn an_authority_backs_off_while_postgres_is_cut_and_resumes_after() {
     task.await.unwrap();
 }
 
+/// A delivering leader cut from PostgreSQL (the TCP proxy closes its
+/// session and refuses new ones): the standby takes the lease once it
+/// expires, in the next epoch, and delivers; when the old leader's
+/// database comes back it stands by, and nothing it held brings a revoked
+/// key back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_from_postgres_is_replaced_and_stands_by_when_it_returns() {
+    let Some(pg) =
+        PgSchema::new("a_leader_cut_from_postgres_is_replaced_and_stands_by_when_it_returns").await
+    else {
+        return;
+    };
+    let target = pg
+        .url
+        .split_once('@')
+        .map_or("127.0.0.1:5432", |(_, r)| r.split('/').next().unwrap_or(r))
+        .to_owned();
+    let proxy = netproc_testkit::TcpProxy::start(&target).await;
+    let mut options = pg.options();
+    options.url = proxy.url(&pg.url);
+    let f = fleet_on(Backend::Postgres(pg), &["a"]);
+    let lease = Duration::from_secs(1);
+    let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
+    config.postgres = Some(options);
+    config.lease = lease;
+    config.poll_interval = Duration::from_millis(10);
+    let cut_off = Authority::open(
+        config,
+        Ed25519Key::from_seed(&f.seed).unwrap(),
+        Arc::clone(&f.transport) as Arc<dyn Transport>,
+    )
+    .unwrap();
+    let run = |a: Authority| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            a.run(async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        (stop, task)
+    };
+    // The one behind the proxy leads first.
+    let (stop_cut, cut_task) = run(cut_off.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        if let Some(info) = f.authority.leader().await.unwrap() {
+            break info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let standby = another_process(&f, lease);
+    let (stop_standby, standby_task) = run(standby.clone());
+    f.authority
+        .ensure(CredentialSpec::api_key("one", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "one").await;
+    assert_eq!(
+        f.authority.leader().await.unwrap().unwrap().holder,
+        first.holder
+    );
+
+    // Cut mid-flight: the standby leads in the next epoch and delivers.
+    proxy.cut();
+    let cut_at = std::time::Instant::now();
+    f.authority
+        .ensure(CredentialSpec::api_key("two", privileges(false)), &["a"])
+        .await
+        .unwrap();
+    until_present(&f, "two").await;
+    let now = f.authority.leader().await.unwrap().unwrap();
+    assert_ne!(now.holder, first.holder);
+    assert_eq!(now.epoch, first.epoch + 1);
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        cut_at.elapsed()
+    );
+
+    // Back: the old leader finds the lease taken and stands by; a revoke
+    // made now stays (nothing the old leader held lands over it).
+    proxy.resume();
+    f.authority.revoke("one").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.stores["a"].get("one").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoke never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Several lease periods with both running: still the standby's epoch,
+    // and the key stays gone.
+    tokio::time::sleep(lease * 2).await;
+    let later = f.authority.leader().await.unwrap().unwrap();
+    assert_eq!((later.holder, later.epoch), (now.holder, now.epoch));
+    assert!(f.stores["a"].get("one").is_none());
+    assert!(f.stores["a"].get("two").is_some());
+    let _ = stop_cut.send(());
+    let _ = stop_standby.send(());
+    cut_task.await.unwrap();
+    standby_task.await.unwrap();
+}
+
 /// Fencing at the target (second event format): an event signed in an
 /// epoch below the highest applied is refused `stale_leader` and moves
 /// nothing; the epoch is kept with the cursor, across a restart.

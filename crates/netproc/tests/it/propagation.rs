@@ -220,6 +220,21 @@ fn creds_and_authority_propagate_keys_to_a_served_server() {
 #[cfg(unix)]
 #[test]
 fn a_killed_leader_is_replaced_by_the_standby_on_postgresql() {
+    failover_of_a_real_leader(false);
+}
+
+/// The same with the leader stopped (SIGSTOP) rather than killed, and
+/// resumed (SIGCONT) after the standby took over: it finds the lease gone
+/// and stands by; a revoke made then lands and stays, and the standby
+/// keeps the lease.
+#[cfg(unix)]
+#[test]
+fn a_stopped_leader_resumed_after_the_takeover_stands_by_on_postgresql() {
+    failover_of_a_real_leader(true);
+}
+
+#[cfg(unix)]
+fn failover_of_a_real_leader(pause: bool) {
     let url = std::env::var("NETPROC_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     if std::net::TcpStream::connect_timeout(
@@ -232,10 +247,10 @@ fn a_killed_leader_is_replaced_by_the_standby_on_postgresql() {
             std::env::var_os("NETPROC_REQUIRE_SERVICES").is_none(),
             "PostgreSQL is required but not reachable"
         );
-        println!("skipped a_killed_leader_is_replaced_by_the_standby_on_postgresql: no PostgreSQL");
+        println!("skipped the failover of a real leader on PostgreSQL: no PostgreSQL");
         return;
     }
-    let schema = format!("np_failover_{}", std::process::id());
+    let schema = format!("np_failover_{}_{}", std::process::id(), u8::from(pause));
     struct DropSchema(String, String);
     impl Drop for DropSchema {
         fn drop(&mut self) {
@@ -349,9 +364,21 @@ fn a_killed_leader_is_replaced_by_the_standby_on_postgresql() {
         (&mut second, &mut first)
     };
     assert!(holder.contains(&format!("-{}-", dead.0.id())), "{holder}");
+    let signal = |name: &str, pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {name} {pid}");
+    };
     let killed_at = std::time::Instant::now();
-    dead.0.kill().unwrap();
-    let _ = dead.0.wait();
+    if pause {
+        signal("-STOP", dead.0.id());
+    } else {
+        dead.0.kill().unwrap();
+        let _ = dead.0.wait();
+    }
     let out = netproc(&[
         "creds",
         "ensure",
@@ -373,8 +400,46 @@ fn a_killed_leader_is_replaced_by_the_standby_on_postgresql() {
     );
     assert_eq!(after["epoch"].as_u64().unwrap(), epoch + 1, "{after}");
     println!(
-        "failover and delivery after kill -9: {:?}",
+        "failover and delivery after {}: {:?}",
+        if pause { "SIGSTOP" } else { "kill -9" },
         killed_at.elapsed()
     );
     assert!(killed_at.elapsed() < std::time::Duration::from_secs(10));
+    if !pause {
+        return;
+    }
+    // Resumed: its lease ran out while it was stopped, so it stands by.
+    signal("-CONT", dead.0.id());
+    let out = netproc(&["creds", "revoke", "--config", &p("authority.toml"), "one"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = |id: &str| {
+        let out = netproc(&[
+            "call",
+            "--config",
+            &p(&format!("{id}.toml")),
+            "s1",
+            "echo",
+            "1",
+        ]);
+        !out.status.success()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !refused("one") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoke never landed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Two lease periods with both running: the key stays gone, the other
+    // still works, and the lease stays where it went.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(refused("one"), "the revoked key came back");
+    assert!(!refused("two"));
+    assert_eq!(leader()["epoch"], after["epoch"]);
+    assert_eq!(leader()["holder"], after["holder"]);
+    assert!(
+        dead.0.try_wait().unwrap().is_none(),
+        "the resumed leader exited"
+    );
 }
