@@ -68,7 +68,8 @@ impl Authority {
                 "target name {bad:?}: expected 1 to 128 characters of [A-Za-z0-9._:-]"
             )));
         }
-        let store = SqlStore::new(open_database(&config)?);
+        let (db, requests_only) = open_database(&config)?;
+        let store = SqlStore::new(db, requests_only.then_some(config.request_timeout));
         let delivering = config
             .targets
             .iter()
@@ -88,6 +89,14 @@ impl Authority {
                 first_format_only: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         })
+    }
+
+    /// Whether this process only records change requests: on PostgreSQL,
+    /// a role that may not write the authority's tables (its `ensure`,
+    /// `rotate` and `revoke` are applied by the leading authority process;
+    /// it delivers nothing itself).
+    pub fn requests_only(&self) -> bool {
+        self.inner.store.requests_only()
     }
 
     /// The authority's public key, for the targets' `authority_public_keys`.
@@ -181,7 +190,7 @@ impl Authority {
 
 /// The store's database: PostgreSQL when configured (or named by a
 /// `postgres://` URL), else the SQLite file.
-fn open_database(config: &AuthorityConfig) -> Result<crate::db::Db, AuthorityError> {
+fn open_database(config: &AuthorityConfig) -> Result<(crate::db::Db, bool), AuthorityError> {
     #[cfg(feature = "postgres")]
     {
         let named = crate::postgres::is_postgres(&config.database)
@@ -196,5 +205,8 @@ fn open_database(config: &AuthorityConfig) -> Result<crate::db::Db, AuthorityErr
             "database: a PostgreSQL URL needs netproc-propagation's `postgres` feature".into(),
         ));
     }
-    crate::sqlite::open(&config.database, &config.targets)
+    Ok((
+        crate::sqlite::open(&config.database, &config.targets)?,
+        false,
+    ))
 }

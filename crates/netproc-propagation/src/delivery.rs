@@ -88,6 +88,19 @@ impl Authority {
                 renew_at = asked + lease / 3;
             }
             if leading_until.is_some_and(|t| Instant::now() < t) {
+                // Change requests from a role that may only request them
+                // (PostgreSQL): applied here, delivered below.
+                match self.inner.store.apply_requests().await {
+                    Ok(_) => {
+                        db.get_or_insert(true);
+                    }
+                    Err(e) => {
+                        db = Some(false);
+                        if failing.is_none() {
+                            tracing::error!(error = %e, "cannot apply change requests");
+                        }
+                    }
+                }
                 let probe =
                     last_probe.is_none_or(|t| t.elapsed() >= self.inner.config.probe_interval);
                 if probe {

@@ -69,6 +69,7 @@ mod plan;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod query;
+mod requests;
 mod sql;
 mod sqlite;
 mod store;

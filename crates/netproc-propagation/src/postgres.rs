@@ -94,6 +94,58 @@ const MIGRATIONS: &[&str] = &[
         revoked_at_ms BIGINT NOT NULL,
         revoked_by TEXT NOT NULL
     );",
+    // 4: least privilege. A role that may not write the tables records
+    // change requests through `netproc_request` (SECURITY DEFINER, its
+    // search_path pinned to this schema; the requester's login role is
+    // recorded by the database, never taken from the caller) and reads
+    // their outcome through `netproc_request_outcome` (its own requests
+    // only). The leader applies them. Neither function is PUBLIC's.
+    "CREATE TABLE change_requests (
+        id BIGSERIAL PRIMARY KEY,
+        action TEXT NOT NULL,
+        credential_id TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        requested_by TEXT NOT NULL,
+        label TEXT NOT NULL,
+        requested_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        state TEXT NOT NULL DEFAULT 'pending',
+        result BYTEA,
+        done_at TIMESTAMPTZ
+    );
+    CREATE INDEX change_requests_pending ON change_requests (id) WHERE state = 'pending';
+    GRANT SELECT ON netproc_schema TO PUBLIC;
+    DO $do$
+    BEGIN
+      EXECUTE format($f$
+        CREATE FUNCTION netproc_request(p_action text, p_credential_id text, p_body bytea, p_label text)
+        RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = %I, pg_temp AS $b$
+        DECLARE
+          rid bigint;
+        BEGIN
+          IF p_action NOT IN ('ensure', 'rotate', 'revoke') THEN
+            RAISE EXCEPTION 'unknown change request action';
+          END IF;
+          IF length(p_credential_id) > 64 OR length(p_label) > 256 OR length(p_body) > 65536 THEN
+            RAISE EXCEPTION 'change request too large';
+          END IF;
+          IF (SELECT count(*) FROM change_requests WHERE state = 'pending') >= 10000 THEN
+            RAISE EXCEPTION 'too many pending change requests';
+          END IF;
+          INSERT INTO change_requests (action, credential_id, body, requested_by, label)
+            VALUES (p_action, p_credential_id, p_body, session_user, p_label)
+            RETURNING id INTO rid;
+          RETURN rid;
+        END $b$$f$, current_schema());
+      EXECUTE format($f$
+        CREATE FUNCTION netproc_request_outcome(p_id bigint)
+        RETURNS TABLE (state text, result bytea) LANGUAGE sql STABLE SECURITY DEFINER
+        SET search_path = %I, pg_temp AS $b$
+          SELECT r.state, r.result FROM change_requests r
+          WHERE r.id = p_id AND r.requested_by = session_user
+        $b$$f$, current_schema());
+    END $do$;
+    REVOKE ALL ON FUNCTION netproc_request(text, text, bytea, text) FROM PUBLIC;
+    REVOKE ALL ON FUNCTION netproc_request_outcome(bigint) FROM PUBLIC;",
 ];
 
 /// Whether `database` names PostgreSQL rather than a SQLite file.
@@ -179,20 +231,22 @@ fn connect(rt: &Runtime, options: &PostgresOptions) -> Result<Client, AuthorityE
 
 /// Runs the migrations not yet applied (all of them with `create`; with
 /// `create` false, a database with none is refused: `netproc creds init`
-/// makes it), then registers `targets`.
+/// makes it), then registers `targets`. Answers whether this role may only
+/// request changes (it cannot write the tables but may call
+/// `netproc_request`); such a role registers nothing.
 fn migrate(
     rt: &Runtime,
     client: &mut Client,
     options: &PostgresOptions,
     create: bool,
     targets: &[String],
-) -> Result<(), AuthorityError> {
+) -> Result<bool, AuthorityError> {
     rt.block_on(async {
         let tx = client
             .transaction()
             .await
             .map_err(|e| db_error("migrations", Pg(e)))?;
-        if let Some(schema) = &options.schema {
+        if let Some(schema) = options.schema.as_ref().filter(|_| create) {
             tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
                 .await
                 .map_err(|e| db_error("schema", Pg(e)))?;
@@ -201,43 +255,73 @@ fn migrate(
         tx.batch_execute("SELECT pg_advisory_xact_lock(7304519245566221)")
             .await
             .map_err(|e| db_error("migration lock", Pg(e)))?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS netproc_schema (version BIGINT NOT NULL)")
-            .await
-            .map_err(|e| db_error("migrations", Pg(e)))?;
-        let version: i64 = tx
-            .query_opt("SELECT version FROM netproc_schema", &[])
+        let known: bool = tx
+            .query_one("SELECT to_regclass('netproc_schema') IS NOT NULL", &[])
             .await
             .map_err(|e| db_error("migrations", Pg(e)))?
-            .map_or(0, |r| r.get(0));
+            .get(0);
+        if !known && create {
+            tx.batch_execute("CREATE TABLE netproc_schema (version BIGINT NOT NULL)")
+                .await
+                .map_err(|e| db_error("migrations", Pg(e)))?;
+        }
+        let version: i64 = match known {
+            true => tx
+                .query_opt("SELECT version FROM netproc_schema", &[])
+                .await
+                .map_err(|e| db_error("migrations", Pg(e)))?
+                .map_or(0, |r| r.get(0)),
+            false => 0,
+        };
         if version == 0 && !create {
             return Err(db_error(
                 "database",
                 "no netproc authority tables here; `netproc creds init` creates them",
             ));
         }
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.batch_execute(m)
+        if (version as usize) < MIGRATIONS.len() {
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                tx.batch_execute(m)
+                    .await
+                    .map_err(|e| db_error(&format!("migration {}", i + 1), Pg(e)))?;
+            }
+            tx.batch_execute("DELETE FROM netproc_schema")
                 .await
-                .map_err(|e| db_error(&format!("migration {}", i + 1), e))?;
-        }
-        tx.batch_execute("DELETE FROM netproc_schema")
-            .await
-            .map_err(|e| db_error("migrations", Pg(e)))?;
-        tx.execute(
-            "INSERT INTO netproc_schema (version) VALUES ($1)",
-            &[&(MIGRATIONS.len() as i64)],
-        )
-        .await
-        .map_err(|e| db_error("migrations", Pg(e)))?;
-        for t in targets {
+                .map_err(|e| db_error("migrations", Pg(e)))?;
             tx.execute(
-                "INSERT INTO targets (name) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[t],
+                "INSERT INTO netproc_schema (version) VALUES ($1)",
+                &[&(MIGRATIONS.len() as i64)],
             )
             .await
-            .map_err(|e| db_error("targets", Pg(e)))?;
+            .map_err(|e| db_error("migrations", Pg(e)))?;
         }
-        tx.commit().await.map_err(|e| db_error("migrations", Pg(e)))
+        let (writer, requester): (bool, bool) = tx
+            .query_one(
+                "SELECT has_table_privilege('credentials', 'UPDATE'),
+                   has_function_privilege('netproc_request(text, text, bytea, text)', 'EXECUTE')",
+                &[],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .map_err(|e| db_error("privileges", Pg(e)))?;
+        if !writer && !requester {
+            return Err(db_error(
+                "database",
+                "this role may neither write the authority's tables nor request changes (EXECUTE on netproc_request)",
+            ));
+        }
+        if writer {
+            for t in targets {
+                tx.execute(
+                    "INSERT INTO targets (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[t],
+                )
+                .await
+                .map_err(|e| db_error("targets", Pg(e)))?;
+            }
+        }
+        tx.commit().await.map_err(|e| db_error("migrations", Pg(e)))?;
+        Ok(!writer)
     })
 }
 
@@ -467,20 +551,26 @@ impl Conn for PgConn {
 }
 
 /// Connects, migrates (creating the tables only with `create`), registers
-/// `targets`, and starts the database thread. Blocking.
+/// `targets`, and starts the database thread; and whether this role may
+/// only request changes. Blocking.
 pub(crate) fn open(
     options: &PostgresOptions,
     create: bool,
     targets: &[String],
-) -> Result<Db, AuthorityError> {
+) -> Result<(Db, bool), AuthorityError> {
     let (options, targets) = (options.clone(), targets.to_vec());
-    Db::spawn_with("netproc-authority-pg", move || {
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(false));
+    let answer = std::sync::Arc::clone(&mode);
+    let db = Db::spawn_with("netproc-authority-pg", move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| db_error("the database thread's runtime", e))?;
         let mut client = connect(&rt, &options)?;
-        migrate(&rt, &mut client, &options, create, &targets)?;
+        let requests_only = migrate(&rt, &mut client, &options, create, &targets)?;
+        *mode
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = requests_only;
         Ok(PgConn {
             rt,
             client,
@@ -489,5 +579,9 @@ pub(crate) fn open(
             statements: std::collections::HashMap::new(),
             deferred: None,
         })
-    })
+    })?;
+    let requests_only = *answer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok((db, requests_only))
 }

@@ -4,6 +4,21 @@
 
 use crate::types::{AuthorityError, DatabaseError};
 
+/// `v` as a database integer (saturating).
+pub(crate) fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A database integer as `u64` (negative: 0).
+pub(crate) fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// `v` as stored in a byte column (postcard).
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, AuthorityError> {
+    postcard::to_stdvec(v).map_err(|e| AuthorityError::Database(DatabaseError::new("", e)))
+}
+
 /// A statement's argument.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arg<'a> {

@@ -25,13 +25,7 @@ pub(crate) fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
 
-pub(crate) fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
+pub(crate) use crate::query::{encode, i64_of, u64_of};
 
 /// Target names: 1 to 128 of `[A-Za-z0-9._:-]`.
 pub(crate) fn valid_target_name(name: &str) -> bool {
@@ -44,10 +38,6 @@ pub(crate) fn valid_target_name(name: &str) -> bool {
 pub(crate) fn decode_credential(bytes: &[u8]) -> Result<Credential, AuthorityError> {
     postcard::from_bytes(bytes)
         .map_err(|e| AuthorityError::Database(DatabaseError::new("unreadable credential", e)))
-}
-
-pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, AuthorityError> {
-    postcard::to_stdvec(v).map_err(|e| AuthorityError::Database(DatabaseError::new("", e)))
 }
 
 pub(crate) fn load_credential(
@@ -73,6 +63,16 @@ pub(crate) fn credential_targets(
     .iter()
     .map(|r| r.string(0))
     .collect()
+}
+
+/// Who makes a change: the process (as it says: `user@host pid N`), and
+/// the database role that asked for it when that is not this session's
+/// own (a change request's requester; empty: PostgreSQL records the
+/// session's role).
+#[derive(Clone, Copy)]
+pub(crate) struct By<'a> {
+    pub(crate) process: &'a str,
+    pub(crate) role: &'a str,
 }
 
 /// Changes kept in the `changes` table (who made each): the newest this
@@ -112,28 +112,32 @@ impl<'a> Writes<'a> {
     /// locked until the transaction ends) and records what it does to
     /// which credential and who asked (PostgreSQL adds the database role
     /// it authenticated).
-    fn change(&mut self, credential_id: &'a str, action: &'a str, who: &'a str, now: i64) {
+    fn change(&mut self, credential_id: &'a str, action: &'a str, by: By<'a>, now: i64) {
         match self.dialect {
             Dialect::Postgres => self.stmts.push(stmt!(
                 "WITH m AS (UPDATE meta SET value = value + 1 WHERE key = 'change_id' RETURNING value)
-                 INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms)
-                 SELECT value, $1, $2, $3, $4 FROM m RETURNING change_id",
+                 INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms, db_role)
+                 SELECT value, $1, $2, $3, $4, COALESCE(NULLIF($5, ''), current_user) FROM m
+                 RETURNING change_id",
                 credential_id,
                 action,
-                who,
-                now
+                by.process,
+                now,
+                by.role
             )),
             Dialect::Sqlite => {
                 self.stmts.push(stmt!(
                     "UPDATE meta SET value = value + 1 WHERE key = 'change_id'"
                 ));
                 self.stmts.push(stmt!(
-                    "INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms)
-                     SELECT value, $1, $2, $3, $4 FROM meta WHERE key = 'change_id' RETURNING change_id",
+                    "INSERT INTO changes (change_id, credential_id, action, changed_by, at_ms, db_role)
+                     SELECT value, $1, $2, $3, $4, NULLIF($5, '') FROM meta WHERE key = 'change_id'
+                     RETURNING change_id",
                     credential_id,
                     action,
-                    who,
-                    now
+                    by.process,
+                    now,
+                    by.role
                 ));
             }
         }
@@ -274,7 +278,8 @@ pub(crate) fn ensure_in(
     c: &mut dyn Sql,
     spec: &CredentialSpec,
     wanted: &BTreeSet<String>,
-    who: &str,
+    by: By<'_>,
+    secret: Option<[u8; 32]>,
 ) -> Result<Ensured, AuthorityError> {
     // Every read in one round trip. (Each target the change is sent to is
     // checked as its event is queued.)
@@ -320,6 +325,8 @@ pub(crate) fn ensure_in(
             };
             match spec.ed25519_public_key {
                 Some(pk) => c.ed25519_public_key = Some(pk),
+                // A requester made the secret and sent only its hash.
+                None if secret.is_some() => c.secret_sha256 = secret,
                 None => {
                     let (key, hash) = ApiKey::generate(&spec.id)
                         .map_err(|e| AuthorityError::Invalid(e.to_string()))?;
@@ -351,7 +358,8 @@ pub(crate) fn ensure_in(
             wanted,
             &old_targets,
             credential_changed,
-            (action, who),
+            action,
+            by,
         )?;
     }
     Ok(Ensured {
@@ -371,7 +379,8 @@ pub(crate) fn save_and_send(
     targets: &BTreeSet<String>,
     current: &BTreeSet<String>,
     credential_changed: bool,
-    (action, who): (&str, &str),
+    action: &str,
+    by: By<'_>,
 ) -> Result<(), AuthorityError> {
     let bytes = encode(cred)?;
     let upsert = encode(&EventKind::Upsert(cred.clone()))?;
@@ -403,7 +412,7 @@ pub(crate) fn save_and_send(
             now
         ));
     }
-    w.change(&cred.id, action, who, now);
+    w.change(&cred.id, action, by, now);
     for t in targets.difference(current) {
         w.push(stmt!(
             "INSERT INTO credential_targets (credential_id, target) VALUES ($1, $2)",
@@ -749,15 +758,133 @@ pub(crate) struct SqlStore {
     db: Db,
     /// Who this process's changes are recorded as made by.
     actor: std::sync::Arc<str>,
+    /// A role that may only request changes (PostgreSQL): how long to wait
+    /// for each to be applied.
+    requests: Option<Duration>,
 }
 
 impl SqlStore {
-    pub(crate) fn new(db: Db) -> SqlStore {
+    pub(crate) fn new(db: Db, requests: Option<Duration>) -> SqlStore {
         SqlStore {
             db,
             actor: actor().into(),
+            requests,
         }
     }
+
+    /// Records a change request and waits for the leader's outcome.
+    async fn request(
+        &self,
+        timeout: Duration,
+        action: &'static str,
+        id: String,
+        body: crate::requests::Body,
+    ) -> Result<crate::requests::Outcome, AuthorityError> {
+        let label = std::sync::Arc::clone(&self.actor);
+        let request = self
+            .db
+            .run(move |c| crate::requests::submit(c, action, &id, &body, &label))
+            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(outcome) = self
+                .db
+                .run(move |c| crate::requests::outcome(c, request))
+                .await?
+            {
+                return outcome.into_result();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AuthorityError::NotApplied { request });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `ensure` by request: a new API key's secret is made here and only
+    /// its hash is sent; it is handed out if the request created the key.
+    async fn request_ensure(
+        &self,
+        timeout: Duration,
+        spec: CredentialSpec,
+        targets: BTreeSet<String>,
+    ) -> Result<Ensured, AuthorityError> {
+        let key = match spec.ed25519_public_key {
+            Some(_) => None,
+            None => Some(
+                ApiKey::generate(&spec.id).map_err(|e| AuthorityError::Invalid(e.to_string()))?,
+            ),
+        };
+        let body = crate::requests::Body::ensure(&spec, targets, key.as_ref().map(|k| k.1));
+        match self
+            .request(timeout, "ensure", spec.id.clone(), body)
+            .await?
+        {
+            crate::requests::Outcome::Ensured { created, changed } => Ok(Ensured {
+                created,
+                changed,
+                api_key: key.filter(|_| created).map(|k| k.0),
+            }),
+            _ => Err(AuthorityError::Database(DatabaseError::new(
+                "change request",
+                "an unexpected outcome",
+            ))),
+        }
+    }
+}
+
+/// Gives API key `id` the secret whose hash is `hash`.
+pub(crate) fn rotate_in(
+    c: &mut dyn Sql,
+    id: &str,
+    overlap: Option<Duration>,
+    hash: [u8; 32],
+    by: By<'_>,
+) -> Result<(), AuthorityError> {
+    let (cred, targets) = credential_for_change(c, id)?;
+    let mut cred = cred.ok_or_else(|| AuthorityError::UnknownCredential(id.to_owned()))?;
+    let Some(old_hash) = cred.secret_sha256 else {
+        return Err(AuthorityError::NotAnApiKey(id.to_owned()));
+    };
+    cred.previous = overlap.map(|d| {
+        (
+            old_hash,
+            cred.generation,
+            now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
+    });
+    cred.secret_sha256 = Some(hash);
+    cred.generation += 1;
+    save_and_send(c, &cred, &targets, &targets, true, "rotate", by)
+}
+
+/// Removes credential `id` everywhere, leaving a tombstone.
+pub(crate) fn revoke_in(c: &mut dyn Sql, id: &str, by: By<'_>) -> Result<(), AuthorityError> {
+    let (cred, targets) = credential_for_change(c, id)?;
+    if cred.is_none() {
+        return Err(AuthorityError::UnknownCredential(id.to_owned()));
+    }
+    let delete = encode(&EventKind::Delete { id: id.to_owned() })?;
+    let now = i64_of(now_ms());
+    let mut w = Writes::new(c);
+    w.push(stmt!("DELETE FROM credentials WHERE id = $1", id));
+    w.push(stmt!(
+        "DELETE FROM credential_targets WHERE credential_id = $1",
+        id
+    ));
+    // A tombstone: `ensure` does not bring the id back unless asked.
+    w.push(stmt!(
+        "INSERT INTO tombstones (id, revoked_at_ms, revoked_by) VALUES ($1, $2, $3)
+         ON CONFLICT (id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, revoked_by = excluded.revoked_by",
+        id,
+        now,
+        by.process
+    ));
+    w.change(id, "revoke", by, now);
+    for t in &targets {
+        w.enqueue(t, id, &delete);
+    }
+    w.run(c)
 }
 
 /// This process, as its changes record it: `user@host pid N` (the
@@ -836,8 +963,21 @@ impl Store for SqlStore {
         spec: CredentialSpec,
         targets: BTreeSet<String>,
     ) -> BoxFuture<'_, Result<Ensured, AuthorityError>> {
-        let who = std::sync::Arc::clone(&self.actor);
-        Box::pin(self.db.run(move |c| ensure_in(c, &spec, &targets, &who)))
+        Box::pin(async move {
+            if let Some(timeout) = self.requests {
+                return self.request_ensure(timeout, spec, targets).await;
+            }
+            let who = std::sync::Arc::clone(&self.actor);
+            self.db
+                .run(move |c| {
+                    let by = By {
+                        process: &who,
+                        role: "",
+                    };
+                    ensure_in(c, &spec, &targets, by, None)
+                })
+                .await
+        })
     }
 
     fn rotate(
@@ -845,58 +985,73 @@ impl Store for SqlStore {
         id: String,
         overlap: Option<Duration>,
     ) -> BoxFuture<'_, Result<ApiKey, AuthorityError>> {
-        let who = std::sync::Arc::clone(&self.actor);
-        Box::pin(self.db.run(move |c| {
-            let (cred, targets) = credential_for_change(c, &id)?;
-            let mut cred = cred.ok_or_else(|| AuthorityError::UnknownCredential(id.clone()))?;
-            let Some(old_hash) = cred.secret_sha256 else {
-                return Err(AuthorityError::NotAnApiKey(id.clone()));
-            };
+        Box::pin(async move {
             let (key, hash) =
                 ApiKey::generate(&id).map_err(|e| AuthorityError::Invalid(e.to_string()))?;
-            cred.previous = overlap.map(|d| {
-                (
-                    old_hash,
-                    cred.generation,
-                    now_ms().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                )
-            });
-            cred.secret_sha256 = Some(hash);
-            cred.generation += 1;
-            save_and_send(c, &cred, &targets, &targets, true, ("rotate", &who))?;
+            if let Some(timeout) = self.requests {
+                let body = crate::requests::Body::rotate(hash, overlap);
+                let id2 = id.clone();
+                self.request(timeout, "rotate", id2, body).await?;
+                return Ok(key);
+            }
+            let who = std::sync::Arc::clone(&self.actor);
+            self.db
+                .run(move |c| {
+                    rotate_in(
+                        c,
+                        &id,
+                        overlap,
+                        hash,
+                        By {
+                            process: &who,
+                            role: "",
+                        },
+                    )
+                })
+                .await?;
             Ok(key)
-        }))
+        })
     }
 
     fn revoke(&self, id: String) -> BoxFuture<'_, Result<(), AuthorityError>> {
-        let who = std::sync::Arc::clone(&self.actor);
-        Box::pin(self.db.run(move |c| {
-            let (cred, targets) = credential_for_change(c, &id)?;
-            if cred.is_none() {
-                return Err(AuthorityError::UnknownCredential(id.clone()));
+        Box::pin(async move {
+            if let Some(timeout) = self.requests {
+                let body = crate::requests::Body::default();
+                return self.request(timeout, "revoke", id, body).await.map(|_| ());
             }
-            let delete = encode(&EventKind::Delete { id: id.clone() })?;
-            let now = i64_of(now_ms());
-            let mut w = Writes::new(c);
-            w.push(stmt!("DELETE FROM credentials WHERE id = $1", &id));
-            w.push(stmt!(
-                "DELETE FROM credential_targets WHERE credential_id = $1",
-                &id
-            ));
-            // A tombstone: `ensure` does not bring the id back unless asked.
-            w.push(stmt!(
-                "INSERT INTO tombstones (id, revoked_at_ms, revoked_by) VALUES ($1, $2, $3)
-                 ON CONFLICT (id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, revoked_by = excluded.revoked_by",
-                &id,
-                now,
-                &*who
-            ));
-            w.change(&id, "revoke", &who, now);
-            for t in &targets {
-                w.enqueue(t, &id, &delete);
+            let who = std::sync::Arc::clone(&self.actor);
+            self.db
+                .run(move |c| {
+                    revoke_in(
+                        c,
+                        &id,
+                        By {
+                            process: &who,
+                            role: "",
+                        },
+                    )
+                })
+                .await
+        })
+    }
+
+    fn requests_only(&self) -> bool {
+        self.requests.is_some()
+    }
+
+    fn apply_requests(&self) -> BoxFuture<'_, Result<usize, AuthorityError>> {
+        Box::pin(async move {
+            let pending = self.db.run(crate::requests::pending).await?;
+            let n = pending.len();
+            let applying = pending.into_iter().map(|id| {
+                let who = std::sync::Arc::clone(&self.actor);
+                self.db.run(move |c| apply_request(c, id, &who))
+            });
+            for applied in futures_util::future::join_all(applying).await {
+                applied?;
             }
-            w.run(c)
-        }))
+            Ok(n)
+        })
     }
 
     fn status(
@@ -1057,5 +1212,91 @@ impl Store for SqlStore {
             self.db
                 .run(move |c| complete(c, &target, &config, &sent, reply.clone())),
         )
+    }
+}
+
+/// Applies change request `request` if it is still pending, recording its
+/// outcome in the same transaction; audited. `who` is this process.
+fn apply_request(c: &mut dyn Sql, request: u64, who: &str) -> Result<(), AuthorityError> {
+    use crate::requests::{Outcome, Refusal};
+    let Some(r) = crate::requests::claim(c, request)? else {
+        return Ok(());
+    };
+    let process = format!("{} (request {request}, applied by {who})", r.label);
+    let by = By {
+        process: &process,
+        role: &r.requested_by,
+    };
+    // Its own savepoint: a refused request still gets its outcome written.
+    c.exec("SAVEPOINT request", &[])?;
+    let result = match &r.body {
+        None => Err(AuthorityError::Invalid("unreadable request".into())),
+        Some(body) => run_request(c, &r.action, &r.credential_id, body, by),
+    };
+    let outcome = match result {
+        Ok(o) => {
+            c.exec("RELEASE SAVEPOINT request", &[])?;
+            o
+        }
+        Err(e) => {
+            c.exec("ROLLBACK TO SAVEPOINT request", &[])?;
+            Outcome::Refused(Refusal::from(&e))
+        }
+    };
+    tracing::info!(
+        target: netproc_server::AUDIT_TARGET,
+        event = "change_request",
+        request,
+        action = %r.action,
+        credential = %r.credential_id,
+        requested_by = %r.requested_by,
+        label = %r.label,
+        outcome = ?outcome,
+        "applying a change request"
+    );
+    crate::requests::record(c, request, &outcome)
+}
+
+fn run_request(
+    c: &mut dyn Sql,
+    action: &str,
+    id: &str,
+    body: &crate::requests::Body,
+    by: By<'_>,
+) -> Result<crate::requests::Outcome, AuthorityError> {
+    use crate::requests::Outcome;
+    match action {
+        "ensure" => {
+            let spec = body.spec(id)?;
+            let k = &spec.key;
+            if k.label.is_some() || k.max_sessions.is_some() || k.single_active_session.is_some() {
+                return Err(AuthorityError::Invalid(
+                    "label and session policy are not propagated".into(),
+                ));
+            }
+            if spec.ed25519_public_key.is_none() && body.secret_sha256.is_none() {
+                return Err(AuthorityError::Invalid(
+                    "a new API key needs its secret's hash".into(),
+                ));
+            }
+            let targets: BTreeSet<String> = body.targets.iter().cloned().collect();
+            let ensured = ensure_in(c, &spec, &targets, by, body.secret_sha256)?;
+            Ok(Outcome::Ensured {
+                created: ensured.created,
+                changed: ensured.changed,
+            })
+        }
+        "rotate" => {
+            let hash = body.secret_sha256.ok_or_else(|| {
+                AuthorityError::Invalid("a rotation needs the new secret's hash".into())
+            })?;
+            rotate_in(c, id, body.overlap_ms.map(Duration::from_millis), hash, by)?;
+            Ok(Outcome::Done)
+        }
+        "revoke" => {
+            revoke_in(c, id, by)?;
+            Ok(Outcome::Done)
+        }
+        other => Err(AuthorityError::Invalid(format!("unknown action {other:?}"))),
     }
 }

@@ -64,6 +64,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn targets(&self) -> BoxFuture<'_, Result<Vec<TargetState>, AuthorityError>>;
     /// Every credential, without secrets.
     fn credentials(&self) -> BoxFuture<'_, Result<Vec<CredentialInfo>, AuthorityError>>;
+    /// The leader applies pending change requests (PostgreSQL, least
+    /// privilege); how many it took up.
+    fn apply_requests(&self) -> BoxFuture<'_, Result<usize, AuthorityError>>;
+    /// Whether this store only records change requests.
+    fn requests_only(&self) -> bool;
     /// The newest `limit` recorded changes (of `id` only, when given),
     /// newest first.
     fn history(

@@ -41,6 +41,16 @@ pub enum AuthorityError {
         "credential {0:?} was revoked; bring the id back with recreate (`netproc creds ensure --recreate`)"
     )]
     Revoked(String),
+    /// PostgreSQL, a role that may only request changes: the request was
+    /// recorded but no authority process applied it in time (none leads?).
+    /// It stays queued and is applied when one does.
+    #[error(
+        "change request {request} is queued, but no authority process applied it in time (is `netproc authority` running?)"
+    )]
+    NotApplied {
+        /// The request's number.
+        request: u64,
+    },
 }
 
 impl From<rusqlite::Error> for AuthorityError {
@@ -135,6 +145,11 @@ pub struct AuthorityConfig {
     /// `netproc creds init` does). Without it such a database is refused,
     /// so a mistyped URL cannot start an empty authority. Default true.
     pub create_database: bool,
+    /// PostgreSQL, for a role that may only request changes (see
+    /// `docs/propagation.md`, "Least privilege"): how long `ensure`,
+    /// `rotate` and `revoke` wait for the leader to apply the request
+    /// before answering [`AuthorityError::NotApplied`] (30 s).
+    pub request_timeout: Duration,
 }
 
 impl AuthorityConfig {
@@ -154,6 +169,7 @@ impl AuthorityConfig {
             postgres: None,
             create_database: true,
             lease: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }

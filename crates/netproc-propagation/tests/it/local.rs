@@ -1095,6 +1095,200 @@ async fn a_leader_cut_from_postgres_is_replaced_and_stands_by_when_it_returns() 
     standby_task.await.unwrap();
 }
 
+/// A login role of its own for a test, dropped at the end (also on
+/// failure), with the grants `docs/propagation.md` gives a role that may
+/// only request changes.
+struct RequestRole {
+    url: String,
+    name: String,
+}
+
+impl RequestRole {
+    fn create(pg: &PgSchema) -> RequestRole {
+        let name = format!("{}_req", pg.schema);
+        let (url, schema, n) = (pg.url.clone(), pg.schema.clone(), name.clone());
+        std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.batch_execute(&format!(
+                "CREATE ROLE {n} LOGIN;
+                 GRANT USAGE ON SCHEMA {schema} TO {n};
+                 GRANT EXECUTE ON FUNCTION {schema}.netproc_request(text, text, bytea, text),
+                   {schema}.netproc_request_outcome(bigint) TO {n};"
+            ))
+            .unwrap();
+        })
+        .join()
+        .unwrap();
+        RequestRole {
+            url: pg.url.clone(),
+            name,
+        }
+    }
+
+    /// `url` logged in as this role.
+    fn url(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+                format!("{scheme}://{}@{host}", self.name)
+            }
+            None => self.url.clone(),
+        }
+    }
+}
+
+impl Drop for RequestRole {
+    fn drop(&mut self) {
+        let (url, n) = (self.url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP OWNED BY {n}; DROP ROLE IF EXISTS {n}"));
+            }
+        })
+        .join();
+    }
+}
+
+/// Least privilege: a role that may only call `netproc_request` cannot
+/// write the tables, but its `ensure`, `rotate` and `revoke` are applied
+/// by the leader (its secret made by the requester, only the hash sent),
+/// recorded with the requester's role, refused with the same errors as a
+/// direct change; with no leader running, a request is not applied and
+/// the caller is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_only_request_changes_has_them_applied_by_the_leader() {
+    let Some(pg) =
+        PgSchema::new("a_role_that_may_only_request_changes_has_them_applied_by_the_leader").await
+    else {
+        return;
+    };
+    let mut options = pg.options();
+    let f = fleet_on(Backend::Postgres(pg), &["a"]);
+    let Backend::Postgres(pg) = &f._backend else {
+        unreachable!()
+    };
+    let role = RequestRole::create(pg);
+    options.url = role.url();
+    // The role cannot write the tables itself.
+    let (url, schema) = (options.url.clone(), pg.schema.clone());
+    let direct = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!(
+            "INSERT INTO {schema}.credentials (id, credential, updated_at_ms) VALUES ('x', '', 0)"
+        ))
+        .map_err(|e| e.as_db_error().map(|d| d.message().to_owned()))
+    })
+    .join()
+    .unwrap();
+    assert!(
+        matches!(&direct, Err(Some(m)) if m.contains("permission denied")),
+        "{direct:?}"
+    );
+    let mut config = AuthorityConfig::new("unused", vec!["a".into()]);
+    config.postgres = Some(options);
+    config.create_database = false;
+    config.request_timeout = Duration::from_millis(400);
+    let requester = Authority::open(
+        config,
+        Ed25519Key::generate().unwrap(),
+        Arc::clone(&f.transport) as Arc<dyn Transport>,
+    )
+    .unwrap();
+
+    // No leader yet: recorded, not applied, said so.
+    match requester
+        .ensure(CredentialSpec::api_key("queued", privileges(false)), &["a"])
+        .await
+    {
+        Err(netproc_propagation::AuthorityError::NotApplied { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let leader = another_process(&f, Duration::from_secs(10));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let l = leader.clone();
+    let task = tokio::spawn(async move {
+        l.run(async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    // The queued one is applied when a leader runs (its secret is lost
+    // with the timed-out call: it stays unusable until rotated).
+    until_present(&f, "queued").await;
+
+    let cert = cert();
+    let made = requester
+        .ensure(
+            CredentialSpec::api_key("req-svc", privileges(false)),
+            &["a"],
+        )
+        .await
+        .unwrap();
+    assert!(made.created && made.changed);
+    let key = made.api_key.expect("the requester made the secret");
+    until_present(&f, "req-svc").await;
+    assert!(
+        f.stores["a"]
+            .verify(key.expose(), &cert, SystemTime::now())
+            .is_ok()
+    );
+    // Asking again changes nothing and hands out no secret.
+    let again = requester
+        .ensure(
+            CredentialSpec::api_key("req-svc", privileges(false)),
+            &["a"],
+        )
+        .await
+        .unwrap();
+    assert!(!again.created && !again.changed && again.api_key.is_none());
+    // Refusals come back typed.
+    match requester
+        .ensure(
+            CredentialSpec::api_key("req-svc", privileges(false)),
+            &["nowhere"],
+        )
+        .await
+    {
+        Err(netproc_propagation::AuthorityError::UnknownTarget(t)) => assert_eq!(t, "nowhere"),
+        other => panic!("{other:?}"),
+    }
+    match requester.rotate("no-such-id", None).await {
+        Err(netproc_propagation::AuthorityError::UnknownCredential(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let rotated = requester.rotate("req-svc", None).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.stores["a"]
+        .verify(rotated.expose(), &cert, SystemTime::now())
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    requester.revoke("req-svc").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.stores["a"].get("req-svc").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoke never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Each change names the requester's role, as the database knows it.
+    let history = f.authority.history(Some("req-svc"), 10).await.unwrap();
+    let actions: Vec<_> = history.iter().map(|c| c.action.as_str()).collect();
+    assert_eq!(actions, ["revoke", "rotate", "create"], "{history:?}");
+    for c in &history {
+        assert_eq!(c.db_role.as_deref(), Some(role.name.as_str()), "{c:?}");
+        assert!(c.changed_by.contains("request"), "{c:?}");
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
 /// Fencing at the target (second event format): an event signed in an
 /// epoch below the highest applied is refused `stale_leader` and moves
 /// nothing; the epoch is kept with the cursor, across a restart.

@@ -158,6 +158,17 @@ fn unavailable_or_usage(e: netproc::config::ConfigError) -> Failure {
     }
 }
 
+/// Delivering needs the authority's own role: a role that may only request
+/// changes (PostgreSQL) cannot hold the lease or write the outbox.
+fn refuse_requests_only(authority: &Authority, what: &str) -> Result<(), Failure> {
+    match authority.requests_only() {
+        true => Err(usage(format!(
+            "{what}: this database role may only request changes; deliver with the authority's own role"
+        ))),
+        false => Ok(()),
+    }
+}
+
 fn open(config: &Path) -> Result<(AuthorityFile, Authority), Failure> {
     let file = AuthorityFile::load(config).map_err(usage)?;
     let authority = file.authority(config).map_err(unavailable_or_usage)?;
@@ -188,6 +199,7 @@ pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
     let file = AuthorityFile::load(config).map_err(usage)?;
     init_logging(file.log_format);
     let authority = file.authority(config).map_err(unavailable_or_usage)?;
+    refuse_requests_only(&authority, "netproc authority")?;
     outln!(
         "authority for {} target(s); public key {}",
         file.targets.len(),
@@ -214,7 +226,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                 .map_err(usage)?;
             eprintln!(
                 "signing key in {}; put this public key in each server's propagation.authority_public_keys:",
-                file.signing_key_path().display()
+                file.signing_key_path().unwrap_or_default().display()
             );
             outln!("{public}");
         }
@@ -316,6 +328,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
         }
         CredsCommand::Sync { config } => {
             let (_, authority) = open(&config)?;
+            refuse_requests_only(&authority, "netproc creds sync")?;
             let report = authority.sync().await;
             let out: Vec<_> = report
                 .targets

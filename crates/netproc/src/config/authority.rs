@@ -53,9 +53,16 @@ pub struct AuthorityFile {
     /// authority` delivers; a standby takes over once the leader has not
     /// renewed for this long.
     pub lease_ms: Option<u64>,
+    /// PostgreSQL, a role that may only request changes: how long `creds
+    /// ensure|rotate|revoke` wait for the leader to apply a request, ms
+    /// (default 30 000).
+    pub request_timeout_ms: Option<u64>,
     /// A file holding the authority's Ed25519 signing key (64 hex digits of
-    /// seed, mode 0600).
-    pub signing_key: PathBuf,
+    /// seed, mode 0600). Needed by every authority process and by `creds
+    /// init` and `creds sync`; on PostgreSQL, a role that may only request
+    /// changes (`docs/propagation.md`, "Least privilege") goes without.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
     /// Log format. Default text.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -80,15 +87,15 @@ impl AuthorityFile {
         Ok(file)
     }
 
-    /// The signing key file, resolved.
-    pub fn signing_key_path(&self) -> PathBuf {
-        relative_to(&self.dir, &self.signing_key)
+    /// The signing key file, resolved (`None`: not set).
+    pub fn signing_key_path(&self) -> Option<PathBuf> {
+        self.signing_key.as_ref().map(|k| relative_to(&self.dir, k))
     }
 
     /// Creates the signing key file if it does not exist; returns the
     /// public key (hex), for the servers' `authority_public_keys`.
     pub fn init_signing_key(&self) -> Result<String, String> {
-        let path = self.signing_key_path();
+        let path = self.signing_key_path().ok_or("signing_key: not set")?;
         if !path.exists() {
             let key = Ed25519Key::generate().map_err(|e| e.to_string())?;
             let mut text = zeroize::Zeroizing::new(String::with_capacity(64));
@@ -136,7 +143,7 @@ impl AuthorityFile {
     }
 
     fn signing_key(&self) -> Result<Ed25519Key, String> {
-        let path = self.signing_key_path();
+        let path = self.signing_key_path().ok_or("not set")?;
         let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         let text = std::str::from_utf8(&bytes).unwrap_or("");
@@ -197,9 +204,15 @@ impl AuthorityFile {
         create: bool,
     ) -> Result<crate::propagation::Authority, ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
-        let key = self
-            .signing_key()
-            .map_err(|e| err(&format!("signing_key: {e}")))?;
+        // Without a signing key only a role that may only request changes
+        // can work (it signs nothing): checked once the database has said.
+        let ephemeral = self.signing_key.is_none() && self.is_postgres() && !create;
+        let key = match ephemeral {
+            true => Ed25519Key::generate().map_err(|e| err(&e))?,
+            false => self
+                .signing_key()
+                .map_err(|e| err(&format!("signing_key: {e}")))?,
+        };
         let mut config = crate::propagation::AuthorityConfig::new(
             relative_to(&self.dir, &self.database),
             self.targets.keys().cloned().collect(),
@@ -214,16 +227,26 @@ impl AuthorityFile {
         if let Some(ms) = self.lease_ms {
             config.lease = Duration::from_millis(ms.max(100));
         }
+        if let Some(ms) = self.request_timeout_ms {
+            config.request_timeout = Duration::from_millis(ms.max(1));
+        }
         if self.is_postgres() {
             config.postgres = Some(self.postgres_options(config_path)?);
         }
         let transport = Arc::new(crate::propagation::NetprocTransport::new(client));
-        crate::propagation::Authority::open(config, key, transport).map_err(|e| match e {
-            crate::propagation::AuthorityError::Unavailable(_) => ConfigError::Unavailable {
-                path: config_path.to_owned(),
-                message: format!("database: {e}"),
-            },
-            e => err(&e),
-        })
+        let authority =
+            crate::propagation::Authority::open(config, key, transport).map_err(|e| match e {
+                crate::propagation::AuthorityError::Unavailable(_) => ConfigError::Unavailable {
+                    path: config_path.to_owned(),
+                    message: format!("database: {e}"),
+                },
+                e => err(&e),
+            })?;
+        if ephemeral && !authority.requests_only() {
+            return Err(err(
+                &"signing_key: not set (only a PostgreSQL role that may only request changes goes without one)",
+            ));
+        }
+        Ok(authority)
     }
 }

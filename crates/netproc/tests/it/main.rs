@@ -1586,6 +1586,102 @@ fn creds_work_against_postgresql() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let leader: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(leader["holder"].is_null(), "{leader}");
+
+    // Least privilege: an operator's role that may only request changes,
+    // with a file that has no signing key and no targets.
+    let role = format!("{schema}_req");
+    struct DropRole(String, String);
+    impl Drop for DropRole {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.0, postgres::NoTls) {
+                let _ = c.batch_execute(&format!(
+                    "DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
+                    self.1
+                ));
+            }
+        }
+    }
+    let _role = DropRole(url.clone(), role.clone());
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT EXECUTE ON FUNCTION {schema}.netproc_request(text, text, bytea, text),
+               {schema}.netproc_request_outcome(bigint) TO {role};"
+        ))
+        .unwrap();
+    let role_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    let operator = dir.path().join("operator.toml");
+    std::fs::write(
+        &operator,
+        format!(
+            "database = \"{role_url}\"\ndatabase_schema = \"{schema}\"\nrequest_timeout_ms = 300\n"
+        ),
+    )
+    .unwrap();
+    let o = operator.to_str().unwrap();
+    let ensure_req = || {
+        netproc(&[
+            "creds",
+            "ensure",
+            "--config",
+            o,
+            "requested",
+            "--targets",
+            "s1",
+            "--key-out",
+            dir.path().join("requested.key").to_str().unwrap(),
+        ])
+    };
+    // Nobody applies it yet: exit 1, saying it is queued.
+    let out = ensure_req();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("queued"),
+        "{}",
+        text(&out.stderr)
+    );
+    // This role cannot deliver.
+    let out = netproc(&["creds", "sync", "--config", o]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("only request changes"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The authority (its own role) applies the queued request.
+    let _authority = spawn_reading_line(&["authority", "--config", c]).0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = netproc(&["creds", "history", "--config", c, "requested", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(first) = h.as_array().and_then(|a| a.first()) {
+            assert_eq!(first["db_role"], role.as_str(), "{h}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request was never applied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = netproc(&[
+        "creds",
+        "rotate",
+        "--config",
+        o,
+        "requested",
+        "--key-out",
+        dir.path().join("requested.key").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        std::fs::read_to_string(dir.path().join("requested.key"))
+            .unwrap()
+            .starts_with("npk_requested_")
+    );
+
     // PostgreSQL unreachable: a failure (exit 1) that says so, not a
     // configuration error.
     let down = "database = \"postgres://postgres@127.0.0.1:1/test\"\nsigning_key = \"authority.ed25519\"\n";
