@@ -94,14 +94,16 @@ pub(crate) enum CredsCommand {
         /// The credential's id.
         id: String,
     },
-    /// Where a credential stands on each target (JSON).
+    /// Where a credential stands on each target; without an id, the
+    /// authority's health: which process leads (since when, in which
+    /// epoch) and every target's delivery state.
     #[command(after_help = "Example: netproc creds status --config authority.toml billing")]
     Status {
         /// The authority configuration (authority.toml).
         #[arg(long)]
         config: PathBuf,
-        /// The credential's id.
-        id: String,
+        /// The credential's id (none: the authority's health).
+        id: Option<String>,
     },
     /// Deliver everything pending now; exit 1 if a target failed.
     #[command(after_help = "Example: netproc creds sync --config authority.toml")]
@@ -156,6 +158,42 @@ fn unavailable_or_usage(e: netproc::config::ConfigError) -> Failure {
         netproc::config::ConfigError::Unavailable { .. } => failed(e),
         e => usage(e),
     }
+}
+
+/// Which process delivers, as `creds leader` and `creds status` show it.
+async fn leader_json(authority: &Authority) -> Result<serde_json::Value, Failure> {
+    let leader = authority.leader().await.map_err(failed)?;
+    Ok(match leader {
+        Some(l) => json!({
+            "holder": l.holder,
+            "epoch": l.epoch,
+            "since": super::output::rfc3339_ms(l.since_ms),
+            "until": super::output::rfc3339_ms(l.expires_ms),
+            "live": l.expires_ms > netproc::wire::unix_ms(std::time::SystemTime::now()),
+        }),
+        None => {
+            json!({"holder": null, "note": "no delivery lease: SQLite (one delivering process), or no `netproc authority` has run yet"})
+        }
+    })
+}
+
+/// Every target's delivery state, as `creds targets` and `creds status`
+/// show it.
+async fn targets_json(authority: &Authority) -> Result<serde_json::Value, Failure> {
+    let out: Vec<_> = authority
+        .targets()
+        .await
+        .map_err(failed)?
+        .into_iter()
+        .map(|t| {
+            json!({
+                "name": t.name, "acked_seq": t.acked_seq, "last_seq": t.last_seq,
+                "pending_events": t.pending_events, "snapshot_needed": t.snapshot_needed,
+                "attempts": t.attempts, "last_error": t.last_error,
+            })
+        })
+        .collect();
+    Ok(json!(out))
 }
 
 /// Delivering needs the authority's own role: a role that may only request
@@ -304,7 +342,16 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
             authority.revoke(&id).await.map_err(failed)?;
             eprintln!("revoked {id}; it is removed from each target as it is delivered");
         }
-        CredsCommand::Status { config, id } => {
+        CredsCommand::Status { config, id: None } => {
+            let (_, authority) = open(&config)?;
+            let leader = leader_json(&authority).await?;
+            let targets = targets_json(&authority).await?;
+            output::show(&json!({"leader": leader, "targets": targets}));
+        }
+        CredsCommand::Status {
+            config,
+            id: Some(id),
+        } => {
             let (_, authority) = open(&config)?;
             let rows = authority.status(&id).await.map_err(failed)?;
             let out: Vec<_> = rows
@@ -344,37 +391,11 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
         }
         CredsCommand::Leader { config } => {
             let (_, authority) = open(&config)?;
-            let leader = authority.leader().await.map_err(failed)?;
-            let out = match leader {
-                Some(l) => json!({
-                    "holder": l.holder,
-                    "epoch": l.epoch,
-                    "since": super::output::rfc3339_ms(l.since_ms),
-                    "until": super::output::rfc3339_ms(l.expires_ms),
-                    "live": l.expires_ms > netproc::wire::unix_ms(std::time::SystemTime::now()),
-                }),
-                None => {
-                    json!({"holder": null, "note": "no delivery lease: SQLite (one delivering process), or no `netproc authority` has run yet"})
-                }
-            };
-            output::show(&out);
+            output::show(&leader_json(&authority).await?);
         }
         CredsCommand::Targets { config } => {
             let (_, authority) = open(&config)?;
-            let out: Vec<_> = authority
-                .targets()
-                .await
-                .map_err(failed)?
-                .into_iter()
-                .map(|t| {
-                    json!({
-                        "name": t.name, "acked_seq": t.acked_seq, "last_seq": t.last_seq,
-                        "pending_events": t.pending_events, "snapshot_needed": t.snapshot_needed,
-                        "attempts": t.attempts, "last_error": t.last_error,
-                    })
-                })
-                .collect();
-            output::show(&json!(out));
+            output::show(&targets_json(&authority).await?);
         }
         CredsCommand::List { config } => {
             let (_, authority) = open(&config)?;

@@ -399,6 +399,18 @@ fn failover_of_a_real_leader(pause: bool) {
         "{after}"
     );
     assert_eq!(after["epoch"].as_u64().unwrap(), epoch + 1, "{after}");
+    // `creds status` without an id: the same leader, and the target.
+    let out = netproc(&[
+        "creds",
+        "status",
+        "--config",
+        &p("authority.toml"),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["leader"]["epoch"], after["epoch"], "{status}");
+    assert_eq!(status["targets"][0]["name"], "s1", "{status}");
     println!(
         "failover and delivery after {}: {:?}",
         if pause { "SIGSTOP" } else { "kill -9" },
