@@ -68,8 +68,9 @@ impl Authority {
                 "target name {bad:?}: expected 1 to 128 characters of [A-Za-z0-9._:-]"
             )));
         }
-        let (db, requests_only) = open_database(&config)?;
-        let store = SqlStore::new(db, requests_only.then_some(config.request_timeout));
+        let (db, postgres, requests_only) = open_database(&config)?;
+        let requests = requests_only.then_some(config.request_timeout);
+        let store = SqlStore::new(db, postgres, requests);
         let delivering = config
             .targets
             .iter()
@@ -189,14 +190,17 @@ impl Authority {
 }
 
 /// The store's database: PostgreSQL when configured (or named by a
-/// `postgres://` URL), else the SQLite file.
-fn open_database(config: &AuthorityConfig) -> Result<(crate::db::Db, bool), AuthorityError> {
+/// `postgres://` URL), else the SQLite file; whether it is PostgreSQL, and
+/// whether this role may only request changes there.
+fn open_database(config: &AuthorityConfig) -> Result<(crate::db::Db, bool, bool), AuthorityError> {
     #[cfg(feature = "postgres")]
     {
         let named = crate::postgres::is_postgres(&config.database)
             .then(|| PostgresOptions::new(config.database.to_string_lossy()));
         if let Some(options) = config.postgres.clone().or(named) {
-            return crate::postgres::open(&options, config.create_database, &config.targets);
+            let (db, requests_only) =
+                crate::postgres::open(&options, config.create_database, &config.targets)?;
+            return Ok((db, true, requests_only));
         }
     }
     let url = config.database.to_string_lossy();
@@ -205,8 +209,6 @@ fn open_database(config: &AuthorityConfig) -> Result<(crate::db::Db, bool), Auth
             "database: a PostgreSQL URL needs netproc-propagation's `postgres` feature".into(),
         ));
     }
-    Ok((
-        crate::sqlite::open(&config.database, &config.targets)?,
-        false,
-    ))
+    let db = crate::sqlite::open(&config.database, &config.targets)?;
+    Ok((db, false, false))
 }

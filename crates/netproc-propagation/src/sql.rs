@@ -758,16 +758,19 @@ pub(crate) struct SqlStore {
     db: Db,
     /// Who this process's changes are recorded as made by.
     actor: std::sync::Arc<str>,
+    /// PostgreSQL (change requests exist only there).
+    postgres: bool,
     /// A role that may only request changes (PostgreSQL): how long to wait
     /// for each to be applied.
     requests: Option<Duration>,
 }
 
 impl SqlStore {
-    pub(crate) fn new(db: Db, requests: Option<Duration>) -> SqlStore {
+    pub(crate) fn new(db: Db, postgres: bool, requests: Option<Duration>) -> SqlStore {
         SqlStore {
             db,
             actor: actor().into(),
+            postgres,
             requests,
         }
     }
@@ -1041,6 +1044,9 @@ impl Store for SqlStore {
 
     fn apply_requests(&self) -> BoxFuture<'_, Result<usize, AuthorityError>> {
         Box::pin(async move {
+            if !self.postgres {
+                return Ok(0);
+            }
             let pending = self.db.run(crate::requests::pending).await?;
             let n = pending.len();
             let applying = pending.into_iter().map(|id| {
