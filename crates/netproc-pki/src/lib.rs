@@ -49,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod deny;
 mod ed25519;
 mod error;
 
@@ -60,6 +61,7 @@ mod provider;
 mod tls;
 
 // The public interface.
+pub use deny::{DeniedCert, DenyList};
 pub use ed25519::{AUTH_EXPORTER_LABEL, Ed25519Key, verify_ed25519};
 pub use error::PkiError;
 
@@ -70,7 +72,7 @@ pub use pem::{Crl, Identity, TrustAnchors};
 pub use provider::{crypto_provider, random_bytes};
 pub use tls::{
     Pin, PinMismatch, TlsOptions, client_config, client_config_with, server_config,
-    server_config_with, service_client_config,
+    server_config_denying, server_config_with, service_client_config,
 };
 
 pub use pem::{read_secret_file, write_secret_file};

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::PkiError;
 use crate::provider::crypto_provider;
-use crate::{CertIdentity, Crl, Fingerprint, Identity, TrustAnchors};
+use crate::{CertIdentity, Crl, DenyList, Fingerprint, Identity, TrustAnchors};
 
 /// Options beyond the secure defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,14 +85,31 @@ pub fn server_config_with(
     crls: &[Crl],
     options: &TlsOptions,
 ) -> Result<ServerConfig, PkiError> {
+    server_config_denying(identity, client_roots, crls, &DenyList::new(), options)
+}
+
+/// [`server_config_with`], also refusing (as revoked) every client
+/// certificate on `deny` — checked at each handshake after the chain and
+/// the CRLs, so entries added later take effect without a new config.
+pub fn server_config_denying(
+    identity: &Identity,
+    client_roots: &TrustAnchors,
+    crls: &[Crl],
+    deny: &DenyList,
+    options: &TlsOptions,
+) -> Result<ServerConfig, PkiError> {
     let provider = crypto_provider();
-    let verifier =
+    let chain =
         WebPkiClientVerifier::builder_with_provider(client_roots.store(), Arc::clone(&provider))
             .with_crls(crls.iter().map(|c| c.der().clone()))
             .only_check_end_entity_revocation()
             .allow_unknown_revocation_status()
             .build()
             .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(crate::deny::DenyingVerifier {
+        inner: chain,
+        deny: deny.clone(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(options.versions())?
         .with_client_cert_verifier(verifier)

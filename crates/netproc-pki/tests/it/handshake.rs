@@ -317,3 +317,70 @@ async fn tls12_only_client_is_refused_unless_allowed() {
         Some(::rustls::ProtocolVersion::TLSv1_2)
     );
 }
+
+/// A deny list refuses a certificate at the handshake (as revoked) by
+/// serial or by key, entries added after the config was built included;
+/// other certificates pass; removing the entry lets it in again.
+#[tokio::test]
+async fn a_denied_client_cert_is_refused_by_serial_or_key_and_others_pass() {
+    use netproc_pki::{DeniedCert, DenyList, TlsOptions, server_config_denying};
+    let pki = TestPki::new();
+    let denied = pki.client("denied");
+    let good = pki.client("good");
+    let deny = DenyList::new();
+    let config = || {
+        server_config_denying(
+            &pki.server.identity().unwrap(),
+            &pki.ca.trust_anchors(),
+            &[],
+            &deny,
+            &TlsOptions::default(),
+        )
+        .unwrap()
+    };
+    // Built before the entry exists: the entry still applies.
+    let built_before = config();
+    let cert = denied.cert_identity().clone();
+    for entry in DeniedCert::of(&cert) {
+        deny.replace([(entry.clone(), cert.not_after)]);
+        for server in [built_before.clone(), config()] {
+            let out = handshake(server, pki.client_config(&denied, &[]), "localhost").await;
+            assert!(
+                matches!(
+                    server_error(&out),
+                    TlsError::InvalidCertificate(CertificateError::Revoked)
+                ),
+                "{entry:?}"
+            );
+            let out = handshake(config(), pki.client_config(&good, &[]), "localhost").await;
+            out.client.unwrap();
+        }
+        assert!(deny.remove(&entry));
+    }
+    let out = handshake(config(), pki.client_config(&denied, &[]), "localhost").await;
+    out.client.unwrap();
+}
+
+/// The list is bounded by expiry: an entry already expired is not kept,
+/// one that expires is pruned; listeners hear of entries added only.
+#[test]
+fn deny_entries_last_until_the_certificate_expires() {
+    use netproc_pki::{DeniedCert, DenyList};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, SystemTime};
+    let list = DenyList::new();
+    let heard = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = std::sync::Arc::clone(&heard);
+    list.on_added(move |added| {
+        h.fetch_add(added.len(), Ordering::Relaxed);
+    });
+    let fp = netproc_pki::Fingerprint::of(b"key");
+    let now = SystemTime::now();
+    list.insert(DeniedCert::Spki(fp), now - Duration::from_secs(1));
+    assert!(list.is_empty(), "an expired certificate needs no entry");
+    list.insert(DeniedCert::Spki(fp), now + Duration::from_secs(60));
+    list.insert(DeniedCert::Spki(fp), now + Duration::from_secs(60));
+    assert_eq!(heard.load(Ordering::Relaxed), 1, "told once, when added");
+    assert_eq!(list.prune(now + Duration::from_secs(61)), 1);
+    assert!(list.is_empty());
+}
