@@ -223,7 +223,13 @@ impl Shared {
         // A certificate outside its validity would fail every handshake:
         // refuse it like any other bad material.
         let built = if identity.cert_identity().is_valid_at(SystemTime::now()) {
-            netproc_pki::server_config_with(identity, client_roots, crls, &shared.tls_options)
+            netproc_pki::server_config_denying(
+                identity,
+                client_roots,
+                crls,
+                &shared.deny,
+                &shared.tls_options,
+            )
         } else {
             Err(netproc_pki::PkiError::BadCertificate {
                 origin: "<reload: server certificate>".into(),

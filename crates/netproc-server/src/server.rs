@@ -68,6 +68,7 @@ impl Server {
             state: None,
             reload_source: None,
             trusted_proxies: Vec::new(),
+            deny: netproc_pki::DenyList::new(),
             #[cfg(feature = "shared-limits")]
             shared_limits: None,
             errors: Vec::new(),
@@ -94,6 +95,7 @@ pub struct ServerBuilder {
     state: Option<StateSource>,
     reload_source: Option<ReloadSource>,
     trusted_proxies: Vec<crate::proxy_protocol::TrustedProxy>,
+    deny: netproc_pki::DenyList,
     #[cfg(feature = "shared-limits")]
     shared_limits: Option<crate::fleet::SharedLimits>,
     errors: Vec<ServerError>,
@@ -243,6 +245,17 @@ impl ServerBuilder {
         self
     }
 
+    /// Client certificates to refuse whatever their chain says (e.g. the
+    /// list credential propagation keeps): checked at every handshake
+    /// after the chain and the CRLs, and each entry added later also ends
+    /// the live sessions over a matching certificate, with
+    /// `credential_revoked`. Default: an empty list of the server's own
+    /// ([`ServerHandle::deny_list`]).
+    pub fn deny_list(mut self, list: netproc_pki::DenyList) -> Self {
+        self.deny = list;
+        self
+    }
+
     /// Where [`ServerHandle::reload`] and the admin `reload` operation read
     /// new TLS material from (typically: the files, re-read).
     pub fn reload_source(mut self, source: ReloadSource) -> Self {
@@ -314,10 +327,11 @@ impl ServerBuilder {
             });
         }
         self.options.validate()?;
-        let tls = netproc_pki::server_config_with(
+        let tls = netproc_pki::server_config_denying(
             &self.identity,
             &self.client_roots,
             &self.crls,
+            &self.deny,
             &self.tls_options,
         )?;
         let state = match self.state {
@@ -349,6 +363,7 @@ impl ServerBuilder {
             time: crate::time::Time::new(Arc::clone(&self.clock)),
             tls: arc_swap::ArcSwap::from_pointee(tls),
             tls_options: self.tls_options,
+            deny: self.deny,
             reload_source: self.reload_source,
             trusted_proxies: self.trusted_proxies,
             defs: Arc::new(Definitions {
@@ -372,6 +387,7 @@ impl ServerBuilder {
             fleet.start(shared.shutdown.clone());
             let _ = shared.abuse.fleet.set(Arc::new(fleet));
         }
+        follow_deny_list(&shared);
         tokio::spawn(scan_liveness(Arc::downgrade(&shared)));
         // Every series from the start, when a `metrics` recorder is
         // installed (gauges stay current with `refresh_gauges_every`).
@@ -387,6 +403,35 @@ impl ServerBuilder {
         })
     }
 }
+/// Entries added to the deny list end the live sessions over a matching
+/// certificate (handshakes consult the list themselves).
+fn follow_deny_list(shared: &Arc<Shared>) {
+    metrics::describe_gauge!(
+        "netproc_denied_certificates",
+        "Client certificates on the deny list now (refused at the handshake; see `docs/propagation.md`)."
+    );
+    metrics::gauge!("netproc_denied_certificates").set(shared.deny.len() as f64);
+    let weak = Arc::downgrade(shared);
+    shared.deny.on_added(move |added| {
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        metrics::gauge!("netproc_denied_certificates").set(shared.deny.len() as f64);
+        let mut closed = 0;
+        for session in shared.sessions.list_facts() {
+            if added.iter().any(|d| d.matches(&session.cert)) {
+                closed += shared.close_sessions_inner(
+                    &SessionSelector::Session(session.session_id),
+                    ErrorCode::CredentialRevoked,
+                );
+            }
+        }
+        if closed > 0 {
+            tracing::info!(server = %shared.name, sessions = closed, "closed sessions over denied certificates");
+        }
+    });
+}
+
 type Stored = (
     Vec<(String, Value)>,
     Vec<crate::state::StoredDependency>,
@@ -602,6 +647,13 @@ impl ServerHandle {
     /// The server's name.
     pub fn name(&self) -> &str {
         &self.inner.shared.name
+    }
+
+    /// The client certificates this server refuses (shared: entries added
+    /// here take effect at the next handshake and end the live sessions
+    /// over them).
+    pub fn deny_list(&self) -> &netproc_pki::DenyList {
+        &self.inner.shared.deny
     }
 
     /// The live sessions.

@@ -90,6 +90,9 @@ pub(crate) struct Shared {
     pub(crate) tls: arc_swap::ArcSwap<rustls::ServerConfig>,
     /// The TLS options, kept for reloads.
     pub(crate) tls_options: TlsOptions,
+    /// Client certificates refused at the handshake (and whose sessions
+    /// end when they are added).
+    pub(crate) deny: netproc_pki::DenyList,
     /// Where reloads read new material from.
     pub(crate) reload_source: Option<ReloadSource>,
     /// Load balancers whose connections carry a PROXY v2 header.

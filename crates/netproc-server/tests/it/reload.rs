@@ -120,6 +120,41 @@ async fn a_crl_reload_ends_the_revoked_client_s_session_only() {
     assert_eq!(server.abuse_metrics().sessions_revoked_count, 1);
 }
 
+/// A certificate added to the server's deny list (by key, as credential
+/// propagation does): its live session ends with `credential_revoked` at
+/// once, its reconnect fails the handshake as revoked, another client's
+/// session stays; taken off the list, it connects again.
+#[tokio::test]
+async fn a_denied_certificate_s_session_ends_and_its_handshake_is_refused() {
+    let pki = Pki::new();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let key = key(&keys, "invoke_functions");
+    let server = start(&pki, "s1", keys).await;
+    let denied_cert = pki.ca.issue(&LeafParams::client("stolen-laptop")).unwrap();
+    let victim = only(endpoint_as(&pki, &denied_cert, &server, &key));
+    let bystander = client(&pki, &server, &key).server("s1").unwrap();
+    victim.session().await.unwrap();
+    let (bystander_session, _) = bystander.session().await.unwrap();
+    let call = long_call(&victim);
+    settle().await;
+
+    let cert = denied_cert.cert_identity();
+    let entry = netproc_pki::DeniedCert::Spki(cert.spki_fingerprint);
+    server.deny_list().insert(entry.clone(), cert.not_after);
+    assert_eq!(
+        ended_with(call, Duration::from_secs(2)).await,
+        ErrorCode::CredentialRevoked
+    );
+    let err = victim.call::<i64>("add", (1, 1)).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Tls { reason: TlsFailure::RejectedByServer(alert), .. } if alert == "CertificateRevoked"),
+        "{err:?}"
+    );
+    assert_eq!(bystander.session().await.unwrap().0, bystander_session);
+    assert!(server.deny_list().remove(&entry));
+    assert_eq!(victim.call::<i64>("add", (1, 1)).await.unwrap(), 2);
+}
+
 fn refused_as_unknown_ca(r: &Result<i64, ClientError>) -> bool {
     matches!(r, Err(ClientError::Tls { reason: TlsFailure::RejectedByServer(alert), .. }) if alert == "UnknownCA")
 }
