@@ -27,7 +27,9 @@ pub(crate) struct Inner {
     /// The delivery lease's epoch while this process leads (0 before).
     pub(crate) epoch: std::sync::atomic::AtomicU64,
     /// Targets that answered they predate the second event format.
-    pub(crate) first_format_only: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Targets that refused a newer event format: the newest each takes
+    /// (absent: the newest of all).
+    pub(crate) formats: std::sync::Mutex<std::collections::HashMap<String, u8>>,
 }
 
 /// The authority (full mode). Cheap to clone; every clone is the same
@@ -87,7 +89,7 @@ impl Authority {
                 delivering,
                 wake: tokio::sync::Notify::new(),
                 epoch: std::sync::atomic::AtomicU64::new(0),
-                first_format_only: std::sync::Mutex::new(std::collections::HashSet::new()),
+                formats: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }

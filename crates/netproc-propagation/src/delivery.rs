@@ -237,21 +237,23 @@ impl Authority {
             // Signing a full batch takes milliseconds: off the runtime's threads.
             let inner = Arc::clone(&self.inner);
             let target = name.to_owned();
-            // The second format (epochs) unless this target predates it.
-            let with_epoch = !self
+            // The newest format this target has not refused: 3 (epochs and
+            // the certificate deny list), 2 (epochs), 1.
+            let format = self
                 .inner
-                .first_format_only
+                .formats
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(name);
-            let epoch = with_epoch.then(|| self.current_epoch());
-            let epoch = match epoch {
-                Some(e) => Some(e.await),
-                None => None,
+                .get(name)
+                .copied()
+                .unwrap_or(NEWEST_FORMAT);
+            let epoch = match format {
+                1 => None,
+                _ => Some(self.current_epoch().await),
             };
             audit_batch(name, &batch, epoch);
             let signed = tokio::task::spawn_blocking(move || {
-                sign_batch(&*inner.key, &target, batch.events, epoch)
+                sign_batch(&*inner.key, &target, batch.events, epoch, format)
             })
             .await;
             let (request, sent) = match signed {
@@ -265,18 +267,20 @@ impl Authority {
                 .correlation
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut outgoing = Outgoing::new(name, correlation_id, request, timeout);
-            outgoing.with_epoch = with_epoch;
+            outgoing.format = format;
             let answer =
                 tokio::time::timeout(timeout, self.inner.transport.deliver(outgoing)).await;
-            if let Ok(Err(TransportError::Unsupported { .. })) = &answer {
-                // It predates the second format: from now on it gets the
-                // first, and this batch is sent again at once.
-                tracing::info!(target_name = %name, "the target predates epoch-fenced deliveries; sending it the first format");
+            if let Ok(Err(TransportError::Unsupported { .. })) = &answer
+                && format > 1
+            {
+                // It predates this format: from now on it gets the one
+                // before, and this batch is sent again at once.
+                tracing::info!(target_name = %name, format, "the target predates this event format; sending it the one before");
                 self.inner
-                    .first_format_only
+                    .formats
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(name.to_owned());
+                    .insert(name.to_owned(), format - 1);
                 probe = true;
                 continue;
             }
@@ -319,17 +323,44 @@ impl Authority {
 }
 
 /// Signs a batch for `target` now: the encoded request and what it holds.
-/// Signs a batch: in the second format with `epoch`, else the first.
+/// The newest event format (3: epochs and the certificate deny list).
+pub(crate) const NEWEST_FORMAT: u8 = 3;
+
+/// What a target that predates the deny list gets in place of its events:
+/// a delete of an id no key can have (so it is a no-op there, and its
+/// cursor moves on).
+pub(crate) const NOOP_ID: &str = "~";
+
+/// Signs a batch: with `epoch` in the second format, else the first; for
+/// a target below format 3, the deny list's events become no-ops.
 pub(crate) fn sign_batch(
     key: &dyn Signer,
     target: &str,
     events: Vec<(u64, u64, EventKind)>,
     epoch: Option<u64>,
+    format: u8,
 ) -> Result<(Vec<u8>, Sent), String> {
     let now = SystemTime::now();
     let mut signed = Vec::with_capacity(events.len());
     let mut sent = Vec::with_capacity(events.len());
     for (seq, change_id, kind) in events {
+        let credential = match &kind {
+            EventKind::Upsert(c) => Some((c.id.clone(), false)),
+            EventKind::Delete { id } => Some((id.clone(), true)),
+            EventKind::Snapshot(_) | EventKind::SnapshotPart { .. } | EventKind::DenyList(_) => {
+                None
+            }
+            EventKind::DenyCert { cert, .. } => Some((cert.label(), false)),
+            EventKind::AllowCert { cert } => Some((cert.label(), true)),
+        };
+        let kind = match kind {
+            EventKind::DenyCert { .. } | EventKind::AllowCert { .. } | EventKind::DenyList(_)
+                if format < 3 =>
+            {
+                EventKind::Delete { id: NOOP_ID.into() }
+            }
+            kind => kind,
+        };
         let mut event = Event::new(target, seq, now, kind);
         event.event_id = change_id;
         let one = match epoch {
@@ -337,14 +368,16 @@ pub(crate) fn sign_batch(
             None => sign(&event, key),
         };
         signed.push(one.map_err(|e| e.to_string())?);
-        let credential = match event.kind {
-            EventKind::Upsert(c) => Some((c.id, false)),
-            EventKind::Delete { id } => Some((id, true)),
-            EventKind::Snapshot(_) | EventKind::SnapshotPart { .. } => None,
-        };
         sent.push((seq, credential));
     }
     Ok((Delivery::new(signed).encode(), sent))
+}
+
+fn cert_label(cert: &crate::CertRef) -> &'static str {
+    match cert {
+        crate::CertRef::Serial { .. } => "certificate (serial)",
+        crate::CertRef::Spki(_) => "certificate (key)",
+    }
 }
 
 /// The audit line of each change before it is signed: what, for which
@@ -356,6 +389,9 @@ fn audit_batch(target: &str, batch: &crate::store::Batch, epoch: Option<u64>) {
             EventKind::Upsert(c) => ("upsert", c.id.as_str()),
             EventKind::Delete { id } => ("delete", id.as_str()),
             EventKind::Snapshot(_) | EventKind::SnapshotPart { .. } => ("snapshot", ""),
+            EventKind::DenyCert { cert, .. } => ("deny_cert", cert_label(cert)),
+            EventKind::AllowCert { cert } => ("allow_cert", cert_label(cert)),
+            EventKind::DenyList(_) => ("deny_list", ""),
         };
         tracing::info!(
             target: netproc_server::AUDIT_TARGET,

@@ -113,6 +113,76 @@ pub enum EventKind {
         /// Its credentials.
         credentials: Vec<Credential>,
     },
+    /// Refuse a client certificate at the handshake and end the sessions
+    /// over it, until `not_after` (unix ms; the certificate's own expiry).
+    /// Sent only to targets that announce it
+    /// ([`EXTENSION_V3`](crate::EXTENSION_V3)).
+    DenyCert {
+        /// Which certificates.
+        cert: CertRef,
+        /// Until when, unix milliseconds.
+        not_after: u64,
+    },
+    /// Stop refusing a certificate denied before.
+    AllowCert {
+        /// Which certificates.
+        cert: CertRef,
+    },
+    /// The whole deny list (after a snapshot): replaces what the target
+    /// holds.
+    DenyList(Vec<(CertRef, u64)>),
+}
+
+/// A denied certificate as it travels: by issuer and serial, or by its
+/// public key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CertRef {
+    /// The certificate with this serial (lowercase hex) from this issuer
+    /// (its distinguished name).
+    Serial {
+        /// The issuer's distinguished name.
+        issuer: String,
+        /// The serial, lowercase hex.
+        serial: String,
+    },
+    /// Every certificate over this public key: SHA-256 of its
+    /// SubjectPublicKeyInfo.
+    Spki([u8; 32]),
+}
+
+impl CertRef {
+    /// As the server's deny list holds it.
+    pub fn to_denied(&self) -> netproc_pki::DeniedCert {
+        match self {
+            CertRef::Serial { issuer, serial } => netproc_pki::DeniedCert::Serial {
+                issuer: issuer.clone(),
+                serial: serial.clone(),
+            },
+            CertRef::Spki(fp) => {
+                netproc_pki::DeniedCert::Spki(netproc_pki::Fingerprint::from_bytes(*fp))
+            }
+        }
+    }
+
+    /// From the server's deny-list form.
+    pub fn from_denied(d: &netproc_pki::DeniedCert) -> CertRef {
+        match d {
+            netproc_pki::DeniedCert::Serial { issuer, serial } => CertRef::Serial {
+                issuer: issuer.clone(),
+                serial: serial.clone(),
+            },
+            netproc_pki::DeniedCert::Spki(fp) => CertRef::Spki(*fp.as_bytes()),
+        }
+    }
+
+    /// Its name where credentials have ids (delivery state, history):
+    /// `spki:<64 hex>` or `serial:<hex>@<issuer>`.
+    pub fn label(&self) -> String {
+        match self {
+            CertRef::Spki(fp) => format!("spki:{}", netproc_pki::Fingerprint::from_bytes(*fp)),
+            CertRef::Serial { issuer, serial } => format!("serial:{serial}@{issuer}"),
+        }
+    }
 }
 
 impl EventKind {

@@ -87,8 +87,10 @@ pub use types::{
 };
 
 pub use event::{
-    Ack, Check, Credential, EncodeError, EpochEvent, Event, EventKind, RejectReason, SignError,
-    SignedEvent, Signer, Verifier, sign, sign_with_epoch,
+    Ack, CertRef, Check, Credential, EncodeError, EpochEvent, Event, EventKind, RejectReason,
+    SignError, SignedEvent, Signer, Verifier, sign, sign_with_epoch,
 };
 pub use target::{DEFAULT_FRESHNESS, PropagationTarget, TargetConfig, TargetError};
-pub use wire::{Delivery, DeliveryReply, EXTENSION, EXTENSION_V2, MAX_EVENTS_PER_DELIVERY};
+pub use wire::{
+    Delivery, DeliveryReply, EXTENSION, EXTENSION_V2, EXTENSION_V3, MAX_EVENTS_PER_DELIVERY,
+};

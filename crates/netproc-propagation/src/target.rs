@@ -10,8 +10,10 @@ use netproc_server::{CallContext, CallError, ExtensionHandler, ServerBuilder, St
 use netproc_wire::{ErrorCode, Privilege};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::wire::{Delivery, DeliveryReply, EXTENSION, EXTENSION_V2, MAX_EVENTS_PER_DELIVERY};
-use crate::{Ack, Check, Credential, EventKind, RejectReason, Verifier};
+use crate::wire::{
+    Delivery, DeliveryReply, EXTENSION, EXTENSION_V2, EXTENSION_V3, MAX_EVENTS_PER_DELIVERY,
+};
+use crate::{Ack, CertRef, Check, Credential, EventKind, RejectReason, Verifier};
 
 /// How far an event's signing time may be from the target's clock, unless
 /// configured otherwise.
@@ -42,6 +44,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE IF NOT EXISTS propagation_epoch (
         target TEXT PRIMARY KEY,
         epoch INTEGER NOT NULL
+    );",
+    "
+    CREATE TABLE IF NOT EXISTS propagation_denied (
+        cert BLOB PRIMARY KEY,
+        not_after_ms INTEGER NOT NULL
     );",
 ];
 
@@ -115,6 +122,9 @@ pub struct PropagationTarget {
     freshness: Duration,
     name: String,
     store: Arc<ApiKeyStore>,
+    /// The client certificates denied through the authority; the server
+    /// it is installed on refuses them ([`install`](Self::install)).
+    deny: netproc_pki::DenyList,
     state: Mutex<State>,
     /// The server's state database, which holds the target's tables.
     db: StateDatabase,
@@ -153,6 +163,8 @@ impl PropagationTarget {
         let (cursor, rows, snapshot, epoch) = db
             .with_connection(|conn| load(conn, &config.name))
             .map_err(db_err)?;
+        let deny = netproc_pki::DenyList::new();
+        deny.replace(db.with_connection(load_denied).map_err(db_err)?);
         let mut keys = Vec::new();
         for (id, bytes) in rows {
             match postcard::from_bytes::<Credential>(&bytes)
@@ -198,6 +210,7 @@ impl PropagationTarget {
             freshness: config.freshness,
             name: config.name,
             store,
+            deny,
             state: Mutex::new(State {
                 cursor,
                 epoch,
@@ -209,11 +222,19 @@ impl PropagationTarget {
 
     /// Registers the delivery operation on `builder`, for principals holding
     /// `receive_credentials` (or `admin_privileges` / `all_privileges`).
-    /// Registers both delivery extensions: the first event format, and the
-    /// second (epoch-fenced, [`EXTENSION_V2`]) — registering it is how a
-    /// target announces it accepts that format.
+    /// Registers every delivery extension: the first event format, the
+    /// second (epoch-fenced, [`EXTENSION_V2`]) and the third (with the
+    /// certificate deny list, [`EXTENSION_V3`]) — registering one is how a
+    /// target announces it accepts that format. Gives the server the
+    /// target's deny list ([`ServerBuilder::deny_list`]).
     pub fn install(self: &Arc<Self>, builder: ServerBuilder) -> ServerBuilder {
         builder
+            .deny_list(self.deny.clone())
+            .extension(
+                EXTENSION_V3,
+                Privilege::ReceiveCredentials,
+                Arc::new(EpochHandler(Arc::clone(self))) as Arc<dyn ExtensionHandler>,
+            )
             .extension(
                 EXTENSION,
                 Privilege::ReceiveCredentials,
@@ -233,6 +254,12 @@ impl PropagationTarget {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .epoch
+    }
+
+    /// The client certificates denied through the authority (the list the
+    /// server this target is installed on consults).
+    pub fn deny_list(&self) -> &netproc_pki::DenyList {
+        &self.deny
     }
 
     /// The last applied `seq` (0 before any).
@@ -398,13 +425,28 @@ impl PropagationTarget {
             state.epoch = epoch;
             state.partial = partial;
             for s in staged {
-                if let PropagatedChange::Upsert(k) = &s.change {
+                let change = match s.change {
+                    Change::Key(change) => change,
+                    Change::Deny(entries) => {
+                        self.deny.extend(entries.iter().map(denied));
+                        continue;
+                    }
+                    Change::Allow(cert) => {
+                        self.deny.remove(&cert.to_denied());
+                        continue;
+                    }
+                    Change::DenyAll(entries) => {
+                        self.deny.replace(entries.iter().map(denied));
+                        continue;
+                    }
+                };
+                if let PropagatedChange::Upsert(k) = &change {
                     schedule_expiry(&self.store, k);
                 }
-                if let PropagatedChange::Replace(all) = &s.change {
+                if let PropagatedChange::Replace(all) = &change {
                     all.iter().for_each(|k| schedule_expiry(&self.store, k));
                 }
-                if let Err(e) = self.store.apply_propagated(s.change) {
+                if let Err(e) = self.store.apply_propagated(change) {
                     tracing::warn!(target_name = %self.name, error = %e, "a propagated change was refused by the key store");
                 }
             }
@@ -418,14 +460,31 @@ impl PropagationTarget {
 }
 
 struct Staged {
-    change: PropagatedChange,
+    change: Change,
     persist: Persist,
+}
+
+/// What a staged event changes once committed.
+enum Change {
+    Key(PropagatedChange),
+    Deny(Vec<(CertRef, u64)>),
+    Allow(CertRef),
+    DenyAll(Vec<(CertRef, u64)>),
 }
 
 enum Persist {
     Put(String, Vec<u8>),
     Delete(String),
     Replace(Vec<(String, Vec<u8>)>),
+    /// (encoded certificate reference, until unix ms)
+    DenyPut(Vec<u8>, i64),
+    DenyDelete(Vec<u8>),
+    DenyReplace(Vec<(Vec<u8>, i64)>),
+}
+
+/// A deny entry as the server's list holds it.
+fn denied((cert, not_after): &(CertRef, u64)) -> (netproc_pki::DeniedCert, SystemTime) {
+    (cert.to_denied(), netproc_wire::from_unix_ms(*not_after))
 }
 
 /// Turns an event into a key-store change and what to store, or the
@@ -447,14 +506,14 @@ fn stage(
             store.check_propagated(&change).map_err(refused)?;
             Ok(Staged {
                 persist: Persist::Put(c.id.clone(), encode(&c)?),
-                change,
+                change: Change::Key(change),
             })
         }
         EventKind::Delete { id } => {
             let change = PropagatedChange::Delete { id: id.clone() };
             store.check_propagated(&change).map_err(refused)?;
             Ok(Staged {
-                change,
+                change: Change::Key(change),
                 persist: Persist::Delete(id),
             })
         }
@@ -475,13 +534,59 @@ fn stage(
             let change = PropagatedChange::Replace(keys);
             store.check_propagated(&change).map_err(refused)?;
             Ok(Staged {
-                change,
+                change: Change::Key(change),
                 persist: Persist::Replace(rows),
             })
         }
         // Assembled into a Snapshot by the caller.
         EventKind::SnapshotPart { .. } => Err(RejectReason::Malformed),
+        EventKind::DenyCert { cert, not_after } => Ok(Staged {
+            persist: Persist::DenyPut(encode_cert(&cert)?, ms(not_after)),
+            change: Change::Deny(vec![(cert, not_after)]),
+        }),
+        EventKind::AllowCert { cert } => Ok(Staged {
+            persist: Persist::DenyDelete(encode_cert(&cert)?),
+            change: Change::Allow(cert),
+        }),
+        EventKind::DenyList(all) => {
+            if all.len() > netproc_pki::DenyList::MAX_ENTRIES {
+                return Err(RejectReason::Malformed);
+            }
+            let rows = all
+                .iter()
+                .map(|(c, t)| Ok((encode_cert(c)?, ms(*t))))
+                .collect::<Result<_, RejectReason>>()?;
+            Ok(Staged {
+                persist: Persist::DenyReplace(rows),
+                change: Change::DenyAll(all),
+            })
+        }
     }
+}
+
+fn encode_cert(c: &CertRef) -> Result<Vec<u8>, RejectReason> {
+    postcard::to_stdvec(c).map_err(|_| RejectReason::Malformed)
+}
+
+fn ms(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// The deny entries kept, their certificates not yet expired.
+fn load_denied(
+    conn: &mut Connection,
+) -> rusqlite::Result<Vec<(netproc_pki::DeniedCert, SystemTime)>> {
+    let mut st = conn.prepare("SELECT cert, not_after_ms FROM propagation_denied")?;
+    let rows = st
+        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(cert, until)| {
+            let cert: CertRef = postcard::from_bytes(&cert).ok()?;
+            Some(denied(&(cert, u64::try_from(until).ok()?)))
+        })
+        .collect())
 }
 
 /// A stored snapshot in progress: (total, next index, credentials).
@@ -575,8 +680,36 @@ fn persist(
                     st.execute(params![id, bytes])?;
                 }
             }
+            Persist::DenyPut(cert, until) => {
+                tx.execute(
+                    "INSERT INTO propagation_denied (cert, not_after_ms) VALUES (?1, ?2)
+                     ON CONFLICT(cert) DO UPDATE SET not_after_ms = excluded.not_after_ms",
+                    params![cert, until],
+                )?;
+            }
+            Persist::DenyDelete(cert) => {
+                tx.execute(
+                    "DELETE FROM propagation_denied WHERE cert = ?1",
+                    params![cert],
+                )?;
+            }
+            Persist::DenyReplace(rows) => {
+                tx.execute("DELETE FROM propagation_denied", [])?;
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO propagation_denied (cert, not_after_ms) VALUES (?1, ?2)
+                     ON CONFLICT(cert) DO UPDATE SET not_after_ms = excluded.not_after_ms",
+                )?;
+                for (cert, until) in rows {
+                    st.execute(params![cert, until])?;
+                }
+            }
         }
     }
+    // Entries whose certificates have expired are not needed any more.
+    tx.execute(
+        "DELETE FROM propagation_denied WHERE not_after_ms <= ?1",
+        params![ms(netproc_wire::unix_ms(SystemTime::now()))],
+    )?;
     tx.execute(
         "INSERT INTO propagation_cursor (target, seq) VALUES (?1, ?2)
          ON CONFLICT(target) DO UPDATE SET seq = excluded.seq",

@@ -18,7 +18,7 @@ use netproc_client::Client;
 use netproc_wire::{Operation, Value};
 
 use crate::target::PropagationTarget;
-use crate::wire::{Delivery, EXTENSION, EXTENSION_V2};
+use crate::wire::{Delivery, EXTENSION, EXTENSION_V2, EXTENSION_V3};
 
 /// One delivery on its way to a target.
 #[derive(Debug, Clone)]
@@ -34,10 +34,11 @@ pub struct Outgoing {
     /// How long the authority waits for the answer before it drops the
     /// delivery's future and records [`TransportError::TimedOut`].
     pub timeout: Duration,
-    /// The events are in the second format (epochs): deliver through
-    /// [`EXTENSION_V2`]; a target that does not accept it answers
-    /// [`TransportError::Unsupported`].
-    pub with_epoch: bool,
+    /// The events' format, and so the extension they go through: 1
+    /// ([`EXTENSION`]), 2 (epochs, [`EXTENSION_V2`]) or 3 (epochs and the
+    /// certificate deny list, [`EXTENSION_V3`]). A target that does not
+    /// accept the format answers [`TransportError::Unsupported`].
+    pub format: u8,
 }
 
 impl Outgoing {
@@ -53,7 +54,7 @@ impl Outgoing {
             correlation_id,
             request,
             timeout,
-            with_epoch: false,
+            format: 1,
         }
     }
 }
@@ -143,10 +144,10 @@ impl Transport for NetprocTransport {
                 .client
                 .server(&target)
                 .map_err(|_| TransportError::UnknownTarget(target.clone()))?;
-            let name = if delivery.with_epoch {
-                EXTENSION_V2
-            } else {
-                EXTENSION
+            let name = match delivery.format {
+                3 => EXTENSION_V3,
+                2 => EXTENSION_V2,
+                _ => EXTENSION,
             };
             let op = Operation::Extension {
                 name: name.into(),
@@ -161,7 +162,7 @@ impl Transport for NetprocTransport {
                 }),
                 // A server that predates the extension: "no extension named".
                 Err(e)
-                    if delivery.with_epoch
+                    if delivery.format > 1
                         && e.code() == netproc_wire::ErrorCode::InvalidOperation =>
                 {
                     Err(TransportError::Unsupported { target })
@@ -177,8 +178,9 @@ impl Transport for NetprocTransport {
 #[derive(Debug, Clone, Default)]
 pub struct LocalTransport {
     targets: HashMap<String, Arc<PropagationTarget>>,
-    /// Targets that behave as if they predate the second event format.
-    first_format_only: std::collections::HashSet<String>,
+    /// Targets that behave as if they predate newer event formats: the
+    /// newest each accepts.
+    max_format: HashMap<String, u8>,
 }
 
 impl LocalTransport {
@@ -195,7 +197,13 @@ impl LocalTransport {
     /// Adds a target that accepts only the first event format, as one that
     /// predates the second would (for compatibility tests).
     pub fn add_first_format_only(&mut self, target: Arc<PropagationTarget>) {
-        self.first_format_only.insert(target.name().to_owned());
+        self.add_with_format(target, 1);
+    }
+
+    /// Adds a target that accepts event formats up to `format` only (2: as
+    /// one that predates the certificate deny list would).
+    pub fn add_with_format(&mut self, target: Arc<PropagationTarget>, format: u8) {
+        self.max_format.insert(target.name().to_owned(), format);
         self.add(target);
     }
 }
@@ -208,13 +216,17 @@ impl Transport for LocalTransport {
                 .targets
                 .get(&target)
                 .ok_or_else(|| TransportError::UnknownTarget(target.clone()))?;
-            if delivery.with_epoch && self.first_format_only.contains(&target) {
+            if self
+                .max_format
+                .get(&target)
+                .is_some_and(|max| delivery.format > *max)
+            {
                 return Err(TransportError::Unsupported { target });
             }
             let request = Delivery::decode(&delivery.request)
                 .map_err(|e| TransportError::failed(target.clone(), e))?;
             let t = Arc::clone(t);
-            let with_epoch = delivery.with_epoch;
+            let with_epoch = delivery.format > 1;
             tokio::task::spawn_blocking(move || {
                 if with_epoch {
                     t.deliver_epoch(&request, SystemTime::now())

@@ -18,6 +18,15 @@ pub const EXTENSION: &str = "netproc.propagation.deliver";
 /// the first format.
 pub const EXTENSION_V2: &str = "netproc.propagation.deliver.v2";
 
+/// The third delivery extension: the second format's events, whose kinds
+/// may also be the certificate deny list's
+/// ([`EventKind::DenyCert`](crate::EventKind::DenyCert),
+/// [`AllowCert`](crate::EventKind::AllowCert),
+/// [`DenyList`](crate::EventKind::DenyList)). A target registers it to
+/// announce it decodes them; others never receive them (the authority
+/// sends them a no-op in their place, so their cursor moves on).
+pub const EXTENSION_V3: &str = "netproc.propagation.deliver.v3";
+
 /// Events in a request, at most. A larger request is refused whole.
 pub const MAX_EVENTS_PER_DELIVERY: usize = 1024;
 

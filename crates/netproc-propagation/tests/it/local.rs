@@ -1346,6 +1346,78 @@ fn a_deposed_leaders_events_are_refused_and_the_epoch_survives_a_restart() {
     assert_eq!(reply.cursor, 3);
 }
 
+/// The certificate deny list at a target: a denied certificate (by key or
+/// by issuer and serial) is on the target's list once applied, in the same
+/// transaction as the cursor, kept across a restart; `AllowCert` takes it
+/// off; `DenyList` replaces the whole list; an entry whose certificate has
+/// expired is dropped.
+#[test]
+fn deny_events_change_the_targets_list_and_survive_a_restart() {
+    use netproc_propagation::{Ack, CertRef, Delivery, Event, EventKind, sign_with_epoch};
+    let dir = tempfile::tempdir().unwrap();
+    let key = Ed25519Key::generate().unwrap();
+    let open = || {
+        PropagationTarget::open(
+            TargetConfig::new("a", vec![key.public_key()]),
+            Arc::new(ApiKeyStore::in_memory()),
+            &netproc_server::StateDatabase::open(dir.path()).unwrap(),
+        )
+        .unwrap()
+    };
+    let target = open();
+    let deliver = |t: &PropagationTarget, seq: u64, kind: EventKind| {
+        let event = Event::new("a", seq, SystemTime::now(), kind);
+        let signed = sign_with_epoch(&event, 1, &key).unwrap();
+        t.deliver_epoch(&Delivery::new(vec![signed]), SystemTime::now())
+            .unwrap()
+            .acks
+    };
+    let ca =
+        netproc_pki::CertificateAuthority::generate(&netproc_pki::CaParams::new("ca")).unwrap();
+    let issued = ca
+        .issue(&netproc_pki::LeafParams::client("laptop"))
+        .unwrap();
+    let cert = issued.cert_identity().clone();
+    let until = netproc_wire::unix_ms(cert.not_after);
+    let by_key = CertRef::Spki(*cert.spki_fingerprint.as_bytes());
+    let by_serial = CertRef::Serial {
+        issuer: cert.issuer.clone(),
+        serial: cert.serial.clone(),
+    };
+    let deny = |c: &CertRef| EventKind::DenyCert {
+        cert: c.clone(),
+        not_after: until,
+    };
+    assert_eq!(deliver(&target, 1, deny(&by_key)), [Ack::Applied]);
+    assert!(target.deny_list().refuses(&cert));
+    drop(target);
+    let target = open();
+    assert!(target.deny_list().refuses(&cert), "kept across a restart");
+    assert_eq!(
+        deliver(
+            &target,
+            2,
+            EventKind::AllowCert {
+                cert: by_key.clone()
+            }
+        ),
+        [Ack::Applied]
+    );
+    assert!(!target.deny_list().refuses(&cert));
+    assert_eq!(deliver(&target, 3, deny(&by_serial)), [Ack::Applied]);
+    assert!(target.deny_list().refuses(&cert));
+    // A whole list replaces what is held; an expired entry is not kept.
+    let expired = CertRef::Spki([7; 32]);
+    let list = EventKind::DenyList(vec![(by_key.clone(), until), (expired, 1_000)]);
+    assert_eq!(deliver(&target, 4, list), [Ack::Applied]);
+    assert_eq!(target.deny_list().len(), 1);
+    assert!(target.deny_list().refuses(&cert));
+    drop(target);
+    let target = open();
+    assert_eq!(target.deny_list().len(), 1);
+    assert_eq!(target.cursor(), 4);
+}
+
 /// A target that predates the second format gets the first: the authority
 /// falls back when the target answers that it does not take it, and the
 /// target's cursor keeps moving.

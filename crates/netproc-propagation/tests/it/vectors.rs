@@ -175,6 +175,51 @@ fn built() -> Vec<Vector> {
                 r.encode()
             },
         ),
+        v(
+            "delivery_deny_cert",
+            "Third format (extension netproc.propagation.deliver.v3, events as the second): seq 2 denies the certificate with serial 0a1b from CN=example CA until 1893456000000 ms, seq 3 allows back the key 0707…07, seq 4 is the whole deny list (key 0909…09 until 1893456000000 ms); epoch 3",
+            Delivery::new(vec![
+                sign_with_epoch(
+                    &event(
+                        2,
+                        EventKind::DenyCert {
+                            cert: netproc_propagation::CertRef::Serial {
+                                issuer: "CN=example CA".into(),
+                                serial: "0a1b".into(),
+                            },
+                            not_after: 1_893_456_000_000,
+                        },
+                    ),
+                    3,
+                    &k,
+                )
+                .unwrap(),
+                sign_with_epoch(
+                    &event(
+                        3,
+                        EventKind::AllowCert {
+                            cert: netproc_propagation::CertRef::Spki([7; 32]),
+                        },
+                    ),
+                    3,
+                    &k,
+                )
+                .unwrap(),
+                sign_with_epoch(
+                    &event(
+                        4,
+                        EventKind::DenyList(vec![(
+                            netproc_propagation::CertRef::Spki([9; 32]),
+                            1_893_456_000_000,
+                        )]),
+                    ),
+                    3,
+                    &k,
+                )
+                .unwrap(),
+            ])
+            .encode(),
+        ),
     ]
 }
 
