@@ -94,6 +94,44 @@ impl Authority {
         })
     }
 
+    /// Denies a client certificate on every target — refused at the
+    /// handshake, its live sessions ended with `credential_revoked` — until
+    /// `not_after` (the certificate's own expiry: after it the certificate
+    /// is refused anyway and the entry is dropped). Delivered like any
+    /// change, only to targets that announce the format; `status` with
+    /// [`CertRef::label`](crate::CertRef::label) says where it has landed.
+    pub async fn deny_certificate(
+        &self,
+        cert: crate::CertRef,
+        not_after: std::time::SystemTime,
+    ) -> Result<(), AuthorityError> {
+        let until = netproc_wire::unix_ms(not_after);
+        self.inner.store.deny_cert(cert, until).await?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops denying a certificate denied before (everywhere).
+    pub async fn allow_certificate(&self, cert: &crate::CertRef) -> Result<(), AuthorityError> {
+        self.inner.store.allow_cert(cert.clone()).await?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// The certificates denied now, with the time each entry ends.
+    pub async fn denied_certificates(
+        &self,
+    ) -> Result<Vec<(crate::CertRef, std::time::SystemTime)>, AuthorityError> {
+        Ok(self
+            .inner
+            .store
+            .denied_certs()
+            .await?
+            .into_iter()
+            .map(|(c, t)| (c, netproc_wire::from_unix_ms(t)))
+            .collect())
+    }
+
     /// Whether this process only records change requests: on PostgreSQL,
     /// a role that may not write the authority's tables (its `ensure`,
     /// `rotate` and `revoke` are applied by the leading authority process;

@@ -146,6 +146,14 @@ const MIGRATIONS: &[&str] = &[
     END $do$;
     REVOKE ALL ON FUNCTION netproc_request(text, text, bytea, text) FROM PUBLIC;
     REVOKE ALL ON FUNCTION netproc_request_outcome(bigint) FROM PUBLIC;",
+    // 5: client certificates denied fleet-wide, until their notAfter.
+    "CREATE TABLE denied_certs (
+        label TEXT PRIMARY KEY,
+        cert BYTEA NOT NULL,
+        not_after_ms BIGINT NOT NULL,
+        denied_at_ms BIGINT NOT NULL,
+        denied_by TEXT NOT NULL
+    );",
 ];
 
 /// Whether `database` names PostgreSQL rather than a SQLite file.

@@ -19,7 +19,7 @@ use crate::query::{Arg, Dialect, Row, Sql, Stmt, args, stmt};
 use crate::store::{Batch, Progress, Sent, Store};
 use crate::types::*;
 use crate::wire::DeliveryReply;
-use crate::{Ack, Credential, EventKind, RejectReason};
+use crate::{Ack, CertRef, Credential, EventKind, RejectReason};
 
 pub(crate) fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
@@ -474,7 +474,7 @@ pub(crate) fn queue_snapshot(
     let total = u32::try_from(parts.len())
         .map_err(|_| AuthorityError::Invalid("snapshot too large".into()))?;
     let mut first = None;
-    let mut last = 0;
+    let mut last;
     for (index, credentials) in (0..total).zip(parts) {
         let kind = if total == 1 {
             EventKind::Snapshot(credentials)
@@ -493,6 +493,27 @@ pub(crate) fn queue_snapshot(
             args![target, i64_of(last), &kind],
         )?;
     }
+    // Then the whole deny list, which replaces the target's.
+    let now = i64_of(now_ms());
+    let denied = c.query(
+        "SELECT cert, not_after_ms FROM denied_certs WHERE not_after_ms > $1 ORDER BY label",
+        args![now],
+    )?;
+    let list = denied
+        .iter()
+        .map(|r| {
+            let cert: CertRef = postcard::from_bytes(&r.bytes(0)?).map_err(|e| {
+                AuthorityError::Database(DatabaseError::new("unreadable denied certificate", e))
+            })?;
+            Ok((cert, u64_of(r.i64(1)?)))
+        })
+        .collect::<Result<Vec<_>, AuthorityError>>()?;
+    last = allocate_seq(c, target)?;
+    first.get_or_insert(last);
+    c.exec(
+        "INSERT INTO outbox (target, seq, change_id, credential_id, kind) VALUES ($1, $2, 0, '', $3)",
+        args![target, i64_of(last), &encode(&EventKind::DenyList(list))?],
+    )?;
     let first = first.unwrap_or(last);
     c.exec(
         "DELETE FROM outbox WHERE target = $1 AND seq < $2",
@@ -687,7 +708,8 @@ pub(crate) fn complete(
     if snapshot_delivered {
         c.exec(
             "DELETE FROM delivery WHERE target = $1 AND seq <= $2 AND error IS NULL AND credential_id NOT IN
-               (SELECT credential_id FROM credential_targets WHERE target = $1)",
+               (SELECT credential_id FROM credential_targets WHERE target = $1)
+               AND credential_id NOT IN (SELECT label FROM denied_certs)",
             args![target, i64_of(new_acked)],
         )?;
     }
@@ -772,6 +794,16 @@ impl SqlStore {
             actor: actor().into(),
             postgres,
             requests,
+        }
+    }
+
+    /// Changes not (yet) offered to a role that may only request them.
+    fn own_role_only(&self, what: &str) -> Result<(), AuthorityError> {
+        match self.requests {
+            Some(_) => Err(AuthorityError::Invalid(format!(
+                "{what} needs the authority's own database role (not a role that may only request changes)"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -1042,6 +1074,46 @@ impl Store for SqlStore {
         self.requests.is_some()
     }
 
+    fn deny_cert(
+        &self,
+        cert: CertRef,
+        not_after_ms: u64,
+    ) -> BoxFuture<'_, Result<(), AuthorityError>> {
+        Box::pin(async move {
+            self.own_role_only("deny-cert")?;
+            let who = std::sync::Arc::clone(&self.actor);
+            self.db
+                .run(move |c| {
+                    let by = By {
+                        process: &who,
+                        role: "",
+                    };
+                    deny_cert_in(c, &cert, not_after_ms, by)
+                })
+                .await
+        })
+    }
+
+    fn allow_cert(&self, cert: CertRef) -> BoxFuture<'_, Result<(), AuthorityError>> {
+        Box::pin(async move {
+            self.own_role_only("allow-cert")?;
+            let who = std::sync::Arc::clone(&self.actor);
+            self.db
+                .run(move |c| {
+                    let by = By {
+                        process: &who,
+                        role: "",
+                    };
+                    allow_cert_in(c, &cert, by)
+                })
+                .await
+        })
+    }
+
+    fn denied_certs(&self) -> BoxFuture<'_, Result<Vec<(CertRef, u64)>, AuthorityError>> {
+        Box::pin(self.db.run(denied_certs_in))
+    }
+
     fn apply_requests(&self) -> BoxFuture<'_, Result<usize, AuthorityError>> {
         Box::pin(async move {
             if !self.postgres {
@@ -1305,4 +1377,95 @@ fn run_request(
         }
         other => Err(AuthorityError::Invalid(format!("unknown action {other:?}"))),
     }
+}
+
+/// Denies `cert` on every target until `not_after_ms` (its notAfter).
+pub(crate) fn deny_cert_in(
+    c: &mut dyn Sql,
+    cert: &CertRef,
+    not_after_ms: u64,
+    by: By<'_>,
+) -> Result<(), AuthorityError> {
+    let now = now_ms();
+    if not_after_ms <= now {
+        return Err(AuthorityError::Invalid(
+            "the certificate has expired already: it is refused anyway".into(),
+        ));
+    }
+    let (label, bytes) = (cert.label(), encode(cert)?);
+    let kind = encode(&EventKind::DenyCert {
+        cert: cert.clone(),
+        not_after: not_after_ms,
+    })?;
+    let targets = all_targets(c)?;
+    c.exec(
+        "DELETE FROM denied_certs WHERE not_after_ms <= $1",
+        args![i64_of(now)],
+    )?;
+    let now = i64_of(now);
+    let mut w = Writes::new(c);
+    w.push(stmt!(
+        "INSERT INTO denied_certs (label, cert, not_after_ms, denied_at_ms, denied_by) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (label) DO UPDATE SET not_after_ms = excluded.not_after_ms,
+           denied_at_ms = excluded.denied_at_ms, denied_by = excluded.denied_by",
+        &label,
+        &bytes,
+        i64_of(not_after_ms),
+        now,
+        by.process
+    ));
+    w.change(&label, "deny-cert", by, now);
+    for t in &targets {
+        w.enqueue(t, &label, &kind);
+    }
+    w.run(c)
+}
+
+/// Stops denying `cert` everywhere.
+pub(crate) fn allow_cert_in(
+    c: &mut dyn Sql,
+    cert: &CertRef,
+    by: By<'_>,
+) -> Result<(), AuthorityError> {
+    let label = cert.label();
+    if c.first(
+        "DELETE FROM denied_certs WHERE label = $1 RETURNING label",
+        args![&label],
+    )?
+    .is_none()
+    {
+        return Err(AuthorityError::UnknownCredential(label));
+    }
+    let kind = encode(&EventKind::AllowCert { cert: cert.clone() })?;
+    let targets = all_targets(c)?;
+    let now = i64_of(now_ms());
+    let mut w = Writes::new(c);
+    w.change(&label, "allow-cert", by, now);
+    for t in &targets {
+        w.enqueue(t, &label, &kind);
+    }
+    w.run(c)
+}
+
+fn all_targets(c: &mut dyn Sql) -> Result<Vec<String>, AuthorityError> {
+    c.query("SELECT name FROM targets ORDER BY name", &[])?
+        .iter()
+        .map(|r| r.string(0))
+        .collect()
+}
+
+/// The certificates denied now, with their expiry (unix ms).
+pub(crate) fn denied_certs_in(c: &mut dyn Sql) -> Result<Vec<(CertRef, u64)>, AuthorityError> {
+    c.query(
+        "SELECT cert, not_after_ms FROM denied_certs WHERE not_after_ms > $1 ORDER BY label",
+        args![i64_of(now_ms())],
+    )?
+    .iter()
+    .map(|r| {
+        let cert: CertRef = postcard::from_bytes(&r.bytes(0)?).map_err(|e| {
+            AuthorityError::Database(DatabaseError::new("unreadable denied certificate", e))
+        })?;
+        Ok((cert, u64_of(r.i64(1)?)))
+    })
+    .collect()
 }

@@ -66,6 +66,13 @@ const SCHEMA: &str = "
         id TEXT PRIMARY KEY,
         revoked_at_ms INTEGER NOT NULL,
         revoked_by TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS denied_certs (
+        label TEXT PRIMARY KEY,
+        cert BLOB NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        denied_at_ms INTEGER NOT NULL,
+        denied_by TEXT NOT NULL
     );";
 
 /// `$1`-style placeholders as SQLite's `?1`.

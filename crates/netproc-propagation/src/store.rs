@@ -69,6 +69,16 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn apply_requests(&self) -> BoxFuture<'_, Result<usize, AuthorityError>>;
     /// Whether this store only records change requests.
     fn requests_only(&self) -> bool;
+    /// Denies a client certificate on every target until `not_after_ms`.
+    fn deny_cert(
+        &self,
+        cert: crate::CertRef,
+        not_after_ms: u64,
+    ) -> BoxFuture<'_, Result<(), AuthorityError>>;
+    /// Stops denying a certificate.
+    fn allow_cert(&self, cert: crate::CertRef) -> BoxFuture<'_, Result<(), AuthorityError>>;
+    /// The certificates denied now, with their expiry (unix ms).
+    fn denied_certs(&self) -> BoxFuture<'_, Result<Vec<(crate::CertRef, u64)>, AuthorityError>>;
     /// The newest `limit` recorded changes (of `id` only, when given),
     /// newest first.
     fn history(

@@ -140,15 +140,25 @@ pub(crate) struct Fleet {
     pub(crate) seed: [u8; 32],
     pub(crate) authority: Authority,
     pub(crate) stores: BTreeMap<String, Arc<ApiKeyStore>>,
+    pub(crate) targets: BTreeMap<String, Arc<PropagationTarget>>,
     pub(crate) transport: Arc<Lossy>,
 }
 
 pub(crate) fn fleet_on(backend: Backend, names: &[&str]) -> Fleet {
+    let formats: Vec<(&str, u8)> = names.iter().map(|n| (*n, 3)).collect();
+    fleet_with_formats(backend, &formats)
+}
+
+/// [`fleet_on`], each target accepting event formats up to its number (3:
+/// all; 2: as one that predates the certificate deny list).
+pub(crate) fn fleet_with_formats(backend: Backend, formats: &[(&str, u8)]) -> Fleet {
+    let names: Vec<&str> = formats.iter().map(|(n, _)| *n).collect();
     let dir = tempfile::tempdir().unwrap();
     let key = Ed25519Key::generate().unwrap();
     let mut local = LocalTransport::new();
     let mut stores = BTreeMap::new();
-    for n in names {
+    let mut targets = BTreeMap::new();
+    for (n, format) in formats {
         let state = dir.path().join(n);
         std::fs::create_dir_all(&state).unwrap();
         let store = Arc::new(ApiKeyStore::in_memory());
@@ -158,7 +168,11 @@ pub(crate) fn fleet_on(backend: Backend, names: &[&str]) -> Fleet {
             &netproc_server::StateDatabase::open(&state).unwrap(),
         )
         .unwrap();
-        local.add(t);
+        targets.insert((*n).to_owned(), Arc::clone(&t));
+        match format {
+            3 => local.add(t),
+            f => local.add_with_format(t, *f),
+        }
         stores.insert((*n).to_owned(), store);
     }
     let transport = Arc::new(Lossy {
@@ -185,6 +199,7 @@ pub(crate) fn fleet_on(backend: Backend, names: &[&str]) -> Fleet {
         _backend: backend,
         authority,
         stores,
+        targets,
         transport,
     }
 }
@@ -709,6 +724,61 @@ async fn a_rotation_and_an_update_made_at_once_both_stay() {
         "an update was lost"
     );
 }
+
+on_both_backends! {
+    async fn a_denied_certificate_reaches_every_target_that_takes_it(backend) {
+    use netproc_propagation::CertRef;
+    let f = fleet_with_formats(backend, &[("a", 3), ("b", 3), ("old", 2)]);
+    let ca = netproc_pki::CertificateAuthority::generate(&netproc_pki::CaParams::new("ca")).unwrap();
+    let issued = ca.issue(&netproc_pki::LeafParams::client("laptop")).unwrap();
+    let cert = issued.cert_identity().clone();
+    let by_key = CertRef::Spki(*cert.spki_fingerprint.as_bytes());
+    // Denied before the targets' first delivery: it travels after their
+    // snapshot, in the whole list.
+    f.authority.deny_certificate(by_key.clone(), cert.not_after).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for t in ["a", "b"] {
+        assert!(f.targets[t].deny_list().refuses(&cert), "{t}");
+    }
+    // The target that predates the format gets no-ops in their place: its
+    // cursor moves, its list stays empty.
+    let old_cursor = f.targets["old"].cursor();
+    assert!(old_cursor > 0);
+    assert!(f.targets["old"].deny_list().is_empty());
+    let listed = f.authority.denied_certificates().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, by_key);
+    // Allowed back, then denied by serial: each change is one event.
+    f.authority.allow_certificate(&by_key).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    assert!(!f.targets["a"].deny_list().refuses(&cert));
+    let by_serial = CertRef::Serial {
+        issuer: cert.issuer.clone(),
+        serial: cert.serial.clone(),
+    };
+    f.authority.deny_certificate(by_serial.clone(), cert.not_after).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    assert!(f.targets["b"].deny_list().refuses(&cert));
+    assert_eq!(f.targets["old"].cursor(), old_cursor + 2);
+    // Where it stands, per target, like a credential.
+    let status = f.authority.status(&by_serial.label()).await.unwrap();
+    assert_eq!(status.len(), 3, "{status:?}");
+    assert!(status.iter().all(|s| s.state == DeliveryState::Success), "{status:?}");
+    // Nothing to deny for an expired certificate; unknown entries refused.
+    let past = SystemTime::now() - Duration::from_secs(1);
+    assert!(matches!(
+        f.authority.deny_certificate(CertRef::Spki([1; 32]), past).await,
+        Err(netproc_propagation::AuthorityError::Invalid(_))
+    ));
+    assert!(matches!(
+        f.authority.allow_certificate(&CertRef::Spki([1; 32])).await,
+        Err(netproc_propagation::AuthorityError::UnknownCredential(_))
+    ));
+    // Who did it is on record.
+    let history = f.authority.history(Some(&by_key.label()), 5).await.unwrap();
+    let actions: Vec<_> = history.iter().map(|c| c.action.as_str()).collect();
+    assert_eq!(actions, ["allow-cert", "deny-cert"]);
+}}
 
 /// Two authority processes on one PostgreSQL database (two `Authority`s
 /// over one schema here): a new id created by both at once gets exactly

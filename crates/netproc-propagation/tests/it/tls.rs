@@ -352,7 +352,10 @@ async fn a_new_target_gets_a_snapshot_and_a_restarted_target_keeps_keys_and_curs
         .iter()
         .map(|t| (t.target.as_str(), t.delivered))
         .collect();
-    assert_eq!(delivered["c"], 1, "one snapshot, not one event per change");
+    assert_eq!(
+        delivered["c"], 2,
+        "one snapshot and the deny list, not one event per change"
+    );
     for (i, k) in keys.iter().enumerate().take(4) {
         assert!(!refused(&f.pki, &c, k).await, "k{i} missing on c");
     }
