@@ -1486,6 +1486,44 @@ fn deny_events_change_the_targets_list_and_survive_a_restart() {
     let target = open();
     assert_eq!(target.deny_list().len(), 1);
     assert_eq!(target.cursor(), 4);
+    // Forged, misaddressed and replayed deny events are refused like any
+    // event, and change nothing.
+    let other_cert = CertRef::Spki([3; 32]);
+    let forger = Ed25519Key::generate().unwrap();
+    let forged = sign_with_epoch(
+        &Event::new("a", 5, SystemTime::now(), deny(&other_cert)),
+        1,
+        &forger,
+    )
+    .unwrap();
+    let misaddressed = sign_with_epoch(
+        &Event::new("b", 5, SystemTime::now(), deny(&other_cert)),
+        1,
+        &key,
+    )
+    .unwrap();
+    let replayed = sign_with_epoch(
+        &Event::new("a", 3, SystemTime::now(), deny(&other_cert)),
+        1,
+        &key,
+    )
+    .unwrap();
+    let reply = target
+        .deliver_epoch(
+            &Delivery::new(vec![forged, misaddressed, replayed]),
+            SystemTime::now(),
+        )
+        .unwrap();
+    use netproc_propagation::RejectReason;
+    assert_eq!(
+        reply.acks,
+        [
+            Ack::Rejected(RejectReason::UnknownSigner),
+            Ack::Rejected(RejectReason::WrongTarget),
+            Ack::Duplicate
+        ]
+    );
+    assert_eq!((reply.cursor, target.deny_list().len()), (4, 1));
 }
 
 /// A target that predates the second format gets the first: the authority

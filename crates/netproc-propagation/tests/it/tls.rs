@@ -541,3 +541,94 @@ async fn a_server_that_predates_epochs_gets_the_first_format_over_tls() {
     assert!(keys.get("svc").is_some());
     assert_eq!(target.epoch(), 0, "only the first format reached it");
 }
+
+/// A client certificate denied through the authority while it streams
+/// calls to three servers: every session over it ends with
+/// `credential_revoked` within a second of the delivery, its reconnect
+/// fails the handshake as revoked, another certificate's sessions stay;
+/// allowed back, it connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_certificate_is_cut_off_on_every_server_within_a_second() {
+    let f = fleet(&["a", "b", "c"]).await;
+    let spec = |id: &str| {
+        CredentialSpec::api_key(
+            id,
+            "invoke_functions"
+                .parse::<netproc_auth::PrivilegeSet>()
+                .unwrap(),
+        )
+    };
+    let key = f
+        .authority
+        .ensure(spec("laptop"), &["a", "b", "c"])
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    let other = f.pki.client_cert("desktop");
+    let mut calls = Vec::new();
+    let mut bystanders = Vec::new();
+    for node in &f.nodes {
+        calls.push(long_call(&user(&f.pki, node, &key)));
+        let b = Client::builder()
+            .server(
+                "s",
+                endpoint(&f.pki, &other, node.server.local_addr(), &key),
+            )
+            .build()
+            .unwrap()
+            .server("s")
+            .unwrap();
+        b.session().await.unwrap();
+        bystanders.push(b);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let cert = f.pki.user.cert_identity().clone();
+    let by_key = netproc_propagation::CertRef::Spki(*cert.spki_fingerprint.as_bytes());
+    f.authority
+        .deny_certificate(by_key.clone(), cert.not_after)
+        .await
+        .unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    let delivered = std::time::Instant::now();
+    for call in calls {
+        assert_eq!(ended_with(call).await, ErrorCode::CredentialRevoked);
+    }
+    assert!(
+        delivered.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        delivered.elapsed()
+    );
+    for node in &f.nodes {
+        assert!(node.target.deny_list().refuses(&cert));
+        let err = user(&f.pki, node, &key)
+            .call::<String>("whoami", ())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, netproc_client::ClientError::Tls { reason: netproc_client::TlsFailure::RejectedByServer(alert), .. } if alert == "CertificateRevoked"),
+            "{err:?}"
+        );
+    }
+    for b in &bystanders {
+        assert_eq!(b.call::<String>("whoami", ()).await.unwrap(), "laptop");
+    }
+    let status = states(f.authority.status(&by_key.label()).await.unwrap());
+    assert!(
+        status.values().all(|s| *s == DeliveryState::Success),
+        "{status:?}"
+    );
+    f.authority.allow_certificate(&by_key).await.unwrap();
+    assert!(f.authority.sync().await.all_ok());
+    for node in &f.nodes {
+        assert_eq!(
+            user(&f.pki, node, &key)
+                .call::<String>("whoami", ())
+                .await
+                .unwrap(),
+            "laptop"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use netproc::auth::{CertBinding, KeySpec, PrivilegeSet};
 use netproc::config::AuthorityFile;
-use netproc::propagation::{Authority, CredentialSpec, DeliveryState};
+use netproc::propagation::{Authority, CertRef, CredentialSpec, DeliveryState};
 use serde_json::json;
 
 use super::pki::load_cert;
@@ -134,6 +134,33 @@ pub(crate) enum CredsCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Refuse a client certificate on every server (at the handshake; its
+    /// live sessions end with credential_revoked), until its notAfter.
+    #[command(
+        after_help = "Example: netproc creds deny-cert --config authority.toml --cert stolen-laptop.crt"
+    )]
+    DenyCert {
+        /// The authority configuration (authority.toml).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        which: CertSelector,
+        /// Without --cert: days the entry lasts (the certificate's remaining
+        /// lifetime, at most).
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
+    /// Stop refusing a certificate denied with deny-cert.
+    #[command(
+        after_help = "Example: netproc creds allow-cert --config authority.toml --cert stolen-laptop.crt"
+    )]
+    AllowCert {
+        /// The authority configuration (authority.toml).
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        which: CertSelector,
+    },
     /// Who made the latest changes, newest first: the process, and on
     /// PostgreSQL the database role.
     #[command(
@@ -149,6 +176,62 @@ pub(crate) enum CredsCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+}
+
+/// Which certificate `deny-cert` / `allow-cert` mean.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CertSelector {
+    /// The certificate (PEM): denied by its issuer and serial and by its
+    /// key, until its notAfter.
+    #[arg(long, conflicts_with_all = ["serial", "issuer", "spki"])]
+    cert: Option<PathBuf>,
+    /// Its serial (hex), with --issuer.
+    #[arg(long, requires = "issuer", conflicts_with = "spki")]
+    serial: Option<String>,
+    /// Its issuer's distinguished name as `netproc pki inspect` prints it
+    /// (e.g. "CN=example CA"), with --serial.
+    #[arg(long, requires = "serial")]
+    issuer: Option<String>,
+    /// The SHA-256 of its public key (64 hex digits): every certificate
+    /// over that key.
+    #[arg(long)]
+    spki: Option<String>,
+}
+
+impl CertSelector {
+    /// The entries meant, and the certificate's expiry when a file was given.
+    fn entries(&self) -> Result<(Vec<CertRef>, Option<SystemTime>), Failure> {
+        if let Some(file) = &self.cert {
+            let cert = load_cert(file)?;
+            let [serial, key] = netproc::pki::DeniedCert::of(&cert);
+            return Ok((
+                vec![CertRef::from_denied(&serial), CertRef::from_denied(&key)],
+                Some(cert.not_after),
+            ));
+        }
+        if let (Some(serial), Some(issuer)) = (&self.serial, &self.issuer) {
+            let serial = serial.trim_start_matches("0x").to_ascii_lowercase();
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(usage("--serial: expected hex digits"));
+            }
+            return Ok((
+                vec![CertRef::Serial {
+                    issuer: issuer.clone(),
+                    serial,
+                }],
+                None,
+            ));
+        }
+        if let Some(spki) = &self.spki {
+            let fp: netproc::pki::Fingerprint = spki
+                .parse()
+                .map_err(|_| usage("--spki: expected 64 hex digits"))?;
+            return Ok((vec![CertRef::Spki(*fp.as_bytes())], None));
+        }
+        Err(usage(
+            "give --cert FILE, --serial HEX --issuer DN, or --spki HEX",
+        ))
+    }
 }
 
 /// A database that is down is a failure (exit 1), not bad usage: the file
@@ -194,6 +277,50 @@ async fn targets_json(authority: &Authority) -> Result<serde_json::Value, Failur
         })
         .collect();
     Ok(json!(out))
+}
+
+/// Denying the certificate the authority delivers with would cut it off
+/// from the fleet (the deny event ends its own session): refused.
+fn refuse_own_certificate(file: &AuthorityFile, entries: &[CertRef]) -> Result<(), Failure> {
+    for (name, path) in file.target_cert_paths() {
+        let Ok(own) = load_cert(&path) else {
+            continue;
+        };
+        if entries.iter().any(|e| e.to_denied().matches(&own)) {
+            return Err(usage(format!(
+                "that is the certificate the authority delivers with (targets.{name}.cert, {}): denying it would cut the authority off from the fleet; give the authority a new certificate first",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `pki revoke --authority`: denies `cert` (by serial and by key, until
+/// its notAfter) through the authority in `config`.
+pub(crate) async fn deny_cert_file(config: &Path, cert: &Path) -> Result<(), Failure> {
+    let which = CertSelector {
+        cert: Some(cert.to_owned()),
+        serial: None,
+        issuer: None,
+        spki: None,
+    };
+    let (entries, not_after) = which.entries()?;
+    let until = not_after.unwrap_or_else(SystemTime::now);
+    let (file, authority) = open(config)?;
+    refuse_own_certificate(&file, &entries)?;
+    for e in &entries {
+        authority
+            .deny_certificate(e.clone(), until)
+            .await
+            .map_err(failed)?;
+    }
+    eprintln!(
+        "denied on every target through {} until {}",
+        config.display(),
+        super::output::rfc3339_ms(netproc::wire::unix_ms(until))
+    );
+    Ok(())
 }
 
 /// Delivering needs the authority's own role: a role that may only request
@@ -346,7 +473,18 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
             let (_, authority) = open(&config)?;
             let leader = leader_json(&authority).await?;
             let targets = targets_json(&authority).await?;
-            output::show(&json!({"leader": leader, "targets": targets}));
+            let denied: Vec<_> = authority
+                .denied_certificates()
+                .await
+                .map_err(failed)?
+                .into_iter()
+                .map(|(c, until)| {
+                    json!({"cert": c.label(), "until": super::output::rfc3339_ms(netproc::wire::unix_ms(until))})
+                })
+                .collect();
+            output::show(
+                &json!({"leader": leader, "targets": targets, "denied_certificates": denied}),
+            );
         }
         CredsCommand::Status {
             config,
@@ -412,6 +550,53 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                 })
                 .collect();
             output::show(&json!(out));
+        }
+        CredsCommand::DenyCert {
+            config,
+            which,
+            days,
+        } => {
+            let (entries, not_after) = which.entries()?;
+            let until =
+                not_after.unwrap_or_else(|| SystemTime::now() + Duration::from_secs(days * 86_400));
+            let (file, authority) = open(&config)?;
+            refuse_own_certificate(&file, &entries)?;
+            for e in &entries {
+                authority
+                    .deny_certificate(e.clone(), until)
+                    .await
+                    .map_err(failed)?;
+            }
+            let labels: Vec<String> = entries.iter().map(CertRef::label).collect();
+            output::done(
+                &format!(
+                    "denied {} on every target until {}; delivered like any change (`creds status --config … <label>` per target)",
+                    labels.join(" and "),
+                    super::output::rfc3339_ms(netproc::wire::unix_ms(until))
+                ),
+                json!({"denied": labels, "until": super::output::rfc3339_ms(netproc::wire::unix_ms(until))}),
+            );
+        }
+        CredsCommand::AllowCert { config, which } => {
+            let (entries, _) = which.entries()?;
+            let (_, authority) = open(&config)?;
+            let mut allowed = Vec::new();
+            for e in &entries {
+                match authority.allow_certificate(e).await {
+                    Ok(()) => allowed.push(e.label()),
+                    // With --cert, one of its two entries may not be listed.
+                    Err(netproc::propagation::AuthorityError::UnknownCredential(_))
+                        if entries.len() > 1 => {}
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+            if allowed.is_empty() {
+                return Err(failed("no such certificate is denied"));
+            }
+            output::done(
+                &format!("allowed {} again on every target", allowed.join(" and ")),
+                json!({"allowed": allowed}),
+            );
         }
         CredsCommand::History { config, id, limit } => {
             let (_, authority) = open(&config)?;

@@ -386,7 +386,14 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
     output::set_json(cli.json);
     match cli.command {
         Command::Demo => demo::demo().await.map_err(Failure::from),
-        Command::Pki(cmd) => pki(cmd),
+        Command::Pki(cmd) => {
+            let publish = cmd.publish_to();
+            pki(cmd)?;
+            match publish {
+                Some((config, cert)) => creds::deny_cert_file(&config, &cert).await,
+                None => Ok(()),
+            }
+        }
         Command::Keys(cmd) => keys(cmd),
         Command::Serve {
             config,

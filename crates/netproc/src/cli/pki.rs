@@ -109,6 +109,10 @@ pub(crate) enum PkiCommand {
         /// Days until the CRL's nextUpdate; re-run `pki crl` before then.
         #[arg(long, default_value_t = 30)]
         days: u32,
+        /// Also deny it on every server through this authority
+        /// (authority.toml): in seconds, without a CRL copy or reload.
+        #[arg(long)]
+        authority: Option<PathBuf>,
     },
     /// Write (or refresh) `ca.crl` in --ca-dir, keeping the certificates it
     /// already revokes; an empty CRL when there is none yet.
@@ -121,6 +125,21 @@ pub(crate) enum PkiCommand {
         #[arg(long, default_value_t = 30)]
         days: u32,
     },
+}
+
+impl PkiCommand {
+    /// `pki revoke --authority`: the authority file and the certificate to
+    /// deny through it once the CRL is written.
+    pub(crate) fn publish_to(&self) -> Option<(PathBuf, PathBuf)> {
+        match self {
+            PkiCommand::Revoke {
+                authority: Some(a),
+                cert,
+                ..
+            } => Some((a.clone(), cert.clone())),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
@@ -182,7 +201,9 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
             print_identity(&file.display().to_string(), &load_cert(&file)?)
         }
         PkiCommand::Fingerprint { file } => outln!("{}", load_cert(&file)?.fingerprint),
-        PkiCommand::Revoke { ca_dir, cert, days } => {
+        PkiCommand::Revoke {
+            ca_dir, cert, days, ..
+        } => {
             let serial = load_cert(&cert)?.serial;
             let n = write_crl(&ca_dir, Some(&serial), days)?;
             output::done(

@@ -181,6 +181,15 @@ impl AuthorityFile {
         self.open(config_path, client, false)
     }
 
+    /// The certificate files the authority delivers with, by target name
+    /// (resolved).
+    pub fn target_cert_paths(&self) -> Vec<(String, PathBuf)> {
+        self.targets
+            .iter()
+            .map(|(name, t)| (name.clone(), relative_to(&self.dir, &t.cert)))
+            .collect()
+    }
+
     /// Whether `database` is a PostgreSQL URL.
     pub fn is_postgres(&self) -> bool {
         let s = self.database.to_string_lossy();

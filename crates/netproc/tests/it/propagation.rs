@@ -161,6 +161,106 @@ fn creds_and_authority_propagate_keys_to_a_served_server() {
         "{history}"
     );
 
+    // A laptop's certificate, revoked through the authority (`pki revoke
+    // --authority`): the running authority delivers it and the server
+    // refuses the certificate at the handshake, without a CRL copy or a
+    // reload.
+    let out = netproc(&[
+        "pki",
+        "issue-client",
+        "--ca-dir",
+        d.to_str().unwrap(),
+        "--name",
+        "laptop",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        d.join("laptop.toml"),
+        target("svc-recreated.apikey")
+            .replace("cert = \"client.crt\"", "cert = \"laptop.crt\"")
+            .replace("key = \"client.key\"", "key = \"laptop.key\""),
+    )
+    .unwrap();
+    // (The recreated key reaches the server with the running authority.)
+    let started = std::time::Instant::now();
+    loop {
+        let out = netproc(&["call", "--config", &p("laptop.toml"), "s1", "echo", "1"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = netproc(&[
+        "pki",
+        "revoke",
+        "--ca-dir",
+        d.to_str().unwrap(),
+        &p("laptop.crt"),
+        "--authority",
+        &p("authority.toml"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = std::time::Instant::now();
+    loop {
+        let out = netproc(&["call", "--config", &p("laptop.toml"), "s1", "echo", "1"]);
+        if !out.status.success() {
+            assert!(
+                text(&out.stderr).contains("CertificateRevoked"),
+                "{}",
+                text(&out.stderr)
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "never denied"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = netproc(&[
+        "--json",
+        "creds",
+        "status",
+        "--config",
+        &p("authority.toml"),
+    ]);
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        health["denied_certificates"].as_array().unwrap().len(),
+        2,
+        "{health}"
+    );
+    // Denying the certificate the authority itself delivers with is refused.
+    let out = netproc(&[
+        "creds",
+        "deny-cert",
+        "--config",
+        &p("authority.toml"),
+        "--cert",
+        &p("client.crt"),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cut the authority off"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Allowed back.
+    let out = netproc(&[
+        "creds",
+        "allow-cert",
+        "--config",
+        &p("authority.toml"),
+        "--cert",
+        &p("laptop.crt"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
     // Rotating the authority's signing key: a new key is refused until the
     // server trusts it, which a reload picks up without a restart.
     drop(_authority);
