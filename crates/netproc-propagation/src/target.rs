@@ -450,6 +450,7 @@ impl PropagationTarget {
                     tracing::warn!(target_name = %self.name, error = %e, "a propagated change was refused by the key store");
                 }
             }
+            metrics::gauge!("netproc_denied_certificates").set(self.deny.len() as f64);
         }
         Ok(DeliveryReply {
             cursor: state.cursor,
