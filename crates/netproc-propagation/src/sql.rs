@@ -797,6 +797,24 @@ impl SqlStore {
         }
     }
 
+    /// Runs `f` in the next transaction as this process (and, on
+    /// PostgreSQL, the session's own database role).
+    async fn run_as_me<T: Send + 'static>(
+        &self,
+        mut f: impl FnMut(&mut dyn Sql, By<'_>) -> Result<T, AuthorityError> + Send + 'static,
+    ) -> Result<T, AuthorityError> {
+        let who = std::sync::Arc::clone(&self.actor);
+        self.db
+            .run(move |c| {
+                let by = By {
+                    process: &who,
+                    role: "",
+                };
+                f(c, by)
+            })
+            .await
+    }
+
     /// Changes not (yet) offered to a role that may only request them.
     fn own_role_only(&self, what: &str) -> Result<(), AuthorityError> {
         match self.requests {
@@ -1002,15 +1020,7 @@ impl Store for SqlStore {
             if let Some(timeout) = self.requests {
                 return self.request_ensure(timeout, spec, targets).await;
             }
-            let who = std::sync::Arc::clone(&self.actor);
-            self.db
-                .run(move |c| {
-                    let by = By {
-                        process: &who,
-                        role: "",
-                    };
-                    ensure_in(c, &spec, &targets, by, None)
-                })
+            self.run_as_me(move |c, by| ensure_in(c, &spec, &targets, by, None))
                 .await
         })
     }
@@ -1029,20 +1039,7 @@ impl Store for SqlStore {
                 self.request(timeout, "rotate", id2, body).await?;
                 return Ok(key);
             }
-            let who = std::sync::Arc::clone(&self.actor);
-            self.db
-                .run(move |c| {
-                    rotate_in(
-                        c,
-                        &id,
-                        overlap,
-                        hash,
-                        By {
-                            process: &who,
-                            role: "",
-                        },
-                    )
-                })
+            self.run_as_me(move |c, by| rotate_in(c, &id, overlap, hash, by))
                 .await?;
             Ok(key)
         })
@@ -1054,19 +1051,7 @@ impl Store for SqlStore {
                 let body = crate::requests::Body::default();
                 return self.request(timeout, "revoke", id, body).await.map(|_| ());
             }
-            let who = std::sync::Arc::clone(&self.actor);
-            self.db
-                .run(move |c| {
-                    revoke_in(
-                        c,
-                        &id,
-                        By {
-                            process: &who,
-                            role: "",
-                        },
-                    )
-                })
-                .await
+            self.run_as_me(move |c, by| revoke_in(c, &id, by)).await
         })
     }
 
@@ -1081,15 +1066,7 @@ impl Store for SqlStore {
     ) -> BoxFuture<'_, Result<(), AuthorityError>> {
         Box::pin(async move {
             self.own_role_only("deny-cert")?;
-            let who = std::sync::Arc::clone(&self.actor);
-            self.db
-                .run(move |c| {
-                    let by = By {
-                        process: &who,
-                        role: "",
-                    };
-                    deny_cert_in(c, &cert, not_after_ms, by)
-                })
+            self.run_as_me(move |c, by| deny_cert_in(c, &cert, not_after_ms, by))
                 .await
         })
     }
@@ -1097,15 +1074,7 @@ impl Store for SqlStore {
     fn allow_cert(&self, cert: CertRef) -> BoxFuture<'_, Result<(), AuthorityError>> {
         Box::pin(async move {
             self.own_role_only("allow-cert")?;
-            let who = std::sync::Arc::clone(&self.actor);
-            self.db
-                .run(move |c| {
-                    let by = By {
-                        process: &who,
-                        role: "",
-                    };
-                    allow_cert_in(c, &cert, by)
-                })
+            self.run_as_me(move |c, by| allow_cert_in(c, &cert, by))
                 .await
         })
     }
