@@ -287,7 +287,31 @@ fn migrate(
                 "no netproc authority tables here; `netproc creds init` creates them",
             ));
         }
-        if (version as usize) < MIGRATIONS.len() {
+        // A role that may only request changes migrates nothing (it could
+        // not): it needs only the request functions (migration 4).
+        let (writer, requester): (bool, bool) = match version {
+            0 => (true, false),
+            _ => tx
+                .query_one(
+                    "SELECT has_table_privilege('credentials', 'UPDATE'),
+                       CASE WHEN to_regprocedure('netproc_request(text, text, bytea, text)') IS NULL
+                         THEN false
+                         ELSE has_function_privilege(
+                           to_regprocedure('netproc_request(text, text, bytea, text)')::oid, 'EXECUTE')
+                       END",
+                    &[],
+                )
+                .await
+                .map(|r| (r.get(0), r.get(1)))
+                .map_err(|e| db_error("privileges", Pg(e)))?,
+        };
+        if !writer && !requester {
+            return Err(db_error(
+                "database",
+                "this role may neither write the authority's tables nor request changes (EXECUTE on netproc_request)",
+            ));
+        }
+        if writer && (version as usize) < MIGRATIONS.len() {
             for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
                 tx.batch_execute(m)
                     .await
@@ -302,21 +326,6 @@ fn migrate(
             )
             .await
             .map_err(|e| db_error("migrations", Pg(e)))?;
-        }
-        let (writer, requester): (bool, bool) = tx
-            .query_one(
-                "SELECT has_table_privilege('credentials', 'UPDATE'),
-                   has_function_privilege('netproc_request(text, text, bytea, text)', 'EXECUTE')",
-                &[],
-            )
-            .await
-            .map(|r| (r.get(0), r.get(1)))
-            .map_err(|e| db_error("privileges", Pg(e)))?;
-        if !writer && !requester {
-            return Err(db_error(
-                "database",
-                "this role may neither write the authority's tables nor request changes (EXECUTE on netproc_request)",
-            ));
         }
         if writer {
             for t in targets {
