@@ -154,6 +154,32 @@ const MIGRATIONS: &[&str] = &[
         denied_at_ms BIGINT NOT NULL,
         denied_by TEXT NOT NULL
     );",
+    // 6: certificate denials by request too (the function replaced in
+    // place: its owner, grants and pinned search_path stay).
+    "DO $do$
+    BEGIN
+      EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION netproc_request(p_action text, p_credential_id text, p_body bytea, p_label text)
+        RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = %I, pg_temp AS $b$
+        DECLARE
+          rid bigint;
+        BEGIN
+          IF p_action NOT IN ('ensure', 'rotate', 'revoke', 'deny-cert', 'allow-cert') THEN
+            RAISE EXCEPTION 'unknown change request action';
+          END IF;
+          IF length(p_credential_id) > 512 OR length(p_label) > 256 OR length(p_body) > 65536 THEN
+            RAISE EXCEPTION 'change request too large';
+          END IF;
+          IF (SELECT count(*) FROM change_requests WHERE state = 'pending') >= 10000 THEN
+            RAISE EXCEPTION 'too many pending change requests';
+          END IF;
+          INSERT INTO change_requests (action, credential_id, body, requested_by, label)
+            VALUES (p_action, p_credential_id, p_body, session_user, p_label)
+            RETURNING id INTO rid;
+          RETURN rid;
+        END $b$$f$, current_schema());
+    END $do$;
+    REVOKE ALL ON FUNCTION netproc_request(text, text, bytea, text) FROM PUBLIC;",
 ];
 
 /// Whether `database` names PostgreSQL rather than a SQLite file.

@@ -35,6 +35,10 @@ pub(crate) struct Body {
     /// A new API key's (or a rotation's) secret hash.
     pub(crate) secret_sha256: Option<[u8; 32]>,
     pub(crate) overlap_ms: Option<u64>,
+    /// A certificate to deny or allow back.
+    pub(crate) cert: Option<crate::CertRef>,
+    /// Until when a denial lasts, unix ms.
+    pub(crate) not_after_ms: Option<u64>,
 }
 
 impl Body {
@@ -56,6 +60,16 @@ impl Body {
             recreate: spec.recreate,
             secret_sha256: secret,
             overlap_ms: None,
+            cert: None,
+            not_after_ms: None,
+        }
+    }
+
+    pub(crate) fn cert(cert: crate::CertRef, not_after_ms: Option<u64>) -> Body {
+        Body {
+            cert: Some(cert),
+            not_after_ms,
+            ..Body::default()
         }
     }
 

@@ -16,6 +16,7 @@ use netproc_auth::{ApiKey, BoxFuture};
 use crate::db::Db;
 use crate::plan::{BATCH_EVENTS, backoff, batch_len, wants_snapshot};
 use crate::query::{Arg, Dialect, Row, Sql, Stmt, args, stmt};
+use crate::requests::Body;
 use crate::store::{Batch, Progress, Sent, Store};
 use crate::types::*;
 use crate::wire::DeliveryReply;
@@ -815,16 +816,6 @@ impl SqlStore {
             .await
     }
 
-    /// Changes not (yet) offered to a role that may only request them.
-    fn own_role_only(&self, what: &str) -> Result<(), AuthorityError> {
-        match self.requests {
-            Some(_) => Err(AuthorityError::Invalid(format!(
-                "{what} needs the authority's own database role (not a role that may only request changes)"
-            ))),
-            None => Ok(()),
-        }
-    }
-
     /// Records a change request and waits for the leader's outcome.
     async fn request(
         &self,
@@ -1065,7 +1056,13 @@ impl Store for SqlStore {
         not_after_ms: u64,
     ) -> BoxFuture<'_, Result<(), AuthorityError>> {
         Box::pin(async move {
-            self.own_role_only("deny-cert")?;
+            if let Some(timeout) = self.requests {
+                let (label, body) = (cert.label(), Body::cert(cert, Some(not_after_ms)));
+                return self
+                    .request(timeout, "deny-cert", label, body)
+                    .await
+                    .map(drop);
+            }
             self.run_as_me(move |c, by| deny_cert_in(c, &cert, not_after_ms, by))
                 .await
         })
@@ -1073,7 +1070,13 @@ impl Store for SqlStore {
 
     fn allow_cert(&self, cert: CertRef) -> BoxFuture<'_, Result<(), AuthorityError>> {
         Box::pin(async move {
-            self.own_role_only("allow-cert")?;
+            if let Some(timeout) = self.requests {
+                let (label, body) = (cert.label(), Body::cert(cert, None));
+                return self
+                    .request(timeout, "allow-cert", label, body)
+                    .await
+                    .map(drop);
+            }
             self.run_as_me(move |c, by| allow_cert_in(c, &cert, by))
                 .await
         })
@@ -1342,6 +1345,20 @@ fn run_request(
         }
         "revoke" => {
             revoke_in(c, id, by)?;
+            Ok(Outcome::Done)
+        }
+        "deny-cert" | "allow-cert" => {
+            let cert = body
+                .cert
+                .as_ref()
+                .ok_or_else(|| AuthorityError::Invalid("no certificate named".into()))?;
+            match (action, body.not_after_ms) {
+                ("deny-cert", Some(until)) => deny_cert_in(c, cert, until, by)?,
+                ("deny-cert", None) => {
+                    return Err(AuthorityError::Invalid("a denial needs its expiry".into()));
+                }
+                _ => allow_cert_in(c, cert, by)?,
+            }
             Ok(Outcome::Done)
         }
         other => Err(AuthorityError::Invalid(format!("unknown action {other:?}"))),

@@ -1360,6 +1360,28 @@ async fn a_role_that_may_only_request_changes_has_them_applied_by_the_leader() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // A certificate denied by request too.
+    let ca =
+        netproc_pki::CertificateAuthority::generate(&netproc_pki::CaParams::new("ca")).unwrap();
+    let issued = ca
+        .issue(&netproc_pki::LeafParams::client("laptop"))
+        .unwrap();
+    let laptop = issued.cert_identity().clone();
+    let by_key = netproc_propagation::CertRef::Spki(*laptop.spki_fingerprint.as_bytes());
+    requester
+        .deny_certificate(by_key.clone(), laptop.not_after)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f.targets["a"].deny_list().refuses(&laptop) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the denial never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let denied = f.authority.history(Some(&by_key.label()), 1).await.unwrap();
+    assert_eq!(denied[0].db_role.as_deref(), Some(role.name.as_str()));
     // Each change names the requester's role, as the database knows it.
     let history = f.authority.history(Some("req-svc"), 10).await.unwrap();
     let actions: Vec<_> = history.iter().map(|c| c.action.as_str()).collect();
