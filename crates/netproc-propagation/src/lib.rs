@@ -14,7 +14,11 @@
 //!   [`ApiKeyStore`](netproc_auth::ApiKeyStore) — revoked, rotated and changed
 //!   keys end their sessions.
 //! - [`Transport`]: bytes to a named target and back. [`NetprocTransport`]
-//!   uses netproc's own mTLS channel; [`LocalTransport`] stays in-process.
+//!   uses netproc's own mTLS channel; [`LocalTransport`] stays in-process;
+//!   with the `amqp` feature, `AmqpTransport` and `AmqpReceiver` carry the
+//!   same signed events through RabbitMQ for targets the authority cannot
+//!   dial (replies signed by each target's own key); [`MixedTransport`]
+//!   gives each target its own.
 //!
 //! Events never carry a secret: an API key travels as the SHA-256 of its
 //! secret, an Ed25519 key as its public key. See `docs/propagation.md`.
@@ -61,6 +65,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+#[cfg(feature = "amqp")]
+mod amqp;
 mod authority;
 mod db;
 mod delivery;
@@ -78,8 +84,15 @@ mod transport;
 mod types;
 mod wire;
 
+#[cfg(feature = "amqp")]
+pub use amqp::{
+    AmqpConfig, AmqpError, AmqpOutcome, AmqpReceiver, AmqpReply, AmqpRequest, AmqpTransport,
+    MAX_AMQP_MESSAGE,
+};
 pub use authority::Authority;
-pub use transport::{LocalTransport, NetprocTransport, Outgoing, Transport, TransportError};
+pub use transport::{
+    LocalTransport, MixedTransport, NetprocTransport, Outgoing, Transport, TransportError,
+};
 pub use types::{
     AuthorityConfig, AuthorityError, ChangeRecord, CredentialInfo, CredentialSpec, DatabaseError,
     DeliveryState, Ensured, LeaderInfo, PostgresOptions, SyncReport, TargetDelivery, TargetState,

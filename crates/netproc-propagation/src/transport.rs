@@ -241,3 +241,39 @@ impl Transport for LocalTransport {
         })
     }
 }
+
+/// Each target through its own transport: direct over mTLS for some,
+/// through a broker for others.
+#[derive(Clone, Default)]
+pub struct MixedTransport {
+    routes: HashMap<String, Arc<dyn Transport>>,
+}
+
+impl std::fmt::Debug for MixedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MixedTransport")
+            .field("targets", &self.routes.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl MixedTransport {
+    /// No targets yet.
+    pub fn new() -> MixedTransport {
+        MixedTransport::default()
+    }
+
+    /// Delivers to `target` through `transport`.
+    pub fn route(&mut self, target: impl Into<String>, transport: Arc<dyn Transport>) {
+        self.routes.insert(target.into(), transport);
+    }
+}
+
+impl Transport for MixedTransport {
+    fn deliver<'a>(&'a self, delivery: Outgoing) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
+        match self.routes.get(&delivery.target) {
+            Some(t) => t.deliver(delivery),
+            None => Box::pin(async move { Err(TransportError::UnknownTarget(delivery.target)) }),
+        }
+    }
+}

@@ -42,5 +42,7 @@ mod stats;
 
 pub use logs::log_capture;
 pub use pki::{TestPki, key, only, unlimited};
-pub use services::{TcpProxy, postgres_or_skip, redis_or_skip, service_or_skip, service_url};
+pub use services::{
+    TcpProxy, amqp_or_skip, postgres_or_skip, redis_or_skip, service_or_skip, service_url,
+};
 pub use stats::{cpu_micros, env_or, median, percentile};

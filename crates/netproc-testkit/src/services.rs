@@ -75,6 +75,19 @@ pub async fn postgres_or_skip(test: &str) -> Option<String> {
         .then_some(url)
 }
 
+/// The RabbitMQ URL for tests (`NETPROC_TEST_AMQP_URL`, default
+/// `amqp://guest:guest@127.0.0.1:5672/%2f`), or `None` after printing a
+/// skip line.
+pub async fn amqp_or_skip(test: &str) -> Option<String> {
+    let url = service_url(
+        "NETPROC_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    );
+    service_or_skip("RabbitMQ", &url, 5672, test)
+        .await
+        .then_some(url)
+}
+
 /// A TCP proxy on 127.0.0.1 to `target`, for outages on demand: [`cut`]
 /// closes every connection through it and refuses new ones until
 /// [`resume`]; [`stall`] stops forwarding (connections stay open, bytes
