@@ -63,6 +63,20 @@ pub(crate) async fn start_node(
     bind: Option<SocketAddr>,
     authority_privilege: &str,
 ) -> Node {
+    let config = TargetConfig::new(name, vec![trusted]);
+    start_node_with(pki, config, state, bind, authority_privilege).await
+}
+
+/// [`start_node`] with the target's own configuration (its freshness).
+pub(crate) async fn start_node_with(
+    pki: &Pki,
+    config: TargetConfig,
+    state: &Path,
+    bind: Option<SocketAddr>,
+    authority_privilege: &str,
+) -> Node {
+    let name = config.name.clone();
+    let name = name.as_str();
     std::fs::create_dir_all(state).unwrap();
     let keys = Arc::new(ApiKeyStore::in_memory());
     // The authority's credential on this server: bound to its certificate.
@@ -74,12 +88,7 @@ pub(crate) async fn start_node(
         )
         .unwrap();
     let db = netproc_server::StateDatabase::open(state).unwrap();
-    let target = PropagationTarget::open(
-        TargetConfig::new(name, vec![trusted]),
-        Arc::clone(&keys),
-        &db,
-    )
-    .unwrap();
+    let target = PropagationTarget::open(config, Arc::clone(&keys), &db).unwrap();
     let mut builder = pki
         .server_builder(name, Arc::clone(&keys))
         .state(db)
