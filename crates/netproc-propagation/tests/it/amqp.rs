@@ -9,7 +9,6 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use netproc_client::Client;
 use netproc_pki::Ed25519Key;
 use netproc_propagation::{
     Ack, AmqpConfig, AmqpOutcome, AmqpReceiver, AmqpReply, AmqpRequest, AmqpTransport, Authority,
@@ -745,4 +744,124 @@ async fn a_target_away_past_the_freshness_window_converges_and_its_queue_stays_b
     converged(&f.authority, &ids[..1], Duration::from_secs(5)).await;
     stop.send(true).unwrap();
     task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_fleet_converges_and_a_new_leader_converges_the_broker_targets() {
+    let Some(url) = amqp_or_skip("amqp mixed").await else {
+        return;
+    };
+    let Some(pg) = crate::local::PgSchema::new("amqp mixed").await else {
+        return;
+    };
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let signing = Ed25519Key::generate().unwrap();
+    let mut config = AmqpConfig::new(&url);
+    config.prefix = prefix("mixed");
+    let names = ["d1", "d2", "q1", "q2"];
+    let _clean = cleanup(&url, &config, &names[2..]);
+    let mut nodes = Vec::new();
+    for n in names {
+        let target = TargetConfig::new(n, vec![signing.public_key()]);
+        let node = start_node_with(
+            &pki,
+            target,
+            &dir.path().join(n),
+            None,
+            "receive_credentials",
+        )
+        .await;
+        nodes.push(node);
+    }
+    let reply_keys: Vec<Ed25519Key> = (0..2).map(|_| Ed25519Key::generate().unwrap()).collect();
+    let receivers: Vec<_> = nodes[2..]
+        .iter()
+        .zip(&reply_keys)
+        .map(|(n, k)| receive(&config, n, k))
+        .collect();
+    // One authority process: direct to d1, d2 over mTLS, q1, q2 through
+    // the broker (each process has its own reply queue).
+    let process = || {
+        let routes: Vec<_> = nodes[..2]
+            .iter()
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    n.server.local_addr(),
+                    n.authority_key.clone(),
+                )
+            })
+            .collect();
+        let direct: Arc<dyn Transport> = Arc::new(NetprocTransport::new(
+            crate::fleet::authority_client(&pki, &routes),
+        ));
+        let broker: Arc<dyn Transport> = Arc::new(
+            AmqpTransport::new(
+                config.clone(),
+                signing.public_key(),
+                names[2..]
+                    .iter()
+                    .zip(&reply_keys)
+                    .map(|(n, k)| ((*n).to_owned(), k.public_key())),
+            )
+            .unwrap(),
+        );
+        let mut mixed = MixedTransport::new();
+        for n in &names[..2] {
+            mixed.route(*n, Arc::clone(&direct));
+        }
+        for n in &names[2..] {
+            mixed.route(*n, Arc::clone(&broker));
+        }
+        let mut ac =
+            AuthorityConfig::new("unused", names.iter().map(|n| (*n).to_owned()).collect());
+        ac.postgres = Some(pg.options());
+        ac.lease = Duration::from_secs(1);
+        ac.poll_interval = Duration::from_millis(20);
+        ac.delivery_timeout = Duration::from_secs(2);
+        Authority::open(
+            ac,
+            Ed25519Key::from_seed(signing.seed()).unwrap(),
+            Arc::new(mixed),
+        )
+        .unwrap()
+    };
+    let run = |a: &Authority| {
+        let a = a.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        (
+            stop,
+            tokio::spawn(async move {
+                a.run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            }),
+        )
+    };
+    let leader = process();
+    let (stop_leader, leader_task) = run(&leader);
+    leader.ensure(api_key("one"), &names).await.unwrap();
+    converged(&leader, &["one".to_owned()], Duration::from_secs(15)).await;
+    // The leader stops; another process takes over and converges the
+    // broker targets too.
+    let _ = stop_leader.send(());
+    leader_task.await.unwrap();
+    let standby = process();
+    let (stop_standby, standby_task) = run(&standby);
+    standby.ensure(api_key("two"), &names).await.unwrap();
+    standby.revoke("one").await.unwrap();
+    converged(&standby, &["two".to_owned()], Duration::from_secs(15)).await;
+    for n in &nodes {
+        let held: Vec<_> = n.keys.propagated_keys().into_iter().map(|k| k.id).collect();
+        assert_eq!(held, vec!["two".to_owned()], "on {}", n.name);
+    }
+    assert!(standby.leader().await.unwrap().unwrap().epoch >= 2);
+    let _ = stop_standby.send(());
+    standby_task.await.unwrap();
+    for (stop, task) in receivers {
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
 }

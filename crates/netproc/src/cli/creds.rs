@@ -28,6 +28,17 @@ pub(crate) enum CredsCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Create a server's reply key for deliveries through RabbitMQ (if the
+    /// file is missing; mode 0600) and print its public half, for the
+    /// authority's `amqp_targets.<name>.reply_public_key`.
+    #[command(
+        after_help = "Example: netproc creds reply-key --out /etc/netproc/reply.ed25519 > server_2.reply.pub"
+    )]
+    ReplyKey {
+        /// The key file (the server's `propagation.reply_key`).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create or update a credential on a set of targets. A new API key is
     /// printed once (only its hash is kept).
     #[command(
@@ -262,7 +273,10 @@ async fn leader_json(authority: &Authority) -> Result<serde_json::Value, Failure
 
 /// Every target's delivery state, as `creds targets` and `creds status`
 /// show it.
-async fn targets_json(authority: &Authority) -> Result<serde_json::Value, Failure> {
+async fn targets_json(
+    file: &AuthorityFile,
+    authority: &Authority,
+) -> Result<serde_json::Value, Failure> {
     let out: Vec<_> = authority
         .targets()
         .await
@@ -270,7 +284,7 @@ async fn targets_json(authority: &Authority) -> Result<serde_json::Value, Failur
         .into_iter()
         .map(|t| {
             json!({
-                "name": t.name, "acked_seq": t.acked_seq, "last_seq": t.last_seq,
+                "name": t.name, "transport": file.transport_of(&t.name), "acked_seq": t.acked_seq, "last_seq": t.last_seq,
                 "pending_events": t.pending_events, "snapshot_needed": t.snapshot_needed,
                 "attempts": t.attempts, "last_error": t.last_error,
             })
@@ -367,7 +381,7 @@ pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
     refuse_requests_only(&authority, "netproc authority")?;
     outln!(
         "authority for {} target(s); public key {}",
-        file.targets.len(),
+        file.target_names().len(),
         hex::encode(authority.public_key())
     );
     authority
@@ -379,6 +393,19 @@ pub(crate) async fn authority(config: &Path) -> Result<(), Failure> {
 
 pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
     match cmd {
+        CredsCommand::ReplyKey { out } => {
+            if !out.exists() {
+                let key = netproc::pki::Ed25519Key::generate().map_err(failed)?;
+                let seed = zeroize::Zeroizing::new(hex::encode(key.seed()));
+                netproc::pki::write_secret_file(&out, seed.as_bytes(), false).map_err(failed)?;
+            }
+            let key = netproc::config::read_reply_key(&out).map_err(failed)?;
+            eprintln!(
+                "reply key in {} (mode 0600); put this public key in the authority's amqp_targets.<name>.reply_public_key:",
+                out.display()
+            );
+            outln!("{}", hex::encode(key.public_key()));
+        }
         CredsCommand::Init { config } => {
             let file = AuthorityFile::load(&config).map_err(usage)?;
             let public = file.init_signing_key().map_err(failed)?;
@@ -435,8 +462,7 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
                 None => CredentialSpec::api_key(&id, key),
             }
             .recreate(recreate);
-            let targets =
-                targets.map_or_else(|| file.targets.keys().cloned().collect(), |t| list(&t));
+            let targets = targets.map_or_else(|| file.target_names(), |t| list(&t));
             let names: Vec<&str> = targets.iter().map(String::as_str).collect();
             let ensured = authority.ensure(spec, &names).await.map_err(failed)?;
             match ensured.api_key {
@@ -470,9 +496,9 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
             eprintln!("revoked {id}; it is removed from each target as it is delivered");
         }
         CredsCommand::Status { config, id: None } => {
-            let (_, authority) = open(&config)?;
+            let (file, authority) = open(&config)?;
             let leader = leader_json(&authority).await?;
-            let targets = targets_json(&authority).await?;
+            let targets = targets_json(&file, &authority).await?;
             let denied: Vec<_> = authority
                 .denied_certificates()
                 .await
@@ -532,8 +558,8 @@ pub(crate) async fn creds(cmd: CredsCommand) -> Result<(), Failure> {
             output::show(&leader_json(&authority).await?);
         }
         CredsCommand::Targets { config } => {
-            let (_, authority) = open(&config)?;
-            output::show(&targets_json(&authority).await?);
+            let (file, authority) = open(&config)?;
+            output::show(&targets_json(&file, &authority).await?);
         }
         CredsCommand::List { config } => {
             let (_, authority) = open(&config)?;

@@ -82,7 +82,8 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
             .map_err(|e| failed(format!("metrics endpoint {addr}: {e}")))?;
         tracing::info!(%addr, "Prometheus metrics at /metrics");
     }
-    let (builder, keys) = file.builder(config).map_err(usage)?;
+    let assembled = file.assemble(config).map_err(usage)?;
+    let (builder, keys) = (assembled.builder, assembled.keys);
     let server = builder
         // A built-in diagnostic function, for `netproc bench`.
         .function("echo", |_: CallContext, (v,): (Value,)| async move {
@@ -113,6 +114,18 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
     if let Some(ms) = file.watch_interval_ms {
         server.watch_files(file.watched_files(), Duration::from_millis(ms.max(100)));
     }
+    // Deliveries through the broker: this server dials out and consumes
+    // its queue (RPC is served whether the broker is up or not).
+    let (stop_receiver, receiver_stopped) = tokio::sync::watch::channel(false);
+    let receiver = assembled.amqp_receiver.map(|r| {
+        let mut stopped = receiver_stopped;
+        tokio::spawn(async move {
+            r.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        })
+    });
     outln!("listening on {}", server.local_addr());
     // SIGHUP reloads; SIGINT or SIGTERM ends the loop.
     while let Signal::Reload = wait_for_signal().await {
@@ -127,6 +140,11 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
         }
     }
     tracing::info!("shutting down");
+    // The broker consumer stops taking requests and finishes the one in hand.
+    let _ = stop_receiver.send(true);
+    if let Some(task) = receiver {
+        let _ = task.await;
+    }
     server.shutdown(Duration::from_secs(10)).await;
     Ok(())
 }

@@ -115,11 +115,27 @@ impl ServerFile {
     /// scripts and state directory set, and a reload source re-reading the
     /// TLS files and the key store. Add native functions, then `start`; call
     /// `follow_key_store` with the returned store so revocations end live
-    /// sessions.
+    /// sessions. A file whose propagation comes through the broker
+    /// (`propagation.transport = "amqp"`) is refused here: use
+    /// [`assemble`](Self::assemble), which also gives the broker consumer.
     pub fn builder(
         &self,
         config_path: &Path,
     ) -> Result<(ServerBuilder, Arc<ApiKeyStore>), ConfigError> {
+        let a = self.assemble(config_path)?;
+        if a.amqp_receiver.is_some() {
+            return Err(invalid(
+                config_path,
+                "propagation.transport = \"amqp\" needs ServerFile::assemble (it runs the broker consumer)",
+            ));
+        }
+        Ok((a.builder, a.keys))
+    }
+
+    /// [`builder`](Self::builder), plus the broker consumer when
+    /// propagation comes through RabbitMQ: run it (`AmqpReceiver::run`)
+    /// beside the started server, until shutdown.
+    pub fn assemble(&self, config_path: &Path) -> Result<Assembled, ConfigError> {
         let err = |e: &dyn fmt::Display| invalid(config_path, e);
         let (identity, roots, crls) = self.tls_material().map_err(|e| err(&e))?;
         let keys = Arc::new(self.open_key_store(config_path)?);
@@ -232,7 +248,55 @@ impl ServerFile {
         if let Some(db) = state {
             builder = builder.state(db);
         }
-        Ok((builder, keys))
+        let amqp_receiver = match (self.propagation.as_ref().filter(|p| p.enabled), &target) {
+            (Some(p), Some(target)) if p.transport.as_deref() == Some("amqp") => {
+                let settings = p
+                    .amqp
+                    .as_ref()
+                    .ok_or_else(|| err(&"propagation.amqp: needed with transport = \"amqp\""))?;
+                let amqp = settings
+                    .config(&self.dir)
+                    .map_err(|e| err(&format!("propagation.{e}")))?;
+                let key_path = p
+                    .reply_key
+                    .as_ref()
+                    .map(|k| self.resolve(k))
+                    .ok_or_else(|| {
+                        err(&"propagation.reply_key: needed with transport = \"amqp\"")
+                    })?;
+                let reply_key = super::read_ed25519_seed(&key_path)
+                    .map_err(|e| err(&format!("propagation.reply_key: {e}")))?;
+                Some(
+                    crate::propagation::AmqpReceiver::new(amqp, Arc::clone(target), reply_key)
+                        .map_err(|e| err(&format!("propagation: {e}")))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Assembled {
+            builder,
+            keys,
+            amqp_receiver,
+        })
+    }
+}
+
+/// A server file made ready to start: see [`ServerFile::assemble`].
+#[non_exhaustive]
+pub struct Assembled {
+    /// The server's builder.
+    pub builder: ServerBuilder,
+    /// Its key store (give it to `follow_key_store` once started).
+    pub keys: Arc<ApiKeyStore>,
+    /// The broker consumer, when `propagation.transport = "amqp"`.
+    pub amqp_receiver: Option<crate::propagation::AmqpReceiver>,
+}
+
+impl std::fmt::Debug for Assembled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembled")
+            .field("amqp_receiver", &self.amqp_receiver)
+            .finish_non_exhaustive()
     }
 }
 

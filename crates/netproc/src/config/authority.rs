@@ -29,6 +29,15 @@ use crate::pki::Ed25519Key;
 /// key = "pki/authority.key"
 /// ca = "pki/ca.crt"
 /// api_key_file = "authority-server_1.key.txt"
+///
+/// # Targets the authority cannot dial: through RabbitMQ.
+/// [amqp]
+/// url = "amqp://127.0.0.1:5672/%2f"
+/// username = "netproc-authority"
+/// password_env = "NETPROC_AMQP_PASSWORD"
+///
+/// [amqp_targets.server_2]
+/// reply_public_key = "<64 hex digits: the public half of server_2's propagation.reply_key>"
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,8 +83,24 @@ pub struct AuthorityFile {
     /// its `propagation.target_name`, or its `name`).
     #[serde(default)]
     pub targets: BTreeMap<String, ClientServer>,
+    /// The broker, for `amqp_targets`.
+    pub amqp: Option<super::AmqpSettings>,
+    /// Targets reached through the broker (`[amqp]`), by name; a name is
+    /// in `targets` or here, not both.
+    #[serde(default)]
+    pub amqp_targets: BTreeMap<String, AmqpTarget>,
     #[serde(skip)]
     dir: PathBuf,
+}
+
+/// A target reached through the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AmqpTarget {
+    /// The public half of the target's reply key (64 hex digits): only
+    /// replies it signs count.
+    pub reply_public_key: String,
 }
 
 impl AuthorityFile {
@@ -144,13 +169,7 @@ impl AuthorityFile {
 
     fn signing_key(&self) -> Result<Ed25519Key, String> {
         let path = self.signing_key_path().ok_or("not set")?;
-        let bytes = crate::pki::read_secret_file(&path).map_err(|e| e.to_string())?;
-        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        let text = std::str::from_utf8(&bytes).unwrap_or("");
-        if hex::decode_to_slice(text.trim(), &mut *seed).is_err() {
-            return Err(format!("{}: expected 64 hex digits", path.display()));
-        }
-        Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
+        super::read_ed25519_seed(&path)
     }
 
     /// Opens the authority: database, signing key, and a netproc client of
@@ -179,6 +198,73 @@ impl AuthorityFile {
         };
         let client = clients.client_in(config_path, "targets")?;
         self.open(config_path, client, false)
+    }
+
+    /// Each target's transport: `direct` (mTLS) or `amqp`.
+    pub fn transport_of(&self, target: &str) -> &'static str {
+        if self.amqp_targets.contains_key(target) {
+            "amqp"
+        } else {
+            "direct"
+        }
+    }
+
+    /// Every target's name: direct and through the broker.
+    pub fn target_names(&self) -> Vec<String> {
+        self.targets
+            .keys()
+            .chain(self.amqp_targets.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// The transport: direct for `targets`, the broker for `amqp_targets`.
+    fn transport(
+        &self,
+        config_path: &Path,
+        client: Client,
+        authority: [u8; 32],
+    ) -> Result<Arc<dyn crate::propagation::Transport>, ConfigError> {
+        let direct = Arc::new(crate::propagation::NetprocTransport::new(client));
+        if self.amqp_targets.is_empty() {
+            return Ok(direct);
+        }
+        let err = |e: &dyn fmt::Display| invalid(config_path, e);
+        if let Some(both) = self
+            .amqp_targets
+            .keys()
+            .find(|n| self.targets.contains_key(*n))
+        {
+            return Err(err(&format!(
+                "amqp_targets.{both}: also in targets; a target has one transport"
+            )));
+        }
+        let settings = self
+            .amqp
+            .as_ref()
+            .ok_or_else(|| err(&"amqp_targets: needs [amqp] (the broker)"))?;
+        let config = settings.config(&self.dir).map_err(|e| err(&e))?;
+        let mut keys = Vec::new();
+        for (name, t) in &self.amqp_targets {
+            let key = super::parse_hex32(&t.reply_public_key).ok_or_else(|| {
+                err(&format!(
+                    "amqp_targets.{name}.reply_public_key: expected 64 hex digits"
+                ))
+            })?;
+            keys.push((name.clone(), key));
+        }
+        let broker: Arc<dyn crate::propagation::Transport> = Arc::new(
+            crate::propagation::AmqpTransport::new(config, authority, keys)
+                .map_err(|e| err(&format!("amqp_targets: {e}")))?,
+        );
+        let mut mixed = crate::propagation::MixedTransport::new();
+        for name in self.targets.keys() {
+            mixed.route(name.clone(), Arc::clone(&direct) as _);
+        }
+        for name in self.amqp_targets.keys() {
+            mixed.route(name.clone(), Arc::clone(&broker));
+        }
+        Ok(Arc::new(mixed))
     }
 
     /// The certificate files the authority delivers with, by target name
@@ -224,7 +310,7 @@ impl AuthorityFile {
         };
         let mut config = crate::propagation::AuthorityConfig::new(
             relative_to(&self.dir, &self.database),
-            self.targets.keys().cloned().collect(),
+            self.target_names(),
         );
         if let Some(n) = self.max_concurrent_deliveries {
             config.max_concurrent_deliveries = n.max(1);
@@ -242,7 +328,7 @@ impl AuthorityFile {
         if self.is_postgres() {
             config.postgres = Some(self.postgres_options(config_path)?);
         }
-        let transport = Arc::new(crate::propagation::NetprocTransport::new(client));
+        let transport = self.transport(config_path, client, key.public_key())?;
         let authority =
             crate::propagation::Authority::open(config, key, transport).map_err(|e| match e {
                 crate::propagation::AuthorityError::Unavailable(_) => ConfigError::Unavailable {

@@ -9,13 +9,16 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod amqp;
 mod assemble;
 mod authority;
 mod client;
 pub mod json;
 mod server;
 
-pub use authority::AuthorityFile;
+pub use amqp::AmqpSettings;
+pub use assemble::Assembled;
+pub use authority::{AmqpTarget, AuthorityFile};
 pub use client::{ClientFile, ClientServer, format_ed25519_credential};
 pub use server::{
     LogFormat, PropagationConfig, ScriptsConfig, ServerFile, ServerTls, SharedLimitsConfig,
@@ -122,4 +125,21 @@ fn push_hex(out: &mut String, bytes: &[u8; 32]) {
     if hex::encode_to_slice(bytes, &mut digits[..]).is_ok() {
         out.extend(digits.iter().map(|&d| char::from(d)));
     }
+}
+
+/// Reads a reply key (or any Ed25519 key file): 64 hex digits of seed,
+/// mode 0600.
+pub fn read_reply_key(path: &Path) -> Result<crate::pki::Ed25519Key, String> {
+    read_ed25519_seed(path)
+}
+
+/// Reads an Ed25519 key from a file of 64 hex digits of seed (mode 0600).
+pub(crate) fn read_ed25519_seed(path: &Path) -> Result<crate::pki::Ed25519Key, String> {
+    let bytes = crate::pki::read_secret_file(path).map_err(|e| e.to_string())?;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    let text = std::str::from_utf8(&bytes).unwrap_or("");
+    if hex::decode_to_slice(text.trim(), &mut *seed).is_err() {
+        return Err(format!("{}: expected 64 hex digits", path.display()));
+    }
+    crate::pki::Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
 }

@@ -133,7 +133,7 @@ pub struct ServerFile {
     #[serde(default)]
     pub proxy_protocol_from: Vec<String>,
     #[serde(skip)]
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
 }
 
 /// `[shared_limits]` of a server file: one budget across every server of
@@ -203,6 +203,18 @@ pub struct PropagationConfig {
     /// How far an event's signing time may be from this server's clock, ms.
     /// Default 300 000.
     pub freshness_ms: Option<u64>,
+    /// How deliveries arrive: `direct` (the authority dials this server
+    /// over mTLS; the default) or `amqp` (this server dials out to the
+    /// broker and consumes its queue; needs `amqp` and `reply_key`). The
+    /// direct way stays open either way.
+    pub transport: Option<String>,
+    /// `transport = "amqp"`: the broker.
+    pub amqp: Option<super::AmqpSettings>,
+    /// `transport = "amqp"`: a file holding this server's Ed25519 reply
+    /// key (64 hex digits of seed, mode 0600; `netproc creds reply-key`
+    /// makes one and prints its public half for the authority's
+    /// `amqp_targets.<name>.reply_public_key`).
+    pub reply_key: Option<PathBuf>,
 }
 
 impl PropagationConfig {
@@ -238,6 +250,30 @@ impl ServerFile {
                     path,
                     "propagation.authority_public_keys: at least one key is needed",
                 ));
+            }
+            match p.transport.as_deref() {
+                None | Some("direct") => {}
+                Some("amqp") if p.amqp.is_none() => {
+                    return Err(invalid(
+                        path,
+                        "propagation.amqp: needed with transport = \"amqp\" (the broker)",
+                    ));
+                }
+                Some("amqp") if p.reply_key.is_none() => {
+                    return Err(invalid(
+                        path,
+                        "propagation.reply_key: needed with transport = \"amqp\"",
+                    ));
+                }
+                Some("amqp") => {}
+                Some(other) => {
+                    return Err(invalid(
+                        path,
+                        format!(
+                            "propagation.transport: {other:?}: expected \"direct\" or \"amqp\""
+                        ),
+                    ));
+                }
             }
         }
         Ok(file)

@@ -555,3 +555,183 @@ fn failover_of_a_real_leader(pause: bool) {
         "the resumed leader exited"
     );
 }
+
+/// RabbitMQ for the CLI tests: the URL split into the part without
+/// credentials, user and password; `None` after a skip line.
+fn amqp_or_skip(test: &str) -> Option<(String, String, String, String)> {
+    let url = std::env::var("NETPROC_TEST_AMQP_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (creds, host_path) = rest.rsplit_once('@').unwrap_or(("guest:guest", rest));
+    let (user, password) = creds.split_once(':').unwrap_or((creds, ""));
+    let host = host_path.split('/').next().unwrap();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .ok()
+        .and_then(|mut a| a.next());
+    let up = addr.is_some_and(|a| {
+        std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok()
+    });
+    if !up {
+        assert!(
+            std::env::var_os("NETPROC_REQUIRE_SERVICES").is_none_or(|v| v.is_empty()),
+            "{test}: RabbitMQ is required (NETPROC_REQUIRE_SERVICES) but nothing answers at {host}"
+        );
+        println!("skipped {test}: no RabbitMQ at {host}");
+        return None;
+    }
+    Some((
+        url.clone(),
+        format!("{scheme}://{host_path}"),
+        user.to_owned(),
+        password.to_owned(),
+    ))
+}
+
+/// Deletes a prefix's queues and exchanges when dropped.
+struct AmqpCleanup {
+    url: String,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Drop for AmqpCleanup {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let Ok(conn) =
+                lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            let Ok(ch) = conn.create_channel().await else {
+                return;
+            };
+            for q in &self.queues {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for e in &self.exchanges {
+                let _ = ch
+                    .exchange_delete(e.as_str().into(), Default::default())
+                    .await;
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        });
+    }
+}
+
+#[test]
+fn a_server_that_dials_out_to_rabbitmq_receives_credentials_from_creds() {
+    let Some((full_url, url, user, password)) =
+        amqp_or_skip("a_server_that_dials_out_to_rabbitmq_receives_credentials_from_creds")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let prefix = format!("t-cli-{}", std::process::id());
+    let _clean = AmqpCleanup {
+        url: full_url,
+        queues: vec![format!("{prefix}.target.s1")],
+        exchanges: vec![format!("{prefix}.replies"), format!("{prefix}.dead")],
+    };
+    std::fs::write(d.join("broker.password"), &password).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(
+        d.join("broker.password"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let amqp = format!(
+        "url = \"{url}\"\nusername = \"{user}\"\npassword_file = \"broker.password\"\nprefix = \"{prefix}\"\n"
+    );
+    std::fs::write(
+        d.join("authority.toml"),
+        "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\n",
+    )
+    .unwrap();
+    let out = netproc(&["creds", "init", "--config", &p("authority.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let public_key = text(&out.stdout).trim().to_owned();
+    let out = netproc(&["creds", "reply-key", "--out", &p("reply.ed25519")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reply_public = text(&out.stdout).trim().to_owned();
+    assert_eq!(reply_public.len(), 64);
+    // The authority declares the queues (its first delivery would); the
+    // server consumes its own.
+    std::fs::write(
+        d.join("authority.toml"),
+        format!(
+            "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\ndelivery_timeout_ms = 2000\n\n[amqp]\n{amqp}\n[amqp_targets.s1]\nreply_public_key = \"{reply_public}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = netproc(&["creds", "sync", "--config", &p("authority.toml")]);
+    assert!(
+        !out.status.success(),
+        "nobody consumes yet: {}",
+        text(&out.stdout)
+    );
+    std::fs::write(
+        d.join("server.toml"),
+        format!("name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\nstate_dir = \"state\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n\n[propagation]\nenabled = true\nauthority_public_keys = [\"{public_key}\"]\ntransport = \"amqp\"\nreply_key = \"reply.ed25519\"\n\n[propagation.amqp]\n{amqp}"),
+    )
+    .unwrap();
+    let (_server, line) = spawn_reading_line(&["serve", "--config", &p("server.toml")]);
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    std::fs::write(
+        d.join("svc.toml"),
+        format!(
+            "[servers.s1]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\ncert = \"client.crt\"\nkey = \"client.key\"\nca = \"ca.crt\"\napi_key_file = \"svc.apikey\"\n"
+        ),
+    )
+    .unwrap();
+    let out = netproc(&[
+        "creds",
+        "ensure",
+        "--config",
+        &p("authority.toml"),
+        "svc",
+        "--key-out",
+        &p("svc.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = std::time::Instant::now();
+    loop {
+        let out = netproc(&["creds", "sync", "--config", &p("authority.toml")]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "never delivered: {} {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    let out = netproc(&["call", "--config", &p("svc.toml"), "s1", "echo", "\"hi\""]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = netproc(&["creds", "status", "--config", &p("authority.toml")]);
+    let status = text(&out.stdout);
+    assert!(status.contains("\"transport\": \"amqp\""), "{status}");
+    // Nothing secret in what the commands printed.
+    assert!(!status.contains(&password) || password == user, "{status}");
+    // A file naming a target twice, or a broker URL with a password, is refused.
+    std::fs::write(
+        d.join("bad.toml"),
+        format!(
+            "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\n\n[amqp]\nurl = \"amqp://u:secret@127.0.0.1:5672/%2f\"\n\n[amqp_targets.s1]\nreply_public_key = \"{reply_public}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = netproc(&["creds", "targets", "--config", &p("bad.toml")]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no credentials in the URL"));
+    assert!(!text(&out.stderr).contains("secret"));
+}
