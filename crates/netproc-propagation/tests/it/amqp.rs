@@ -865,3 +865,99 @@ async fn a_mixed_fleet_converges_and_a_new_leader_converges_the_broker_targets()
         task.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_request_is_a_duplicate_applied_once() {
+    let Some(url) = amqp_or_skip("amqp redelivery").await else {
+        return;
+    };
+    let f = amqp_fleet("redeliver", &url, &["a"], |_, _, _| {}, None, None).await;
+    let a = &f.nodes[0];
+    let cursor = a.node.target.cursor();
+    let mut spy = spy(&f).await;
+    let events = vec![upsert_event("a", cursor + 1, "once")];
+    // The broker hands the same request over twice (a redelivery after a
+    // lost acknowledgement looks exactly like this to the target).
+    for id in [1, 2] {
+        spy.request(&f, "a", id, events.clone(), &f.signing_key())
+            .await;
+    }
+    let (_, first) = spy.reply(&f, a).await;
+    let (_, second) = spy.reply(&f, a).await;
+    assert_eq!(first.acks, vec![Ack::Applied]);
+    assert_eq!(second.acks, vec![Ack::Duplicate]);
+    assert_eq!(second.cursor, cursor + 1);
+    assert_eq!(
+        a.node
+            .keys
+            .propagated_keys()
+            .iter()
+            .filter(|k| k.id == "once")
+            .count(),
+        1
+    );
+    drop(spy.conn);
+    for n in f.nodes {
+        n.stop.send(true).unwrap();
+        n.task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_broker_is_down_at_start_serves_rpc_and_catches_up() {
+    let Some(url) = amqp_or_skip("amqp down at start").await else {
+        return;
+    };
+    let broker = url.split_once('@').map_or("127.0.0.1:5672", |(_, h)| h);
+    let broker = broker.split('/').next().unwrap().to_owned();
+    let target_side = TcpProxy::start(&broker).await;
+    target_side.cut();
+    let f = amqp_fleet(
+        "down",
+        &url,
+        &["a"],
+        |_, ac, _| ac.delivery_timeout = Duration::from_millis(500),
+        None,
+        Some(target_side.url(&url)),
+    )
+    .await;
+    let a = &f.nodes[0];
+    let key = f
+        .authority
+        .ensure(api_key("svc"), &["a"])
+        .await
+        .unwrap()
+        .api_key
+        .unwrap();
+    assert!(!f.authority.sync().await.all_ok());
+    // RPC is served all the same (a key of the server's own).
+    let (info, local) = a
+        .node
+        .keys
+        .create(netproc_auth::KeySpec::new(
+            "invoke_functions".parse().unwrap(),
+        ))
+        .unwrap();
+    assert_eq!(
+        user(&f.pki, &a.node, &local)
+            .call::<String>("whoami", ())
+            .await
+            .unwrap(),
+        info.id
+    );
+    assert!(refused(&f.pki, &a.node, &key).await);
+    // The broker comes back: the consumer reconnects and the key arrives.
+    target_side.resume();
+    sync_until_ok(&f.authority, Duration::from_secs(20)).await;
+    assert_eq!(
+        user(&f.pki, &a.node, &key)
+            .call::<String>("whoami", ())
+            .await
+            .unwrap(),
+        "svc"
+    );
+    for n in f.nodes {
+        n.stop.send(true).unwrap();
+        n.task.await.unwrap();
+    }
+}
