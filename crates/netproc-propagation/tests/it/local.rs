@@ -26,6 +26,14 @@ pub(crate) enum Fate {
     Deliver,
     DropRequest,
     DropReply,
+    /// Broker-shaped: the request waits unread in the target's queue (the
+    /// target is away); while it waits, nothing more is published to that
+    /// target (the AMQP transport's rule) until it is consumed late or
+    /// expires.
+    Queue,
+    /// Broker-shaped: handled, then handed to the target again (a
+    /// redelivery after a lost acknowledgement); the second reply counts.
+    Redeliver,
 }
 
 /// The in-memory transport with losses and a record of the last request.
@@ -33,6 +41,24 @@ pub(crate) struct Lossy {
     pub(crate) inner: LocalTransport,
     pub(crate) fate: Mutex<HashMap<String, Fate>>,
     pub(crate) last: Mutex<HashMap<String, Vec<u8>>>,
+    /// Broker-shaped: the request waiting unread in each target's queue.
+    pub(crate) queued: Mutex<HashMap<String, Outgoing>>,
+}
+
+impl Lossy {
+    /// Broker-shaped: the target comes back and reads what waited; its
+    /// reply goes nowhere (the delivery gave up long ago).
+    pub(crate) async fn consume_late(&self, target: &str) {
+        let waiting = self.queued.lock().unwrap().remove(target);
+        if let Some(request) = waiting {
+            let _ = self.inner.deliver(request).await;
+        }
+    }
+
+    /// Broker-shaped: what waited expires unread (dead-lettered).
+    pub(crate) fn expire(&self, target: &str) {
+        self.queued.lock().unwrap().remove(target);
+    }
 }
 
 impl Transport for Lossy {
@@ -50,7 +76,20 @@ impl Transport for Lossy {
                 .lock()
                 .unwrap()
                 .insert(target.clone(), delivery.request.clone());
+            if self.queued.lock().unwrap().contains_key(&target) {
+                // One request waits unread: nothing more is published.
+                return Err(TransportError::failed(target, "a request waits unread"));
+            }
             match fate {
+                Fate::Queue => {
+                    self.queued.lock().unwrap().insert(target.clone(), delivery);
+                    Err(TransportError::failed(target, "no reply yet"))
+                }
+                Fate::Redeliver => {
+                    let again = delivery.clone();
+                    let _ = self.inner.deliver(delivery).await;
+                    self.inner.deliver(again).await
+                }
                 Fate::DropRequest => Err(TransportError::failed(target, "request lost")),
                 Fate::Deliver => self.inner.deliver(delivery).await,
                 Fate::DropReply => {
@@ -179,6 +218,7 @@ pub(crate) fn fleet_with_formats(backend: Backend, formats: &[(&str, u8)]) -> Fl
         inner: local,
         fate: Mutex::new(HashMap::new()),
         last: Mutex::new(HashMap::new()),
+        queued: Mutex::new(HashMap::new()),
     });
     let mut config = AuthorityConfig::new(
         dir.path().join("authority.db"),

@@ -13,11 +13,38 @@ use crate::local::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Ensure { id: usize, targets: u8, admin: bool },
-    Rotate { id: usize, overlap: bool },
-    Revoke { id: usize },
-    Sync { drop_request: u8, drop_reply: u8 },
-    Replay { target: usize },
+    Ensure {
+        id: usize,
+        targets: u8,
+        admin: bool,
+    },
+    Rotate {
+        id: usize,
+        overlap: bool,
+    },
+    Revoke {
+        id: usize,
+    },
+    Sync {
+        drop_request: u8,
+        drop_reply: u8,
+    },
+    Replay {
+        target: usize,
+    },
+    /// Broker-shaped sync: per target, a fate among deliver, drop the
+    /// request, lose the reply, leave it waiting in the queue, redeliver.
+    BrokerSync {
+        fates: [u8; 3],
+    },
+    /// Broker-shaped: a target reads what waited in its queue, late.
+    ConsumeLate {
+        target: usize,
+    },
+    /// Broker-shaped: what waited in a target's queue expires.
+    Expire {
+        target: usize,
+    },
 }
 
 const TARGETS: [&str; 3] = ["t0", "t1", "t2"];
@@ -30,6 +57,16 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize).prop_map(|id| Op::Revoke { id }),
         3 => (0..8u8, 0..8u8).prop_map(|(drop_request, drop_reply)| Op::Sync { drop_request, drop_reply }),
         1 => (0..3usize).prop_map(|target| Op::Replay { target }),
+    ]
+}
+
+/// The broker-shaped operations beside the others.
+fn broker_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => op(),
+        3 => proptest::array::uniform3(0..5u8).prop_map(|fates| Op::BrokerSync { fates }),
+        1 => (0..3usize).prop_map(|target| Op::ConsumeLate { target }),
+        1 => (0..3usize).prop_map(|target| Op::Expire { target }),
     ]
 }
 
@@ -86,6 +123,24 @@ async fn run_ops_on(backend: Backend, ops: Vec<Op>) {
                 }
                 f.authority.sync().await;
             }
+            Op::BrokerSync { fates } => {
+                {
+                    let mut fate = f.transport.fate.lock().unwrap();
+                    for (t, v) in TARGETS.iter().zip(fates) {
+                        let v = match v {
+                            0 => Fate::Deliver,
+                            1 => Fate::DropRequest,
+                            2 => Fate::DropReply,
+                            3 => Fate::Queue,
+                            _ => Fate::Redeliver,
+                        };
+                        fate.insert((*t).to_owned(), v);
+                    }
+                }
+                f.authority.sync().await;
+            }
+            Op::ConsumeLate { target } => f.transport.consume_late(TARGETS[target]).await,
+            Op::Expire { target } => f.transport.expire(TARGETS[target]),
             Op::Replay { target } => {
                 let last = f
                     .transport
@@ -103,6 +158,10 @@ async fn run_ops_on(backend: Backend, ops: Vec<Op>) {
         }
     }
     f.transport.fate.lock().unwrap().clear();
+    // Whatever still waits in a queue expires (its time to live).
+    for t in TARGETS {
+        f.transport.expire(t);
+    }
     for _ in 0..4 {
         if f.authority.sync().await.all_ok() {
             break;
@@ -141,6 +200,19 @@ proptest! {
 
     #[test]
     fn any_interleaving_converges_after_a_final_sync(ops in proptest::collection::vec(op(), 1..24)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_ops(ops));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The same over a broker-shaped transport: requests that wait in a
+    /// queue (and block further ones), are read late, expire, or are
+    /// redelivered.
+    #[test]
+    fn any_interleaving_over_a_broker_shaped_transport_converges(ops in proptest::collection::vec(broker_op(), 1..24)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(run_ops(ops));
     }
