@@ -202,23 +202,7 @@ impl CertificateAuthority {
     /// Generates a new CA with a fresh ECDSA P-256 key.
     pub fn generate(params: &CaParams) -> Result<CertificateAuthority, PkiError> {
         let key = KeyPair::generate().map_err(gen_err("CA key"))?;
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, params.common_name.as_str());
-        if let Some(org) = &params.organization {
-            dn.push(DnType::OrganizationName, org.as_str());
-        }
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.serial_number = Some(random_serial()?);
-        p.not_before = to_offset(params.validity.not_before, "CA certificate")?;
-        p.not_after = to_offset(params.validity.not_after, "CA certificate")?;
-        p.key_identifier_method = KeyIdMethod::Sha256;
+        let p = ca_certificate_params(params)?;
         let cert = p.self_signed(&key).map_err(gen_err("CA certificate"))?;
         let cert = cert.der().clone();
         let identity = CertIdentity::parse(&cert, "<memory: CA>")?;
@@ -294,6 +278,80 @@ impl CertificateAuthority {
     /// Issues a leaf certificate with a fresh ECDSA P-256 key.
     pub fn issue(&self, params: &LeafParams) -> Result<IssuedCert, PkiError> {
         let key = KeyPair::generate().map_err(gen_err("leaf key"))?;
+        let p = leaf_certificate_params(params)?;
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(gen_err("leaf certificate"))?;
+        let der = cert.der().clone();
+        let identity = CertIdentity::parse(&der, "<memory: issued certificate>")?;
+        Ok(IssuedCert {
+            cert: der,
+            key_pem: Zeroizing::new(key.serialize_pem()),
+            identity,
+        })
+    }
+
+    /// Issues a leaf certificate for the key of a verified certificate
+    /// request, exactly as `params` say: the request's subject, extensions
+    /// and key purposes are ignored (only its public key is used).
+    pub fn issue_for_request(
+        &self,
+        request: &crate::CertificateRequest,
+        params: &LeafParams,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        let p = leaf_certificate_params(params)?;
+        let cert = p
+            .signed_by(request.public_key(), &self.issuer)
+            .map_err(gen_err("leaf certificate"))?;
+        Ok(cert.der().clone())
+    }
+
+    /// Issues an intermediate CA (pathLen 0: it may sign leaves only) with
+    /// a fresh ECDSA P-256 key — the online CA of an enrollment service,
+    /// while this one (the root) stays offline.
+    pub fn issue_intermediate(&self, params: &CaParams) -> Result<CertificateAuthority, PkiError> {
+        let key = KeyPair::generate().map_err(gen_err("intermediate key"))?;
+        let mut p = ca_certificate_params(params)?;
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.use_authority_key_identifier_extension = true;
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(gen_err("intermediate certificate"))?;
+        let cert = cert.der().clone();
+        let identity = CertIdentity::parse(&cert, "<memory: intermediate CA>")?;
+        Ok(CertificateAuthority {
+            issuer: Issuer::new(p, key),
+            cert,
+            identity,
+        })
+    }
+}
+
+/// The certificate parameters of a CA.
+fn ca_certificate_params(params: &CaParams) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, params.common_name.as_str());
+    if let Some(org) = &params.organization {
+        dn.push(DnType::OrganizationName, org.as_str());
+    }
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.serial_number = Some(random_serial()?);
+    p.not_before = to_offset(params.validity.not_before, "CA certificate")?;
+    p.not_after = to_offset(params.validity.not_after, "CA certificate")?;
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(p)
+}
+
+/// The certificate parameters of a leaf: exactly what `params` say.
+fn leaf_certificate_params(params: &LeafParams) -> Result<CertificateParams, PkiError> {
+    {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, params.common_name.as_str());
@@ -339,18 +397,11 @@ impl CertificateAuthority {
         p.not_before = to_offset(params.validity.not_before, "leaf certificate")?;
         p.not_after = to_offset(params.validity.not_after, "leaf certificate")?;
         p.use_authority_key_identifier_extension = true;
-        let cert = p
-            .signed_by(&key, &self.issuer)
-            .map_err(gen_err("leaf certificate"))?;
-        let der = cert.der().clone();
-        let identity = CertIdentity::parse(&der, "<memory: issued certificate>")?;
-        Ok(IssuedCert {
-            cert: der,
-            key_pem: Zeroizing::new(key.serialize_pem()),
-            identity,
-        })
+        Ok(p)
     }
+}
 
+impl CertificateAuthority {
     /// Issues a CRL revoking the certificates with the given serials
     /// (lowercase or upper-case hex), valid for `valid_days` days.
     pub fn crl(&self, revoked_serials: &[&str], valid_days: u32) -> Result<Crl, PkiError> {

@@ -51,6 +51,7 @@
 
 mod deny;
 mod ed25519;
+mod enroll;
 mod error;
 
 mod fingerprint;
@@ -63,6 +64,10 @@ mod tls;
 // The public interface.
 pub use deny::{DeniedCert, DenyList};
 pub use ed25519::{AUTH_EXPORTER_LABEL, Ed25519Key, verify_ed25519};
+pub use enroll::{
+    CertificateRequest, ENROLL_ALPN, MAX_REQUEST_BYTES, RootMismatch, enroll_client_config,
+    enroll_server_config,
+};
 pub use error::PkiError;
 
 pub use fingerprint::Fingerprint;
