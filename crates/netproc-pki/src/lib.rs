@@ -80,7 +80,7 @@ pub use tls::{
     server_config_denying, server_config_with, service_client_config,
 };
 
-pub use pem::{read_secret_file, write_secret_file};
+pub use pem::{certificate_pem, read_secret_file, write_secret_file};
 
 /// Re-exports of the rustls types that appear in this crate's API.
 pub mod rustls {

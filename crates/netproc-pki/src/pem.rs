@@ -517,6 +517,11 @@ impl fmt::Debug for Crl {
 }
 
 /// PEM-encodes DER bytes under `label`.
+/// A certificate (DER) as PEM text.
+pub fn certificate_pem(der: &[u8]) -> String {
+    pem_encode("CERTIFICATE", der)
+}
+
 pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);

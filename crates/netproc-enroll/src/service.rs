@@ -1,0 +1,372 @@
+//! The enrollment service: its own TLS listener (ALPN
+//! `netproc-enroll/1`), strict admission, one request per connection.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use netproc_limits::{Gate, Idle, KeyedTable, SlidingWindow};
+use netproc_pki::{
+    CertificateAuthority, CertificateRequest, Fingerprint, Identity, LeafParams, SubjectAltName,
+    TrustAnchors, Validity,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::store::{IssuedRecord, TokenStore};
+use crate::wire::{self, RefusalCode, Request, Response};
+use crate::{EnrollError, Profile};
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EnrollConfig {
+    /// Where to listen (never the RPC port).
+    pub bind: SocketAddr,
+    /// The names (DNS or IP) clients reach the service by: its own
+    /// certificate is issued for them at start.
+    pub names: Vec<String>,
+    /// The trust domain in every issued URI SAN
+    /// (`netproc://<trust_domain>/<profile>/<name>`).
+    pub trust_domain: String,
+    /// Lifetime of a client certificate (24 h by default).
+    pub client_lifetime: Duration,
+    /// Lifetime of a server certificate (24 h by default).
+    pub server_lifetime: Duration,
+    /// Connections at once, at most (64).
+    pub max_connections: usize,
+    /// Connections per source address per minute, at most (30).
+    pub per_ip_per_minute: u32,
+    /// Source addresses tracked, at most (16,384).
+    pub max_tracked_ips: usize,
+    /// The TLS handshake and the request must each arrive within this
+    /// (5 s).
+    pub timeout: Duration,
+}
+
+impl EnrollConfig {
+    /// Listening on `bind`, reached as `names`.
+    pub fn new(bind: SocketAddr, names: Vec<String>) -> EnrollConfig {
+        EnrollConfig {
+            bind,
+            names,
+            trust_domain: "netproc.local".into(),
+            client_lifetime: Duration::from_secs(24 * 3600),
+            server_lifetime: Duration::from_secs(24 * 3600),
+            max_connections: 64,
+            per_ip_per_minute: 30,
+            max_tracked_ips: 16_384,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct PerIp(SlidingWindow);
+
+impl Idle for PerIp {
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.0.is_empty_at(now)
+    }
+}
+
+struct Shared {
+    config: EnrollConfig,
+    ca: CertificateAuthority,
+    root: CertificateDer<'static>,
+    store: TokenStore,
+    gate: Gate,
+    per_ip: KeyedTable<IpAddr, PerIp>,
+}
+
+/// The enrollment service.
+#[derive(Debug)]
+pub struct EnrollService;
+
+/// A running service.
+#[derive(Debug)]
+pub struct EnrollHandle {
+    local_addr: SocketAddr,
+    root: Fingerprint,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EnrollHandle {
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The root's fingerprint, which clients pin (`--ca-fingerprint`).
+    pub fn root_fingerprint(&self) -> Fingerprint {
+        self.root
+    }
+
+    /// Stops accepting; requests in progress finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl EnrollService {
+    /// Starts the service: `ca` is the online intermediate (it issues),
+    /// `root` the offline root it chains to (sent with every chain, so
+    /// clients pin it and servers trust it). The service's own TLS
+    /// certificate is issued by `ca` for `config.names`.
+    pub async fn start(
+        config: EnrollConfig,
+        ca: CertificateAuthority,
+        root: CertificateDer<'static>,
+        store: TokenStore,
+    ) -> Result<EnrollHandle, EnrollError> {
+        if config.names.is_empty() {
+            return Err(EnrollError::Invalid(
+                "names: the service needs at least one name".into(),
+            ));
+        }
+        crate::check_dns_name(&config.trust_domain)?;
+        let own = ca.issue(
+            &LeafParams::server("netproc enrollment", &config.names).validity(Validity::new(
+                SystemTime::now() - Duration::from_secs(60),
+                SystemTime::now() + Duration::from_secs(30 * 24 * 3600),
+            )),
+        )?;
+        let chain = vec![
+            own.certificate().clone(),
+            ca.certificate().clone(),
+            root.clone(),
+        ];
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(own.key_pem().as_bytes())
+            .map_err(|e| EnrollError::Invalid(e.to_string()))?;
+        let identity = Identity::from_der(chain, key)?;
+        let roots = TrustAnchors::from_der(vec![root.clone()])?;
+        let tls = netproc_pki::enroll_server_config(&identity, &roots)?;
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| EnrollError::Io(format!("bind {}: {e}", config.bind)))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| EnrollError::Io(e.to_string()))?;
+        let fingerprint = Fingerprint::of(&root);
+        let shared = Arc::new(Shared {
+            gate: Gate::new(config.max_connections.max(1)),
+            per_ip: KeyedTable::new(config.max_tracked_ips.max(1)),
+            config,
+            ca,
+            root,
+            store,
+        });
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    accepted = listener.accept() => {
+                        let Ok((tcp, peer)) = accepted else { continue };
+                        if let Some(permit) = admit(&shared, peer.ip()) {
+                            let shared = Arc::clone(&shared);
+                            let acceptor = acceptor.clone();
+                            conns.spawn(async move {
+                                let _permit = permit;
+                                serve(&shared, acceptor, tcp, peer.ip()).await;
+                            });
+                        }
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+            while conns.join_next().await.is_some() {}
+        });
+        tracing::info!(%local_addr, root = %fingerprint, "enrollment service listening");
+        Ok(EnrollHandle {
+            local_addr,
+            root: fingerprint,
+            stop,
+            task,
+        })
+    }
+}
+
+/// Admission: the connection cap, then the per-address window; a refused
+/// connection is closed at once with nothing sent.
+fn admit(shared: &Shared, ip: IpAddr) -> Option<netproc_limits::GatePermit> {
+    let refuse = |reason: &'static str| {
+        metrics::counter!("netproc_enroll_refused_total", "code" => reason).increment(1);
+        None
+    };
+    let Some(permit) = shared.gate.try_enter() else {
+        return refuse("connection_limited");
+    };
+    let now = Instant::now();
+    let limit = shared.config.per_ip_per_minute.max(1);
+    let allowed = shared.per_ip.with(
+        &netproc_limits::ip_key(ip, 64),
+        now,
+        || PerIp(SlidingWindow::new(Duration::from_secs(60), limit)),
+        |w| w.0.try_record(now).is_ok(),
+    );
+    match allowed {
+        Ok(true) => Some(permit),
+        _ => refuse("rate_limited"),
+    }
+}
+
+async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpAddr) {
+    let timeout = shared.config.timeout;
+    let Ok(Ok(mut tls)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await else {
+        return;
+    };
+    let request = tokio::time::timeout(timeout, wire::read_frame::<_, Request>(&mut tls)).await;
+    let response = match request {
+        Ok(Ok(request)) => handle(shared, request, peer).await,
+        Ok(Err(wire::FrameError::Io(_))) | Err(_) => return,
+        Ok(Err(_)) => refusal(
+            RefusalCode::InvalidRequest,
+            "the request does not decode",
+            peer,
+            "-",
+        ),
+    };
+    let _ = tokio::time::timeout(timeout, async {
+        let _ = wire::write_frame(&mut tls, &response).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    })
+    .await;
+}
+
+fn refusal(code: RefusalCode, message: &str, peer: IpAddr, name: &str) -> Response {
+    metrics::counter!("netproc_enroll_refused_total", "code" => code.to_string()).increment(1);
+    tracing::warn!(
+        target: netproc_server::AUDIT_TARGET,
+        event = "enroll_refused",
+        code = %code,
+        name,
+        peer = %peer,
+        "enrollment refused"
+    );
+    Response::Refused {
+        code,
+        message: message.to_owned(),
+    }
+}
+
+async fn handle(shared: &Shared, request: Request, peer: IpAddr) -> Response {
+    let Request::Token {
+        version,
+        token,
+        name,
+        profile,
+        csr,
+    } = request;
+    let token = zeroize::Zeroizing::new(token);
+    if version != wire::VERSION {
+        return refusal(
+            RefusalCode::InvalidRequest,
+            "unknown protocol version",
+            peer,
+            &name,
+        );
+    }
+    if crate::check_name(&name).is_err() || Profile::parse(&profile).is_none() {
+        return refusal(
+            RefusalCode::InvalidRequest,
+            "bad name or profile",
+            peer,
+            "-",
+        );
+    }
+    // The request is checked before the token is spent.
+    let request = match CertificateRequest::from_der(&csr) {
+        Ok(r) => r,
+        Err(_) => {
+            return refusal(
+                RefusalCode::BadCsr,
+                "the certificate request is malformed, wrongly signed or of an unsupported key type",
+                peer,
+                &name,
+            );
+        }
+    };
+    let store = shared.store.clone();
+    let now = SystemTime::now();
+    let (n, p) = (name.clone(), profile.clone());
+    let redeemed = tokio::task::spawn_blocking(move || store.redeem(&token, &n, &p, peer, now))
+        .await
+        .unwrap_or(Err(RefusalCode::Internal));
+    let redeemed = match redeemed {
+        Ok(r) => r,
+        Err(code) => {
+            let message = match code {
+                RefusalCode::InvalidToken => "unknown, expired or used token",
+                RefusalCode::NotAllowed => "the token is for another name, profile or source",
+                _ => "try again later",
+            };
+            return refusal(code, message, peer, &name);
+        }
+    };
+    let uri = format!(
+        "netproc://{}/{}/{}",
+        shared.config.trust_domain,
+        redeemed.profile.as_str(),
+        redeemed.name
+    );
+    let lifetime = match redeemed.profile {
+        Profile::Client => shared.config.client_lifetime,
+        Profile::Server => shared.config.server_lifetime,
+    };
+    let validity = Validity::new(now - Duration::from_secs(60), now + lifetime);
+    let params = match redeemed.profile {
+        Profile::Client => LeafParams::client(&redeemed.name),
+        Profile::Server => LeafParams::server(&redeemed.name, &redeemed.sans),
+    }
+    .san(SubjectAltName::Uri(uri))
+    .validity(validity);
+    let cert = match shared.ca.issue_for_request(&request, &params) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot issue a certificate");
+            return refusal(RefusalCode::Internal, "try again later", peer, &name);
+        }
+    };
+    let serial = netproc_pki::CertIdentity::from_der(&cert)
+        .map(|c| c.serial)
+        .unwrap_or_default();
+    let record = IssuedRecord {
+        serial: serial.clone(),
+        name: redeemed.name.clone(),
+        profile: redeemed.profile,
+        spki: request.spki_fingerprint().to_string(),
+        source: peer,
+        not_after: validity.not_after,
+    };
+    let store = shared.store.clone();
+    let recorded = tokio::task::spawn_blocking(move || store.record_issued(&record, now)).await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        return refusal(RefusalCode::Internal, "try again later", peer, &name);
+    }
+    metrics::counter!("netproc_enroll_issued_total", "profile" => redeemed.profile.as_str())
+        .increment(1);
+    tracing::info!(
+        target: netproc_server::AUDIT_TARGET,
+        event = "enroll_issued",
+        name = %redeemed.name,
+        profile = redeemed.profile.as_str(),
+        serial = %serial,
+        spki = %request.spki_fingerprint(),
+        peer = %peer,
+        "certificate issued by token"
+    );
+    Response::Issued {
+        chain: vec![
+            cert.to_vec(),
+            shared.ca.certificate().to_vec(),
+            shared.root.to_vec(),
+        ],
+    }
+}

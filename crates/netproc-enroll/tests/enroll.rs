@@ -1,0 +1,355 @@
+//! Enrollment over real TLS on 127.0.0.1: a token's certificate then calls
+//! a real netproc server; every bad input is refused with its code and the
+//! service keeps serving.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use netproc_auth::{ApiKeyStore, KeySpec};
+use netproc_client::{Client, ServerEndpoint};
+use netproc_enroll::wire::{self, Request, Response};
+use netproc_enroll::*;
+use netproc_pki::{CaParams, CertificateAuthority, Fingerprint, LeafParams};
+use netproc_server::{CallContext, CallError, Server};
+use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio_rustls::TlsConnector;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: CertificateAuthority,
+    store: TokenStore,
+    service: EnrollHandle,
+}
+
+async fn setup(tune: impl FnOnce(&mut EnrollConfig)) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = CertificateAuthority::generate(&CaParams::new("root")).unwrap();
+    let online = root.issue_intermediate(&CaParams::new("online")).unwrap();
+    let store = TokenStore::open(dir.path().join("enroll.db")).unwrap();
+    let mut config = EnrollConfig::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into()]);
+    tune(&mut config);
+    let service = EnrollService::start(config, online, root.certificate().clone(), store.clone())
+        .await
+        .unwrap();
+    Setup {
+        _dir: dir,
+        root,
+        store,
+        service,
+    }
+}
+
+impl Setup {
+    fn token(&self, name: &str, profile: Profile) -> String {
+        self.store
+            .create(&TokenSpec::new(name, profile), SystemTime::now())
+            .unwrap()
+            .to_string()
+    }
+
+    fn enrollment(&self, token: &str, name: &str, profile: Profile) -> TokenEnrollment {
+        let mut e = TokenEnrollment::new(
+            format!("localhost:{}", self.service.local_addr().port()),
+            token,
+            name,
+            profile,
+            self.service.root_fingerprint(),
+        );
+        e.timeout = Duration::from_secs(5);
+        e
+    }
+
+    /// Sends one raw request and reads the answer.
+    async fn raw(&self, request: &Request) -> Response {
+        let mut tls = self.tls().await;
+        wire::write_frame(&mut tls, request).await.unwrap();
+        wire::read_frame(&mut tls).await.unwrap()
+    }
+
+    async fn tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let config =
+            netproc_pki::enroll_client_config(self.service.root_fingerprint(), None).unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.service.local_addr())
+            .await
+            .unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+}
+
+fn refused(r: Result<Enrolled, EnrollError>) -> RefusalCode {
+    match r {
+        Err(EnrollError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_enrolls_a_client_that_then_calls_a_real_server() {
+    let s = setup(|_| {}).await;
+    let token = s.token("alice", Profile::Client);
+    let enrolled = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
+        .await
+        .unwrap();
+    let identity = enrolled.identity().unwrap();
+    let leaf = identity.cert_identity();
+    assert_eq!(leaf.common_name.as_deref(), Some("alice"));
+    let lifetime = leaf
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    assert!(lifetime <= Duration::from_secs(24 * 3600), "{lifetime:?}");
+    assert!(lifetime > Duration::from_secs(23 * 3600), "{lifetime:?}");
+    assert_eq!(s.store.issued_count("alice").unwrap(), 1);
+    // A server trusting the root accepts the enrolled chain.
+    let server_cert = s
+        .root
+        .issue(&LeafParams::server("s", ["localhost"]))
+        .unwrap();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (_, key) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let server = Server::builder(
+        "s",
+        server_cert.identity().unwrap(),
+        s.root.trust_anchors(),
+        Arc::clone(&keys),
+    )
+    .function("cn", |ctx: CallContext, (): ()| async move {
+        Ok::<_, CallError>(ctx.cert().common_name.clone().unwrap_or_default())
+    })
+    .start()
+    .await
+    .unwrap();
+    let client = Client::builder()
+        .server(
+            "s",
+            ServerEndpoint::new(
+                server.local_addr(),
+                "localhost",
+                identity,
+                s.root.trust_anchors(),
+                key.to_secret(),
+            ),
+        )
+        .build()
+        .unwrap();
+    let cn: String = client.server("s").unwrap().call("cn", ()).await.unwrap();
+    assert_eq!(cn, "alice");
+    // Files: the key 0600, the chain and the root.
+    let out = s._dir.path().join("out");
+    enrolled.write_to(&out).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0);
+    assert!(netproc_pki::Identity::load(out.join("cert.pem"), out.join("key.pem")).is_ok());
+    server.shutdown(Duration::from_secs(1)).await;
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_token_gets_a_server_certificate_for_its_names() {
+    let s = setup(|_| {}).await;
+    let mut spec = TokenSpec::new("web", Profile::Server);
+    spec.sans = vec!["web.example".into(), "10.0.0.7".into()];
+    let token = s.store.create(&spec, SystemTime::now()).unwrap();
+    let enrolled = enroll_with_token(&s.enrollment(&token, "web", Profile::Server))
+        .await
+        .unwrap();
+    let leaf = enrolled.identity().unwrap().cert_identity().clone();
+    let sans: Vec<String> = leaf.sans.iter().map(|s| format!("{s:?}")).collect();
+    assert!(sans.iter().any(|s| s.contains("web.example")), "{sans:?}");
+    assert!(sans.iter().any(|s| s.contains("10.0.0.7")), "{sans:?}");
+    assert!(
+        sans.iter()
+            .any(|s| s.contains("netproc://netproc.local/server/web")),
+        "{sans:?}"
+    );
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_uses_of_one_token_exactly_one_wins() {
+    let s = setup(|_| {}).await;
+    for round in 0..5 {
+        let name = format!("n{round}");
+        let token = s.token(&name, Profile::Client);
+        let (e1, e2) = (
+            s.enrollment(&token, &name, Profile::Client),
+            s.enrollment(&token, &name, Profile::Client),
+        );
+        let (a, b) = tokio::join!(enroll_with_token(&e1), enroll_with_token(&e2));
+        let wins = [a.is_ok(), b.is_ok()].iter().filter(|w| **w).count();
+        assert_eq!(wins, 1, "round {round}");
+        let loser = if a.is_ok() { b } else { a };
+        assert_eq!(refused(loser), RefusalCode::InvalidToken);
+    }
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_requests_are_refused_with_their_code_and_the_service_stays_up() {
+    let s = setup(|_| {}).await;
+    // Unknown token.
+    let e = s.enrollment("npe1_00", "alice", Profile::Client);
+    assert_eq!(
+        refused(enroll_with_token(&e).await),
+        RefusalCode::InvalidToken
+    );
+    // Another name, another profile: refused, and the token still works.
+    let token = s.token("alice", Profile::Client);
+    let e = s.enrollment(&token, "bob", Profile::Client);
+    assert_eq!(
+        refused(enroll_with_token(&e).await),
+        RefusalCode::NotAllowed
+    );
+    let e = s.enrollment(&token, "alice", Profile::Server);
+    assert_eq!(
+        refused(enroll_with_token(&e).await),
+        RefusalCode::NotAllowed
+    );
+    // An expired token.
+    let mut spec = TokenSpec::new("carol", Profile::Client);
+    spec.ttl = Duration::from_secs(1);
+    let old = s
+        .store
+        .create(&spec, SystemTime::now() - Duration::from_secs(5))
+        .unwrap();
+    let e = s.enrollment(&old, "carol", Profile::Client);
+    assert_eq!(
+        refused(enroll_with_token(&e).await),
+        RefusalCode::InvalidToken
+    );
+    // A malformed, a wrongly signed and an oversized certificate request:
+    // refused before the token is spent.
+    let (request, _) = netproc_pki::CertificateRequest::generate("alice").unwrap();
+    let mut tampered = request.der().to_vec();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    for csr in [b"garbage".to_vec(), tampered, vec![0x30; 9000]] {
+        let r = s
+            .raw(&Request::Token {
+                version: wire::VERSION,
+                token: token.clone(),
+                name: "alice".into(),
+                profile: "client".into(),
+                csr,
+            })
+            .await;
+        assert!(
+            matches!(
+                r,
+                Response::Refused {
+                    code: RefusalCode::BadCsr,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    // An unknown version.
+    let r = s
+        .raw(&Request::Token {
+            version: 99,
+            token: token.clone(),
+            name: "alice".into(),
+            profile: "client".into(),
+            csr: request.der().to_vec(),
+        })
+        .await;
+    assert!(matches!(
+        r,
+        Response::Refused {
+            code: RefusalCode::InvalidRequest,
+            ..
+        }
+    ));
+    // Garbage frames and a frame over the limit: closed or refused.
+    let mut tls = s.tls().await;
+    tls.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let r: Response = wire::read_frame(&mut tls).await.unwrap();
+    assert!(matches!(
+        r,
+        Response::Refused {
+            code: RefusalCode::InvalidRequest,
+            ..
+        }
+    ));
+    let mut tls = s.tls().await;
+    tls.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let r: Response = wire::read_frame(&mut tls).await.unwrap();
+    assert!(matches!(
+        r,
+        Response::Refused {
+            code: RefusalCode::InvalidRequest,
+            ..
+        }
+    ));
+    // Through it all, the token still works for what it was made for.
+    let enrolled = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client)).await;
+    assert!(enrolled.is_ok(), "{enrolled:?}");
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_root_is_refused_at_the_handshake() {
+    let s = setup(|_| {}).await;
+    let token = s.token("alice", Profile::Client);
+    let mut e = s.enrollment(&token, "alice", Profile::Client);
+    e.root = Fingerprint::of(b"some other root");
+    match enroll_with_token(&e).await {
+        Err(EnrollError::Tls(m)) => assert!(m.contains("not the pinned root"), "{m}"),
+        other => panic!("expected a TLS refusal, got {other:?}"),
+    }
+    // The token was never sent: it still works.
+    assert!(
+        enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
+            .await
+            .is_ok()
+    );
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_is_dropped_and_floods_are_limited() {
+    let s = setup(|c| {
+        c.timeout = Duration::from_millis(300);
+        c.per_ip_per_minute = 5;
+    })
+    .await;
+    // Connects and sends nothing: closed after the timeout.
+    let mut idle = tokio::net::TcpStream::connect(s.service.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut buf),
+    )
+    .await
+    .expect("an idle client must be dropped");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    // More than 5 connections a minute from one address: the rest are
+    // closed at once with nothing sent.
+    let mut closed = 0;
+    for _ in 0..8 {
+        let token = s.token("x", Profile::Client);
+        if enroll_with_token(&s.enrollment(&token, "x", Profile::Client))
+            .await
+            .is_err()
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 4, "{closed}");
+    s.service.shutdown().await;
+}
