@@ -61,6 +61,7 @@ pub mod config;
 
 pub use netproc_auth as auth;
 pub use netproc_client as client;
+pub use netproc_enroll as enroll;
 pub use netproc_limits as limits;
 pub use netproc_pki as pki;
 pub use netproc_propagation as propagation;

@@ -18,6 +18,7 @@ mod creds;
 mod demo;
 mod dev_pki;
 mod doctor;
+mod enroll;
 mod keys;
 pub(crate) mod output;
 mod pki;
@@ -105,6 +106,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The enrollment service: new hosts get short-lived certificates with a token.
+    #[command(subcommand)]
+    Ca(enroll::CaCommand),
+    /// Get a certificate from an enrollment service with a one-time token
+    /// (the key is made here and never sent), or make tokens (`token create`).
+    #[command(
+        after_help = "Example: netproc enroll --server ca.example:7443 --name alice --token npe1_… --ca-fingerprint 3a5f… --out tls/"
+    )]
+    Enroll(enroll::EnrollArgs),
     /// Drive an authority: init, ensure, rotate, revoke, status, sync, targets, list.
     #[command(subcommand)]
     Creds(creds::CredsCommand),
@@ -405,6 +415,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), Failure> {
         } => serve(&config).await,
         Command::Authority { config } => creds::authority(&config).await,
         Command::Creds(cmd) => creds::creds(cmd).await,
+        Command::Ca(cmd) => enroll::ca(cmd).await,
+        Command::Enroll(args) => enroll::enroll(args).await,
         Command::Call {
             target,
             function,

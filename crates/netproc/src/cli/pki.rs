@@ -49,6 +49,27 @@ pub(crate) enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// An online intermediate CA for an enrollment service (`netproc ca
+    /// serve`): pathLen 0, short-lived, signed by the root in --ca-dir;
+    /// written as NAME.crt and NAME.key (0600) in --ca-dir. The root's key
+    /// can then go offline.
+    #[command(
+        after_help = "Example: netproc pki issue-intermediate --ca-dir pki --name online --days 30"
+    )]
+    IssueIntermediate {
+        /// The root CA's directory (ca.crt, ca.key).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Common name; written as NAME.crt and NAME.key in --ca-dir.
+        #[arg(long, default_value = "online")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// A client certificate, signed by the CA in --ca-dir.
     #[command(
         after_help = "Example: netproc pki issue-client --ca-dir pki --name alice --san uri:spiffe://example/alice"
@@ -180,6 +201,24 @@ pub(crate) fn pki(cmd: PkiCommand) -> Result<(), Failure> {
                 params = params.san(san.parse::<SubjectAltName>().map_err(usage)?);
             }
             issue_into(&ca_dir, &name, &params, force)?;
+        }
+        PkiCommand::IssueIntermediate {
+            ca_dir,
+            name,
+            days,
+            force,
+        } => {
+            let online = load_ca(&ca_dir)?
+                .issue_intermediate(&CaParams::new(name.clone()).validity(validity(days)))
+                .map_err(failed)?;
+            online
+                .save(
+                    ca_dir.join(format!("{name}.crt")),
+                    ca_dir.join(format!("{name}.key")),
+                    force,
+                )
+                .map_err(failed)?;
+            print_identity(&name, online.cert_identity());
         }
         PkiCommand::Dev { out, force } => {
             let written = super::dev_pki::write(&out, force).map_err(|e| match e {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 mod amqp;
 mod assemble;
 mod authority;
+mod ca;
 mod client;
 pub mod json;
 mod server;
@@ -19,6 +20,7 @@ mod server;
 pub use amqp::AmqpSettings;
 pub use assemble::Assembled;
 pub use authority::{AmqpTarget, AuthorityFile};
+pub use ca::CaFile;
 pub use client::{ClientFile, ClientServer, format_ed25519_credential};
 pub use server::{
     LogFormat, PropagationConfig, ScriptsConfig, ServerFile, ServerTls, SharedLimitsConfig,

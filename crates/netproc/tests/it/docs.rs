@@ -31,6 +31,7 @@ const DOCUMENTS: &[&str] = &[
     "docs/operations.md",
     "docs/propagation.md",
     "docs/scripts.md",
+    "docs/enrollment.md",
 ];
 /// Reasons a recipe may be left out.
 const NO_RUN_REASONS: &[&str] = &["cargo", "bench", "fuzz", "signal"];
@@ -105,7 +106,7 @@ fn blocks(text: &str) -> Vec<Block> {
 
 /// What the test changes in a recipe: the command, ports and addresses.
 struct Environment {
-    ports: [(String, String); 2],
+    ports: [(String, String); 3],
 }
 
 impl Environment {
@@ -119,7 +120,11 @@ impl Environment {
                 .to_string()
         };
         Environment {
-            ports: [("6767".into(), free()), ("9464".into(), free())],
+            ports: [
+                ("6767".into(), free()),
+                ("9464".into(), free()),
+                ("7443".into(), free()),
+            ],
         }
     }
 
@@ -324,6 +329,11 @@ fn operations_md_runs() {
 #[test]
 fn propagation_md_runs() {
     run_document("docs/propagation.md");
+}
+
+#[test]
+fn enrollment_md_runs() {
+    run_document("docs/enrollment.md");
 }
 
 #[test]

@@ -735,3 +735,133 @@ fn a_server_that_dials_out_to_rabbitmq_receives_credentials_from_creds() {
     assert!(text(&out.stderr).contains("no credentials in the URL"));
     assert!(!text(&out.stderr).contains("secret"));
 }
+
+#[test]
+fn a_new_host_enrolls_with_a_token_and_its_certificate_calls_a_served_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let out = netproc(&[
+        "pki",
+        "issue-intermediate",
+        "--ca-dir",
+        d.to_str().unwrap(),
+        "--name",
+        "online",
+        "--days",
+        "7",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        d.join("ca.toml"),
+        "listen = \"127.0.0.1:0\"\nnames = [\"localhost\"]\nroot = \"ca.crt\"\nintermediate_cert = \"online.crt\"\nintermediate_key = \"online.key\"\nstate = \"enroll.db\"\ntrust_domain = \"example.test\"\n",
+    )
+    .unwrap();
+    let (_ca, line) = spawn_reading_line(&["ca", "serve", "--config", &p("ca.toml")]);
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches(';')
+        .to_owned();
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let out = netproc(&[
+        "enroll",
+        "token",
+        "create",
+        "--config",
+        &p("ca.toml"),
+        "--name",
+        "alice",
+        "--ttl",
+        "5m",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    let mut lines = printed.lines();
+    let (token, fingerprint) = (
+        lines.next().unwrap().to_owned(),
+        lines.next().unwrap().to_owned(),
+    );
+    assert!(token.starts_with("npe1_"), "{printed}");
+    assert!(line.contains(&fingerprint), "{line} / {fingerprint}");
+    let enroll = |token: &str, fingerprint: &str, out_dir: &str| {
+        netproc(&[
+            "enroll",
+            "--server",
+            &format!("localhost:{port}"),
+            "--name",
+            "alice",
+            "--token",
+            token,
+            "--ca-fingerprint",
+            fingerprint,
+            "--out",
+            &p(out_dir),
+        ])
+    };
+    // Another root's fingerprint: refused before the token is sent.
+    let out = enroll(&token, &"ab".repeat(32), "wrong");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("pinned root"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = enroll(&token, &fingerprint, "alice-tls");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("alice-tls/key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0);
+    // Used: a second enrollment with it is refused.
+    let out = enroll(&token, &fingerprint, "again");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid_token"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The enrolled chain (leaf + intermediate) calls a server trusting the root.
+    std::fs::write(
+        d.join("server.toml"),
+        "name = \"s1\"\nbind = \"127.0.0.1:0\"\nkey_store = \"keys.json\"\n\n[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nclient_ca = \"ca.crt\"\n",
+    )
+    .unwrap();
+    let (_server, line) = spawn_reading_line(&["serve", "--config", &p("server.toml")]);
+    let server_port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    let out = netproc(&[
+        "keys",
+        "create",
+        "--store",
+        &p("keys.json"),
+        "--privileges",
+        "invoke_functions",
+        "--key-out",
+        &p("alice.apikey"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        d.join("alice.toml"),
+        format!("[servers.s1]\naddress = \"127.0.0.1:{server_port}\"\nserver_name = \"localhost\"\ncert = \"alice-tls/cert.pem\"\nkey = \"alice-tls/key.pem\"\nca = \"ca.crt\"\napi_key_file = \"alice.apikey\"\n"),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let out = netproc(&["call", "--config", &p("alice.toml"), "s1", "echo", "\"hi\""]);
+        if out.status.success() {
+            assert!(text(&out.stdout).contains("hi"));
+            break;
+        }
+        // The key store is re-read within about a second.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

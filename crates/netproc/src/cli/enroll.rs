@@ -1,0 +1,251 @@
+//! `netproc ca serve` (the enrollment service) and `netproc enroll` (a new
+//! host getting its certificate; making tokens on the service host).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use netproc::config::CaFile;
+use netproc::enroll::{EnrollError, Profile, TokenEnrollment, TokenSpec};
+use serde_json::json;
+
+use super::serve::{Signal, init_logging, wait_for_signal};
+use super::{Failure, failed, output, usage};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Run the enrollment service from a TOML file, until SIGINT or SIGTERM.
+    #[command(after_help = "Example: netproc ca serve --config ca.toml")]
+    Serve {
+        /// The service configuration (ca.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// `netproc enroll --server … --token … --ca-fingerprint … --out DIR`, or
+/// `netproc enroll token create …` on the service host.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct EnrollArgs {
+    #[command(subcommand)]
+    command: Option<EnrollCommand>,
+    #[command(flatten)]
+    request: EnrollRequest,
+}
+
+#[derive(Debug, Args)]
+struct EnrollRequest {
+    /// The enrollment service, `host:port`.
+    #[arg(long)]
+    server: Option<String>,
+    /// The name its certificate is checked for (default: the host part of --server).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// The one-time token (`npe1_…`); `@FILE` reads it from a file.
+    #[arg(long)]
+    token: Option<String>,
+    /// The root certificate's SHA-256 fingerprint, given with the token.
+    #[arg(long)]
+    ca_fingerprint: Option<String>,
+    /// The name the token was made for.
+    #[arg(long)]
+    name: Option<String>,
+    /// client or server.
+    #[arg(long, default_value = "client")]
+    profile: String,
+    /// Where to write key.pem (0600), cert.pem and ca.pem.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollCommand {
+    /// Tokens, made on the service host against its state database.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a one-time token: printed once with the root's fingerprint
+    /// (only its hash is kept).
+    #[command(
+        after_help = "Example: netproc enroll token create --config ca.toml --name alice --ttl 15m"
+    )]
+    Create {
+        /// The service configuration (ca.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// The identity's name: 1 to 64 of [a-z0-9._-].
+        #[arg(long)]
+        name: String,
+        /// client or server.
+        #[arg(long, default_value = "client")]
+        profile: String,
+        /// DNS names and IP addresses (server profile; repeat).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Only from this source network (e.g. 10.0.0.0/8).
+        #[arg(long)]
+        source: Option<String>,
+        /// How long the token lasts: 30s, 15m, 2h, 1d.
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+    },
+}
+
+pub(crate) async fn ca(cmd: CaCommand) -> Result<(), Failure> {
+    let CaCommand::Serve { config } = cmd;
+    let file = CaFile::load(&config).map_err(usage)?;
+    init_logging(file.log_format);
+    let root = file.root(&config).map_err(usage)?;
+    let online = file.intermediate(&config).map_err(usage)?;
+    let store = file.store(&config).map_err(usage)?;
+    let service = netproc::enroll::EnrollService::start(file.service_config(), online, root, store)
+        .await
+        .map_err(|e| usage(format!("{}: {e}", config.display())))?;
+    outln!(
+        "enrollment service on {}; root fingerprint {}",
+        service.local_addr(),
+        service.root_fingerprint()
+    );
+    while let Signal::Reload = wait_for_signal().await {}
+    tracing::info!("shutting down");
+    service.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
+    match args.command {
+        Some(EnrollCommand::Token(TokenCommand::Create {
+            config,
+            name,
+            profile,
+            sans,
+            source,
+            ttl,
+        })) => {
+            let file = CaFile::load(&config).map_err(usage)?;
+            let profile = parse_profile(&profile)?;
+            let mut spec = TokenSpec::new(name.clone(), profile);
+            spec.sans = sans;
+            spec.source = source;
+            spec.ttl = parse_duration(&ttl).ok_or_else(|| {
+                usage(format!("--ttl {ttl:?}: expected a number and s, m, h or d"))
+            })?;
+            spec.validate().map_err(usage)?;
+            let fingerprint = netproc::pki::Fingerprint::of(&file.root(&config).map_err(usage)?);
+            let store = file.store(&config).map_err(usage)?;
+            let token = tokio::task::spawn_blocking(move || store.create(&spec, SystemTime::now()))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            if output::json() {
+                output::show(&json!({
+                    "token": token.as_str(), "name": name, "profile": profile.as_str(),
+                    "ca_fingerprint": fingerprint.to_string(), "ttl": ttl,
+                }));
+            } else {
+                eprintln!(
+                    "a token for {name} ({}), valid {ttl}, shown once; on the new host: netproc enroll --server HOST:PORT --name {name} --token … --ca-fingerprint {fingerprint} --out DIR",
+                    profile.as_str()
+                );
+                outln!("{}", token.as_str());
+                outln!("{fingerprint}");
+            }
+            Ok(())
+        }
+        None => enroll_with_token(args.request).await,
+    }
+}
+
+async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
+    let missing = |flag: &str| {
+        usage(format!(
+            "netproc enroll needs {flag} (or a subcommand: token)"
+        ))
+    };
+    let server = r.server.ok_or_else(|| missing("--server"))?;
+    let token = r.token.ok_or_else(|| missing("--token"))?;
+    let name = r.name.ok_or_else(|| missing("--name"))?;
+    let out = r.out.ok_or_else(|| missing("--out"))?;
+    let fingerprint = r
+        .ca_fingerprint
+        .ok_or_else(|| missing("--ca-fingerprint"))?;
+    let root = netproc::enroll::parse_fingerprint(&fingerprint).ok_or_else(|| {
+        usage(format!(
+            "--ca-fingerprint {fingerprint:?}: expected 64 hex digits (colons allowed)"
+        ))
+    })?;
+    let token = match token.strip_prefix('@') {
+        Some(path) => {
+            let bytes = netproc::pki::read_secret_file(Path::new(path))
+                .map_err(|e| usage(format!("--token @{path}: {e}")))?;
+            String::from_utf8_lossy(&bytes).trim().to_owned()
+        }
+        None => token,
+    };
+    if out.join("key.pem").exists() {
+        return Err(usage(format!(
+            "{}: a key is there already; enroll into another directory",
+            out.join("key.pem").display()
+        )));
+    }
+    let profile = parse_profile(&r.profile)?;
+    let mut request = TokenEnrollment::new(server, token, name.clone(), profile, root);
+    if let Some(n) = r.server_name {
+        request.server_name = n;
+    }
+    let enrolled = netproc::enroll::enroll_with_token(&request)
+        .await
+        .map_err(|e| match e {
+            EnrollError::Invalid(_) => usage(e),
+            e => failed(e),
+        })?;
+    enrolled.write_to(&out).map_err(failed)?;
+    let leaf = enrolled.identity().map_err(failed)?.cert_identity().clone();
+    output::done(
+        &format!(
+            "enrolled {name}: {} (key 0600, never sent), cert.pem, ca.pem; valid until {}",
+            out.join("key.pem").display(),
+            super::output::rfc3339_ms(netproc::wire::unix_ms(leaf.not_after))
+        ),
+        json!({"name": name, "dir": out, "serial": leaf.serial,
+               "not_after": super::output::rfc3339_ms(netproc::wire::unix_ms(leaf.not_after))}),
+    );
+    Ok(())
+}
+
+fn parse_profile(text: &str) -> Result<Profile, Failure> {
+    Profile::parse(text).ok_or_else(|| usage(format!("--profile {text:?}: client or server")))
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (n, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("5y"), None);
+    }
+}

@@ -1,0 +1,126 @@
+//! The enrollment service's file (`netproc ca serve --config ca.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, LogFormat, invalid, read, relative_to};
+
+/// An enrollment service: where it listens, the online intermediate CA
+/// (its key mode 0600, refused otherwise), the offline root it chains to,
+/// and its state database.
+///
+/// ```toml
+/// listen = "0.0.0.0:7443"                 # never the RPC port
+/// names = ["ca.example.internal"]         # what clients dial; its certificate is issued for them
+/// root = "pki/ca.crt"                     # the root, offline: only its certificate here
+/// intermediate_cert = "pki/online.crt"    # `netproc pki issue-intermediate`
+/// intermediate_key = "pki/online.key"
+/// state = "enroll.db"
+/// trust_domain = "example.internal"       # in each certificate's URI SAN
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CaFile {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// DNS names or IP addresses clients reach the service by.
+    pub names: Vec<String>,
+    /// The root CA certificate (PEM).
+    pub root: PathBuf,
+    /// The online intermediate's certificate (PEM).
+    pub intermediate_cert: PathBuf,
+    /// Its key (PEM, mode 0600).
+    pub intermediate_key: PathBuf,
+    /// The token and issue database (SQLite; created if missing).
+    pub state: PathBuf,
+    /// The trust domain of every issued URI SAN
+    /// (`netproc://<trust_domain>/<profile>/<name>`). Default
+    /// `netproc.local`.
+    pub trust_domain: Option<String>,
+    /// Client certificates' lifetime, hours (default 24).
+    pub client_lifetime_hours: Option<u64>,
+    /// Server certificates' lifetime, hours (default 24).
+    pub server_lifetime_hours: Option<u64>,
+    /// Connections per source address per minute (default 30).
+    pub per_ip_per_minute: Option<u32>,
+    /// Log format. Default text.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(skip)]
+    dir: PathBuf,
+}
+
+impl CaFile {
+    /// Reads a CA file.
+    pub fn load(path: impl AsRef<Path>) -> Result<CaFile, ConfigError> {
+        let path = path.as_ref();
+        let mut file: CaFile = read(path)?;
+        file.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if file.names.is_empty() {
+            return Err(invalid(
+                path,
+                "names: at least one name clients reach the service by",
+            ));
+        }
+        Ok(file)
+    }
+
+    /// The token store.
+    pub fn store(&self, config_path: &Path) -> Result<crate::enroll::TokenStore, ConfigError> {
+        crate::enroll::TokenStore::open(relative_to(&self.dir, &self.state))
+            .map_err(|e| invalid(config_path, format!("state: {e}")))
+    }
+
+    /// The root's certificate.
+    pub fn root(
+        &self,
+        config_path: &Path,
+    ) -> Result<rustls_pki_types::CertificateDer<'static>, ConfigError> {
+        let anchors = crate::pki::TrustAnchors::load(relative_to(&self.dir, &self.root))
+            .map_err(|e| invalid(config_path, format!("root: {e}")))?;
+        anchors
+            .certificates()
+            .first()
+            .cloned()
+            .ok_or_else(|| invalid(config_path, "root: no certificate"))
+    }
+
+    /// The online intermediate (its key file must be mode 0600).
+    pub fn intermediate(
+        &self,
+        config_path: &Path,
+    ) -> Result<crate::pki::CertificateAuthority, ConfigError> {
+        crate::pki::CertificateAuthority::load(
+            relative_to(&self.dir, &self.intermediate_cert),
+            relative_to(&self.dir, &self.intermediate_key),
+        )
+        .map_err(|e| {
+            invalid(
+                config_path,
+                format!("intermediate_cert / intermediate_key: {e}"),
+            )
+        })
+    }
+
+    /// The service's settings.
+    pub fn service_config(&self) -> crate::enroll::EnrollConfig {
+        let mut c = crate::enroll::EnrollConfig::new(self.listen, self.names.clone());
+        if let Some(d) = &self.trust_domain {
+            c.trust_domain = d.clone();
+        }
+        if let Some(h) = self.client_lifetime_hours {
+            c.client_lifetime = Duration::from_secs(h.max(1) * 3600);
+        }
+        if let Some(h) = self.server_lifetime_hours {
+            c.server_lifetime = Duration::from_secs(h.max(1) * 3600);
+        }
+        if let Some(n) = self.per_ip_per_minute {
+            c.per_ip_per_minute = n.max(1);
+        }
+        c
+    }
+}
