@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use netproc_pki::{CertificateRequest, Fingerprint, Identity};
 use rustls_pki_types::pem::PemObject;
@@ -144,14 +144,32 @@ pub async fn enroll_with_token(e: &TokenEnrollment) -> Result<Enrolled, EnrollEr
         profile: e.profile.as_str().to_owned(),
         csr: request.der().to_vec(),
     };
-    let chain = exchange(e, &message).await?;
+    let link = Link {
+        server: &e.server,
+        server_name: &e.server_name,
+        root: e.root,
+        timeout: e.timeout,
+    };
+    let chain = exchange(&link, None, &message).await?;
+    finish(chain, &request, key_pem, e.root, e.profile)
+}
+
+/// Checks what came back: a chain ending at the pinned root, whose leaf is
+/// for the requested key.
+fn finish(
+    chain: Vec<Vec<u8>>,
+    request: &CertificateRequest,
+    key_pem: Zeroizing<String>,
+    pinned: Fingerprint,
+    profile: Profile,
+) -> Result<Enrolled, EnrollError> {
     let mut chain: Vec<CertificateDer<'static>> =
         chain.into_iter().map(CertificateDer::from).collect();
     let root = match chain.pop() {
         Some(root) if !chain.is_empty() => root,
         _ => return Err(EnrollError::Protocol("the chain is too short".into())),
     };
-    if Fingerprint::of(&root) != e.root {
+    if Fingerprint::of(&root) != pinned {
         return Err(EnrollError::Protocol(
             "the chain does not end at the pinned root".into(),
         ));
@@ -167,7 +185,7 @@ pub async fn enroll_with_token(e: &TokenEnrollment) -> Result<Enrolled, EnrollEr
         .verify_client(&chain, std::time::SystemTime::now())
         .or_else(|_| {
             // A server certificate is not a client one: check the chain only.
-            match e.profile {
+            match profile {
                 Profile::Server => Ok(()),
                 Profile::Client => Err(EnrollError::Protocol(
                     "the certificate does not chain to the pinned root".into(),
@@ -181,15 +199,27 @@ pub async fn enroll_with_token(e: &TokenEnrollment) -> Result<Enrolled, EnrollEr
     })
 }
 
-async fn exchange(e: &TokenEnrollment, message: &Request) -> Result<Vec<Vec<u8>>, EnrollError> {
-    let config = netproc_pki::enroll_client_config(e.root, None)?;
+/// Where the service is.
+struct Link<'a> {
+    server: &'a str,
+    server_name: &'a str,
+    root: Fingerprint,
+    timeout: Duration,
+}
+
+async fn exchange(
+    e: &Link<'_>,
+    identity: Option<&Identity>,
+    message: &Request,
+) -> Result<Vec<Vec<u8>>, EnrollError> {
+    let config = netproc_pki::enroll_client_config(e.root, identity)?;
     let connector = TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from(e.server_name.clone())
+    let name = ServerName::try_from(e.server_name.to_owned())
         .map_err(|_| EnrollError::Invalid(format!("server name {:?}", e.server_name)))?;
     let io = |what: &str, err: &dyn std::fmt::Display| {
         EnrollError::Io(format!("{what} {}: {err}", e.server))
     };
-    let tcp = tokio::time::timeout(e.timeout, TcpStream::connect(&e.server))
+    let tcp = tokio::time::timeout(e.timeout, TcpStream::connect(e.server))
         .await
         .map_err(|_| io("connect to", &"timed out"))?
         .map_err(|err| io("connect to", &err))?;
@@ -207,6 +237,91 @@ async fn exchange(e: &TokenEnrollment, message: &Request) -> Result<Vec<Vec<u8>>
     match response {
         Response::Issued { chain } => Ok(chain),
         Response::Refused { code, message } => Err(EnrollError::Refused { code, message }),
+    }
+}
+
+/// Renewing: where the service is and the pinned root.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Renewal {
+    /// `host:port` of the enrollment service.
+    pub server: String,
+    /// The name its certificate is checked for.
+    pub server_name: String,
+    /// SHA-256 of the root certificate.
+    pub root: Fingerprint,
+    /// A new key instead of the current one.
+    pub rekey: bool,
+    /// Connect, handshake and answer, each (10 s).
+    pub timeout: Duration,
+}
+
+impl Renewal {
+    /// Renewing at `server` (`host:port`), the root pinned.
+    pub fn new(server: impl Into<String>, root: Fingerprint) -> Renewal {
+        let server = server.into();
+        let server_name =
+            TokenEnrollment::new(server.clone(), "", "", Profile::Client, root).server_name;
+        Renewal {
+            server,
+            server_name,
+            root,
+            rekey: false,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Renews `current` over mTLS with it: a new certificate for the same
+/// name, profile and SANs, for the same key (or a new one with
+/// [`Renewal::rekey`]). A revoked or expired certificate cannot renew
+/// (`not_renewable`, or refused at the handshake): enroll again.
+pub async fn renew(r: &Renewal, current: &Enrolled) -> Result<Enrolled, EnrollError> {
+    let identity = current.identity()?;
+    let leaf = identity.cert_identity();
+    let name = leaf.common_name.clone().unwrap_or_default();
+    let profile = if leaf
+        .key_purposes
+        .iter()
+        .any(|p| matches!(p, netproc_pki::KeyPurpose::ServerAuth))
+    {
+        Profile::Server
+    } else {
+        Profile::Client
+    };
+    let (request, key_pem) = if r.rekey {
+        CertificateRequest::generate(&name)?
+    } else {
+        (
+            CertificateRequest::for_key_pem(&name, &current.key_pem)?,
+            current.key_pem.clone(),
+        )
+    };
+    let message = Request::Renew {
+        version: wire::VERSION,
+        csr: request.der().to_vec(),
+    };
+    let link = Link {
+        server: &r.server,
+        server_name: &r.server_name,
+        root: r.root,
+        timeout: r.timeout,
+    };
+    let chain = exchange(&link, Some(&identity), &message).await?;
+    finish(chain, &request, key_pem, r.root, profile)
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`: at
+/// two thirds of its lifetime, moved by up to ±10 % of it (`jitter` in
+/// [-1, 1]), so a fleet enrolled at once does not renew at once.
+pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let base = lifetime.mul_f64(2.0 / 3.0);
+    let shift = lifetime.mul_f64(0.1 * jitter.clamp(-1.0, 1.0).abs());
+    if jitter < 0.0 {
+        not_before + base.saturating_sub(shift)
+    } else {
+        not_before + base + shift
     }
 }
 

@@ -61,7 +61,9 @@ mod service;
 mod store;
 pub mod wire;
 
-pub use client::{Enrolled, TokenEnrollment, enroll_with_token, parse_fingerprint};
+pub use client::{
+    Enrolled, Renewal, TokenEnrollment, enroll_with_token, parse_fingerprint, renew, renew_at,
+};
 pub use service::{EnrollConfig, EnrollHandle, EnrollService};
 pub use store::{TokenSpec, TokenStore};
 pub use wire::RefusalCode;

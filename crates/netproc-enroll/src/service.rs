@@ -222,9 +222,24 @@ async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpA
     let Ok(Ok(mut tls)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await else {
         return;
     };
+    let presented = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
     let request = tokio::time::timeout(timeout, wire::read_frame::<_, Request>(&mut tls)).await;
     let response = match request {
-        Ok(Ok(request)) => handle(shared, request, peer).await,
+        Ok(Ok(Request::Token {
+            version,
+            token,
+            name,
+            profile,
+            csr,
+        })) => handle_token(shared, version, token, name, profile, csr, peer).await,
+        Ok(Ok(Request::Renew { version, csr })) => {
+            handle_renew(shared, version, presented, csr, peer).await
+        }
         Ok(Err(wire::FrameError::Io(_))) | Err(_) => return,
         Ok(Err(_)) => refusal(
             RefusalCode::InvalidRequest,
@@ -256,14 +271,26 @@ fn refusal(code: RefusalCode, message: &str, peer: IpAddr, name: &str) -> Respon
     }
 }
 
-async fn handle(shared: &Shared, request: Request, peer: IpAddr) -> Response {
-    let Request::Token {
-        version,
-        token,
-        name,
-        profile,
-        csr,
-    } = request;
+fn parse_csr(csr: &[u8], peer: IpAddr, name: &str) -> Result<CertificateRequest, Response> {
+    CertificateRequest::from_der(csr).map_err(|_| {
+        refusal(
+            RefusalCode::BadCsr,
+            "the certificate request is malformed, wrongly signed or of an unsupported key type",
+            peer,
+            name,
+        )
+    })
+}
+
+async fn handle_token(
+    shared: &Shared,
+    version: u8,
+    token: String,
+    name: String,
+    profile: String,
+    csr: Vec<u8>,
+    peer: IpAddr,
+) -> Response {
     let token = zeroize::Zeroizing::new(token);
     if version != wire::VERSION {
         return refusal(
@@ -282,16 +309,9 @@ async fn handle(shared: &Shared, request: Request, peer: IpAddr) -> Response {
         );
     }
     // The request is checked before the token is spent.
-    let request = match CertificateRequest::from_der(&csr) {
+    let request = match parse_csr(&csr, peer, &name) {
         Ok(r) => r,
-        Err(_) => {
-            return refusal(
-                RefusalCode::BadCsr,
-                "the certificate request is malformed, wrongly signed or of an unsupported key type",
-                peer,
-                &name,
-            );
-        }
+        Err(refused) => return refused,
     };
     let store = shared.store.clone();
     let now = SystemTime::now();
@@ -310,6 +330,109 @@ async fn handle(shared: &Shared, request: Request, peer: IpAddr) -> Response {
             return refusal(code, message, peer, &name);
         }
     };
+    issue(
+        shared,
+        &request,
+        &redeemed.name,
+        redeemed.profile,
+        &redeemed.sans,
+        peer,
+        "enroll_issued",
+    )
+    .await
+}
+
+/// A renewal: the presented certificate (its chain and validity already
+/// checked by TLS against the root) must carry this service's URI SAN and
+/// be one it issued and did not revoke.
+async fn handle_renew(
+    shared: &Shared,
+    version: u8,
+    presented: Option<CertificateDer<'static>>,
+    csr: Vec<u8>,
+    peer: IpAddr,
+) -> Response {
+    if version != wire::VERSION {
+        return refusal(
+            RefusalCode::InvalidRequest,
+            "unknown protocol version",
+            peer,
+            "-",
+        );
+    }
+    let not_renewable = |name: &str| {
+        refusal(
+            RefusalCode::NotRenewable,
+            "renewal needs a current certificate this service issued and did not revoke: enroll again",
+            peer,
+            name,
+        )
+    };
+    let Some(leaf) = presented.and_then(|c| netproc_pki::CertIdentity::from_der(&c).ok()) else {
+        return not_renewable("-");
+    };
+    let prefix = format!("netproc://{}/", shared.config.trust_domain);
+    let Some((profile, name)) = leaf.sans.iter().find_map(|san| match san {
+        SubjectAltName::Uri(u) => u
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split_once('/'))
+            .and_then(|(p, n)| Some((Profile::parse(p)?, n.to_owned()))),
+        _ => None,
+    }) else {
+        return not_renewable("-");
+    };
+    let request = match parse_csr(&csr, peer, &name) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    let store = shared.store.clone();
+    let (serial, n) = (leaf.serial.clone(), name.clone());
+    let renewable = tokio::task::spawn_blocking(move || store.renewable(&serial, &n, profile))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    match renewable {
+        Some(true) => {}
+        Some(false) => return not_renewable(&name),
+        None => return refusal(RefusalCode::Internal, "try again later", peer, &name),
+    }
+    let sans: Vec<String> = leaf
+        .sans
+        .iter()
+        .filter_map(|san| match san {
+            SubjectAltName::Dns(d) => Some(d.clone()),
+            SubjectAltName::Ip(ip) => Some(ip.to_string()),
+            _ => None,
+        })
+        .collect();
+    issue(
+        shared,
+        &request,
+        &name,
+        profile,
+        &sans,
+        peer,
+        "enroll_renewed",
+    )
+    .await
+}
+
+/// Issues, records and audits a certificate for `request`'s key.
+async fn issue(
+    shared: &Shared,
+    request: &CertificateRequest,
+    name: &str,
+    profile: Profile,
+    sans: &[String],
+    peer: IpAddr,
+    event: &'static str,
+) -> Response {
+    let now = SystemTime::now();
+    let redeemed = crate::store::Redeemed {
+        name: name.to_owned(),
+        profile,
+        sans: sans.to_vec(),
+    };
     let uri = format!(
         "netproc://{}/{}/{}",
         shared.config.trust_domain,
@@ -327,7 +450,7 @@ async fn handle(shared: &Shared, request: Request, peer: IpAddr) -> Response {
     }
     .san(SubjectAltName::Uri(uri))
     .validity(validity);
-    let cert = match shared.ca.issue_for_request(&request, &params) {
+    let cert = match shared.ca.issue_for_request(request, &params) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot issue a certificate");
@@ -354,13 +477,13 @@ async fn handle(shared: &Shared, request: Request, peer: IpAddr) -> Response {
         .increment(1);
     tracing::info!(
         target: netproc_server::AUDIT_TARGET,
-        event = "enroll_issued",
+        event,
         name = %redeemed.name,
         profile = redeemed.profile.as_str(),
         serial = %serial,
         spki = %request.spki_fingerprint(),
         peer = %peer,
-        "certificate issued by token"
+        "certificate issued"
     );
     Response::Issued {
         chain: vec![

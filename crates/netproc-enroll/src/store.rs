@@ -121,7 +121,8 @@ CREATE TABLE IF NOT EXISTS enroll_issued (
     spki_sha256 TEXT NOT NULL,
     source TEXT NOT NULL,
     issued_ms INTEGER NOT NULL,
-    not_after_ms INTEGER NOT NULL
+    not_after_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
 );
 ";
 
@@ -262,7 +263,7 @@ impl TokenStore {
                 "INSERT INTO enroll_issued (serial, name, profile, spki_sha256, source, issued_ms, not_after_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
-                    issued.serial,
+                    issued.serial.to_ascii_lowercase(),
                     issued.name,
                     issued.profile.as_str(),
                     issued.spki,
@@ -273,6 +274,37 @@ impl TokenStore {
             )
             .map_err(db_err)?;
         Ok(())
+    }
+
+    /// Marks an issued certificate revoked (it can no longer renew); false
+    /// if this service did not issue it. Blocking (SQLite).
+    pub fn revoke(&self, serial: &str, now: SystemTime) -> Result<bool, EnrollError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE enroll_issued SET revoked_ms = ?1 WHERE serial = ?2 AND revoked_ms IS NULL",
+                params![unix_ms(now), serial.to_ascii_lowercase()],
+            )
+            .map_err(db_err)?;
+        Ok(n == 1)
+    }
+
+    /// Whether `serial` was issued here for (`name`, `profile`) and is not
+    /// revoked. Blocking (SQLite).
+    pub(crate) fn renewable(
+        &self,
+        serial: &str,
+        name: &str,
+        profile: Profile,
+    ) -> Result<bool, EnrollError> {
+        self.conn()
+            .query_row(
+                "SELECT count(*) FROM enroll_issued WHERE serial = ?1 AND name = ?2 AND profile = ?3 AND revoked_ms IS NULL",
+                params![serial.to_ascii_lowercase(), name, profile.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n == 1)
+            .map_err(db_err)
     }
 
     /// How many certificates were issued for `name`. Blocking (SQLite).

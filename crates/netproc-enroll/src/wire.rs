@@ -28,6 +28,16 @@ pub enum Request {
         /// A PKCS#10 request (DER) for a key made on the client.
         csr: Vec<u8>,
     },
+    /// A new certificate for the identity of the client certificate this
+    /// connection presented (issued by this service, not revoked, not
+    /// expired): the same name, profile and SANs, for the key of `csr` —
+    /// the current key, or a new one to re-key.
+    Renew {
+        /// The protocol version ([`VERSION`]).
+        version: u8,
+        /// A PKCS#10 request (DER).
+        csr: Vec<u8>,
+    },
 }
 
 /// What the service answers.
@@ -73,6 +83,10 @@ pub enum RefusalCode {
     /// The service failed; the client may retry.
     #[error("internal")]
     Internal,
+    /// Renewal: no client certificate was presented, or it is revoked, or
+    /// this service did not issue it — enroll again.
+    #[error("not_renewable")]
+    NotRenewable,
 }
 
 /// A frame could not be read or written.

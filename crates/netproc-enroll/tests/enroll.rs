@@ -353,3 +353,118 @@ async fn a_client_that_never_finishes_is_dropped_and_floods_are_limited() {
     assert!(closed >= 4, "{closed}");
     s.service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_renews_over_mtls_keeping_or_changing_its_key() {
+    let s = setup(|_| {}).await;
+    let token = s.token("alice", Profile::Client);
+    let first = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
+        .await
+        .unwrap();
+    let renewal = Renewal::new(
+        format!("localhost:{}", s.service.local_addr().port()),
+        s.service.root_fingerprint(),
+    );
+    let second = renew(&renewal, &first).await.unwrap();
+    let (a, b) = (
+        first.identity().unwrap().cert_identity().clone(),
+        second.identity().unwrap().cert_identity().clone(),
+    );
+    assert_ne!(a.serial, b.serial);
+    assert_eq!(a.spki_fingerprint, b.spki_fingerprint, "the key is kept");
+    assert_eq!(b.common_name.as_deref(), Some("alice"));
+    assert_eq!(a.sans, b.sans, "the same stable URI SAN");
+    // Re-keying.
+    let mut rekey = renewal.clone();
+    rekey.rekey = true;
+    let third = renew(&rekey, &second).await.unwrap();
+    assert_ne!(
+        third.identity().unwrap().cert_identity().spki_fingerprint,
+        b.spki_fingerprint
+    );
+    assert_eq!(s.store.issued_count("alice").unwrap(), 3);
+    // A revoked certificate cannot renew.
+    assert!(
+        s.store
+            .revoke(
+                &third.identity().unwrap().cert_identity().serial,
+                SystemTime::now()
+            )
+            .unwrap()
+    );
+    match renew(&renewal, &third).await {
+        Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotRenewable),
+        other => panic!("{other:?}"),
+    }
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_the_service_did_not_issue_cannot_renew() {
+    let s = setup(|_| {}).await;
+    let renewal = Renewal::new(
+        format!("localhost:{}", s.service.local_addr().port()),
+        s.service.root_fingerprint(),
+    );
+    let as_enrolled = |cert: &netproc_pki::IssuedCert, root: &CertificateAuthority| Enrolled {
+        key_pem: cert.key_pem().clone(),
+        chain: vec![cert.certificate().clone()],
+        root: root.certificate().clone(),
+    };
+    // Chains to the root, claims the service's URI SAN, but was never
+    // issued by it.
+    let forged = s
+        .root
+        .issue(
+            &LeafParams::client("mallory").san(netproc_pki::SubjectAltName::Uri(
+                "netproc://netproc.local/client/mallory".into(),
+            )),
+        )
+        .unwrap();
+    match renew(&renewal, &as_enrolled(&forged, &s.root)).await {
+        Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotRenewable),
+        other => panic!("{other:?}"),
+    }
+    // From a rogue CA: refused at the handshake.
+    let rogue = CertificateAuthority::generate(&CaParams::new("rogue")).unwrap();
+    let cert = rogue.issue(&LeafParams::client("eve")).unwrap();
+    assert!(matches!(
+        renew(&renewal, &as_enrolled(&cert, &s.root)).await,
+        Err(EnrollError::Tls(_) | EnrollError::Io(_))
+    ));
+    // Expired: refused at the handshake too.
+    let expired = s
+        .root
+        .issue(
+            &LeafParams::client("old").validity(netproc_pki::Validity::new(
+                SystemTime::now() - Duration::from_secs(7200),
+                SystemTime::now() - Duration::from_secs(3600),
+            )),
+        )
+        .unwrap();
+    assert!(matches!(
+        renew(&renewal, &as_enrolled(&expired, &s.root)).await,
+        Err(EnrollError::Tls(_) | EnrollError::Io(_))
+    ));
+    // The service still serves.
+    let token = s.token("ok", Profile::Client);
+    assert!(
+        enroll_with_token(&s.enrollment(&token, "ok", Profile::Client))
+            .await
+            .is_ok()
+    );
+    s.service.shutdown().await;
+}
+
+#[test]
+fn renewal_is_due_at_two_thirds_give_or_take_a_tenth() {
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let end = start + Duration::from_secs(3000);
+    assert_eq!(renew_at(start, end, 0.0), start + Duration::from_secs(2000));
+    assert_eq!(renew_at(start, end, 1.0), start + Duration::from_secs(2300));
+    assert_eq!(
+        renew_at(start, end, -1.0),
+        start + Duration::from_secs(1700)
+    );
+    assert_eq!(renew_at(start, end, 7.0), start + Duration::from_secs(2300));
+}
