@@ -454,7 +454,7 @@ async fn issue(
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot issue a certificate");
-            return refusal(RefusalCode::Internal, "try again later", peer, &name);
+            return refusal(RefusalCode::Internal, "try again later", peer, name);
         }
     };
     let serial = netproc_pki::CertIdentity::from_der(&cert)
@@ -471,7 +471,7 @@ async fn issue(
     let store = shared.store.clone();
     let recorded = tokio::task::spawn_blocking(move || store.record_issued(&record, now)).await;
     if !matches!(recorded, Ok(Ok(()))) {
-        return refusal(RefusalCode::Internal, "try again later", peer, &name);
+        return refusal(RefusalCode::Internal, "try again later", peer, name);
     }
     metrics::counter!("netproc_enroll_issued_total", "profile" => redeemed.profile.as_str())
         .increment(1);
