@@ -111,8 +111,8 @@ impl Client {
     /// Replaces this client's certificate and the CAs it trusts for servers
     /// (a renewed certificate, a CA rotation), for every server: new
     /// connections use them at once; established ones carry on until they
-    /// end or [`flush_server`](Client::flush_server) /
-    /// [`flush_all`](Client::flush_all) replaces them. Nothing changes if
+    /// end or [`migrate_all`](Client::migrate_all) (no call fails) or
+    /// [`flush_all`](Client::flush_all) (calls in flight fail) replaces them. Nothing changes if
     /// the material does not make a valid configuration for every server.
     pub fn set_identity(
         &self,
@@ -167,6 +167,17 @@ impl Client {
     pub fn flush_server(&self, name: &str) -> Result<(), ClientError> {
         self.server(name)?.slot.flush();
         Ok(())
+    }
+
+    /// Moves every server's traffic to a new connection without failing a
+    /// call: new calls dial afresh (with the identity of
+    /// [`set_identity`](Client::set_identity)), while the calls in flight
+    /// on the old connection finish there; it then closes (at the latest
+    /// one request timeout later).
+    pub fn migrate_all(&self) {
+        for slot in self.inner.slots.values() {
+            slot.migrate();
+        }
     }
 
     /// [`flush_server`](Client::flush_server) for every server.

@@ -44,6 +44,25 @@ pub(crate) struct Connection {
     frame_limit: u32,
     dead: CancellationToken,
     auth: AuthOk,
+    /// Set by [`Connection::drain`]: no new call; closed once idle.
+    draining: std::sync::atomic::AtomicBool,
+    /// Calls using this connection now (see [`Connection::enter`]).
+    active: AtomicUsize,
+    /// Woken when the last active call of a draining connection ends.
+    idle: Notify,
+}
+
+/// Held by a call while it uses a connection.
+pub(crate) struct Active<'a>(&'a Connection);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.draining.load(Ordering::SeqCst)
+        {
+            self.0.idle.notify_one();
+        }
+    }
 }
 
 fn io_error(server: &str, e: &std::io::Error, during: &str) -> ClientError {
@@ -263,6 +282,9 @@ pub(crate) async fn connect(
         wake_writer: Notify::new(),
         permits: Semaphore::new(in_flight),
         queued: AtomicUsize::new(0),
+        draining: std::sync::atomic::AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        idle: Notify::new(),
         max_queued: ep.max_queued_calls,
         frame_limit,
         dead: CancellationToken::new(),
@@ -437,7 +459,44 @@ impl Connection {
 
     /// Whether new calls may use this connection.
     pub(crate) fn usable(&self) -> bool {
-        !self.dead.is_cancelled() && self.lock().closed.is_none()
+        !self.dead.is_cancelled()
+            && !self.draining.load(Ordering::SeqCst)
+            && self.lock().closed.is_none()
+    }
+
+    /// A call starts using this connection; `None` if it is draining (the
+    /// caller takes a fresh one). With [`drain`](Self::drain), either the
+    /// call sees the drain or the drain sees the call: never neither.
+    pub(crate) fn enter(&self) -> Option<Active<'_>> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let guard = Active(self);
+        if self.draining.load(Ordering::SeqCst) {
+            drop(guard);
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Takes no new call; closes once the calls using it have ended (at
+    /// most `max` from now, after which the rest end as `unavailable`).
+    pub(crate) fn drain(self: Arc<Self>, max: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + max;
+            loop {
+                if self.active.load(Ordering::SeqCst) == 0 || self.dead.is_cancelled() {
+                    break;
+                }
+                tokio::select! {
+                    () = self.idle.notified() => {}
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            self.fail(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the connection was replaced (drained)",
+            ));
+        });
     }
 
     pub(crate) fn auth(&self) -> &AuthOk {

@@ -61,8 +61,19 @@ impl ServerRef {
         timeout: Duration,
     ) -> Result<Value, ClientError> {
         let deadline = Instant::now() + timeout;
-        let conn = self.slot.connection(deadline).await?;
-        conn.request(op, deadline).await
+        // A connection being drained (migrate_all) takes no new call: the
+        // next one is fresh.
+        for _ in 0..3 {
+            let conn = self.slot.connection(deadline).await?;
+            if let Some(_active) = conn.enter() {
+                return conn.request(op, deadline).await;
+            }
+        }
+        Err(ClientError::Connect {
+            server: self.slot.name.clone(),
+            kind: std::io::ErrorKind::ConnectionAborted,
+            message: "the connection kept being replaced".into(),
+        })
     }
 
     /// Runs an operation with the endpoint's default deadline.
@@ -225,11 +236,20 @@ impl ServerRef {
     /// Sends a `Ping` and returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let deadline = Instant::now() + self.slot.endpoint.request_timeout;
-        let conn = self.slot.connection(deadline).await?;
-        let started = Instant::now();
-        let nonce = self.inner.nonce.fetch_add(1, Ordering::Relaxed);
-        conn.ping(nonce, deadline).await?;
-        Ok(started.elapsed())
+        for _ in 0..3 {
+            let conn = self.slot.connection(deadline).await?;
+            if let Some(_active) = conn.enter() {
+                let started = Instant::now();
+                let nonce = self.inner.nonce.fetch_add(1, Ordering::Relaxed);
+                conn.ping(nonce, deadline).await?;
+                return Ok(started.elapsed());
+            }
+        }
+        Err(ClientError::Connect {
+            server: self.slot.name.clone(),
+            kind: std::io::ErrorKind::ConnectionAborted,
+            message: "the connection kept being replaced".into(),
+        })
     }
 
     /// The session id and privileges the server granted (connecting if needed).

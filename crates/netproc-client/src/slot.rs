@@ -111,6 +111,14 @@ impl Slot {
         }
     }
 
+    /// New calls go to a new connection (with the current TLS
+    /// configuration); the old one finishes its calls, then closes.
+    pub(crate) fn migrate(&self) {
+        if let Some(conn) = self.current.swap(None) {
+            conn.drain(self.endpoint.request_timeout + Duration::from_secs(1));
+        }
+    }
+
     pub(crate) fn flush(&self) {
         if let Some(conn) = self.current.swap(None) {
             conn.close();

@@ -109,3 +109,53 @@ async fn an_unknown_server_name_is_a_typed_error() {
         .unwrap();
     assert!(client.server("s2").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_all_moves_to_the_new_identity_without_failing_a_call() {
+    let pki = TestPki::new();
+    let (srv, api_key) = server(&pki, "s1").await;
+    let client = Client::builder()
+        .server("s1", pki.endpoint(&pki.client, srv.local_addr(), &api_key))
+        .build()
+        .unwrap();
+    let s1 = client.server("s1").unwrap();
+    let before = s1.who_am_i().await.unwrap();
+    // A steady stream of calls, each in flight for a while.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (s1, stop) = (s1.clone(), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match s1.call::<u64>("sleep_ms", (50u64,)).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A renewed certificate (same name, new key) replaces the old one.
+    let renewed = pki.ca.issue(&netproc_pki::LeafParams::client("client")).unwrap();
+    client
+        .set_identity(&renewed.identity().unwrap(), &pki.ca.trust_anchors())
+        .unwrap();
+    client.migrate_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let (ok, failed) = w.await.unwrap();
+        assert!(failed.is_empty(), "calls failed during the migration: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 16, "{total}");
+    let after = s1.who_am_i().await.unwrap();
+    assert_ne!(after.session_id, before.session_id);
+    assert_eq!(
+        after.cert_fingerprint,
+        renewed.cert_identity().fingerprint.to_string()
+    );
+}
