@@ -356,3 +356,70 @@ fn tls_message(err: &std::io::Error, root: Fingerprint) -> String {
         err.to_string()
     }
 }
+
+/// Keeps `current` renewed until `shutdown`: at two thirds of the time it
+/// has left when received (±10 % jitter), renews it (see [`renew`]) and
+/// hands the new one to `on_renewed` — e.g. `Client::set_identity` then
+/// `Client::migrate_all`, or writing the files a server watches. A failed
+/// renewal is retried with backoff (1 s doubling, at most a tenth of the
+/// lifetime) and counted in `netproc_renewal_failures_total`;
+/// `netproc_cert_expires_in_seconds` says how long the current one has.
+/// Returns the last certificate held.
+pub async fn keep_renewed(
+    renewal: Renewal,
+    mut current: Enrolled,
+    mut on_renewed: impl FnMut(&Enrolled) + Send,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Enrolled {
+    tokio::pin!(shutdown);
+    let mut received = SystemTime::now();
+    let mut failures = 0u32;
+    loop {
+        let Ok(identity) = current.identity() else {
+            return current;
+        };
+        let not_after = identity.cert_identity().not_after;
+        let left = not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        metrics::gauge!("netproc_cert_expires_in_seconds").set(left.as_secs_f64());
+        let lifetime = not_after.duration_since(received).unwrap_or_default();
+        let due = match failures {
+            0 => renew_at(received, not_after, jitter()),
+            n => {
+                let step = Duration::from_secs(1)
+                    .saturating_mul(1 << n.min(16))
+                    .min(lifetime / 10)
+                    .max(Duration::from_millis(100));
+                SystemTime::now() + step
+            }
+        };
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            () = &mut shutdown => return current,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match renew(&renewal, &current).await {
+            Ok(next) => {
+                failures = 0;
+                received = SystemTime::now();
+                on_renewed(&next);
+                current = next;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                metrics::counter!("netproc_renewal_failures_total").increment(1);
+                tracing::warn!(error = %e, failures, "certificate renewal failed; retrying");
+            }
+        }
+    }
+}
+
+/// A number in [-1, 1] from the RNG (0 if it fails).
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    if netproc_pki::random_bytes(&mut b).is_err() {
+        return 0.0;
+    }
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX) * 2.0 - 1.0
+}

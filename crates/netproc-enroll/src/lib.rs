@@ -62,7 +62,8 @@ mod store;
 pub mod wire;
 
 pub use client::{
-    Enrolled, Renewal, TokenEnrollment, enroll_with_token, parse_fingerprint, renew, renew_at,
+    Enrolled, Renewal, TokenEnrollment, enroll_with_token, keep_renewed, parse_fingerprint, renew,
+    renew_at,
 };
 pub use service::{EnrollConfig, EnrollHandle, EnrollService};
 pub use store::{TokenSpec, TokenStore};

@@ -468,3 +468,112 @@ fn renewal_is_due_at_two_thirds_give_or_take_a_tenth() {
     );
     assert_eq!(renew_at(start, end, 7.0), start + Duration::from_secs(2300));
 }
+
+/// 3-second certificates renewed live under a steady stream of calls:
+/// no call fails, and each renewal moves the client to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_renew_under_load_without_a_failed_call() {
+    let s = setup(|c| c.client_lifetime = Duration::from_secs(3)).await;
+    let token = s.token("alice", Profile::Client);
+    let enrolled = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
+        .await
+        .unwrap();
+    let server_cert = s
+        .root
+        .issue(&LeafParams::server("s", ["localhost"]))
+        .unwrap();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let (_, key) = keys
+        .create(KeySpec::new("invoke_functions".parse().unwrap()))
+        .unwrap();
+    let server = Server::builder(
+        "s",
+        server_cert.identity().unwrap(),
+        s.root.trust_anchors(),
+        Arc::clone(&keys),
+    )
+    .function("sleep_ms", |_: CallContext, (ms,): (u64,)| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok::<_, CallError>(ms)
+    })
+    .start()
+    .await
+    .unwrap();
+    let client = Client::builder()
+        .server(
+            "s",
+            ServerEndpoint::new(
+                server.local_addr(),
+                "localhost",
+                enrolled.identity().unwrap(),
+                s.root.trust_anchors(),
+                key.to_secret(),
+            ),
+        )
+        .build()
+        .unwrap();
+    let renewed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let renewer = tokio::spawn({
+        let (client, renewed, anchors) =
+            (client.clone(), Arc::clone(&renewed), s.root.trust_anchors());
+        let renewal = Renewal::new(
+            format!("localhost:{}", s.service.local_addr().port()),
+            s.service.root_fingerprint(),
+        );
+        async move {
+            keep_renewed(
+                renewal,
+                enrolled,
+                move |next| {
+                    client
+                        .set_identity(&next.identity().unwrap(), &anchors)
+                        .unwrap();
+                    client.migrate_all();
+                    renewed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+        }
+    });
+    let s1 = client.server("s").unwrap();
+    let started = std::time::Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let s1 = s1.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while started.elapsed() < Duration::from_secs(9) {
+                match s1.call::<u64>("sleep_ms", (20u64,)).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for w in workers {
+        let (ok, failed) = w.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(ok > 50, "{ok}");
+    }
+    let _ = stop.send(());
+    let last = renewer.await.unwrap();
+    let n = renewed.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n >= 4, "{n} renewals in 9 s of 3-second certificates");
+    // The client holds the last one.
+    let now = s1.who_am_i().await.unwrap();
+    assert_eq!(
+        now.cert_fingerprint,
+        last.identity()
+            .unwrap()
+            .cert_identity()
+            .fingerprint
+            .to_string()
+    );
+    server.shutdown(Duration::from_secs(1)).await;
+    s.service.shutdown().await;
+}

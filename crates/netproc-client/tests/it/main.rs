@@ -138,7 +138,10 @@ async fn migrate_all_moves_to_the_new_identity_without_failing_a_call() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // A renewed certificate (same name, new key) replaces the old one.
-    let renewed = pki.ca.issue(&netproc_pki::LeafParams::client("client")).unwrap();
+    let renewed = pki
+        .ca
+        .issue(&netproc_pki::LeafParams::client("client"))
+        .unwrap();
     client
         .set_identity(&renewed.identity().unwrap(), &pki.ca.trust_anchors())
         .unwrap();
@@ -148,7 +151,10 @@ async fn migrate_all_moves_to_the_new_identity_without_failing_a_call() {
     let mut total = 0;
     for w in workers {
         let (ok, failed) = w.await.unwrap();
-        assert!(failed.is_empty(), "calls failed during the migration: {failed:?}");
+        assert!(
+            failed.is_empty(),
+            "calls failed during the migration: {failed:?}"
+        );
         total += ok;
     }
     assert!(total > 16, "{total}");
