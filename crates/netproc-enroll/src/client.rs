@@ -116,6 +116,61 @@ impl Enrolled {
         netproc_pki::certificate_pem(&self.root)
     }
 
+    /// Reads what [`write_to`](Self::write_to) wrote.
+    pub fn read_from(dir: &Path) -> Result<Enrolled, EnrollError> {
+        let key = netproc_pki::read_secret_file(&dir.join("key.pem"))?;
+        let key_pem = Zeroizing::new(String::from_utf8_lossy(&key).into_owned());
+        let read = |file: &str| -> Result<Vec<CertificateDer<'static>>, EnrollError> {
+            let path = dir.join(file);
+            let text = std::fs::read(&path)
+                .map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))?;
+            CertificateDer::pem_slice_iter(&text)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EnrollError::Invalid(format!("{}: {e}", path.display())))
+        };
+        let chain = read("cert.pem")?;
+        let root = read("ca.pem")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| EnrollError::Invalid("ca.pem: no certificate".into()))?;
+        if chain.is_empty() {
+            return Err(EnrollError::Invalid("cert.pem: no certificate".into()));
+        }
+        let enrolled = Enrolled {
+            key_pem,
+            chain,
+            root,
+        };
+        enrolled.identity()?;
+        Ok(enrolled)
+    }
+
+    /// Replaces the files in `dir` with this (renewed) certificate, each
+    /// written beside and renamed into place, so a reader (a server
+    /// watching them) never sees half a file; the key first when it
+    /// changed.
+    pub fn replace_in(&self, dir: &Path) -> Result<(), EnrollError> {
+        let swap = |file: &str, bytes: &[u8], secret: bool| -> Result<(), EnrollError> {
+            let path = dir.join(file);
+            let tmp = dir.join(format!(".{file}.new"));
+            let _ = std::fs::remove_file(&tmp);
+            if secret {
+                netproc_pki::write_secret_file(&tmp, bytes, false)?;
+            } else {
+                std::fs::write(&tmp, bytes)
+                    .map_err(|e| EnrollError::Io(format!("{}: {e}", tmp.display())))?;
+            }
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| EnrollError::Io(format!("{}: {e}", path.display())))
+        };
+        let old_key = netproc_pki::read_secret_file(&dir.join("key.pem")).ok();
+        if old_key.as_deref().map(|k| k.as_slice()) != Some(self.key_pem.as_bytes()) {
+            swap("key.pem", self.key_pem.as_bytes(), true)?;
+        }
+        swap("cert.pem", self.chain_pem().as_bytes(), false)?;
+        swap("ca.pem", self.root_pem().as_bytes(), false)
+    }
+
     /// Writes `key.pem` (0600), `cert.pem` (the chain) and `ca.pem` (the
     /// root) into `dir`; an existing key file is not overwritten.
     pub fn write_to(&self, dir: &Path) -> Result<(), EnrollError> {

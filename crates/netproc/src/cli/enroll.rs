@@ -64,6 +64,43 @@ enum EnrollCommand {
     /// Tokens, made on the service host against its state database.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Renew the certificate in --dir (key.pem, cert.pem, ca.pem) over
+    /// mTLS with it; with --daemon, keep it renewed at two thirds of its
+    /// lifetime until SIGINT or SIGTERM (a server watching the files
+    /// picks each one up).
+    #[command(
+        after_help = "Example: netproc enroll renew --server ca.example:7443 --ca-fingerprint 3a5f… --dir tls/ --daemon"
+    )]
+    Renew {
+        /// The enrollment service, `host:port`.
+        #[arg(long)]
+        server: String,
+        /// The name its certificate is checked for (default: the host part of --server).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// The root certificate's SHA-256 fingerprint.
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// The directory `netproc enroll --out` wrote.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A new key instead of the current one.
+        #[arg(long)]
+        rekey: bool,
+        /// Keep renewing until SIGINT or SIGTERM.
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Mark a certificate this service issued as revoked: it can no longer
+    /// renew (deny it fleet-wide with `netproc creds deny-cert` too).
+    #[command(after_help = "Example: netproc enroll revoke --config ca.toml tls/cert.pem")]
+    Revoke {
+        /// The service configuration (ca.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// The certificate (PEM).
+        cert: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,8 +193,87 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Some(EnrollCommand::Renew {
+            server,
+            server_name,
+            ca_fingerprint,
+            dir,
+            rekey,
+            daemon,
+        }) => {
+            let root = fingerprint(&ca_fingerprint)?;
+            let current = netproc::enroll::Enrolled::read_from(&dir).map_err(usage)?;
+            let mut renewal = netproc::enroll::Renewal::new(server, root);
+            renewal.rekey = rekey;
+            if let Some(n) = server_name {
+                renewal.server_name = n;
+            }
+            if !daemon {
+                let next = netproc::enroll::renew(&renewal, &current)
+                    .await
+                    .map_err(failed)?;
+                next.replace_in(&dir).map_err(failed)?;
+                let leaf = next.identity().map_err(failed)?.cert_identity().clone();
+                output::done(
+                    &format!(
+                        "renewed {}: valid until {}",
+                        dir.join("cert.pem").display(),
+                        super::output::rfc3339_ms(netproc::wire::unix_ms(leaf.not_after))
+                    ),
+                    json!({"serial": leaf.serial, "not_after": super::output::rfc3339_ms(netproc::wire::unix_ms(leaf.not_after))}),
+                );
+                return Ok(());
+            }
+            init_logging(netproc::config::LogFormat::default());
+            outln!("keeping {} renewed", dir.join("cert.pem").display());
+            let out = dir.clone();
+            netproc::enroll::keep_renewed(
+                renewal,
+                current,
+                move |next| match next.replace_in(&out) {
+                    Ok(()) => tracing::info!(dir = %out.display(), "certificate renewed"),
+                    Err(e) => tracing::error!(error = %e, "cannot write the renewed certificate"),
+                },
+                async { while let Signal::Reload = wait_for_signal().await {} },
+            )
+            .await;
+            Ok(())
+        }
+        Some(EnrollCommand::Revoke { config, cert }) => {
+            let file = CaFile::load(&config).map_err(usage)?;
+            let pem =
+                std::fs::read(&cert).map_err(|e| usage(format!("{}: {e}", cert.display())))?;
+            let id = netproc::pki::CertIdentity::from_pem(&pem, &cert.display().to_string())
+                .map_err(usage)?;
+            let store = file.store(&config).map_err(usage)?;
+            let serial = id.serial.clone();
+            let done =
+                tokio::task::spawn_blocking(move || store.revoke(&serial, SystemTime::now()))
+                    .await
+                    .map_err(failed)?
+                    .map_err(failed)?;
+            if !done {
+                return Err(failed(format!(
+                    "serial {} was not issued by this service, or is revoked already",
+                    id.serial
+                )));
+            }
+            output::done(
+                &format!("revoked serial {}: it cannot renew", id.serial),
+                json!({"revoked": id.serial}),
+            );
+            Ok(())
+        }
         None => enroll_with_token(args.request).await,
     }
+}
+
+fn fingerprint(text: &str) -> Result<netproc::pki::Fingerprint, Failure> {
+    netproc::enroll::parse_fingerprint(text).ok_or_else(|| {
+        usage(format!(
+            "--ca-fingerprint {text:?}: expected 64 hex digits (colons allowed)"
+        ))
+    })
 }
 
 async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
@@ -173,11 +289,7 @@ async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
     let fingerprint = r
         .ca_fingerprint
         .ok_or_else(|| missing("--ca-fingerprint"))?;
-    let root = netproc::enroll::parse_fingerprint(&fingerprint).ok_or_else(|| {
-        usage(format!(
-            "--ca-fingerprint {fingerprint:?}: expected 64 hex digits (colons allowed)"
-        ))
-    })?;
+    let root = self::fingerprint(&fingerprint)?;
     let token = match token.strip_prefix('@') {
         Some(path) => {
             let bytes = netproc::pki::read_secret_file(Path::new(path))

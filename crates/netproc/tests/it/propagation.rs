@@ -817,6 +817,45 @@ fn a_new_host_enrolls_with_a_token_and_its_certificate_calls_a_served_server() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0);
+    // Renewed over mTLS with the current certificate, in place; once
+    // revoked at the service, it cannot renew.
+    let serial = |f: &str| {
+        let out = netproc(&["--json", "pki", "inspect", &p(f)]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["serial"].as_str().unwrap().to_owned()
+    };
+    let first = serial("alice-tls/cert.pem");
+    let renew = || {
+        netproc(&[
+            "enroll",
+            "renew",
+            "--server",
+            &format!("localhost:{port}"),
+            "--ca-fingerprint",
+            &fingerprint,
+            "--dir",
+            &p("alice-tls"),
+        ])
+    };
+    let out = renew();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = serial("alice-tls/cert.pem");
+    assert_ne!(first, second);
+    let out = netproc(&[
+        "enroll",
+        "revoke",
+        "--config",
+        &p("ca.toml"),
+        &p("alice-tls/cert.pem"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = renew();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not_renewable"),
+        "{}",
+        text(&out.stderr)
+    );
     // Used: a second enrollment with it is refused.
     let out = enroll(&token, &fingerprint, "again");
     assert_eq!(out.status.code(), Some(1));
