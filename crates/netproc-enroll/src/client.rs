@@ -267,6 +267,20 @@ async fn exchange(
     identity: Option<&Identity>,
     message: &Request,
 ) -> Result<Vec<Vec<u8>>, EnrollError> {
+    match send(e, identity, message).await? {
+        Response::Issued { chain } => Ok(chain),
+        Response::Refused { code, message } => Err(EnrollError::Refused { code, message }),
+        Response::Pending { .. } => Err(EnrollError::Protocol(
+            "a pairing answer to another request".into(),
+        )),
+    }
+}
+
+async fn send(
+    e: &Link<'_>,
+    identity: Option<&Identity>,
+    message: &Request,
+) -> Result<Response, EnrollError> {
     let config = netproc_pki::enroll_client_config(e.root, identity)?;
     let connector = TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(e.server_name.to_owned())
@@ -289,9 +303,123 @@ async fn exchange(
         .await
         .map_err(|_| io("answer from", &"timed out"))?
         .map_err(|err| io("answer from", &err))?;
-    match response {
-        Response::Issued { chain } => Ok(chain),
+    Ok(response)
+}
+
+/// Pairing: where the service is, the name asked for, the pinned root.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Pairing {
+    /// `host:port` of the enrollment service.
+    pub server: String,
+    /// The name its certificate is checked for.
+    pub server_name: String,
+    /// The name asked for.
+    pub name: String,
+    /// SHA-256 of the root certificate.
+    pub root: Fingerprint,
+    /// Connect, handshake and answer, each (10 s).
+    pub timeout: Duration,
+}
+
+impl Pairing {
+    /// Asking for `name` at `server` (`host:port`), the root pinned.
+    pub fn new(server: impl Into<String>, name: impl Into<String>, root: Fingerprint) -> Pairing {
+        let server = server.into();
+        let server_name =
+            TokenEnrollment::new(server.clone(), "", "", Profile::Client, root).server_name;
+        Pairing {
+            server,
+            server_name,
+            name: name.into(),
+            root,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A pairing waiting for its code: show [`sas`](Self::sas) to the
+/// requester, who checks it with the operator, then
+/// [`complete`](Self::complete) with the code the operator gives.
+pub struct PendingPairing {
+    pairing: Pairing,
+    /// The request's id.
+    pub request_id: u64,
+    /// The short authentication string, computed here from the request id
+    /// and this host's key: it must match what the operator was told.
+    pub sas: String,
+    /// How long the pairing waits.
+    pub expires_in: Duration,
+    request: CertificateRequest,
+    key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for PendingPairing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingPairing")
+            .field("request_id", &self.request_id)
+            .field("sas", &self.sas)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pairing, first step: makes the key here and sends a request for it;
+/// the operator is notified.
+pub async fn start_pairing(p: &Pairing) -> Result<PendingPairing, EnrollError> {
+    crate::check_name(&p.name)?;
+    let (request, key_pem) = CertificateRequest::generate(&p.name)?;
+    let message = Request::Pair {
+        version: wire::VERSION,
+        name: p.name.clone(),
+        csr: request.der().to_vec(),
+    };
+    let link = Link {
+        server: &p.server,
+        server_name: &p.server_name,
+        root: p.root,
+        timeout: p.timeout,
+    };
+    match send(&link, None, &message).await? {
+        Response::Pending {
+            request_id,
+            expires_in_s,
+        } => Ok(PendingPairing {
+            pairing: p.clone(),
+            request_id,
+            sas: crate::pairing_sas(request_id, request.spki_fingerprint()),
+            expires_in: Duration::from_secs(u64::from(expires_in_s)),
+            request,
+            key_pem,
+        }),
         Response::Refused { code, message } => Err(EnrollError::Refused { code, message }),
+        Response::Issued { .. } => Err(EnrollError::Protocol("issued without a code".into())),
+    }
+}
+
+impl PendingPairing {
+    /// Pairing, second step: the code the operator gave. A wrong code may
+    /// be tried again (`wrong_code`), a few times.
+    pub async fn complete(&self, code: &str) -> Result<Enrolled, EnrollError> {
+        let message = Request::PairCode {
+            version: wire::VERSION,
+            request_id: self.request_id,
+            code: code.trim().to_owned(),
+        };
+        let p = &self.pairing;
+        let link = Link {
+            server: &p.server,
+            server_name: &p.server_name,
+            root: p.root,
+            timeout: p.timeout,
+        };
+        let chain = exchange(&link, None, &message).await?;
+        finish(
+            chain,
+            &self.request,
+            self.key_pem.clone(),
+            p.root,
+            Profile::Client,
+        )
     }
 }
 

@@ -57,14 +57,16 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod client;
+mod pairing;
 mod service;
 mod store;
 pub mod wire;
 
 pub use client::{
-    Enrolled, Renewal, TokenEnrollment, enroll_with_token, keep_renewed, parse_fingerprint, renew,
-    renew_at,
+    Enrolled, Pairing, PendingPairing, Renewal, TokenEnrollment, enroll_with_token, keep_renewed,
+    parse_fingerprint, renew, renew_at, start_pairing,
 };
+pub use pairing::{Notifier, PairingNotice, pairing_sas};
 pub use service::{EnrollConfig, EnrollHandle, EnrollService};
 pub use store::{TokenSpec, TokenStore};
 pub use wire::RefusalCode;

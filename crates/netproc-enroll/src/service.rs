@@ -45,6 +45,13 @@ pub struct EnrollConfig {
     /// The TLS handshake and the request must each arrive within this
     /// (5 s).
     pub timeout: Duration,
+    /// How the operator is told about pairing requests; none: pairing is
+    /// off (tokens only).
+    pub notifier: Option<crate::Notifier>,
+    /// How long a pairing waits for its code (10 minutes).
+    pub pairing_ttl: Duration,
+    /// Pairings pending at once, at most (1,000; 5 per source address).
+    pub max_pending_pairings: u32,
 }
 
 impl EnrollConfig {
@@ -60,6 +67,9 @@ impl EnrollConfig {
             per_ip_per_minute: 30,
             max_tracked_ips: 16_384,
             timeout: Duration::from_secs(5),
+            notifier: None,
+            pairing_ttl: Duration::from_secs(600),
+            max_pending_pairings: 1000,
         }
     }
 }
@@ -240,6 +250,14 @@ async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpA
         Ok(Ok(Request::Renew { version, csr })) => {
             handle_renew(shared, version, presented, csr, peer).await
         }
+        Ok(Ok(Request::Pair { version, name, csr })) => {
+            handle_pair(shared, version, name, csr, peer).await
+        }
+        Ok(Ok(Request::PairCode {
+            version,
+            request_id,
+            code,
+        })) => handle_pair_code(shared, version, request_id, code, peer).await,
         Ok(Err(wire::FrameError::Io(_))) | Err(_) => return,
         Ok(Err(_)) => refusal(
             RefusalCode::InvalidRequest,
@@ -413,6 +431,161 @@ async fn handle_renew(
         &sans,
         peer,
         "enroll_renewed",
+    )
+    .await
+}
+
+/// Pairing, first step: the request is kept with a fresh code, and the
+/// operator is told the code and the short authentication string.
+async fn handle_pair(
+    shared: &Shared,
+    version: u8,
+    name: String,
+    csr: Vec<u8>,
+    peer: IpAddr,
+) -> Response {
+    if version != wire::VERSION || crate::check_name(&name).is_err() {
+        return refusal(
+            RefusalCode::InvalidRequest,
+            "bad version or name",
+            peer,
+            "-",
+        );
+    }
+    let Some(notifier) = shared.config.notifier.clone() else {
+        return refusal(
+            RefusalCode::NotAllowed,
+            "pairing is off here: ask for a token",
+            peer,
+            &name,
+        );
+    };
+    let request = match parse_csr(&csr, peer, &name) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    let mut id = [0u8; 8];
+    let mut c = [0u8; 8];
+    if netproc_pki::random_bytes(&mut id).is_err() || netproc_pki::random_bytes(&mut c).is_err() {
+        return refusal(RefusalCode::Internal, "try again later", peer, &name);
+    }
+    // Positive in SQLite's signed integers.
+    let request_id = u64::from_be_bytes(id) >> 1;
+    let code = zeroize::Zeroizing::new(format!("{:08}", u64::from_be_bytes(c) % 100_000_000));
+    let now = SystemTime::now();
+    let ttl = shared.config.pairing_ttl;
+    let store = shared.store.clone();
+    let (n, k, max) = (
+        name.clone(),
+        code.clone(),
+        shared.config.max_pending_pairings,
+    );
+    let created = tokio::task::spawn_blocking(move || {
+        store.create_pairing(&crate::store::NewPairing {
+            id: request_id,
+            name: &n,
+            csr: &csr,
+            code: &k,
+            source: peer,
+            now,
+            ttl,
+            max_pending: max,
+        })
+    })
+    .await
+    .unwrap_or(Err(RefusalCode::Internal));
+    if let Err(code) = created {
+        return refusal(
+            code,
+            "too many pending pairings; try again later",
+            peer,
+            &name,
+        );
+    }
+    let sas = crate::pairing_sas(request_id, request.spki_fingerprint());
+    let notice = crate::PairingNotice {
+        request_id,
+        name: name.clone(),
+        source: peer,
+        at: now,
+        sas: sas.clone(),
+        code,
+        expires_in: ttl,
+    };
+    if let Err(e) = notifier.notify(&notice).await {
+        tracing::error!(error = %e, "cannot notify the operator of a pairing request");
+        return refusal(
+            RefusalCode::Internal,
+            "the operator could not be notified",
+            peer,
+            &name,
+        );
+    }
+    tracing::info!(
+        target: netproc_server::AUDIT_TARGET,
+        event = "pairing_requested",
+        name = %name,
+        request_id,
+        sas = %sas,
+        spki = %request.spki_fingerprint(),
+        peer = %peer,
+        "pairing requested; the operator was notified"
+    );
+    Response::Pending {
+        request_id,
+        expires_in_s: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+    }
+}
+
+/// Pairing, second step: the code unlocks the certificate for the key of
+/// that request only.
+async fn handle_pair_code(
+    shared: &Shared,
+    version: u8,
+    request_id: u64,
+    code: String,
+    peer: IpAddr,
+) -> Response {
+    if version != wire::VERSION {
+        return refusal(
+            RefusalCode::InvalidRequest,
+            "unknown protocol version",
+            peer,
+            "-",
+        );
+    }
+    let code = zeroize::Zeroizing::new(code);
+    let store = shared.store.clone();
+    let now = SystemTime::now();
+    let approved =
+        tokio::task::spawn_blocking(move || store.approve_pairing(request_id, &code, now))
+            .await
+            .unwrap_or(Err(RefusalCode::Internal));
+    let (name, csr) = match approved {
+        Ok(a) => a,
+        Err(code) => {
+            let message = match code {
+                RefusalCode::WrongCode => "not the code of this request",
+                RefusalCode::PairingClosed => {
+                    "no such pending pairing: expired, cancelled, or closed after too many wrong codes"
+                }
+                _ => "try again later",
+            };
+            return refusal(code, message, peer, "-");
+        }
+    };
+    let request = match parse_csr(&csr, peer, &name) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    issue(
+        shared,
+        &request,
+        &name,
+        Profile::Client,
+        &[],
+        peer,
+        "pairing_approved",
     )
     .await
 }

@@ -114,6 +114,18 @@ CREATE TABLE IF NOT EXISTS enroll_tokens (
     expires_ms INTEGER NOT NULL,
     used_ms INTEGER
 );
+CREATE TABLE IF NOT EXISTS enroll_pairings (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    csr BLOB NOT NULL,
+    code_hash BLOB NOT NULL,
+    source TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending'
+);
+CREATE INDEX IF NOT EXISTS enroll_pairings_name ON enroll_pairings (name, state);
 CREATE TABLE IF NOT EXISTS enroll_issued (
     serial TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -317,6 +329,140 @@ impl TokenStore {
             )
             .map(|n| u64::try_from(n).unwrap_or(0))
             .map_err(db_err)
+    }
+}
+
+/// A pairing to record.
+pub(crate) struct NewPairing<'a> {
+    pub(crate) id: u64,
+    pub(crate) name: &'a str,
+    pub(crate) csr: &'a [u8],
+    pub(crate) code: &'a str,
+    pub(crate) source: IpAddr,
+    pub(crate) now: SystemTime,
+    pub(crate) ttl: Duration,
+    pub(crate) max_pending: u32,
+}
+
+/// Wrong codes a pairing takes before it closes.
+pub(crate) const PAIRING_TRIES: i64 = 5;
+
+/// The hash a pairing code is kept as: bound to its request.
+pub(crate) fn code_hash(id: u64, code: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"netproc-enroll-code-v1\0");
+    h.update(id.to_be_bytes());
+    h.update(code.trim().as_bytes());
+    h.finalize().into()
+}
+
+impl TokenStore {
+    /// Records a pending pairing; refused when `max_pending` are pending
+    /// in all, or 5 from `source`. Blocking (SQLite).
+    pub(crate) fn create_pairing(&self, p: &NewPairing<'_>) -> Result<(), RefusalCode> {
+        let NewPairing {
+            id,
+            name,
+            csr,
+            code,
+            source,
+            now,
+            ttl,
+            max_pending,
+        } = *p;
+        let conn = self.conn();
+        let now_ms = unix_ms(now);
+        let (all, from): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(source = ?2), 0) FROM enroll_pairings WHERE state = 'pending' AND expires_ms > ?1",
+                params![now_ms, source.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|_| RefusalCode::Internal)?;
+        if all >= i64::from(max_pending) || from >= 5 {
+            return Err(RefusalCode::RateLimited);
+        }
+        // Expired pairings are forgotten as new ones come.
+        conn.execute(
+            "DELETE FROM enroll_pairings WHERE expires_ms <= ?1 - 86400000",
+            params![now_ms],
+        )
+        .map_err(|_| RefusalCode::Internal)?;
+        conn.execute(
+            "INSERT INTO enroll_pairings (id, name, csr, code_hash, source, created_ms, expires_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                id as i64,
+                name,
+                csr,
+                code_hash(id, code).to_vec(),
+                source.to_string(),
+                now_ms,
+                unix_ms(now + ttl),
+            ],
+        )
+        .map_err(|_| RefusalCode::Internal)?;
+        Ok(())
+    }
+
+    /// Checks a pairing code: the right one approves this request (once)
+    /// and cancels every other pending request for the name; a wrong one
+    /// counts, and the fifth closes the pairing. Returns the name and the
+    /// stored certificate request. Blocking (SQLite).
+    pub(crate) fn approve_pairing(
+        &self,
+        id: u64,
+        code: &str,
+        now: SystemTime,
+    ) -> Result<(String, Vec<u8>), RefusalCode> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|_| RefusalCode::Internal)?;
+        let row = tx
+            .query_row(
+                "SELECT name, csr, code_hash, tries FROM enroll_pairings WHERE id = ?1 AND state = 'pending' AND expires_ms > ?2",
+                params![id as i64, unix_ms(now)],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(|_| RefusalCode::Internal)?;
+        let Some((name, csr, stored, tries)) = row else {
+            return Err(RefusalCode::PairingClosed);
+        };
+        let given = code_hash(id, code);
+        let right: bool = subtle::ConstantTimeEq::ct_eq(&given[..], &stored[..]).into();
+        if !right {
+            let closed = tries + 1 >= PAIRING_TRIES;
+            tx.execute(
+                "UPDATE enroll_pairings SET tries = tries + 1, state = CASE WHEN ?2 THEN 'closed' ELSE state END WHERE id = ?1",
+                params![id as i64, closed],
+            )
+            .map_err(|_| RefusalCode::Internal)?;
+            tx.commit().map_err(|_| RefusalCode::Internal)?;
+            return Err(if closed {
+                RefusalCode::PairingClosed
+            } else {
+                RefusalCode::WrongCode
+            });
+        }
+        tx.execute(
+            "UPDATE enroll_pairings SET state = 'approved' WHERE id = ?1",
+            params![id as i64],
+        )
+        .map_err(|_| RefusalCode::Internal)?;
+        tx.execute(
+            "UPDATE enroll_pairings SET state = 'cancelled' WHERE name = ?1 AND state = 'pending'",
+            params![name],
+        )
+        .map_err(|_| RefusalCode::Internal)?;
+        tx.commit().map_err(|_| RefusalCode::Internal)?;
+        Ok((name, csr))
     }
 }
 

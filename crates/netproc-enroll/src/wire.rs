@@ -38,6 +38,27 @@ pub enum Request {
         /// A PKCS#10 request (DER).
         csr: Vec<u8>,
     },
+    /// Pairing, first step: a client certificate for `name`, for the key
+    /// of `csr`, once an operator approves this very request. Answered
+    /// [`Response::Pending`]; the operator is notified with a code and the
+    /// short authentication string of (request id, key).
+    Pair {
+        /// The protocol version ([`VERSION`]).
+        version: u8,
+        /// The name asked for.
+        name: String,
+        /// A PKCS#10 request (DER) for a key made on the client.
+        csr: Vec<u8>,
+    },
+    /// Pairing, second step: the code the operator gave, for that request.
+    PairCode {
+        /// The protocol version ([`VERSION`]).
+        version: u8,
+        /// From [`Response::Pending`].
+        request_id: u64,
+        /// The code.
+        code: String,
+    },
 }
 
 /// What the service answers.
@@ -55,6 +76,14 @@ pub enum Response {
         code: RefusalCode,
         /// For humans; never a secret or an internal detail.
         message: String,
+    },
+    /// A pairing waits for its code.
+    Pending {
+        /// Names this request in [`Request::PairCode`] and, with the key,
+        /// in the short authentication string.
+        request_id: u64,
+        /// Seconds until the pairing expires.
+        expires_in_s: u32,
     },
 }
 
@@ -87,6 +116,14 @@ pub enum RefusalCode {
     /// this service did not issue it — enroll again.
     #[error("not_renewable")]
     NotRenewable,
+    /// Pairing: no such pending request — expired, cancelled (another
+    /// request for the name was approved), or closed after too many wrong
+    /// codes.
+    #[error("pairing_closed")]
+    PairingClosed,
+    /// Pairing: not the code of this request (a few tries are allowed).
+    #[error("wrong_code")]
+    WrongCode,
 }
 
 /// A frame could not be read or written.

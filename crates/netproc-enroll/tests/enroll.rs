@@ -577,3 +577,141 @@ async fn short_lived_certificates_renew_under_load_without_a_failed_call() {
     server.shutdown(Duration::from_secs(1)).await;
     s.service.shutdown().await;
 }
+
+type Notices = Arc<std::sync::Mutex<Vec<PairingNotice>>>;
+
+async fn pairing_setup() -> (Setup, Notices) {
+    let notices: Notices = Arc::default();
+    let seen = Arc::clone(&notices);
+    let s = setup(move |c| {
+        c.notifier = Some(Notifier::Callback(Arc::new(move |n: &PairingNotice| {
+            seen.lock().unwrap().push(n.clone());
+        })));
+    })
+    .await;
+    (s, notices)
+}
+
+impl Setup {
+    fn pairing(&self, name: &str) -> Pairing {
+        Pairing::new(
+            format!("localhost:{}", self.service.local_addr().port()),
+            name,
+            self.service.root_fingerprint(),
+        )
+    }
+}
+
+fn code_of(notices: &Notices, request_id: u64) -> (String, String) {
+    let n = notices.lock().unwrap();
+    let n = n.iter().find(|n| n.request_id == request_id).unwrap();
+    (n.code.to_string(), n.sas.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_with_the_operators_code_issues_for_that_key_only_once() {
+    let (s, notices) = pairing_setup().await;
+    let pending = start_pairing(&s.pairing("alice")).await.unwrap();
+    let (code, sas) = code_of(&notices, pending.request_id);
+    // The string the requester sees is the one the operator was told.
+    assert_eq!(pending.sas, sas);
+    let enrolled = pending.complete(&code).await.unwrap();
+    let leaf = enrolled.identity().unwrap().cert_identity().clone();
+    assert_eq!(leaf.common_name.as_deref(), Some("alice"));
+    // Used.
+    match pending.complete(&code).await {
+        Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::PairingClosed),
+        other => panic!("{other:?}"),
+    }
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_request_for_the_name_cannot_use_the_first_ones_approval() {
+    let (s, notices) = pairing_setup().await;
+    let legit = start_pairing(&s.pairing("alice")).await.unwrap();
+    let rival = start_pairing(&s.pairing("alice")).await.unwrap();
+    assert_ne!(legit.sas, rival.sas, "each request shows its own string");
+    let (legit_code, _) = code_of(&notices, legit.request_id);
+    let (rival_code, _) = code_of(&notices, rival.request_id);
+    // The code approves its own request only.
+    let refused = |r: Result<Enrolled, EnrollError>| match r {
+        Err(EnrollError::Refused { code, .. }) => code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        refused(rival.complete(&legit_code).await),
+        RefusalCode::WrongCode
+    );
+    let enrolled = legit.complete(&legit_code).await.unwrap();
+    assert!(enrolled.identity().is_ok());
+    // Approving one cancelled the other.
+    assert_eq!(
+        refused(rival.complete(&rival_code).await),
+        RefusalCode::PairingClosed
+    );
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_codes_closes_the_pairing() {
+    let (s, notices) = pairing_setup().await;
+    let pending = start_pairing(&s.pairing("alice")).await.unwrap();
+    let (code, _) = code_of(&notices, pending.request_id);
+    let wrong = if code == "00000000" {
+        "00000001"
+    } else {
+        "00000000"
+    };
+    let refused = |r: Result<Enrolled, EnrollError>| match r {
+        Err(EnrollError::Refused { code, .. }) => code,
+        other => panic!("{other:?}"),
+    };
+    for _ in 0..4 {
+        assert_eq!(
+            refused(pending.complete(wrong).await),
+            RefusalCode::WrongCode
+        );
+    }
+    assert_eq!(
+        refused(pending.complete(wrong).await),
+        RefusalCode::PairingClosed
+    );
+    // Closed for good: even the right code.
+    assert_eq!(
+        refused(pending.complete(&code).await),
+        RefusalCode::PairingClosed
+    );
+    s.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_notifier_gets_the_message_on_stdin_and_pairing_is_off_without_one() {
+    let s = setup(|_| {}).await;
+    match start_pairing(&s.pairing("alice")).await {
+        Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotAllowed),
+        other => panic!("{other:?}"),
+    }
+    s.service.shutdown().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("notify.txt");
+    let s = setup(|c| {
+        c.notifier = Some(Notifier::Command(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("cat > '{}'", log.display()),
+        ]));
+    })
+    .await;
+    let pending = start_pairing(&s.pairing("alice")).await.unwrap();
+    let message = std::fs::read_to_string(&log).unwrap();
+    assert!(message.contains("name: alice"), "{message}");
+    assert!(message.contains(&pending.sas), "{message}");
+    let code = message
+        .lines()
+        .find_map(|l| l.strip_prefix("then give them this code: "))
+        .unwrap()
+        .to_owned();
+    assert!(pending.complete(&code).await.is_ok());
+    s.service.shutdown().await;
+}
