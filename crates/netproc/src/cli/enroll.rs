@@ -279,17 +279,30 @@ fn fingerprint(text: &str) -> Result<netproc::pki::Fingerprint, Failure> {
 async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
     let missing = |flag: &str| {
         usage(format!(
-            "netproc enroll needs {flag} (or a subcommand: token)"
+            "netproc enroll needs {flag} (or a subcommand: token, renew, revoke)"
         ))
     };
     let server = r.server.ok_or_else(|| missing("--server"))?;
-    let token = r.token.ok_or_else(|| missing("--token"))?;
     let name = r.name.ok_or_else(|| missing("--name"))?;
     let out = r.out.ok_or_else(|| missing("--out"))?;
     let fingerprint = r
         .ca_fingerprint
         .ok_or_else(|| missing("--ca-fingerprint"))?;
     let root = self::fingerprint(&fingerprint)?;
+    if out.join("key.pem").exists() {
+        return Err(usage(format!(
+            "{}: a key is there already; enroll into another directory",
+            out.join("key.pem").display()
+        )));
+    }
+    // Without a token: pairing, approved by an operator.
+    let Some(token) = r.token else {
+        let mut pairing = netproc::enroll::Pairing::new(server, name.clone(), root);
+        if let Some(n) = r.server_name {
+            pairing.server_name = n;
+        }
+        return pair(&pairing, &out).await;
+    };
     let token = match token.strip_prefix('@') {
         Some(path) => {
             let bytes = netproc::pki::read_secret_file(Path::new(path))
@@ -298,12 +311,6 @@ async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
         }
         None => token,
     };
-    if out.join("key.pem").exists() {
-        return Err(usage(format!(
-            "{}: a key is there already; enroll into another directory",
-            out.join("key.pem").display()
-        )));
-    }
     let profile = parse_profile(&r.profile)?;
     let mut request = TokenEnrollment::new(server, token, name.clone(), profile, root);
     if let Some(n) = r.server_name {
@@ -315,7 +322,52 @@ async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
             EnrollError::Invalid(_) => usage(e),
             e => failed(e),
         })?;
-    enrolled.write_to(&out).map_err(failed)?;
+    written(&enrolled, &name, &out)
+}
+
+/// Pairing: the request goes out with this host's key; the operator, told
+/// a code and a string, checks the string with whoever runs this and
+/// gives the code, typed here.
+async fn pair(pairing: &netproc::enroll::Pairing, out: &Path) -> Result<(), Failure> {
+    let pending = netproc::enroll::start_pairing(pairing)
+        .await
+        .map_err(failed)?;
+    outln!(
+        "pairing request {} sent; check this string with the operator: {}",
+        pending.request_id,
+        pending.sas
+    );
+    loop {
+        eprint!(
+            "the code the operator gives (valid {} s): ",
+            pending.expires_in.as_secs()
+        );
+        // One line from standard input, off the runtime's threads.
+        let line = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| (n > 0).then_some(line))
+        })
+        .await
+        .map_err(failed)?
+        .map_err(failed)?;
+        let Some(code) = line else {
+            return Err(failed("no code given"));
+        };
+        match pending.complete(&code).await {
+            Ok(enrolled) => return written(&enrolled, &pairing.name, out),
+            Err(EnrollError::Refused {
+                code: netproc::enroll::RefusalCode::WrongCode,
+                ..
+            }) => eprintln!("not the code of this request; try again"),
+            Err(e) => return Err(failed(e)),
+        }
+    }
+}
+
+fn written(enrolled: &netproc::enroll::Enrolled, name: &str, out: &Path) -> Result<(), Failure> {
+    enrolled.write_to(out).map_err(failed)?;
     let leaf = enrolled.identity().map_err(failed)?.cert_identity().clone();
     output::done(
         &format!(

@@ -20,6 +20,7 @@ use super::{ConfigError, LogFormat, invalid, read, relative_to};
 /// intermediate_key = "pki/online.key"
 /// state = "enroll.db"
 /// trust_domain = "example.internal"       # in each certificate's URI SAN
+/// notifier = ["/usr/local/bin/page-ops"]  # pairing: told each request on stdin
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +48,13 @@ pub struct CaFile {
     pub server_lifetime_hours: Option<u64>,
     /// Connections per source address per minute (default 30).
     pub per_ip_per_minute: Option<u32>,
+    /// Pairing: the program told about each request (argv, run without a
+    /// shell; the message — name, source, time, the string to check, the
+    /// code — on its standard input). Without it, pairing is off.
+    #[serde(default)]
+    pub notifier: Vec<String>,
+    /// Pairing: how long a request waits for its code, seconds (default 600).
+    pub pairing_ttl_s: Option<u64>,
     /// Log format. Default text.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -120,6 +128,12 @@ impl CaFile {
         }
         if let Some(n) = self.per_ip_per_minute {
             c.per_ip_per_minute = n.max(1);
+        }
+        if !self.notifier.is_empty() {
+            c.notifier = Some(crate::enroll::Notifier::Command(self.notifier.clone()));
+        }
+        if let Some(s) = self.pairing_ttl_s {
+            c.pairing_ttl = Duration::from_secs(s.clamp(10, 86_400));
         }
         c
     }

@@ -904,3 +904,83 @@ fn a_new_host_enrolls_with_a_token_and_its_certificate_calls_a_served_server() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_new_host_pairs_with_the_code_the_operator_was_told() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let out = netproc(&["pki", "issue-intermediate", "--ca-dir", d.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The notifier: a program fed the message on stdin (here, into a file).
+    std::fs::write(
+        d.join("ca.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\nnames = [\"localhost\"]\nroot = \"ca.crt\"\nintermediate_cert = \"online.crt\"\nintermediate_key = \"online.key\"\nstate = \"enroll.db\"\nnotifier = [\"sh\", \"-c\", \"cat > '{}'\"]\n",
+            p("notice.txt")
+        ),
+    )
+    .unwrap();
+    let (_ca, line) = spawn_reading_line(&["ca", "serve", "--config", &p("ca.toml")]);
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches(';');
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    let fingerprint = line.rsplit(' ').next().unwrap().to_owned();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_netproc"))
+        .args([
+            "enroll",
+            "--server",
+            &format!("localhost:{port}"),
+            "--name",
+            "bob",
+            "--ca-fingerprint",
+            &fingerprint,
+            "--out",
+            &p("bob-tls"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let sas = first.trim().rsplit(' ').next().unwrap().to_owned();
+    // The operator was told the same string, and the code.
+    let notice = std::fs::read_to_string(d.join("notice.txt")).unwrap();
+    assert!(notice.contains(&sas), "{notice} / {first}");
+    assert!(notice.contains("name: bob"), "{notice}");
+    let code = notice
+        .lines()
+        .find_map(|l| l.strip_prefix("then give them this code: "))
+        .unwrap()
+        .to_owned();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "00000000{}",
+        if code == "00000000" { "1" } else { "" }
+    )
+    .unwrap();
+    writeln!(stdin, "{code}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not the code"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = netproc(&["pki", "inspect", &p("bob-tls/cert.pem")]);
+    assert!(
+        text(&out.stdout).contains("CN=bob"),
+        "{}",
+        text(&out.stdout)
+    );
+}
