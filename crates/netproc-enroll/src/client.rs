@@ -292,6 +292,8 @@ async fn send(
         .await
         .map_err(|_| io("connect to", &"timed out"))?
         .map_err(|err| io("connect to", &err))?;
+    // Small frames, one each way: no Nagle delay behind the handshake.
+    let _ = tcp.set_nodelay(true);
     let mut tls = tokio::time::timeout(e.timeout, connector.connect(name, tcp))
         .await
         .map_err(|_| io("TLS with", &"timed out"))?

@@ -229,6 +229,7 @@ fn admit(shared: &Shared, ip: IpAddr) -> Option<netproc_limits::GatePermit> {
 
 async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpAddr) {
     let timeout = shared.config.timeout;
+    let _ = tcp.set_nodelay(true);
     let Ok(Ok(mut tls)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await else {
         return;
     };
