@@ -40,7 +40,7 @@ fn main() {
         let fp = service.root_fingerprint();
 
         // Baseline: a TLS handshake to the listener, nothing sent.
-        let tls = Arc::new(netproc_pki::enroll_client_config(fp, None).unwrap());
+        let tls = Arc::new(netproc_pki::enroll_client_config(&[fp], None).unwrap());
         let mut base = Vec::new();
         for _ in 0..rounds {
             let started = Instant::now();

@@ -83,8 +83,10 @@ pub struct Enrolled {
     pub key_pem: Zeroizing<String>,
     /// Leaf first, then the intermediate.
     pub chain: Vec<CertificateDer<'static>>,
-    /// The root (its fingerprint is the pinned one).
+    /// The root the chain ends at (its fingerprint is a pinned one).
     pub root: CertificateDer<'static>,
+    /// The other roots to trust now (a CA rotation in progress).
+    pub bundle: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for Enrolled {
@@ -111,9 +113,29 @@ impl Enrolled {
             .collect()
     }
 
-    /// The root as PEM.
+    /// The roots as PEM: the chain's root first, then the bundle.
     pub fn root_pem(&self) -> String {
-        netproc_pki::certificate_pem(&self.root)
+        std::iter::once(&self.root)
+            .chain(&self.bundle)
+            .map(|c| netproc_pki::certificate_pem(c))
+            .collect()
+    }
+
+    /// Every root to trust (for servers too: `Client::set_identity`).
+    pub fn trust_anchors(&self) -> Result<netproc_pki::TrustAnchors, EnrollError> {
+        Ok(netproc_pki::TrustAnchors::from_der(
+            std::iter::once(self.root.clone())
+                .chain(self.bundle.iter().cloned())
+                .collect(),
+        )?)
+    }
+
+    /// The fingerprints of every root held: what a renewal pins.
+    pub fn root_fingerprints(&self) -> Vec<Fingerprint> {
+        std::iter::once(&self.root)
+            .chain(&self.bundle)
+            .map(|c| Fingerprint::of(c))
+            .collect()
     }
 
     /// Reads what [`write_to`](Self::write_to) wrote.
@@ -129,8 +151,8 @@ impl Enrolled {
                 .map_err(|e| EnrollError::Invalid(format!("{}: {e}", path.display())))
         };
         let chain = read("cert.pem")?;
-        let root = read("ca.pem")?
-            .into_iter()
+        let mut roots = read("ca.pem")?.into_iter();
+        let root = roots
             .next()
             .ok_or_else(|| EnrollError::Invalid("ca.pem: no certificate".into()))?;
         if chain.is_empty() {
@@ -140,6 +162,7 @@ impl Enrolled {
             key_pem,
             chain,
             root,
+            bundle: roots.collect(),
         };
         enrolled.identity()?;
         Ok(enrolled)
@@ -202,29 +225,40 @@ pub async fn enroll_with_token(e: &TokenEnrollment) -> Result<Enrolled, EnrollEr
     let link = Link {
         server: &e.server,
         server_name: &e.server_name,
-        root: e.root,
+        roots: vec![e.root],
         timeout: e.timeout,
     };
-    let chain = exchange(&link, None, &message).await?;
-    finish(chain, &request, key_pem, e.root, e.profile)
+    let issued = exchange(&link, None, &message).await?;
+    finish(issued, &request, key_pem, &link.roots, e.profile)
 }
 
 /// Checks what came back: a chain ending at the pinned root, whose leaf is
 /// for the requested key.
 fn finish(
-    chain: Vec<Vec<u8>>,
+    (chain, bundle): (Vec<Vec<u8>>, Vec<Vec<u8>>),
     request: &CertificateRequest,
     key_pem: Zeroizing<String>,
-    pinned: Fingerprint,
+    pinned: &[Fingerprint],
     profile: Profile,
 ) -> Result<Enrolled, EnrollError> {
+    if bundle.len() > 8 {
+        return Err(EnrollError::Protocol(
+            "more than 8 roots in the bundle".into(),
+        ));
+    }
+    let bundle: Vec<CertificateDer<'static>> =
+        bundle.into_iter().map(CertificateDer::from).collect();
+    // Each bundled root must be a CA certificate.
+    if !bundle.is_empty() {
+        netproc_pki::TrustAnchors::from_der(bundle.clone())?;
+    }
     let mut chain: Vec<CertificateDer<'static>> =
         chain.into_iter().map(CertificateDer::from).collect();
     let root = match chain.pop() {
         Some(root) if !chain.is_empty() => root,
         _ => return Err(EnrollError::Protocol("the chain is too short".into())),
     };
-    if Fingerprint::of(&root) != pinned {
+    if !pinned.contains(&Fingerprint::of(&root)) {
         return Err(EnrollError::Protocol(
             "the chain does not end at the pinned root".into(),
         ));
@@ -251,6 +285,7 @@ fn finish(
         key_pem,
         chain,
         root,
+        bundle,
     })
 }
 
@@ -258,7 +293,7 @@ fn finish(
 struct Link<'a> {
     server: &'a str,
     server_name: &'a str,
-    root: Fingerprint,
+    roots: Vec<Fingerprint>,
     timeout: Duration,
 }
 
@@ -266,9 +301,9 @@ async fn exchange(
     e: &Link<'_>,
     identity: Option<&Identity>,
     message: &Request,
-) -> Result<Vec<Vec<u8>>, EnrollError> {
+) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), EnrollError> {
     match send(e, identity, message).await? {
-        Response::Issued { chain } => Ok(chain),
+        Response::Issued { chain, bundle } => Ok((chain, bundle)),
         Response::Refused { code, message } => Err(EnrollError::Refused { code, message }),
         Response::Pending { .. } => Err(EnrollError::Protocol(
             "a pairing answer to another request".into(),
@@ -281,7 +316,7 @@ async fn send(
     identity: Option<&Identity>,
     message: &Request,
 ) -> Result<Response, EnrollError> {
-    let config = netproc_pki::enroll_client_config(e.root, identity)?;
+    let config = netproc_pki::enroll_client_config(&e.roots, identity)?;
     let connector = TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(e.server_name.to_owned())
         .map_err(|_| EnrollError::Invalid(format!("server name {:?}", e.server_name)))?;
@@ -297,7 +332,7 @@ async fn send(
     let mut tls = tokio::time::timeout(e.timeout, connector.connect(name, tcp))
         .await
         .map_err(|_| io("TLS with", &"timed out"))?
-        .map_err(|err| EnrollError::Tls(tls_message(&err, e.root)))?;
+        .map_err(|err| EnrollError::Tls(tls_message(&err, &e.roots)))?;
     wire::write_frame(&mut tls, message)
         .await
         .map_err(|err| io("send to", &err))?;
@@ -378,7 +413,7 @@ pub async fn start_pairing(p: &Pairing) -> Result<PendingPairing, EnrollError> {
     let link = Link {
         server: &p.server,
         server_name: &p.server_name,
-        root: p.root,
+        roots: vec![p.root],
         timeout: p.timeout,
     };
     match send(&link, None, &message).await? {
@@ -411,15 +446,15 @@ impl PendingPairing {
         let link = Link {
             server: &p.server,
             server_name: &p.server_name,
-            root: p.root,
+            roots: vec![p.root],
             timeout: p.timeout,
         };
-        let chain = exchange(&link, None, &message).await?;
+        let issued = exchange(&link, None, &message).await?;
         finish(
-            chain,
+            issued,
             &self.request,
             self.key_pem.clone(),
-            p.root,
+            &link.roots,
             Profile::Client,
         )
     }
@@ -486,14 +521,20 @@ pub async fn renew(r: &Renewal, current: &Enrolled) -> Result<Enrolled, EnrollEr
         version: wire::VERSION,
         csr: request.der().to_vec(),
     };
+    // The roots this host holds (its ca.pem: a rotation's next root
+    // arrives there before the switch) and the one given.
+    let mut roots = current.root_fingerprints();
+    if !roots.contains(&r.root) {
+        roots.push(r.root);
+    }
     let link = Link {
         server: &r.server,
         server_name: &r.server_name,
-        root: r.root,
+        roots,
         timeout: r.timeout,
     };
-    let chain = exchange(&link, Some(&identity), &message).await?;
-    finish(chain, &request, key_pem, r.root, profile)
+    let issued = exchange(&link, Some(&identity), &message).await?;
+    finish(issued, &request, key_pem, &link.roots, profile)
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after`: at
@@ -520,7 +561,7 @@ pub fn parse_fingerprint(text: &str) -> Option<Fingerprint> {
 }
 
 /// A TLS failure in words: a root other than the pinned one said plainly.
-fn tls_message(err: &std::io::Error, root: Fingerprint) -> String {
+fn tls_message(err: &std::io::Error, roots: &[Fingerprint]) -> String {
     let pinned = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<tokio_rustls::rustls::Error>())
@@ -534,8 +575,10 @@ fn tls_message(err: &std::io::Error, root: Fingerprint) -> String {
             _ => false,
         });
     if pinned {
+        let pinned: Vec<String> = roots.iter().map(ToString::to_string).collect();
         format!(
-            "the service's chain is not the pinned root's (--ca-fingerprint {root}): not the pinned root; check the fingerprint given with the token"
+            "the service's chain is not the pinned root's (--ca-fingerprint {}): not the pinned root; check the fingerprint given with the token",
+            pinned.join(", ")
         )
     } else {
         err.to_string()

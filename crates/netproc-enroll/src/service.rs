@@ -52,6 +52,11 @@ pub struct EnrollConfig {
     pub pairing_ttl: Duration,
     /// Pairings pending at once, at most (1,000; 5 per source address).
     pub max_pending_pairings: u32,
+    /// Other roots, during a CA rotation: announced with every issued
+    /// certificate (clients add them to their trust) and trusted for
+    /// renewal. Before switching to a new root: the new one here; after:
+    /// the previous one, until every certificate under it has renewed.
+    pub bundle: Vec<CertificateDer<'static>>,
 }
 
 impl EnrollConfig {
@@ -70,6 +75,7 @@ impl EnrollConfig {
             notifier: None,
             pairing_ttl: Duration::from_secs(600),
             max_pending_pairings: 1000,
+            bundle: Vec::new(),
         }
     }
 }
@@ -153,7 +159,11 @@ impl EnrollService {
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(own.key_pem().as_bytes())
             .map_err(|e| EnrollError::Invalid(e.to_string()))?;
         let identity = Identity::from_der(chain, key)?;
-        let roots = TrustAnchors::from_der(vec![root.clone()])?;
+        let roots = TrustAnchors::from_der(
+            std::iter::once(root.clone())
+                .chain(config.bundle.iter().cloned())
+                .collect(),
+        )?;
         let tls = netproc_pki::enroll_server_config(&identity, &roots)?;
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind(config.bind)
@@ -665,5 +675,6 @@ async fn issue(
             shared.ca.certificate().to_vec(),
             shared.root.to_vec(),
         ],
+        bundle: shared.config.bundle.iter().map(|c| c.to_vec()).collect(),
     }
 }

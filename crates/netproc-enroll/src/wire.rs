@@ -69,6 +69,9 @@ pub enum Response {
     Issued {
         /// Leaf first, then the online intermediate, then the root.
         chain: Vec<Vec<u8>>,
+        /// The other roots to trust now (during a CA rotation: the next
+        /// one before the switch, the previous one after it).
+        bundle: Vec<Vec<u8>>,
     },
     /// Refused.
     Refused {

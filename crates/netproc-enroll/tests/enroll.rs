@@ -69,7 +69,7 @@ impl Setup {
 
     async fn tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let config =
-            netproc_pki::enroll_client_config(self.service.root_fingerprint(), None).unwrap();
+            netproc_pki::enroll_client_config(&[self.service.root_fingerprint()], None).unwrap();
         let tcp = tokio::net::TcpStream::connect(self.service.local_addr())
             .await
             .unwrap();
@@ -410,6 +410,7 @@ async fn certificates_the_service_did_not_issue_cannot_renew() {
         key_pem: cert.key_pem().clone(),
         chain: vec![cert.certificate().clone()],
         root: root.certificate().clone(),
+        bundle: Vec::new(),
     };
     // Chains to the root, claims the service's URI SAN, but was never
     // issued by it.
@@ -714,4 +715,95 @@ async fn the_command_notifier_gets_the_message_on_stdin_and_pairing_is_off_witho
         .to_owned();
     assert!(pending.complete(&code).await.is_ok());
     s.service.shutdown().await;
+}
+
+/// A CA rotation with overlap while clients renew: the next root is
+/// announced, then signs, then the previous one goes; a client that
+/// renewed in between follows on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_follow_a_ca_rotation_by_renewing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TokenStore::open(dir.path().join("enroll.db")).unwrap();
+    let root1 = CertificateAuthority::generate(&CaParams::new("root 1")).unwrap();
+    let root2 = CertificateAuthority::generate(&CaParams::new("root 2")).unwrap();
+    let online1_pem = {
+        let o = root1
+            .issue_intermediate(&CaParams::new("online 1"))
+            .unwrap();
+        (o.cert_pem(), o.key_pem())
+    };
+    let online2 = root2
+        .issue_intermediate(&CaParams::new("online 2"))
+        .unwrap();
+    let online2_pem = (online2.cert_pem(), online2.key_pem());
+    let start = |online: &(String, zeroize::Zeroizing<String>),
+                 root: &CertificateAuthority,
+                 bundle: Vec<&CertificateAuthority>| {
+        let ca = CertificateAuthority::from_pem(&online.0, &online.1).unwrap();
+        let mut config =
+            EnrollConfig::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into()]);
+        config.bundle = bundle.iter().map(|r| r.certificate().clone()).collect();
+        EnrollService::start(config, ca, root.certificate().clone(), store.clone())
+    };
+    let renewal = |svc: &EnrollHandle, root: &CertificateAuthority| {
+        Renewal::new(
+            format!("localhost:{}", svc.local_addr().port()),
+            Fingerprint::of(root.certificate()),
+        )
+    };
+    // Before: root 1 only.
+    let a = start(&online1_pem, &root1, vec![]).await.unwrap();
+    let mut enrolled = Vec::new();
+    for name in ["alice", "bob"] {
+        let token = store
+            .create(&TokenSpec::new(name, Profile::Client), SystemTime::now())
+            .unwrap();
+        let mut e = TokenEnrollment::new(
+            format!("localhost:{}", a.local_addr().port()),
+            token.as_str(),
+            name,
+            Profile::Client,
+            a.root_fingerprint(),
+        );
+        e.timeout = Duration::from_secs(5);
+        enrolled.push(enroll_with_token(&e).await.unwrap());
+    }
+    let bob = enrolled.pop().unwrap();
+    let alice = enrolled.pop().unwrap();
+    a.shutdown().await;
+    // 1. Root 2 announced: alice renews and learns it.
+    let b = start(&online1_pem, &root1, vec![&root2]).await.unwrap();
+    let alice = renew(&renewal(&b, &root1), &alice).await.unwrap();
+    assert_eq!(alice.bundle, vec![root2.certificate().clone()]);
+    b.shutdown().await;
+    // 2. Root 2 signs, root 1 still trusted: alice renews with her root-1
+    // certificate and pins root 2 from what she holds.
+    let c = start(&online2_pem, &root2, vec![&root1]).await.unwrap();
+    let unknown = Fingerprint::of(b"not a root");
+    let alice = renew(&renewal(&c, &root1), &alice).await.unwrap();
+    assert_eq!(alice.root, *root2.certificate());
+    assert!(
+        root2
+            .trust_anchors()
+            .verify_client(alice.identity().unwrap().chain(), SystemTime::now())
+            .is_ok()
+    );
+    // Bob missed the announcement: he holds root 1 only, so the service's
+    // root-2 chain is refused — until he is given root 2's fingerprint.
+    let mut blind = renewal(&c, &root1);
+    blind.root = unknown;
+    assert!(matches!(
+        renew(&blind, &bob).await,
+        Err(EnrollError::Tls(_))
+    ));
+    let bob = renew(&renewal(&c, &root2), &bob).await.unwrap();
+    assert_eq!(bob.root, *root2.certificate());
+    c.shutdown().await;
+    // 3. Root 1 gone: both renew under root 2 alone.
+    let d = start(&online2_pem, &root2, vec![]).await.unwrap();
+    for who in [&alice, &bob] {
+        let next = renew(&renewal(&d, &root2), who).await.unwrap();
+        assert!(next.bundle.is_empty());
+    }
+    d.shutdown().await;
 }

@@ -161,11 +161,12 @@ pub fn enroll_server_config(
 }
 
 /// An enrollment client's TLS: the service's chain must include a root
-/// whose SHA-256 fingerprint is `root` (given out of band with the token),
-/// and verify to it for the name given at connect time; any other root is
-/// refused. With `identity`, the client presents it (renewal).
+/// whose SHA-256 fingerprint is one of `roots` (given out of band with the
+/// token; several during a CA rotation), and verify to it for the name
+/// given at connect time; any other root is refused. With `identity`, the
+/// client presents it (renewal).
 pub fn enroll_client_config(
-    root: Fingerprint,
+    roots: &[Fingerprint],
     identity: Option<&Identity>,
 ) -> Result<ClientConfig, PkiError> {
     let provider = crypto_provider();
@@ -173,7 +174,7 @@ pub fn enroll_client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(RootPinVerifier {
-            root,
+            roots: roots.to_vec(),
             provider: Arc::clone(&provider),
         }));
     let mut config = match identity {
@@ -186,25 +187,25 @@ pub fn enroll_client_config(
     Ok(config)
 }
 
-/// The service's chain carried no root with the pinned fingerprint.
+/// The service's chain carried no root with a pinned fingerprint.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("the enrollment service's chain has no root with fingerprint {expected}")]
+#[error("the enrollment service's chain has no root with a pinned fingerprint")]
 pub struct RootMismatch {
-    /// The pinned fingerprint.
-    pub expected: Fingerprint,
+    /// The pinned fingerprints.
+    pub expected: Vec<Fingerprint>,
 }
 
 /// Full webpki validation against the one root of the presented chain
 /// whose fingerprint is pinned — nothing weaker than a configured anchor.
 struct RootPinVerifier {
-    root: Fingerprint,
+    roots: Vec<Fingerprint>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl fmt::Debug for RootPinVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RootPinVerifier")
-            .field("root", &self.root)
+            .field("roots", &self.roots)
             .finish()
     }
 }
@@ -221,13 +222,13 @@ impl ServerCertVerifier for RootPinVerifier {
         let mismatch = || {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
                 RootMismatch {
-                    expected: self.root,
+                    expected: self.roots.clone(),
                 },
             ))))
         };
         let root = intermediates
             .iter()
-            .find(|c| Fingerprint::of(c) == self.root)
+            .find(|c| self.roots.contains(&Fingerprint::of(c)))
             .ok_or_else(mismatch)?;
         let anchors =
             TrustAnchors::from_der(vec![root.clone().into_owned()]).map_err(|_| mismatch())?;

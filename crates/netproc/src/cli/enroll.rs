@@ -78,9 +78,10 @@ enum EnrollCommand {
         /// The name its certificate is checked for (default: the host part of --server).
         #[arg(long)]
         server_name: Option<String>,
-        /// The root certificate's SHA-256 fingerprint.
+        /// A root certificate's SHA-256 fingerprint to trust besides the
+        /// roots in --dir's ca.pem (which a CA rotation updates).
         #[arg(long)]
-        ca_fingerprint: String,
+        ca_fingerprint: Option<String>,
         /// The directory `netproc enroll --out` wrote.
         #[arg(long)]
         dir: PathBuf,
@@ -139,7 +140,8 @@ pub(crate) async fn ca(cmd: CaCommand) -> Result<(), Failure> {
     let root = file.root(&config).map_err(usage)?;
     let online = file.intermediate(&config).map_err(usage)?;
     let store = file.store(&config).map_err(usage)?;
-    let service = netproc::enroll::EnrollService::start(file.service_config(), online, root, store)
+    let settings = file.service_config(&config).map_err(usage)?;
+    let service = netproc::enroll::EnrollService::start(settings, online, root, store)
         .await
         .map_err(|e| usage(format!("{}: {e}", config.display())))?;
     outln!(
@@ -201,8 +203,11 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
             rekey,
             daemon,
         }) => {
-            let root = fingerprint(&ca_fingerprint)?;
             let current = netproc::enroll::Enrolled::read_from(&dir).map_err(usage)?;
+            let root = match ca_fingerprint {
+                Some(f) => fingerprint(&f)?,
+                None => current.root_fingerprints()[0],
+            };
             let mut renewal = netproc::enroll::Renewal::new(server, root);
             renewal.rekey = rekey;
             if let Some(n) = server_name {

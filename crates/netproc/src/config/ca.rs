@@ -36,6 +36,11 @@ pub struct CaFile {
     pub intermediate_cert: PathBuf,
     /// Its key (PEM, mode 0600).
     pub intermediate_key: PathBuf,
+    /// Other roots during a CA rotation (PEM files): announced with every
+    /// certificate issued and trusted for renewal — the next root before
+    /// the switch, the previous one after it.
+    #[serde(default)]
+    pub bundle: Vec<PathBuf>,
     /// The token and issue database (SQLite; created if missing).
     pub state: PathBuf,
     /// The trust domain of every issued URI SAN
@@ -114,9 +119,17 @@ impl CaFile {
         })
     }
 
-    /// The service's settings.
-    pub fn service_config(&self) -> crate::enroll::EnrollConfig {
+    /// The service's settings (the bundle's files read: errors name them).
+    pub fn service_config(
+        &self,
+        config_path: &Path,
+    ) -> Result<crate::enroll::EnrollConfig, ConfigError> {
         let mut c = crate::enroll::EnrollConfig::new(self.listen, self.names.clone());
+        for file in &self.bundle {
+            let anchors = crate::pki::TrustAnchors::load(relative_to(&self.dir, file))
+                .map_err(|e| invalid(config_path, format!("bundle: {e}")))?;
+            c.bundle.extend(anchors.certificates().iter().cloned());
+        }
         if let Some(d) = &self.trust_domain {
             c.trust_domain = d.clone();
         }
@@ -135,6 +148,6 @@ impl CaFile {
         if let Some(s) = self.pairing_ttl_s {
             c.pairing_ttl = Duration::from_secs(s.clamp(10, 86_400));
         }
-        c
+        Ok(c)
     }
 }
