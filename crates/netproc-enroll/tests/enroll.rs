@@ -807,3 +807,34 @@ async fn clients_follow_a_ca_rotation_by_renewing() {
     }
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_renews_with_its_own_server_certificate() {
+    let s = setup(|_| {}).await;
+    let mut spec = TokenSpec::new("web", Profile::Server);
+    spec.sans = vec!["web.example".into(), "10.0.0.7".into()];
+    let token = s.store.create(&spec, SystemTime::now()).unwrap();
+    let first = enroll_with_token(&s.enrollment(&token, "web", Profile::Server))
+        .await
+        .unwrap();
+    let renewal = Renewal::new(
+        format!("localhost:{}", s.service.local_addr().port()),
+        s.service.root_fingerprint(),
+    );
+    let second = renew(&renewal, &first).await.unwrap();
+    let (a, b) = (
+        first.identity().unwrap().cert_identity().clone(),
+        second.identity().unwrap().cert_identity().clone(),
+    );
+    assert_ne!(a.serial, b.serial);
+    assert_eq!(a.sans, b.sans, "the same DNS, IP and URI SANs");
+    assert_eq!(a.key_purposes, b.key_purposes, "serverAuth, as before");
+    // It is still not a client certificate for the RPC listener.
+    assert!(
+        s.root
+            .trust_anchors()
+            .verify_client(second.identity().unwrap().chain(), SystemTime::now())
+            .is_err()
+    );
+    s.service.shutdown().await;
+}

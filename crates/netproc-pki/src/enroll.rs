@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SubjectPublicKeyInfo};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
-use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::server::NoServerSessionStorage;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, ServerConfig,
     SignatureScheme,
@@ -136,7 +136,8 @@ impl CertificateRequest {
 /// The enrollment listener's TLS: the service's identity (its chain up to
 /// the root, so clients can pin the root), ALPN [`ENROLL_ALPN`], TLS 1.3
 /// only, no resumption; a client certificate is **optional** and, when
-/// presented, verified against `client_roots` (renewal). This function
+/// presented, verified against `client_roots` (renewal) — for clientAuth
+/// or serverAuth, since servers renew with their own certificates. This function
 /// cannot make a configuration with the RPC ALPN, and the RPC listener's
 /// functions have no option to make client certificates optional.
 pub fn enroll_server_config(
@@ -144,11 +145,10 @@ pub fn enroll_server_config(
     client_roots: &TrustAnchors,
 ) -> Result<ServerConfig, PkiError> {
     let provider = crypto_provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(client_roots.store(), Arc::clone(&provider))
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| PkiError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(RenewalVerifier {
+        roots: client_roots.store(),
+        provider: Arc::clone(&provider),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -158,6 +158,103 @@ pub fn enroll_server_config(
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
     Ok(config)
+}
+
+/// The enrollment listener's client verifier: a certificate is optional;
+/// when presented it must chain to the roots and be valid now, for
+/// clientAuth **or serverAuth** — a server renews with its own
+/// certificate, which is serverAuth only. (The RPC listener's verifier
+/// accepts clientAuth only.)
+struct RenewalVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl fmt::Debug for RenewalVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RenewalVerifier").finish_non_exhaustive()
+    }
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    rustls::Error::InvalidCertificate(match e {
+        webpki::Error::CertExpired { .. } => CertificateError::Expired,
+        webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        webpki::Error::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        _ => CertificateError::BadEncoding,
+    })
+}
+
+impl rustls::server::danger::ClientCertVerifier for RenewalVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        let algs = self.provider.signature_verification_algorithms.all;
+        let verify = |usage| {
+            cert.verify_for_usage(
+                algs,
+                &self.roots.roots,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map(drop)
+        };
+        verify(webpki::KeyUsage::client_auth())
+            .or_else(|e| verify(webpki::KeyUsage::server_auth()).map_err(|_| e))
+            .map_err(webpki_error)?;
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// An enrollment client's TLS: the service's chain must include a root
