@@ -372,6 +372,25 @@ async fn a_client_renews_over_mtls_keeping_or_changing_its_key() {
     );
     assert_ne!(a.serial, b.serial);
     assert_eq!(a.spki_fingerprint, b.spki_fingerprint, "the key is kept");
+    // So an API key bound to the key (spki:) works with both certificates,
+    // where one bound to the certificate's fingerprint would not.
+    let keys = ApiKeyStore::in_memory();
+    let (_, by_key) = keys
+        .create(KeySpec::default().binding(netproc_auth::CertBinding::Spki(a.spki_fingerprint)))
+        .unwrap();
+    let (_, by_cert) = keys
+        .create(KeySpec::default().binding(netproc_auth::CertBinding::Fingerprint(a.fingerprint)))
+        .unwrap();
+    for cert in [&a, &b] {
+        assert!(
+            keys.verify(by_key.expose(), cert, SystemTime::now())
+                .is_ok()
+        );
+    }
+    assert!(
+        keys.verify(by_cert.expose(), &b, SystemTime::now())
+            .is_err()
+    );
     assert_eq!(b.common_name.as_deref(), Some("alice"));
     assert_eq!(a.sans, b.sans, "the same stable URI SAN");
     // Re-keying.

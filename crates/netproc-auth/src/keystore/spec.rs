@@ -21,6 +21,10 @@ pub enum CertBinding {
     Fingerprint(Fingerprint),
     /// A subject alternative name the certificate must carry (`dns:…`, `uri:…`, …).
     San(SubjectAltName),
+    /// The SHA-256 of the certificate's SubjectPublicKeyInfo (`spki:…`):
+    /// it survives renewal on the same key (enrollment), where a
+    /// certificate fingerprint changes with every certificate.
+    Spki(Fingerprint),
 }
 
 impl CertBinding {
@@ -31,6 +35,9 @@ impl CertBinding {
                 bool::from(fp.as_bytes().ct_eq(cert.fingerprint.as_bytes()))
             }
             CertBinding::San(san) => cert.sans.contains(san),
+            CertBinding::Spki(fp) => {
+                bool::from(fp.as_bytes().ct_eq(cert.spki_fingerprint.as_bytes()))
+            }
         }
     }
 }
@@ -40,6 +47,7 @@ impl fmt::Display for CertBinding {
         match self {
             CertBinding::Fingerprint(fp) => write!(f, "sha256:{fp}"),
             CertBinding::San(san) => write!(f, "{san}"),
+            CertBinding::Spki(fp) => write!(f, "spki:{fp}"),
         }
     }
 }
@@ -55,6 +63,13 @@ impl FromStr for CertBinding {
                 .parse()
                 .map(CertBinding::Fingerprint)
                 .map_err(|_| invalid());
+        }
+        if let Some(hex) = s
+            .get(..5)
+            .filter(|p| p.eq_ignore_ascii_case("spki:"))
+            .map(|_| &s[5..])
+        {
+            return hex.parse().map(CertBinding::Spki).map_err(|_| invalid());
         }
         s.parse().map(CertBinding::San).map_err(|_| invalid())
     }

@@ -113,13 +113,16 @@ fn expired_and_revoked_keys_fail() {
 }
 
 #[test]
-fn bindings_by_fingerprint_and_by_san() {
+fn bindings_by_fingerprint_by_san_and_by_key() {
     let (a, b) = certs();
     let store = ApiKeyStore::in_memory();
     for binding in [
         CertBinding::Fingerprint(a.fingerprint),
         CertBinding::San(SubjectAltName::Uri("spiffe://t/a".into())),
+        CertBinding::Spki(a.spki_fingerprint),
     ] {
+        // Each binding reads back from its text form.
+        assert_eq!(binding.to_string().parse::<CertBinding>().unwrap(), binding);
         let (_, key) = store.create(KeySpec::default().binding(binding)).unwrap();
         assert!(store.verify(key.expose(), &a, SystemTime::now()).is_ok());
         let err = store
@@ -127,6 +130,8 @@ fn bindings_by_fingerprint_and_by_san() {
             .unwrap_err();
         assert!(err.reason.contains("bound"), "{err}");
     }
+    // Malformed key bindings are refused.
+    assert!("spki:00".parse::<CertBinding>().is_err() && "SPKI:".parse::<CertBinding>().is_err());
 }
 
 #[tokio::test]

@@ -62,7 +62,7 @@ pub(crate) enum CredsCommand {
         /// Bind the key to this certificate (PEM file).
         #[arg(long)]
         bind_cert: Option<PathBuf>,
-        /// Bind the key to a SAN or fingerprint (dns:…, uri:…, sha256:…).
+        /// Bind the key to a SAN, a certificate fingerprint or a key (dns:…, uri:…, sha256:…, spki:…).
         #[arg(long)]
         bind: Option<String>,
         /// Expire after this many days.
