@@ -7,9 +7,11 @@ use libfuzzer_sys::fuzz_target;
 use netproc_enroll::wire::{self, Request, Response};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = wire::decode::<Request>(data) {
-        let Request::Token { csr, .. } = &request;
-        let _ = netproc_pki::CertificateRequest::from_der(csr);
+    if let Ok(
+        Request::Token { csr, .. } | Request::Renew { csr, .. } | Request::Pair { csr, .. },
+    ) = wire::decode::<Request>(data)
+    {
+        let _ = netproc_pki::CertificateRequest::from_der(&csr);
     }
     let _ = wire::decode::<Response>(data);
     let _ = netproc_pki::CertificateRequest::from_der(data);

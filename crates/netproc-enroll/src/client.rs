@@ -35,6 +35,9 @@ pub struct TokenEnrollment {
     pub root: Fingerprint,
     /// Connect, handshake and answer, each (10 s).
     pub timeout: Duration,
+    /// Also make an Ed25519 key here and have it registered through the
+    /// credential authority with what the token grants (off by default).
+    pub ed25519: bool,
 }
 
 impl std::fmt::Debug for TokenEnrollment {
@@ -72,8 +75,19 @@ impl TokenEnrollment {
             profile,
             root,
             timeout: Duration::from_secs(10),
+            ed25519: false,
         }
     }
+}
+
+/// An Ed25519 key registered at enrollment.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct EnrolledKey {
+    /// The id it was registered under.
+    pub key_id: String,
+    /// The key (its seed never left this process).
+    pub key: netproc_pki::Ed25519Key,
 }
 
 /// What enrollment yields: a key made here and the certificate chain for
@@ -87,6 +101,8 @@ pub struct Enrolled {
     pub root: CertificateDer<'static>,
     /// The other roots to trust now (a CA rotation in progress).
     pub bundle: Vec<CertificateDer<'static>>,
+    /// The Ed25519 key registered with it, if one was asked for.
+    pub ed25519: Option<EnrolledKey>,
 }
 
 impl std::fmt::Debug for Enrolled {
@@ -163,6 +179,7 @@ impl Enrolled {
             chain,
             root,
             bundle: roots.collect(),
+            ed25519: None,
         };
         enrolled.identity()?;
         Ok(enrolled)
@@ -215,12 +232,17 @@ impl Enrolled {
 pub async fn enroll_with_token(e: &TokenEnrollment) -> Result<Enrolled, EnrollError> {
     crate::check_name(&e.name)?;
     let (request, key_pem) = CertificateRequest::generate(&e.name)?;
+    let ed25519 = match e.ed25519 {
+        true => Some(netproc_pki::Ed25519Key::generate()?),
+        false => None,
+    };
     let message = Request::Token {
         version: wire::VERSION,
         token: e.token.to_string(),
         name: e.name.clone(),
         profile: e.profile.as_str().to_owned(),
         csr: request.der().to_vec(),
+        ed25519: ed25519.as_ref().map(netproc_pki::Ed25519Key::public_key),
     };
     let link = Link {
         server: &e.server,
@@ -229,13 +251,31 @@ pub async fn enroll_with_token(e: &TokenEnrollment) -> Result<Enrolled, EnrollEr
         timeout: e.timeout,
     };
     let issued = exchange(&link, None, &message).await?;
-    finish(issued, &request, key_pem, &link.roots, e.profile)
+    let key_id = issued.key_id.clone();
+    let mut enrolled = finish(issued, &request, key_pem, &link.roots, e.profile)?;
+    enrolled.ed25519 = match (ed25519, key_id) {
+        (Some(key), Some(key_id)) => Some(EnrolledKey { key_id, key }),
+        (Some(_), None) => {
+            return Err(EnrollError::Protocol(
+                "the Ed25519 key was not registered".into(),
+            ));
+        }
+        (None, _) => None,
+    };
+    Ok(enrolled)
+}
+
+/// A certificate as the service sent it.
+struct Issued {
+    chain: Vec<Vec<u8>>,
+    bundle: Vec<Vec<u8>>,
+    key_id: Option<String>,
 }
 
 /// Checks what came back: a chain ending at the pinned root, whose leaf is
 /// for the requested key.
 fn finish(
-    (chain, bundle): (Vec<Vec<u8>>, Vec<Vec<u8>>),
+    Issued { chain, bundle, .. }: Issued,
     request: &CertificateRequest,
     key_pem: Zeroizing<String>,
     pinned: &[Fingerprint],
@@ -286,6 +326,7 @@ fn finish(
         chain,
         root,
         bundle,
+        ed25519: None,
     })
 }
 
@@ -301,9 +342,17 @@ async fn exchange(
     e: &Link<'_>,
     identity: Option<&Identity>,
     message: &Request,
-) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), EnrollError> {
+) -> Result<Issued, EnrollError> {
     match send(e, identity, message).await? {
-        Response::Issued { chain, bundle } => Ok((chain, bundle)),
+        Response::Issued {
+            chain,
+            bundle,
+            key_id,
+        } => Ok(Issued {
+            chain,
+            bundle,
+            key_id,
+        }),
         Response::Refused { code, message } => Err(EnrollError::Refused { code, message }),
         Response::Pending { .. } => Err(EnrollError::Protocol(
             "a pairing answer to another request".into(),

@@ -63,12 +63,12 @@ mod store;
 pub mod wire;
 
 pub use client::{
-    Enrolled, Pairing, PendingPairing, Renewal, TokenEnrollment, enroll_with_token, keep_renewed,
-    parse_fingerprint, renew, renew_at, start_pairing,
+    Enrolled, EnrolledKey, Pairing, PendingPairing, Renewal, TokenEnrollment, enroll_with_token,
+    keep_renewed, parse_fingerprint, renew, renew_at, start_pairing,
 };
 pub use pairing::{Notifier, PairingNotice, pairing_sas};
-pub use service::{EnrollConfig, EnrollHandle, EnrollService};
-pub use store::{TokenSpec, TokenStore};
+pub use service::{EnrollConfig, EnrollHandle, EnrollService, KeyRegistrar, KeyRegistration};
+pub use store::{KeyGrant, TokenSpec, TokenStore};
 pub use wire::RefusalCode;
 
 /// What kind of certificate a token or a request is for.

@@ -57,6 +57,36 @@ pub struct EnrollConfig {
     /// renewal. Before switching to a new root: the new one here; after:
     /// the previous one, until every certificate under it has renewed.
     pub bundle: Vec<CertificateDer<'static>>,
+    /// Registers the Ed25519 keys that tokens grant (through the
+    /// credential authority, so they reach every server); none: such
+    /// requests are refused.
+    pub registrar: Option<Arc<dyn KeyRegistrar>>,
+}
+
+/// An Ed25519 key to register for an enrolled identity.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KeyRegistration {
+    /// The enrolled name.
+    pub name: String,
+    /// The public key, made on the new host.
+    pub public_key: [u8; 32],
+    /// What the token grants.
+    pub privileges: Vec<String>,
+    /// The function allow-list the token grants, if any.
+    pub functions: Option<Vec<String>>,
+    /// The certificate binding: `spki:<hex>` of the enrolled key.
+    pub binding: String,
+}
+
+/// Registers enrolled Ed25519 keys (the CLI: with the credential
+/// authority, `Authority::ensure`).
+pub trait KeyRegistrar: std::fmt::Debug + Send + Sync + 'static {
+    /// Registers `key`; returns the key id it is known by.
+    fn register<'a>(
+        &'a self,
+        key: &'a KeyRegistration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'a>>;
 }
 
 impl EnrollConfig {
@@ -76,6 +106,7 @@ impl EnrollConfig {
             pairing_ttl: Duration::from_secs(600),
             max_pending_pairings: 1000,
             bundle: Vec::new(),
+            registrar: None,
         }
     }
 }
@@ -257,7 +288,18 @@ async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpA
             name,
             profile,
             csr,
-        })) => handle_token(shared, version, token, name, profile, csr, peer).await,
+            ed25519,
+        })) => {
+            let ask = TokenAsk {
+                version,
+                token: zeroize::Zeroizing::new(token),
+                name,
+                profile,
+                csr,
+                ed25519,
+            };
+            handle_token(shared, ask, peer).await
+        }
         Ok(Ok(Request::Renew { version, csr })) => {
             handle_renew(shared, version, presented, csr, peer).await
         }
@@ -311,16 +353,25 @@ fn parse_csr(csr: &[u8], peer: IpAddr, name: &str) -> Result<CertificateRequest,
     })
 }
 
-async fn handle_token(
-    shared: &Shared,
+/// A token request, as received.
+struct TokenAsk {
     version: u8,
-    token: String,
+    token: zeroize::Zeroizing<String>,
     name: String,
     profile: String,
     csr: Vec<u8>,
-    peer: IpAddr,
-) -> Response {
-    let token = zeroize::Zeroizing::new(token);
+    ed25519: Option<[u8; 32]>,
+}
+
+async fn handle_token(shared: &Shared, ask: TokenAsk, peer: IpAddr) -> Response {
+    let TokenAsk {
+        version,
+        token,
+        name,
+        profile,
+        csr,
+        ed25519,
+    } = ask;
     if version != wire::VERSION {
         return refusal(
             RefusalCode::InvalidRequest,
@@ -344,8 +395,8 @@ async fn handle_token(
     };
     let store = shared.store.clone();
     let now = SystemTime::now();
-    let (n, p) = (name.clone(), profile.clone());
-    let redeemed = tokio::task::spawn_blocking(move || store.redeem(&token, &n, &p, peer, now))
+    let (n, p, t) = (name.clone(), profile.clone(), token.clone());
+    let redeemed = tokio::task::spawn_blocking(move || store.redeem(&t, &n, &p, peer, now))
         .await
         .unwrap_or(Err(RefusalCode::Internal));
     let redeemed = match redeemed {
@@ -359,7 +410,49 @@ async fn handle_token(
             return refusal(code, message, peer, &name);
         }
     };
-    issue(
+    // An Ed25519 key to register: only what the token grants, bound to
+    // the requested key (spki:), so it works with this certificate and
+    // every renewal on the same key. Registered before the certificate is
+    // issued: if it fails, the token is given back.
+    let key_id = match (ed25519, &redeemed.grant, &shared.config.registrar) {
+        (None, _, _) => None,
+        (Some(_), None, _) => {
+            unspend(shared, &token).await;
+            return refusal(
+                RefusalCode::NotAllowed,
+                "this token grants no key",
+                peer,
+                &name,
+            );
+        }
+        (Some(_), Some(_), None) => {
+            unspend(shared, &token).await;
+            return refusal(
+                RefusalCode::NotAllowed,
+                "keys are not registered here",
+                peer,
+                &name,
+            );
+        }
+        (Some(public_key), Some(grant), Some(registrar)) => {
+            let registration = KeyRegistration {
+                name: redeemed.name.clone(),
+                public_key,
+                privileges: grant.privileges.clone(),
+                functions: grant.functions.clone(),
+                binding: format!("spki:{}", request.spki_fingerprint()),
+            };
+            match registrar.register(&registration).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::error!(error = %e, name = %name, "cannot register the enrolled key");
+                    unspend(shared, &token).await;
+                    return refusal(RefusalCode::Internal, "try again later", peer, &name);
+                }
+            }
+        }
+    };
+    let mut response = issue(
         shared,
         &request,
         &redeemed.name,
@@ -368,7 +461,16 @@ async fn handle_token(
         peer,
         "enroll_issued",
     )
-    .await
+    .await;
+    if let Response::Issued { key_id: id, .. } = &mut response {
+        id.clone_from(&key_id);
+    }
+    response
+}
+
+async fn unspend(shared: &Shared, token: &zeroize::Zeroizing<String>) {
+    let (store, token) = (shared.store.clone(), token.clone());
+    let _ = tokio::task::spawn_blocking(move || store.unspend(&token)).await;
 }
 
 /// A renewal: the presented certificate (its chain and validity already
@@ -616,6 +718,7 @@ async fn issue(
         name: name.to_owned(),
         profile,
         sans: sans.to_vec(),
+        grant: None,
     };
     let uri = format!(
         "netproc://{}/{}/{}",
@@ -676,5 +779,6 @@ async fn issue(
             shared.root.to_vec(),
         ],
         bundle: shared.config.bundle.iter().map(|c| c.to_vec()).collect(),
+        key_id: None,
     }
 }

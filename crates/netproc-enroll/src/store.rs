@@ -29,6 +29,30 @@ pub struct TokenSpec {
     pub source: Option<String>,
     /// How long the token lasts (15 minutes by default).
     pub ttl: Duration,
+    /// An Ed25519 key the new host may register through the credential
+    /// authority, with these privileges (never more than the token says:
+    /// no admin unless listed here).
+    pub grant: Option<KeyGrant>,
+}
+
+/// What a key registered at enrollment may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyGrant {
+    /// Privilege names (`invoke_functions`, …).
+    pub privileges: Vec<String>,
+    /// A function allow-list, if any.
+    pub functions: Option<Vec<String>>,
+}
+
+impl KeyGrant {
+    /// A key with these privileges.
+    pub fn new(privileges: Vec<String>) -> KeyGrant {
+        KeyGrant {
+            privileges,
+            functions: None,
+        }
+    }
 }
 
 impl TokenSpec {
@@ -40,6 +64,7 @@ impl TokenSpec {
             sans: Vec::new(),
             source: None,
             ttl: Duration::from_secs(15 * 60),
+            grant: None,
         }
     }
 
@@ -63,6 +88,26 @@ impl TokenSpec {
             parse_cidr(net).ok_or_else(|| {
                 EnrollError::Invalid(format!("source {net:?}: expected an address/prefix"))
             })?;
+        }
+        if let Some(g) = &self.grant {
+            let plain = |s: &String| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+            if g.privileges.is_empty() || !g.privileges.iter().all(plain) {
+                return Err(EnrollError::Invalid(
+                    "grant: privilege names are [a-z0-9_], at least one".into(),
+                ));
+            }
+            if g.functions
+                .as_ref()
+                .is_some_and(|f| f.len() > 64 || !f.iter().all(plain))
+            {
+                return Err(EnrollError::Invalid(
+                    "grant: function names are [A-Za-z0-9_], at most 64".into(),
+                ));
+            }
         }
         if self.ttl.is_zero() || self.ttl > Duration::from_secs(7 * 24 * 3600) {
             return Err(EnrollError::Invalid(
@@ -89,6 +134,7 @@ pub(crate) struct Redeemed {
     pub(crate) name: String,
     pub(crate) profile: Profile,
     pub(crate) sans: Vec<String>,
+    pub(crate) grant: Option<KeyGrant>,
 }
 
 /// The tokens and the issued certificates. Cheap to clone.
@@ -110,6 +156,8 @@ CREATE TABLE IF NOT EXISTS enroll_tokens (
     profile TEXT NOT NULL,
     sans TEXT NOT NULL,
     source TEXT,
+    grant_privileges TEXT,
+    grant_functions TEXT,
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
     used_ms INTEGER
@@ -183,14 +231,19 @@ impl TokenStore {
         let expires = now + spec.ttl;
         self.conn()
             .execute(
-                "INSERT INTO enroll_tokens (hash, name, profile, sans, source, created_ms, expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO enroll_tokens (hash, name, profile, sans, source, grant_privileges, grant_functions, created_ms, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     token_hash(&token).to_vec(),
                     spec.name,
                     spec.profile.as_str(),
                     spec.sans.join(","),
                     spec.source,
+                    spec.grant.as_ref().map(|g| g.privileges.join(",")),
+                    spec.grant
+                        .as_ref()
+                        .and_then(|g| g.functions.as_ref())
+                        .map(|f| f.join(",")),
                     unix_ms(now),
                     unix_ms(expires),
                 ],
@@ -216,7 +269,7 @@ impl TokenStore {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT name, profile, sans, source, expires_ms, used_ms FROM enroll_tokens WHERE hash = ?1",
+                "SELECT name, profile, sans, source, expires_ms, used_ms, grant_privileges, grant_functions FROM enroll_tokens WHERE hash = ?1",
                 params![hash],
                 |r| {
                     Ok((
@@ -226,12 +279,16 @@ impl TokenStore {
                         r.get::<_, Option<String>>(3)?,
                         r.get::<_, i64>(4)?,
                         r.get::<_, Option<i64>>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                        r.get::<_, Option<String>>(7)?,
                     ))
                 },
             )
             .optional()
             .map_err(|_| RefusalCode::Internal)?;
-        let Some((t_name, t_profile, sans, source, expires_ms, used_ms)) = row else {
+        let Some((t_name, t_profile, sans, source, expires_ms, used_ms, privileges, functions)) =
+            row
+        else {
             return Err(RefusalCode::InvalidToken);
         };
         if used_ms.is_some() || expires_ms <= unix_ms(now) {
@@ -253,7 +310,12 @@ impl TokenStore {
         if won != 1 {
             return Err(RefusalCode::InvalidToken);
         }
+        let split = |s: String| s.split(',').map(str::to_owned).collect::<Vec<_>>();
         Ok(Redeemed {
+            grant: privileges.map(|p| KeyGrant {
+                privileges: split(p),
+                functions: functions.map(split),
+            }),
             name: t_name,
             profile: Profile::parse(&t_profile).ok_or(RefusalCode::Internal)?,
             sans: sans
@@ -283,6 +345,18 @@ impl TokenStore {
                     unix_ms(now),
                     unix_ms(issued.not_after),
                 ],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Makes a redeemed token usable again (what it was for could not be
+    /// completed). Blocking (SQLite).
+    pub(crate) fn unspend(&self, token: &str) -> Result<(), EnrollError> {
+        self.conn()
+            .execute(
+                "UPDATE enroll_tokens SET used_ms = NULL WHERE hash = ?1",
+                params![token_hash(token).to_vec()],
             )
             .map_err(db_err)?;
         Ok(())

@@ -27,6 +27,9 @@ pub enum Request {
         profile: String,
         /// A PKCS#10 request (DER) for a key made on the client.
         csr: Vec<u8>,
+        /// An Ed25519 public key made on the client, to register through
+        /// the credential authority with what the token grants.
+        ed25519: Option<[u8; 32]>,
     },
     /// A new certificate for the identity of the client certificate this
     /// connection presented (issued by this service, not revoked, not
@@ -72,6 +75,8 @@ pub enum Response {
         /// The other roots to trust now (during a CA rotation: the next
         /// one before the switch, the previous one after it).
         bundle: Vec<Vec<u8>>,
+        /// The id the Ed25519 key was registered under, if one was.
+        key_id: Option<String>,
     },
     /// Refused.
     Refused {
@@ -199,6 +204,7 @@ mod tests {
             name: "alice".into(),
             profile: "client".into(),
             csr: vec![1, 2, 3],
+            ed25519: Some([9; 32]),
         };
         let mut buf = Vec::new();
         write_frame(&mut buf, &request).await.unwrap();

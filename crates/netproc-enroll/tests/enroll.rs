@@ -241,6 +241,7 @@ async fn bad_tokens_and_requests_are_refused_with_their_code_and_the_service_sta
                 name: "alice".into(),
                 profile: "client".into(),
                 csr,
+                ed25519: None,
             })
             .await;
         assert!(
@@ -262,6 +263,7 @@ async fn bad_tokens_and_requests_are_refused_with_their_code_and_the_service_sta
             name: "alice".into(),
             profile: "client".into(),
             csr: request.der().to_vec(),
+            ed25519: None,
         })
         .await;
     assert!(matches!(
@@ -430,6 +432,7 @@ async fn certificates_the_service_did_not_issue_cannot_renew() {
         chain: vec![cert.certificate().clone()],
         root: root.certificate().clone(),
         bundle: Vec::new(),
+        ed25519: None,
     };
     // Chains to the root, claims the service's URI SAN, but was never
     // issued by it.
@@ -856,4 +859,154 @@ async fn a_server_renews_with_its_own_server_certificate() {
             .is_err()
     );
     s.service.shutdown().await;
+}
+
+/// The credential authority as the registrar: an enrolled host's Ed25519
+/// key, bound to its certificate's key, reaches every target.
+#[derive(Debug)]
+struct AuthorityRegistrar {
+    authority: netproc_propagation::Authority,
+    targets: Vec<String>,
+}
+
+impl KeyRegistrar for AuthorityRegistrar {
+    fn register<'a>(
+        &'a self,
+        key: &'a KeyRegistration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let id: String = key
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let privileges: netproc_auth::PrivilegeSet = key
+                .privileges
+                .join(",")
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+            let binding = key.binding.parse().map_err(|e| format!("{e}"))?;
+            let spec = netproc_propagation::CredentialSpec::ed25519(
+                id.clone(),
+                key.public_key,
+                KeySpec::new(privileges).binding(binding),
+            );
+            let targets: Vec<&str> = self.targets.iter().map(String::as_str).collect();
+            self.authority
+                .ensure(spec, &targets)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(id)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_hosts_ed25519_key_reaches_a_server_through_the_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = CertificateAuthority::generate(&CaParams::new("root")).unwrap();
+    let online = root.issue_intermediate(&CaParams::new("online")).unwrap();
+    // A server that receives credentials from the authority (in process).
+    let signing = netproc_pki::Ed25519Key::generate().unwrap();
+    let keys = Arc::new(ApiKeyStore::in_memory());
+    let state = netproc_server::StateDatabase::open(dir.path()).unwrap();
+    let target = netproc_propagation::PropagationTarget::open(
+        netproc_propagation::TargetConfig::new("s", vec![signing.public_key()]),
+        Arc::clone(&keys),
+        &state,
+    )
+    .unwrap();
+    let server_cert = root.issue(&LeafParams::server("s", ["localhost"])).unwrap();
+    let server = target
+        .install(
+            Server::builder(
+                "s",
+                server_cert.identity().unwrap(),
+                root.trust_anchors(),
+                Arc::clone(&keys),
+            )
+            .state(state)
+            .function("ping", |_: CallContext, (): ()| async move {
+                Ok::<_, CallError>("pong".to_owned())
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    server.follow_key_store(&keys);
+    let mut transport = netproc_propagation::LocalTransport::new();
+    transport.add(target);
+    let authority = netproc_propagation::Authority::open(
+        netproc_propagation::AuthorityConfig::new(
+            dir.path().join("authority.db"),
+            vec!["s".into()],
+        ),
+        signing,
+        Arc::new(transport),
+    )
+    .unwrap();
+    // The enrollment service registers granted keys with the authority.
+    let store = TokenStore::open(dir.path().join("enroll.db")).unwrap();
+    let mut config = EnrollConfig::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into()]);
+    config.registrar = Some(Arc::new(AuthorityRegistrar {
+        authority: authority.clone(),
+        targets: vec!["s".into()],
+    }));
+    let service = EnrollService::start(config, online, root.certificate().clone(), store.clone())
+        .await
+        .unwrap();
+    let mut spec = TokenSpec::new("carol", Profile::Client);
+    spec.grant = Some(KeyGrant::new(vec!["invoke_functions".into()]));
+    let token = store.create(&spec, SystemTime::now()).unwrap();
+    let mut e = TokenEnrollment::new(
+        format!("localhost:{}", service.local_addr().port()),
+        token.as_str(),
+        "carol",
+        Profile::Client,
+        service.root_fingerprint(),
+    );
+    e.ed25519 = true;
+    let enrolled = enroll_with_token(&e).await.unwrap();
+    let key = enrolled.ed25519.as_ref().unwrap();
+    assert_eq!(key.key_id, "carol");
+    assert!(authority.sync().await.all_ok());
+    // No shared secret typed or copied: the certificate and the key made
+    // on the host are all it needs.
+    let client = Client::builder()
+        .server(
+            "s",
+            ServerEndpoint::with_ed25519(
+                server.local_addr(),
+                "localhost",
+                enrolled.identity().unwrap(),
+                root.trust_anchors(),
+                key.key_id.clone(),
+                Arc::new(netproc_pki::Ed25519Key::from_seed(key.key.seed()).unwrap()),
+            ),
+        )
+        .build()
+        .unwrap();
+    let pong: String = client.server("s").unwrap().call("ping", ()).await.unwrap();
+    assert_eq!(pong, "pong");
+    // A token without a grant cannot register a key, and stays usable.
+    let plain = store
+        .create(&TokenSpec::new("dave", Profile::Client), SystemTime::now())
+        .unwrap();
+    let mut e2 = TokenEnrollment::new(
+        format!("localhost:{}", service.local_addr().port()),
+        plain.as_str(),
+        "dave",
+        Profile::Client,
+        service.root_fingerprint(),
+    );
+    e2.ed25519 = true;
+    assert_eq!(
+        refused(enroll_with_token(&e2).await),
+        RefusalCode::NotAllowed
+    );
+    e2.ed25519 = false;
+    assert!(enroll_with_token(&e2).await.is_ok());
+    server.shutdown(Duration::from_secs(1)).await;
+    service.shutdown().await;
 }
