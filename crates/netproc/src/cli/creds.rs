@@ -247,7 +247,7 @@ impl CertSelector {
 
 /// A database that is down is a failure (exit 1), not bad usage: the file
 /// is fine and a retry later may work.
-fn unavailable_or_usage(e: netproc::config::ConfigError) -> Failure {
+pub(crate) fn unavailable_or_usage(e: netproc::config::ConfigError) -> Failure {
     match e {
         netproc::config::ConfigError::Unavailable { .. } => failed(e),
         e => usage(e),

@@ -9,6 +9,7 @@ use netproc::config::CaFile;
 use netproc::enroll::{EnrollError, Profile, TokenEnrollment, TokenSpec};
 use serde_json::json;
 
+use super::creds::unavailable_or_usage;
 use super::serve::{Signal, init_logging, wait_for_signal};
 use super::{Failure, failed, output, usage};
 
@@ -57,6 +58,11 @@ struct EnrollRequest {
     /// Where to write key.pem (0600), cert.pem and ca.pem.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also make an Ed25519 key here and have it registered through the
+    /// credential authority with what the token grants; written to
+    /// ed25519.key (0600), usable as a client file's `api_key_file`.
+    #[arg(long)]
+    ed25519: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +136,14 @@ enum TokenCommand {
         /// How long the token lasts: 30s, 15m, 2h, 1d.
         #[arg(long, default_value = "15m")]
         ttl: String,
+        /// Let the new host register an Ed25519 key (`enroll --ed25519`)
+        /// with these comma-separated privileges, through the authority
+        /// of ca.toml's `authority`.
+        #[arg(long)]
+        privileges: Option<String>,
+        /// With --privileges: a comma-separated function allow-list.
+        #[arg(long, requires = "privileges")]
+        functions: Option<String>,
     },
 }
 
@@ -140,7 +154,14 @@ pub(crate) async fn ca(cmd: CaCommand) -> Result<(), Failure> {
     let root = file.root(&config).map_err(usage)?;
     let online = file.intermediate(&config).map_err(usage)?;
     let store = file.store(&config).map_err(usage)?;
-    let settings = file.service_config(&config).map_err(usage)?;
+    let mut settings = file.service_config(&config).map_err(usage)?;
+    let registrar_file = file.clone();
+    let registrar_path = config.clone();
+    settings.registrar =
+        tokio::task::spawn_blocking(move || registrar_file.registrar(&registrar_path))
+            .await
+            .map_err(failed)?
+            .map_err(unavailable_or_usage)?;
     let service = netproc::enroll::EnrollService::start(settings, online, root, store)
         .await
         .map_err(|e| usage(format!("{}: {e}", config.display())))?;
@@ -164,12 +185,24 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
             sans,
             source,
             ttl,
+            privileges,
+            functions,
         })) => {
             let file = CaFile::load(&config).map_err(usage)?;
             let profile = parse_profile(&profile)?;
             let mut spec = TokenSpec::new(name.clone(), profile);
             spec.sans = sans;
             spec.source = source;
+            let list = |s: &str| {
+                s.split(',')
+                    .map(|p| p.trim().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            spec.grant = privileges.map(|p| {
+                let mut grant = netproc::enroll::KeyGrant::new(list(&p));
+                grant.functions = functions.as_deref().map(list);
+                grant
+            });
             spec.ttl = parse_duration(&ttl).ok_or_else(|| {
                 usage(format!("--ttl {ttl:?}: expected a number and s, m, h or d"))
             })?;
@@ -321,6 +354,7 @@ async fn enroll_with_token(r: EnrollRequest) -> Result<(), Failure> {
     if let Some(n) = r.server_name {
         request.server_name = n;
     }
+    request.ed25519 = r.ed25519;
     let enrolled = netproc::enroll::enroll_with_token(&request)
         .await
         .map_err(|e| match e {
@@ -373,6 +407,16 @@ async fn pair(pairing: &netproc::enroll::Pairing, out: &Path) -> Result<(), Fail
 
 fn written(enrolled: &netproc::enroll::Enrolled, name: &str, out: &Path) -> Result<(), Failure> {
     enrolled.write_to(out).map_err(failed)?;
+    if let Some(k) = &enrolled.ed25519 {
+        let text = netproc::config::format_ed25519_credential(&k.key_id, &k.key);
+        netproc::pki::write_secret_file(&out.join("ed25519.key"), text.as_bytes(), false)
+            .map_err(failed)?;
+        eprintln!(
+            "Ed25519 key {} registered; {} (0600) is a client file's api_key_file",
+            k.key_id,
+            out.join("ed25519.key").display()
+        );
+    }
     let leaf = enrolled.identity().map_err(failed)?.cert_identity().clone();
     output::done(
         &format!(

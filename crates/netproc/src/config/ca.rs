@@ -60,6 +60,10 @@ pub struct CaFile {
     pub notifier: Vec<String>,
     /// Pairing: how long a request waits for its code, seconds (default 600).
     pub pairing_ttl_s: Option<u64>,
+    /// The credential authority (authority.toml) that registers the
+    /// Ed25519 keys tokens grant (`enroll token create --privileges`), on
+    /// every target of that file; `netproc authority` delivers them.
+    pub authority: Option<PathBuf>,
     /// Log format. Default text.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -119,6 +123,25 @@ impl CaFile {
         })
     }
 
+    /// The registrar of granted keys, when `authority` is set. Blocking
+    /// (opens the authority's database).
+    pub fn registrar(
+        &self,
+        config_path: &Path,
+    ) -> Result<Option<std::sync::Arc<dyn crate::enroll::KeyRegistrar>>, ConfigError> {
+        let Some(path) = &self.authority else {
+            return Ok(None);
+        };
+        let path = relative_to(&self.dir, path);
+        let file = super::AuthorityFile::load(&path)
+            .map_err(|e| invalid(config_path, format!("authority: {e}")))?;
+        let authority = file.authority(&path)?;
+        Ok(Some(std::sync::Arc::new(AuthorityRegistrar {
+            targets: file.target_names(),
+            authority,
+        })))
+    }
+
     /// The service's settings (the bundle's files read: errors name them).
     pub fn service_config(
         &self,
@@ -149,5 +172,56 @@ impl CaFile {
             c.pairing_ttl = Duration::from_secs(s.clamp(10, 86_400));
         }
         Ok(c)
+    }
+}
+
+/// Registers enrolled Ed25519 keys with the credential authority, on every
+/// target of its file; the key id is the enrolled name with `.` and `_`
+/// made `-`.
+struct AuthorityRegistrar {
+    authority: crate::propagation::Authority,
+    targets: Vec<String>,
+}
+
+impl std::fmt::Debug for AuthorityRegistrar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityRegistrar")
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl crate::enroll::KeyRegistrar for AuthorityRegistrar {
+    fn register<'a>(
+        &'a self,
+        key: &'a crate::enroll::KeyRegistration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let id: String = key
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let privileges: crate::auth::PrivilegeSet = key
+                .privileges
+                .join(",")
+                .parse()
+                .map_err(|e| format!("privileges: {e}"))?;
+            let mut spec = crate::auth::KeySpec::new(privileges)
+                .binding(key.binding.parse().map_err(|e| format!("binding: {e}"))?);
+            if let Some(functions) = &key.functions {
+                spec = spec.functions(functions.clone());
+            }
+            let credential =
+                crate::propagation::CredentialSpec::ed25519(id.clone(), key.public_key, spec)
+                    .recreate(true);
+            let targets: Vec<&str> = self.targets.iter().map(String::as_str).collect();
+            self.authority
+                .ensure(credential, &targets)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(id)
+        })
     }
 }

@@ -984,3 +984,82 @@ fn a_new_host_pairs_with_the_code_the_operator_was_told() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn an_enrolled_host_registers_its_ed25519_key_through_the_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    assert!(
+        netproc(&["pki", "issue-intermediate", "--ca-dir", d.to_str().unwrap()])
+            .status
+            .success()
+    );
+    std::fs::write(
+        d.join("authority.toml"),
+        "database = \"authority.db\"\nsigning_key = \"authority.ed25519\"\n",
+    )
+    .unwrap();
+    let out = netproc(&["creds", "init", "--config", &p("authority.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        d.join("ca.toml"),
+        "listen = \"127.0.0.1:0\"\nnames = [\"localhost\"]\nroot = \"ca.crt\"\nintermediate_cert = \"online.crt\"\nintermediate_key = \"online.key\"\nstate = \"enroll.db\"\nauthority = \"authority.toml\"\n",
+    )
+    .unwrap();
+    let (_ca, line) = spawn_reading_line(&["ca", "serve", "--config", &p("ca.toml")]);
+    let port = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches(';')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let fingerprint = line.rsplit(' ').next().unwrap().to_owned();
+    let out = netproc(&[
+        "enroll",
+        "token",
+        "create",
+        "--config",
+        &p("ca.toml"),
+        "--name",
+        "carol",
+        "--privileges",
+        "invoke_functions",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).lines().next().unwrap().to_owned();
+    let out = netproc(&[
+        "enroll",
+        "--server",
+        &format!("localhost:{port}"),
+        "--name",
+        "carol",
+        "--token",
+        &token,
+        "--ca-fingerprint",
+        &fingerprint,
+        "--out",
+        &p("carol-tls"),
+        "--ed25519",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = std::fs::read_to_string(d.join("carol-tls/ed25519.key")).unwrap();
+    assert!(key.starts_with("npe_carol_"), "{key}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.join("carol-tls/ed25519.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0);
+    // The authority holds it (only its public half), to deliver.
+    let out = netproc(&["creds", "list", "--config", &p("authority.toml")]);
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("\"carol\"") && listed.contains("ed25519"),
+        "{listed}"
+    );
+}
