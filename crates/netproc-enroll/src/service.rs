@@ -282,16 +282,21 @@ async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpA
         .map(|c| c.clone().into_owned());
     let request = tokio::time::timeout(timeout, wire::read_frame::<_, Request>(&mut tls)).await;
     let response = match request {
+        Ok(Ok(r)) if r.version() != wire::VERSION => refusal(
+            RefusalCode::InvalidRequest,
+            "unknown protocol version",
+            peer,
+            "-",
+        ),
         Ok(Ok(Request::Token {
-            version,
             token,
             name,
             profile,
             csr,
             ed25519,
+            ..
         })) => {
             let ask = TokenAsk {
-                version,
                 token: zeroize::Zeroizing::new(token),
                 name,
                 profile,
@@ -300,17 +305,11 @@ async fn serve(shared: &Shared, acceptor: TlsAcceptor, tcp: TcpStream, peer: IpA
             };
             handle_token(shared, ask, peer).await
         }
-        Ok(Ok(Request::Renew { version, csr })) => {
-            handle_renew(shared, version, presented, csr, peer).await
-        }
-        Ok(Ok(Request::Pair { version, name, csr })) => {
-            handle_pair(shared, version, name, csr, peer).await
-        }
+        Ok(Ok(Request::Renew { csr, .. })) => handle_renew(shared, presented, csr, peer).await,
+        Ok(Ok(Request::Pair { name, csr, .. })) => handle_pair(shared, name, csr, peer).await,
         Ok(Ok(Request::PairCode {
-            version,
-            request_id,
-            code,
-        })) => handle_pair_code(shared, version, request_id, code, peer).await,
+            request_id, code, ..
+        })) => handle_pair_code(shared, request_id, code, peer).await,
         Ok(Err(wire::FrameError::Io(_))) | Err(_) => return,
         Ok(Err(_)) => refusal(
             RefusalCode::InvalidRequest,
@@ -355,7 +354,6 @@ fn parse_csr(csr: &[u8], peer: IpAddr, name: &str) -> Result<CertificateRequest,
 
 /// A token request, as received.
 struct TokenAsk {
-    version: u8,
     token: zeroize::Zeroizing<String>,
     name: String,
     profile: String,
@@ -365,21 +363,12 @@ struct TokenAsk {
 
 async fn handle_token(shared: &Shared, ask: TokenAsk, peer: IpAddr) -> Response {
     let TokenAsk {
-        version,
         token,
         name,
         profile,
         csr,
         ed25519,
     } = ask;
-    if version != wire::VERSION {
-        return refusal(
-            RefusalCode::InvalidRequest,
-            "unknown protocol version",
-            peer,
-            &name,
-        );
-    }
     if crate::check_name(&name).is_err() || Profile::parse(&profile).is_none() {
         return refusal(
             RefusalCode::InvalidRequest,
@@ -478,19 +467,10 @@ async fn unspend(shared: &Shared, token: &zeroize::Zeroizing<String>) {
 /// be one it issued and did not revoke.
 async fn handle_renew(
     shared: &Shared,
-    version: u8,
     presented: Option<CertificateDer<'static>>,
     csr: Vec<u8>,
     peer: IpAddr,
 ) -> Response {
-    if version != wire::VERSION {
-        return refusal(
-            RefusalCode::InvalidRequest,
-            "unknown protocol version",
-            peer,
-            "-",
-        );
-    }
     let not_renewable = |name: &str| {
         refusal(
             RefusalCode::NotRenewable,
@@ -550,20 +530,9 @@ async fn handle_renew(
 
 /// Pairing, first step: the request is kept with a fresh code, and the
 /// operator is told the code and the short authentication string.
-async fn handle_pair(
-    shared: &Shared,
-    version: u8,
-    name: String,
-    csr: Vec<u8>,
-    peer: IpAddr,
-) -> Response {
-    if version != wire::VERSION || crate::check_name(&name).is_err() {
-        return refusal(
-            RefusalCode::InvalidRequest,
-            "bad version or name",
-            peer,
-            "-",
-        );
+async fn handle_pair(shared: &Shared, name: String, csr: Vec<u8>, peer: IpAddr) -> Response {
+    if crate::check_name(&name).is_err() {
+        return refusal(RefusalCode::InvalidRequest, "bad name", peer, "-");
     }
     let Some(notifier) = shared.config.notifier.clone() else {
         return refusal(
@@ -654,19 +623,10 @@ async fn handle_pair(
 /// that request only.
 async fn handle_pair_code(
     shared: &Shared,
-    version: u8,
     request_id: u64,
     code: String,
     peer: IpAddr,
 ) -> Response {
-    if version != wire::VERSION {
-        return refusal(
-            RefusalCode::InvalidRequest,
-            "unknown protocol version",
-            peer,
-            "-",
-        );
-    }
     let code = zeroize::Zeroizing::new(code);
     let store = shared.store.clone();
     let now = SystemTime::now();

@@ -64,6 +64,18 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The protocol version the request says.
+    pub fn version(&self) -> u8 {
+        match self {
+            Request::Token { version, .. }
+            | Request::Renew { version, .. }
+            | Request::Pair { version, .. }
+            | Request::PairCode { version, .. } => *version,
+        }
+    }
+}
+
 /// What the service answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
