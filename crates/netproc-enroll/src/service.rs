@@ -61,6 +61,9 @@ pub struct EnrollConfig {
     /// credential authority, so they reach every server); none: such
     /// requests are refused.
     pub registrar: Option<Arc<dyn KeyRegistrar>>,
+    /// Client certificates denied fleet-wide (the credential authority's
+    /// deny list): such a certificate cannot renew either.
+    pub deny: netproc_pki::DenyList,
 }
 
 /// An Ed25519 key to register for an enrolled identity.
@@ -107,6 +110,7 @@ impl EnrollConfig {
             max_pending_pairings: 1000,
             bundle: Vec::new(),
             registrar: None,
+            deny: netproc_pki::DenyList::new(),
         }
     }
 }
@@ -482,6 +486,9 @@ async fn handle_renew(
     let Some(leaf) = presented.and_then(|c| netproc_pki::CertIdentity::from_der(&c).ok()) else {
         return not_renewable("-");
     };
+    if shared.config.deny.refuses(&leaf) {
+        return not_renewable("-");
+    }
     let prefix = format!("netproc://{}/", shared.config.trust_domain);
     let Some((profile, name)) = leaf.sans.iter().find_map(|san| match san {
         SubjectAltName::Uri(u) => u
@@ -546,6 +553,9 @@ async fn handle_pair(shared: &Shared, name: String, csr: Vec<u8>, peer: IpAddr) 
         Ok(r) => r,
         Err(refused) => return refused,
     };
+    if let Some(refused) = taken_elsewhere(shared, &name, &request, peer).await {
+        return refused;
+    }
     let mut id = [0u8; 8];
     let mut c = [0u8; 8];
     if netproc_pki::random_bytes(&mut id).is_err() || netproc_pki::random_bytes(&mut c).is_err() {
@@ -651,6 +661,9 @@ async fn handle_pair_code(
         Ok(r) => r,
         Err(refused) => return refused,
     };
+    if let Some(refused) = taken_elsewhere(shared, &name, &request, peer).await {
+        return refused;
+    }
     issue(
         shared,
         &request,
@@ -661,6 +674,41 @@ async fn handle_pair_code(
         "pairing_approved",
     )
     .await
+}
+
+/// Pairing never takes over a name that holds a live certificate for
+/// another key (a token, which an operator made for the name, may).
+async fn taken_elsewhere(
+    shared: &Shared,
+    name: &str,
+    request: &CertificateRequest,
+    peer: IpAddr,
+) -> Option<Response> {
+    let (store, n, spki) = (
+        shared.store.clone(),
+        name.to_owned(),
+        request.spki_fingerprint().to_string(),
+    );
+    let bound =
+        tokio::task::spawn_blocking(move || store.bound_elsewhere(&n, &spki, SystemTime::now()))
+            .await
+            .ok()
+            .and_then(Result::ok);
+    match bound {
+        Some(false) => None,
+        Some(true) => Some(refusal(
+            RefusalCode::NotAllowed,
+            "the name holds a live certificate for another key: revoke it, or enroll with a token",
+            peer,
+            name,
+        )),
+        None => Some(refusal(
+            RefusalCode::Internal,
+            "try again later",
+            peer,
+            name,
+        )),
+    }
 }
 
 /// Issues, records and audits a certificate for `request`'s key.

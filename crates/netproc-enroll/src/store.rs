@@ -393,6 +393,25 @@ impl TokenStore {
             .map_err(db_err)
     }
 
+    /// Whether `name` holds a live certificate (unexpired, unrevoked) for
+    /// a key other than `spki`: pairing cannot take such a name over.
+    /// Blocking (SQLite).
+    pub(crate) fn bound_elsewhere(
+        &self,
+        name: &str,
+        spki: &str,
+        now: SystemTime,
+    ) -> Result<bool, EnrollError> {
+        self.conn()
+            .query_row(
+                "SELECT count(*) FROM enroll_issued WHERE name = ?1 AND spki_sha256 != ?2 AND revoked_ms IS NULL AND not_after_ms > ?3",
+                params![name, spki, unix_ms(now)],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(db_err)
+    }
+
     /// How many certificates were issued for `name`. Blocking (SQLite).
     pub fn issued_count(&self, name: &str) -> Result<u64, EnrollError> {
         self.conn()

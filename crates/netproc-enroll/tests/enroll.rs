@@ -1010,3 +1010,41 @@ async fn an_enrolled_hosts_ed25519_key_reaches_a_server_through_the_authority() 
     server.shutdown(Duration::from_secs(1)).await;
     service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pairing_cannot_take_over_a_live_name_and_a_denied_certificate_cannot_renew() {
+    let deny = netproc_pki::DenyList::new();
+    let notices: Notices = Arc::default();
+    let (seen, denied) = (Arc::clone(&notices), deny.clone());
+    let s = setup(move |c| {
+        c.notifier = Some(Notifier::Callback(Arc::new(move |n: &PairingNotice| {
+            seen.lock().unwrap().push(n.clone());
+        })));
+        c.deny = denied;
+    })
+    .await;
+    let token = s.token("alice", Profile::Client);
+    let alice = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
+        .await
+        .unwrap();
+    // Someone pairs as alice while alice holds a live certificate.
+    match start_pairing(&s.pairing("alice")).await {
+        Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotAllowed),
+        other => panic!("{other:?}"),
+    }
+    assert!(notices.lock().unwrap().is_empty(), "nobody was asked");
+    // Denied fleet-wide (the authority's deny list): no renewal.
+    let leaf = alice.identity().unwrap().cert_identity().clone();
+    for entry in netproc_pki::DeniedCert::of(&leaf) {
+        deny.insert(entry, leaf.not_after);
+    }
+    let renewal = Renewal::new(
+        format!("localhost:{}", s.service.local_addr().port()),
+        s.service.root_fingerprint(),
+    );
+    match renew(&renewal, &alice).await {
+        Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotRenewable),
+        other => panic!("{other:?}"),
+    }
+    s.service.shutdown().await;
+}

@@ -155,13 +155,28 @@ pub(crate) async fn ca(cmd: CaCommand) -> Result<(), Failure> {
     let online = file.intermediate(&config).map_err(usage)?;
     let store = file.store(&config).map_err(usage)?;
     let mut settings = file.service_config(&config).map_err(usage)?;
-    let registrar_file = file.clone();
-    let registrar_path = config.clone();
-    settings.registrar =
-        tokio::task::spawn_blocking(move || registrar_file.registrar(&registrar_path))
-            .await
-            .map_err(failed)?
-            .map_err(unavailable_or_usage)?;
+    let (authority_file, authority_path) = (file.clone(), config.clone());
+    let authority = tokio::task::spawn_blocking(move || authority_file.authority(&authority_path))
+        .await
+        .map_err(failed)?
+        .map_err(unavailable_or_usage)?;
+    if let Some((authority, targets)) = authority {
+        settings.registrar = Some(CaFile::registrar(authority.clone(), targets));
+        // The authority's deny list, refreshed: a certificate denied
+        // fleet-wide cannot renew either.
+        let deny = settings.deny.clone();
+        tokio::spawn(async move {
+            loop {
+                match authority.denied_certificates().await {
+                    Ok(list) => {
+                        deny.replace(list.into_iter().map(|(c, until)| (c.to_denied(), until)))
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the authority's deny list"),
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
     let service = netproc::enroll::EnrollService::start(settings, online, root, store)
         .await
         .map_err(|e| usage(format!("{}: {e}", config.display())))?;

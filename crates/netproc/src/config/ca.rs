@@ -123,12 +123,13 @@ impl CaFile {
         })
     }
 
-    /// The registrar of granted keys, when `authority` is set. Blocking
-    /// (opens the authority's database).
-    pub fn registrar(
+    /// The credential authority of `authority`, if set: it registers the
+    /// keys tokens grant, and its deny list keeps denied certificates from
+    /// renewing. Blocking (opens the authority's database).
+    pub fn authority(
         &self,
         config_path: &Path,
-    ) -> Result<Option<std::sync::Arc<dyn crate::enroll::KeyRegistrar>>, ConfigError> {
+    ) -> Result<Option<(crate::propagation::Authority, Vec<String>)>, ConfigError> {
         let Some(path) = &self.authority else {
             return Ok(None);
         };
@@ -136,10 +137,16 @@ impl CaFile {
         let file = super::AuthorityFile::load(&path)
             .map_err(|e| invalid(config_path, format!("authority: {e}")))?;
         let authority = file.authority(&path)?;
-        Ok(Some(std::sync::Arc::new(AuthorityRegistrar {
-            targets: file.target_names(),
-            authority,
-        })))
+        Ok(Some((authority, file.target_names())))
+    }
+
+    /// The registrar of granted keys through `authority` (see
+    /// [`authority`](Self::authority)), on `targets`.
+    pub fn registrar(
+        authority: crate::propagation::Authority,
+        targets: Vec<String>,
+    ) -> std::sync::Arc<dyn crate::enroll::KeyRegistrar> {
+        std::sync::Arc::new(AuthorityRegistrar { authority, targets })
     }
 
     /// The service's settings (the bundle's files read: errors name them).
