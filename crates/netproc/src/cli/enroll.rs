@@ -97,6 +97,10 @@ enum EnrollCommand {
         /// Keep renewing until SIGINT or SIGTERM.
         #[arg(long)]
         daemon: bool,
+        /// With --daemon: serve Prometheus metrics here
+        /// (`netproc_cert_expires_in_seconds`, `netproc_renewal_failures_total`).
+        #[arg(long, requires = "daemon")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Mark a certificate this service issued as revoked: it can no longer
     /// renew (deny it fleet-wide with `netproc creds deny-cert` too).
@@ -151,6 +155,9 @@ pub(crate) async fn ca(cmd: CaCommand) -> Result<(), Failure> {
     let CaCommand::Serve { config } = cmd;
     let file = CaFile::load(&config).map_err(usage)?;
     init_logging(file.log_format);
+    if let Some(addr) = file.metrics_addr {
+        super::serve::install_metrics(addr)?;
+    }
     let root = file.root(&config).map_err(usage)?;
     let online = file.intermediate(&config).map_err(usage)?;
     let store = file.store(&config).map_err(usage)?;
@@ -250,6 +257,7 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
             dir,
             rekey,
             daemon,
+            metrics_addr,
         }) => {
             let current = netproc::enroll::Enrolled::read_from(&dir).map_err(usage)?;
             let root = match ca_fingerprint {
@@ -278,6 +286,9 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
                 return Ok(());
             }
             init_logging(netproc::config::LogFormat::default());
+            if let Some(addr) = metrics_addr {
+                super::serve::install_metrics(addr)?;
+            }
             outln!("keeping {} renewed", dir.join("cert.pem").display());
             let out = dir.clone();
             netproc::enroll::keep_renewed(

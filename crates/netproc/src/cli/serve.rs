@@ -76,11 +76,7 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
     let file = ServerFile::load(config).map_err(usage)?;
     init_logging(file.log_format);
     if let Some(addr) = file.metrics_addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| failed(format!("metrics endpoint {addr}: {e}")))?;
-        tracing::info!(%addr, "Prometheus metrics at /metrics");
+        install_metrics(addr)?;
     }
     let assembled = file.assemble(config).map_err(usage)?;
     let (builder, keys) = (assembled.builder, assembled.keys);
@@ -146,6 +142,16 @@ pub(crate) async fn serve(config: &Path) -> Result<(), Failure> {
         let _ = task.await;
     }
     server.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Serves Prometheus metrics at `addr`/metrics.
+pub(crate) fn install_metrics(addr: std::net::SocketAddr) -> Result<(), Failure> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| failed(format!("metrics endpoint {addr}: {e}")))?;
+    tracing::info!(%addr, "Prometheus metrics at /metrics");
     Ok(())
 }
 

@@ -64,6 +64,8 @@ pub struct CaFile {
     /// Ed25519 keys tokens grant (`enroll token create --privileges`), on
     /// every target of that file; `netproc authority` delivers them.
     pub authority: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     /// Log format. Default text.
     #[serde(default)]
     pub log_format: LogFormat,
