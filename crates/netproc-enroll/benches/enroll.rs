@@ -53,9 +53,10 @@ fn main() {
         }
 
         // Token enrollment, one at a time.
-        let tokens: Vec<_> = (0..rounds)
-            .map(|i| store.create(&TokenSpec::new(format!("h{i}"), Profile::Client), SystemTime::now()).unwrap())
-            .collect();
+        let mut tokens = Vec::new();
+        for i in 0..rounds {
+            tokens.push(store.create(&TokenSpec::new(format!("h{i}"), Profile::Client), SystemTime::now()).await.unwrap());
+        }
         let mut lat = Vec::new();
         let mut last = None;
         for (i, t) in tokens.iter().enumerate() {

@@ -36,7 +36,7 @@
 //! .await?;
 //!
 //! // The operator makes a token; the new host enrolls with it.
-//! let token = store.create(&TokenSpec::new("alice", Profile::Client), SystemTime::now())?;
+//! let token = store.create(&TokenSpec::new("alice", Profile::Client), SystemTime::now()).await?;
 //! let enrolled = enroll_with_token(&TokenEnrollment::new(
 //!     service.local_addr().to_string(),
 //!     token.as_str(),
@@ -58,6 +58,8 @@
 
 mod client;
 mod pairing;
+#[cfg(feature = "postgres")]
+mod pg;
 mod service;
 mod store;
 pub mod wire;
@@ -67,6 +69,8 @@ pub use client::{
     keep_renewed, parse_fingerprint, renew, renew_at, start_pairing,
 };
 pub use pairing::{Notifier, PairingNotice, pairing_sas};
+#[cfg(feature = "postgres")]
+pub use pg::PostgresStore;
 pub use service::{EnrollConfig, EnrollHandle, EnrollService, KeyRegistrar, KeyRegistration};
 pub use store::{KeyGrant, TokenSpec, TokenStore};
 pub use wire::RefusalCode;

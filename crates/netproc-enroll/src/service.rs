@@ -386,12 +386,11 @@ async fn handle_token(shared: &Shared, ask: TokenAsk, peer: IpAddr) -> Response 
         Ok(r) => r,
         Err(refused) => return refused,
     };
-    let store = shared.store.clone();
     let now = SystemTime::now();
-    let (n, p, t) = (name.clone(), profile.clone(), token.clone());
-    let redeemed = tokio::task::spawn_blocking(move || store.redeem(&t, &n, &p, peer, now))
-        .await
-        .unwrap_or(Err(RefusalCode::Internal));
+    let redeemed = shared
+        .store
+        .redeem(&token, &name, &profile, peer, now)
+        .await;
     let redeemed = match redeemed {
         Ok(r) => r,
         Err(code) => {
@@ -462,8 +461,9 @@ async fn handle_token(shared: &Shared, ask: TokenAsk, peer: IpAddr) -> Response 
 }
 
 async fn unspend(shared: &Shared, token: &zeroize::Zeroizing<String>) {
-    let (store, token) = (shared.store.clone(), token.clone());
-    let _ = tokio::task::spawn_blocking(move || store.unspend(&token)).await;
+    if let Err(e) = shared.store.unspend(token).await {
+        tracing::error!(error = %e, "cannot give a token back");
+    }
 }
 
 /// A renewal: the presented certificate (its chain and validity already
@@ -503,12 +503,11 @@ async fn handle_renew(
         Ok(r) => r,
         Err(refused) => return refused,
     };
-    let store = shared.store.clone();
-    let (serial, n) = (leaf.serial.clone(), name.clone());
-    let renewable = tokio::task::spawn_blocking(move || store.renewable(&serial, &n, profile))
+    let renewable = shared
+        .store
+        .renewable(&leaf.serial, &name, profile)
         .await
-        .ok()
-        .and_then(Result::ok);
+        .ok();
     match renewable {
         Some(true) => {}
         Some(false) => return not_renewable(&name),
@@ -566,26 +565,19 @@ async fn handle_pair(shared: &Shared, name: String, csr: Vec<u8>, peer: IpAddr) 
     let code = zeroize::Zeroizing::new(format!("{:08}", u64::from_be_bytes(c) % 100_000_000));
     let now = SystemTime::now();
     let ttl = shared.config.pairing_ttl;
-    let store = shared.store.clone();
-    let (n, k, max) = (
-        name.clone(),
-        code.clone(),
-        shared.config.max_pending_pairings,
-    );
-    let created = tokio::task::spawn_blocking(move || {
-        store.create_pairing(&crate::store::NewPairing {
+    let created = shared
+        .store
+        .create_pairing(crate::store::NewPairing {
             id: request_id,
-            name: &n,
-            csr: &csr,
-            code: &k,
+            name: name.clone(),
+            csr,
+            code: code.clone(),
             source: peer,
             now,
             ttl,
-            max_pending: max,
+            max_pending: shared.config.max_pending_pairings,
         })
-    })
-    .await
-    .unwrap_or(Err(RefusalCode::Internal));
+        .await;
     if let Err(code) = created {
         return refusal(
             code,
@@ -638,12 +630,10 @@ async fn handle_pair_code(
     peer: IpAddr,
 ) -> Response {
     let code = zeroize::Zeroizing::new(code);
-    let store = shared.store.clone();
-    let now = SystemTime::now();
-    let approved =
-        tokio::task::spawn_blocking(move || store.approve_pairing(request_id, &code, now))
-            .await
-            .unwrap_or(Err(RefusalCode::Internal));
+    let approved = shared
+        .store
+        .approve_pairing(request_id, &code, SystemTime::now())
+        .await;
     let (name, csr) = match approved {
         Ok(a) => a,
         Err(code) => {
@@ -684,16 +674,15 @@ async fn taken_elsewhere(
     request: &CertificateRequest,
     peer: IpAddr,
 ) -> Option<Response> {
-    let (store, n, spki) = (
-        shared.store.clone(),
-        name.to_owned(),
-        request.spki_fingerprint().to_string(),
-    );
-    let bound =
-        tokio::task::spawn_blocking(move || store.bound_elsewhere(&n, &spki, SystemTime::now()))
-            .await
-            .ok()
-            .and_then(Result::ok);
+    let bound = shared
+        .store
+        .bound_elsewhere(
+            name,
+            &request.spki_fingerprint().to_string(),
+            SystemTime::now(),
+        )
+        .await
+        .ok();
     match bound {
         Some(false) => None,
         Some(true) => Some(refusal(
@@ -763,9 +752,7 @@ async fn issue(
         source: peer,
         not_after: validity.not_after,
     };
-    let store = shared.store.clone();
-    let recorded = tokio::task::spawn_blocking(move || store.record_issued(&record, now)).await;
-    if !matches!(recorded, Ok(Ok(()))) {
+    if shared.store.record_issued(record, now).await.is_err() {
         return refusal(RefusalCode::Internal, "try again later", peer, name);
     }
     metrics::counter!("netproc_enroll_issued_total", "profile" => redeemed.profile.as_str())

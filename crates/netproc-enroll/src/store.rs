@@ -137,16 +137,11 @@ pub(crate) struct Redeemed {
     pub(crate) grant: Option<KeyGrant>,
 }
 
-/// The tokens and the issued certificates. Cheap to clone.
+/// The SQLite backend: blocking, run on the blocking pool by
+/// [`TokenStore`].
 #[derive(Clone)]
-pub struct TokenStore {
+pub(crate) struct Sqlite {
     conn: Arc<Mutex<Connection>>,
-}
-
-impl std::fmt::Debug for TokenStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenStore").finish_non_exhaustive()
-    }
 }
 
 const SCHEMA: &str = "
@@ -190,25 +185,39 @@ fn db_err(e: rusqlite::Error) -> EnrollError {
     EnrollError::State(e.to_string())
 }
 
-fn unix_ms(t: SystemTime) -> i64 {
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// A fresh token: 256 random bits.
+pub(crate) fn new_token() -> Result<Zeroizing<String>, EnrollError> {
+    let mut secret = Zeroizing::new([0u8; 32]);
+    netproc_pki::random_bytes(&mut *secret).map_err(|e| EnrollError::State(e.to_string()))?;
+    Ok(Zeroizing::new(format!("npe1_{}", hex::encode(*secret))))
+}
+
+/// Whether `peer` may use a token limited to `source` (a CIDR), if any.
+pub(crate) fn source_allowed(source: Option<&str>, peer: IpAddr) -> bool {
+    source
+        .and_then(parse_cidr)
+        .is_none_or(|net| in_network(peer, net))
+}
+
 /// SHA-256 of a token's secret: all the store keeps.
-fn token_hash(token: &str) -> [u8; 32] {
+pub(crate) fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.trim().as_bytes()).into()
 }
 
-impl TokenStore {
+impl Sqlite {
     /// Opens (creating if needed) the state database at `path`.
-    pub fn open(path: impl AsRef<Path>) -> Result<TokenStore, EnrollError> {
+    pub(crate) fn open(path: impl AsRef<Path>) -> Result<Sqlite, EnrollError> {
         let conn = Connection::open(path.as_ref()).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
         conn.execute_batch("PRAGMA journal_mode = WAL;")
             .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
-        Ok(TokenStore {
+        Ok(Sqlite {
             conn: Arc::new(Mutex::new(conn)),
         })
     }
@@ -219,15 +228,13 @@ impl TokenStore {
 
     /// Makes a token (256 random bits) for `spec`; only its hash is kept.
     /// The token is returned once. Blocking (SQLite).
-    pub fn create(
+    pub(crate) fn create(
         &self,
         spec: &TokenSpec,
         now: SystemTime,
     ) -> Result<Zeroizing<String>, EnrollError> {
         spec.validate()?;
-        let mut secret = Zeroizing::new([0u8; 32]);
-        netproc_pki::random_bytes(&mut *secret).map_err(|e| EnrollError::State(e.to_string()))?;
-        let token = Zeroizing::new(format!("npe1_{}", hex::encode(*secret)));
+        let token = new_token()?;
         let expires = now + spec.ttl;
         self.conn()
             .execute(
@@ -294,10 +301,7 @@ impl TokenStore {
         if used_ms.is_some() || expires_ms <= unix_ms(now) {
             return Err(RefusalCode::InvalidToken);
         }
-        let from_source = source
-            .as_deref()
-            .and_then(parse_cidr)
-            .is_none_or(|net| in_network(peer, net));
+        let from_source = source_allowed(source.as_deref(), peer);
         if t_name != name || t_profile != profile || !from_source {
             return Err(RefusalCode::NotAllowed);
         }
@@ -364,7 +368,7 @@ impl TokenStore {
 
     /// Marks an issued certificate revoked (it can no longer renew); false
     /// if this service did not issue it. Blocking (SQLite).
-    pub fn revoke(&self, serial: &str, now: SystemTime) -> Result<bool, EnrollError> {
+    pub(crate) fn revoke(&self, serial: &str, now: SystemTime) -> Result<bool, EnrollError> {
         let n = self
             .conn()
             .execute(
@@ -413,7 +417,7 @@ impl TokenStore {
     }
 
     /// How many certificates were issued for `name`. Blocking (SQLite).
-    pub fn issued_count(&self, name: &str) -> Result<u64, EnrollError> {
+    pub(crate) fn issued_count(&self, name: &str) -> Result<u64, EnrollError> {
         self.conn()
             .query_row(
                 "SELECT count(*) FROM enroll_issued WHERE name = ?1",
@@ -426,11 +430,11 @@ impl TokenStore {
 }
 
 /// A pairing to record.
-pub(crate) struct NewPairing<'a> {
+pub(crate) struct NewPairing {
     pub(crate) id: u64,
-    pub(crate) name: &'a str,
-    pub(crate) csr: &'a [u8],
-    pub(crate) code: &'a str,
+    pub(crate) name: String,
+    pub(crate) csr: Vec<u8>,
+    pub(crate) code: Zeroizing<String>,
     pub(crate) source: IpAddr,
     pub(crate) now: SystemTime,
     pub(crate) ttl: Duration,
@@ -449,15 +453,15 @@ pub(crate) fn code_hash(id: u64, code: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-impl TokenStore {
+impl Sqlite {
     /// Records a pending pairing; refused when `max_pending` are pending
     /// in all, or 5 from `source`. Blocking (SQLite).
-    pub(crate) fn create_pairing(&self, p: &NewPairing<'_>) -> Result<(), RefusalCode> {
+    pub(crate) fn create_pairing(&self, p: &NewPairing) -> Result<(), RefusalCode> {
         let NewPairing {
             id,
-            name,
-            csr,
-            code,
+            ref name,
+            ref csr,
+            ref code,
             source,
             now,
             ttl,
@@ -559,6 +563,248 @@ impl TokenStore {
     }
 }
 
+/// The tokens, pending pairings and issued certificates: in SQLite
+/// ([`open`](Self::open)) or PostgreSQL ([`connect_postgres`](Self::connect_postgres),
+/// feature `postgres`: several service instances on several hosts share
+/// it; a token stays single-use across them). Cheap to clone.
+#[derive(Clone)]
+pub struct TokenStore {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Sqlite),
+    #[cfg(feature = "postgres")]
+    Postgres(crate::pg::Pg),
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(_) => "postgres",
+        };
+        f.debug_struct("TokenStore")
+            .field("backend", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs a blocking SQLite operation off the runtime's threads.
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static, failed: R) -> R {
+    tokio::task::spawn_blocking(f).await.unwrap_or(failed)
+}
+
+impl TokenStore {
+    /// Opens (creating if needed) a SQLite state database at `path`.
+    /// Blocking.
+    pub fn open(path: impl AsRef<Path>) -> Result<TokenStore, EnrollError> {
+        Ok(TokenStore {
+            backend: Backend::Sqlite(Sqlite::open(path)?),
+        })
+    }
+
+    /// Connects to PostgreSQL (`postgres://…`, TLS with `ca_pem` when the
+    /// URL's `sslmode` asks for it), creating the tables in `schema` (or
+    /// the connection's own) if needed.
+    #[cfg(feature = "postgres")]
+    pub async fn connect_postgres(
+        options: &crate::PostgresStore,
+    ) -> Result<TokenStore, EnrollError> {
+        Ok(TokenStore {
+            backend: Backend::Postgres(crate::pg::Pg::connect(options).await?),
+        })
+    }
+
+    /// Makes a token (256 random bits) for `spec`; only its hash is kept.
+    /// The token is returned once.
+    pub async fn create(
+        &self,
+        spec: &TokenSpec,
+        now: SystemTime,
+    ) -> Result<Zeroizing<String>, EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, spec) = (db.clone(), spec.clone());
+                blocking(
+                    move || db.create(&spec, now),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.create(spec, now).await,
+        }
+    }
+
+    /// Marks an issued certificate revoked (it can no longer renew); false
+    /// if this service did not issue it.
+    pub async fn revoke(&self, serial: &str, now: SystemTime) -> Result<bool, EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, serial) = (db.clone(), serial.to_owned());
+                blocking(
+                    move || db.revoke(&serial, now),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.revoke(serial, now).await,
+        }
+    }
+
+    /// How many certificates were issued for `name`.
+    pub async fn issued_count(&self, name: &str) -> Result<u64, EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, name) = (db.clone(), name.to_owned());
+                blocking(
+                    move || db.issued_count(&name),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.issued_count(name).await,
+        }
+    }
+
+    pub(crate) async fn redeem(
+        &self,
+        token: &str,
+        name: &str,
+        profile: &str,
+        peer: IpAddr,
+        now: SystemTime,
+    ) -> Result<Redeemed, RefusalCode> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, t, n, p) = (
+                    db.clone(),
+                    Zeroizing::new(token.to_owned()),
+                    name.to_owned(),
+                    profile.to_owned(),
+                );
+                blocking(
+                    move || db.redeem(&t, &n, &p, peer, now),
+                    Err(RefusalCode::Internal),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.redeem(token, name, profile, peer, now).await,
+        }
+    }
+
+    pub(crate) async fn unspend(&self, token: &str) -> Result<(), EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, t) = (db.clone(), Zeroizing::new(token.to_owned()));
+                blocking(
+                    move || db.unspend(&t),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.unspend(token).await,
+        }
+    }
+
+    pub(crate) async fn record_issued(
+        &self,
+        issued: IssuedRecord,
+        now: SystemTime,
+    ) -> Result<(), EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let db = db.clone();
+                blocking(
+                    move || db.record_issued(&issued, now),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.record_issued(&issued, now).await,
+        }
+    }
+
+    pub(crate) async fn renewable(
+        &self,
+        serial: &str,
+        name: &str,
+        profile: Profile,
+    ) -> Result<bool, EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, s, n) = (db.clone(), serial.to_owned(), name.to_owned());
+                blocking(
+                    move || db.renewable(&s, &n, profile),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.renewable(serial, name, profile).await,
+        }
+    }
+
+    pub(crate) async fn bound_elsewhere(
+        &self,
+        name: &str,
+        spki: &str,
+        now: SystemTime,
+    ) -> Result<bool, EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, n, k) = (db.clone(), name.to_owned(), spki.to_owned());
+                blocking(
+                    move || db.bound_elsewhere(&n, &k, now),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.bound_elsewhere(name, spki, now).await,
+        }
+    }
+
+    pub(crate) async fn create_pairing(&self, p: NewPairing) -> Result<(), RefusalCode> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let db = db.clone();
+                blocking(move || db.create_pairing(&p), Err(RefusalCode::Internal)).await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.create_pairing(&p).await,
+        }
+    }
+
+    pub(crate) async fn approve_pairing(
+        &self,
+        id: u64,
+        code: &str,
+        now: SystemTime,
+    ) -> Result<(String, Vec<u8>), RefusalCode> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let (db, c) = (db.clone(), Zeroizing::new(code.to_owned()));
+                blocking(
+                    move || db.approve_pairing(id, &c, now),
+                    Err(RefusalCode::Internal),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.approve_pairing(id, code, now).await,
+        }
+    }
+}
+
 /// `addr/len`.
 fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let (addr, len) = text.split_once('/')?;
@@ -594,7 +840,7 @@ mod tests {
     #[test]
     fn a_token_works_once_for_its_name_and_profile_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TokenStore::open(dir.path().join("s.db")).unwrap();
+        let store = Sqlite::open(dir.path().join("s.db")).unwrap();
         let now = SystemTime::now();
         let token = store
             .create(&TokenSpec::new("alice", Profile::Client), now)

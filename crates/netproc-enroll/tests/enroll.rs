@@ -41,9 +41,10 @@ async fn setup(tune: impl FnOnce(&mut EnrollConfig)) -> Setup {
 }
 
 impl Setup {
-    fn token(&self, name: &str, profile: Profile) -> String {
+    async fn token(&self, name: &str, profile: Profile) -> String {
         self.store
             .create(&TokenSpec::new(name, profile), SystemTime::now())
+            .await
             .unwrap()
             .to_string()
     }
@@ -90,7 +91,7 @@ fn refused(r: Result<Enrolled, EnrollError>) -> RefusalCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_enrolls_a_client_that_then_calls_a_real_server() {
     let s = setup(|_| {}).await;
-    let token = s.token("alice", Profile::Client);
+    let token = s.token("alice", Profile::Client).await;
     let enrolled = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
         .await
         .unwrap();
@@ -103,7 +104,7 @@ async fn a_token_enrolls_a_client_that_then_calls_a_real_server() {
         .unwrap_or_default();
     assert!(lifetime <= Duration::from_secs(24 * 3600), "{lifetime:?}");
     assert!(lifetime > Duration::from_secs(23 * 3600), "{lifetime:?}");
-    assert_eq!(s.store.issued_count("alice").unwrap(), 1);
+    assert_eq!(s.store.issued_count("alice").await.unwrap(), 1);
     // A server trusting the root accepts the enrolled chain.
     let server_cert = s
         .root
@@ -159,7 +160,7 @@ async fn a_server_token_gets_a_server_certificate_for_its_names() {
     let s = setup(|_| {}).await;
     let mut spec = TokenSpec::new("web", Profile::Server);
     spec.sans = vec!["web.example".into(), "10.0.0.7".into()];
-    let token = s.store.create(&spec, SystemTime::now()).unwrap();
+    let token = s.store.create(&spec, SystemTime::now()).await.unwrap();
     let enrolled = enroll_with_token(&s.enrollment(&token, "web", Profile::Server))
         .await
         .unwrap();
@@ -180,7 +181,7 @@ async fn two_concurrent_uses_of_one_token_exactly_one_wins() {
     let s = setup(|_| {}).await;
     for round in 0..5 {
         let name = format!("n{round}");
-        let token = s.token(&name, Profile::Client);
+        let token = s.token(&name, Profile::Client).await;
         let (e1, e2) = (
             s.enrollment(&token, &name, Profile::Client),
             s.enrollment(&token, &name, Profile::Client),
@@ -204,7 +205,7 @@ async fn bad_tokens_and_requests_are_refused_with_their_code_and_the_service_sta
         RefusalCode::InvalidToken
     );
     // Another name, another profile: refused, and the token still works.
-    let token = s.token("alice", Profile::Client);
+    let token = s.token("alice", Profile::Client).await;
     let e = s.enrollment(&token, "bob", Profile::Client);
     assert_eq!(
         refused(enroll_with_token(&e).await),
@@ -221,6 +222,7 @@ async fn bad_tokens_and_requests_are_refused_with_their_code_and_the_service_sta
     let old = s
         .store
         .create(&spec, SystemTime::now() - Duration::from_secs(5))
+        .await
         .unwrap();
     let e = s.enrollment(&old, "carol", Profile::Client);
     assert_eq!(
@@ -305,7 +307,7 @@ async fn bad_tokens_and_requests_are_refused_with_their_code_and_the_service_sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_root_is_refused_at_the_handshake() {
     let s = setup(|_| {}).await;
-    let token = s.token("alice", Profile::Client);
+    let token = s.token("alice", Profile::Client).await;
     let mut e = s.enrollment(&token, "alice", Profile::Client);
     e.root = Fingerprint::of(b"some other root");
     match enroll_with_token(&e).await {
@@ -344,7 +346,7 @@ async fn a_client_that_never_finishes_is_dropped_and_floods_are_limited() {
     // closed at once with nothing sent.
     let mut closed = 0;
     for _ in 0..8 {
-        let token = s.token("x", Profile::Client);
+        let token = s.token("x", Profile::Client).await;
         if enroll_with_token(&s.enrollment(&token, "x", Profile::Client))
             .await
             .is_err()
@@ -359,7 +361,7 @@ async fn a_client_that_never_finishes_is_dropped_and_floods_are_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_renews_over_mtls_keeping_or_changing_its_key() {
     let s = setup(|_| {}).await;
-    let token = s.token("alice", Profile::Client);
+    let token = s.token("alice", Profile::Client).await;
     let first = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
         .await
         .unwrap();
@@ -403,7 +405,7 @@ async fn a_client_renews_over_mtls_keeping_or_changing_its_key() {
         third.identity().unwrap().cert_identity().spki_fingerprint,
         b.spki_fingerprint
     );
-    assert_eq!(s.store.issued_count("alice").unwrap(), 3);
+    assert_eq!(s.store.issued_count("alice").await.unwrap(), 3);
     // A revoked certificate cannot renew.
     assert!(
         s.store
@@ -411,6 +413,7 @@ async fn a_client_renews_over_mtls_keeping_or_changing_its_key() {
                 &third.identity().unwrap().cert_identity().serial,
                 SystemTime::now()
             )
+            .await
             .unwrap()
     );
     match renew(&renewal, &third).await {
@@ -470,7 +473,7 @@ async fn certificates_the_service_did_not_issue_cannot_renew() {
         Err(EnrollError::Tls(_) | EnrollError::Io(_))
     ));
     // The service still serves.
-    let token = s.token("ok", Profile::Client);
+    let token = s.token("ok", Profile::Client).await;
     assert!(
         enroll_with_token(&s.enrollment(&token, "ok", Profile::Client))
             .await
@@ -497,7 +500,7 @@ fn renewal_is_due_at_two_thirds_give_or_take_a_tenth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_certificates_renew_under_load_without_a_failed_call() {
     let s = setup(|c| c.client_lifetime = Duration::from_secs(3)).await;
-    let token = s.token("alice", Profile::Client);
+    let token = s.token("alice", Profile::Client).await;
     let enrolled = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
         .await
         .unwrap();
@@ -779,6 +782,7 @@ async fn clients_follow_a_ca_rotation_by_renewing() {
     for name in ["alice", "bob"] {
         let token = store
             .create(&TokenSpec::new(name, Profile::Client), SystemTime::now())
+            .await
             .unwrap();
         let mut e = TokenEnrollment::new(
             format!("localhost:{}", a.local_addr().port()),
@@ -835,7 +839,7 @@ async fn a_server_renews_with_its_own_server_certificate() {
     let s = setup(|_| {}).await;
     let mut spec = TokenSpec::new("web", Profile::Server);
     spec.sans = vec!["web.example".into(), "10.0.0.7".into()];
-    let token = s.store.create(&spec, SystemTime::now()).unwrap();
+    let token = s.store.create(&spec, SystemTime::now()).await.unwrap();
     let first = enroll_with_token(&s.enrollment(&token, "web", Profile::Server))
         .await
         .unwrap();
@@ -958,7 +962,7 @@ async fn an_enrolled_hosts_ed25519_key_reaches_a_server_through_the_authority() 
         .unwrap();
     let mut spec = TokenSpec::new("carol", Profile::Client);
     spec.grant = Some(KeyGrant::new(vec!["invoke_functions".into()]));
-    let token = store.create(&spec, SystemTime::now()).unwrap();
+    let token = store.create(&spec, SystemTime::now()).await.unwrap();
     let mut e = TokenEnrollment::new(
         format!("localhost:{}", service.local_addr().port()),
         token.as_str(),
@@ -992,6 +996,7 @@ async fn an_enrolled_hosts_ed25519_key_reaches_a_server_through_the_authority() 
     // A token without a grant cannot register a key, and stays usable.
     let plain = store
         .create(&TokenSpec::new("dave", Profile::Client), SystemTime::now())
+        .await
         .unwrap();
     let mut e2 = TokenEnrollment::new(
         format!("localhost:{}", service.local_addr().port()),
@@ -1023,7 +1028,7 @@ async fn pairing_cannot_take_over_a_live_name_and_a_denied_certificate_cannot_re
         c.deny = denied;
     })
     .await;
-    let token = s.token("alice", Profile::Client);
+    let token = s.token("alice", Profile::Client).await;
     let alice = enroll_with_token(&s.enrollment(&token, "alice", Profile::Client))
         .await
         .unwrap();

@@ -160,7 +160,7 @@ pub(crate) async fn ca(cmd: CaCommand) -> Result<(), Failure> {
     }
     let root = file.root(&config).map_err(usage)?;
     let online = file.intermediate(&config).map_err(usage)?;
-    let store = file.store(&config).map_err(usage)?;
+    let store = file.store(&config).await.map_err(unavailable_or_usage)?;
     let mut settings = file.service_config(&config).map_err(usage)?;
     let (authority_file, authority_path) = (file.clone(), config.clone());
     let authority = tokio::task::spawn_blocking(move || authority_file.authority(&authority_path))
@@ -230,10 +230,10 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
             })?;
             spec.validate().map_err(usage)?;
             let fingerprint = netproc::pki::Fingerprint::of(&file.root(&config).map_err(usage)?);
-            let store = file.store(&config).map_err(usage)?;
-            let token = tokio::task::spawn_blocking(move || store.create(&spec, SystemTime::now()))
+            let store = file.store(&config).await.map_err(unavailable_or_usage)?;
+            let token = store
+                .create(&spec, SystemTime::now())
                 .await
-                .map_err(failed)?
                 .map_err(failed)?;
             if output::json() {
                 output::show(&json!({
@@ -309,13 +309,11 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
                 std::fs::read(&cert).map_err(|e| usage(format!("{}: {e}", cert.display())))?;
             let id = netproc::pki::CertIdentity::from_pem(&pem, &cert.display().to_string())
                 .map_err(usage)?;
-            let store = file.store(&config).map_err(usage)?;
-            let serial = id.serial.clone();
-            let done =
-                tokio::task::spawn_blocking(move || store.revoke(&serial, SystemTime::now()))
-                    .await
-                    .map_err(failed)?
-                    .map_err(failed)?;
+            let store = file.store(&config).await.map_err(unavailable_or_usage)?;
+            let done = store
+                .revoke(&id.serial, SystemTime::now())
+                .await
+                .map_err(failed)?;
             if !done {
                 return Err(failed(format!(
                     "serial {} was not issued by this service, or is revoked already",

@@ -41,8 +41,17 @@ pub struct CaFile {
     /// the switch, the previous one after it.
     #[serde(default)]
     pub bundle: Vec<PathBuf>,
-    /// The token and issue database (SQLite; created if missing).
+    /// The token and issue database: a SQLite file (created if missing),
+    /// or `postgres://user@host/db` so several service instances share it.
     pub state: PathBuf,
+    /// PostgreSQL: an environment variable holding the password.
+    pub state_password_env: Option<String>,
+    /// PostgreSQL: a file holding the password (mode 0600).
+    pub state_password_file: Option<PathBuf>,
+    /// PostgreSQL with `sslmode=require` or `verify-full`: the server's CA.
+    pub state_ca: Option<PathBuf>,
+    /// PostgreSQL: the schema holding the tables (created if missing).
+    pub state_schema: Option<String>,
     /// The trust domain of every issued URI SAN
     /// (`netproc://<trust_domain>/<profile>/<name>`). Default
     /// `netproc.local`.
@@ -88,10 +97,52 @@ impl CaFile {
         Ok(file)
     }
 
-    /// The token store.
-    pub fn store(&self, config_path: &Path) -> Result<crate::enroll::TokenStore, ConfigError> {
-        crate::enroll::TokenStore::open(relative_to(&self.dir, &self.state))
-            .map_err(|e| invalid(config_path, format!("state: {e}")))
+    /// The token store: SQLite, or PostgreSQL when `state` is a
+    /// `postgres://` URL.
+    pub async fn store(
+        &self,
+        config_path: &Path,
+    ) -> Result<crate::enroll::TokenStore, ConfigError> {
+        let state = self.state.to_string_lossy();
+        if !(state.starts_with("postgres://") || state.starts_with("postgresql://")) {
+            return crate::enroll::TokenStore::open(relative_to(&self.dir, &self.state))
+                .map_err(|e| invalid(config_path, format!("state: {e}")));
+        }
+        let err =
+            |field: &str, e: &dyn std::fmt::Display| invalid(config_path, format!("{field}: {e}"));
+        let mut o = crate::enroll::PostgresStore::new(state.into_owned());
+        o.password = match (&self.state_password_env, &self.state_password_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "state_password_env",
+                    &"give state_password_env or state_password_file, not both",
+                ));
+            }
+            (Some(var), None) => Some(
+                std::env::var(var)
+                    .map_err(|e| err("state_password_env", &format!("{var}: {e}")))?,
+            ),
+            (None, Some(file)) => {
+                let bytes = crate::pki::read_secret_file(&relative_to(&self.dir, file))
+                    .map_err(|e| err("state_password_file", &e))?;
+                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        if let Some(ca) = &self.state_ca {
+            o.ca_pem =
+                Some(std::fs::read(relative_to(&self.dir, ca)).map_err(|e| err("state_ca", &e))?);
+        }
+        o.schema = self.state_schema.clone();
+        crate::enroll::TokenStore::connect_postgres(&o)
+            .await
+            .map_err(|e| match e {
+                crate::enroll::EnrollError::State(_) => ConfigError::Unavailable {
+                    path: config_path.to_owned(),
+                    message: format!("state: {e}"),
+                },
+                e => err("state", &e),
+            })
     }
 
     /// The root's certificate.
