@@ -483,6 +483,12 @@ pub async fn start_pairing(p: &Pairing) -> Result<PendingPairing, EnrollError> {
 }
 
 impl PendingPairing {
+    /// Sends the code to another instance of the service (they share
+    /// their state): `host:port`.
+    pub fn retarget(&mut self, server: impl Into<String>) {
+        self.pairing.server = server.into();
+    }
+
     /// Pairing, second step: the code the operator gave. A wrong code may
     /// be tried again (`wrong_code`), a few times.
     pub async fn complete(&self, code: &str) -> Result<Enrolled, EnrollError> {

@@ -88,6 +88,12 @@ impl PostgresStore {
     }
 }
 
+/// A failed statement: logged here (the peer only hears `internal`).
+fn internal(e: tokio_postgres::Error) -> RefusalCode {
+    tracing::error!(error = %e, "the enrollment database failed");
+    RefusalCode::Internal
+}
+
 fn db(e: impl std::fmt::Display) -> EnrollError {
     EnrollError::State(format!("PostgreSQL: {e}"))
 }
@@ -210,14 +216,17 @@ impl Pg {
         now: SystemTime,
     ) -> Result<Redeemed, RefusalCode> {
         let hash = token_hash(token).to_vec();
-        let c = self.client().await.map_err(|_| RefusalCode::Internal)?;
+        let c = self.client().await.map_err(|e| {
+            tracing::error!(error = %e, "the enrollment database failed");
+            RefusalCode::Internal
+        })?;
         let row = c
             .query_opt(
                 "SELECT name, profile, sans, source, expires_ms, used_ms, grant_privileges, grant_functions FROM enroll_tokens WHERE hash = $1",
                 &[&hash],
             )
             .await
-            .map_err(|_| RefusalCode::Internal)?;
+            .map_err(internal)?;
         let Some(row) = row else {
             return Err(RefusalCode::InvalidToken);
         };
@@ -238,7 +247,7 @@ impl Pg {
                 &[&unix_ms(now), &hash],
             )
             .await
-            .map_err(|_| RefusalCode::Internal)?;
+            .map_err(internal)?;
         if won != 1 {
             return Err(RefusalCode::InvalidToken);
         }
@@ -358,8 +367,10 @@ impl Pg {
     }
 
     pub(crate) async fn create_pairing(&self, p: &NewPairing) -> Result<(), RefusalCode> {
-        let internal = |_| RefusalCode::Internal;
-        let mut c = self.client().await.map_err(|_| RefusalCode::Internal)?;
+        let mut c = self.client().await.map_err(|e| {
+            tracing::error!(error = %e, "the enrollment database failed");
+            RefusalCode::Internal
+        })?;
         let tx = c.transaction().await.map_err(internal)?;
         let now_ms = unix_ms(p.now);
         let row = tx
@@ -374,7 +385,7 @@ impl Pg {
             return Err(RefusalCode::RateLimited);
         }
         tx.execute(
-            "DELETE FROM enroll_pairings WHERE expires_ms <= $1 - 86400000",
+            "DELETE FROM enroll_pairings WHERE expires_ms <= $1::BIGINT - 86400000",
             &[&now_ms],
         )
         .await
@@ -403,8 +414,10 @@ impl Pg {
         code: &str,
         now: SystemTime,
     ) -> Result<(String, Vec<u8>), RefusalCode> {
-        let internal = |_| RefusalCode::Internal;
-        let mut c = self.client().await.map_err(|_| RefusalCode::Internal)?;
+        let mut c = self.client().await.map_err(|e| {
+            tracing::error!(error = %e, "the enrollment database failed");
+            RefusalCode::Internal
+        })?;
         let tx = c.transaction().await.map_err(internal)?;
         // Locked: two instances checking codes for one pairing take turns.
         let row = tx

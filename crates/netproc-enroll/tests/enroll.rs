@@ -1053,3 +1053,137 @@ async fn pairing_cannot_take_over_a_live_name_and_a_denied_certificate_cannot_re
     }
     s.service.shutdown().await;
 }
+
+/// A PostgreSQL schema for one test, dropped at the end (also on failure).
+struct PgSchema {
+    url: String,
+    schema: String,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        })
+        .join();
+    }
+}
+
+/// Two service instances on one PostgreSQL database: a token is honoured
+/// once across them, a pairing asked on one is approved on the other, and
+/// a certificate issued by one renews on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_postgresql() {
+    let Some(url) =
+        netproc_testkit::postgres_or_skip("enroll two_instances_share_postgresql").await
+    else {
+        return;
+    };
+    let mut r = [0u8; 6];
+    netproc_pki::random_bytes(&mut r).unwrap();
+    let pg = PgSchema {
+        url: url.clone(),
+        schema: format!(
+            "enroll_{}",
+            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    };
+    let mut options = PostgresStore::new(url);
+    options.schema = Some(pg.schema.clone());
+    let root = CertificateAuthority::generate(&CaParams::new("root")).unwrap();
+    let online = root.issue_intermediate(&CaParams::new("online")).unwrap();
+    let online_pem = (online.cert_pem(), online.key_pem());
+    let notices: Notices = Arc::default();
+    let mut services = Vec::new();
+    for _ in 0..2 {
+        let store = TokenStore::connect_postgres(&options).await.unwrap();
+        let seen = Arc::clone(&notices);
+        let mut config =
+            EnrollConfig::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into()]);
+        config.notifier = Some(Notifier::Callback(Arc::new(move |n: &PairingNotice| {
+            seen.lock().unwrap().push(n.clone());
+        })));
+        let ca = CertificateAuthority::from_pem(&online_pem.0, &online_pem.1).unwrap();
+        services.push(
+            EnrollService::start(config, ca, root.certificate().clone(), store)
+                .await
+                .unwrap(),
+        );
+    }
+    let (a, b) = (&services[0], &services[1]);
+    let at = |svc: &EnrollHandle, token: &str, name: &str| {
+        let mut e = TokenEnrollment::new(
+            format!("localhost:{}", svc.local_addr().port()),
+            token,
+            name,
+            Profile::Client,
+            svc.root_fingerprint(),
+        );
+        e.timeout = Duration::from_secs(5);
+        e
+    };
+    let store = TokenStore::connect_postgres(&options).await.unwrap();
+    // One token, both instances at once: exactly one wins.
+    for round in 0..3 {
+        let name = format!("n{round}");
+        let token = store
+            .create(&TokenSpec::new(&name, Profile::Client), SystemTime::now())
+            .await
+            .unwrap();
+        let (ea, eb) = (at(a, &token, &name), at(b, &token, &name));
+        let (x, y) = tokio::join!(enroll_with_token(&ea), enroll_with_token(&eb));
+        assert_eq!(
+            [x.is_ok(), y.is_ok()].iter().filter(|w| **w).count(),
+            1,
+            "round {round}"
+        );
+    }
+    // Issued by A, renewed by B.
+    let token = store
+        .create(&TokenSpec::new("alice", Profile::Client), SystemTime::now())
+        .await
+        .unwrap();
+    let alice = enroll_with_token(&at(a, &token, "alice")).await.unwrap();
+    let renewed = renew(
+        &Renewal::new(
+            format!("localhost:{}", b.local_addr().port()),
+            b.root_fingerprint(),
+        ),
+        &alice,
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.issued_count("alice").await.unwrap(), 2);
+    // Paired on A, approved on B (the code checked there).
+    let pending = start_pairing(&Pairing::new(
+        format!("localhost:{}", a.local_addr().port()),
+        "bob",
+        a.root_fingerprint(),
+    ))
+    .await
+    .unwrap();
+    let (code, _) = code_of(&notices, pending.request_id);
+    let mut on_b = pending;
+    on_b.retarget(format!("localhost:{}", b.local_addr().port()));
+    assert!(on_b.complete(&code).await.is_ok());
+    // Revoked in the shared store: neither instance renews it.
+    let serial = renewed.identity().unwrap().cert_identity().serial.clone();
+    assert!(store.revoke(&serial, SystemTime::now()).await.unwrap());
+    for svc in [a, b] {
+        let r = Renewal::new(
+            format!("localhost:{}", svc.local_addr().port()),
+            svc.root_fingerprint(),
+        );
+        match renew(&r, &renewed).await {
+            Err(EnrollError::Refused { code, .. }) => assert_eq!(code, RefusalCode::NotRenewable),
+            other => panic!("{other:?}"),
+        }
+    }
+    for svc in services {
+        svc.shutdown().await;
+    }
+    drop(pg);
+}
