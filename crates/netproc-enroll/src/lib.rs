@@ -61,6 +61,7 @@ mod pairing;
 #[cfg(feature = "postgres")]
 mod pg;
 mod service;
+mod state;
 mod store;
 pub mod wire;
 
@@ -72,7 +73,8 @@ pub use pairing::{Notifier, PairingNotice, pairing_sas};
 #[cfg(feature = "postgres")]
 pub use pg::PostgresStore;
 pub use service::{EnrollConfig, EnrollHandle, EnrollService, KeyRegistrar, KeyRegistration};
-pub use store::{KeyGrant, TokenSpec, TokenStore};
+pub use state::TokenStore;
+pub use store::{KeyGrant, TokenSpec};
 pub use wire::RefusalCode;
 
 /// What kind of certificate a token or a request is for.

@@ -16,7 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::store::{IssuedRecord, TokenStore};
+use crate::state::TokenStore;
+use crate::store::IssuedRecord;
 use crate::wire::{self, RefusalCode, Request, Response};
 use crate::{EnrollError, Profile};
 
