@@ -221,6 +221,91 @@ fn built() -> Vec<Vector> {
             .encode(),
         ),
     ]
+    .into_iter()
+    .chain(amqp_vectors())
+    .collect()
+}
+
+/// The broker transport's messages (wire contract §10, "Through a
+/// broker"): a request and a reply signed by the target's reply key
+/// (seed [9; 32]).
+fn amqp_vectors() -> Vec<Vector> {
+    use netproc_propagation::{AmqpOutcome, AmqpReply, AmqpRequest};
+    let v = |name: &str, description: &str, bytes: Vec<u8>| Vector {
+        name: name.into(),
+        description: description.into(),
+        hex: hex::encode(bytes),
+    };
+    let reply_key = Ed25519Key::from_seed(&[9; 32]).unwrap();
+    let authority = key().public_key();
+    let request = AmqpRequest {
+        version: 1,
+        format: 3,
+        authority,
+        reply_to: "netproc.authority.0123456789abcdef".into(),
+        correlation_id: 42,
+        target: "server_1".into(),
+        delivery: Delivery::new(vec![]).encode(),
+    };
+    let mut reply_body = DeliveryReply::default();
+    reply_body.cursor = 7;
+    let outcome = AmqpOutcome::Reply(reply_body.encode());
+    let signed = AmqpReply::signed_message(&authority, &request.reply_to, "server_1", 42, &outcome);
+    let reply = AmqpReply {
+        correlation_id: 42,
+        target: "server_1".into(),
+        signature: reply_key.sign(&signed).to_vec(),
+        outcome,
+    };
+    vec![
+        v(
+            "amqp_reply_public_key",
+            "Ed25519 public key of seed [9; 32], a target's reply key",
+            reply_key.public_key().to_vec(),
+        ),
+        v(
+            "amqp_request_probe",
+            "AmqpRequest: version 1, format 3, the authority's key above, reply_to netproc.authority.0123456789abcdef, correlation id 42, target server_1, an empty Delivery (a probe)",
+            request.encode(),
+        ),
+        v(
+            "amqp_reply_signed_message",
+            "What the reply's signature covers: the domain tag, then postcard of (authority key, reply_to, target, correlation id, outcome)",
+            signed,
+        ),
+        v(
+            "amqp_reply_cursor_7",
+            "AmqpReply to the probe: correlation id 42, target server_1, Reply(DeliveryReply { cursor: 7 }), signed by the reply key above",
+            reply.encode(),
+        ),
+    ]
+}
+
+#[test]
+fn the_broker_messages_decode_re_encode_and_the_reply_verifies() {
+    use netproc_propagation::{AmqpReply, AmqpRequest};
+    let text = std::fs::read_to_string(PATH).expect("fixtures/wire/propagation.json");
+    let file: Vec<Vector> = serde_json::from_str(&text).unwrap();
+    let bytes =
+        |name: &str| hex::decode(&file.iter().find(|v| v.name == name).unwrap().hex).unwrap();
+    let request = AmqpRequest::decode(&bytes("amqp_request_probe")).unwrap();
+    assert_eq!(request.encode(), bytes("amqp_request_probe"));
+    let reply = AmqpReply::decode(&bytes("amqp_reply_cursor_7")).unwrap();
+    assert_eq!(reply.encode(), bytes("amqp_reply_cursor_7"));
+    let message = AmqpReply::signed_message(
+        &request.authority,
+        &request.reply_to,
+        &reply.target,
+        reply.correlation_id,
+        &reply.outcome,
+    );
+    assert_eq!(message, bytes("amqp_reply_signed_message"));
+    let public: [u8; 32] = bytes("amqp_reply_public_key").try_into().unwrap();
+    assert!(netproc_pki::verify_ed25519(
+        &public,
+        &message,
+        &reply.signature
+    ));
 }
 
 #[test]
