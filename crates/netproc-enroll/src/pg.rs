@@ -317,6 +317,22 @@ impl Pg {
         Ok(n == 1)
     }
 
+    pub(crate) async fn revoked_serials(
+        &self,
+        now: SystemTime,
+    ) -> Result<Vec<String>, EnrollError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT serial FROM enroll_issued WHERE revoked_ms IS NOT NULL AND not_after_ms > $1 ORDER BY serial",
+                &[&unix_ms(now)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     pub(crate) async fn renewable(
         &self,
         serial: &str,

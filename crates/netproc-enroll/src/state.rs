@@ -104,6 +104,23 @@ impl TokenStore {
         }
     }
 
+    /// Serials of the revoked certificates that have not expired yet:
+    /// what the intermediate's CRL lists (`netproc enroll crl`).
+    pub async fn revoked_serials(&self, now: SystemTime) -> Result<Vec<String>, EnrollError> {
+        match &self.backend {
+            Backend::Sqlite(db) => {
+                let db = db.clone();
+                blocking(
+                    move || db.revoked_serials(now),
+                    Err(EnrollError::State("the database thread failed".into())),
+                )
+                .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(db) => db.revoked_serials(now).await,
+        }
+    }
+
     /// How many certificates were issued for `name`.
     pub async fn issued_count(&self, name: &str) -> Result<u64, EnrollError> {
         match &self.backend {

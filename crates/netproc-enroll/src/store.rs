@@ -379,6 +379,19 @@ impl Sqlite {
         Ok(n == 1)
     }
 
+    /// Serials of revoked certificates still valid (a CRL lists them until
+    /// they expire). Blocking (SQLite).
+    pub(crate) fn revoked_serials(&self, now: SystemTime) -> Result<Vec<String>, EnrollError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT serial FROM enroll_issued WHERE revoked_ms IS NOT NULL AND not_after_ms > ?1 ORDER BY serial")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map(params![unix_ms(now)], |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+    }
+
     /// Whether `serial` was issued here for (`name`, `profile`) and is not
     /// revoked. Blocking (SQLite).
     pub(crate) fn renewable(

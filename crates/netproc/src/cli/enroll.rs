@@ -102,6 +102,23 @@ enum EnrollCommand {
         #[arg(long, requires = "daemon")]
         metrics_addr: Option<std::net::SocketAddr>,
     },
+    /// Write the online intermediate's CRL: every certificate it issued
+    /// and `enroll revoke` revoked, until it expires; servers list the file
+    /// in `tls.crls` (re-run before --days pass, e.g. from cron).
+    #[command(
+        after_help = "Example: netproc enroll crl --config ca.toml --out pki/online.crl --days 7"
+    )]
+    Crl {
+        /// The service configuration (ca.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write the CRL (PEM; replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// Days until the CRL's nextUpdate.
+        #[arg(long, default_value_t = 7)]
+        days: u32,
+    },
     /// Mark a certificate this service issued as revoked: it can no longer
     /// renew (deny it fleet-wide with `netproc creds deny-cert` too).
     #[command(after_help = "Example: netproc enroll revoke --config ca.toml tls/cert.pem")]
@@ -301,6 +318,27 @@ pub(crate) async fn enroll(args: EnrollArgs) -> Result<(), Failure> {
                 async { while let Signal::Reload = wait_for_signal().await {} },
             )
             .await;
+            Ok(())
+        }
+        Some(EnrollCommand::Crl { config, out, days }) => {
+            let file = CaFile::load(&config).map_err(usage)?;
+            let online = file.intermediate(&config).map_err(usage)?;
+            let store = file.store(&config).await.map_err(unavailable_or_usage)?;
+            let serials = store
+                .revoked_serials(SystemTime::now())
+                .await
+                .map_err(failed)?;
+            let refs: Vec<&str> = serials.iter().map(String::as_str).collect();
+            let crl = online.crl(&refs, days.max(1)).map_err(failed)?;
+            crl.save(&out, true).map_err(failed)?;
+            output::done(
+                &format!(
+                    "{}: {} revoked certificate(s), signed by the online intermediate, next update in {days} day(s)",
+                    out.display(),
+                    serials.len()
+                ),
+                json!({"crl": out, "revoked": serials, "days": days}),
+            );
             Ok(())
         }
         Some(EnrollCommand::Revoke { config, cert }) => {
