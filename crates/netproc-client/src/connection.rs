@@ -50,6 +50,9 @@ pub(crate) struct Connection {
     active: AtomicUsize,
     /// Woken when the last active call of a draining connection ends.
     idle: Notify,
+    /// The runtime the connection's tasks run on (a drain may be asked
+    /// from outside any runtime).
+    runtime: tokio::runtime::Handle,
 }
 
 /// Held by a call while it uses a connection.
@@ -285,6 +288,7 @@ pub(crate) async fn connect(
         draining: std::sync::atomic::AtomicBool::new(false),
         active: AtomicUsize::new(0),
         idle: Notify::new(),
+        runtime: tokio::runtime::Handle::current(),
         max_queued: ep.max_queued_calls,
         frame_limit,
         dead: CancellationToken::new(),
@@ -481,7 +485,8 @@ impl Connection {
     /// most `max` from now, after which the rest end as `unavailable`).
     pub(crate) fn drain(self: Arc<Self>, max: Duration) {
         self.draining.store(true, Ordering::SeqCst);
-        tokio::spawn(async move {
+        let runtime = self.runtime.clone();
+        runtime.spawn(async move {
             let deadline = Instant::now() + max;
             loop {
                 if self.active.load(Ordering::SeqCst) == 0 || self.dead.is_cancelled() {

@@ -165,3 +165,30 @@ async fn migrate_all_moves_to_the_new_identity_without_failing_a_call() {
         renewed.cert_identity().fingerprint.to_string()
     );
 }
+
+#[test]
+fn migrate_all_may_be_asked_from_outside_the_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = TestPki::new();
+    let (srv, api_key) = rt.block_on(server(&pki, "s1"));
+    let client = Client::builder()
+        .server("s1", pki.endpoint(&pki.client, srv.local_addr(), &api_key))
+        .build()
+        .unwrap();
+    let s1 = client.server("s1").unwrap();
+    let (first, _) = rt.block_on(s1.session()).unwrap();
+    // A plain thread, no runtime: the drain runs on the connection's own.
+    std::thread::spawn({
+        let client = client.clone();
+        move || client.migrate_all()
+    })
+    .join()
+    .unwrap();
+    let (second, _) = rt.block_on(s1.session()).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(rt.block_on(s1.call::<i64>("add", (1, 2))).unwrap(), 3);
+}
