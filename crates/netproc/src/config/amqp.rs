@@ -56,27 +56,22 @@ impl AmqpSettings {
                     .into(),
             );
         }
-        let password = match (&self.password_env, &self.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(
-                    "amqp.password_env: give password_env or password_file, not both".into(),
-                );
-            }
-            (Some(var), None) => {
-                Some(std::env::var(var).map_err(|e| format!("amqp.password_env: {var}: {e}"))?)
-            }
-            (None, Some(file)) => {
-                let bytes = crate::pki::read_secret_file(&super::relative_to(dir, file))
-                    .map_err(|e| format!("amqp.password_file: {e}"))?;
-                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
-            }
-            (None, None) => None,
-        };
+        let password = super::password_from(
+            dir,
+            self.password_env.as_ref(),
+            self.password_file.as_ref(),
+            ("password_env", "password_file"),
+        )
+        .map_err(|(field, e)| format!("amqp.{field}: {e}"))?;
         let url = match (&self.username, password) {
             (Some(user), Some(pw)) => {
-                format!("{scheme}://{}:{}@{rest}", encode(user), encode(&pw))
+                format!(
+                    "{scheme}://{}:{}@{rest}",
+                    super::percent_encode(user),
+                    super::percent_encode(&pw)
+                )
             }
-            (Some(user), None) => format!("{scheme}://{}@{rest}", encode(user)),
+            (Some(user), None) => format!("{scheme}://{}@{rest}", super::percent_encode(user)),
             (None, Some(_)) => return Err("amqp.username: needed with a password".into()),
             (None, None) => self.url.clone(),
         };
@@ -103,19 +98,6 @@ impl AmqpSettings {
         }
         Ok(c)
     }
-}
-
-/// Percent-encodes a URL user or password.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -171,6 +153,6 @@ mod tests {
                 .unwrap_err()
                 .contains("amqp.prefix")
         );
-        assert_eq!(encode("p@ss:/w"), "p%40ss%3A%2Fw");
+        assert_eq!(super::super::percent_encode("p@ss:/w"), "p%40ss%3A%2Fw");
     }
 }

@@ -23,23 +23,13 @@ impl ServerFile {
         let err = |field: &str, e: &dyn std::fmt::Display| {
             invalid(config_path, format!("shared_limits.{field}: {e}"))
         };
-        let password = match (&c.password_env, &c.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "password_env",
-                    &"give password_env or password_file, not both",
-                ));
-            }
-            (Some(var), None) => {
-                Some(std::env::var(var).map_err(|e| err("password_env", &format!("{var}: {e}")))?)
-            }
-            (None, Some(file)) => {
-                let bytes = crate::pki::read_secret_file(&self.resolve(file))
-                    .map_err(|e| err("password_file", &e))?;
-                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
-            }
-            (None, None) => None,
-        };
+        let password = super::password_from(
+            &self.dir,
+            c.password_env.as_ref(),
+            c.password_file.as_ref(),
+            ("password_env", "password_file"),
+        )
+        .map_err(|(field, e)| err(field, &e))?;
         let url = match password {
             Some(pw) => with_password(&c.redis_url, &pw).map_err(|e| err("redis_url", &e))?,
             None => c.redis_url.clone(),
@@ -309,15 +299,10 @@ fn with_password(url: &str, password: &str) -> Result<String, String> {
     if rest.split('/').next().unwrap_or("").contains('@') {
         return Err("the URL has credentials already; give the password in one place".into());
     }
-    let mut encoded = String::new();
-    for b in password.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
-    Ok(format!("{scheme}://:{encoded}@{rest}"))
+    Ok(format!(
+        "{scheme}://:{}@{rest}",
+        super::percent_encode(password)
+    ))
 }
 
 #[cfg(test)]

@@ -140,24 +140,13 @@ impl AuthorityFile {
         let err = |field: &str, e: &dyn fmt::Display| invalid(config_path, format!("{field}: {e}"));
         let mut o =
             crate::propagation::PostgresOptions::new(self.database.to_string_lossy().into_owned());
-        o.password = match (&self.database_password_env, &self.database_password_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "database_password_env",
-                    &"give database_password_env or database_password_file, not both",
-                ));
-            }
-            (Some(var), None) => Some(
-                std::env::var(var)
-                    .map_err(|e| err("database_password_env", &format!("{var}: {e}")))?,
-            ),
-            (None, Some(file)) => {
-                let bytes = crate::pki::read_secret_file(&relative_to(&self.dir, file))
-                    .map_err(|e| err("database_password_file", &e))?;
-                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
-            }
-            (None, None) => None,
-        };
+        o.password = super::password_from(
+            &self.dir,
+            self.database_password_env.as_ref(),
+            self.database_password_file.as_ref(),
+            ("database_password_env", "database_password_file"),
+        )
+        .map_err(|(field, e)| err(field, &e))?;
         if let Some(ca) = &self.database_ca {
             o.ca_pem = Some(
                 std::fs::read(relative_to(&self.dir, ca)).map_err(|e| err("database_ca", &e))?,

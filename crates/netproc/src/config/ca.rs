@@ -111,24 +111,13 @@ impl CaFile {
         let err =
             |field: &str, e: &dyn std::fmt::Display| invalid(config_path, format!("{field}: {e}"));
         let mut o = crate::enroll::PostgresStore::new(state.into_owned());
-        o.password = match (&self.state_password_env, &self.state_password_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "state_password_env",
-                    &"give state_password_env or state_password_file, not both",
-                ));
-            }
-            (Some(var), None) => Some(
-                std::env::var(var)
-                    .map_err(|e| err("state_password_env", &format!("{var}: {e}")))?,
-            ),
-            (None, Some(file)) => {
-                let bytes = crate::pki::read_secret_file(&relative_to(&self.dir, file))
-                    .map_err(|e| err("state_password_file", &e))?;
-                Some(String::from_utf8_lossy(&bytes).trim().to_owned())
-            }
-            (None, None) => None,
-        };
+        o.password = super::password_from(
+            &self.dir,
+            self.state_password_env.as_ref(),
+            self.state_password_file.as_ref(),
+            ("state_password_env", "state_password_file"),
+        )
+        .map_err(|(field, e)| err(field, &e))?;
         if let Some(ca) = &self.state_ca {
             o.ca_pem =
                 Some(std::fs::read(relative_to(&self.dir, ca)).map_err(|e| err("state_ca", &e))?);

@@ -145,3 +145,45 @@ pub(crate) fn read_ed25519_seed(path: &Path) -> Result<crate::pki::Ed25519Key, S
     }
     crate::pki::Ed25519Key::from_seed(&seed).map_err(|e| e.to_string())
 }
+
+/// A password from an environment variable or a file (mode 0600, read
+/// relative to `dir`, trimmed), never both; `None` when neither is set.
+/// `fields` names the two settings; an error says which one failed (and
+/// never holds the secret).
+pub(crate) fn password_from(
+    dir: &Path,
+    env: Option<&String>,
+    file: Option<&PathBuf>,
+    fields: (&'static str, &'static str),
+) -> Result<Option<String>, (&'static str, String)> {
+    let (env_field, file_field) = fields;
+    match (env, file) {
+        (Some(_), Some(_)) => Err((
+            env_field,
+            format!("give {env_field} or {file_field}, not both"),
+        )),
+        (Some(var), None) => std::env::var(var)
+            .map(Some)
+            .map_err(|e| (env_field, format!("{var}: {e}"))),
+        (None, Some(path)) => {
+            let bytes = crate::pki::read_secret_file(&relative_to(dir, path))
+                .map_err(|e| (file_field, e.to_string()))?;
+            Ok(Some(String::from_utf8_lossy(&bytes).trim().to_owned()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Percent-encodes a URL user or password (everything but unreserved
+/// characters).
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
