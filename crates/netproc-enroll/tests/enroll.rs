@@ -1054,44 +1054,16 @@ async fn pairing_cannot_take_over_a_live_name_and_a_denied_certificate_cannot_re
     s.service.shutdown().await;
 }
 
-/// A PostgreSQL schema for one test, dropped at the end (also on failure).
-struct PgSchema {
-    url: String,
-    schema: String,
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let (url, schema) = (self.url.clone(), self.schema.clone());
-        let _ = std::thread::spawn(move || {
-            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
-                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-            }
-        })
-        .join();
-    }
-}
-
 /// Two service instances on one PostgreSQL database: a token is honoured
 /// once across them, a pairing asked on one is approved on the other, and
 /// a certificate issued by one renews on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_postgresql() {
-    let Some(url) =
-        netproc_testkit::postgres_or_skip("enroll two_instances_share_postgresql").await
+    let Some(pg) = netproc_testkit::PgSchema::new("enroll two_instances_share_postgresql").await
     else {
         return;
     };
-    let mut r = [0u8; 6];
-    netproc_pki::random_bytes(&mut r).unwrap();
-    let pg = PgSchema {
-        url: url.clone(),
-        schema: format!(
-            "enroll_{}",
-            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ),
-    };
-    let mut options = PostgresStore::new(url);
+    let mut options = PostgresStore::new(pg.url.clone());
     options.schema = Some(pg.schema.clone());
     let root = CertificateAuthority::generate(&CaParams::new("root")).unwrap();
     let online = root.issue_intermediate(&CaParams::new("online")).unwrap();

@@ -88,6 +88,44 @@ pub async fn amqp_or_skip(test: &str) -> Option<String> {
         .then_some(url)
 }
 
+/// A PostgreSQL schema of one test's own, dropped at the end (also on
+/// failure): tests that share the database never see each other's tables.
+#[derive(Debug)]
+pub struct PgSchema {
+    /// The database URL.
+    pub url: String,
+    /// The schema's name (`np_` and 12 random hex digits).
+    pub schema: String,
+}
+
+impl PgSchema {
+    /// A fresh schema name, or `None` (after a skip line) without
+    /// PostgreSQL; the schema itself is made by whoever connects first.
+    pub async fn new(test: &str) -> Option<PgSchema> {
+        let url = postgres_or_skip(test).await?;
+        let mut r = [0u8; 6];
+        netproc_pki::random_bytes(&mut r).expect("random bytes");
+        let schema = format!(
+            "np_{}",
+            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        Some(PgSchema { url, schema })
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        // The blocking client may not run on the test's runtime thread.
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        })
+        .join();
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 to `target`, for outages on demand: [`cut`]
 /// closes every connection through it and refuses new ones until
 /// [`resume`]; [`stall`] stops forwarding (connections stay open, bytes

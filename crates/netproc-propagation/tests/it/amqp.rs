@@ -20,6 +20,7 @@ use netproc_wire::ErrorCode;
 use tokio::sync::watch;
 
 use crate::fleet::{Node, Pki, ended_with, long_call, refused, start_node_with, states, user};
+use crate::local::PgOptions;
 
 /// A unique prefix per test run.
 fn prefix(test: &str) -> String {

@@ -108,42 +108,18 @@ pub(crate) enum Backend {
     Postgres(PgSchema),
 }
 
-/// A PostgreSQL schema for one test, dropped at the end (also on failure).
-pub(crate) struct PgSchema {
-    pub(crate) url: String,
-    pub(crate) schema: String,
+pub(crate) use netproc_testkit::PgSchema;
+
+/// The authority's store options for a test's own schema.
+pub(crate) trait PgOptions {
+    fn options(&self) -> netproc_propagation::PostgresOptions;
 }
 
-impl PgSchema {
-    /// A fresh schema, or `None` (after a skip line) without PostgreSQL.
-    pub(crate) async fn new(test: &str) -> Option<PgSchema> {
-        let url = netproc_testkit::postgres_or_skip(test).await?;
-        let mut r = [0u8; 6];
-        netproc_pki::random_bytes(&mut r).unwrap();
-        let schema = format!(
-            "np_{}",
-            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
-        Some(PgSchema { url, schema })
-    }
-
-    pub(crate) fn options(&self) -> netproc_propagation::PostgresOptions {
+impl PgOptions for PgSchema {
+    fn options(&self) -> netproc_propagation::PostgresOptions {
         let mut o = netproc_propagation::PostgresOptions::new(self.url.clone());
         o.schema = Some(self.schema.clone());
         o
-    }
-}
-
-impl Drop for PgSchema {
-    fn drop(&mut self) {
-        let (url, schema) = (self.url.clone(), self.schema.clone());
-        // The blocking client may not run on the test's runtime thread.
-        let _ = std::thread::spawn(move || {
-            if let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls) {
-                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-            }
-        })
-        .join();
     }
 }
 
