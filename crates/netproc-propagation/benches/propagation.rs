@@ -337,19 +337,15 @@ async fn amqp(
         t.await.unwrap();
     }
     // The bench's queues and exchanges go with it.
-    if let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
-        && let Ok(ch) = conn.create_channel().await
-    {
-        for n in &names {
-            let _ = ch
-                .queue_delete(config.target_queue(n).unwrap().into(), Default::default())
-                .await;
-        }
-        for e in ["replies", "dead"] {
-            let _ = ch
-                .exchange_delete(format!("{}.{e}", config.prefix).into(), Default::default())
-                .await;
-        }
-        let _ = conn.close(200, "bye".into()).await;
-    }
+    drop(netproc_testkit::AmqpCleanup {
+        url: url.to_owned(),
+        queues: names
+            .iter()
+            .map(|n| config.target_queue(n).unwrap())
+            .collect(),
+        exchanges: vec![
+            format!("{}.replies", config.prefix),
+            format!("{}.dead", config.prefix),
+        ],
+    });
 }

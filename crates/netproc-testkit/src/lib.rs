@@ -43,6 +43,7 @@ mod stats;
 pub use logs::log_capture;
 pub use pki::{TestPki, key, only, unlimited};
 pub use services::{
-    PgSchema, TcpProxy, amqp_or_skip, postgres_or_skip, redis_or_skip, service_or_skip, service_url,
+    AmqpCleanup, PgSchema, TcpProxy, amqp_or_skip, postgres_or_skip, redis_or_skip,
+    service_or_skip, service_url,
 };
 pub use stats::{cpu_micros, env_or, median, percentile};

@@ -126,6 +126,52 @@ impl Drop for PgSchema {
     }
 }
 
+/// A test's RabbitMQ queues and exchanges, deleted when dropped (also on
+/// failure): tests that share the broker leave nothing behind.
+#[derive(Debug)]
+pub struct AmqpCleanup {
+    /// The broker URL.
+    pub url: String,
+    /// Queues to delete.
+    pub queues: Vec<String>,
+    /// Exchanges to delete.
+    pub exchanges: Vec<String>,
+}
+
+impl Drop for AmqpCleanup {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        // A thread of its own: Drop may run inside the test's runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let props = lapin::ConnectionProperties::default();
+                let Ok(conn) = lapin::Connection::connect(&url, props).await else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                for q in queues {
+                    let _ = ch.queue_delete(q.into(), Default::default()).await;
+                }
+                for e in exchanges {
+                    let _ = ch.exchange_delete(e.into(), Default::default()).await;
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 to `target`, for outages on demand: [`cut`]
 /// closes every connection through it and refuses new ones until
 /// [`resume`]; [`stall`] stops forwarding (connections stay open, bytes

@@ -15,7 +15,7 @@ use netproc_propagation::{
     AuthorityConfig, CredentialSpec, Delivery, DeliveryReply, DeliveryState, Event, EventKind,
     MixedTransport, NetprocTransport, RejectReason, TargetConfig, Transport, sign_with_epoch,
 };
-use netproc_testkit::{TcpProxy, amqp_or_skip};
+use netproc_testkit::{AmqpCleanup, TcpProxy, amqp_or_skip};
 use netproc_wire::ErrorCode;
 use tokio::sync::watch;
 
@@ -27,45 +27,6 @@ fn prefix(test: &str) -> String {
     let mut r = [0u8; 4];
     netproc_pki::random_bytes(&mut r).unwrap();
     format!("t-{test}-{:08x}", u32::from_le_bytes(r))
-}
-
-/// Deletes a test's queues and exchanges when dropped (also on panic).
-struct Cleanup {
-    url: String,
-    queues: Vec<String>,
-    exchanges: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        let queues = std::mem::take(&mut self.queues);
-        let exchanges = std::mem::take(&mut self.exchanges);
-        // A thread of its own: Drop may run inside the test's runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                for q in queues {
-                    let _ = ch.queue_delete(q.into(), Default::default()).await;
-                }
-                for e in exchanges {
-                    let _ = ch.exchange_delete(e.into(), Default::default()).await;
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            });
-        })
-        .join();
-    }
 }
 
 /// An AMQP target: a netproc server whose propagation target consumes
@@ -109,11 +70,11 @@ struct AmqpFleet {
     nodes: Vec<AmqpNode>,
     transport: AmqpTransport,
     authority: Authority,
-    _cleanup: Cleanup,
+    _cleanup: AmqpCleanup,
 }
 
-fn cleanup(url: &str, config: &AmqpConfig, names: &[&str]) -> Cleanup {
-    Cleanup {
+fn cleanup(url: &str, config: &AmqpConfig, names: &[&str]) -> AmqpCleanup {
+    AmqpCleanup {
         url: url.to_owned(),
         queues: names
             .iter()

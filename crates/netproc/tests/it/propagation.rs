@@ -591,41 +591,6 @@ fn amqp_or_skip(test: &str) -> Option<(String, String, String, String)> {
     ))
 }
 
-/// Deletes a prefix's queues and exchanges when dropped.
-struct AmqpCleanup {
-    url: String,
-    queues: Vec<String>,
-    exchanges: Vec<String>,
-}
-
-impl Drop for AmqpCleanup {
-    fn drop(&mut self) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let Ok(conn) =
-                lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await
-            else {
-                return;
-            };
-            let Ok(ch) = conn.create_channel().await else {
-                return;
-            };
-            for q in &self.queues {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for e in &self.exchanges {
-                let _ = ch
-                    .exchange_delete(e.as_str().into(), Default::default())
-                    .await;
-            }
-            let _ = conn.close(200, "bye".into()).await;
-        });
-    }
-}
-
 #[test]
 fn a_server_that_dials_out_to_rabbitmq_receives_credentials_from_creds() {
     let Some((full_url, url, user, password)) =
@@ -638,7 +603,7 @@ fn a_server_that_dials_out_to_rabbitmq_receives_credentials_from_creds() {
     setup(d);
     let p = |f: &str| d.join(f).to_str().unwrap().to_owned();
     let prefix = format!("t-cli-{}", std::process::id());
-    let _clean = AmqpCleanup {
+    let _clean = netproc_testkit::AmqpCleanup {
         url: full_url,
         queues: vec![format!("{prefix}.target.s1")],
         exchanges: vec![format!("{prefix}.replies"), format!("{prefix}.dead")],
