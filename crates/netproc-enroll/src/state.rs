@@ -40,6 +40,11 @@ impl std::fmt::Debug for TokenStore {
     }
 }
 
+/// What a SQLite operation answers when its blocking task died.
+fn thread_failed<T>() -> Result<T, EnrollError> {
+    Err(EnrollError::State("the database thread failed".into()))
+}
+
 /// Runs a blocking SQLite operation off the runtime's threads.
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static, failed: R) -> R {
     tokio::task::spawn_blocking(f).await.unwrap_or(failed)
@@ -76,11 +81,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let (db, spec) = (db.clone(), spec.clone());
-                blocking(
-                    move || db.create(&spec, now),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.create(&spec, now), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.create(spec, now).await,
@@ -93,11 +94,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let (db, serial) = (db.clone(), serial.to_owned());
-                blocking(
-                    move || db.revoke(&serial, now),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.revoke(&serial, now), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.revoke(serial, now).await,
@@ -110,11 +107,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let db = db.clone();
-                blocking(
-                    move || db.revoked_serials(now),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.revoked_serials(now), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.revoked_serials(now).await,
@@ -126,11 +119,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let (db, name) = (db.clone(), name.to_owned());
-                blocking(
-                    move || db.issued_count(&name),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.issued_count(&name), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.issued_count(name).await,
@@ -168,11 +157,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let (db, t) = (db.clone(), Zeroizing::new(token.to_owned()));
-                blocking(
-                    move || db.unspend(&t),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.unspend(&t), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.unspend(token).await,
@@ -187,11 +172,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let db = db.clone();
-                blocking(
-                    move || db.record_issued(&issued, now),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.record_issued(&issued, now), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.record_issued(&issued, now).await,
@@ -207,11 +188,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let (db, s, n) = (db.clone(), serial.to_owned(), name.to_owned());
-                blocking(
-                    move || db.renewable(&s, &n, profile),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.renewable(&s, &n, profile), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.renewable(serial, name, profile).await,
@@ -227,11 +204,7 @@ impl TokenStore {
         match &self.backend {
             Backend::Sqlite(db) => {
                 let (db, n, k) = (db.clone(), name.to_owned(), spki.to_owned());
-                blocking(
-                    move || db.bound_elsewhere(&n, &k, now),
-                    Err(EnrollError::State("the database thread failed".into())),
-                )
-                .await
+                blocking(move || db.bound_elsewhere(&n, &k, now), thread_failed()).await
             }
             #[cfg(feature = "postgres")]
             Backend::Postgres(db) => db.bound_elsewhere(name, spki, now).await,
