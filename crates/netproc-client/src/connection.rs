@@ -23,12 +23,29 @@ use tokio_util::sync::CancellationToken;
 use crate::endpoint::{Credential, ServerEndpoint};
 use crate::error::{ClientError, classify_tls};
 
-type Reply = oneshot::Sender<Result<Value, ErrorBody>>;
+/// How a call ends: the server's answer (or why the connection ended), or
+/// its deadline passed first.
+enum Answer {
+    Remote(Result<Value, ErrorBody>),
+    TimedOut,
+}
+
+type Reply = oneshot::Sender<Answer>;
+
+/// A call waiting for its response.
+struct Pending {
+    reply: Reply,
+    deadline: Instant,
+}
 
 struct State {
     buf: BytesMut,
     next_id: u64,
-    pending: netproc_wire::RequestIdMap<Reply>,
+    pending: netproc_wire::RequestIdMap<Pending>,
+    /// When the sweeper wakes next to time out calls: the earliest deadline
+    /// it knows of (`None`: no call waiting). One timer per connection,
+    /// not one per call.
+    sweep_at: Option<Instant>,
     pings: netproc_wire::RequestIdMap<oneshot::Sender<()>>,
     /// Set when no new request may be sent: why.
     closed: Option<ErrorBody>,
@@ -38,6 +55,7 @@ pub(crate) struct Connection {
     server: String,
     state: Mutex<State>,
     wake_writer: Notify,
+    wake_sweeper: Notify,
     permits: Semaphore,
     queued: AtomicUsize,
     max_queued: usize,
@@ -279,10 +297,12 @@ pub(crate) async fn connect(
             buf: BytesMut::new(),
             next_id: 1,
             pending: netproc_wire::RequestIdMap::default(),
+            sweep_at: None,
             pings: netproc_wire::RequestIdMap::default(),
             closed: None,
         }),
         wake_writer: Notify::new(),
+        wake_sweeper: Notify::new(),
         permits: Semaphore::new(in_flight),
         queued: AtomicUsize::new(0),
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -298,7 +318,28 @@ pub(crate) async fn connect(
     let (rd, wr) = tokio::io::split(stream);
     tokio::spawn(reader(Arc::clone(&conn), rd, decoder));
     tokio::spawn(writer(Arc::clone(&conn), wr, heartbeat));
+    tokio::spawn(sweeper(Arc::clone(&conn)));
     Ok(conn)
+}
+
+/// Times out calls whose deadline passed: sleeps until the earliest one,
+/// woken early only when a call with an earlier deadline arrives (rare:
+/// calls with one timeout arrive in deadline order).
+async fn sweeper(conn: Arc<Connection>) {
+    loop {
+        let at = conn.lock().sweep_at;
+        let sleep = async {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = conn.wake_sweeper.notified() => {}
+            () = sleep => conn.sweep(),
+            () = conn.dead.cancelled() => return,
+        }
+    }
 }
 
 /// The heartbeat interval to use: below the server's idle timeout.
@@ -416,12 +457,12 @@ async fn reader(
         };
         match ServerMessage::decode(&body) {
             Ok(ServerMessage::Response(r)) => {
-                let reply = conn.lock().pending.remove(&r.id);
-                if let Some(reply) = reply {
-                    let _ = reply.send(match r.outcome {
+                let waiting = conn.lock().pending.remove(&r.id);
+                if let Some(waiting) = waiting {
+                    let _ = waiting.reply.send(Answer::Remote(match r.outcome {
                         Outcome::Ok(v) => Ok(v),
                         Outcome::Err(e) => Err(e),
-                    });
+                    }));
                 }
             }
             Ok(ServerMessage::Pong { nonce }) => {
@@ -515,7 +556,7 @@ impl Connection {
             // A GoAway already said why; keep its reason.
             let why = st.closed.clone().unwrap_or(why);
             st.closed = Some(why.clone());
-            let pending: Vec<Reply> = st.pending.drain().map(|(_, r)| r).collect();
+            let pending: Vec<Reply> = st.pending.drain().map(|(_, p)| p.reply).collect();
             let pings = std::mem::take(&mut st.pings);
             (
                 pending
@@ -526,7 +567,7 @@ impl Connection {
             )
         };
         for (reply, why) in pending {
-            let _ = reply.send(Err(why));
+            let _ = reply.send(Answer::Remote(Err(why)));
         }
         drop(pings);
         self.dead.cancel();
@@ -546,10 +587,11 @@ impl Connection {
         let replies: Vec<Reply> = unanswered
             .iter()
             .filter_map(|id| st.pending.remove(id))
+            .map(|p| p.reply)
             .collect();
         drop(st);
         for r in replies {
-            let _ = r.send(Err(body.clone()));
+            let _ = r.send(Answer::Remote(Err(body.clone())));
         }
     }
 
@@ -628,10 +670,23 @@ impl Connection {
                 });
             }
             st.next_id += 1;
-            st.pending.insert(id, tx);
+            st.pending.insert(
+                id,
+                Pending {
+                    reply: tx,
+                    deadline,
+                },
+            );
+            let sweep_earlier = st.sweep_at.is_none_or(|at| deadline < at);
+            if sweep_earlier {
+                st.sweep_at = Some(deadline);
+            }
             drop(st);
             if was_empty {
                 self.wake_writer.notify_one();
+            }
+            if sweep_earlier {
+                self.wake_sweeper.notify_one();
             }
             id
         };
@@ -640,17 +695,51 @@ impl Connection {
             id,
             armed: true,
         };
-        let result = tokio::time::timeout_at(deadline, rx).await;
-        match result {
-            Err(_) => Err(timeout_error(&self.server, "the call's deadline passed")),
-            Ok(Err(_)) => Err(self.closed_error(ErrorBody::new(
+        // The deadline is kept by the connection's sweeper, which answers
+        // `TimedOut` and sends the `Cancel`.
+        let answer = rx.await;
+        guard.armed = false;
+        match answer {
+            Ok(Answer::TimedOut) => Err(timeout_error(&self.server, "the call's deadline passed")),
+            Err(_) => Err(self.closed_error(ErrorBody::new(
                 ErrorCode::Unavailable,
                 "the connection closed",
             ))),
-            Ok(Ok(answer)) => {
-                guard.armed = false;
+            Ok(Answer::Remote(answer)) => {
                 answer.map_err(|body| ClientError::from_remote(&self.server, body))
             }
+        }
+    }
+
+    /// Answers `TimedOut` to every call whose deadline passed, tells the
+    /// server to stop them, and sets the next wake.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let expired: Vec<u64> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let was_empty = st.buf.is_empty();
+        let mut replies = Vec::with_capacity(expired.len());
+        for id in expired {
+            if let Some(p) = st.pending.remove(&id) {
+                replies.push(p.reply);
+                if st.closed.is_none() {
+                    let _ = ClientMessage::Cancel { id }.encode(&mut st.buf, self.frame_limit);
+                }
+            }
+        }
+        st.sweep_at = st.pending.values().map(|p| p.deadline).min();
+        let wake = was_empty && !st.buf.is_empty();
+        drop(st);
+        if wake {
+            self.wake_writer.notify_one();
+        }
+        for reply in replies {
+            let _ = reply.send(Answer::TimedOut);
         }
     }
 

@@ -201,12 +201,21 @@ where
             }
         };
         let fut = (self.f)(ctx, args);
-        Box::pin(async move {
-            let result = fut.await?;
-            to_value(&result)
-                .map_err(|e| CallError::new(format!("result could not be encoded: {e}")))
-        })
+        Box::pin(async move { into_value(fut.await?) })
     }
+}
+
+/// A function's result as a `Value`: moved when it is one already (no
+/// copy of its bytes or strings), else serialized.
+fn into_value<R: Serialize + 'static>(result: R) -> Result<Value, CallError> {
+    let mut slot = Some(result);
+    if let Some(value) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Value>>() {
+        return Ok(value.take().unwrap_or(Value::Null));
+    }
+    let Some(result) = slot else {
+        return Ok(Value::Null);
+    };
+    to_value(&result).map_err(|e| CallError::new(format!("result could not be encoded: {e}")))
 }
 
 /// `(i64, alloc::string::String)` → `(i64, String)`.

@@ -3,7 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::gate::Decision;
 use super::{End, Session};
 use crate::audit::{self, sanitize};
-use crate::function::{CallContext, CallError};
+use crate::function::{CallContext, CallError, SessionFacts};
 use crate::refusal::Refused;
 
 impl Session {
@@ -294,9 +294,11 @@ impl Session {
         (ctx, token, deadline)
     }
 
-    /// Adds a call to the session's in-flight set. It is polled by this
-    /// session's task (no task per call), bounded by its deadline, stopped
-    /// by `Cancel`, and a panic in it answers `internal` for this request only.
+    /// Runs a call. Most functions finish on their first poll: those are
+    /// answered here, with no timer, no cancel entry and no task node.
+    /// The rest join the session's in-flight set: polled by this session's
+    /// task (no task per call), bounded by its deadline, stopped by
+    /// `Cancel`. A panic answers `internal` for this request only.
     fn spawn_call(
         &mut self,
         id: u64,
@@ -306,34 +308,27 @@ impl Session {
         limit: Duration,
         permit: Option<netproc_limits::GatePermit>,
     ) {
+        let mut guarded = AssertUnwindSafe(fut).catch_unwind();
+        // A first poll with a waker that does nothing: a future that is not
+        // ready is polled again by the in-flight set, which registers the
+        // session's waker then.
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        if let Poll::Ready(r) = guarded.poll_unpin(&mut cx) {
+            drop(permit);
+            let outcome = finished(&self.facts, id, r);
+            self.respond(id, outcome);
+            return;
+        }
         self.cancels.insert(id, token.clone());
         let facts = Arc::clone(&self.facts);
         self.calls.push(Box::pin(async move {
             // Released when the call ends, however it ends.
             let _permit = permit;
-            let finished = |r: std::thread::Result<Result<Value, CallError>>| match r {
-                Ok(Ok(v)) => Outcome::Ok(v),
-                Ok(Err(e)) => Outcome::Err(e.into_body()),
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    tracing::error!(session_id = facts.session_id, request_id = id, panic = %what, "a function panicked");
-                    Outcome::Err(Refused::Internal.into_body())
-                }
-            };
-            let mut guarded = AssertUnwindSafe(fut).catch_unwind();
-            // Most functions finish on their first poll: they need no timer.
-            if let Poll::Ready(r) = futures_util::poll!(&mut guarded) {
-                return (id, finished(r));
-            }
             let outcome = tokio::select! {
                 biased;
                 () = token.cancelled() => Outcome::Err(Refused::Cancelled.into_body()),
                 r = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), guarded) => match r {
-                    Ok(r) => finished(r),
+                    Ok(r) => finished(&facts, id, r),
                     Err(_) => {
                         token.cancel();
                         Outcome::Err(Refused::CallTimeout { limit }.into_body())
@@ -342,6 +337,27 @@ impl Session {
             };
             (id, outcome)
         }));
+    }
+}
+
+/// The outcome of a call that ended, panics included.
+fn finished(
+    facts: &SessionFacts,
+    id: u64,
+    r: std::thread::Result<Result<Value, CallError>>,
+) -> Outcome {
+    match r {
+        Ok(Ok(v)) => Outcome::Ok(v),
+        Ok(Err(e)) => Outcome::Err(e.into_body()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(session_id = facts.session_id, request_id = id, panic = %what, "a function panicked");
+            Outcome::Err(Refused::Internal.into_body())
+        }
     }
 }
 
