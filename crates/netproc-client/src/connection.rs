@@ -455,7 +455,7 @@ async fn reader(
                 break ErrorBody::new(ErrorCode::Unavailable, format!("connection lost: {e}"));
             }
         };
-        match ServerMessage::decode(&body) {
+        match ServerMessage::decode_shared(&body) {
             Ok(ServerMessage::Response(r)) => {
                 let waiting = conn.lock().pending.remove(&r.id);
                 if let Some(waiting) = waiting {

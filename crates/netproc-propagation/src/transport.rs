@@ -155,7 +155,7 @@ impl Transport for NetprocTransport {
             };
             // The answer is the call's own response: no correlation needed.
             match server.execute(op).await {
-                Ok(Value::Bytes(reply)) => Ok(reply),
+                Ok(Value::Bytes(reply)) => Ok(reply.into()),
                 Ok(_) => Err(TransportError::BadReply {
                     target,
                     reason: "not bytes".into(),

@@ -14,7 +14,7 @@ pub(crate) fn to_dynamic(v: &Value) -> Dynamic {
         Value::Int(i) => Dynamic::from_int(*i),
         Value::Float(f) => Dynamic::from_float(*f),
         Value::String(s) => Dynamic::from(s.clone()),
-        Value::Bytes(b) => Dynamic::from_blob(b.clone()),
+        Value::Bytes(b) => Dynamic::from_blob(b.to_vec()),
         Value::List(items) => Dynamic::from_array(items.iter().map(to_dynamic).collect::<Array>()),
         Value::Map(m) => {
             let map: Map = m
@@ -53,7 +53,7 @@ pub(crate) fn from_dynamic(d: Dynamic, depth: u32) -> Result<Value, ScriptError>
         return Ok(Value::String(d.into_string().unwrap_or_default()));
     }
     if d.is_blob() {
-        return Ok(Value::Bytes(d.cast::<Blob>()));
+        return Ok(Value::Bytes(d.cast::<Blob>().into()));
     }
     if d.is_array() {
         let items = d.cast::<Array>();
@@ -94,7 +94,7 @@ mod tests {
                 .prop_filter("NaN", |f| !f.is_nan())
                 .prop_map(Value::Float),
             ".{0,8}".prop_map(Value::String),
-            proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::Bytes),
+            proptest::collection::vec(any::<u8>(), 0..8).prop_map(|b| Value::Bytes(b.into())),
         ];
         leaf.prop_recursive(4, 32, 4, |inner| {
             prop_oneof![

@@ -125,7 +125,7 @@ async fn load(
         for _ in 0..k {
             let (s, stop, ok, refused) = (s.clone(), stop.clone(), ok.clone(), refused.clone());
             tasks.push(tokio::spawn(async move {
-                let args = vec![Value::Bytes(vec![7u8; 64])];
+                let args = vec![Value::Bytes(vec![7u8; 64].into())];
                 while !stop.load(Ordering::Relaxed) {
                     let op = netproc_wire::Operation::Invoke {
                         function: "echo".into(),

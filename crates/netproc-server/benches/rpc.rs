@@ -369,7 +369,7 @@ fn compare(
         let mut np_runs = Vec::new();
         for round in 0..rounds {
             let r = client_rt.block_on(run_raw(pki, c, k, secs, server_rt));
-            let echo = vec![Value::Bytes(vec![7u8; PAYLOAD])];
+            let echo = vec![Value::Bytes(vec![7u8; PAYLOAD].into())];
             let n = client_rt.block_on(run_netproc(pki, server, key, c, k, secs, ("echo", echo)));
             println!(
                 "{layout} C={c} K={k} round {round}: raw {:>9.0} calls/s {:>5.1} µs CPU/call {:>5.1} allocs/call p50 {:>6.1} µs | netproc {:>9.0} calls/s {:>5.1} µs CPU/call {:>5.1} allocs/call p50 {:>6.1} µs",

@@ -245,7 +245,7 @@ impl Session {
                     return Some(End::Now);
                 }
             };
-            match ClientMessage::decode(&body) {
+            match ClientMessage::decode_shared(&body) {
                 Ok(ClientMessage::Request(req)) => {
                     if let Some(end) = self.handle_request(req) {
                         return Some(end);

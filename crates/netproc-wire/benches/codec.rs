@@ -12,7 +12,7 @@ fn round_trip_request(c: &mut Criterion) {
         id: 123_456,
         op: Operation::Invoke {
             function: "echo".into(),
-            args: vec![Value::Bytes(vec![7; 64])],
+            args: vec![Value::Bytes(vec![7; 64].into())],
         },
         deadline_ms: Some(30_000),
     });
@@ -37,7 +37,7 @@ fn round_trip_request(c: &mut Criterion) {
 fn round_trip_response(c: &mut Criterion) {
     let msg = ServerMessage::Response(Response {
         id: 123_456,
-        outcome: Outcome::Ok(Value::Bytes(vec![7; 64 * 1024])),
+        outcome: Outcome::Ok(Value::Bytes(vec![7; 64 * 1024].into())),
     });
     let mut buf = BytesMut::with_capacity(70_000);
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_POST_AUTH_FRAME_BYTES);

@@ -143,7 +143,7 @@ impl ser::Serializer for ValueSerializer {
         Ok(Value::String(v.to_owned()))
     }
     fn serialize_bytes(self, v: &[u8]) -> Result<Value, ValueError> {
-        Ok(Value::Bytes(v.to_vec()))
+        Ok(Value::Bytes(bytes::Bytes::copy_from_slice(v)))
     }
     fn serialize_none(self) -> Result<Value, ValueError> {
         Ok(Value::Null)
@@ -419,7 +419,8 @@ impl<'de> de::Deserializer<'de> for Value {
             Value::Int(i) => visitor.visit_i64(i),
             Value::Float(f) => visitor.visit_f64(f),
             Value::String(s) => visitor.visit_string(s),
-            Value::Bytes(b) => visitor.visit_byte_buf(b),
+            // Shared by a `Value` target, copied by a `Vec<u8>` one.
+            Value::Bytes(b) => crate::value::with_source(&b, || visitor.visit_bytes(&b)),
             Value::List(items) => {
                 let mut seq = SeqDeserializer::new(items.into_iter());
                 let out = visitor.visit_seq(&mut seq)?;
@@ -575,6 +576,40 @@ mod tests {
     }
 
     #[test]
+    fn bytes_move_into_a_value_target_without_a_copy() {
+        let b = bytes::Bytes::from(vec![7u8; 4096]);
+        let args = Value::List(vec![Value::Bytes(b.clone()), Value::Int(1)]);
+        let (v, n): (Value, i64) = from_value(args).unwrap();
+        let Value::Bytes(shared) = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!((shared.as_ptr(), shared.len(), n), (b.as_ptr(), b.len(), 1));
+        // A `Vec<u8>` target gets its own copy of the same bytes.
+        let owned: serde_bytes_like::Buf = from_value(Value::Bytes(b.clone())).unwrap();
+        assert_eq!(owned.0, b.to_vec());
+    }
+
+    /// A `Vec<u8>` read as bytes (what `serde_bytes::ByteBuf` does).
+    mod serde_bytes_like {
+        pub(super) struct Buf(pub(super) Vec<u8>);
+        impl<'de> serde::Deserialize<'de> for Buf {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Buf, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Buf;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("bytes")
+                    }
+                    fn visit_bytes<E>(self, v: &[u8]) -> Result<Buf, E> {
+                        Ok(Buf(v.to_vec()))
+                    }
+                }
+                d.deserialize_byte_buf(V)
+            }
+        }
+    }
+
+    #[test]
     fn structs_become_maps_and_back() {
         let p = Point {
             x: -3,
@@ -636,7 +671,7 @@ mod tests {
     #[test]
     fn values_pass_through_unchanged() {
         let v = Value::Map(BTreeMap::from([
-            ("b".to_owned(), Value::Bytes(vec![1])),
+            ("b".to_owned(), Value::Bytes(vec![1].into())),
             (
                 "l".to_owned(),
                 Value::List(vec![Value::Null, Value::Float(0.5), Value::Bool(false)]),
@@ -658,6 +693,6 @@ mod tests {
                 s.serialize_bytes(&[1, 2])
             }
         }
-        assert_eq!(to_value(&B).unwrap(), Value::Bytes(vec![1, 2]));
+        assert_eq!(to_value(&B).unwrap(), Value::Bytes(vec![1, 2].into()));
     }
 }

@@ -1,8 +1,10 @@
 //! `Value`: the self-describing value carried by calls, results and errors.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt;
+
+use bytes::Bytes;
 
 use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 use serde::ser::{SerializeMap, SerializeSeq};
@@ -49,8 +51,12 @@ pub enum Value {
     Float(f64),
     /// A UTF-8 string.
     String(String),
-    /// Raw bytes.
-    Bytes(Vec<u8>),
+    /// Raw bytes. A value decoded from a frame with
+    /// [`ClientMessage::decode_shared`](crate::ClientMessage::decode_shared)
+    /// (as the server and client do) shares the frame's buffer instead of
+    /// copying it: keeping a small slice of a large frame for long keeps the
+    /// frame's memory; copy it (`Bytes::copy_from_slice`) to keep it apart.
+    Bytes(Bytes),
     /// An ordered list.
     List(Vec<Value>),
     /// A map with string keys, sorted and unique.
@@ -298,7 +304,9 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             TAG_INT => variant.newtype_variant().map(Value::Int),
             TAG_FLOAT => variant.newtype_variant().map(Value::Float),
             TAG_STRING => variant.newtype_variant().map(Value::String),
-            TAG_BYTES => variant.newtype_variant_seed(BytesSeed).map(Value::Bytes),
+            TAG_BYTES => variant
+                .newtype_variant_seed(SharedBytesSeed)
+                .map(Value::Bytes),
             TAG_LIST => {
                 let depth_left = self.nested()?;
                 variant
@@ -319,6 +327,64 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             }
             _ => Err(fail("unknown value tag")),
         }
+    }
+}
+
+thread_local! {
+    /// The buffer being decoded, if the decoder was given one: byte values
+    /// found inside it are shared, not copied.
+    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `source` as the buffer byte values may share.
+pub(crate) fn with_source<T>(source: &Bytes, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Bytes>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            SOURCE.with(|s| *s.borrow_mut() = previous);
+        }
+    }
+    let previous = SOURCE.with(|s| s.borrow_mut().replace(source.clone()));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// `slice` as `Bytes`: a view of the source buffer when it lies inside it,
+/// else a copy.
+fn share(slice: &[u8]) -> Bytes {
+    SOURCE.with(|s| match s.borrow().as_ref() {
+        Some(source) if within(source, slice) => source.slice_ref(slice),
+        _ => Bytes::copy_from_slice(slice),
+    })
+}
+
+fn within(outer: &[u8], inner: &[u8]) -> bool {
+    let (o, i) = (outer.as_ptr() as usize, inner.as_ptr() as usize);
+    !inner.is_empty() && i >= o && i + inner.len() <= o + outer.len()
+}
+
+/// Deserializes postcard bytes into `Bytes`, shared with the source buffer
+/// when there is one.
+struct SharedBytesSeed;
+
+impl<'de> DeserializeSeed<'de> for SharedBytesSeed {
+    type Value = Bytes;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Bytes, D::Error> {
+        d.deserialize_bytes(self)
+    }
+}
+
+impl Visitor<'_> for SharedBytesSeed {
+    type Value = Bytes;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("bytes")
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+        Ok(share(v))
+    }
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+        Ok(Bytes::from(v))
     }
 }
 
@@ -457,7 +523,7 @@ mod tests {
             [3, 0, 0, 0, 0, 0, 0, 0xf0, 0x3f]
         );
         assert_eq!(Value::from("hi").encode(), [4, 2, b'h', b'i']);
-        assert_eq!(Value::Bytes(vec![9]).encode(), [5, 1, 9]);
+        assert_eq!(Value::Bytes(vec![9].into()).encode(), [5, 1, 9]);
         assert_eq!(Value::List(vec![Value::Null]).encode(), [6, 1, 0]);
         let map = Value::Map([("a".to_owned(), Value::Null)].into());
         assert_eq!(map.encode(), [7, 1, 1, b'a', 0]);

@@ -185,8 +185,12 @@ impl Session {
                 }
                 let (ctx, token, deadline) = self.context(limit);
                 let handler = Arc::clone(&ext.handler);
-                let fut: BoxFuture<'static, Result<Value, CallError>> =
-                    Box::pin(async move { handler.handle(ctx, payload).await.map(Value::Bytes) });
+                let fut: BoxFuture<'static, Result<Value, CallError>> = Box::pin(async move {
+                    handler
+                        .handle(ctx, payload)
+                        .await
+                        .map(|b| Value::Bytes(b.into()))
+                });
                 self.spawn_call(id, fut, token, deadline, limit, None);
             }
             op => {

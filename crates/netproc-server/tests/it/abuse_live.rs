@@ -263,7 +263,7 @@ async fn a_legitimate_client_is_served_during_a_flood() {
     {
         let stop = stop.clone();
         attackers.push(tokio::spawn(async move {
-            let big = vec![Value::Bytes(vec![1; 128 * 1024])];
+            let big = vec![Value::Bytes(vec![1; 128 * 1024].into())];
             for id in 1.. {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;

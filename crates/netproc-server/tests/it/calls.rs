@@ -169,7 +169,7 @@ async fn values_round_trip_through_a_call() {
     let s = client(&pki, &server, &key).server("s1").unwrap();
     let v = Value::Map(
         [
-            ("b".to_owned(), Value::Bytes(vec![0, 255])),
+            ("b".to_owned(), Value::Bytes(vec![0, 255].into())),
             (
                 "l".to_owned(),
                 Value::List(vec![Value::Float(1.5), Value::Null]),

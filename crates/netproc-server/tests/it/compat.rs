@@ -45,7 +45,8 @@ async fn a_plain_auth_client_never_gets_a_frame_over_the_default_limit() {
     let server = start_with(&pki, keys, big_options()).await;
     let mut raw = Raw::connect(&pki, &server).await;
     raw.auth(&key).await;
-    raw.send(&echo(1, Value::Bytes(vec![1; TWO_MB]))).await;
+    raw.send(&echo(1, Value::Bytes(vec![1; TWO_MB].into())))
+        .await;
     let e = match raw.recv().await {
         Some(ServerMessage::Response(Response {
             id: 1,
@@ -91,7 +92,8 @@ async fn a_client_announcing_a_larger_limit_gets_larger_results() {
     ))
     .await;
     assert!(matches!(raw.recv().await, Some(ServerMessage::AuthOk(_))));
-    raw.send(&echo(1, Value::Bytes(vec![1; TWO_MB]))).await;
+    raw.send(&echo(1, Value::Bytes(vec![1; TWO_MB].into())))
+        .await;
     match raw.recv().await {
         Some(ServerMessage::Response(Response {
             id: 1,
@@ -105,17 +107,17 @@ async fn a_client_announcing_a_larger_limit_gets_larger_results() {
     ep.max_frame_bytes = 4 << 20;
     let big = only(ep);
     let back: Value = big
-        .call("echo", (Value::Bytes(vec![2; TWO_MB]),))
+        .call("echo", (Value::Bytes(vec![2; TWO_MB].into()),))
         .await
         .unwrap();
     assert!(matches!(back, Value::Bytes(b) if b.len() == TWO_MB));
     let small = only(endpoint(&pki, &server, &key));
     let err = small
-        .call::<Value>("echo", (Value::Bytes(vec![3; 900_000]),))
+        .call::<Value>("echo", (Value::Bytes(vec![3; 900_000].into()),))
         .await;
     assert!(err.is_ok(), "{err:?}");
     let err = small
-        .call::<Value>("echo", (Value::Bytes(vec![3; 1_100_000]),))
+        .call::<Value>("echo", (Value::Bytes(vec![3; 1_100_000].into()),))
         .await
         .unwrap_err();
     // The request itself is over the client's 1 MiB: refused before sending,

@@ -239,7 +239,7 @@ async fn extensions_are_dispatched_by_name_and_gated_by_their_privilege() {
     let s = client(&pki, &server, &receiver).server("s1").unwrap();
     assert_eq!(
         s.execute(op("test.reverse")).await.unwrap(),
-        Value::Bytes(vec![3, 2, 1])
+        Value::Bytes(vec![3, 2, 1].into())
     );
     let err = s.execute(op("test.unknown")).await.unwrap_err();
     assert!(

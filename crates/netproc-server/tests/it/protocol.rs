@@ -82,8 +82,12 @@ async fn an_oversized_pre_auth_frame_is_refused_from_its_header() {
     // After auth the larger post-auth limit applies.
     let mut raw = Raw::connect(&pki, &server).await;
     raw.auth(&key).await;
-    raw.send(&invoke(1, "echo", vec![Value::Bytes(vec![7; 100_000])]))
-        .await;
+    raw.send(&invoke(
+        1,
+        "echo",
+        vec![Value::Bytes(vec![7; 100_000].into())],
+    ))
+    .await;
     match raw.recv().await {
         Some(ServerMessage::Response(Response {
             id: 1,
@@ -240,7 +244,7 @@ async fn a_client_that_never_reads_is_cut_off_and_others_keep_being_served() {
     let mut raw = Raw::connect(&pki, &server).await;
     raw.auth(&key).await;
     // Ask for ~25 MiB of responses and never read them.
-    let big = vec![Value::Bytes(vec![1; 256 * 1024])];
+    let big = vec![Value::Bytes(vec![1; 256 * 1024].into())];
     let writer = tokio::spawn(async move {
         for id in 1..=100u64 {
             let msg = invoke(id, "echo", big.clone());

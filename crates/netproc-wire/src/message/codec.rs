@@ -2,7 +2,7 @@
 //! first, then a request's id and operation, then its payload, each with its
 //! own answer; and the canonical-form checks.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::ErrorCode;
@@ -100,6 +100,36 @@ impl ClientMessage {
     /// assert_eq!(err.code(), ErrorCode::InvalidOperation);
     /// ```
     pub fn decode(body: &[u8]) -> Result<ClientMessage, DecodeError> {
+        Self::decode_checked(body)
+    }
+
+    /// [`decode`](Self::decode), with binary values ([`Value::Bytes`](crate::Value::Bytes))
+    /// sharing `body`'s buffer instead of being copied: what a server uses
+    /// on the frames of [`FrameDecoder::next_frame`](crate::FrameDecoder::next_frame).
+    ///
+    /// ```
+    /// use bytes::{Bytes, BytesMut};
+    /// use netproc_wire::{ClientMessage, Operation, Request, Value};
+    ///
+    /// let req = ClientMessage::Request(Request {
+    ///     id: 1,
+    ///     op: Operation::Invoke { function: "put".into(), args: vec![Value::Bytes(vec![7; 4096].into())] },
+    ///     deadline_ms: None,
+    /// });
+    /// let mut out = BytesMut::new();
+    /// req.encode(&mut out, 1 << 20).unwrap();
+    /// let body: Bytes = out.freeze().slice(4..);
+    /// let ClientMessage::Request(r) = ClientMessage::decode_shared(&body).unwrap() else { unreachable!() };
+    /// let Operation::Invoke { args, .. } = r.op else { unreachable!() };
+    /// let Value::Bytes(b) = &args[0] else { unreachable!() };
+    /// // The argument points into the frame: no copy was made.
+    /// assert!(body.as_ptr_range().contains(&b.as_ptr()));
+    /// ```
+    pub fn decode_shared(body: &Bytes) -> Result<ClientMessage, DecodeError> {
+        crate::value::with_source(body, || Self::decode_checked(body))
+    }
+
+    fn decode_checked(body: &[u8]) -> Result<ClientMessage, DecodeError> {
         let msg = Self::decode_loose(body)?;
         // Every value has exactly one encoding (wire contract §3).
         if canonical_len(&msg) != body.len() {
@@ -197,6 +227,16 @@ impl ServerMessage {
     /// Decodes one frame body. A client treats any error except
     /// [`DecodeError::UnsupportedMessageType`] as fatal for the connection.
     pub fn decode(body: &[u8]) -> Result<ServerMessage, DecodeError> {
+        Self::decode_checked(body)
+    }
+
+    /// [`decode`](Self::decode), with binary values sharing `body`'s buffer
+    /// instead of being copied (see [`ClientMessage::decode_shared`]).
+    pub fn decode_shared(body: &Bytes) -> Result<ServerMessage, DecodeError> {
+        crate::value::with_source(body, || Self::decode_checked(body))
+    }
+
+    fn decode_checked(body: &[u8]) -> Result<ServerMessage, DecodeError> {
         let (kind, rest) = take::<u32>(body).map_err(DecodeError::malformed)?;
         let msg = match kind {
             SERVER_KIND_AUTH_OK => take_all(rest).map(ServerMessage::AuthOk),

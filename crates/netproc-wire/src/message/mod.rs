@@ -175,7 +175,7 @@ mod tests {
         let mut out = BytesMut::from(&b"xy"[..]);
         let msg = ServerMessage::Response(Response {
             id: 1,
-            outcome: Outcome::Ok(Value::Bytes(vec![0; 100])),
+            outcome: Outcome::Ok(Value::Bytes(vec![0; 100].into())),
         });
         assert!(matches!(
             msg.encode(&mut out, 50),

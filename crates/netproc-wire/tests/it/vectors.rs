@@ -88,7 +88,7 @@ fn cases() -> Vec<(&'static str, &'static str, Msg)> {
                 Operation::Invoke {
                     function: "f".into(),
                     args: vec![Value::Map(BTreeMap::from([
-                        ("b".to_owned(), Value::Bytes(vec![1, 2])),
+                        ("b".to_owned(), Value::Bytes(vec![1, 2].into())),
                         ("f".to_owned(), Value::Float(1.5)),
                         (
                             "l".to_owned(),

@@ -123,7 +123,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
     });
     let op = Operation::Invoke {
         function: args.function.clone(),
-        args: vec![Value::Bytes(vec![7; args.payload])],
+        args: vec![Value::Bytes(vec![7; args.payload].into())],
     };
     let mut tasks = Vec::new();
     let started = Instant::now();

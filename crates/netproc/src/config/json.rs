@@ -54,7 +54,7 @@ mod json_tests {
         assert_eq!(from_value(v), j);
         assert!(to_value(serde_json::json!(u64::MAX)).is_err());
         assert_eq!(
-            from_value(Value::Bytes(vec![1, 2])),
+            from_value(Value::Bytes(vec![1, 2].into())),
             serde_json::json!([1, 2])
         );
     }
