@@ -33,6 +33,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const PAYLOAD: usize = 64;
+/// The frame limit of both sides, for the large-payload runs.
+const BIG_FRAME: u32 = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -53,6 +55,23 @@ impl Run {
     }
     fn allocs_per_call(&self) -> f64 {
         self.allocs as f64 / self.calls.max(1) as f64
+    }
+}
+
+/// The measured window: `secs`, or with `NETPROC_BENCH_CALLS` set, until
+/// that many calls have completed (a fixed amount of work, for counting
+/// instructions under callgrind).
+async fn window(secs: f64, calls: &AtomicU64, start: u64) {
+    match std::env::var("NETPROC_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        None => tokio::time::sleep(Duration::from_secs_f64(secs)).await,
+        Some(n) => {
+            while calls.load(Ordering::Relaxed) - start < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 }
 
@@ -100,7 +119,7 @@ async fn raw_server(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) 
 async fn raw_client_conn(
     addr: std::net::SocketAddr,
     connector: tokio_rustls::TlsConnector,
-    k: usize,
+    (k, payload): (usize, usize),
     stop: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
     latencies: Option<Arc<std::sync::Mutex<Vec<u64>>>>,
@@ -110,10 +129,11 @@ async fn raw_client_conn(
     let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     let (mut rd, mut wr) = tokio::io::split(tls);
+    let body = vec![7u8; payload];
     let frame = |out: &mut BytesMut, id: u64| {
-        out.put_u32((8 + PAYLOAD) as u32);
+        out.put_u32((8 + payload) as u32);
         out.put_u64(id);
-        out.put_slice(&[7u8; PAYLOAD]);
+        out.put_slice(&body);
     };
     let mut sent_at = std::collections::HashMap::new();
     let mut out = BytesMut::new();
@@ -167,8 +187,7 @@ async fn raw_client_conn(
 
 async fn run_raw(
     pki: &TestPki,
-    c: usize,
-    k: usize,
+    (c, k, payload): (usize, usize, usize),
     secs: f64,
     server_rt: &tokio::runtime::Handle,
 ) -> Run {
@@ -200,7 +219,7 @@ async fn run_raw(
             tokio::spawn(raw_client_conn(
                 addr,
                 connector.clone(),
-                k,
+                (k, payload),
                 stop.clone(),
                 calls.clone(),
                 lat.clone(),
@@ -217,7 +236,7 @@ async fn run_raw(
         Instant::now(),
         allocations(),
     );
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    window(secs, &calls, start_calls).await;
     let (end_calls, end_cpu, elapsed, end_allocs) = (
         calls.load(Ordering::Relaxed),
         cpu_micros(),
@@ -250,9 +269,23 @@ async fn start_netproc(pki: &TestPki) -> (ServerHandle, netproc_auth::ApiKey) {
     let (_, key) = keys.create(KeySpec::new(PrivilegeSet::all())).unwrap();
     // The reference's request buckets allow 200 calls/s per connection:
     // raise them out of the way, as a load test must.
+    let mut options = netproc_testkit::unlimited();
+    // Room for the 1 MiB payloads.
+    options.connection_controls.max_post_auth_frame_bytes = BIG_FRAME;
+    options.session_controls.max_outbound_bytes_per_connection = 2 * BIG_FRAME;
+    // The handshake and idle-memory runs open connections as fast as they can.
+    options
+        .connection_controls
+        .global_max_new_connections_per_window = 1 << 30;
+    options
+        .connection_controls
+        .per_ip_max_new_connections_per_window = 1 << 30;
+    options
+        .auth_controls
+        .max_pending_auth_attempts_per_ip_per_window = 1 << 30;
     let server = pki
         .server_builder("bench", keys)
-        .options(netproc_testkit::unlimited())
+        .options(options)
         .function("add", |_: CallContext, (a, b): (i64, i64)| async move {
             Ok::<_, CallError>(a + b)
         })
@@ -278,10 +311,9 @@ async fn run_netproc(
     // One server name per connection: the client keeps one connection per name.
     let mut builder = Client::builder();
     for i in 0..c {
-        builder = builder.server(
-            format!("c{i}"),
-            pki.endpoint(&pki.client, server.local_addr(), key),
-        );
+        let mut endpoint = pki.endpoint(&pki.client, server.local_addr(), key);
+        endpoint.max_frame_bytes = BIG_FRAME;
+        builder = builder.server(format!("c{i}"), endpoint);
     }
     let client = builder.build().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -329,7 +361,7 @@ async fn run_netproc(
         Instant::now(),
         allocations(),
     );
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    window(secs, &calls, start_calls).await;
     let (end_calls, end_cpu, elapsed, end_allocs) = (
         calls.load(Ordering::Relaxed),
         cpu_micros(),
@@ -354,6 +386,278 @@ async fn run_netproc(
     }
 }
 
+// ---------------------------------------------------------------- large payloads
+
+/// `size`-byte binary echoes, C=1 K=4, raw then netproc, `rounds` times:
+/// MB/s of payload echoed (each way).
+fn payloads(
+    pki: &TestPki,
+    (server, key): (&ServerHandle, &netproc_auth::ApiKey),
+    rt: &tokio::runtime::Runtime,
+    (secs, rounds): (f64, usize),
+) {
+    for size in [64 * 1024, 1024 * 1024] {
+        let (mut raw, mut np) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            raw.push(rt.block_on(run_raw(pki, (1, 4, size), secs, rt.handle())));
+            let echo = vec![Value::Bytes(vec![7u8; size].into())];
+            np.push(rt.block_on(run_netproc(pki, server, key, 1, 4, secs, ("echo", echo))));
+        }
+        let m = |runs: &[Run], f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let mbps = |r: &Run| r.rate() * size as f64 / 1e6;
+        let (rm, nm) = (m(&raw, &mbps), m(&np, &mbps));
+        println!(
+            "payload {} KiB C=1 K=4 median: raw {rm:.0} MB/s, {:.0} µs CPU/call, {:.1} allocs/call | netproc {nm:.0} MB/s, {:.0} µs CPU/call, {:.1} allocs/call | throughput ratio {:.2}x",
+            size / 1024,
+            m(&raw, &Run::cpu_per_call),
+            m(&raw, &Run::allocs_per_call),
+            m(&np, &Run::cpu_per_call),
+            m(&np, &Run::allocs_per_call),
+            nm / rm
+        );
+    }
+}
+
+// ---------------------------------------------------------------- handshakes
+
+/// New TCP + TLS 1.3 mTLS handshake + one 64-byte round trip, `par` at a
+/// time, for `secs`: connections per second and CPU per connection.
+async fn handshakes_raw(pki: &TestPki, par: usize, secs: f64) -> (f64, f64) {
+    let server_cfg = netproc_pki::server_config(
+        &pki.server.identity().unwrap(),
+        &pki.ca.trust_anchors(),
+        &[],
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(raw_server(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
+    ));
+    let client_cfg = netproc_pki::client_config(
+        &pki.client.identity().unwrap(),
+        &pki.ca.trust_anchors(),
+        &[],
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let result = timed(par, secs, move |_| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            let mut frame = BytesMut::new();
+            frame.put_u32(PAYLOAD as u32);
+            frame.put_slice(&[7u8; PAYLOAD]);
+            tls.write_all(&frame).await.unwrap();
+            let mut back = [0u8; 4 + PAYLOAD];
+            tls.read_exact(&mut back).await.unwrap();
+        }
+    })
+    .await;
+    server.abort();
+    result
+}
+
+/// New connection + TLS + authentication + one echo call, `par` at a
+/// time, for `secs`: each loop keeps one client (its TLS configuration
+/// built once, as the raw loop's connector is) and closes its connection
+/// after each call, so the next call connects afresh.
+async fn handshakes_netproc(
+    pki: &TestPki,
+    (server, key): (&ServerHandle, &netproc_auth::ApiKey),
+    par: usize,
+    secs: f64,
+) -> (f64, f64) {
+    let endpoint = pki.endpoint(&pki.client, server.local_addr(), key);
+    let clients: Vec<Client> = (0..par)
+        .map(|_| {
+            Client::builder()
+                .server("s", endpoint.clone())
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let clients = Arc::new(clients);
+    timed(par, secs, move |i| {
+        let clients = clients.clone();
+        async move {
+            let client = &clients[i];
+            let s = client.server("s").unwrap();
+            let echo = vec![Value::Bytes(vec![7u8; PAYLOAD].into())];
+            let _: Value = s
+                .execute(netproc_wire::Operation::Invoke {
+                    function: "echo".into(),
+                    args: echo,
+                })
+                .await
+                .expect("bench call");
+            client.flush_server("s").unwrap();
+        }
+    })
+    .await
+}
+
+/// Runs `one` in `par` loops for `secs`: (per second, µs CPU each).
+async fn timed<F, Fut>(par: usize, secs: f64, one: F) -> (f64, f64)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let (start, cpu) = (Instant::now(), cpu_micros());
+    let loops: Vec<_> = (0..par)
+        .map(|i| {
+            let (one, stop, done) = (one.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    one(i).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        let _ = l.await;
+    }
+    let n = done.load(Ordering::Relaxed).max(1) as f64;
+    (
+        n / start.elapsed().as_secs_f64(),
+        (cpu_micros() - cpu) as f64 / n,
+    )
+}
+
+// ---------------------------------------------------------------- idle memory
+
+/// Resident bytes of this process.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Run in a child process (a fresh heap): opens `n` connections of one
+/// system, each after one round trip, and prints RSS growth per
+/// connection (client and server sides together: one process).
+fn idle_child(system: &str, n: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = TestPki::new();
+    rt.block_on(async {
+        let per_conn = if system == "raw" {
+            let server_cfg = netproc_pki::server_config(
+                &pki.server.identity().unwrap(),
+                &pki.ca.trust_anchors(),
+                &[],
+            )
+            .unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(raw_server(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
+            ));
+            let client_cfg = netproc_pki::client_config(
+                &pki.client.identity().unwrap(),
+                &pki.ca.trust_anchors(),
+                &[],
+            )
+            .unwrap();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+            let mut held = Vec::with_capacity(n);
+            // One first, so one-time costs are not counted.
+            let open = async || {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = netproc_pki::rustls::ServerName::try_from("localhost").unwrap();
+                let mut tls = connector.connect(name, tcp).await.unwrap();
+                tls.write_all(&[0, 0, 0, 1, 7]).await.unwrap();
+                let mut back = [0u8; 5];
+                tls.read_exact(&mut back).await.unwrap();
+                tls
+            };
+            held.push(open().await);
+            let before = rss();
+            for _ in 0..n {
+                held.push(open().await);
+            }
+            (rss() - before) as f64 / n as f64
+        } else {
+            let (server, key) = start_netproc(&pki).await;
+            let mut builder = Client::builder();
+            for i in 0..=n {
+                let mut endpoint = pki.endpoint(&pki.client, server.local_addr(), &key);
+                endpoint = endpoint.heartbeat_interval(None);
+                builder = builder.server(format!("c{i}"), endpoint);
+            }
+            let client = builder.build().unwrap();
+            let call = async |i: usize| {
+                let s = client.server(&format!("c{i}")).unwrap();
+                let _: Value = s
+                    .execute(netproc_wire::Operation::Invoke {
+                        function: "add".into(),
+                        args: vec![Value::Int(1), Value::Int(2)],
+                    })
+                    .await
+                    .unwrap();
+            };
+            call(0).await;
+            let before = rss();
+            for i in 1..=n {
+                call(i).await;
+            }
+            (rss() - before) as f64 / n as f64
+        };
+        println!(
+            "idle {system}: {:.1} KiB per connection (client and server sides)",
+            per_conn / 1024.0
+        );
+    });
+}
+
+/// Runs [`idle_child`] for both systems in child processes, `rounds` times.
+fn idle(n: usize, rounds: usize) {
+    let exe = std::env::current_exe().unwrap();
+    let mut results: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for _ in 0..rounds {
+        for system in ["raw", "netproc"] {
+            let out = std::process::Command::new(&exe)
+                .arg("--bench")
+                .env("NETPROC_BENCH_IDLE", format!("{system}:{n}"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let kib = text
+                .split(": ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN);
+            results.entry(system).or_default().push(kib);
+        }
+    }
+    let (raw, np) = (
+        median(results["raw"].clone()),
+        median(results["netproc"].clone()),
+    );
+    println!(
+        "idle {n} connections, median: raw {raw:.1} KiB per connection | netproc {np:.1} KiB per connection (client and server sides, one process) | netproc − raw {:.1} KiB",
+        np - raw
+    );
+}
+
 /// C=4 K=32 and C=1 K=1, raw then netproc, `rounds` times; clients run
 /// on `client_rt`, servers were started on `server_rt`.
 fn compare(
@@ -368,7 +672,7 @@ fn compare(
         let mut raw_runs = Vec::new();
         let mut np_runs = Vec::new();
         for round in 0..rounds {
-            let r = client_rt.block_on(run_raw(pki, c, k, secs, server_rt));
+            let r = client_rt.block_on(run_raw(pki, (c, k, PAYLOAD), secs, server_rt));
             let echo = vec![Value::Bytes(vec![7u8; PAYLOAD].into())];
             let n = client_rt.block_on(run_netproc(pki, server, key, c, k, secs, ("echo", echo)));
             println!(
@@ -425,37 +729,124 @@ fn main() {
             .build()
             .unwrap()
     };
+    if let Ok(idle) = std::env::var("NETPROC_BENCH_IDLE") {
+        let (system, n) = idle.split_once(':').unwrap_or(("netproc", "500"));
+        idle_child(system, n.parse().unwrap_or(500));
+        return;
+    }
     let pki = TestPki::new();
-    // Layout 1: one runtime for everything.
+    // One system alone, one runtime, C=4 K=32: for profilers. With
+    // `NETPROC_BENCH_CALLS`, instructions per call are the difference of
+    // two runs with different counts, divided by the difference in calls.
+    if let Ok(only) = std::env::var("NETPROC_BENCH_ONLY") {
+        let rt = runtime();
+        let (server, key) = rt.block_on(start_netproc(&pki));
+        let run = match only.as_str() {
+            "raw" => rt.block_on(run_raw(&pki, (4, 32, PAYLOAD), secs, rt.handle())),
+            _ => {
+                let echo = vec![Value::Bytes(vec![7u8; PAYLOAD].into())];
+                rt.block_on(run_netproc(
+                    &pki,
+                    &server,
+                    &key,
+                    4,
+                    32,
+                    secs,
+                    ("echo", echo),
+                ))
+            }
+        };
+        println!(
+            "{only} alone C=4 K=32: {} calls, {:.0} calls/s, {:.2} µs CPU/call, {:.2} allocs/call",
+            run.calls,
+            run.rate(),
+            run.cpu_per_call(),
+            run.allocs_per_call()
+        );
+        return;
+    }
+    // `NETPROC_BENCH_PARTS`: a comma-separated subset of calls, payloads,
+    // handshakes, idle, script (default: all).
+    let parts = std::env::var("NETPROC_BENCH_PARTS").unwrap_or_default();
+    let part = |name: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == name);
     let rt = runtime();
     let (server, key) = rt.block_on(start_netproc(&pki));
+    if part("calls") {
+        calls(&pki, (&server, &key), &rt, (secs, rounds));
+    }
+    if part("payloads") {
+        payloads(&pki, (&server, &key), &rt, (secs, rounds));
+    }
+    if part("handshakes") {
+        for round in 0..rounds {
+            let (raw, raw_cpu) = rt.block_on(handshakes_raw(&pki, 2, secs));
+            let (np, np_cpu) = rt.block_on(handshakes_netproc(&pki, (&server, &key), 2, secs));
+            println!(
+                "connect + one call, 2 at a time, round {round}: raw {raw:.0}/s {raw_cpu:.0} µs CPU each | netproc (with auth) {np:.0}/s {np_cpu:.0} µs CPU each | ratio {:.2}x",
+                np / raw
+            );
+        }
+    }
+    if part("idle") {
+        idle(500, rounds);
+    }
+    if part("script") {
+        script(&pki, (&server, &key), &rt, (secs, rounds));
+    }
+    rt.block_on(server.shutdown(Duration::from_secs(1)));
+}
+
+/// Both layouts: one runtime for everything, then servers on one runtime
+/// and clients on another.
+fn calls(
+    pki: &TestPki,
+    (server, key): (&ServerHandle, &netproc_auth::ApiKey),
+    rt: &tokio::runtime::Runtime,
+    (secs, rounds): (f64, usize),
+) {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
     compare(
         "one-runtime",
-        &pki,
-        (&server, &key),
-        &rt,
+        pki,
+        (server, key),
+        rt,
         rt.handle(),
         (secs, rounds),
     );
     // Layout 2: servers on one runtime, clients on another.
     let server_rt = runtime();
     let client_rt = runtime();
-    let (server2, key2) = server_rt.block_on(start_netproc(&pki));
+    let (server2, key2) = server_rt.block_on(start_netproc(pki));
     compare(
         "two-runtimes",
-        &pki,
+        pki,
         (&server2, &key2),
         &client_rt,
         server_rt.handle(),
         (secs, rounds),
     );
     server_rt.block_on(server2.shutdown(Duration::from_secs(1)));
+}
+
+/// A trivial script function against the same function in Rust.
+fn script(
+    pki: &TestPki,
+    (server, key): (&ServerHandle, &netproc_auth::ApiKey),
+    rt: &tokio::runtime::Runtime,
+    (secs, rounds): (f64, usize),
+) {
     rt.block_on(async {
         // A trivial script function against the same function in Rust.
         let definer = Client::builder()
             .server(
                 "s",
-                pki.endpoint(&pki.client, server.local_addr(), &key),
+                pki.endpoint(&pki.client, server.local_addr(), key),
             )
             .build()
             .unwrap();
@@ -468,8 +859,8 @@ fn main() {
         let (mut native, mut script) = (Vec::new(), Vec::new());
         let args = vec![Value::Int(20), Value::Int(22)];
         for round in 0..rounds {
-            let n = run_netproc(&pki, &server, &key, 4, 32, secs, ("add", args.clone())).await;
-            let sc = run_netproc(&pki, &server, &key, 4, 32, secs, ("sadd", args.clone())).await;
+            let n = run_netproc(pki, server, key, 4, 32, secs, ("add", args.clone())).await;
+            let sc = run_netproc(pki, server, key, 4, 32, secs, ("sadd", args.clone())).await;
             println!(
                 "add C=4 K=32 round {round}: native {:>9.0} calls/s {:>6.1} µs CPU/call | script {:>9.0} calls/s {:>6.1} µs CPU/call",
                 n.rate(), n.cpu_per_call(), sc.rate(), sc.cpu_per_call()
@@ -482,6 +873,5 @@ fn main() {
             "add C=4 K=32 median: native {:.0} calls/s, {:.1} µs CPU/call | script {:.0} calls/s, {:.1} µs CPU/call",
             m(&native, Run::rate), m(&native, Run::cpu_per_call), m(&script, Run::rate), m(&script, Run::cpu_per_call)
         );
-        server.shutdown(Duration::from_secs(1)).await;
     });
 }
