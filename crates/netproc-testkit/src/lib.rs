@@ -35,6 +35,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod bench;
 mod logs;
 mod pki;
 mod services;
