@@ -8,13 +8,12 @@
 //! Environment: `NETPROC_BENCH_SECS` (default 5), `NETPROC_BENCH_ROUNDS`
 //! (default 3).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use netproc_testkit::bench::{PAYLOAD, Run, bench_server, run_netproc, run_raw};
-use netproc_testkit::{TestPki, cpu_micros, env_or, median, percentile};
+use netproc_testkit::bench::{Load, PAYLOAD, Run, bench_server, run_netproc, run_raw, runtime};
+use netproc_testkit::{TestPki, env_or, median};
 use netproc_wire::Value;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -112,9 +111,7 @@ async fn run_tonic(
             pki.client.key_pem().as_str(),
         ))
         .domain_name("localhost");
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let lat = (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let load = Load::new(k);
     let mut tasks = Vec::new();
     for _ in 0..c {
         let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
@@ -126,7 +123,11 @@ async fn run_tonic(
             .await
             .unwrap();
         for _ in 0..k {
-            let (stop, calls, lat) = (stop.clone(), calls.clone(), lat.clone());
+            let (stop, calls, lat) = (
+                load.stop.clone(),
+                load.calls.clone(),
+                load.latencies.clone(),
+            );
             let mut grpc = tonic::client::Grpc::new(channel.clone());
             tasks.push(tokio::spawn(async move {
                 let mut local = Vec::new();
@@ -157,43 +158,12 @@ async fn run_tonic(
             }));
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    if let Some(l) = &lat {
-        l.lock().unwrap().clear();
-    }
-    let (start_calls, start_cpu, start) =
-        (calls.load(Ordering::Relaxed), cpu_micros(), Instant::now());
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let (end_calls, end_cpu, elapsed) =
-        (calls.load(Ordering::Relaxed), cpu_micros(), start.elapsed());
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let mut sorted = lat
-        .map(|l| std::mem::take(&mut *l.lock().unwrap()))
-        .unwrap_or_default();
-    sorted.sort_unstable();
-    Run {
-        calls: end_calls - start_calls,
-        secs: elapsed.as_secs_f64(),
-        cpu_us: end_cpu - start_cpu,
-        p50_us: percentile(&sorted, 0.5),
-        p99_us: percentile(&sorted, 0.99),
-        allocs: 0,
-    }
+    load.measure(secs, tasks).await
 }
 
 fn main() {
     let secs: f64 = env_or("NETPROC_BENCH_SECS", 5.0);
     let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     let (server_rt, client_rt) = (runtime(), runtime());
     let pki = TestPki::new();
     let (server, key) = server_rt.block_on(async {

@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use netproc_client::Client;
 use netproc_server::ServerHandle;
-use netproc_testkit::bench::{PAYLOAD, Run, bench_server, raw_server, run_netproc, run_raw};
+use netproc_testkit::bench::{PAYLOAD, Run, bench_server, raw_echo, run_netproc, run_raw, runtime};
 use netproc_testkit::{TestPki, cpu_micros, env_or, median};
 use netproc_wire::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 async fn start_netproc(pki: &TestPki) -> (ServerHandle, netproc_auth::ApiKey) {
     let (builder, key) = bench_server(pki);
@@ -79,25 +79,7 @@ fn payloads(
 /// New TCP + TLS 1.3 mTLS handshake + one 64-byte round trip, `par` at a
 /// time, for `secs`: connections per second and CPU per connection.
 async fn handshakes_raw(pki: &TestPki, par: usize, secs: f64) -> (f64, f64) {
-    let server_cfg = netproc_pki::server_config(
-        &pki.server.identity().unwrap(),
-        &pki.ca.trust_anchors(),
-        &[],
-    )
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(raw_server(
-        listener,
-        tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
-    ));
-    let client_cfg = netproc_pki::client_config(
-        &pki.client.identity().unwrap(),
-        &pki.ca.trust_anchors(),
-        &[],
-    )
-    .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let (addr, connector, server) = raw_echo(pki, &tokio::runtime::Handle::current()).await;
     let result = timed(par, secs, move |_| {
         let connector = connector.clone();
         async move {
@@ -206,33 +188,12 @@ fn rss() -> u64 {
 /// system, each after one round trip, and prints RSS growth per
 /// connection (client and server sides together: one process).
 fn idle_child(system: &str, n: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let pki = TestPki::new();
     rt.block_on(async {
         let per_conn = if system == "raw" {
-            let server_cfg = netproc_pki::server_config(
-                &pki.server.identity().unwrap(),
-                &pki.ca.trust_anchors(),
-                &[],
-            )
-            .unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(raw_server(
-                listener,
-                tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg)),
-            ));
-            let client_cfg = netproc_pki::client_config(
-                &pki.client.identity().unwrap(),
-                &pki.ca.trust_anchors(),
-                &[],
-            )
-            .unwrap();
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+            let (addr, connector, _server) =
+                raw_echo(&pki, &tokio::runtime::Handle::current()).await;
             let mut held = Vec::with_capacity(n);
             // One first, so one-time costs are not counted.
             let open = async || {
@@ -379,13 +340,6 @@ fn main() {
     netproc_testkit::bench::count_allocations_with(allocations);
     let secs: f64 = env_or("NETPROC_BENCH_SECS", 5.0);
     let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     if let Ok(idle) = std::env::var("NETPROC_BENCH_IDLE") {
         let (system, n) = idle.split_once(':').unwrap_or(("netproc", "500"));
         idle_child(system, n.parse().unwrap_or(500));
@@ -461,13 +415,6 @@ fn calls(
     rt: &tokio::runtime::Runtime,
     (secs, rounds): (f64, usize),
 ) {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
     compare(
         "one-runtime",
         pki,

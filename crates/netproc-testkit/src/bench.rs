@@ -195,14 +195,25 @@ async fn raw_client_conn(
     }
 }
 
-/// `c` raw connections with `k` requests of `payload` bytes in flight
-/// each, for `secs`; the server runs on `server_rt`.
-pub async fn run_raw(
+/// A 2-thread multi-thread runtime, the benches' unit of layout.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Starts the raw echo server on `server_rt`: its address, a connector
+/// with the client certificate, and its task (abort it when done).
+pub async fn raw_echo(
     pki: &TestPki,
-    (c, k, payload): (usize, usize, usize),
-    secs: f64,
     server_rt: &tokio::runtime::Handle,
-) -> Run {
+) -> (
+    std::net::SocketAddr,
+    tokio_rustls::TlsConnector,
+    tokio::task::JoinHandle<()>,
+) {
     let server_cfg = netproc_pki::server_config(
         &pki.server.identity().unwrap(),
         &pki.ca.trust_anchors(),
@@ -221,57 +232,101 @@ pub async fn run_raw(
         &[],
     )
     .unwrap();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let lat = (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
-    // Warm up the connections before measuring: start, then reset the count.
+    (
+        addr,
+        tokio_rustls::TlsConnector::from(Arc::new(client_cfg)),
+        server,
+    )
+}
+
+/// What load loops share: when to stop, the count of completed calls and,
+/// for K=1 runs, each call's latency in ns.
+#[derive(Debug)]
+pub struct Load {
+    /// Set to end the loops.
+    pub stop: Arc<AtomicBool>,
+    /// Calls completed.
+    pub calls: Arc<AtomicU64>,
+    /// Latencies (K=1 only): each loop adds its own at the end.
+    pub latencies: Option<Arc<std::sync::Mutex<Vec<u64>>>>,
+}
+
+impl Load {
+    /// For loops with `k` calls in flight per connection.
+    pub fn new(k: usize) -> Load {
+        Load {
+            stop: Arc::new(AtomicBool::new(false)),
+            calls: Arc::new(AtomicU64::new(0)),
+            latencies: (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new()))),
+        }
+    }
+
+    /// Warms up 300 ms, measures one [`window`], stops the loops (`tasks`)
+    /// and waits for them.
+    pub async fn measure(self, secs: f64, tasks: Vec<tokio::task::JoinHandle<()>>) -> Run {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(l) = &self.latencies {
+            l.lock().unwrap().clear();
+        }
+        let calls = &self.calls;
+        let (start_calls, start_cpu, start, start_allocs) = (
+            calls.load(Ordering::Relaxed),
+            cpu_micros(),
+            Instant::now(),
+            allocations(),
+        );
+        window(secs, calls, start_calls).await;
+        let (end_calls, end_cpu, elapsed, end_allocs) = (
+            calls.load(Ordering::Relaxed),
+            cpu_micros(),
+            start.elapsed(),
+            allocations(),
+        );
+        self.stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let mut sorted = self
+            .latencies
+            .map(|l| std::mem::take(&mut *l.lock().unwrap()))
+            .unwrap_or_default();
+        sorted.sort_unstable();
+        Run {
+            calls: end_calls - start_calls,
+            secs: elapsed.as_secs_f64(),
+            cpu_us: end_cpu - start_cpu,
+            p50_us: percentile(&sorted, 0.5),
+            p99_us: percentile(&sorted, 0.99),
+            allocs: (end_allocs - start_allocs) as u64,
+        }
+    }
+}
+
+/// `c` raw connections with `k` requests of `payload` bytes in flight
+/// each, for `secs`; the server runs on `server_rt`.
+pub async fn run_raw(
+    pki: &TestPki,
+    (c, k, payload): (usize, usize, usize),
+    secs: f64,
+    server_rt: &tokio::runtime::Handle,
+) -> Run {
+    let (addr, connector, server) = raw_echo(pki, server_rt).await;
+    let load = Load::new(k);
     let tasks: Vec<_> = (0..c)
         .map(|_| {
             tokio::spawn(raw_client_conn(
                 addr,
                 connector.clone(),
                 (k, payload),
-                stop.clone(),
-                calls.clone(),
-                lat.clone(),
+                load.stop.clone(),
+                load.calls.clone(),
+                load.latencies.clone(),
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    if let Some(l) = &lat {
-        l.lock().unwrap().clear();
-    }
-    let (start_calls, start_cpu, start, start_allocs) = (
-        calls.load(Ordering::Relaxed),
-        cpu_micros(),
-        Instant::now(),
-        allocations(),
-    );
-    window(secs, &calls, start_calls).await;
-    let (end_calls, end_cpu, elapsed, end_allocs) = (
-        calls.load(Ordering::Relaxed),
-        cpu_micros(),
-        start.elapsed(),
-        allocations(),
-    );
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
+    let run = load.measure(secs, tasks).await;
     server.abort();
-    let mut sorted = lat
-        .map(|l| std::mem::take(&mut *l.lock().unwrap()))
-        .unwrap_or_default();
-    sorted.sort_unstable();
-    Run {
-        calls: end_calls - start_calls,
-        secs: elapsed.as_secs_f64(),
-        cpu_us: end_cpu - start_cpu,
-        p50_us: percentile(&sorted, 0.5),
-        p99_us: percentile(&sorted, 0.99),
-        allocs: (end_allocs - start_allocs) as u64,
-    }
+    run
 }
 
 // ---------------------------------------------------------------- netproc
@@ -331,9 +386,7 @@ pub async fn run_netproc(
         builder = builder.server(format!("c{i}"), endpoint);
     }
     let client = builder.build().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let lat = (k == 1).then(|| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let load = Load::new(k);
     let mut tasks = Vec::new();
     for i in 0..c {
         let s = client.server(&format!("c{i}")).unwrap();
@@ -341,9 +394,9 @@ pub async fn run_netproc(
         for _ in 0..k {
             let (s, stop, calls, lat, args) = (
                 s.clone(),
-                stop.clone(),
-                calls.clone(),
-                lat.clone(),
+                load.stop.clone(),
+                load.calls.clone(),
+                load.latencies.clone(),
                 args.clone(),
             );
             tasks.push(tokio::spawn(async move {
@@ -366,37 +419,5 @@ pub async fn run_netproc(
             }));
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    if let Some(l) = &lat {
-        l.lock().unwrap().clear();
-    }
-    let (start_calls, start_cpu, start, start_allocs) = (
-        calls.load(Ordering::Relaxed),
-        cpu_micros(),
-        Instant::now(),
-        allocations(),
-    );
-    window(secs, &calls, start_calls).await;
-    let (end_calls, end_cpu, elapsed, end_allocs) = (
-        calls.load(Ordering::Relaxed),
-        cpu_micros(),
-        start.elapsed(),
-        allocations(),
-    );
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let mut sorted = lat
-        .map(|l| std::mem::take(&mut *l.lock().unwrap()))
-        .unwrap_or_default();
-    sorted.sort_unstable();
-    Run {
-        calls: end_calls - start_calls,
-        secs: elapsed.as_secs_f64(),
-        cpu_us: end_cpu - start_cpu,
-        p50_us: percentile(&sorted, 0.5),
-        p99_us: percentile(&sorted, 0.99),
-        allocs: (end_allocs - start_allocs) as u64,
-    }
+    load.measure(secs, tasks).await
 }
