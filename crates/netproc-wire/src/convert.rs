@@ -419,8 +419,8 @@ impl<'de> de::Deserializer<'de> for Value {
             Value::Int(i) => visitor.visit_i64(i),
             Value::Float(f) => visitor.visit_f64(f),
             Value::String(s) => visitor.visit_string(s),
-            // Shared by a `Value` target, copied by a `Vec<u8>` one.
-            Value::Bytes(b) => crate::value::with_source(&b, || visitor.visit_bytes(&b)),
+            // A `Value` target takes the whole value (`hand_over`); others copy.
+            Value::Bytes(b) => visitor.visit_bytes(&b),
             Value::List(items) => {
                 let mut seq = SeqDeserializer::new(items.into_iter());
                 let out = visitor.visit_seq(&mut seq)?;
@@ -477,8 +477,8 @@ impl<'de> de::Deserializer<'de> for Value {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, ValueError> {
-        if is_value_enum(name) && variants == VARIANTS {
-            return visitor.visit_enum(ValueAsEnum(self));
+        if is_value_enum(name) && std::ptr::eq(variants, VARIANTS) {
+            return crate::value::hand_over(self, || visitor.visit_enum(HandedOver));
         }
         match self {
             Value::String(variant) => visitor.visit_enum(variant.into_deserializer()),
@@ -500,33 +500,24 @@ impl<'de> de::Deserializer<'de> for Value {
     }
 }
 
-/// Presents a `Value` to `Value`'s own deserializer as its tagged form.
-struct ValueAsEnum(Value);
+/// Presents the value handed over (see `value::hand_over`) to `Value`'s
+/// own deserializer: a unit variant with the hand-off tag.
+struct HandedOver;
 
-impl<'de> de::EnumAccess<'de> for ValueAsEnum {
+impl<'de> de::EnumAccess<'de> for HandedOver {
     type Error = ValueError;
-    type Variant = Value;
+    type Variant = HandedOver;
 
     fn variant_seed<S: de::DeserializeSeed<'de>>(
         self,
         seed: S,
-    ) -> Result<(S::Value, Value), ValueError> {
-        let tag: u32 = match &self.0 {
-            Value::Null => 0,
-            Value::Bool(_) => 1,
-            Value::Int(_) => 2,
-            Value::Float(_) => 3,
-            Value::String(_) => 4,
-            Value::Bytes(_) => 5,
-            Value::List(_) => 6,
-            Value::Map(_) => 7,
-        };
-        let tag = seed.deserialize(IntoDeserializer::<ValueError>::into_deserializer(tag))?;
-        Ok((tag, self.0))
+    ) -> Result<(S::Value, HandedOver), ValueError> {
+        let tag = IntoDeserializer::<ValueError>::into_deserializer(crate::value::TAG_HANDOFF);
+        Ok((seed.deserialize(tag)?, HandedOver))
     }
 }
 
-impl<'de> de::VariantAccess<'de> for Value {
+impl<'de> de::VariantAccess<'de> for HandedOver {
     type Error = ValueError;
 
     fn unit_variant(self) -> Result<(), ValueError> {
@@ -534,23 +525,23 @@ impl<'de> de::VariantAccess<'de> for Value {
     }
     fn newtype_variant_seed<S: de::DeserializeSeed<'de>>(
         self,
-        seed: S,
+        _seed: S,
     ) -> Result<S::Value, ValueError> {
-        seed.deserialize(self)
+        Err(de::Error::custom("a handed-over value is a unit variant"))
     }
     fn tuple_variant<V: Visitor<'de>>(
         self,
         _len: usize,
-        visitor: V,
+        _visitor: V,
     ) -> Result<V::Value, ValueError> {
-        de::Deserializer::deserialize_any(self, visitor)
+        Err(de::Error::custom("a handed-over value is a unit variant"))
     }
     fn struct_variant<V: Visitor<'de>>(
         self,
         _fields: &'static [&'static str],
-        visitor: V,
+        _visitor: V,
     ) -> Result<V::Value, ValueError> {
-        de::Deserializer::deserialize_any(self, visitor)
+        Err(de::Error::custom("a handed-over value is a unit variant"))
     }
 }
 

@@ -72,7 +72,9 @@ const TAG_BYTES: u32 = 5;
 const TAG_LIST: u32 = 6;
 const TAG_MAP: u32 = 7;
 pub(crate) const VALUE_ENUM: &str = "Value";
-pub(crate) const VARIANTS: &[&str] = &[
+/// A static (not a const): `from_value` recognizes `Value`'s own
+/// deserializer by this address.
+pub(crate) static VARIANTS: &[&str] = &[
     "Null", "Bool", "Int", "Float", "String", "Bytes", "List", "Map",
 ];
 
@@ -307,6 +309,10 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             TAG_BYTES => variant
                 .newtype_variant_seed(SharedBytesSeed)
                 .map(Value::Bytes),
+            TAG_HANDOFF => match HANDOFF.take() {
+                Some(value) => variant.unit_variant().map(|()| value),
+                None => Err(fail("unknown value tag")),
+            },
             TAG_LIST => {
                 let depth_left = self.nested()?;
                 variant
@@ -328,6 +334,26 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
             _ => Err(fail("unknown value tag")),
         }
     }
+}
+
+/// The tag of a value handed over whole by `from_value` (see
+/// [`hand_over`]). Never valid on the wire: refused there as unknown.
+pub(crate) const TAG_HANDOFF: u32 = u32::MAX;
+
+thread_local! {
+    /// A value on its way from `from_value` to `Value`'s own deserializer.
+    static HANDOFF: Cell<Option<Value>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `value` ready to be taken whole by the `Value`
+/// deserializer that `f` drives (tag [`TAG_HANDOFF`]): converting a
+/// `Value` into a `Value` moves it, however deep, instead of rebuilding it.
+pub(crate) fn hand_over<T>(value: Value, f: impl FnOnce() -> T) -> T {
+    HANDOFF.set(Some(value));
+    let out = f();
+    // Dropped here if nothing took it (an error before the take).
+    drop(HANDOFF.take());
+    out
 }
 
 thread_local! {
@@ -588,5 +614,24 @@ mod tests {
         assert!(Value::decode(&[8], ValueLimits::default()).is_err());
         let err = Value::decode(&[0, 0], ValueLimits::default()).unwrap_err();
         assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    /// The tag `from_value` uses in memory is just an unknown tag on the
+    /// wire (nothing is handed over outside `from_value`'s own call).
+    #[test]
+    fn the_hand_off_tag_is_refused_on_the_wire() {
+        let wire = [0xFF, 0xFF, 0xFF, 0xFF, 0x0F];
+        let err = Value::decode(&wire, ValueLimits::default()).unwrap_err();
+        assert!(err.to_string().contains("unknown value tag"), "{err}");
+    }
+
+    #[test]
+    fn from_value_moves_a_value_whole() {
+        let deep = nested_lists(200);
+        let back: Value = crate::from_value(deep.clone()).unwrap();
+        assert_eq!(back, deep);
+        let pair: (Value, Value) =
+            crate::from_value(Value::List(vec![deep.clone(), Value::Null])).unwrap();
+        assert_eq!(pair, (deep, Value::Null));
     }
 }

@@ -215,7 +215,6 @@ impl Session {
 
     /// An invoke: a native function, else a script function.
     fn invoke(&mut self, id: u64, function: String, args: Vec<Value>, limit: Duration) {
-        let now = self.shared.abuse.clock.now();
         if let Some(f) = self.shared.defs.registry.functions.get(&function) {
             let guards = &self.shared.defs.registry.guards;
             let guard = if guards.is_empty() {
@@ -223,7 +222,7 @@ impl Session {
             } else {
                 guards.get(&function)
             };
-            let Some(permit) = self.admit_function(id, &function, guard, now) else {
+            let Some(permit) = self.admit_function(id, &function, guard) else {
                 return;
             };
             let (ctx, token, deadline) = self.context(limit);
@@ -243,7 +242,7 @@ impl Session {
             self.respond_err(id, ErrorCode::FunctionNotFound, msg);
             return;
         };
-        let Some(permit) = self.admit_function(id, &function, entry.guard.as_ref(), now) else {
+        let Some(permit) = self.admit_function(id, &function, entry.guard.as_ref()) else {
             return;
         };
         let (ctx, token, deadline) = self.context(limit);
@@ -271,15 +270,14 @@ impl Session {
     }
 
     /// A function's own limits: `Some(permit)` to go on, `None` when refused
-    /// (and answered).
+    /// (and answered). The clock is read only for a function with limits.
     fn admit_function(
         &self,
         id: u64,
         function: &str,
         guard: Option<&crate::function::FunctionGuard>,
-        now: Instant,
     ) -> Option<Option<netproc_limits::GatePermit>> {
-        match guard.map(|g| g.admit(now)) {
+        match guard.map(|g| g.admit(self.shared.abuse.clock.now())) {
             None => Some(None),
             Some(Ok(permit)) => Some(permit),
             Some(Err((scope, retry))) => {
