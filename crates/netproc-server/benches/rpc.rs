@@ -206,11 +206,11 @@ fn idle_child(system: &str, n: usize) {
                 tls
             };
             held.push(open().await);
-            let before = rss();
+            let before = (rss(), heap());
             for _ in 0..n {
                 held.push(open().await);
             }
-            (rss() - before) as f64 / n as f64
+            per_connection(before, n)
         } else {
             let (server, key) = start_netproc(&pki).await;
             let mut builder = Client::builder();
@@ -231,23 +231,40 @@ fn idle_child(system: &str, n: usize) {
                     .unwrap();
             };
             call(0).await;
-            let before = rss();
+            let before = (rss(), heap());
             for i in 1..=n {
                 call(i).await;
             }
-            (rss() - before) as f64 / n as f64
+            per_connection(before, n)
         };
+        // Read by `idle`: resident KiB, heap KiB.
         println!(
-            "idle {system}: {:.1} KiB per connection (client and server sides)",
-            per_conn / 1024.0
+            "idle-result {:.1} {:.1}",
+            per_conn.0 / 1024.0,
+            per_conn.1 / 1024.0
         );
     });
+}
+
+/// Live heap bytes of this process.
+fn heap() -> i64 {
+    let s = ALLOC.stats();
+    s.bytes_allocated as i64 - s.bytes_deallocated as i64 + s.bytes_reallocated as i64
+}
+
+/// (resident, heap) bytes per connection since `before`.
+fn per_connection((rss0, heap0): (u64, i64), n: usize) -> (f64, f64) {
+    (
+        (rss() - rss0) as f64 / n as f64,
+        (heap() - heap0) as f64 / n as f64,
+    )
 }
 
 /// Runs [`idle_child`] for both systems in child processes, `rounds` times.
 fn idle(n: usize, rounds: usize) {
     let exe = std::env::current_exe().unwrap();
     let mut results: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut heaps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for _ in 0..rounds {
         for system in ["raw", "netproc"] {
             let out = std::process::Command::new(&exe)
@@ -256,22 +273,33 @@ fn idle(n: usize, rounds: usize) {
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
-            let kib = text
-                .split(": ")
-                .nth(1)
-                .and_then(|t| t.split(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(f64::NAN);
-            results.entry(system).or_default().push(kib);
+            let fields: Vec<f64> = text
+                .lines()
+                .find_map(|l| l.strip_prefix("idle-result "))
+                .map(|l| l.split(' ').filter_map(|v| v.parse().ok()).collect())
+                .unwrap_or_default();
+            results
+                .entry(system)
+                .or_default()
+                .push(fields.first().copied().unwrap_or(f64::NAN));
+            heaps
+                .entry(system)
+                .or_default()
+                .push(fields.get(1).copied().unwrap_or(f64::NAN));
         }
     }
     let (raw, np) = (
         median(results["raw"].clone()),
         median(results["netproc"].clone()),
     );
+    let (raw_heap, np_heap) = (
+        median(heaps["raw"].clone()),
+        median(heaps["netproc"].clone()),
+    );
     println!(
-        "idle {n} connections, median: raw {raw:.1} KiB per connection | netproc {np:.1} KiB per connection (client and server sides, one process) | netproc − raw {:.1} KiB",
-        np - raw
+        "idle {n} connections, median: raw {raw:.1} KiB resident, {raw_heap:.1} KiB heap per connection | netproc {np:.1} KiB resident, {np_heap:.1} KiB heap per connection (client and server sides, one process) | netproc − raw {:.1} KiB resident, {:.1} KiB heap",
+        np - raw,
+        np_heap - raw_heap
     );
 }
 
@@ -346,11 +374,16 @@ fn main() {
         return;
     }
     let pki = TestPki::new();
-    // One system alone, one runtime, C=4 K=32: for profilers. With
+    // One system alone, one single-threaded runtime, C=4 K=32: for profilers. With
     // `NETPROC_BENCH_CALLS`, instructions per call are the difference of
     // two runs with different counts, divided by the difference in calls.
     if let Ok(only) = std::env::var("NETPROC_BENCH_ONLY") {
-        let rt = runtime();
+        // One thread: the same interleaving run after run, so instruction
+        // counts repeat (under valgrind threads run one at a time anyway).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let (server, key) = rt.block_on(start_netproc(&pki));
         let run = match only.as_str() {
             "raw" => rt.block_on(run_raw(&pki, (4, 32, PAYLOAD), secs, rt.handle())),

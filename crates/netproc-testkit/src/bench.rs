@@ -67,14 +67,17 @@ impl Run {
     }
 }
 
+fn fixed_calls() -> Option<u64> {
+    std::env::var("NETPROC_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 /// The measured window: `secs`, or with `NETPROC_BENCH_CALLS` set, until
 /// that many calls have completed (a fixed amount of work, for counting
 /// instructions under callgrind).
 pub async fn window(secs: f64, calls: &AtomicU64, start: u64) {
-    match std::env::var("NETPROC_BENCH_CALLS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    match fixed_calls() {
         None => tokio::time::sleep(Duration::from_secs_f64(secs)).await,
         Some(n) => {
             while calls.load(Ordering::Relaxed) - start < n {
@@ -264,7 +267,11 @@ impl Load {
     /// Warms up 300 ms, measures one [`window`], stops the loops (`tasks`)
     /// and waits for them.
     pub async fn measure(self, secs: f64, tasks: Vec<tokio::task::JoinHandle<()>>) -> Run {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A fixed amount of work (`NETPROC_BENCH_CALLS`) counts from the
+        // first call: no warm-up, whose length would vary between runs.
+        if fixed_calls().is_none() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         if let Some(l) = &self.latencies {
             l.lock().unwrap().clear();
         }

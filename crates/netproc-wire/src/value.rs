@@ -378,7 +378,7 @@ pub(crate) fn with_source<T>(source: &Bytes, f: impl FnOnce() -> T) -> T {
 
 /// `slice` as `Bytes`: a view of the source buffer when it lies inside it,
 /// else a copy.
-fn share(slice: &[u8]) -> Bytes {
+pub(crate) fn share(slice: &[u8]) -> Bytes {
     SOURCE.with(|s| match s.borrow().as_ref() {
         Some(source) if within(source, slice) => source.slice_ref(slice),
         _ => Bytes::copy_from_slice(slice),

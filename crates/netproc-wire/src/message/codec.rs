@@ -130,6 +130,17 @@ impl ClientMessage {
     }
 
     fn decode_checked(body: &[u8]) -> Result<ClientMessage, DecodeError> {
+        // A call with scalar arguments: decoded by hand, canonical by
+        // construction; everything else (and any doubt) below.
+        match super::fast::request(body) {
+            Some(msg) => Ok(msg),
+            None => Self::decode_general(body),
+        }
+    }
+
+    /// Decodes any client message through serde, then checks that it is
+    /// the one canonical encoding.
+    pub(super) fn decode_general(body: &[u8]) -> Result<ClientMessage, DecodeError> {
         let msg = Self::decode_loose(body)?;
         // Every value has exactly one encoding (wire contract §3).
         if canonical_len(&msg) != body.len() {
@@ -237,6 +248,15 @@ impl ServerMessage {
     }
 
     fn decode_checked(body: &[u8]) -> Result<ServerMessage, DecodeError> {
+        match super::fast::response(body) {
+            Some(msg) => Ok(msg),
+            None => Self::decode_general(body),
+        }
+    }
+
+    /// Decodes any server message through serde, then checks that it is
+    /// the one canonical encoding.
+    pub(super) fn decode_general(body: &[u8]) -> Result<ServerMessage, DecodeError> {
         let (kind, rest) = take::<u32>(body).map_err(DecodeError::malformed)?;
         let msg = match kind {
             SERVER_KIND_AUTH_OK => take_all(rest).map(ServerMessage::AuthOk),

@@ -15,6 +15,7 @@
 
 mod client;
 mod codec;
+mod fast;
 mod server;
 mod whoami;
 

@@ -47,6 +47,16 @@ pub(crate) struct BenchArgs {
     /// connection; raise `ulimit -n` first).
     #[arg(long)]
     hold: Option<usize>,
+    /// With --hold: each held connection calls --function once per this
+    /// interval (spread evenly over it), and the report adds latency
+    /// percentiles: a fleet of mostly idle clients.
+    #[arg(long, value_parser = parse_duration)]
+    call_every: Option<Duration>,
+    /// With --hold: connect from this many loopback addresses in turn,
+    /// 127.0.0.1 to 127.0.0.N (the server's per-address limits then apply
+    /// to each share). The server must be on IPv4 loopback.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    sources: u8,
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -355,13 +365,18 @@ async fn warn_about_limits(server: &netproc::client::ServerRef, connections: usi
 /// duration, and reports how many were established.
 async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failure> {
     let started = Instant::now();
+    let rss_before = resident_kib();
     let mut held = Vec::with_capacity(n);
     let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut pending = tokio::task::JoinSet::new();
     let mut launched = 0;
+    // One file per source address: the same server entry, bound to it.
+    let files = source_files(file, args)?;
     while held.len() + (failures.values().sum::<u64>() as usize) < n {
         while launched < n && pending.len() < 8 {
-            let client = file.client(&args.target.config).map_err(usage)?;
+            let client = files[launched % files.len()]
+                .client(&args.target.config)
+                .map_err(usage)?;
             let name = args.target.server.clone();
             pending.spawn(async move {
                 let server = client.server(&name)?;
@@ -378,11 +393,46 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
     }
     let opened_in = started.elapsed();
     let opened = held.len();
+    let client_kib_per_connection =
+        resident_kib().saturating_sub(rss_before) as f64 / opened.max(1) as f64;
     eprintln!(
         "holding {opened} connections (opened in {:.1} s); failures {failures:?}",
         opened_in.as_secs_f64()
     );
+    let calls = Arc::new(Shared {
+        histogram: std::sync::Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(failed)?,
+        ),
+        errors: std::sync::Mutex::new(BTreeMap::new()),
+        calls: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let mut callers = tokio::task::JoinSet::new();
+    if let Some(every) = args.call_every {
+        let op = Operation::Invoke {
+            function: args.function.clone(),
+            args: vec![Value::Bytes(vec![7; args.payload].into())],
+        };
+        for (i, (server, _)) in held.iter().enumerate() {
+            let (server, op, shared) = (server.clone(), op.clone(), Arc::clone(&calls));
+            let offset = every.mul_f64(i as f64 / opened.max(1) as f64);
+            let timeout = args.target.timeout;
+            callers.spawn(async move {
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !shared.stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let t = Instant::now();
+                    shared.record(t, run_on(&server, op.clone(), timeout).await);
+                }
+            });
+        }
+    }
     tokio::time::sleep(args.duration).await;
+    calls.stop.store(true, Ordering::Relaxed);
+    callers.abort_all();
     // Held means the same session at the end: a connection the server
     // closed meanwhile comes back with a new session id (or not at all).
     let mut still = 0;
@@ -391,6 +441,13 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
             still += 1;
         }
     }
+    let h = calls
+        .histogram
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let ok = h.len();
+    let quantile = |q: f64| (ok > 0).then(|| h.value_at_quantile(q));
     outln!(
         "{}",
         serde_json::json!({
@@ -398,8 +455,56 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
             "held": still,
             "open_s": opened_in.as_secs_f64(),
             "errors": failures,
+            "client_rss_kib_per_connection": client_kib_per_connection,
+            "calls": calls.calls.load(Ordering::Relaxed),
+            "call_errors": *calls.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            "p50_us": quantile(0.5),
+            "p99_us": quantile(0.99),
+            "max_us": (ok > 0).then(|| h.max()),
         })
     );
     drop(held);
     Ok(())
+}
+
+/// The client file once per `--sources` address: the target server's entry
+/// bound to 127.0.0.1, 127.0.0.2, …
+fn source_files(file: &ClientFile, args: &BenchArgs) -> Result<Vec<ClientFile>, Failure> {
+    if args.sources == 1 {
+        return Ok(vec![file.clone()]);
+    }
+    let Some(entry) = file.servers.get(&args.target.server) else {
+        return Err(usage(format!(
+            "no server named {:?} in the client file",
+            args.target.server
+        )));
+    };
+    if !entry.address.to_string().starts_with("127.") {
+        return Err(usage(
+            "--sources needs a server on IPv4 loopback (127.x.y.z)",
+        ));
+    }
+    Ok((1..=args.sources)
+        .map(|last| {
+            let mut f = file.clone();
+            if let Some(e) = f.servers.get_mut(&args.target.server) {
+                e.bind = Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                    127, 0, 0, last,
+                )));
+            }
+            f
+        })
+        .collect())
+}
+
+/// This process's resident memory, KiB (0 where /proc is absent).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
