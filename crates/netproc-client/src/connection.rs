@@ -12,8 +12,10 @@ use netproc_wire::{
     ErrorCode, FrameDecoder, GoAway, Operation, Outcome, PROTOCOL_VERSION, Request, ServerMessage,
     Value,
 };
+use std::task::{Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -30,12 +32,24 @@ enum Answer {
     TimedOut,
 }
 
-type Reply = oneshot::Sender<Answer>;
-
-/// A call waiting for its response.
+/// A call waiting for its response. The answer is left here by the
+/// reader (or the sweeper, or the end of the connection) and taken by the
+/// caller, who is woken: no channel per call.
 struct Pending {
-    reply: Reply,
     deadline: Instant,
+    answer: Option<Answer>,
+    waker: Option<Waker>,
+}
+
+impl Pending {
+    /// Leaves `answer` unless there is one already; the waker to wake.
+    fn answer(&mut self, answer: Answer) -> Option<Waker> {
+        if self.answer.is_some() {
+            return None;
+        }
+        self.answer = Some(answer);
+        self.waker.take()
+    }
 }
 
 struct State {
@@ -56,6 +70,8 @@ pub(crate) struct Connection {
     state: Mutex<State>,
     wake_writer: Notify,
     wake_sweeper: Notify,
+    /// `State::closed` is set: read without the lock by [`usable`](Self::usable).
+    closed: std::sync::atomic::AtomicBool,
     permits: Semaphore,
     queued: AtomicUsize,
     max_queued: usize,
@@ -303,6 +319,7 @@ pub(crate) async fn connect(
         }),
         wake_writer: Notify::new(),
         wake_sweeper: Notify::new(),
+        closed: std::sync::atomic::AtomicBool::new(false),
         permits: Semaphore::new(in_flight),
         queued: AtomicUsize::new(0),
         draining: std::sync::atomic::AtomicBool::new(false),
@@ -457,12 +474,17 @@ async fn reader(
         };
         match ServerMessage::decode_shared(&body) {
             Ok(ServerMessage::Response(r)) => {
-                let waiting = conn.lock().pending.remove(&r.id);
-                if let Some(waiting) = waiting {
-                    let _ = waiting.reply.send(Answer::Remote(match r.outcome {
-                        Outcome::Ok(v) => Ok(v),
-                        Outcome::Err(e) => Err(e),
-                    }));
+                let answer = Answer::Remote(match r.outcome {
+                    Outcome::Ok(v) => Ok(v),
+                    Outcome::Err(e) => Err(e),
+                });
+                let waker = conn
+                    .lock()
+                    .pending
+                    .get_mut(&r.id)
+                    .and_then(|p| p.answer(answer));
+                if let Some(waker) = waker {
+                    waker.wake();
                 }
             }
             Ok(ServerMessage::Pong { nonce }) => {
@@ -506,7 +528,7 @@ impl Connection {
     pub(crate) fn usable(&self) -> bool {
         !self.dead.is_cancelled()
             && !self.draining.load(Ordering::SeqCst)
-            && self.lock().closed.is_none()
+            && !self.closed.load(Ordering::Acquire)
     }
 
     /// A call starts using this connection; `None` if it is draining (the
@@ -551,24 +573,21 @@ impl Connection {
 
     /// The connection is over: every waiting call gets `why`.
     fn fail(&self, why: ErrorBody) {
-        let (pending, pings) = {
+        let (wakers, pings) = {
             let mut st = self.lock();
             // A GoAway already said why; keep its reason.
             let why = st.closed.clone().unwrap_or(why);
             st.closed = Some(why.clone());
-            let pending: Vec<Reply> = st.pending.drain().map(|(_, p)| p.reply).collect();
+            self.closed.store(true, Ordering::Release);
+            let wakers: Vec<Waker> = st
+                .pending
+                .values_mut()
+                .filter_map(|p| p.answer(Answer::Remote(Err(why.clone()))))
+                .collect();
             let pings = std::mem::take(&mut st.pings);
-            (
-                pending
-                    .into_iter()
-                    .map(|r| (r, why.clone()))
-                    .collect::<Vec<_>>(),
-                pings,
-            )
+            (wakers, pings)
         };
-        for (reply, why) in pending {
-            let _ = reply.send(Answer::Remote(Err(why)));
-        }
+        wakers.into_iter().for_each(Waker::wake);
         drop(pings);
         self.dead.cancel();
     }
@@ -577,22 +596,16 @@ impl Connection {
         let body = ErrorBody::new(g.reason.clone(), g.message);
         let mut st = self.lock();
         st.closed = Some(body.clone());
+        self.closed.store(true, Ordering::Release);
         // Requests above last_id will not be answered.
-        let unanswered: Vec<u64> = st
+        let wakers: Vec<Waker> = st
             .pending
-            .keys()
-            .copied()
-            .filter(|id| *id > g.last_id)
-            .collect();
-        let replies: Vec<Reply> = unanswered
-            .iter()
-            .filter_map(|id| st.pending.remove(id))
-            .map(|p| p.reply)
+            .iter_mut()
+            .filter(|(id, _)| **id > g.last_id)
+            .filter_map(|(_, p)| p.answer(Answer::Remote(Err(body.clone()))))
             .collect();
         drop(st);
-        for r in replies {
-            let _ = r.send(Answer::Remote(Err(body.clone())));
-        }
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// Closes now (used by `flush_server`).
@@ -649,7 +662,9 @@ impl Connection {
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let deadline_ms = u32::try_from(remaining.as_millis()).unwrap_or(u32::MAX);
-        let (tx, rx) = oneshot::channel();
+        // The caller's waker goes in with the request: the reader can wake
+        // it as soon as the answer is in, with no poll in between.
+        let waker = std::future::poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
         let id = {
             let mut st = self.lock();
             if let Some(why) = st.closed.clone() {
@@ -673,8 +688,9 @@ impl Connection {
             st.pending.insert(
                 id,
                 Pending {
-                    reply: tx,
                     deadline,
+                    answer: None,
+                    waker: Some(waker),
                 },
             );
             let sweep_earlier = st.sweep_at.is_none_or(|at| deadline < at);
@@ -697,15 +713,36 @@ impl Connection {
         };
         // The deadline is kept by the connection's sweeper, which answers
         // `TimedOut` and sends the `Cancel`.
-        let answer = rx.await;
+        let mut first = true;
+        let answer = std::future::poll_fn(|cx| {
+            if std::mem::take(&mut first) {
+                // Just queued with this task's waker: nothing to look at yet.
+                return Poll::Pending;
+            }
+            let mut st = self.lock();
+            let Some(p) = st.pending.get_mut(&id) else {
+                return Poll::Ready(None);
+            };
+            if let Some(answer) = p.answer.take() {
+                st.pending.remove(&id);
+                return Poll::Ready(Some(answer));
+            }
+            if !p.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                p.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
         guard.armed = false;
         match answer {
-            Ok(Answer::TimedOut) => Err(timeout_error(&self.server, "the call's deadline passed")),
-            Err(_) => Err(self.closed_error(ErrorBody::new(
+            Some(Answer::TimedOut) => {
+                Err(timeout_error(&self.server, "the call's deadline passed"))
+            }
+            None => Err(self.closed_error(ErrorBody::new(
                 ErrorCode::Unavailable,
                 "the connection closed",
             ))),
-            Ok(Answer::Remote(answer)) => {
+            Some(Answer::Remote(answer)) => {
                 answer.map_err(|body| ClientError::from_remote(&self.server, body))
             }
         }
@@ -719,28 +756,31 @@ impl Connection {
         let expired: Vec<u64> = st
             .pending
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| p.answer.is_none() && p.deadline <= now)
             .map(|(id, _)| *id)
             .collect();
         let was_empty = st.buf.is_empty();
-        let mut replies = Vec::with_capacity(expired.len());
+        let mut wakers = Vec::with_capacity(expired.len());
         for id in expired {
-            if let Some(p) = st.pending.remove(&id) {
-                replies.push(p.reply);
+            if let Some(p) = st.pending.get_mut(&id) {
+                wakers.extend(p.answer(Answer::TimedOut));
                 if st.closed.is_none() {
                     let _ = ClientMessage::Cancel { id }.encode(&mut st.buf, self.frame_limit);
                 }
             }
         }
-        st.sweep_at = st.pending.values().map(|p| p.deadline).min();
+        st.sweep_at = st
+            .pending
+            .values()
+            .filter(|p| p.answer.is_none())
+            .map(|p| p.deadline)
+            .min();
         let wake = was_empty && !st.buf.is_empty();
         drop(st);
         if wake {
             self.wake_writer.notify_one();
         }
-        for reply in replies {
-            let _ = reply.send(Answer::TimedOut);
-        }
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// A `Ping`; resolves at the `Pong`.
@@ -787,7 +827,13 @@ impl Drop for CancelOnDrop<'_> {
             return;
         }
         let mut st = self.conn.lock();
-        if st.pending.remove(&self.id).is_some() && st.closed.is_none() {
+        // Abandoned before its answer: the server may stop (not if the
+        // answer, or a time-out that already sent the cancel, is in).
+        let unanswered = st
+            .pending
+            .remove(&self.id)
+            .is_some_and(|p| p.answer.is_none());
+        if unanswered && st.closed.is_none() {
             let was_empty = st.buf.is_empty();
             let _ =
                 ClientMessage::Cancel { id: self.id }.encode(&mut st.buf, self.conn.frame_limit);

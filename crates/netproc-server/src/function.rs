@@ -27,18 +27,32 @@ pub(crate) struct SessionFacts {
     pub(crate) cert: Arc<CertIdentity>,
 }
 
+/// A call's cancellation token, made only when someone needs one: a
+/// function that asks for it, or the session when the call does not finish
+/// on its first poll (only then can it be cancelled). Most calls never
+/// need one.
+#[derive(Debug, Default)]
+pub(crate) struct CallCancel(std::sync::OnceLock<CancellationToken>);
+
+impl CallCancel {
+    /// The token (the same one for the function and the session).
+    pub(crate) fn token(&self) -> &CancellationToken {
+        self.0.get_or_init(CancellationToken::new)
+    }
+}
+
 /// What a function knows about its call.
 #[derive(Debug, Clone)]
 pub struct CallContext {
     session: Arc<SessionFacts>,
-    cancel: CancellationToken,
+    cancel: Arc<CallCancel>,
     deadline: Instant,
 }
 
 impl CallContext {
     pub(crate) fn new(
         session: Arc<SessionFacts>,
-        cancel: CancellationToken,
+        cancel: Arc<CallCancel>,
         deadline: Instant,
     ) -> Self {
         CallContext {
@@ -72,7 +86,7 @@ impl CallContext {
     /// session ends. Long-running work should watch it; the call's future is
     /// also dropped at that point.
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
+        self.cancel.token()
     }
 
     /// When the caller stops waiting (the earlier of its deadline and the
@@ -297,12 +311,39 @@ impl FunctionGuard {
     }
 }
 
+/// FNV-1a over a name. The native tables are fixed when the server is
+/// built (no peer can add to them), so a keyed hash (SipHash, ~10× the
+/// work for a short name) buys nothing there; looked up on every call.
+#[derive(Default)]
+pub(crate) struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// A table keyed by a name fixed at build time.
+pub(crate) type NameMap<V> = HashMap<String, V, std::hash::BuildHasherDefault<NameHasher>>;
+
 /// The functions, constants and extensions a server offers. Read on every
 /// call without locking (an `ArcSwap` snapshot); changed by copy and swap.
 pub(crate) struct Registry {
-    pub(crate) functions: HashMap<String, Arc<dyn NativeFunction>>,
-    pub(crate) guards: HashMap<String, FunctionGuard>,
-    pub(crate) extensions: HashMap<String, Extension>,
+    pub(crate) functions: NameMap<Arc<dyn NativeFunction>>,
+    pub(crate) guards: NameMap<FunctionGuard>,
+    pub(crate) extensions: NameMap<Extension>,
     constants: ArcSwap<BTreeMap<String, Value>>,
 }
 
@@ -314,9 +355,9 @@ impl Registry {
         constants: BTreeMap<String, Value>,
     ) -> Self {
         Registry {
-            functions,
-            guards,
-            extensions,
+            functions: functions.into_iter().collect(),
+            guards: guards.into_iter().collect(),
+            extensions: extensions.into_iter().collect(),
             constants: ArcSwap::from_pointee(constants),
         }
     }

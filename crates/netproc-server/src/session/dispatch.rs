@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use netproc_auth::{BoxFuture, authorize_privilege};
 use netproc_wire::{ErrorCode, Operation, Outcome, Request, ServerMessage, Value};
-use tokio_util::sync::CancellationToken;
 
 use super::gate::Decision;
 use super::{End, Session};
 use crate::audit::{self, sanitize};
-use crate::function::{CallContext, CallError, SessionFacts};
+use crate::function::{CallCancel, CallContext, CallError, SessionFacts};
 use crate::refusal::Refused;
 
 impl Session {
@@ -289,11 +288,11 @@ impl Session {
         }
     }
 
-    fn context(&self, limit: Duration) -> (CallContext, CancellationToken, Instant) {
-        let token = CancellationToken::new();
+    fn context(&self, limit: Duration) -> (CallContext, Arc<CallCancel>, Instant) {
+        let cancel = Arc::new(CallCancel::default());
         let deadline = Instant::now() + limit;
-        let ctx = CallContext::new(Arc::clone(&self.facts), token.clone(), deadline);
-        (ctx, token, deadline)
+        let ctx = CallContext::new(Arc::clone(&self.facts), Arc::clone(&cancel), deadline);
+        (ctx, cancel, deadline)
     }
 
     /// Runs a call. Most functions finish on their first poll: those are
@@ -305,7 +304,7 @@ impl Session {
         &mut self,
         id: u64,
         fut: BoxFuture<'static, Result<Value, CallError>>,
-        token: CancellationToken,
+        cancel: Arc<CallCancel>,
         deadline: Instant,
         limit: Duration,
         permit: Option<netproc_limits::GatePermit>,
@@ -321,6 +320,8 @@ impl Session {
             self.respond(id, outcome);
             return;
         }
+        // Not finished at once: now the call needs its token.
+        let token = cancel.token().clone();
         self.cancels.insert(id, token.clone());
         let facts = Arc::clone(&self.facts);
         self.calls.push(Box::pin(async move {
