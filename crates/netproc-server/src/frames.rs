@@ -7,10 +7,6 @@ use bytes::{Bytes, BytesMut};
 use netproc_wire::{CodecError, ErrorBody, ErrorCode, FrameDecoder, FrameError, ServerMessage};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-/// Read chunk of the session loop: enough for many small requests per
-/// read (the same size as `FrameDecoder::read_frame` asks for).
-pub(crate) const READ_CHUNK: usize = 16 * 1024;
-
 /// How long a best-effort error frame may take to send before closing.
 const FAREWELL_TIMEOUT: Duration = Duration::from_millis(500);
 

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self};
-use crate::frames::{READ_CHUNK, error_msg};
+use crate::frames::error_msg;
 use crate::function::SessionFacts;
 use crate::outbox::Outbox;
 use crate::sessions::Control;
@@ -123,8 +123,7 @@ impl Session {
         let dead = self.outbox.dead().clone();
         let end = loop {
             let out_full = self.outbox.pending() > budget;
-            let buf = decoder.buffer_mut();
-            buf.reserve(READ_CHUNK);
+            let buf = decoder.read_buffer();
             tokio::select! {
                 biased;
                 () = dead.cancelled() => break End::Now,
@@ -146,7 +145,8 @@ impl Session {
                 read = rd.read_buf(buf), if !out_full => {
                     match read {
                         Ok(0) | Err(_) => break End::Now,
-                        Ok(_) => {
+                        Ok(n) => {
+                            decoder.read_done(n);
                             self.last_activity = time.now();
                             self.shared.liveness.touch(&self.activity);
                             if let Some(end) = self.drain_frames(decoder) {

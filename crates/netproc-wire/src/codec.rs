@@ -8,9 +8,6 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::frame::{FrameDecoder, FrameError, encode_frame, split_frame};
 
-/// How much room a read asks for: enough for many small frames per read.
-pub(crate) const READ_CHUNK: usize = 16 * 1024;
-
 impl FrameDecoder {
     /// Reads from `rd` until a whole frame is buffered and returns its
     /// body; `Ok(None)` when `rd` ends first (a clean close, or one inside
@@ -39,9 +36,9 @@ impl FrameDecoder {
             if let Some(frame) = self.next_frame()? {
                 return Ok(Some(frame));
             }
-            let buf = self.buffer_mut();
-            buf.reserve(READ_CHUNK);
-            if rd.read_buf(buf).await? == 0 {
+            let n = rd.read_buf(self.read_buffer()).await?;
+            self.read_done(n);
+            if n == 0 {
                 return Ok(None);
             }
         }

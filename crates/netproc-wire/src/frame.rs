@@ -101,7 +101,15 @@ pub struct FrameDecoder {
     buf: BytesMut,
     limit: u32,
     failed: Option<FrameError>,
+    /// Room offered to the last read, and whether that read filled it.
+    room: usize,
+    busy: bool,
 }
+
+/// Room a read gets on a busy connection: enough for many small frames.
+const READ_CHUNK: usize = 16 * 1024;
+/// Room a read gets on a quiet one: an idle connection keeps little memory.
+const SMALL_READ: usize = 2 * 1024;
 
 impl FrameDecoder {
     /// A decoder refusing bodies longer than `limit` bytes.
@@ -110,6 +118,8 @@ impl FrameDecoder {
             buf: BytesMut::new(),
             limit,
             failed: None,
+            room: 0,
+            busy: false,
         }
     }
 
@@ -128,6 +138,37 @@ impl FrameDecoder {
         if self.failed.is_none() {
             self.buf.extend_from_slice(bytes);
         }
+    }
+
+    /// The internal buffer with room for the next read from a socket (e.g.
+    /// `AsyncReadExt::read_buf`); report what the read returned with
+    /// [`read_done`](Self::read_done). The room is large (16 KiB) after a
+    /// read that filled the room it had, small (2 KiB) otherwise, and the
+    /// large buffer of a connection gone quiet is let go once it is empty:
+    /// a busy connection reads many frames at a time, an idle one holds
+    /// little memory.
+    ///
+    /// ```
+    /// use netproc_wire::FrameDecoder;
+    ///
+    /// let mut decoder = FrameDecoder::new(1 << 20);
+    /// let quiet = decoder.read_buffer().capacity();
+    /// decoder.read_done(quiet); // the read filled its room
+    /// assert!(decoder.read_buffer().capacity() > quiet);
+    /// ```
+    pub fn read_buffer(&mut self) -> &mut BytesMut {
+        let want = if self.busy { READ_CHUNK } else { SMALL_READ };
+        if !self.busy && self.buf.is_empty() && self.buf.capacity() > SMALL_READ {
+            self.buf = BytesMut::new();
+        }
+        self.buf.reserve(want);
+        self.room = self.buf.capacity() - self.buf.len();
+        &mut self.buf
+    }
+
+    /// How many bytes the read into [`read_buffer`](Self::read_buffer) returned.
+    pub fn read_done(&mut self, n: usize) {
+        self.busy = n >= self.room.min(SMALL_READ);
     }
 
     /// The internal buffer, to read from a socket straight into it
@@ -185,6 +226,29 @@ pub(crate) fn check_body_len(len: usize, limit: u32) -> Result<(), FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quiet_connection_lets_its_large_read_buffer_go() {
+        let mut decoder = FrameDecoder::new(1 << 20);
+        let room = decoder.read_buffer().capacity();
+        decoder.read_done(room);
+        let busy = decoder.read_buffer().capacity();
+        assert!(busy >= READ_CHUNK, "{busy}");
+        // A small read, its frame taken: the big buffer goes.
+        let mut wire = BytesMut::new();
+        encode_frame(b"hi", &mut wire, 1024).unwrap();
+        decoder.read_buffer().extend_from_slice(&wire);
+        decoder.read_done(wire.len());
+        assert_eq!(decoder.next_frame().unwrap().unwrap().as_ref(), b"hi");
+        assert!(decoder.read_buffer().capacity() < READ_CHUNK);
+        // A partial frame is kept, whatever the room.
+        decoder.read_buffer().extend_from_slice(&wire[..3]);
+        decoder.read_done(3);
+        assert_eq!(decoder.buffered(), 3);
+        decoder.read_buffer().extend_from_slice(&wire[3..]);
+        decoder.read_done(wire.len() - 3);
+        assert_eq!(decoder.next_frame().unwrap().unwrap().as_ref(), b"hi");
+    }
 
     fn frame(body: &[u8]) -> Vec<u8> {
         let mut v = (body.len() as u32).to_be_bytes().to_vec();
