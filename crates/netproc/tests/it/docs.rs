@@ -32,6 +32,7 @@ const DOCUMENTS: &[&str] = &[
     "docs/propagation.md",
     "docs/scripts.md",
     "docs/enrollment.md",
+    "docs/performance.md",
 ];
 /// Reasons a recipe may be left out.
 const NO_RUN_REASONS: &[&str] = &["cargo", "bench", "fuzz", "signal"];
