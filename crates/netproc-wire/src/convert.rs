@@ -567,6 +567,19 @@ mod tests {
     }
 
     #[test]
+    fn from_value_moves_a_value_whole() {
+        let mut deep = Value::Null;
+        for _ in 0..200 {
+            deep = Value::List(vec![deep]);
+        }
+        let back: Value = from_value(deep.clone()).unwrap();
+        assert_eq!(back, deep);
+        let pair: (Value, Value) =
+            from_value(Value::List(vec![deep.clone(), Value::Null])).unwrap();
+        assert_eq!(pair, (deep, Value::Null));
+    }
+
+    #[test]
     fn bytes_move_into_a_value_target_without_a_copy() {
         let b = bytes::Bytes::from(vec![7u8; 4096]);
         let args = Value::List(vec![Value::Bytes(b.clone()), Value::Int(1)]);

@@ -624,14 +624,4 @@ mod tests {
         let err = Value::decode(&wire, ValueLimits::default()).unwrap_err();
         assert!(err.to_string().contains("unknown value tag"), "{err}");
     }
-
-    #[test]
-    fn from_value_moves_a_value_whole() {
-        let deep = nested_lists(200);
-        let back: Value = crate::from_value(deep.clone()).unwrap();
-        assert_eq!(back, deep);
-        let pair: (Value, Value) =
-            crate::from_value(Value::List(vec![deep.clone(), Value::Null])).unwrap();
-        assert_eq!(pair, (deep, Value::Null));
-    }
 }
