@@ -333,15 +333,22 @@ impl PropagationTarget {
         let mut staged: Vec<Staged> = Vec::new();
         let mut partial = state.partial.clone();
         let verifier = Arc::clone(&self.verifier.read().unwrap_or_else(PoisonError::into_inner));
-        for signed in &delivery.events {
+        // The signatures first, a large batch on several threads; then the
+        // checks that depend on order (cursor, epoch), one by one.
+        let signatures = verifier.signatures(&delivery.events, with_epoch);
+        for (signed, signature) in delivery.events.iter().zip(signatures) {
             let check = if with_epoch {
-                let (check, signed_in) = verifier.check_epoch(signed, cursor, epoch, now);
+                let (check, signed_in) =
+                    verifier.check_signed(signed, signature, cursor, Some(epoch), now);
                 // Authentic and for this target: its epoch is the newest
                 // this target has seen of the authority.
                 epoch = epoch.max(signed_in);
                 check
             } else {
-                match verifier.check(signed, cursor, now) {
+                match verifier
+                    .check_signed(signed, signature, cursor, None, now)
+                    .0
+                {
                     // Once fenced by epochs, the first format (which has no
                     // epoch) would bypass the fence: refused.
                     Check::Apply(_) if epoch > 0 => {
