@@ -22,7 +22,6 @@ use netproc_wire::{
     ServerMessage,
 };
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::abuse::{Admitted, Counter};
@@ -225,7 +224,7 @@ pub(crate) async fn run_connection(
     audit::auth_ok(&facts, client_name.as_deref(), started);
     let post_limit = cc.max_post_auth_frame_bytes;
     decoder.set_limit(post_limit);
-    let (control_tx, control_rx) = mpsc::channel(4);
+    let control = Arc::new(crate::sessions::ControlBox::default());
     let in_flight = Arc::new(AtomicUsize::new(0));
     let activity = Arc::new(std::sync::atomic::AtomicU64::new(shared.liveness.stamp()));
     let entry = Entry {
@@ -244,7 +243,7 @@ pub(crate) async fn run_connection(
             in_flight: 0,
             liveness: crate::liveness::Liveness::Online,
         },
-        control: control_tx,
+        control: Arc::clone(&control),
     };
     let sc = &options.session_controls;
     // The key's own policy, if it has one, over the server's.
@@ -319,7 +318,7 @@ pub(crate) async fn run_connection(
         in_flight,
         activity,
     );
-    session.run(&mut rd, &mut decoder, control_rx).await;
+    session.run(&mut rd, &mut decoder, &control).await;
     shared.sessions.remove(session_id);
     outbox.close();
     // The writer ends after sending what is queued, or at its stall timeout.

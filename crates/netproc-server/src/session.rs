@@ -23,7 +23,6 @@ use netproc_wire::{
     ServerMessage,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self};
@@ -106,7 +105,7 @@ impl Session {
         &mut self,
         rd: &mut R,
         decoder: &mut FrameDecoder,
-        mut control: mpsc::Receiver<Control>,
+        control: &crate::sessions::ControlBox,
     ) {
         let options = self.shared.options_arc();
         let budget = options.session_controls.max_outbound_bytes_per_connection as usize;
@@ -127,7 +126,7 @@ impl Session {
             tokio::select! {
                 biased;
                 () = dead.cancelled() => break End::Now,
-                Some(ctrl) = control.recv() => match ctrl {
+                ctrl = control.recv() => match ctrl {
                     Control::Close { reason, message } => {
                         self.close_with(reason, message);
                         break End::Now;
