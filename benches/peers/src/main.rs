@@ -8,8 +8,7 @@
 //! Environment: `NETPROC_BENCH_SECS` (default 5), `NETPROC_BENCH_ROUNDS`
 //! (default 3).
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use netproc_testkit::bench::{Load, PAYLOAD, Run, bench_server, run_netproc, run_raw, runtime};
@@ -123,37 +122,23 @@ async fn run_tonic(
             .await
             .unwrap();
         for _ in 0..k {
-            let (stop, calls, lat) = (
-                load.stop.clone(),
-                load.calls.clone(),
-                load.latencies.clone(),
-            );
-            let mut grpc = tonic::client::Grpc::new(channel.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut local = Vec::new();
-                let payload = Bytes::from(vec![7u8; PAYLOAD]);
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
+            let grpc = tonic::client::Grpc::new(channel.clone());
+            let payload = Bytes::from(vec![7u8; PAYLOAD]);
+            tasks.push(load.spawn_caller(move || {
+                // A clone of the client is a clone of its channel's handle
+                // (how tonic is meant to be shared).
+                let (mut grpc, payload) = (grpc.clone(), payload.clone());
+                async move {
                     grpc.ready().await.unwrap();
-                    let request = tonic::Request::new(EchoMessage {
-                        payload: payload.clone(),
-                    });
                     let reply: tonic::Response<EchoMessage> = grpc
                         .unary(
-                            request,
+                            tonic::Request::new(EchoMessage { payload }),
                             PathAndQuery::from_static(ECHO_PATH),
                             tonic_prost::ProstCodec::default(),
                         )
                         .await
                         .expect("gRPC call");
                     assert_eq!(reply.get_ref().payload.len(), PAYLOAD);
-                    if lat.is_some() {
-                        local.push(t.elapsed().as_nanos() as u64);
-                    }
-                    calls.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(l) = lat {
-                    l.lock().unwrap().extend(local);
                 }
             }));
         }

@@ -370,45 +370,22 @@ pub(crate) fn sign_batch(
     Ok((Delivery::new(signed).encode(), sent))
 }
 
-/// Signs `events` in order, a large batch on several threads (at most 4):
-/// signing is the authority's costly step (~20 µs an event).
+/// Signs `events` in order, a large batch on several threads
+/// ([`map_batch`](crate::event::map_batch)).
 fn sign_all(
     events: &[Event],
     epoch: Option<u64>,
     key: &dyn Signer,
 ) -> Result<Vec<crate::SignedEvent>, String> {
-    /// Below this, one thread: a thread costs more than it saves.
-    const PARALLEL_FROM: usize = 16;
-    let one = |event: &Event| {
+    let signed = crate::event::map_batch(events, |event| {
         match epoch {
             Some(epoch) => sign_with_epoch(event, epoch, key),
             None => sign(event, key),
         }
         .map_err(|e| e.to_string())
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if events.len() < PARALLEL_FROM || threads < 2 {
-        return events.iter().map(one).collect();
-    }
-    let chunk = events.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let others: Vec<_> = events
-            .chunks(chunk)
-            .skip(1)
-            .map(|c| scope.spawn(move || c.iter().map(one).collect::<Result<Vec<_>, _>>()))
-            .collect();
-        let mut out = events[..chunk]
-            .iter()
-            .map(one)
-            .collect::<Result<Vec<_>, _>>()?;
-        for handle in others {
-            let part = handle
-                .join()
-                .unwrap_or_else(|_| Err("a signing thread panicked".to_owned()))?;
-            out.extend(part);
-        }
-        Ok(out)
     })
+    .ok_or("a signing thread panicked")?;
+    signed.into_iter().collect()
 }
 
 fn cert_label(cert: &crate::CertRef) -> &'static str {

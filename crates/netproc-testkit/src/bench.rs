@@ -264,6 +264,34 @@ impl Load {
         }
     }
 
+    /// Spawns one caller: `call` after `call` until stopped, each counted
+    /// (and timed, for K=1 runs).
+    pub fn spawn_caller<F, Fut>(&self, call: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let (stop, calls, lat) = (
+            self.stop.clone(),
+            self.calls.clone(),
+            self.latencies.clone(),
+        );
+        tokio::spawn(async move {
+            let mut local = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                call().await;
+                if lat.is_some() {
+                    local.push(t.elapsed().as_nanos() as u64);
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(l) = lat {
+                l.lock().unwrap().extend(local);
+            }
+        })
+    }
+
     /// Warms up 300 ms, measures one [`window`], stops the loops (`tasks`)
     /// and waits for them.
     pub async fn measure(self, secs: f64, tasks: Vec<tokio::task::JoinHandle<()>>) -> Run {
@@ -399,29 +427,17 @@ pub async fn run_netproc(
         let s = client.server(&format!("c{i}")).unwrap();
         s.session().await.unwrap();
         for _ in 0..k {
-            let (s, stop, calls, lat, args) = (
-                s.clone(),
-                load.stop.clone(),
-                load.calls.clone(),
-                load.latencies.clone(),
-                args.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut local = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let op = netproc_wire::Operation::Invoke {
+            let (s, args) = (s.clone(), args.clone());
+            tasks.push(load.spawn_caller(move || {
+                let (s, op) = (
+                    s.clone(),
+                    netproc_wire::Operation::Invoke {
                         function: function.to_owned(),
                         args: args.clone(),
-                    };
+                    },
+                );
+                async move {
                     let _: Value = s.execute(op).await.expect("bench call");
-                    if lat.is_some() {
-                        local.push(t.elapsed().as_nanos() as u64);
-                    }
-                    calls.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Some(l) = lat {
-                    l.lock().unwrap().extend(local);
                 }
             }));
         }

@@ -84,6 +84,18 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> Result<Shared, Failure> {
+        Ok(Shared {
+            histogram: std::sync::Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).map_err(failed)?,
+            ),
+            errors: std::sync::Mutex::new(BTreeMap::new()),
+            calls: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
     fn record(&self, started: Instant, result: Result<Value, netproc::client::ClientError>) {
         match result {
             Ok(_) => {
@@ -122,15 +134,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), Failure> {
     if let Some(n) = args.hold {
         return hold(&file, &args, n).await;
     }
-    let shared = Arc::new(Shared {
-        histogram: std::sync::Mutex::new(
-            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(failed)?,
-        ),
-        errors: std::sync::Mutex::new(BTreeMap::new()),
-        calls: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new()?);
     let op = Operation::Invoke {
         function: args.function.clone(),
         args: vec![Value::Bytes(vec![7; args.payload].into())],
@@ -399,15 +403,7 @@ async fn hold(file: &ClientFile, args: &BenchArgs, n: usize) -> Result<(), Failu
         "holding {opened} connections (opened in {:.1} s); failures {failures:?}",
         opened_in.as_secs_f64()
     );
-    let calls = Arc::new(Shared {
-        histogram: std::sync::Mutex::new(
-            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(failed)?,
-        ),
-        errors: std::sync::Mutex::new(BTreeMap::new()),
-        calls: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
+    let calls = Arc::new(Shared::new()?);
     let mut callers = tokio::task::JoinSet::new();
     if let Some(every) = args.call_every {
         let op = Operation::Invoke {
