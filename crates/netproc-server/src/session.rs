@@ -35,11 +35,46 @@ use gate::Gate;
 
 type CallFuture = BoxFuture<'static, (u64, Outcome)>;
 
+/// The calls that did not finish on their first poll, polled by the
+/// session's task. The set is made on the first such call: most sessions
+/// never need one (its queue is two allocations per connection).
+#[derive(Default)]
+struct Calls(Option<FuturesUnordered<CallFuture>>);
+
+impl Calls {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(FuturesUnordered::is_empty)
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn push(&mut self, call: CallFuture) {
+        self.0.get_or_insert_with(FuturesUnordered::new).push(call);
+    }
+
+    /// The next call to finish; `None` when there is none.
+    async fn next(&mut self) -> Option<(u64, Outcome)> {
+        match &mut self.0 {
+            Some(calls) => calls.next().await,
+            None => None,
+        }
+    }
+
+    fn poll_next_unpin(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<(u64, Outcome)>> {
+        match &mut self.0 {
+            Some(calls) => calls.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
 pub(crate) struct Session {
     shared: Arc<Shared>,
     facts: Arc<SessionFacts>,
     outbox: Arc<Outbox>,
-    calls: FuturesUnordered<CallFuture>,
+    calls: Calls,
     cancels: netproc_wire::RequestIdMap<CancellationToken>,
     /// The request gate's state: last id, request bucket, refusal budget.
     gate: Gate,
@@ -82,7 +117,7 @@ impl Session {
             shared,
             facts,
             outbox,
-            calls: FuturesUnordered::new(),
+            calls: Calls::default(),
             cancels: netproc_wire::RequestIdMap::default(),
             gate,
             pings,
@@ -345,7 +380,7 @@ impl Session {
                 outcome: Outcome::Err(ErrorBody::new(code.clone(), message)),
             }));
         }
-        self.calls = FuturesUnordered::new();
+        self.calls = Calls::default();
     }
 
     fn go_away(&self, reason: ErrorCode, message: &str) {
