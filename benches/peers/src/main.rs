@@ -122,24 +122,25 @@ async fn run_tonic(
             .await
             .unwrap();
         for _ in 0..k {
-            let grpc = tonic::client::Grpc::new(channel.clone());
-            let payload = Bytes::from(vec![7u8; PAYLOAD]);
-            tasks.push(load.spawn_caller(move || {
-                // A clone of the client is a clone of its channel's handle
-                // (how tonic is meant to be shared).
-                let (mut grpc, payload) = (grpc.clone(), payload.clone());
-                async move {
-                    grpc.ready().await.unwrap();
-                    let reply: tonic::Response<EchoMessage> = grpc
-                        .unary(
-                            tonic::Request::new(EchoMessage { payload }),
-                            PathAndQuery::from_static(ECHO_PATH),
-                            tonic_prost::ProstCodec::default(),
-                        )
-                        .await
-                        .expect("gRPC call");
-                    assert_eq!(reply.get_ref().payload.len(), PAYLOAD);
-                }
+            let state = (
+                tonic::client::Grpc::new(channel.clone()),
+                Bytes::from(vec![7u8; PAYLOAD]),
+            );
+            tasks.push(load.spawn_caller(state, |(mut grpc, payload)| async move {
+                grpc.ready().await.unwrap();
+                let request = tonic::Request::new(EchoMessage {
+                    payload: payload.clone(),
+                });
+                let reply: tonic::Response<EchoMessage> = grpc
+                    .unary(
+                        request,
+                        PathAndQuery::from_static(ECHO_PATH),
+                        tonic_prost::ProstCodec::default(),
+                    )
+                    .await
+                    .expect("gRPC call");
+                assert_eq!(reply.get_ref().payload.len(), PAYLOAD);
+                (grpc, payload)
             }));
         }
     }

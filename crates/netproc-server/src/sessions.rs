@@ -85,12 +85,14 @@ pub(crate) enum Control {
 
 /// A session's mailbox for [`Control`]: the first message waits there
 /// until the session takes it (a session ends at the first), later ones
-/// are dropped. Lighter per session than a channel, whose first block
-/// holds 32 slots.
+/// are dropped. Lighter per session than a channel (whose first block holds
+/// 32 slots), and as cheap to wait on: the session's loop polls it once per
+/// batch of work, an atomic load and an `AtomicWaker` registration.
 #[derive(Default)]
 pub(crate) struct ControlBox {
     slot: std::sync::Mutex<Option<Control>>,
-    notify: tokio::sync::Notify,
+    full: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
 }
 
 impl ControlBox {
@@ -99,24 +101,29 @@ impl ControlBox {
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(control);
+            self.full.store(true, Ordering::Release);
             drop(slot);
-            self.notify.notify_one();
+            self.waker.wake();
         }
     }
 
     /// The next message. Cancel-safe: a message is taken only when returned.
     pub(crate) async fn recv(&self) -> Control {
-        loop {
-            let taken = self
-                .slot
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(control) = taken {
-                return control;
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if !self.full.load(Ordering::Acquire) {
+                return std::task::Poll::Pending;
             }
-            self.notify.notified().await;
-        }
+            let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            match slot.take() {
+                Some(control) => {
+                    self.full.store(false, Ordering::Release);
+                    std::task::Poll::Ready(control)
+                }
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
     }
 }
 

@@ -265,11 +265,14 @@ impl Load {
     }
 
     /// Spawns one caller: `call` after `call` until stopped, each counted
-    /// (and timed, for K=1 runs).
-    pub fn spawn_caller<F, Fut>(&self, call: F) -> tokio::task::JoinHandle<()>
+    /// (and timed, for K=1 runs). The caller's `state` (its client, its
+    /// arguments) goes into each call and comes back out of it, so nothing
+    /// is cloned per call that the loop would not clone by hand.
+    pub fn spawn_caller<S, F, Fut>(&self, state: S, call: F) -> tokio::task::JoinHandle<()>
     where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
+        S: Send + 'static,
+        F: Fn(S) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = S> + Send,
     {
         let (stop, calls, lat) = (
             self.stop.clone(),
@@ -278,9 +281,10 @@ impl Load {
         );
         tokio::spawn(async move {
             let mut local = Vec::new();
+            let mut state = state;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                call().await;
+                state = call(state).await;
                 if lat.is_some() {
                     local.push(t.elapsed().as_nanos() as u64);
                 }
@@ -427,18 +431,14 @@ pub async fn run_netproc(
         let s = client.server(&format!("c{i}")).unwrap();
         s.session().await.unwrap();
         for _ in 0..k {
-            let (s, args) = (s.clone(), args.clone());
-            tasks.push(load.spawn_caller(move || {
-                let (s, op) = (
-                    s.clone(),
-                    netproc_wire::Operation::Invoke {
-                        function: function.to_owned(),
-                        args: args.clone(),
-                    },
-                );
-                async move {
-                    let _: Value = s.execute(op).await.expect("bench call");
-                }
+            let state = (s.clone(), args.clone());
+            tasks.push(load.spawn_caller(state, move |(s, args)| async move {
+                let op = netproc_wire::Operation::Invoke {
+                    function: function.to_owned(),
+                    args: args.clone(),
+                };
+                let _: Value = s.execute(op).await.expect("bench call");
+                (s, args)
             }));
         }
     }

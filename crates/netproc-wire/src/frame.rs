@@ -101,15 +101,19 @@ pub struct FrameDecoder {
     buf: BytesMut,
     limit: u32,
     failed: Option<FrameError>,
-    /// Room offered to the last read, and whether that read filled it.
+    /// Room offered to the last read, and how many reads in a row have
+    /// not filled theirs (up to [`QUIET_AFTER`]).
     room: usize,
-    busy: bool,
+    quiet: u8,
 }
 
 /// Room a read gets on a busy connection: enough for many small frames.
 const READ_CHUNK: usize = 16 * 1024;
 /// Room a read gets on a quiet one: an idle connection keeps little memory.
 const SMALL_READ: usize = 2 * 1024;
+/// Reads in a row that did not fill their room before a connection counts
+/// as quiet (so a moderately busy one does not trade buffers back and forth).
+const QUIET_AFTER: u8 = 8;
 
 impl FrameDecoder {
     /// A decoder refusing bodies longer than `limit` bytes.
@@ -119,7 +123,7 @@ impl FrameDecoder {
             limit,
             failed: None,
             room: 0,
-            busy: false,
+            quiet: QUIET_AFTER,
         }
     }
 
@@ -142,11 +146,11 @@ impl FrameDecoder {
 
     /// The internal buffer with room for the next read from a socket (e.g.
     /// `AsyncReadExt::read_buf`); report what the read returned with
-    /// [`read_done`](Self::read_done). The room is large (16 KiB) after a
-    /// read that filled the room it had, small (2 KiB) otherwise, and the
-    /// large buffer of a connection gone quiet is let go once it is empty:
-    /// a busy connection reads many frames at a time, an idle one holds
-    /// little memory.
+    /// [`read_done`](Self::read_done). The room is large (16 KiB) from a
+    /// read that filled the room it had until 8 reads in a row have not,
+    /// small (2 KiB) otherwise, and the large buffer of a connection gone
+    /// quiet is let go once it is empty: a busy connection reads many
+    /// frames at a time, an idle one holds little memory.
     ///
     /// ```
     /// use netproc_wire::FrameDecoder;
@@ -157,8 +161,9 @@ impl FrameDecoder {
     /// assert!(decoder.read_buffer().capacity() > quiet);
     /// ```
     pub fn read_buffer(&mut self) -> &mut BytesMut {
-        let want = if self.busy { READ_CHUNK } else { SMALL_READ };
-        if !self.busy && self.buf.is_empty() && self.buf.capacity() > SMALL_READ {
+        let quiet = self.quiet >= QUIET_AFTER;
+        let want = if quiet { SMALL_READ } else { READ_CHUNK };
+        if quiet && self.buf.is_empty() && self.buf.capacity() > SMALL_READ {
             self.buf = BytesMut::new();
         }
         self.buf.reserve(want);
@@ -168,7 +173,11 @@ impl FrameDecoder {
 
     /// How many bytes the read into [`read_buffer`](Self::read_buffer) returned.
     pub fn read_done(&mut self, n: usize) {
-        self.busy = n >= self.room.min(SMALL_READ);
+        self.quiet = if n >= self.room.min(SMALL_READ) {
+            0
+        } else {
+            self.quiet.saturating_add(1).min(QUIET_AFTER)
+        };
     }
 
     /// The internal buffer, to read from a socket straight into it
@@ -234,13 +243,21 @@ mod tests {
         decoder.read_done(room);
         let busy = decoder.read_buffer().capacity();
         assert!(busy >= READ_CHUNK, "{busy}");
-        // A small read, its frame taken: the big buffer goes.
+        // Small reads, their frames taken: the big buffer stays for a
+        // while (a moderately busy connection), then goes.
         let mut wire = BytesMut::new();
         encode_frame(b"hi", &mut wire, 1024).unwrap();
-        decoder.read_buffer().extend_from_slice(&wire);
-        decoder.read_done(wire.len());
-        assert_eq!(decoder.next_frame().unwrap().unwrap().as_ref(), b"hi");
-        assert!(decoder.read_buffer().capacity() < READ_CHUNK);
+        for read in 1..=QUIET_AFTER {
+            decoder.read_buffer().extend_from_slice(&wire);
+            decoder.read_done(wire.len());
+            assert_eq!(decoder.next_frame().unwrap().unwrap().as_ref(), b"hi");
+            let capacity = decoder.read_buffer().capacity();
+            assert_eq!(
+                capacity < READ_CHUNK,
+                read == QUIET_AFTER,
+                "read {read}: {capacity}"
+            );
+        }
         // A partial frame is kept, whatever the room.
         decoder.read_buffer().extend_from_slice(&wire[..3]);
         decoder.read_done(3);
