@@ -18,11 +18,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = netproc_testkit::bench::runtime();
     rt.block_on(async {
         let rounds = env_or("NETPROC_BENCH_ROUNDS", 200);
         let concurrency = env_or("NETPROC_BENCH_CONCURRENCY", 4);

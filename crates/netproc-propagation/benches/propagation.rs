@@ -140,11 +140,7 @@ async fn throughput(a: &Authority, target: &str, events: usize, round: usize) ->
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = netproc_testkit::bench::runtime();
     rt.block_on(async {
         let rounds = env_or("NETPROC_BENCH_ROUNDS", 20);
         let events = env_or("NETPROC_BENCH_EVENTS", 20_000);

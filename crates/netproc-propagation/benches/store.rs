@@ -85,11 +85,7 @@ fn main() {
     let secs: f64 = env_or("NETPROC_BENCH_SECS", 3.0);
     let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
     let tasks: usize = env_or("NETPROC_BENCH_TASKS", 64);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = netproc_testkit::bench::runtime();
     rt.block_on(async {
         let targets = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
         let transport: Arc<dyn Transport> = Arc::new(LocalTransport::new());

@@ -164,11 +164,7 @@ fn main() {
     }
     let secs: f64 = env_or("NETPROC_BENCH_SECS", 3.0);
     let rounds: usize = env_or("NETPROC_BENCH_ROUNDS", 3);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = netproc_testkit::bench::runtime();
     rt.block_on(async {
         let Some(url) = redis_or_skip("fleet bench").await else { return };
         let fleet = format!("bench-{}", std::process::id());

@@ -475,7 +475,11 @@ fn source_files(file: &ClientFile, args: &BenchArgs) -> Result<Vec<ClientFile>, 
             args.target.server
         )));
     };
-    if !entry.address.to_string().starts_with("127.") {
+    let loopback_v4 = matches!(
+        &entry.address,
+        netproc::client::ServerAddr::Socket(a) if a.is_ipv4() && a.ip().is_loopback()
+    );
+    if !loopback_v4 {
         return Err(usage(
             "--sources needs a server on IPv4 loopback (127.x.y.z)",
         ));
